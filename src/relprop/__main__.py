@@ -1,0 +1,5 @@
+import sys
+
+from relprop.cli import main
+
+sys.exit(main())

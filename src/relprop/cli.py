@@ -1,0 +1,72 @@
+"""The `relprop` command: one sub-command per module in `relprop.commands`."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+from collections.abc import Sequence
+
+from relprop import __version__
+from relprop.errors import RelpropError
+
+# Each module defines `add_parser(subparsers)` and `run(args) -> int`.
+COMMANDS = ("explain", "evaluate", "report", "detect")
+
+DESCRIPTION = """\
+relprop explains what image classifiers and detectors base their predictions on, by
+Layer-wise Relevance Propagation with the conservation property (Relevance Splitting
+for residual networks, Otsuki et al., ECCV 2024), next to the standard baselines
+(Grad-CAM, Score-CAM, Integrated Gradients, Guided Backprop) and the standard
+faithfulness metrics (Insertion, Deletion, ID score).
+"""
+
+EPILOG = """\
+Run `relprop COMMAND --help` for the options of one command.
+Exit status: 0 on success, 1 when some inputs failed (each named on stderr), 2 on bad usage.
+"""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="relprop",
+        description=DESCRIPTION,
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--version", action="version", version=f"relprop {__version__}")
+    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name in COMMANDS:
+        module = _command_module(name)
+        if module is not None:
+            module.add_parser(subparsers)
+    return parser
+
+
+def _command_module(name: str):
+    try:
+        return importlib.import_module(f"relprop.commands.{name}")
+    except ModuleNotFoundError as error:  # a command still being written
+        if error.name == f"relprop.commands.{name}":
+            return None
+        raise
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help()
+        return 2
+    try:
+        return int(args.run(args) or 0)
+    except RelpropError as error:
+        print(f"relprop {args.command}: error: {error}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print(f"relprop {args.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,362 @@
+"""`relprop explain`: heatmaps for a user's own images, as PNG overlays, raw maps and one panel."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from relprop.errors import ImageError, RelpropError, TargetError
+
+DESCRIPTION = """\
+Explain what a classifier bases its prediction on, for each image given (files, or folders
+searched recursively for image files). For every image it prints the predicted class and its
+probability and writes, under OUT/<image name>/:
+
+  panel.png       the image as the model saw it, then every method's map side by side
+  METHOD.png      the map of one method over the image, with a colour bar
+  METHOD.npy      that map as float32 (H, W): relevance summed over colour channels
+  original.png    the image as the model saw it (after resizing and cropping)
+
+and, for the whole run, OUT/predictions.jsonl (one JSON line per image: file, predicted class,
+probability, explained class, output folder) and, for several images, OUT/overview.png (the
+panels of the first 8 images in one picture).
+
+Colours: positive relevance is red, negative relevance blue, zero transparent (the photo shows
+through); signed maps are centred at zero. Maps that are never negative (Grad-CAM, Score-CAM)
+and --sign positive use a yellow-to-red scale from zero.
+
+Any image Pillow reads is accepted: JPEG, PNG, TIFF, WebP, grayscale, RGBA (composited on white),
+palette, CMYK, 16-bit, EXIF-rotated phone photos, very large photos. Files that are not images,
+are corrupt, or are decompression bombs (more than about 89 megapixels) are reported on one line
+each; the other images are still processed.
+"""
+
+EPILOG = """\
+methods:
+  ours           LRP with Relevance Splitting (ratio split, identity skips; the paper's method)
+  ours-sym, ours-noid, ours-sym-noid, ours-ref
+                 ablations (symmetric split / identity skips ignored) and the reference code
+  gradcam, scorecam, ig, gbp, lrp-captum, lrp-plain, gradient, gradxinput
+                 baselines; append +hq to any name for Heat Quantization (8 levels)
+
+examples:
+  relprop explain photo.jpg --weights resnet18_tin10.pt --out explained
+  relprop explain ../shared/data/tin10/val/n01882714 --weights ../shared/models/resnet18_tin10.pt \\
+      --methods ours,gradcam,ig --hq --out koalas
+  relprop explain scan.tif --weights model.pt --arch resnet50 --target 3 --sign positive --out out
+
+exit status:
+  0  every image was explained
+  1  some inputs failed (each named on stderr; the others were still explained), or a bad
+     model, method or target
+  2  bad usage (unknown option, missing argument)
+"""
+
+DEFAULT_METHODS = "ours,gradcam,ig"
+OVERVIEW_ROWS = 8
+
+
+def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    """Register `relprop explain`."""
+    parser = subparsers.add_parser(
+        "explain",
+        help="heatmaps for your own images (overlays, raw maps, side-by-side panel)",
+        description=DESCRIPTION,
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("inputs", nargs="+", metavar="IMAGE_OR_DIR",
+                        help="image files, or folders searched recursively for images")
+    parser.add_argument("--weights", required=True, metavar="CKPT",
+                        help="model weights: a relprop checkpoint or a plain state dict file")
+    parser.add_argument("--arch", metavar="NAME",
+                        help="torchvision architecture (e.g. resnet50); needed for a plain state dict")
+    parser.add_argument("--num-classes", type=int, metavar="N",
+                        help="number of classes of a plain state dict (default: read from the weights)")
+    parser.add_argument("--model-def", metavar="FILE.py:FUNCTION",
+                        help="build the model with FUNCTION(meta) from FILE.py (models torchvision lacks)")
+    parser.add_argument("--methods", default=DEFAULT_METHODS, metavar="M1,M2,...",
+                        help=f"comma-separated methods, see below (default: {DEFAULT_METHODS})")
+    parser.add_argument("--target", metavar="K",
+                        help="class to explain: an index, a class id or a class name "
+                             "(default: each image's predicted class)")
+    parser.add_argument("--hq", action="store_true",
+                        help="Heat Quantization: quantize every map to 8 levels, as in the paper")
+    parser.add_argument("--sign", choices=("all", "positive"), default="all",
+                        help="all: signed maps, red positive / blue negative (default); "
+                             "positive: only positive relevance")
+    parser.add_argument("--out", required=True, metavar="DIR", help="output folder (created)")
+    parser.add_argument("--device", default="auto", metavar="DEV",
+                        help="cpu, cuda, cuda:1, ... (default: auto, a GPU when there is one)")
+    parser.add_argument("--batch-size", type=int, default=8, metavar="N",
+                        help="images per forward/backward pass (default: 8)")
+    parser.set_defaults(run=run)
+    return parser
+
+
+@dataclass
+class Job:
+    """One input image and the folder its outputs go to."""
+
+    path: Path
+    name: str  # output folder, relative to OUT
+
+
+def run(args: argparse.Namespace) -> int:
+    """Explain every image; return 1 if any input failed, after processing all the others."""
+    from tqdm import tqdm
+
+    from relprop.images import load_image
+    from relprop.models import load_model, preprocessing
+
+    methods = parse_methods(args.methods, args.hq)
+    if args.batch_size < 1:
+        raise RelpropError(f"--batch-size {args.batch_size}: must be at least 1")
+    device = resolve_device(args.device)
+    model, meta = load_model(args.weights, arch=args.arch, num_classes=args.num_classes,
+                             model_def=args.model_def)
+    model.to(device)
+    names = class_names(meta)
+    target = parse_target(args.target, meta)
+    explainers = build_methods(methods, model)
+    jobs, failures = plan_jobs(args.inputs)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    context = Context(model, meta, preprocessing(meta), explainers, names, target, device,
+                      args.sign, out)
+    overview: list[Any] = []
+    with open(out / "predictions.jsonl", "w", encoding="utf-8") as log, \
+            tqdm(total=len(jobs), unit="image", desc="explain", file=sys.stderr) as bar:
+        for batch in _batched(jobs, args.batch_size):
+            loaded = []
+            for job in batch:
+                try:
+                    loaded.append((job, context.transform(load_image(job.path))))
+                except ImageError as error:
+                    failures.append(str(error))
+                    tqdm.write(f"relprop explain: error: {error}", file=sys.stderr)
+            if loaded:
+                for record, row in explain_batch(context, loaded):
+                    log.write(json.dumps(record, ensure_ascii=False) + "\n")
+                    tqdm.write(_summary_line(record), file=sys.stdout)
+                    if len(overview) < OVERVIEW_ROWS:
+                        overview.append(row)
+            bar.update(len(batch))
+    if len(overview) > 1:
+        from relprop.viz import save_panel
+
+        save_panel(out / "overview.png", overview, sign=args.sign)
+    return _finish(len(jobs), failures)
+
+
+def _finish(total: int, failures: Sequence[str]) -> int:
+    if failures:
+        print(f"relprop explain: {len(failures)} of {total} inputs failed (named above)",
+              file=sys.stderr)
+        return 1
+    return 0
+
+
+def parse_methods(text: str, hq: bool) -> list[str]:
+    """Split `--methods`, check each name against the registry, add `+hq` when `--hq` is given."""
+    from relprop.methods import METHOD_NAMES
+
+    names = [name.strip() for name in text.split(",") if name.strip()]
+    if not names:
+        raise RelpropError("--methods: give at least one method, e.g. --methods ours,gradcam")
+    known = set(METHOD_NAMES)
+    for name in names:
+        if name.removesuffix("+hq") not in known:
+            raise RelpropError(
+                f"--methods: unknown method {name!r}; choose from {', '.join(METHOD_NAMES)} "
+                "(add +hq for Heat Quantization)"
+            )
+    if hq:
+        names = [name if name.endswith("+hq") else f"{name}+hq" for name in names]
+    return list(dict.fromkeys(names))
+
+
+def build_methods(names: Sequence[str], model: Any) -> dict[str, Any]:
+    """One explainer object per method name, from the registry."""
+    from relprop.methods import get_method
+
+    return {name: get_method(name, model) for name in names}
+
+
+def resolve_device(text: str) -> Any:
+    """`auto` picks the GPU when one is there; an unavailable device is a clear error."""
+    import torch
+
+    if text == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(text)
+    except (RuntimeError, ValueError):
+        raise RelpropError(f"--device {text!r}: not a device (use cpu, cuda, cuda:0, ...)") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise RelpropError(f"--device {text}: no CUDA GPU is available here; use --device cpu")
+    return device
+
+
+def class_names(meta: dict[str, Any]) -> list[str]:
+    """Readable names: the checkpoint's `class_names`, else its `classes`, else the index."""
+    for key in ("class_names", "classes"):
+        if meta.get(key):
+            return [str(name) for name in meta[key]]
+    return [str(i) for i in range(int(meta["num_classes"]))]
+
+
+def parse_target(text: str | None, meta: dict[str, Any]) -> int | None:
+    """`--target` as an index, a class id (e.g. a wnid) or a class name, case-insensitively."""
+    if text is None:
+        return None
+    count = int(meta["num_classes"])
+    if text.strip().lstrip("-").isdigit():
+        index = int(text)
+        if not 0 <= index < count:
+            raise TargetError(f"--target {index}: the model has classes 0..{count - 1}")
+        return index
+    for key in ("classes", "class_names"):
+        labels = [str(label).lower() for label in meta.get(key) or []]
+        if text.strip().lower() in labels:
+            return labels.index(text.strip().lower())
+    raise TargetError(f"--target {text!r}: not a class index, id or name of this model")
+
+
+def plan_jobs(inputs: Iterable[str]) -> tuple[list[Job], list[str]]:
+    """Expand the inputs into images with unique output folders; empty folders are failures."""
+    from relprop.images import find_images
+
+    jobs: list[Job] = []
+    failures: list[str] = []
+    taken: set[str] = set()
+    for raw in inputs:
+        found = list(find_images([raw]))
+        if not found:
+            failures.append(f"{raw}: no image files in this folder")
+            print(f"relprop explain: error: {failures[-1]}", file=sys.stderr)
+        for path, root in found:
+            jobs.append(Job(path, _unique(_output_name(path, root), taken)))
+    return jobs, failures
+
+
+def _output_name(path: Path, root: Path | None) -> str:
+    """`ROOT/a/b.jpg` -> `a/b`; a file named directly -> its stem."""
+    relative = path.relative_to(root) if root is not None else Path(path.name)
+    return relative.with_suffix("").as_posix()
+
+
+def _unique(name: str, taken: set[str]) -> str:
+    """`a.jpg` and `a.png` in one folder must not overwrite each other's outputs."""
+    candidate, n = name, 1
+    while candidate.lower() in taken:
+        n += 1
+        candidate = f"{name}-{n}"
+    taken.add(candidate.lower())
+    return candidate
+
+
+@dataclass
+class Context:
+    """What every batch needs: the model, its preprocessing and explainers, where to write."""
+
+    model: Any
+    meta: dict[str, Any]
+    transform: Any
+    explainers: dict[str, Any]
+    names: list[str]
+    target: int | None
+    device: Any
+    sign: str
+    out: Path
+
+
+def explain_batch(context: Context, loaded: Sequence[tuple[Job, Any]]) -> Iterator[tuple[dict, Any]]:
+    """Predict, explain with every method, write each image's files; yield (record, panel row).
+
+    Without a crop, photos of different aspect ratios give inputs of different sizes: each
+    size is run as its own sub-batch.
+    """
+    for group in _same_shape_runs(loaded):
+        yield from _explain_group(context, group)
+
+
+def _same_shape_runs(loaded: Sequence[tuple[Job, Any]]) -> Iterator[list[tuple[Job, Any]]]:
+    groups: dict[tuple[int, ...], list[tuple[Job, Any]]] = {}
+    for job, tensor in loaded:
+        groups.setdefault(tuple(tensor.shape), []).append((job, tensor))
+    yield from groups.values()
+
+
+def _explain_group(context: Context, group: Sequence[tuple[Job, Any]]) -> Iterator[tuple[dict, Any]]:
+    import torch
+
+    x = torch.stack([tensor for _, tensor in group]).to(context.device)
+    with torch.no_grad():
+        probs = torch.softmax(context.model(x).float(), dim=1).cpu()
+    maps = {
+        name: _as_numpy(method.attribute(x, target=context.target))
+        for name, method in context.explainers.items()
+    }
+    for i, (job, _) in enumerate(group):
+        yield write_image_outputs(context, job, x[i].cpu().numpy(), probs[i],
+                                  {name: m[i] for name, m in maps.items()})
+
+
+def _as_numpy(maps: Any) -> Any:
+    return maps.detach().float().cpu().numpy()
+
+
+def write_image_outputs(context: Context, job: Job, x: Any, probs: Any,
+                        maps: dict[str, Any]) -> tuple[dict, Any]:
+    """Overlays, raw maps, original and panel for one image, plus its predictions.jsonl record."""
+    import numpy as np
+
+    from relprop.viz import PanelRow, denormalize, heat_2d, save_overlay, save_panel, save_png
+
+    folder = context.out / job.name
+    folder.mkdir(parents=True, exist_ok=True)
+    image = denormalize(x, context.meta["mean"], context.meta["std"])
+    save_png(folder / "original.png", image)
+    pred = int(probs.argmax())
+    explained = pred if context.target is None else context.target
+    heats = {}
+    for name, relevance in maps.items():
+        heats[name] = heat_2d(relevance)
+        np.save(folder / f"{name}.npy", heats[name])
+        save_overlay(folder / f"{name}.png", image, heats[name],
+                     title=f"{name} · {context.names[explained]}", sign=context.sign)
+    caption = f"{job.path.name}\n{context.names[pred]} {float(probs[pred]):.0%}"
+    if explained != pred:
+        caption += f"\nexplained: {context.names[explained]}"
+    row = PanelRow(image, caption, heats)
+    save_panel(folder / "panel.png", [row], sign=context.sign)
+    record = {
+        "image": str(job.path),
+        "output": job.name,
+        "pred": pred,
+        "pred_name": context.names[pred],
+        "prob": round(float(probs[pred]), 6),
+        "target": explained,
+        "target_name": context.names[explained],
+        "target_prob": round(float(probs[explained]), 6),
+        "methods": list(maps),
+    }
+    return record, row
+
+
+def _summary_line(record: dict) -> str:
+    line = f"{record['image']}: {record['pred_name']} ({record['prob']:.1%})"
+    if record["target"] != record["pred"]:
+        line += f", explaining {record['target_name']} ({record['target_prob']:.1%})"
+    return f"{line} -> {record['output']}/panel.png"
+
+
+def _batched(items: Sequence[Job], size: int) -> Iterator[Sequence[Job]]:
+    for start in range(0, len(items), size):
+        yield items[start:start + size]

@@ -1,0 +1,31 @@
+"""Exceptions with one-line, actionable messages (the CLI prints them as they are)."""
+
+from __future__ import annotations
+
+
+class RelpropError(Exception):
+    """Base class: every error relprop raises on purpose derives from it."""
+
+
+class UnsupportedLayerError(RelpropError, TypeError):
+    """A module or function has no relevance rule."""
+
+
+class TraceError(RelpropError, RuntimeError):
+    """The model could not be traced into a graph."""
+
+
+class TargetError(RelpropError, ValueError):
+    """A target (class index or seed) does not fit the model's output."""
+
+
+class InputError(RelpropError, ValueError):
+    """An input tensor has the wrong shape or type."""
+
+
+class ImageError(RelpropError, ValueError):
+    """An image file is missing, corrupt, unsupported or too large."""
+
+
+class CheckpointError(RelpropError, ValueError):
+    """A weights file cannot be loaded into the model it claims to fit."""

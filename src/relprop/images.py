@@ -1,0 +1,128 @@
+"""Read any image a user has into an RGB PIL image, or fail with one line that names the file.
+
+Users bring photos from phones (EXIF-rotated), scans (CMYK), microscopes (16-bit grayscale),
+logos (RGBA, palette) and huge panoramas; the model wants 8-bit RGB. Transparent pixels are
+composited on **white** (not dropped): dropping alpha shows whatever colour the encoder left
+under transparent pixels, and black would look like the "removed" pixels of the deletion metric.
+"""
+
+from __future__ import annotations
+
+import io
+import warnings
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from relprop.errors import ImageError
+
+IMAGE_SUFFIXES = frozenset(
+    {".jpg", ".jpeg", ".jpe", ".jfif", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp",
+     ".ppm", ".pgm", ".pbm", ".pnm", ".tga", ".ico"}
+)
+_ALPHA_MODES = frozenset({"RGBA", "RGBa", "LA", "La", "PA"})
+_NUMERIC_MODES = frozenset({"I", "I;16", "I;16L", "I;16B", "I;16N", "F"})
+_BACKGROUND = (255, 255, 255)
+
+
+def load_image(path: str | Path) -> Image.Image:
+    """Decode `path` fully into an upright 8-bit RGB image.
+
+    Raises ImageError (one line naming the file) for a missing, non-image, corrupt or
+    truncated file, and for decompression bombs (more pixels than Pillow's
+    `Image.MAX_IMAGE_PIXELS`, about 89 megapixels by default).
+    """
+    path = Path(path)
+    try:
+        with warnings.catch_warnings():
+            # Pillow only warns between 1x and 2x its limit; refuse the whole range.
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(path) as img:
+                img.load()  # decode now, so a truncated file fails here and not in a worker
+                return to_rgb(_upright(img))
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as error:
+        raise ImageError(f"{path}: refused as a possible decompression bomb ({error})") from None
+    except FileNotFoundError:
+        raise ImageError(f"{path}: no such file") from None
+    except IsADirectoryError:
+        raise ImageError(f"{path}: is a directory, not an image") from None
+    except PermissionError:
+        raise ImageError(f"{path}: permission denied") from None
+    except UnidentifiedImageError:
+        raise ImageError(f"{path}: not an image (no format Pillow can read)") from None
+    except (OSError, SyntaxError, ValueError, EOFError, IndexError, TypeError) as error:
+        reason = " ".join(str(error).split()) or type(error).__name__
+        raise ImageError(f"{path}: corrupt or truncated image ({reason})") from None
+
+
+def _upright(img: Image.Image) -> Image.Image:
+    """Apply the EXIF orientation; a malformed EXIF block is no reason to lose the image."""
+    try:
+        return ImageOps.exif_transpose(img)
+    except Exception:  # Pillow raises many types on broken EXIF data
+        return img
+
+
+def to_rgb(img: Image.Image) -> Image.Image:
+    """Convert any PIL mode to 8-bit RGB (alpha on white, 16-bit scaled, CMYK via ICC if given)."""
+    if img.mode in _ALPHA_MODES or "transparency" in img.info:
+        rgba = img.convert("RGBA")
+        out = Image.new("RGB", rgba.size, _BACKGROUND)
+        out.paste(rgba, mask=rgba.getchannel("A"))
+        return out
+    if img.mode in _NUMERIC_MODES:
+        return Image.fromarray(_to_uint8(img), mode="L").convert("RGB")
+    if img.mode == "CMYK":
+        return _cmyk_to_rgb(img)
+    return img.convert("RGB")
+
+
+def _to_uint8(img: Image.Image) -> np.ndarray:
+    """Scale a 16-bit, 32-bit integer or float single-channel image to 0..255."""
+    values = np.asarray(img, dtype=np.float64)
+    if img.mode.startswith("I;16"):
+        scaled = values / 257.0  # 65535 -> 255 exactly
+    else:
+        low, high = float(values.min()), float(values.max())
+        if img.mode == "F" and low >= 0.0 and high <= 1.0:
+            scaled = values * 255.0
+        elif low >= 0.0 and high <= 255.0:
+            scaled = values
+        elif low >= 0.0 and high <= 65535.0:
+            scaled = values / 257.0
+        else:  # unknown range: stretch what is there
+            scaled = (values - low) / max(high - low, 1e-12) * 255.0
+    return np.clip(np.rint(scaled), 0, 255).astype(np.uint8)
+
+
+def _cmyk_to_rgb(img: Image.Image) -> Image.Image:
+    """Use the embedded ICC profile when there is one (print CMYK looks wrong without it)."""
+    profile = img.info.get("icc_profile")
+    if profile:
+        try:
+            from PIL import ImageCms
+
+            source = ImageCms.ImageCmsProfile(io.BytesIO(profile))
+            return ImageCms.profileToProfile(img, source, ImageCms.createProfile("sRGB"),
+                                             outputMode="RGB")
+        except Exception:  # a broken profile or no littlecms: fall back to Pillow's formula
+            pass
+    return img.convert("RGB")
+
+
+def find_images(paths: Iterable[str | Path]) -> Iterator[tuple[Path, Path | None]]:
+    """Expand files and folders into image files, as (file, the folder it was found under).
+
+    A file named on the command line is always returned (so a non-image gets its own clear
+    error); folders are searched recursively, in sorted order, for known image suffixes.
+    """
+    for raw in paths:
+        path = Path(raw)
+        if path.is_dir():
+            for found in sorted(path.rglob("*")):
+                if found.is_file() and found.suffix.lower() in IMAGE_SUFFIXES:
+                    yield found, path
+        else:
+            yield path, None

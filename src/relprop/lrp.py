@@ -1,0 +1,184 @@
+"""`LRP`: the Captum-style entry point for classifiers (Relevance Splitting by default)."""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from collections.abc import Mapping, Sequence
+
+import torch
+from torch import Tensor, nn
+
+from relprop.engine import RelevanceEngine, RuleSpec
+from relprop.errors import InputError, TargetError
+
+PRESETS = ("default", "reference")
+Target = int | Sequence[int] | Tensor | None
+
+
+class LRP:
+    """Layer-wise Relevance Propagation with Relevance Splitting for any traceable classifier.
+
+    Args:
+        model: the classifier (torchvision ResNets, ResNeXt, Wide ResNets, or your own
+            traceable model). It is never modified; explanations use eval semantics and fp32.
+        split: ``"ratio"`` (the paper's method), ``"symmetric"``, or ``"signed"`` (plain LRP,
+            the signed proportional split other libraries use at adds).
+        identity_skips: split at identity skips too (the paper); False sends all relevance
+            down the residual branch there (the ablation).
+        preset: ``"default"`` (exact conservation) or ``"reference"`` (the authors' code's
+            numerics, for reproducing their numbers; it leaks a few percent).
+        rules: a composite: module types or qualified module names -> rule name or `Rule`
+            (e.g. ``{nn.Linear: "epsilon", "layer4.1.conv2": "gamma"}``); also how to support
+            custom layers (``{MyNorm: "pass"}``).
+        input_rule: rule of the layer that sees the image: ``"wplus"`` (as the reference's
+            "ones" input), ``"zb"`` (needs mean/std), ``"flat"``, ``"w2"``, ``"zplus"``, ...
+        maxpool: ``"avg"`` (relevance in proportion to the activations in each window, with
+            the pool's own geometry) or ``"wta"`` (winner takes all).
+        mean, std: the input normalization, for the zB rule.
+        chunk_size: images propagated at once; larger batches are processed in chunks.
+
+    Example:
+        >>> lrp = LRP(torchvision.models.resnet50())
+        >>> R = lrp.attribute(x, target=None)      # (N, 3, H, W); R.sum((1, 2, 3)) == p(class)
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        split: str = "ratio",
+        identity_skips: bool = True,
+        preset: str | None = None,
+        rules: Mapping[type | str, RuleSpec] | None = None,
+        input_rule: RuleSpec = "wplus",
+        maxpool: str = "avg",
+        mean: list[float] | None = None,
+        std: list[float] | None = None,
+        chunk_size: int = 32,
+    ) -> None:
+        preset = preset or "default"
+        if preset not in PRESETS:
+            raise ValueError(f"unknown preset {preset!r}; choose one of: {', '.join(PRESETS)}")
+        if chunk_size < 1:
+            raise ValueError(f"chunk_size must be positive, got {chunk_size}")
+        self.model = model
+        self.preset = preset
+        self.chunk_size = chunk_size
+        self.engine = RelevanceEngine(
+            model, split=split, identity_skips=identity_skips, rules=rules, input_rule=input_rule,
+            maxpool=maxpool, mean=mean, std=std, reference=preset == "reference",
+        )
+
+    def attribute(
+        self, inputs: Tensor, target: Target = None, return_layer_sums: bool = False
+    ) -> Tensor | tuple[Tensor, OrderedDict[str, Tensor]]:
+        """Input relevance (N, C, H, W), fp32, on the device of `inputs`.
+
+        `target`: None (the predicted class), an int, N ints, or an (N, num_outputs) float
+        tensor of output relevance to start from. The initial relevance is the softmax
+        probability of the explained class. With `return_layer_sums=True` also returns the
+        conservation report: (N,) relevance totals from "output" through every top-level
+        layer and residual block to "input".
+        """
+        x = _check_inputs(inputs)
+        _check_target_length(target, x.shape[0])
+        device = _model_device(self.model, x.device)
+        results, reports = [], []
+        for start in range(0, x.shape[0], self.chunk_size):
+            chunk = x[start:start + self.chunk_size].to(device=device, dtype=torch.float32)
+            R, sums = self._attribute_chunk(chunk, _slice_target(target, start, self.chunk_size))
+            results.append(R.to(inputs.device))
+            reports.append(sums)
+        R = torch.cat(results)
+        if not return_layer_sums:
+            return R
+        layer_sums = OrderedDict((key, torch.cat([r[key] for r in reports]).to(inputs.device)) for key in reports[0])
+        return R, layer_sums
+
+    def _attribute_chunk(self, x: Tensor, target: Target) -> tuple[Tensor, OrderedDict[str, Tensor]]:
+        record = self.engine.forward(x)
+        logits = record.output
+        if not isinstance(logits, Tensor) or logits.dim() != 2 or logits.shape[0] != x.shape[0]:
+            shape = tuple(logits.shape) if isinstance(logits, Tensor) else type(logits).__name__
+            raise InputError(
+                f"LRP explains classifiers with (N, num_classes) outputs; this model returns {shape}. "
+                "Use relprop.engine.RelevanceEngine with a seed of the output's structure."
+            )
+        seed = initial_relevance(logits, target)
+        backward = self.engine.backward(record, seed)
+        sums: OrderedDict[str, Tensor] = OrderedDict(output=seed.sum(1))
+        sums.update(backward.layer_sums)
+        sums["input"] = backward.input.reshape(x.shape[0], -1).sum(1)
+        return backward.input, sums
+
+
+def initial_relevance(logits: Tensor, target: Target) -> Tensor:
+    """Softmax probability of the explained class, zero elsewhere; or the given seed."""
+    n, num_classes = logits.shape
+    if isinstance(target, Tensor) and target.is_floating_point():
+        if tuple(target.shape) != (n, num_classes):
+            raise TargetError(
+                f"a relevance seed must have shape (N, num_outputs) = ({n}, {num_classes}), "
+                f"got {tuple(target.shape)}"
+            )
+        return target.to(device=logits.device, dtype=torch.float32)
+    if target is None:
+        classes = logits.argmax(1)
+    else:
+        classes = _target_classes(target, n, num_classes).to(logits.device)
+    probabilities = torch.softmax(logits, dim=1)
+    seed = torch.zeros_like(probabilities)
+    rows = torch.arange(n, device=logits.device)
+    seed[rows, classes] = probabilities[rows, classes]
+    return seed
+
+
+def _target_classes(target: Target, n: int, num_classes: int) -> Tensor:
+    if isinstance(target, bool):
+        raise TargetError(f"target must be a class index, got {target!r}")
+    if isinstance(target, int) or (isinstance(target, Tensor) and target.dim() == 0):
+        classes = torch.full((n,), int(target), dtype=torch.long)
+    else:
+        try:
+            classes = torch.as_tensor(target)
+        except (TypeError, ValueError) as error:
+            raise TargetError(f"target must be None, an int, N ints or an (N, {num_classes}) seed: {error}") from None
+        if classes.is_floating_point() or classes.dim() != 1:
+            raise TargetError(f"target must be None, an int, N ints or an (N, {num_classes}) float seed; "
+                              f"got a tensor of shape {tuple(classes.shape)} and dtype {classes.dtype}")
+        if classes.numel() != n:
+            raise TargetError(f"got {classes.numel()} targets for {n} inputs")
+        classes = classes.long()
+    bad = (classes < 0) | (classes >= num_classes)
+    if bool(bad.any()):
+        raise TargetError(f"target {int(classes[bad][0])} is out of range for a model with {num_classes} outputs")
+    return classes
+
+
+def _check_target_length(target: Target, n: int) -> None:
+    if isinstance(target, (Tensor, list, tuple)) and not (isinstance(target, Tensor) and target.dim() == 0):
+        if len(target) != n:
+            raise TargetError(f"got {len(target)} targets for {n} inputs")
+
+
+def _slice_target(target: Target, start: int, size: int) -> Target:
+    if isinstance(target, (list, tuple)) or (isinstance(target, Tensor) and target.dim() > 0):
+        return target[start:start + size]
+    return target
+
+
+def _check_inputs(inputs: Tensor) -> Tensor:
+    if not isinstance(inputs, Tensor):
+        raise InputError(f"inputs must be a torch.Tensor (N, C, H, W), got {type(inputs).__name__}")
+    if not inputs.is_floating_point():
+        raise InputError(f"inputs must be a floating-point tensor (normalized images), got {inputs.dtype}")
+    if inputs.dim() < 2 or inputs.shape[0] == 0:
+        raise InputError(f"inputs must be a non-empty batch (N, C, H, W), got shape {tuple(inputs.shape)}")
+    return inputs
+
+
+def _model_device(model: nn.Module, fallback: torch.device) -> torch.device:
+    for tensor in model.parameters():
+        return tensor.device
+    for tensor in model.buffers():
+        return tensor.device
+    return fallback

@@ -1,0 +1,285 @@
+"""Faithfulness (Insertion, Deletion, ID score) and localization of attribution maps.
+
+Two protocols, never to be compared with each other:
+
+- `paper` (Otsuki et al.; the authors' `metrics/patch_insdel.py`): the 2-D map is ranked per pixel
+  (or per `block` x `block` patch, by its max); frame i (i = 0..K-1, K = ceil(H*W/step)) keeps
+  (insertion) or blacks out (deletion) every pixel with `map >= sorted_desc[min(step*(i+1), N-1)]`,
+  ties included, so the first frame already has step+1 pixels (plus ties) changed and the last has
+  all of them. Removed pixels are black in pixel space (0 before normalization), the frames are
+  re-normalized in float64 as the reference does, and each frame is scored by the softmax probability
+  of the **ground-truth** class.
+- `rise` (Petsiuk et al. 2018): pixels in a stable descending order, `step` pixels (default: one
+  image width) per frame, frames 0..ceil(H*W/step) from the start image to the finished one;
+  insertion starts from a blurred copy (11x11 Gaussian, sigma 5, on the normalized tensor) and
+  deletion replaces pixels by zeros of the normalized space; the **predicted** class is scored.
+
+Both score every frame of every image in large batches. AUC is the trapezoid rule on [0, 1].
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Literal
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from relprop.errors import InputError
+
+Protocol = Literal["paper", "rise"]
+Channels = Literal["sum", "channel0"]
+PROTOCOLS = ("paper", "rise")
+PAPER_STEP = 500
+RISE_BLUR_SIZE, RISE_BLUR_SIGMA = 11, 5.0
+
+
+def to_2d(maps: Tensor, channels: Channels = "sum") -> Tensor:
+    """(N,C,H,W) or (N,H,W) maps -> (N,H,W) float32 maps to rank.
+
+    `sum`: signed channel sum (the LRP heatmap). `channel0`: channel 0 only, the reference code's
+    quirk for 3-channel baselines (it resizes `attention[0]`), to reproduce its numbers.
+    """
+    maps = maps.detach()
+    if maps.ndim == 3:
+        return maps.float()
+    if maps.ndim != 4:
+        raise InputError(f"maps must be (N,C,H,W) or (N,H,W), got shape {tuple(maps.shape)}")
+    if channels == "sum":
+        return maps.sum(dim=1).float()
+    if channels == "channel0":
+        return maps[:, 0].float()
+    raise InputError(f"channels must be 'sum' or 'channel0', got {channels!r}")
+
+
+def auc(curve: np.ndarray | Sequence[float]) -> float:
+    """Normalized trapezoid area on [0, 1]: (sum - a0/2 - a_last/2) / (len - 1), as the reference."""
+    arr = np.asarray(curve, dtype=np.float32)
+    return float((arr.sum() - arr[0] / 2 - arr[-1] / 2) / (arr.shape[0] - 1))
+
+
+@dataclass
+class InsDelResult:
+    """Per-image AUCs and the curves they come from (frames along the last axis)."""
+
+    insertion: np.ndarray
+    deletion: np.ndarray
+    insertion_curves: np.ndarray
+    deletion_curves: np.ndarray
+
+    @property
+    def id(self) -> np.ndarray:
+        return self.insertion - self.deletion
+
+
+def insertion_deletion(
+    model: nn.Module,
+    inputs: Tensor,
+    maps: Tensor,
+    labels: Tensor | Sequence[int] | None = None,
+    protocol: Protocol = "paper",
+    *,
+    mean: Sequence[float],
+    std: Sequence[float],
+    step: int | None = None,
+    block: int = 1,
+    batch_size: int = 64,
+) -> InsDelResult:
+    """Insertion and deletion of `maps` (N,H,W) on normalized `inputs` (N,3,H,W).
+
+    `paper` scores `labels` (the ground truth); `rise` scores the model's prediction on `inputs`.
+    `step` defaults to 500 pixels (`paper`) or one image width (`rise`).
+    """
+    if maps.ndim != 3 or maps.shape[0] != inputs.shape[0] or maps.shape[1:] != inputs.shape[2:]:
+        raise InputError(f"maps {tuple(maps.shape)} must be (N,H,W) for inputs {tuple(inputs.shape)}")
+    if step is not None and step < 1:
+        raise InputError(f"step must be >= 1, got {step}")
+    device = next(model.parameters()).device
+    inputs = inputs.detach().to(device)
+    if protocol == "paper":
+        if labels is None:
+            raise InputError("the paper protocol scores the ground-truth class: pass labels")
+        frames: _Frames = _PaperFrames(inputs, maps, mean, std, step or PAPER_STEP, block)
+        classes = torch.as_tensor(labels, device=device).long().reshape(-1)
+    elif protocol == "rise":
+        frames = _RiseFrames(inputs, maps, step or inputs.shape[-1])
+        with torch.no_grad():
+            classes = model(inputs).argmax(dim=1)
+    else:
+        raise InputError(f"protocol must be one of {PROTOCOLS}, got {protocol!r}")
+    curves = _score(model, frames, classes, batch_size)
+    ins, dels = curves["insertion"], curves["deletion"]
+    return InsDelResult(
+        insertion=np.array([auc(c) for c in ins], dtype=np.float64),
+        deletion=np.array([auc(c) for c in dels], dtype=np.float64),
+        insertion_curves=ins,
+        deletion_curves=dels,
+    )
+
+
+class _Frames:
+    """The frames of one protocol, made on demand so memory stays bounded at any image size."""
+
+    count: int
+
+    def make(self, image: int, kind: str, index: Tensor) -> Tensor:  # pragma: no cover - interface
+        raise NotImplementedError
+
+
+class _PaperFrames(_Frames):
+    def __init__(self, inputs: Tensor, maps: Tensor, mean: Sequence[float], std: Sequence[float],
+                 step: int, block: int) -> None:
+        n, _, height, width = inputs.shape
+        if block < 1 or height % block or width % block:
+            raise InputError(f"block {block} must divide the input size {height}x{width}")
+        self.block = block
+        self.mean = torch.tensor(mean, dtype=torch.float64, device=inputs.device).view(1, 3, 1, 1)
+        self.std = torch.tensor(std, dtype=torch.float64, device=inputs.device).view(1, 3, 1, 1)
+        # Back to pixel space in float32 as the reference does, then masked and re-normalized in
+        # float64 before the model sees float32 again.
+        x = inputs.float().cpu().numpy()
+        m32 = np.asarray(mean, dtype=np.float32).reshape(1, 3, 1, 1)
+        s32 = np.asarray(std, dtype=np.float32).reshape(1, 3, 1, 1)
+        self.pixels = torch.from_numpy(x * s32 + m32).to(inputs.device, torch.float64)
+        patches = maps.detach().float().cpu()
+        if block > 1:
+            patches = F.max_pool2d(patches[:, None], block)[:, 0]
+        self.patches = patches.to(inputs.device)
+        flat = patches.reshape(n, -1).numpy()
+        self.count = math.ceil(flat.shape[1] / step)
+        positions = np.minimum(step * (np.arange(self.count) + 1), flat.shape[1] - 1)
+        ordered = -np.sort(-flat, axis=1)  # descending, NaN last (numpy's argsort of -map)
+        self.thresholds = torch.from_numpy(ordered[:, positions]).to(inputs.device)
+
+    def make(self, image: int, kind: str, index: Tensor) -> Tensor:
+        keep = self.patches[image][None] >= self.thresholds[image][index].view(-1, 1, 1)
+        if self.block > 1:
+            keep = keep.repeat_interleave(self.block, 1).repeat_interleave(self.block, 2)
+        if kind == "deletion":
+            keep = ~keep
+        mask = keep[:, None].to(torch.float64)
+        return ((self.pixels[image][None] * mask - self.mean) / self.std).float()
+
+
+class _RiseFrames(_Frames):
+    def __init__(self, inputs: Tensor, maps: Tensor, step: int) -> None:
+        n, _, height, width = inputs.shape
+        self.inputs = inputs.float()
+        self.blurred = rise_blur(self.inputs)
+        flat = maps.detach().float().cpu().reshape(n, -1).numpy()
+        order = np.argsort(-flat, axis=1, kind="stable")
+        ranks = np.empty_like(order)
+        np.put_along_axis(ranks, order, np.arange(flat.shape[1])[None].repeat(n, 0), axis=1)
+        self.ranks = torch.from_numpy(ranks).view(n, height, width).to(inputs.device)
+        self.step = step
+        self.count = math.ceil(height * width / step) + 1
+
+    def make(self, image: int, kind: str, index: Tensor) -> Tensor:
+        changed = (self.ranks[image][None] < (index * self.step).view(-1, 1, 1))[:, None]
+        x = self.inputs[image][None]
+        if kind == "insertion":
+            return torch.where(changed, x, self.blurred[image][None])
+        return torch.where(changed, torch.zeros_like(x), x)
+
+
+def rise_kernel(size: int = RISE_BLUR_SIZE, sigma: float = RISE_BLUR_SIGMA) -> Tensor:
+    """RISE's blur kernel: a `size` x `size` delta smoothed by a Gaussian (radius 4 sigma, edges
+    reflected), i.e. the outer product of the 1-D response computed here."""
+    radius = int(4.0 * sigma + 0.5)
+    offsets = np.arange(-radius, radius + 1)
+    weights = np.exp(-0.5 * (offsets / sigma) ** 2)
+    weights /= weights.sum()
+    centre, period = size // 2, 2 * size
+    response = np.zeros(size)
+    for i in range(size):
+        for offset, weight in zip(offsets, weights, strict=True):
+            j = (i + offset) % period
+            j = j if j < size else period - 1 - j  # half-sample symmetric reflection
+            response[i] += weight * (j == centre)
+    return torch.from_numpy(np.outer(response, response).astype(np.float32))
+
+
+def rise_blur(inputs: Tensor) -> Tensor:
+    """Per-channel RISE blur of normalized inputs (zero padding, as its conv2d does)."""
+    kernel = rise_kernel().to(inputs.device, inputs.dtype)
+    weight = kernel[None, None].repeat(inputs.shape[1], 1, 1, 1)
+    return F.conv2d(inputs, weight, padding=kernel.shape[-1] // 2, groups=inputs.shape[1])
+
+
+def _score(model: nn.Module, frames: _Frames, classes: Tensor, batch_size: int) -> dict[str, np.ndarray]:
+    """Softmax probability of `classes[image]` for every frame, frames of all images batched."""
+    n = classes.shape[0]
+    curves = {kind: np.zeros((n, frames.count), dtype=np.float32) for kind in ("insertion", "deletion")}
+    jobs = [(i, kind) for i in range(n) for kind in curves]
+    queue: list[tuple[int, str, int, int]] = []  # image, kind, first frame, frame count
+    pending = 0
+    for i, kind in jobs:
+        start = 0
+        while start < frames.count:
+            take = min(frames.count - start, batch_size - pending)
+            queue.append((i, kind, start, take))
+            pending += take
+            start += take
+            if pending == batch_size:
+                _run(model, frames, classes, queue, curves)
+                queue, pending = [], 0
+    if queue:
+        _run(model, frames, classes, queue, curves)
+    return curves
+
+
+def _run(model: nn.Module, frames: _Frames, classes: Tensor,
+         queue: list[tuple[int, str, int, int]], curves: dict[str, np.ndarray]) -> None:
+    device = classes.device
+    batch = torch.cat([
+        frames.make(i, kind, torch.arange(start, start + take, device=device))
+        for i, kind, start, take in queue
+    ])
+    owners = torch.cat([torch.full((take,), i, device=device) for i, _, _, take in queue])
+    with torch.no_grad():
+        probs = torch.softmax(model(batch), dim=1)
+    scores = probs.gather(1, classes[owners][:, None])[:, 0].float().cpu().numpy()
+    scores = np.nan_to_num(scores)
+    offset = 0
+    for i, kind, start, take in queue:
+        curves[kind][i, start:start + take] = scores[offset:offset + take]
+        offset += take
+
+
+def localization(
+    maps: Tensor, boxes: Sequence[Sequence[float] | None]
+) -> list[dict[str, float | None] | None]:
+    """Pointing game and energy inside the box, beside the same scores of a centre-point baseline.
+
+    Boxes are (x0, y0, x1, y1) in input pixels (right/bottom edges exclusive); a pixel is inside
+    when its centre is. `pointing` is the share of the map's maximal pixels inside the box (1 or 0
+    for a unique maximum; quantized maps have plateaus); `energy` the share of the positive map
+    inside the box. The baseline points at the image centre and spreads energy uniformly, which
+    scores high where boxes are large (tin10).
+    """
+    maps = maps.detach().float().cpu()
+    _, height, width = maps.shape
+    ys = torch.arange(height, dtype=torch.float64)[:, None] + 0.5
+    xs = torch.arange(width, dtype=torch.float64)[None, :] + 0.5
+    results: list[dict[str, float | None] | None] = []
+    for heat, box in zip(maps, boxes, strict=True):
+        if box is None:
+            results.append(None)
+            continue
+        x0, y0, x1, y1 = box
+        inside = (xs >= x0) & (xs <= x1) & (ys >= y0) & (ys <= y1)
+        peak = heat == heat.max()
+        positive = heat.clamp(min=0).double()
+        total = float(positive.sum())
+        centre = x0 <= width / 2 <= x1 and y0 <= height / 2 <= y1
+        results.append({
+            "pointing": float((peak & inside).sum()) / max(int(peak.sum()), 1),
+            "energy": float(positive[inside].sum()) / total if total > 0 else None,
+            "centre_pointing": float(centre),
+            "centre_energy": float(inside.sum()) / (height * width),
+        })
+    return results

@@ -1,0 +1,358 @@
+"""LRP rules for linear-like layers (Conv2d, Linear) and pooling.
+
+Every rule for a linear layer is one normalisation of the layer's contributions
+`z_ij = x_i w_ij`: it picks *what* counts as a contribution (modified inputs and weights,
+the "terms"), sums them into `z_j`, divides the output relevance by `z_j` and sends it back
+through the transposed layer. Transposed ops are called directly (`conv2d_input`, matmul):
+no autograd graph is built for the expensive layers.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from relprop.errors import UnsupportedLayerError
+
+# Below this a denominator counts as zero: relevance there takes a fallback path instead.
+TINY = 1e-30
+
+
+@dataclass(frozen=True)
+class LinearOp:
+    """A linear map `y = W x (+ b)` in a form rules can evaluate with any weight."""
+
+    layer: nn.Module
+
+    @property
+    def weight(self) -> Tensor:
+        return self.layer.weight.float()
+
+    @property
+    def bias(self) -> Tensor | None:
+        bias = self.layer.bias
+        return None if bias is None else bias.float()
+
+    def forward(self, x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
+        layer = self.layer
+        if isinstance(layer, nn.Conv2d):
+            return F.conv2d(x, weight, bias, layer.stride, layer.padding, layer.dilation, layer.groups)
+        return F.linear(x, weight, bias)
+
+    def transpose(self, s: Tensor, weight: Tensor, input_shape: torch.Size) -> Tensor:
+        layer = self.layer
+        if isinstance(layer, nn.Conv2d):
+            return torch.nn.grad.conv2d_input(
+                input_shape, weight, s, layer.stride, layer.padding, layer.dilation, layer.groups
+            )
+        return s @ weight
+
+
+def as_linear_op(layer: nn.Module) -> LinearOp:
+    if isinstance(layer, nn.Conv2d):
+        if layer.padding_mode != "zeros":
+            raise UnsupportedLayerError(
+                f"Conv2d with padding_mode={layer.padding_mode!r} is not supported (only 'zeros')"
+            )
+        return LinearOp(layer)
+    if isinstance(layer, nn.Linear):
+        return LinearOp(layer)
+    raise UnsupportedLayerError(
+        f"{type(layer).__name__} is not a linear layer; linear rules take Conv2d or Linear"
+    )
+
+
+def _safe_divide(numerator: Tensor, denominator: Tensor) -> tuple[Tensor, Tensor]:
+    """`numerator / denominator` where |denominator| > TINY, else 0; also the mask of zeros."""
+    zero = denominator.abs() <= TINY
+    ratio = numerator / torch.where(zero, torch.ones_like(denominator), denominator)
+    return ratio.masked_fill(zero, 0.0), zero
+
+
+class Rule:
+    """Base class. `relevance(layer, a, R_out)` returns the relevance of the layer's input `a`."""
+
+    name = "rule"
+
+    def relevance(self, layer: nn.Module, a: Tensor, R: Tensor) -> Tensor:
+        raise NotImplementedError
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}()"
+
+
+class PassRule(Rule):
+    """Relevance goes through unchanged (ReLU, BatchNorm, Dropout, Identity, L2Norm...)."""
+
+    name = "pass"
+
+    def relevance(self, layer: nn.Module, a: Tensor, R: Tensor) -> Tensor:
+        return R.reshape(a.shape)
+
+
+def _uniform_fallback(op: LinearOp, R: Tensor, shape: torch.Size, weight: Tensor) -> Tensor:
+    """Distribute R uniformly over each output's receptive field (positions and channels)."""
+    ones_weight = torch.ones_like(weight)
+    count = op.forward(torch.ones(shape, dtype=R.dtype, device=R.device), ones_weight)
+    s, _ = _safe_divide(R, count)
+    return op.transpose(s, ones_weight, shape)
+
+
+def _weight_proportional(op: LinearOp, R: Tensor, shape: torch.Size, weight: Tensor) -> Tensor:
+    """Distribute R in proportion to `weight` alone (as if every input were 1); uniform where
+    an output has no such weight at all, so nothing is lost."""
+    z = op.forward(torch.ones(shape, dtype=R.dtype, device=R.device), weight)
+    s, zero = _safe_divide(R, z)
+    R_in = op.transpose(s, weight, shape)
+    leftover = R.masked_fill(~zero, 0.0)
+    if bool(leftover.any()):
+        R_in = R_in + _uniform_fallback(op, leftover, shape, weight)
+    return R_in
+
+
+class ZPlusRule(Rule):
+    """z+: positive contributions only (`a⁺w⁺ + a⁻w⁻`), biases kept out, exactly conservative.
+
+    Where an output has no positive contribution its relevance falls back to w⁺ proportions,
+    then to a uniform split, so no relevance is dropped.
+    """
+
+    name = "zplus"
+
+    def relevance(self, layer: nn.Module, a: Tensor, R: Tensor) -> Tensor:
+        op = as_linear_op(layer)
+        w = op.weight
+        w_pos = w.clamp(min=0)
+        terms = [(a.clamp(min=0), w_pos)]
+        if bool((a < 0).any()):
+            terms.append((a.clamp(max=0), w.clamp(max=0)))
+        z = sum(op.forward(x, wt) for x, wt in terms)
+        s, zero = _safe_divide(R, z)
+        R_in = sum(x * op.transpose(s, wt, a.shape) for x, wt in terms)
+        leftover = R.masked_fill(~zero, 0.0)
+        if bool(leftover.any()):
+            R_in = R_in + _weight_proportional(op, leftover, a.shape, w_pos)
+        return R_in
+
+
+class WPlusRule(Rule):
+    """Input-layer rule of the reference code: the input is replaced by ones, so relevance is
+    distributed by w⁺ alone (uniform where an output sees no positive weight)."""
+
+    name = "wplus"
+
+    def relevance(self, layer: nn.Module, a: Tensor, R: Tensor) -> Tensor:
+        op = as_linear_op(layer)
+        return _weight_proportional(op, R, a.shape, op.weight.clamp(min=0))
+
+
+class WSquareRule(Rule):
+    """w²: relevance in proportion to the squared weights (input-independent)."""
+
+    name = "w2"
+
+    def relevance(self, layer: nn.Module, a: Tensor, R: Tensor) -> Tensor:
+        op = as_linear_op(layer)
+        return _weight_proportional(op, R, a.shape, op.weight.square())
+
+
+class FlatRule(Rule):
+    """flat: relevance spread uniformly over each output's receptive field."""
+
+    name = "flat"
+
+    def relevance(self, layer: nn.Module, a: Tensor, R: Tensor) -> Tensor:
+        op = as_linear_op(layer)
+        return _uniform_fallback(op, R, a.shape, op.weight)
+
+
+def _stabilize(z: Tensor, epsilon: float) -> Tensor:
+    """z + ε·sign(z), with sign(0) = +1."""
+    return z + epsilon * torch.where(z >= 0, torch.ones_like(z), -torch.ones_like(z))
+
+
+class EpsilonRule(Rule):
+    """ε: plain z-rule with a stabilizer; relevance absorbed by ε and biases is lost."""
+
+    name = "epsilon"
+
+    def __init__(self, epsilon: float = 1e-6) -> None:
+        self.epsilon = epsilon
+
+    def _weights(self, op: LinearOp) -> tuple[Tensor, Tensor | None]:
+        return op.weight, op.bias
+
+    def relevance(self, layer: nn.Module, a: Tensor, R: Tensor) -> Tensor:
+        op = as_linear_op(layer)
+        w, b = self._weights(op)
+        z = _stabilize(op.forward(a, w, b), self.epsilon)
+        return a * op.transpose(R / z, w, a.shape)
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(epsilon={self.epsilon})"
+
+
+class GammaRule(EpsilonRule):
+    """γ: favours positive contributions, `w + γw⁺` (for non-negative inputs)."""
+
+    name = "gamma"
+
+    def __init__(self, gamma: float = 0.25, epsilon: float = 1e-6) -> None:
+        super().__init__(epsilon)
+        self.gamma = gamma
+
+    def _weights(self, op: LinearOp) -> tuple[Tensor, Tensor | None]:
+        w, b = op.weight, op.bias
+        w = w + self.gamma * w.clamp(min=0)
+        if b is not None:
+            b = b + self.gamma * b.clamp(min=0)
+        return w, b
+
+    def __repr__(self) -> str:
+        return f"GammaRule(gamma={self.gamma}, epsilon={self.epsilon})"
+
+
+class AlphaBetaRule(Rule):
+    """αβ: positive and negative contributions normalised separately, α·R⁺ − β·R⁻ (α − β = 1).
+    Biases are kept out, so α1β0 equals z+ on non-negative inputs."""
+
+    def __init__(self, alpha: float = 1.0, beta: float = 0.0) -> None:
+        if abs(alpha - beta - 1.0) > 1e-9:
+            raise ValueError(f"alpha - beta must be 1 (got alpha={alpha}, beta={beta})")
+        self.alpha, self.beta = alpha, beta
+        self.name = f"alpha{alpha:g}beta{beta:g}"
+
+    def _part(self, op: LinearOp, a: Tensor, R: Tensor, positive: bool) -> Tensor:
+        w = op.weight
+        w_pos, w_neg = w.clamp(min=0), w.clamp(max=0)
+        a_pos, a_neg = a.clamp(min=0), a.clamp(max=0)
+        terms = [(a_pos, w_pos), (a_neg, w_neg)] if positive else [(a_pos, w_neg), (a_neg, w_pos)]
+        z = sum(op.forward(x, wt) for x, wt in terms)
+        s, _ = _safe_divide(R, z)
+        return sum(x * op.transpose(s, wt, a.shape) for x, wt in terms)
+
+    def relevance(self, layer: nn.Module, a: Tensor, R: Tensor) -> Tensor:
+        op = as_linear_op(layer)
+        R_in = self.alpha * self._part(op, a, R, positive=True)
+        if self.beta:
+            R_in = R_in - self.beta * self._part(op, a, R, positive=False)
+        return R_in
+
+    def __repr__(self) -> str:
+        return f"AlphaBetaRule(alpha={self.alpha}, beta={self.beta})"
+
+
+class ZBRule(Rule):
+    """zB (box rule) for the input layer: inputs bounded by [low, high], e.g. the normalised
+    images of pixel values 0 and 1."""
+
+    name = "zb"
+
+    def __init__(self, low: Tensor | float, high: Tensor | float) -> None:
+        self.low, self.high = low, high
+
+    @classmethod
+    def from_normalization(cls, mean: list[float], std: list[float]) -> ZBRule:
+        mean_t = torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1)
+        std_t = torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1)
+        return cls((0.0 - mean_t) / std_t, (1.0 - mean_t) / std_t)
+
+    def _bound(self, bound: Tensor | float, a: Tensor) -> Tensor:
+        if isinstance(bound, Tensor):
+            bound = bound.to(device=a.device, dtype=a.dtype)
+            if bound.dim() == 4 and a.dim() == 2:  # a linear input layer on flattened images
+                bound = bound.reshape(1, -1)
+        return torch.zeros_like(a) + bound
+
+    def relevance(self, layer: nn.Module, a: Tensor, R: Tensor) -> Tensor:
+        op = as_linear_op(layer)
+        w = op.weight
+        w_pos, w_neg = w.clamp(min=0), w.clamp(max=0)
+        low, high = self._bound(self.low, a), self._bound(self.high, a)
+        terms = [(a, w), (low, -w_pos), (high, -w_neg)]
+        z = sum(op.forward(x, wt) for x, wt in terms)
+        s, zero = _safe_divide(R, z)
+        R_in = sum(x * op.transpose(s, wt, a.shape) for x, wt in terms)
+        leftover = R.masked_fill(~zero, 0.0)
+        if bool(leftover.any()):
+            R_in = R_in + _weight_proportional(op, leftover, a.shape, w_pos)
+        return R_in
+
+
+class ReferenceZPlusRule(Rule):
+    """The reference code's z+: `z = conv(a, w⁺) + b + 1e-5` (linear: bias dropped); leaks."""
+
+    name = "reference-zplus"
+
+    def __init__(self, epsilon: float = 1e-5, ones_input: bool = False) -> None:
+        self.epsilon = epsilon
+        self.ones_input = ones_input
+
+    def relevance(self, layer: nn.Module, a: Tensor, R: Tensor) -> Tensor:
+        op = as_linear_op(layer)
+        if self.ones_input:
+            a = torch.ones_like(a)
+        w_pos = op.weight.clamp(min=0)
+        bias = op.bias if isinstance(layer, nn.Conv2d) else None
+        z = op.forward(a, w_pos, bias) + self.epsilon
+        return a * op.transpose(R / z, w_pos, a.shape)
+
+
+# --- pooling and other positive linear maps ---------------------------------------------
+
+
+def vjp(fn: Callable[[Tensor], Tensor], a: Tensor, v: Tensor) -> Tensor:
+    """Transpose of a (linear) map applied to v. Used only for cheap ops (pooling, reshapes)."""
+    with torch.enable_grad():
+        x = a.detach().requires_grad_(True)
+        (grad,) = torch.autograd.grad(fn(x), x, v)
+    return grad
+
+
+def proportional(fn: Callable[[Tensor], Tensor], a: Tensor, R: Tensor, epsilon: float = 0.0) -> Tensor:
+    """z-rule for a linear map with non-negative weights (sum or average pooling): relevance
+    in proportion to each input's share. With epsilon=0 it conserves exactly: outputs whose
+    inputs sum to zero spread their relevance uniformly over their window."""
+    if epsilon:
+        return a * vjp(fn, a, R / (fn(a) + epsilon))
+    s, zero = _safe_divide(R, fn(a))
+    R_in = a * vjp(fn, a, s)
+    leftover = R.masked_fill(~zero, 0.0)
+    if bool(leftover.any()):
+        ones = torch.ones_like(a)
+        s_uniform, _ = _safe_divide(leftover, fn(ones))
+        R_in = R_in + vjp(fn, ones, s_uniform)
+    return R_in
+
+
+RULES: dict[str, Callable[[], Rule]] = {
+    "zplus": ZPlusRule,
+    "wplus": WPlusRule,
+    "w2": WSquareRule,
+    "flat": FlatRule,
+    "epsilon": EpsilonRule,
+    "gamma": GammaRule,
+    "alpha1beta0": lambda: AlphaBetaRule(1.0, 0.0),
+    "alpha2beta1": lambda: AlphaBetaRule(2.0, 1.0),
+    "pass": PassRule,
+}
+
+
+def get_rule(rule: str | Rule, mean: list[float] | None = None, std: list[float] | None = None) -> Rule:
+    """A rule by name ('zplus', 'epsilon', 'gamma', 'alpha1beta0', 'alpha2beta1', 'zb', 'flat',
+    'w2', 'wplus', 'pass') or a Rule instance as it is. 'zb' needs the normalization mean/std."""
+    if isinstance(rule, Rule):
+        return rule
+    if rule == "zb":
+        if mean is None or std is None:
+            raise ValueError("the zB rule needs the input normalization: pass mean=... and std=...")
+        return ZBRule.from_normalization(mean, std)
+    try:
+        return RULES[rule]()
+    except KeyError:
+        names = ", ".join(sorted([*RULES, "zb"]))
+        raise ValueError(f"unknown rule {rule!r}; choose one of: {names}") from None

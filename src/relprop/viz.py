@@ -1,0 +1,196 @@
+"""Pictures of relevance maps: overlays with a colour bar, side-by-side panels, report thumbnails.
+
+Signed maps (LRP, gradients) are drawn centred at zero: positive relevance red, negative blue,
+zero transparent so the photo shows through; the colour scale is symmetric and set by the
+99.5th percentile of |map|, so one hot pixel cannot wash out the rest (the colour bar's arrows
+say values beyond it are clipped). Non-negative maps (CAMs) and `sign="positive"` use a warm
+yellow-to-red ramp from zero. Figures are drawn with matplotlib's Agg canvas, without pyplot,
+so nothing here touches global state or needs a display.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+from matplotlib import colormaps
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.cm import ScalarMappable
+from matplotlib.colors import Colormap, LinearSegmentedColormap, Normalize
+from matplotlib.figure import Figure
+from PIL import Image
+
+Sign = Literal["all", "positive"]
+SIGNS: tuple[Sign, ...] = ("all", "positive")
+
+PERCENTILE = 99.5
+SIGNED_CMAP = LinearSegmentedColormap.from_list(
+    "relprop_signed", ["#08306b", "#2171b5", "#9ecae1", "#f7f7f7", "#fc9272", "#cb181d", "#67000d"]
+)
+POSITIVE_CMAP = colormaps["YlOrRd"]
+_MAX_ALPHA = 0.85  # the strongest relevance still lets the photo's edges through
+
+
+@dataclass(frozen=True)
+class HeatScale:
+    """How values map to colour: limits, and whether the map is shown signed."""
+
+    vmin: float
+    vmax: float
+    signed: bool
+
+    @property
+    def cmap(self) -> Colormap:
+        return SIGNED_CMAP if self.signed else POSITIVE_CMAP
+
+    @property
+    def norm(self) -> Normalize:
+        return Normalize(self.vmin, self.vmax, clip=True)
+
+
+def heat_2d(relevance: np.ndarray) -> np.ndarray:
+    """(H,W), (1,H,W) or (C,H,W) -> (H,W) float32: channels are summed (the LRP heatmap)."""
+    arr = np.asarray(relevance, dtype=np.float32)
+    if arr.ndim == 3:
+        arr = arr.sum(axis=0)
+    if arr.ndim != 2:
+        raise ValueError(f"expected a map of shape (H,W) or (C,H,W), got {arr.shape}")
+    return np.nan_to_num(arr, nan=0.0, posinf=0.0, neginf=0.0)
+
+
+def apply_sign(heat: np.ndarray, sign: Sign) -> np.ndarray:
+    """`positive` keeps only positive relevance (negatives become zero)."""
+    return np.maximum(heat, 0.0) if sign == "positive" else heat
+
+
+def heat_scale(heat: np.ndarray, sign: Sign = "all") -> HeatScale:
+    """Colour limits for one map: symmetric around zero if it is signed, from zero otherwise."""
+    heat = apply_sign(heat, sign)
+    signed = bool((heat < 0).any())
+    magnitude = np.abs(heat)
+    top = float(np.percentile(magnitude, PERCENTILE)) if magnitude.size else 0.0
+    if top <= 0.0:
+        top = float(magnitude.max()) if magnitude.size else 0.0
+    top = top if top > 0.0 else 1.0  # an all-zero map: any positive limit draws it empty
+    return HeatScale(-top if signed else 0.0, top, signed)
+
+
+def resize_map(heat: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """Bilinear resize to (H, W), for CAMs computed at a coarser grid than the image."""
+    if heat.shape == tuple(size):
+        return heat
+    img = Image.fromarray(heat.astype(np.float32), mode="F")
+    return np.asarray(img.resize((size[1], size[0]), Image.Resampling.BILINEAR), dtype=np.float32)
+
+
+def blend(image: np.ndarray, heat: np.ndarray, scale: HeatScale) -> np.ndarray:
+    """Colour the map over a faded grey copy of the image; opacity grows with |relevance|."""
+    heat = resize_map(heat, image.shape[:2])
+    rgba = scale.cmap(scale.norm(heat))
+    strength = np.clip(np.abs(heat) / scale.vmax, 0.0, 1.0)[..., None]
+    alpha = _MAX_ALPHA * np.sqrt(strength)  # faint relevance stays visible
+    grey = image.astype(np.float32).mean(axis=2, keepdims=True) / 255.0
+    base = 0.35 + 0.55 * grey  # faded, so colour reads on dark and light photos alike
+    out = (1.0 - alpha) * base + alpha * rgba[..., :3]
+    return np.clip(np.rint(out * 255.0), 0, 255).astype(np.uint8)
+
+
+def render_map(image: np.ndarray, relevance: np.ndarray, sign: Sign = "all") -> np.ndarray:
+    """The overlay as an RGB uint8 array (no figure): for thumbnails and galleries."""
+    heat = apply_sign(heat_2d(relevance), sign)
+    return blend(image, heat, heat_scale(heat, sign))
+
+
+def denormalize(x: np.ndarray, mean: Sequence[float], std: Sequence[float]) -> np.ndarray:
+    """A normalized (3,H,W) model input back to the RGB uint8 (H,W,3) picture the model saw."""
+    arr = np.asarray(x, dtype=np.float32)
+    arr = arr * np.asarray(std, np.float32)[:, None, None] + np.asarray(mean, np.float32)[:, None, None]
+    return np.clip(np.rint(arr.transpose(1, 2, 0) * 255.0), 0, 255).astype(np.uint8)
+
+
+def _figure(width: float, height: float) -> Figure:
+    fig = Figure(figsize=(width, height), dpi=100)
+    FigureCanvasAgg(fig)
+    return fig
+
+
+def save_figure(fig: Figure, path: str | Path, dpi: int = 100) -> Path:
+    """Write a figure as PNG, creating the folder."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=dpi, bbox_inches="tight", pad_inches=0.05, facecolor="white")
+    return path
+
+
+def _colorbar(fig: Figure, ax, scale: HeatScale) -> None:
+    mappable = ScalarMappable(norm=Normalize(scale.vmin, scale.vmax), cmap=scale.cmap)
+    bar = fig.colorbar(mappable, ax=ax, fraction=0.046, pad=0.03,
+                       extend="both" if scale.signed else "max")
+    bar.ax.tick_params(labelsize=7)
+    bar.formatter.set_powerlimits((-2, 3))
+    bar.update_ticks()
+    bar.ax.yaxis.get_offset_text().set_fontsize(7)
+    label = "relevance (red +, blue −)" if scale.signed else "relevance"
+    bar.set_label(label, fontsize=8)
+
+
+def save_overlay(path: str | Path, image: np.ndarray, relevance: np.ndarray, *,
+                 title: str = "", sign: Sign = "all") -> Path:
+    """One method's map over the image, with a colour bar, as PNG."""
+    heat = apply_sign(heat_2d(relevance), sign)
+    scale = heat_scale(heat, sign)
+    fig = _figure(3.6, 3.0)
+    ax = fig.add_subplot()
+    ax.imshow(blend(image, heat, scale), interpolation="nearest")
+    ax.set_axis_off()
+    if title:
+        ax.set_title(title, fontsize=9)
+    _colorbar(fig, ax, scale)
+    return save_figure(fig, path, dpi=120)
+
+
+@dataclass
+class PanelRow:
+    """One image of a panel: the picture the model saw, a caption, and maps by method name."""
+
+    image: np.ndarray
+    caption: str
+    maps: Mapping[str, np.ndarray] = field(default_factory=dict)
+
+
+def save_panel(path: str | Path, rows: Sequence[PanelRow], *, sign: Sign = "all",
+               cell: float = 1.9) -> Path:
+    """Original + every method side by side, one row per image (the paper's qualitative figure)."""
+    methods = list(dict.fromkeys(name for row in rows for name in row.maps))
+    ncols = 1 + len(methods)
+    aspects = [row.image.shape[0] / row.image.shape[1] for row in rows]
+    caption_lines = max(row.caption.count("\n") + 1 for row in rows)
+    fig = _figure(cell * ncols, sum(cell * a + 0.16 * caption_lines + 0.1 for a in aspects) + 0.3)
+    fig.set_layout_engine("constrained", w_pad=0.02, h_pad=0.03, wspace=0.01, hspace=0.02)
+    axes = fig.subplots(len(rows), ncols, squeeze=False, gridspec_kw={"height_ratios": aspects})
+    for r, row in enumerate(rows):
+        axes[r, 0].imshow(row.image, interpolation="nearest")
+        axes[r, 0].set_title(row.caption, fontsize=7.5)
+        for c, name in enumerate(methods, start=1):
+            if name in row.maps:
+                axes[r, c].imshow(render_map(row.image, row.maps[name], sign), interpolation="nearest")
+            if r == 0:
+                axes[r, c].set_title(name, fontsize=9, fontweight="bold")
+        for ax in axes[r]:
+            ax.set_axis_off()
+    legend = ("red: positive relevance, blue: negative; " if sign == "all" else
+              "positive relevance only; ")
+    fig.supxlabel(legend + "each map scaled to its own 99.5th percentile of |relevance|",
+                  fontsize=7, color="#444444")
+    return save_figure(fig, path, dpi=110)
+
+
+def save_png(path: str | Path, rgb: np.ndarray) -> Path:
+    """Write an RGB uint8 array as PNG (fast: no figure), creating the folder."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(rgb).save(path, optimize=False)
+    return path
