@@ -6,7 +6,7 @@ import math
 
 import pytest
 import torch
-from ssd_helpers import random_images, shared_detector, tin10_images, tiny_ssd
+from ssd_helpers import detection_dataset, random_images, shared_detector, tin10_images, tiny_ssd
 from torch import nn
 
 from relprop.detection import (
@@ -150,3 +150,75 @@ def test_anchor_position_roundtrip_covers_all_levels():
     last = out.levels[-1]
     p = AnchorPosition(last.index, last.height - 1, last.width - 1, last.anchors_per_cell - 1)
     assert anchor_index(out.levels, p) == out.cls_logits.shape[1] - 1
+
+
+# ---------------------------------------------------------------------- detection evaluation
+
+
+def test_frame_masks_follow_the_protocol():
+    from relprop.detection_eval import auc, frame_masks
+
+    heat = torch.arange(112 * 112, dtype=torch.float32).flip(0).view(112, 112)
+    masks = frame_masks(heat)
+    assert masks.shape == (26, 112, 112)
+    counts = masks.flatten(1).sum(1)
+    assert int(counts[0]) == 501 and int(counts[-1]) == 112 * 112
+    assert (counts[1:] >= counts[:-1]).all()
+    assert bool(masks[0].flatten()[:501].all())  # the highest values come first
+    ties = torch.zeros(10, 10)
+    ties[0, :3] = 1.0
+    tied = frame_masks(ties, step=2)
+    assert int(tied[0].sum()) == 3 and int(tied[1].sum()) == 100  # ties go in together
+    assert auc([1.0, 0.0]) == pytest.approx(0.5)
+    assert auc([0.2, 0.4, 0.6]) == pytest.approx(0.4)
+
+
+def test_box_metrics():
+    from relprop.detection_eval import centre_hit, correlation, energy_in_box, pointing_hit
+
+    heat = torch.zeros(10, 10)
+    heat[2:4, 2:4] = 1.0
+    heat[8, 8] = -5.0  # negative relevance does not count as energy
+    box = torch.tensor([2.0, 2.0, 4.0, 4.0])
+    assert energy_in_box(heat, box) == pytest.approx(1.0)
+    assert energy_in_box(heat, torch.tensor([0.0, 0.0, 3.0, 3.0])) == pytest.approx(0.25)
+    assert pointing_hit(heat, box) and not pointing_hit(heat, torch.tensor([5.0, 5.0, 9.0, 9.0]))
+    assert centre_hit(torch.tensor([4.0, 4.0, 6.0, 6.0]), (10, 10))
+    assert not centre_hit(box, (10, 10))
+    assert correlation(heat, 2 * heat + 1) == pytest.approx(1.0)
+    assert correlation(heat, -heat) == pytest.approx(-1.0)
+    assert math.isnan(correlation(heat, torch.ones(10, 10)))
+
+
+def test_evaluate_detection_end_to_end(tmp_path):
+    import json
+
+    from relprop.detection_eval import evaluate_detection
+
+    model = tiny_ssd()
+    data = tmp_path / "data"
+    data.mkdir()
+    classes = detection_dataset(data, model)
+    summary = evaluate_detection(model, classes, data, tmp_path / "out", progress=False)
+    assert summary["images"] == 2 and summary["true_positives"] == 2
+    for name in ("crp", "lrp", "gradcam"):
+        m = summary["methods"][name]
+        assert m["n"] == 2
+        assert 0.0 <= m["energy"] <= 1.0 and 0.0 <= m["insertion"] <= 1.0
+        assert m["id"] == pytest.approx(m["insertion"] - m["deletion"])
+    assert -1.0 <= summary["methods"]["lrp"]["contrast_r"] <= 1.0
+    records = [json.loads(line) for line in (tmp_path / "out" / "results.jsonl").read_text().splitlines()]
+    assert len(records) == 2 and len(records[0]["methods"]["crp"]["insertion_curve"]) == 9
+    assert set(records[0]["direction"]) == {"cx", "cy", "w", "h"}
+    assert "| crp |" in (tmp_path / "out" / "summary.md").read_text()
+
+
+def test_read_samples_rejects_unknown_classes(tmp_path):
+    from relprop.detection_eval import read_samples
+
+    (tmp_path / "zebra").mkdir()
+    (tmp_path / "zebra" / "boxes.txt").write_text("a.png 0 0 3 3\n")
+    with pytest.raises(InputError, match="zebra"):
+        read_samples(tmp_path, ["__background__", "cat"])
+    samples = read_samples(tmp_path, ["__background__", "zebra"])
+    assert samples[0].label == 1 and samples[0].box == (0.0, 0.0, 4.0, 4.0)

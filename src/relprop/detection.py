@@ -17,10 +17,13 @@ from __future__ import annotations
 from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torchvision.models.detection.image_list import ImageList
 from torchvision.models.detection.ssd import SSD, SSDFeatureExtractorVGG
 from torchvision.ops import boxes as box_ops
 
@@ -294,19 +297,28 @@ def run_detector(
     image_list = as_image_list(images, device)
     original_sizes = [(int(im.shape[-2]), int(im.shape[-1])) for im in image_list]
     batch, _ = model.transform(image_list)
-    x = batch.tensors
-    out = (backbone or model.backbone)(x)
-    features = list(out.values()) if isinstance(out, dict) else [out]
-    anchors_per_cell = model.anchor_generator.num_anchors_per_location()
-    levels = level_layout(features, anchors_per_cell)
-    cls_heads, box_heads = head_levels(model, "class"), head_levels(model, "box")
-    num_classes = num_classes_of(model)
-    cls_logits = torch.cat(
-        [flatten_level(m, num_classes) for m in head_maps(cls_heads, features)], 1
-    )
-    bbox_regression = torch.cat([flatten_level(m, 4) for m in head_maps(box_heads, features)], 1)
-    anchors = model.anchor_generator(batch, features)
     image_sizes = [(int(h), int(w)) for h, w in batch.image_sizes]
+    return detect_input(model, batch.tensors, image_sizes, original_sizes, backbone)
+
+
+@torch.no_grad()
+def detect_input(
+    model: SSD,
+    x: Tensor,
+    image_sizes: Sequence[tuple[int, int]] | None = None,
+    original_sizes: Sequence[tuple[int, int]] | None = None,
+    backbone: nn.Module | None = None,
+) -> DetectorOutput:
+    """Detections for a batch already in the detector's input space (e.g. perturbed inputs).
+
+    ``image_sizes`` default to the batch's size, ``original_sizes`` to ``image_sizes``.
+    """
+    size = (int(x.shape[-2]), int(x.shape[-1]))
+    image_sizes = list(image_sizes or [size] * x.shape[0])
+    original_sizes = list(original_sizes or image_sizes)
+    features, cls_logits, bbox_regression = dense_outputs(model, x, backbone)
+    levels = level_layout(features, model.anchor_generator.num_anchors_per_location())
+    anchors = model.anchor_generator(ImageList(x, image_sizes), features)
     detections = select_detections(model, cls_logits, bbox_regression, anchors, image_sizes)
     for det in detections:
         det["boxes_input"] = det["boxes"].clone()
@@ -325,6 +337,20 @@ def run_detector(
         levels=levels,
         detections=detections,
     )
+
+
+def dense_outputs(
+    model: SSD, x: Tensor, backbone: nn.Module | None = None
+) -> tuple[list[Tensor], Tensor, Tensor]:
+    """Feature maps, class logits (N, A, K) and box offsets (N, A, 4) of every anchor."""
+    out = (backbone or model.backbone)(x)
+    features = list(out.values()) if isinstance(out, dict) else [out]
+    num_classes = num_classes_of(model)
+    cls_maps = head_maps(head_levels(model, "class"), features)
+    box_maps = head_maps(head_levels(model, "box"), features)
+    cls_logits = torch.cat([flatten_level(m, num_classes) for m in cls_maps], 1)
+    bbox_regression = torch.cat([flatten_level(m, 4) for m in box_maps], 1)
+    return features, cls_logits, bbox_regression
 
 
 def decode_anchor(model: SSD, codes: Tensor, anchor: Tensor) -> Tensor:
@@ -360,3 +386,86 @@ def num_classes_of(model: SSD) -> int:
 def box_iou(a: Tensor, b: Tensor) -> Tensor:
     """IoU of (x0, y0, x1, y1) boxes, (M,4) x (N,4) -> (M,N)."""
     return box_ops.box_iou(a, b)
+
+
+# ---------------------------------------------------------------------- drawing
+
+MAP_TITLES = {
+    "class": "class {name}: red for, blue against",
+    "cx": "cx: red → right, blue ← left",
+    "cy": "cy: red ↓ down, blue ↑ up",
+    "w": "w: red wider, blue narrower",
+    "h": "h: red taller, blue shorter",
+}
+BOX_COLOUR = "#00d000"
+PERCENTILE = 99.5
+
+
+def signed_overlay(rgb: np.ndarray, heat: np.ndarray) -> np.ndarray:
+    """The image in gray with a signed map on top: red positive, blue negative, zero clear.
+
+    The colour scale is symmetric, set by the 99.5th percentile of |heat| so one hot pixel
+    cannot wash out the rest.
+    """
+    from matplotlib import colormaps
+
+    gray = rgb.astype(np.float32).mean(-1, keepdims=True).repeat(3, -1) / 255.0
+    limit = float(np.percentile(np.abs(heat), PERCENTILE)) or float(np.abs(heat).max()) or 1.0
+    scaled = np.clip(heat / limit, -1.0, 1.0)
+    colour = colormaps["RdBu_r"]((scaled + 1) / 2)[..., :3]
+    alpha = 0.85 * np.abs(scaled)[..., None]
+    return (gray * (1 - alpha) + colour * alpha).clip(0, 1)
+
+
+def _figure(width: float, height: float):
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(width, height))
+    FigureCanvasAgg(fig)
+    return fig
+
+
+def _draw_box(ax, box: Sequence[float], caption: str | None = None) -> None:
+    from matplotlib.patches import Rectangle
+
+    x0, y0, x1, y1 = box
+    ax.add_patch(Rectangle((x0, y0), x1 - x0, y1 - y0, fill=False, edgecolor=BOX_COLOUR, lw=2))
+    if caption:
+        ax.text(x0, y0, caption, color="black", fontsize=8, va="bottom",
+                bbox={"facecolor": BOX_COLOUR, "edgecolor": "none", "pad": 1})
+
+
+def draw_detections(path: str | Path, rgb: np.ndarray, boxes: Sequence[Sequence[float]],
+                    captions: Sequence[str]) -> Path:
+    """Save the image (H, W, 3 uint8) with every box and its caption drawn on it."""
+    h, w = rgb.shape[:2]
+    scale = 6.0 / max(h, w)
+    fig = _figure(max(2.5, w * scale), max(2.5, h * scale))
+    ax = fig.add_axes((0, 0, 1, 1))
+    ax.imshow(rgb)
+    for box, caption in zip(boxes, captions, strict=True):
+        _draw_box(ax, box, caption)
+    ax.set_axis_off()
+    fig.savefig(path, dpi=100)
+    return Path(path)
+
+
+def save_detection_panel(path: str | Path, rgb: np.ndarray, box: Sequence[float],
+                         heats: dict[str, np.ndarray], title: str, class_name: str) -> Path:
+    """One detection: the image with its box, then each map (class, cx, cy, w, h) over the image."""
+    fig = _figure(2.6 * (len(heats) + 1), 3.0)
+    axes = fig.subplots(1, len(heats) + 1)
+    axes[0].imshow(rgb)
+    axes[0].set_title("detection", fontsize=9)
+    _draw_box(axes[0], box)
+    for ax, (name, heat) in zip(axes[1:], heats.items(), strict=True):
+        ax.imshow(signed_overlay(rgb, heat))
+        _draw_box(ax, box)
+        ax.set_title(MAP_TITLES.get(name, name).format(name=class_name), fontsize=8)
+    for ax in axes:
+        ax.set_axis_off()
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    return Path(path)

@@ -126,8 +126,9 @@ def _describe_stack(stack: list[tuple[str, nn.Module]]) -> str:
 
 
 def report_groups(model: nn.Module) -> dict[str, str]:
-    """Qualified names of the cuts reported in the layer sums: top-level layers, with
-    containers (layer1, features...) opened one level, so residual blocks are listed."""
+    """Candidate entries of the layer-sum report: top-level layers, with containers (layer1,
+    features...) opened one level, so residual blocks are listed. Only those that turn out
+    to be cuts of the graph are kept (see `_keep_cut_groups`)."""
     groups = {}
     for name, child in model.named_children():
         if isinstance(child, (nn.Sequential, nn.ModuleList, nn.ModuleDict)):
@@ -176,7 +177,35 @@ def build_steps(model: nn.Module, graph: fx.Graph, ruled_types: tuple[type, ...]
         steps.append(step)
     _mark_identity_skips(steps)
     _mark_input_layers(steps)
+    _keep_cut_groups(steps)
     return steps
+
+
+def _keep_cut_groups(steps: list[Step]) -> None:
+    """Report only groups that all relevance must cross (a parallel branch is not a cut)."""
+    consumers: dict[fx.Node, list[fx.Node]] = {}
+    for step in steps:
+        for parent in step.inputs:
+            consumers.setdefault(parent, []).append(step.node)
+    group_of = {step.node: step.group for step in steps}
+    start, end = steps[0].node, steps[-1].node
+    for group in {step.group for step in steps if step.group is not None}:
+        if _reachable_avoiding(start, end, group, group_of, consumers):
+            for step in steps:
+                if step.group == group:
+                    step.group = None
+
+
+def _reachable_avoiding(start: fx.Node, end: fx.Node, group: str, group_of: dict, consumers: dict) -> bool:
+    seen, todo = {start}, [start]
+    while todo:
+        for child in consumers.get(todo.pop(), []):
+            if child is end:
+                return True
+            if child not in seen and group_of.get(child) != group:
+                seen.add(child)
+                todo.append(child)
+    return False
 
 
 def _classify(model: nn.Module, node: fx.Node, ruled_types: tuple[type, ...]) -> Step:

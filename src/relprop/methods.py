@@ -216,20 +216,8 @@ class LRPMethod(Method):
         self.lrp = LRP(model, **lrp_kwargs)
 
     def attribute(self, inputs, target=None, return_layer_sums: bool = False):
-        if target is not None:
-            target = self._seed(inputs, target)
+        """The core takes None, class indices or an (N, num_outputs) seed as `target`."""
         return self.lrp.attribute(inputs, target=target, return_layer_sums=return_layer_sums)
-
-    def _seed(self, inputs: Tensor, target) -> Tensor:
-        """Class indices -> output relevance: that class's softmax probability (the paper's init)."""
-        target = torch.as_tensor(target, device=inputs.device)
-        with torch.no_grad():
-            logits = self.model(inputs)
-        if target.ndim == 2:  # already a seed
-            return target.to(logits.dtype)
-        classes = resolve_target(self.model, inputs, target)
-        probs = torch.softmax(logits, dim=1)
-        return torch.zeros_like(probs).scatter_(1, classes[:, None], probs.gather(1, classes[:, None]))
 
 
 class HeatQuantized(Method):

@@ -1,0 +1,325 @@
+"""`relprop detect`: run an SSD detector and explain each detection's class and box with CRP."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from relprop.errors import ImageError, RelpropError, TargetError
+
+DESCRIPTION = """\
+Detect objects with a torchvision SSD (SSD300-VGG16, or any torchvision SSD built with
+--model-def, such as the ResNet-18 SSD in ../shared/models) and explain every detection scoring
+at least --score-threshold (at most --max-detections per image, best first) by Contrastive
+Relevance Propagation (CRP; Tsunakawa et al., IJCNN 2019). For each image it prints one line per
+detection and writes, under OUT/<image name>/:
+
+  detections.png     the image with every explained detection drawn (class, score)
+  det<i>.png         detection i: the image with its box, then its class map and its four box maps
+                     (cx, cy, w, h) over the image, in one panel
+  det<i>_<map>.npy   with --save-maps: each map as float32 (H, W) on the original image
+
+and OUT/detections.jsonl: one JSON line per explained detection (image, detection index, class,
+score, box in original pixels, anchor index and head level, panel file).
+
+What the maps say (red = positive relevance, blue = negative; each map sums to zero):
+  class   red: evidence for the detected class; blue: evidence for the other classes
+          (contrastive; with --no-contrast plain LRP of the class logit, all of it red-ish)
+  cx, cy  red: what pushes the box centre right (cx) / down (cy) from its default box;
+          blue: what pushes it left / up
+  w, h    red: what makes the box wider / taller; blue: narrower / shorter
+
+Maps are computed in the detector's own input space (after its resize and normalization) and
+resized onto the original image for display.
+"""
+
+EPILOG = """\
+examples:
+  relprop detect photo.jpg --weights ../shared/models/ssd_resnet18_tin10.pt \\
+      --model-def ../shared/models/ssd_resnet18_tin10.py:from_metadata --out detected
+  relprop detect street.jpg --weights ssd300_vgg16_coco.pth --arch ssd300_vgg16 \\
+      --num-classes 91 --score-threshold 0.4 --max-detections 3 --out street
+  relprop detect img.jpg --weights det.pt --model-def det.py:from_metadata \\
+      --target-class lemon --out what-if      # explain "lemon" for every detected box
+
+supported detectors:
+  torchvision SSD whose backbone relprop can trace (Conv2d, BatchNorm, ReLU, max/avg pool,
+  residual adds, SSD300's L2Norm). SSDLite-MobileNetV3 is not supported: its Hardswish
+  activations and squeeze-excitation gates have no relevance rule.
+
+exit status:
+  0  every image was processed
+  1  some inputs failed (each named on stderr), or a bad model or option
+  2  bad usage (unknown option, missing argument)
+"""
+
+TORCHVISION_DETECTORS = ("ssd300_vgg16", "ssdlite320_mobilenet_v3_large")
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm")
+
+
+def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    """Register `relprop detect`."""
+    parser = subparsers.add_parser(
+        "detect",
+        help="detect objects with an SSD and explain each detection's class and box (CRP)",
+        description=DESCRIPTION,
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("inputs", nargs="+", metavar="IMAGE_OR_DIR",
+                        help="image files, or folders searched recursively for images")
+    parser.add_argument("--weights", required=True, metavar="CKPT",
+                        help="detector weights: a relprop checkpoint or a plain state dict file")
+    parser.add_argument("--model-def", metavar="FILE.py:FUNCTION",
+                        help="build the detector with FUNCTION(meta) from FILE.py "
+                             "(meta: the checkpoint's metadata dict)")
+    parser.add_argument("--arch", choices=TORCHVISION_DETECTORS,
+                        help="torchvision detector of a plain state dict (built without downloads)")
+    parser.add_argument("--num-classes", type=int, metavar="N",
+                        help="classes of a plain state dict, background included (COCO: 91)")
+    parser.add_argument("--score-threshold", type=float, default=0.5, metavar="S",
+                        help="explain detections scoring at least S (default: 0.5)")
+    parser.add_argument("--max-detections", type=int, default=5, metavar="N",
+                        help="explain at most N detections per image, best first (default: 5)")
+    parser.add_argument("--target-class", metavar="K",
+                        help="what-if: explain class K (index, id or name) for every detected box "
+                             "instead of the detected class")
+    parser.add_argument("--no-contrast", action="store_true",
+                        help="plain LRP of the class logit instead of the contrastive map")
+    parser.add_argument("--include-background", action="store_true",
+                        help="contrast the class against the background class too")
+    parser.add_argument("--box-contrast", action="store_true",
+                        help="subtract the mean of the other three offsets' maps from each box map")
+    parser.add_argument("--split", choices=("ratio", "symmetric", "signed"), default="ratio",
+                        help="relevance split at residual adds (default: ratio, the paper's)")
+    parser.add_argument("--save-maps", action="store_true",
+                        help="also write every map as det<i>_<map>.npy")
+    parser.add_argument("--out", required=True, metavar="DIR", help="output folder (created)")
+    parser.add_argument("--device", default="auto", metavar="DEV",
+                        help="cpu, cuda, cuda:1, ... (default: auto, a GPU when there is one)")
+    parser.set_defaults(run=run)
+    return parser
+
+
+def run(args: argparse.Namespace) -> int:
+    """Detect and explain every image; return 1 if any input failed, after all the others."""
+    from tqdm import tqdm
+
+    from relprop.crp import CRP, OUTPUTS, Request
+    from relprop.images import load_image
+
+    _check_options(args)
+    device = _device(args.device)
+    model, meta = load_detector(args.weights, args.model_def, args.arch, args.num_classes)
+    model.to(device)
+    names = _class_names(meta, model)
+    target = parse_class(args.target_class, meta, names)
+    crp = CRP(model, contrast=not args.no_contrast, include_background=args.include_background,
+              box_contrast=args.box_contrast, split=args.split)
+    jobs, failures = _plan(args.inputs)
+    total = len(jobs) + len(failures)  # empty folders count as failed inputs
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    with open(out / "detections.jsonl", "w", encoding="utf-8") as log:
+        for path, name in tqdm(jobs, unit="image", desc="detect", file=sys.stderr):
+            try:
+                image = _to_tensor(load_image(path))
+            except ImageError as error:
+                failures.append(str(error))
+                tqdm.write(f"relprop detect: error: {error}", file=sys.stderr)
+                continue
+            result = crp.detect([image.to(device)])
+            det = result.detections[0]
+            chosen = _chosen(det["scores"], args.score_threshold, args.max_detections)
+            requests = [Request(0, d, o, target) for d in chosen for o in OUTPUTS]
+            maps = crp.explain(result, requests).cpu() if requests else None
+            folder = out / name
+            folder.mkdir(parents=True, exist_ok=True)
+            records = _write_image(folder, name, path, image, det, chosen, maps, names, target,
+                                   args.save_maps)
+            for record in records:
+                log.write(json.dumps(record, ensure_ascii=False) + "\n")
+                tqdm.write(_summary(record), file=sys.stdout)
+            if not records:
+                tqdm.write(f"{path}: no detection scores at least {args.score_threshold}",
+                           file=sys.stdout)
+    if failures:
+        print(f"relprop detect: {len(failures)} of {total} inputs failed (named above)",
+              file=sys.stderr)
+        return 1
+    return 0
+
+
+def _check_options(args: argparse.Namespace) -> None:
+    if args.max_detections < 1:
+        raise RelpropError(f"--max-detections {args.max_detections}: must be at least 1")
+    if not 0.0 <= args.score_threshold <= 1.0:
+        raise RelpropError(f"--score-threshold {args.score_threshold}: must be in [0, 1]")
+
+
+def load_detector(weights: str, model_def: str | None, arch: str | None,
+                  num_classes: int | None) -> tuple[Any, dict[str, Any]]:
+    """The detector and its metadata; torchvision SSDs are built without downloading anything."""
+    from relprop.detection import check_ssd
+    from relprop.models import load_model
+
+    if model_def is None and arch is not None:
+        model_def = f"{Path(__file__).resolve()}:torchvision_detector"
+    if model_def is None:
+        model_def = _stored_arch_def(weights)
+    model, meta = load_model(weights, arch=arch, num_classes=num_classes, model_def=model_def)
+    try:
+        check_ssd(model)
+    except RelpropError as error:
+        raise RelpropError(f"{weights}: {error}") from None
+    return model.eval(), meta
+
+
+def _stored_arch_def(weights: str) -> str | None:
+    """A checkpoint naming a torchvision detector as its arch is built by us (no downloads)."""
+    import torch
+
+    try:
+        content = torch.load(weights, map_location="cpu", weights_only=True, mmap=True)
+    except Exception:  # load_model reports unreadable files on one line
+        return None
+    if isinstance(content, dict) and content.get("arch") in TORCHVISION_DETECTORS:
+        return f"{Path(__file__).resolve()}:torchvision_detector"
+    return None
+
+
+def torchvision_detector(meta: dict[str, Any]) -> Any:
+    """`--model-def` builder of torchvision's SSDs with no weight downloads."""
+    import torchvision
+
+    arch = meta.get("arch")
+    if arch not in TORCHVISION_DETECTORS:
+        raise RelpropError(f"--arch {arch!r}: choose one of {', '.join(TORCHVISION_DETECTORS)}")
+    return torchvision.models.get_model(arch, weights=None, weights_backbone=None,
+                                        num_classes=int(meta["num_classes"]))
+
+
+def parse_class(text: str | None, meta: dict[str, Any], names: Sequence[str]) -> int | None:
+    """`--target-class` as an index, a class id (e.g. a wnid) or a class name."""
+    if text is None:
+        return None
+    if text.strip().isdigit():
+        index = int(text)
+        if not 0 <= index < len(names):
+            raise TargetError(f"--target-class {index}: the detector has classes 0..{len(names) - 1}")
+        return index
+    wanted = text.strip().lower()
+    for labels in (meta.get("classes") or [], meta.get("class_names") or [], names):
+        lowered = [str(label).lower() for label in labels]
+        if wanted in lowered and len(lowered) == len(names):
+            return lowered.index(wanted)
+    raise TargetError(f"--target-class {text!r}: not a class index, id or name of this detector")
+
+
+def _class_names(meta: dict[str, Any], model: Any) -> list[str]:
+    from relprop.detection import class_names_for
+
+    for key in ("class_names", "classes"):
+        if meta.get(key):
+            return class_names_for(model, meta[key])
+    return class_names_for(model, None)
+
+
+def _device(text: str) -> Any:
+    import torch
+
+    if text == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(text)
+    except (RuntimeError, ValueError):
+        raise RelpropError(f"--device {text!r}: not a device (use cpu, cuda, cuda:0, ...)") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise RelpropError(f"--device {text}: no CUDA GPU is available here; use --device cpu")
+    return device
+
+
+def _plan(inputs: Sequence[str]) -> tuple[list[tuple[Path, str]], list[str]]:
+    """(image, unique output folder name) for every input file and every image under a folder."""
+    jobs, failures, taken = [], [], set()
+    for raw in inputs:
+        path = Path(raw)
+        if path.is_dir():
+            found = [p for p in sorted(path.rglob("*"))
+                     if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES]
+            if not found:
+                failures.append(f"{raw}: no image files in this folder")
+                print(f"relprop detect: error: {failures[-1]}", file=sys.stderr)
+            jobs += [(p, _unique(p.relative_to(path).with_suffix("").as_posix(), taken))
+                     for p in found]
+        else:
+            jobs.append((path, _unique(path.stem, taken)))
+    return jobs, failures
+
+
+def _unique(name: str, taken: set[str]) -> str:
+    candidate, n = name, 1
+    while candidate.lower() in taken:
+        n += 1
+        candidate = f"{name}-{n}"
+    taken.add(candidate.lower())
+    return candidate
+
+
+def _to_tensor(image: Any) -> Any:
+    from torchvision.transforms.functional import to_tensor
+
+    return to_tensor(image)
+
+
+def _chosen(scores: Any, threshold: float, cap: int) -> list[int]:
+    return [int(d) for d in (scores >= threshold).nonzero().flatten()[:cap]]
+
+
+def _write_image(folder: Path, name: str, path: Path, image: Any, det: dict, chosen: Sequence[int],
+                 maps: Any, names: Sequence[str], target: int | None,
+                 save_maps: bool) -> list[dict[str, Any]]:
+    """Drawings, panels and (optionally) raw maps of one image; its detections.jsonl records."""
+    import numpy as np
+
+    from relprop.crp import OUTPUTS, to_image
+    from relprop.detection import draw_detections, save_detection_panel
+
+    rgb = (image.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
+    size = tuple(image.shape[-2:])
+    boxes = [det["boxes"][d].tolist() for d in chosen]
+    labels = [int(det["labels"][d]) for d in chosen]
+    scores = [float(det["scores"][d]) for d in chosen]
+    captions = [f"{i}: {names[k]} {s:.0%}" for i, (k, s) in enumerate(zip(labels, scores, strict=True))]
+    draw_detections(folder / "detections.png", rgb, boxes, captions)
+    records = []
+    for i, d in enumerate(chosen):
+        heats = {o: to_image(maps[i * len(OUTPUTS) + j], size).numpy()
+                 for j, o in enumerate(OUTPUTS)}
+        explained = labels[i] if target is None else target
+        title = f"{path.name} · detection {d}: {names[labels[i]]} {scores[i]:.0%}"
+        if explained != labels[i]:
+            title += f" · explaining {names[explained]}"
+        panel = folder / f"det{d}.png"
+        save_detection_panel(panel, rgb, boxes[i], heats, title, names[explained])
+        if save_maps:
+            for o, heat in heats.items():
+                np.save(folder / f"det{d}_{o}.npy", heat.astype(np.float32))
+        records.append({
+            "image": str(path), "output": name, "detection": d, "label": labels[i],
+            "class_name": names[labels[i]], "score": round(scores[i], 6),
+            "box": [round(v, 2) for v in boxes[i]], "anchor": int(det["anchors"][d]),
+            "level": int(det["levels"][d]), "explained_class": explained,
+            "panel": panel.relative_to(folder.parent).as_posix(),
+        })
+    return records
+
+
+def _summary(record: dict[str, Any]) -> str:
+    x0, y0, x1, y1 = record["box"]
+    return (f"{record['image']}: #{record['detection']} {record['class_name']} "
+            f"{record['score']:.1%} [{x0:.0f},{y0:.0f},{x1:.0f},{y1:.0f}] -> {record['panel']}")

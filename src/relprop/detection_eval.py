@@ -1,0 +1,534 @@
+"""Evaluation of detection explanations (`relprop evaluate --task detection`).
+
+For every image of a folder of class sub-folders with ``boxes.txt`` (tin10's layout: one object per
+image, ``file x0 y0 x1 y1`` in pixels, inclusive), the detector's highest-scoring true-positive
+detection (right class, IoU >= 0.5 with the ground truth) is explained by each method, and:
+
+- **energy**: share of the map's positive mass inside the ground-truth box (baseline: a uniform
+  map, i.e. the box's share of the image);
+- **pointing game**: is the map's maximum inside the box (baseline: the image centre point);
+- **detection insertion / deletion**: pixels inserted into a black image / deleted to black in the
+  map's order, 500 pixels per step, ties included (the classification protocol's frames); a
+  frame's score is the max over its post-NMS detections of IoU with the explained box times the
+  probability of the explained class at that detection's anchor; AUC by the trapezoid rule;
+- **contrastiveness**: Pearson correlation between the map of the detected class and the map of
+  the runner-up class of the same anchor (lower = the method tells classes apart);
+- **direction** (box maps, CRP only): replacing the 10 % most positive pixels of an offset's map by
+  the image's mean colour should lower that offset (cx: centre moves left; cy: up; w: narrower;
+  h: shorter), the 10 % most negative should raise it; 10 % random pixels as the baseline.
+
+Methods: ``crp`` (contrastive class map), ``lrp`` (plain LRP of the class logit, same rules, no
+contrast) and ``gradcam`` (Grad-CAM of the class logit of the detection's anchor, at the finest
+feature map at or below the anchor's level with a grid of at least 7x7, ReLU, bilinear upsampling).
+Everything is computed in the detector's input space.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from relprop.crp import CRP, Request
+from relprop.detection import (
+    BOX_OUTPUTS,
+    DetectorOutput,
+    dense_outputs,
+    detect_input,
+    head_levels,
+    locate_anchor,
+    scale_box,
+)
+from relprop.errors import InputError
+
+METHODS = ("crp", "lrp", "gradcam")
+STEP = 500
+TOP_FRACTION = 0.1
+MIN_CAM_GRID = 7
+
+
+@dataclass(frozen=True)
+class Sample:
+    """One evaluation image with its ground-truth class index (detector numbering) and box."""
+
+    path: Path
+    label: int
+    box: tuple[float, float, float, float]  # x0, y0, x1, y1 in pixels, exclusive end
+
+
+# ------------------------------------------------------------------ data
+
+
+def read_samples(root: str | Path, classes: Sequence[str], per_class: int | None = None) -> list[Sample]:
+    """Images of ``root/<class id>/`` with their boxes; ``classes`` is the detector's class list
+    (index 0 = background). Inclusive pixel boxes become exclusive-end boxes."""
+    root = Path(root)
+    if not root.is_dir():
+        raise InputError(f"{root}: no such data folder")
+    samples = []
+    for folder in sorted(p for p in root.iterdir() if p.is_dir()):
+        if folder.name not in classes:
+            raise InputError(f"{folder}: class {folder.name!r} is not one of the detector's classes")
+        boxes = folder / "boxes.txt"
+        if not boxes.is_file():
+            raise InputError(f"{folder}: no boxes.txt (lines 'file x0 y0 x1 y1')")
+        rows = [line.split() for line in boxes.read_text().splitlines() if line.strip()]
+        for row in rows[: per_class if per_class else None]:
+            x0, y0, x1, y1 = (float(v) for v in row[1:5])
+            samples.append(Sample(folder / row[0], classes.index(folder.name), (x0, y0, x1 + 1, y1 + 1)))
+    if not samples:
+        raise InputError(f"{root}: no images with boxes found")
+    return samples
+
+
+def load_tensor(path: Path) -> Tensor:
+    """An image file as a float (3, H, W) tensor in [0, 1]."""
+    from torchvision.transforms.functional import to_tensor
+
+    from relprop.images import load_image
+
+    return to_tensor(load_image(path))
+
+
+# ------------------------------------------------------------------ maps
+
+
+def gradcam_map(crp: CRP, out: DetectorOutput, image: int, detection: int, k: int) -> Tensor:
+    """Grad-CAM (h, w) of class logit ``k`` of a detection's anchor, on the finest feature map at
+    or below the anchor's level whose grid is at least 7x7 (a 1x1 top level gives no map)."""
+    model = crp.detector
+    position = locate_anchor(out.levels, int(out.detections[image]["anchors"][detection]))
+    cam_level = max(
+        [lv.index for lv in out.levels[: position.level + 1] if min(lv.height, lv.width) >= MIN_CAM_GRID]
+        or [0]
+    )
+    x = out.x[image : image + 1]
+    with torch.enable_grad():
+        features = list(crp.backbone(x).values())
+        head = head_levels(model, "class")[position.level]
+        a = head.prefix(features[position.level]) if head.prefix is not None else features[position.level]
+        logits = head.conv(a)
+        K = crp.num_classes
+        logit = logits[0, position.box * K + k, position.y, position.x]
+        (grad,) = torch.autograd.grad(logit, features[cam_level])
+    activation = features[cam_level].detach()
+    weights = grad.mean((2, 3), keepdim=True)
+    cam = F.relu((weights * activation).sum(1, keepdim=True))
+    cam = F.interpolate(cam, size=x.shape[-2:], mode="bilinear", align_corners=False)
+    return cam[0, 0]
+
+
+def method_maps(
+    crp: CRP, out: DetectorOutput, detection: int, classes: Sequence[int]
+) -> dict[str, list[Tensor]]:
+    """Per method, the 2-D maps (h, w) of each class in ``classes`` for one detection (image 0)."""
+    requests = [Request(0, detection, "class", k, True) for k in classes]
+    requests += [Request(0, detection, "class", k, False) for k in classes]
+    lrp_maps = crp.explain(out, requests).sum(1)
+    n = len(classes)
+    return {
+        "crp": list(lrp_maps[:n]),
+        "lrp": list(lrp_maps[n:]),
+        "gradcam": [gradcam_map(crp, out, 0, detection, k) for k in classes],
+    }
+
+
+# ------------------------------------------------------------------ metrics
+
+
+def energy_in_box(heat: Tensor, box: Tensor) -> float:
+    """Share of the positive mass of ``heat`` inside ``box`` (input-space pixels)."""
+    positive = heat.clamp(min=0)
+    total = float(positive.sum())
+    if total <= 0:
+        return float("nan")
+    return float((positive * box_mask(box, heat.shape, heat.device)).sum()) / total
+
+
+def box_mask(box: Tensor, shape: Sequence[int], device: torch.device | None = None) -> Tensor:
+    """Pixels whose centres lie inside an (x0, y0, x1, y1) box."""
+    h, w = shape
+    ys = torch.arange(h, dtype=torch.float32, device=device) + 0.5
+    xs = torch.arange(w, dtype=torch.float32, device=device) + 0.5
+    x0, y0, x1, y1 = (float(v) for v in box)
+    inside_y = (ys >= y0) & (ys <= y1)
+    inside_x = (xs >= x0) & (xs <= x1)
+    return (inside_y[:, None] & inside_x[None, :]).float()
+
+
+def pointing_hit(heat: Tensor, box: Tensor) -> bool:
+    """Is the map's maximum (first one in raster order) inside the box."""
+    index = int(heat.flatten().argmax())
+    y, x = divmod(index, heat.shape[1])
+    return bool(box_mask(box, heat.shape, heat.device)[y, x])
+
+
+def centre_hit(box: Tensor, shape: Sequence[int]) -> bool:
+    """The centre-point baseline of the pointing game."""
+    h, w = shape
+    x0, y0, x1, y1 = (float(v) for v in box)
+    return x0 <= w / 2 <= x1 and y0 <= h / 2 <= y1
+
+
+def correlation(a: Tensor, b: Tensor) -> float:
+    """Pearson correlation of two maps (nan when one is constant)."""
+    a, b = a.flatten().double(), b.flatten().double()
+    a, b = a - a.mean(), b - b.mean()
+    denominator = float(a.norm() * b.norm())
+    return float((a * b).sum()) / denominator if denominator > 0 else float("nan")
+
+
+def frame_masks(heat: Tensor, step: int = STEP) -> Tensor:
+    """(K, h, w) masks: frame i holds every pixel with value >= the (step*(i+1))-th largest
+    (ties included), K = ceil(h*w / step); the last frame holds every pixel."""
+    flat = heat.flatten()
+    order = torch.argsort(flat, descending=True, stable=True)
+    count = flat.numel()
+    frames = math.ceil(count / step)
+    thresholds = flat[order[[min(step * (i + 1), count - 1) for i in range(frames)]]]
+    return (flat[None, :] >= thresholds[:, None]).view(frames, *heat.shape)
+
+
+def auc(scores: Sequence[float]) -> float:
+    """Trapezoid rule on [0, 1]."""
+    if len(scores) < 2:
+        return float(scores[0]) if scores else float("nan")
+    return (sum(scores) - scores[0] / 2 - scores[-1] / 2) / (len(scores) - 1)
+
+
+def detection_scores(crp: CRP, frames: Tensor, box: Tensor, k: int, batch: int = 32) -> list[float]:
+    """Per frame: max over post-NMS detections of IoU with ``box`` x p(k) at the detection's anchor."""
+    from torchvision.ops import box_iou
+
+    scores = []
+    for start in range(0, frames.shape[0], batch):
+        out = detect_input(crp.detector, frames[start : start + batch], backbone=crp.backbone)
+        probabilities = out.cls_logits.softmax(-1)[..., k]
+        for i, det in enumerate(out.detections):
+            if len(det["anchors"]) == 0:
+                scores.append(0.0)
+                continue
+            iou = box_iou(det["boxes_input"], box.view(1, 4)).flatten()
+            scores.append(float((iou * probabilities[i, det["anchors"]]).max()))
+    return scores
+
+
+def insertion_deletion(
+    crp: CRP, x: Tensor, heat: Tensor, box: Tensor, k: int, step: int = STEP
+) -> dict[str, Any]:
+    """Detection insertion and deletion AUCs of one map; removed pixels are black in pixel space."""
+    masks = frame_masks(heat, step)[:, None]
+    black = black_input(crp, x)
+    deletion = torch.where(masks, black, x[None])
+    insertion = torch.where(masks, x[None], black)
+    del_curve = detection_scores(crp, deletion, box, k)
+    ins_curve = detection_scores(crp, insertion, box, k)
+    return {"insertion": auc(ins_curve), "deletion": auc(del_curve),
+            "insertion_curve": ins_curve, "deletion_curve": del_curve}
+
+
+def black_input(crp: CRP, x: Tensor) -> Tensor:
+    """Pixel value 0 in the detector's normalized input space, shaped like ``x`` (3, h, w)."""
+    mean = torch.tensor(crp.mean, dtype=x.dtype, device=x.device).view(3, 1, 1)
+    std = torch.tensor(crp.std, dtype=x.dtype, device=x.device).view(3, 1, 1)
+    return ((0.0 - mean) / std).expand_as(x)
+
+
+def direction_check(
+    crp: CRP, out: DetectorOutput, detection: int, box_maps: dict[str, Tensor], generator: torch.Generator,
+    fraction: float = TOP_FRACTION,
+) -> dict[str, dict[str, bool]]:
+    """For each offset map: does replacing its top positive / top negative / random pixels by the
+    mean colour lower / raise / lower the offset at the detection's anchor."""
+    x = out.x[0]
+    anchor = int(out.detections[0]["anchors"][detection])
+    mean_colour = x.mean((1, 2), keepdim=True).expand_as(x)
+    count = max(1, int(round(fraction * x.shape[1] * x.shape[2])))
+    variants, keys = [], []
+    for j, name in enumerate(BOX_OUTPUTS):
+        heat = box_maps[name]
+        for kind, mask in (("positive", _top(heat, count)), ("negative", _top(-heat, count)),
+                           ("random", _random_mask(heat.shape, count, generator))):
+            variants.append(torch.where(mask[None], mean_colour, x))
+            keys.append((name, kind, j))
+    with torch.no_grad():
+        _, _, offsets = dense_outputs(crp.detector, torch.stack(variants), crp.backbone)
+    before = out.bbox_regression[0, anchor]
+    result: dict[str, dict[str, bool]] = {name: {} for name in BOX_OUTPUTS}
+    for row, (name, kind, j) in enumerate(keys):
+        after = float(offsets[row, anchor, j])
+        result[name][kind] = after > float(before[j]) if kind == "negative" else after < float(before[j])
+    return result
+
+
+def _top(heat: Tensor, count: int) -> Tensor:
+    """The ``count`` highest pixels, only where they are > 0."""
+    flat = heat.flatten()
+    mask = torch.zeros_like(flat, dtype=torch.bool)
+    values, index = flat.topk(count)
+    mask[index[values > 0]] = True
+    return mask.view(heat.shape)
+
+
+def _random_mask(shape: Sequence[int], count: int, generator: torch.Generator) -> Tensor:
+    flat = torch.zeros(int(np.prod(shape)), dtype=torch.bool)
+    flat[torch.randperm(flat.numel(), generator=generator)[:count]] = True
+    return flat.view(*shape)
+
+
+# ------------------------------------------------------------------ driver
+
+
+def true_positive(out: DetectorOutput, sample: Sample, iou_threshold: float = 0.5) -> int | None:
+    """Index of the highest-scoring detection of the right class with IoU >= threshold, or None."""
+    from torchvision.ops import box_iou
+
+    det = out.detections[0]
+    if len(det["scores"]) == 0:
+        return None
+    gt = torch.tensor(sample.box, dtype=det["boxes"].dtype).view(1, 4)
+    iou = box_iou(det["boxes"], gt).flatten()
+    hits = ((det["labels"] == sample.label) & (iou >= iou_threshold)).nonzero().flatten()
+    return int(hits[0]) if len(hits) else None
+
+
+def evaluate_sample(
+    crp: CRP, sample: Sample, generator: torch.Generator, methods: Sequence[str] = METHODS,
+    step: int = STEP,
+) -> dict[str, Any]:
+    """Every metric of one image (its record in results.jsonl)."""
+    image = load_tensor(sample.path)
+    out = crp.detect([image])
+    det = out.detections[0]
+    record: dict[str, Any] = {"image": str(sample.path), "label": sample.label,
+                              "top1": int(det["labels"][0]) if len(det["labels"]) else None}
+    d = true_positive(out, sample)
+    record["true_positive"] = d is not None
+    if d is None:
+        return record
+    k_star = int(det["labels"][d])
+    anchor = int(det["anchors"][d])
+    probabilities = out.cls_logits[0, anchor].softmax(-1)
+    ranked = [int(k) for k in probabilities.argsort(descending=True) if int(k) not in (0, k_star)]
+    runner_up = ranked[0]
+    size = tuple(out.x.shape[-2:])
+    gt_input = scale_box(torch.tensor(sample.box), out.original_sizes[0], size)
+    explained = det["boxes_input"][d]
+    record.update({
+        "detection": d, "score": float(det["scores"][d]), "anchor": anchor,
+        "level": int(det["levels"][d]), "runner_up": runner_up,
+        "runner_up_prob": float(probabilities[runner_up]),
+        "box_area_share": float(box_mask(gt_input, size).mean()),
+        "centre_hit": centre_hit(gt_input, size),
+    })
+    maps = method_maps(crp, out, d, [k_star, runner_up])
+    record["methods"] = {}
+    for name in methods:
+        heat, other = maps[name]
+        entry = {"energy": energy_in_box(heat, gt_input), "pointing": pointing_hit(heat, gt_input),
+                 "contrast_r": correlation(heat, other)}
+        entry.update(insertion_deletion(crp, out.x[0], heat, explained, k_star, step))
+        entry["id"] = entry["insertion"] - entry["deletion"]
+        record["methods"][name] = entry
+    box_maps = crp.explain(out, [Request(0, d, o) for o in BOX_OUTPUTS]).sum(1)
+    record["direction"] = direction_check(
+        crp, out, d, dict(zip(BOX_OUTPUTS, box_maps, strict=True)), generator
+    )
+    return record
+
+
+def summarize(records: Sequence[dict[str, Any]], methods: Sequence[str] = METHODS) -> dict[str, Any]:
+    """Means over true-positive images, with the baselines and the direction rates."""
+    tps = [r for r in records if r.get("true_positive")]
+    summary: dict[str, Any] = {
+        "images": len(records),
+        "true_positives": len(tps),
+        "top1_correct_class": _mean([r["top1"] == r["label"] for r in records]),
+        "baselines": {
+            "uniform_energy": _mean([r["box_area_share"] for r in tps]),
+            "centre_point_pointing": _mean([r["centre_hit"] for r in tps]),
+        },
+        "methods": {},
+        "direction": {},
+    }
+    for name in methods:
+        entries = [r["methods"][name] for r in tps if name in r.get("methods", {})]
+        summary["methods"][name] = {
+            key: _mean([e[key] for e in entries])
+            for key in ("energy", "pointing", "insertion", "deletion", "id", "contrast_r")
+        }
+        summary["methods"][name]["n"] = len(entries)
+    for offset in BOX_OUTPUTS:
+        checks = [r["direction"][offset] for r in tps if "direction" in r]
+        summary["direction"][offset] = {
+            kind: _mean([c[kind] for c in checks]) for kind in ("positive", "negative", "random")
+        }
+    return summary
+
+
+def _mean(values: Sequence[Any]) -> float:
+    numbers = [float(v) for v in values if v is not None and not (isinstance(v, float) and math.isnan(v))]
+    return float(np.mean(numbers)) if numbers else float("nan")
+
+
+DIRECTION_WORDS = {"cx": "left", "cy": "up", "w": "narrower", "h": "shorter"}
+OPPOSITE_WORDS = {"cx": "right", "cy": "down", "w": "wider", "h": "taller"}
+
+
+def summary_markdown(summary: dict[str, Any], command: str | None = None) -> str:
+    """The tables of docs/results.md."""
+    lines = []
+    if command:
+        lines += ["```", command, "```", ""]
+    lines += [
+        f"{summary['images']} images, {summary['true_positives']} with a true-positive detection "
+        f"(right class, IoU ≥ 0.5); top-scoring detection of the right class: "
+        f"{summary['top1_correct_class']:.1%}.",
+        "",
+        "| method | n | energy in box ↑ | pointing game ↑ | det. insertion ↑ | det. deletion ↓ "
+        "| ins − del ↑ | corr(top, runner-up) ↓ |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for name, m in summary["methods"].items():
+        lines.append(
+            f"| {name} | {m['n']} | {m['energy']:.3f} | {m['pointing']:.3f} | {m['insertion']:.3f} "
+            f"| {m['deletion']:.3f} | {m['id']:.3f} | {m['contrast_r']:.3f} |"
+        )
+    base = summary["baselines"]
+    lines.append(
+        f"| baseline | | {base['uniform_energy']:.3f} (uniform map) "
+        f"| {base['centre_point_pointing']:.3f} (centre point) | | | | |"
+    )
+    lines += [
+        "",
+        "Direction of the CRP box maps (share of detections whose offset at the explained anchor "
+        "moved as the map says, after replacing 10 % of the pixels by the image's mean colour):",
+        "",
+        "| offset | top 10 % positive removed → moves | top 10 % negative removed → moves "
+        "| random 10 % removed → moves like 'positive' (baseline) |",
+        "|---|---|---|---|",
+    ]
+    for offset, d in summary["direction"].items():
+        lines.append(
+            f"| {offset} | {DIRECTION_WORDS[offset]}: {d['positive']:.1%} "
+            f"| {OPPOSITE_WORDS[offset]}: {d['negative']:.1%} "
+            f"| {DIRECTION_WORDS[offset]}: {d['random']:.1%} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def evaluate_detection(
+    model: torch.nn.Module,
+    classes: Sequence[str],
+    data: str | Path,
+    out: str | Path | None = None,
+    *,
+    per_class: int | None = None,
+    limit: int | None = None,
+    methods: Sequence[str] = METHODS,
+    step: int = STEP,
+    seed: int = 0,
+    progress: bool = True,
+    command: str | None = None,
+    crp_options: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """Evaluate CRP, plain LRP and Grad-CAM on a detector; write results.jsonl, summary.json and
+    summary.md under ``out`` (when given) and return the summary.
+
+    ``classes`` is the detector's class list, background first (a checkpoint's ``classes``).
+    """
+    from tqdm import tqdm
+
+    unknown = [m for m in methods if m not in METHODS]
+    if unknown:
+        raise InputError(f"unknown detection method(s) {unknown}; choose from {', '.join(METHODS)}")
+    samples = read_samples(data, list(classes), per_class)[: limit if limit else None]
+    crp = CRP(model.eval(), **(crp_options or {}))
+    generator = torch.Generator().manual_seed(seed)
+    records = []
+    folder = Path(out) if out is not None else None
+    if folder is not None:
+        folder.mkdir(parents=True, exist_ok=True)
+    started = time.time()
+    log = open(folder / "results.jsonl", "w", encoding="utf-8") if folder is not None else None
+    try:
+        for sample in tqdm(samples, desc="evaluate detection", unit="image", disable=not progress,
+                           file=sys.stderr):
+            record = evaluate_sample(crp, sample, generator, methods, step)
+            if folder is not None:
+                record["image"] = str(Path(record["image"]).relative_to(Path(data)))
+            records.append(record)
+            if log is not None:
+                log.write(json.dumps(record) + "\n")
+                log.flush()
+    finally:
+        if log is not None:
+            log.close()
+    summary = summarize(records, methods)
+    summary["seconds"] = round(time.time() - started, 1)
+    if folder is not None:
+        (folder / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+        (folder / "summary.md").write_text(summary_markdown(summary, command))
+    return summary
+
+
+def run_from_evaluate_args(args: argparse.Namespace) -> int:
+    """`relprop evaluate --task detection`: the evaluate command's parsed options, used as they are
+    (weights, data, out, model_def, arch, num_classes, per_class, limit, step, methods, device)."""
+    from relprop.commands.detect import load_detector
+
+    weights = args.weights[0] if isinstance(args.weights, list | tuple) else args.weights
+    if isinstance(args.weights, list | tuple) and len(args.weights) > 1:
+        raise InputError("--task detection evaluates one detector: give one --weights file")
+    model, meta = load_detector(weights, getattr(args, "model_def", None),
+                                getattr(args, "arch", None), getattr(args, "num_classes", None))
+    device = getattr(args, "device", None) or ("cuda" if torch.cuda.is_available() else "cpu")
+    requested = [m.strip() for m in str(getattr(args, "methods", "") or "").split(",") if m.strip()]
+    methods = [m for m in requested if m in METHODS] or list(METHODS)
+    command = "relprop " + " ".join(sys.argv[1:])
+    summary = evaluate_detection(
+        model.to(device), meta["classes"], args.data, args.out,
+        per_class=getattr(args, "per_class", None), limit=getattr(args, "limit", None),
+        methods=methods, step=getattr(args, "step", None) or STEP, command=command,
+    )
+    print(summary_markdown(summary, command))
+    return 0
+
+
+def main(argv: Sequence[str] | None = None, load: Callable[..., Any] | None = None) -> int:
+    """``python -m relprop.detection_eval``: the evaluation until `relprop evaluate --task
+    detection` calls :func:`evaluate_detection`."""
+    parser = argparse.ArgumentParser(prog="python -m relprop.detection_eval", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--weights", required=True)
+    parser.add_argument("--model-def")
+    parser.add_argument("--data", required=True)
+    parser.add_argument("--out", required=True)
+    parser.add_argument("--per-class", type=int)
+    parser.add_argument("--methods", default=",".join(METHODS))
+    parser.add_argument("--threads", type=int, default=1)
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    from relprop.commands.detect import load_detector
+
+    model, meta = (load or load_detector)(args.weights, args.model_def, None, None)
+    command = "python -m relprop.detection_eval " + " ".join(sys.argv[1:] if argv is None else argv)
+    summary = evaluate_detection(model, meta["classes"], args.data, args.out, per_class=args.per_class,
+                                 methods=args.methods.split(","), command=command)
+    print(summary_markdown(summary, command))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

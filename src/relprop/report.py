@@ -1,0 +1,768 @@
+"""Turn a `relprop evaluate` output folder into an offline HTML report (index.html + image files).
+
+The report has to open from a USB stick or an e-mail attachment: no script, font or style is
+loaded from the network, every picture is a file next to index.html, and every name that comes
+from the run (file names, class names, method names) is escaped, in HTML by `html.escape` and in
+the gallery's JSON by escaping `<`, `>` and `&`, and the gallery script only ever sets
+`textContent`. The gallery is paged by the browser so that thousands of images stay fast.
+"""
+
+from __future__ import annotations
+
+import html
+import json
+import math
+import re
+from collections import OrderedDict
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from relprop.errors import ImageError, InputError
+
+CURVE_POINTS = 101
+BLOCK_NAME = re.compile(r"^layer(\d+)\.(\d+)$")  # torchvision ResNet residual blocks
+
+
+@dataclass
+class EvalRun:
+    """What `relprop evaluate` left in its output folder."""
+
+    root: Path
+    records: list[dict[str, Any]]
+    info: dict[str, Any] = field(default_factory=dict)  # run.json (provenance), may be empty
+
+
+@dataclass
+class SummaryRow:
+    """Means and standard deviations of one (checkpoint, method, protocol) group."""
+
+    checkpoint: str
+    method: str
+    protocol: str
+    count: int
+    scores: dict[str, tuple[float, float]]  # column -> (mean, std); NaN when absent
+
+
+# ---------------------------------------------------------------- reading the run
+
+
+def read_run(root: str | Path) -> EvalRun:
+    """Read results.jsonl (required) and run.json (optional); one clear error if unusable."""
+    root = Path(root)
+    results = root / "results.jsonl"
+    if not root.is_dir():
+        raise InputError(f"{root}: no such folder (give the --out folder of `relprop evaluate`)")
+    if not results.is_file():
+        raise InputError(f"{root}: no results.jsonl here; is this the --out folder of `relprop evaluate`?")
+    records = list(_read_jsonl(results))
+    if not records:
+        raise InputError(f"{results}: no results yet (did `relprop evaluate` finish any image?)")
+    info: dict[str, Any] = {}
+    if (root / "run.json").is_file():
+        try:
+            info = json.loads((root / "run.json").read_text(encoding="utf-8"))
+        except (json.JSONDecodeError, UnicodeDecodeError) as error:
+            raise InputError(f"{root / 'run.json'}: not valid JSON ({error})") from None
+    return EvalRun(root, records, info if isinstance(info, dict) else {})
+
+
+def _read_jsonl(path: Path) -> Iterable[dict[str, Any]]:
+    with open(path, encoding="utf-8") as handle:
+        for number, line in enumerate(handle, start=1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:
+                if handle.read(1) == "":  # a run interrupted mid-line: keep what is complete
+                    return
+                raise InputError(f"{path}:{number}: not a JSON line") from None
+            if isinstance(record, dict):
+                yield record
+
+
+def find_key(tree: Any, key: str) -> Any:
+    """First value stored under `key` anywhere in nested dicts (run.json's layout may grow)."""
+    if isinstance(tree, Mapping):
+        if key in tree and tree[key] is not None:
+            return tree[key]
+        children: Iterable[Any] = tree.values()
+    elif isinstance(tree, list):
+        children = tree
+    else:
+        return None
+    for child in children:
+        found = find_key(child, key)
+        if found is not None:
+            return found
+    return None
+
+
+def class_names(run: EvalRun) -> list[str] | None:
+    """Readable class names: from run.json, else from the (first) checkpoint's meta, else None."""
+    for key in ("class_names", "classes"):
+        names = find_key(run.info, key)
+        if isinstance(names, list) and names:
+            return [str(name) for name in names]
+    checkpoint = find_key(run.info, "checkpoints") or [{}]
+    path = checkpoint[0].get("path") if isinstance(checkpoint[0], Mapping) else None
+    if not isinstance(path, str) or not Path(path).is_file():
+        return None
+    from relprop.errors import RelpropError
+    from relprop.models import load_model
+
+    try:
+        _, meta = load_model(path)
+    except RelpropError:  # e.g. a plain state dict, which needs --arch: fall back to indices
+        return None
+    names = meta.get("class_names") or meta.get("classes")
+    return [str(name) for name in names] if names else None
+
+
+def _label(names: Sequence[str] | None, index: Any, given: Any = None) -> str:
+    if given is not None:
+        return str(given)
+    if names is not None and isinstance(index, int) and 0 <= index < len(names):
+        return names[index]
+    return "?" if index is None else str(index)
+
+
+# ---------------------------------------------------------------- numbers
+
+
+def _ordered(values: Iterable[Any]) -> list[Any]:
+    return list(dict.fromkeys(values))
+
+
+def _number(value: Any) -> float:
+    return float(value) if isinstance(value, int | float) and not isinstance(value, bool) else math.nan
+
+
+def _mean_std(values: Sequence[float]) -> tuple[float, float]:
+    finite = [v for v in values if math.isfinite(v)]
+    if not finite:
+        return math.nan, math.nan
+    return float(np.mean(finite)), float(np.std(finite))
+
+
+def summarize(records: Sequence[dict[str, Any]]) -> tuple[list[str], list[SummaryRow]]:
+    """Columns and one row per (checkpoint, method, protocol), in the run's order."""
+    loc_keys = _ordered(k for r in records for k in (r.get("localization") or {}))
+    columns = ["insertion", "deletion", "id"] + [f"loc:{k}" for k in loc_keys]
+    if any(conservation_error(r) is not None for r in records):
+        columns.append("conservation error")
+    groups: OrderedDict[tuple[str, str, str], list[dict[str, Any]]] = OrderedDict()
+    for r in records:
+        key = (str(r.get("checkpoint", "")), str(r.get("method")), str(r.get("protocol", "")))
+        groups.setdefault(key, []).append(r)
+    rows = []
+    for (checkpoint, method, protocol), group in groups.items():
+        scores = {c: _mean_std([_column_value(r, c) for r in group]) for c in columns}
+        rows.append(SummaryRow(checkpoint, method, protocol, len(group), scores))
+    return columns, rows
+
+
+def _column_value(record: dict[str, Any], column: str) -> float:
+    if column.startswith("loc:"):
+        return _number((record.get("localization") or {}).get(column[4:]))
+    if column == "conservation error":
+        error = conservation_error(record)
+        return math.nan if error is None else error
+    return _number(record.get(column))
+
+
+def layer_sums(record: dict[str, Any]) -> OrderedDict[str, float]:
+    """The record's numeric conservation entries: "output", "input", blocks (any nesting)."""
+    cons = record.get("conservation")
+    if not isinstance(cons, Mapping):
+        return OrderedDict()
+    for nested in ("layer_sums", "sums"):
+        if isinstance(cons.get(nested), Mapping):
+            cons = {**cons, **cons[nested]}
+    return OrderedDict((str(k), float(v)) for k, v in cons.items()
+                       if isinstance(v, int | float) and not isinstance(v, bool))
+
+
+def block_sums(record: dict[str, Any]) -> dict[str, tuple[str, float]]:
+    """{"first": (name, sum), "last": (name, sum)} of the residual blocks a record reports.
+
+    `relprop evaluate` writes `first_block`/`last_block` with their `*_name`; a plain layer-sum
+    dict (LRP's `return_layer_sums`) is searched for torchvision block names instead.
+    """
+    sums = layer_sums(record)
+    cons = record.get("conservation") or {}
+    found = {}
+    for which in ("first", "last"):
+        if f"{which}_block" in sums:
+            found[which] = (str(cons.get(f"{which}_block_name") or f"{which} block"), sums[f"{which}_block"])
+    first, last = block_layers(sums)
+    for which, name in (("first", first), ("last", last)):
+        if which not in found and name is not None:
+            found[which] = (name, sums[name])
+    return found
+
+
+def conservation_error(record: dict[str, Any]) -> float | None:
+    """|input sum − explained output| / |explained output|: 0 means nothing leaked."""
+    sums = layer_sums(record)
+    if "input" not in sums or "output" not in sums or sums["output"] == 0:
+        return None
+    return abs(sums["input"] - sums["output"]) / abs(sums["output"])
+
+
+def block_layers(names: Iterable[str]) -> tuple[str | None, str | None]:
+    """(first, last) residual block among layer names like `layer1.0` ... `layer4.1`."""
+    blocks = sorted((int(m[1]), int(m[2]), n) for n in names if (m := BLOCK_NAME.match(n)))
+    if not blocks:
+        return None, None
+    return blocks[0][2], blocks[-1][2]
+
+
+def resample(curve: Sequence[float], points: int = CURVE_POINTS) -> np.ndarray:
+    """A curve on `points` equally spaced fractions of [0, 1] (runs may differ in frame count)."""
+    y = np.asarray(curve, dtype=np.float64)
+    if y.size == 1:
+        return np.full(points, y[0])
+    return np.interp(np.linspace(0, 1, points), np.linspace(0, 1, y.size), y)
+
+
+def mean_curves(records: Sequence[dict[str, Any]]) -> dict[str, dict[str, dict[str, np.ndarray]]]:
+    """protocol -> method -> {"insertion": mean curve, "deletion": mean curve}."""
+    found: dict[str, dict[str, dict[str, list[np.ndarray]]]] = {}
+    for r in records:
+        for kind in ("insertion", "deletion"):
+            curve = r.get(f"{kind}_curve")
+            if isinstance(curve, list) and curve:
+                per_method = found.setdefault(str(r.get("protocol", "")), {})
+                per_method.setdefault(str(r.get("method")), {}).setdefault(kind, []).append(resample(curve))
+    return {p: {m: {k: np.mean(v, axis=0) for k, v in kinds.items()} for m, kinds in methods.items()}
+            for p, methods in found.items()}
+
+
+# ---------------------------------------------------------------- figures
+
+
+def _figure(width: float, height: float):
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(width, height), dpi=100)
+    FigureCanvasAgg(fig)
+    return fig
+
+
+def plot_curves(curves: dict[str, dict[str, np.ndarray]], aucs: dict[str, dict[str, float]],
+                protocol: str, path: Path) -> Path:
+    """Mean insertion and deletion curves of every method, side by side; AUCs in the legend."""
+    from relprop.viz import save_figure
+
+    fig = _figure(9.0, 3.4)
+    axes = fig.subplots(1, 2, sharey=True)
+    x = np.linspace(0, 1, CURVE_POINTS)
+    for ax, kind in zip(axes, ("insertion", "deletion"), strict=True):
+        for method, kinds in curves.items():
+            if kind in kinds:
+                ax.plot(x, kinds[kind], label=f"{method} ({aucs[method][kind]:.3f})", linewidth=1.6)
+        ax.set_title(f"{kind} ({protocol})", fontsize=10)
+        ax.set_xlabel("fraction of pixels " + ("inserted" if kind == "insertion" else "deleted"))
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7, title="method (mean AUC)", title_fontsize=7)
+    axes[0].set_ylabel("probability of the scored class")
+    return save_figure(fig, path, dpi=100)
+
+
+def conservation_points(records: Sequence[dict[str, Any]]) -> dict[str, dict[str, list[tuple[float, float]]]]:
+    """panel title -> method -> [(explained output, relevance sum)], one point per image.
+
+    Panels: the last residual block, the first residual block (as in the paper) and the input.
+    """
+    panels: dict[str, dict[str, list[tuple[float, float]]]] = {}
+    seen: set[tuple[str, str]] = set()
+    for r in records:
+        sums = layer_sums(r)
+        key = (str(r.get("method")), str(r.get("image")))
+        if "output" not in sums or key in seen:  # one point per image, whatever the protocols
+            continue
+        seen.add(key)
+        blocks = block_sums(r)
+        points = [(f"{where} residual block ({blocks[which][0]})", blocks[which][1])
+                  for which, where in (("last", "last"), ("first", "first")) if which in blocks]
+        if "input" in sums:
+            points.append(("input", sums["input"]))
+        for title, value in points:
+            panels.setdefault(title, {}).setdefault(key[0], []).append((sums["output"], value))
+    return panels
+
+
+def plot_conservation(panels: dict[str, dict[str, list[tuple[float, float]]]], path: Path) -> Path:
+    """Relevance sum vs explained output, diagonal drawn: points on it conserve relevance."""
+    from relprop.viz import save_figure
+
+    fig = _figure(3.6 * len(panels), 3.6)
+    axes = np.atleast_1d(fig.subplots(1, len(panels)))
+    for ax, (title, methods) in zip(axes, panels.items(), strict=True):
+        values = [v for points in methods.values() for p in points for v in p]
+        low, high = min(values + [0.0]), max(values + [1e-12])
+        pad = 0.04 * (high - low)
+        ax.plot([low - pad, high + pad], [low - pad, high + pad], color="#555555",
+                linewidth=1, linestyle="--", label="conservation (y = x)")
+        for method, points in methods.items():
+            xy = np.asarray(points)
+            ax.scatter(xy[:, 0], xy[:, 1], s=12, alpha=0.7, label=method)
+        ax.set_title(title, fontsize=9)
+        ax.set_xlabel("explained output (probability)", fontsize=8)
+        ax.set_aspect("equal", adjustable="datalim")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    axes[0].set_ylabel("sum of relevance at the layer", fontsize=8)
+    return save_figure(fig, path, dpi=100)
+
+
+# ---------------------------------------------------------------- gallery
+
+
+@dataclass
+class GalleryContext:
+    """Where to find originals and maps, and how to draw them."""
+
+    run: EvalRun
+    out: Path
+    data_root: Path | None
+    geometry: dict[str, Any] | None
+    sign: str
+    names: list[str] | None
+
+
+def map_path(root: Path, method: str, image: str, checkpoint: str | None = None) -> Path | None:
+    """The map `evaluate --save-maps` wrote: `maps/[<checkpoint stem>/]<method>/<name>.npy`,
+    where name is the image's stem, or its relative path with `/` as `__` when stems collide."""
+    folders = [root / "maps" / method]
+    if checkpoint:
+        folders.insert(0, root / "maps" / Path(checkpoint).stem / method)
+    relative = Path(image).with_suffix("")
+    names = [Path(image).stem, relative.as_posix().replace("/", "__"), relative.as_posix()]
+    for folder in folders:
+        for name in names:
+            if (folder / f"{name}.npy").is_file():
+                return folder / f"{name}.npy"
+    return None
+
+
+def original_picture(context: GalleryContext, image: str, shape: tuple[int, int] | None) -> np.ndarray | None:
+    """The image as the model saw it (the run's resize/crop), or None if the file is not there."""
+    if context.data_root is None:
+        return None
+    from relprop.images import load_image
+
+    try:
+        img = load_image(context.data_root / image)
+    except ImageError:
+        return None
+    if context.geometry is not None:
+        from relprop.models import preprocessing
+
+        tensor = preprocessing({**context.geometry, "mean": [0.0] * 3, "std": [1.0] * 3})(img)
+        picture = np.clip(np.rint(tensor.numpy().transpose(1, 2, 0) * 255), 0, 255).astype(np.uint8)
+        if shape is None or picture.shape[:2] == shape:
+            return picture
+    if shape is None:
+        return np.asarray(img)
+    return np.asarray(img.resize((shape[1], shape[0])))
+
+
+def build_gallery(context: GalleryContext) -> tuple[list[dict[str, Any]], list[str], int]:
+    """Write thumbnails; return (rows for the page's JSON, methods, number of maps found)."""
+    from tqdm import tqdm
+
+    from relprop.viz import render_map, save_png
+
+    records = _gallery_records(context.run.records)
+    methods = _ordered(r["method"] for per in records.values() for r in per)
+    rows, found = [], 0
+    for index, (image, per_method) in enumerate(tqdm(records.items(), desc="gallery", unit="image",
+                                                     disable=None)):
+        maps = {r["method"]: _load_map(map_path(context.run.root, r["method"], image, r.get("checkpoint")))
+                for r in per_method}
+        shape = next((m.shape for m in maps.values() if m is not None), None)
+        picture = original_picture(context, image, shape)
+        first = per_method[0]
+        row: dict[str, Any] = {
+            "image": image,
+            "label": _label(context.names, first.get("label"), first.get("label_name")),
+            "pred": _label(context.names, first.get("pred"), first.get("pred_name")),
+            "orig": None, "cells": {},
+        }
+        if picture is not None:
+            row["orig"] = save_png(context.out / "img" / f"{index:06d}" / "orig.png", picture).relative_to(context.out).as_posix()
+        for m_index, r in enumerate(per_method):
+            cell = {"id": _number(r.get("id")), "ins": _number(r.get("insertion")),
+                    "del": _number(r.get("deletion")), "src": None}
+            heat = maps[r["method"]]
+            if heat is not None:
+                found += 1
+                base = picture if picture is not None and picture.shape[:2] == heat.shape else \
+                    np.full((*heat.shape, 3), 200, np.uint8)
+                cell["src"] = save_png(context.out / "img" / f"{index:06d}" / f"m{m_index}.png",
+                                       render_map(base, heat, context.sign)).relative_to(context.out).as_posix()
+            row["cells"][r["method"]] = {k: (None if isinstance(v, float) and not math.isfinite(v) else v)
+                                         for k, v in cell.items()}
+        rows.append(row)
+    return rows, methods, found
+
+
+def _gallery_records(records: Sequence[dict[str, Any]]) -> OrderedDict[str, list[dict[str, Any]]]:
+    """image -> one record per method: the first checkpoint and the first protocol of the run."""
+    checkpoint = records[0].get("checkpoint")
+    protocol = records[0].get("protocol")
+    chosen: OrderedDict[str, list[dict[str, Any]]] = OrderedDict()
+    for r in records:
+        if r.get("checkpoint") != checkpoint or r.get("protocol") != protocol or "image" not in r:
+            continue
+        per = chosen.setdefault(str(r["image"]), [])
+        if all(other["method"] != r.get("method") for other in per):
+            per.append({**r, "method": str(r.get("method"))})
+    return chosen
+
+
+def _load_map(path: Path | None) -> np.ndarray | None:
+    if path is None:
+        return None
+    from relprop.viz import heat_2d
+
+    try:
+        return heat_2d(np.load(path, allow_pickle=False))
+    except (OSError, ValueError):
+        return None
+
+
+# ---------------------------------------------------------------- HTML
+
+
+def _esc(value: Any) -> str:
+    return html.escape(str(value), quote=True)
+
+
+def _json_for_script(data: Any) -> str:
+    """JSON that cannot end the <script> element it sits in, whatever the file names contain."""
+    text = json.dumps(data, ensure_ascii=False, allow_nan=False)
+    return text.replace("&", "\\u0026").replace("<", "\\u003c").replace(">", "\\u003e") \
+        .replace("\u2028", "\\u2028").replace("\u2029", "\\u2029")
+
+
+def _fmt(mean: float, std: float) -> str:
+    if not math.isfinite(mean):
+        return "–"
+    return f"{mean:.3f} ± {std:.3f}" if math.isfinite(std) else f"{mean:.3f}"
+
+
+def summary_table(columns: Sequence[str], rows: Sequence[SummaryRow]) -> str:
+    """The sortable summary table (the script sorts on data-value)."""
+    keys = ["checkpoint"] if len({r.checkpoint for r in rows}) > 1 else []
+    head = "".join(f'<th scope="col" data-type="text">{_esc(k)}</th>'
+                   for k in keys + ["method", "protocol"])
+    head += '<th scope="col" data-type="number">images</th>'
+    head += "".join(f'<th scope="col" data-type="number">{_esc(c)}</th>' for c in columns)
+    body = []
+    for r in rows:
+        cells = [r.checkpoint] if keys else []
+        tds = "".join(f'<td data-value="{_esc(v)}">{_esc(v)}</td>' for v in cells + [r.method, r.protocol])
+        tds += f'<td data-value="{r.count}">{r.count}</td>'
+        for c in columns:
+            mean, std = r.scores[c]
+            value = "" if not math.isfinite(mean) else repr(mean)
+            tds += f'<td data-value="{value}">{_esc(_fmt(mean, std))}</td>'
+        body.append(f"<tr>{tds}</tr>")
+    return (f'<table id="summary" class="sortable"><thead><tr>{head}</tr></thead>'
+            f'<tbody>{"".join(body)}</tbody></table>')
+
+
+def provenance_items(info: Mapping[str, Any], prefix: str = "") -> list[tuple[str, str]]:
+    """run.json flattened to (key, text) pairs: nested dicts as `a.b`, lists joined."""
+    items: list[tuple[str, str]] = []
+    for key, value in info.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, Mapping):
+            items += provenance_items(value, f"{name}.")
+        elif isinstance(value, list) and all(not isinstance(v, Mapping | list) for v in value):
+            items.append((name, " ".join(str(v) for v in value) if key == "command" else
+                          ", ".join(str(v) for v in value)))
+        elif isinstance(value, list):
+            items.append((name, json.dumps(value, ensure_ascii=False)))
+        elif value is not None:
+            items.append((name, str(value)))
+    return items
+
+
+def provenance_list(info: Mapping[str, Any]) -> str:
+    """run.json as a definition list (command, data, checkpoints, versions, ...)."""
+    items = provenance_items(info)
+    if not items:
+        return "<p>No run.json in this folder.</p>"
+    return '<dl class="prov">' + "".join(
+        f"<dt>{_esc(k)}</dt><dd>{_esc(v)}</dd>" for k, v in items) + "</dl>"
+
+
+def build_report(eval_out: str | Path, out: str | Path, *, data: str | Path | None = None,
+                 sign: str = "all", page_size: int = 20) -> Path:
+    """Write REPORT_DIR/index.html with its pictures; return the index path."""
+    run = read_run(eval_out)
+    out = Path(out)
+    (out / "plots").mkdir(parents=True, exist_ok=True)
+    columns, rows = summarize(run.records)
+    curve_figs = [
+        (protocol, plot_curves(curves, _mean_aucs(rows, protocol), protocol,
+                               out / "plots" / f"curves_{i}.png"))
+        for i, (protocol, curves) in enumerate(mean_curves(run.records).items())
+    ]
+    panels = conservation_points(run.records)
+    conservation_fig = plot_conservation(panels, out / "plots" / "conservation.png") if panels else None
+    context = GalleryContext(run, out, _data_root(run, data), _geometry(run), sign, class_names(run))
+    gallery, methods, found = build_gallery(context)
+    page = render_page(run, columns, rows, curve_figs, conservation_fig, gallery, methods, found,
+                       context, page_size)
+    index = out / "index.html"
+    index.write_text(page, encoding="utf-8")
+    return index
+
+
+def _mean_aucs(rows: Sequence[SummaryRow], protocol: str) -> dict[str, dict[str, float]]:
+    """method -> {"insertion": mean AUC, "deletion": mean AUC} of the first checkpoint."""
+    aucs: dict[str, dict[str, float]] = {}
+    for row in rows:
+        if row.protocol == protocol and row.method not in aucs:
+            aucs[row.method] = {k: row.scores[k][0] for k in ("insertion", "deletion")}
+    return aucs
+
+
+def _data_root(run: EvalRun, data: str | Path | None) -> Path | None:
+    if data is not None:
+        return Path(data)
+    found = find_key(run.info, "data")
+    if isinstance(found, str) and found:
+        path = Path(found)
+        return path if path.is_absolute() or path.is_dir() else run.root / path
+    return None
+
+
+def _geometry(run: EvalRun) -> dict[str, Any] | None:
+    resize = find_key(run.info, "resize")
+    if resize is None:
+        return None
+    return {"resize": resize, "crop": find_key(run.info, "crop")}
+
+
+def render_page(run: EvalRun, columns: Sequence[str], rows: Sequence[SummaryRow],
+                curve_figs: Sequence[tuple[str, Path]], conservation_fig: Path | None,
+                gallery: list[dict[str, Any]], methods: list[str], found: int,
+                context: GalleryContext, page_size: int) -> str:
+    """The whole index.html as one string."""
+    def rel(path: Path) -> str:
+        return _esc(path.relative_to(context.out).as_posix())
+
+    curves = "".join(f'<figure><img src="{rel(p)}" alt="mean insertion and deletion curves, '
+                     f'{_esc(protocol)} protocol"></figure>' for protocol, p in curve_figs) \
+        or "<p>No insertion/deletion curves in this run.</p>"
+    if conservation_fig is not None:
+        conservation = (f'<figure><img src="{rel(conservation_fig)}" alt="conservation scatter">'
+                        "<figcaption>One point per image and LRP method. On the dashed diagonal the "
+                        "relevance that reached the layer equals the explained output: nothing "
+                        "leaked or was created on the way.</figcaption></figure>")
+    else:
+        conservation = ("<p>No conservation data: the run has no LRP method, or it was made "
+                        "without per-layer relevance sums.</p>")
+    notice = "" if found else (
+        '<p class="notice" id="no-maps">This run saved no maps, so the gallery shows scores only. '
+        "To see the maps, run the evaluation again with <code>--save-maps</code>, e.g. "
+        "<code>relprop evaluate ... --save-maps --out " + _esc(run.root) + "</code>, then "
+        "<code>relprop report " + _esc(run.root) + " --out " + _esc(context.out) + "</code>.</p>")
+    missing_originals = "" if any(r["orig"] for r in gallery) else (
+        '<p class="notice">Original images not found; pass <code>--data DIR</code> '
+        "(the folder given to <code>relprop evaluate --data</code>).</p>")
+    replacements = {
+        "TITLE": _esc(f"relprop report: {run.root.name}"),
+        "HEADING": _esc(run.root.name),
+        "PROVENANCE": provenance_list(run.info),
+        "COUNT": _esc(len(gallery)),
+        "SUMMARY": summary_table(columns, rows),
+        "CURVES": curves,
+        "CONSERVATION": conservation,
+        "NOTICE": notice + missing_originals,
+        "GALLERY_JSON": _json_for_script({"rows": gallery, "methods": methods,
+                                          "pageSize": page_size}),
+    }
+    page = _TEMPLATE
+    for key, value in replacements.items():
+        page = page.replace(f"@@{key}@@", value)
+    return page
+
+
+_TEMPLATE = """<!DOCTYPE html>
+<html lang="en">
+<head>
+<meta charset="utf-8">
+<meta name="viewport" content="width=device-width, initial-scale=1">
+<meta http-equiv="Content-Security-Policy" content="default-src 'none'; img-src 'self' data:; style-src 'unsafe-inline'; script-src 'unsafe-inline'">
+<title>@@TITLE@@</title>
+<style>
+body { font: 14px/1.45 system-ui, -apple-system, "Segoe UI", sans-serif; margin: 0 auto;
+       max-width: 1280px; padding: 0 1.2em 3em; color: #1d1d1f; }
+h1 { font-size: 1.5em; margin: 1em 0 0.2em; } h2 { margin-top: 1.8em; border-bottom: 1px solid #ddd; }
+table { border-collapse: collapse; font-variant-numeric: tabular-nums; }
+th, td { padding: 0.3em 0.7em; border-bottom: 1px solid #e5e5e5; text-align: right; white-space: nowrap; }
+th:first-child, td:first-child, th[data-type=text], td:nth-child(-n+2) { text-align: left; }
+th { cursor: pointer; user-select: none; background: #f5f5f7; position: relative; }
+th:hover { background: #e8e8ed; }
+th[aria-sort=ascending]::after { content: " \\25B2"; font-size: 0.7em; }
+th[aria-sort=descending]::after { content: " \\25BC"; font-size: 0.7em; }
+figure { margin: 0.8em 0; } figure img { max-width: 100%; }
+figcaption, .hint { color: #555; font-size: 0.9em; }
+.notice { background: #fff6e0; border-left: 4px solid #f0b400; padding: 0.6em 0.9em; }
+dl.prov { display: grid; grid-template-columns: max-content 1fr; gap: 0.1em 1em; font-size: 0.9em; }
+dl.prov dt { font-weight: 600; } dl.prov dd { margin: 0; word-break: break-all; }
+.controls { display: flex; gap: 0.8em; align-items: center; flex-wrap: wrap; margin: 0.8em 0; }
+.controls button { padding: 0.2em 0.8em; }
+.row { display: flex; gap: 6px; align-items: flex-start; padding: 6px 0; border-bottom: 1px solid #eee; }
+.cell { width: 132px; text-align: center; font-size: 0.8em; }
+.cell img { width: 128px; height: auto; image-rendering: pixelated; display: block; margin: 0 auto; }
+.cell .empty { width: 128px; height: 96px; background: #f0f0f0; color: #888; display: flex;
+               align-items: center; justify-content: center; margin: 0 auto; }
+.caption { word-break: break-all; }
+.head .cell { font-weight: 600; font-size: 0.85em; }
+</style>
+</head>
+<body>
+<h1>relprop report: @@HEADING@@</h1>
+<p class="hint">Made by <code>relprop report</code> from the output of <code>relprop evaluate</code>.
+Works offline: every picture is a file next to this page.</p>
+@@PROVENANCE@@
+
+<h2 id="summary-h">Summary</h2>
+<p class="hint">Mean ± standard deviation over images. Insertion: higher is better; deletion: lower
+is better; ID = insertion − deletion. Click a column heading to sort.</p>
+@@SUMMARY@@
+
+<h2>Insertion and deletion curves</h2>
+@@CURVES@@
+
+<h2>Conservation</h2>
+@@CONSERVATION@@
+
+<h2>Gallery (@@COUNT@@ images)</h2>
+@@NOTICE@@
+<div class="controls">
+  <button type="button" id="prev">‹ previous</button>
+  <span id="page-info"></span>
+  <button type="button" id="next">next ›</button>
+  <label>sort <select id="sort"></select></label>
+</div>
+<div id="gallery"></div>
+<script type="application/json" id="gallery-data">@@GALLERY_JSON@@</script>
+<script>
+"use strict";
+(function () {
+  // Sortable tables: click a heading; numbers sort numerically, empty cells last.
+  document.querySelectorAll("table.sortable").forEach(function (table) {
+    table.querySelectorAll("th").forEach(function (th, column) {
+      th.addEventListener("click", function () {
+        var ascending = th.getAttribute("aria-sort") !== "ascending";
+        table.querySelectorAll("th").forEach(function (h) { h.removeAttribute("aria-sort"); });
+        th.setAttribute("aria-sort", ascending ? "ascending" : "descending");
+        var numeric = th.dataset.type === "number";
+        var body = table.tBodies[0];
+        var rows = Array.prototype.slice.call(body.rows);
+        rows.sort(function (a, b) {
+          var x = a.cells[column].dataset.value, y = b.cells[column].dataset.value;
+          if (numeric) {
+            if (x === "" || y === "") { return (x === "") - (y === ""); }
+            x = parseFloat(x); y = parseFloat(y);
+          }
+          var order = x < y ? -1 : x > y ? 1 : 0;
+          return ascending ? order : -order;
+        });
+        rows.forEach(function (row) { body.appendChild(row); });
+      });
+    });
+  });
+
+  // Gallery: built page by page from JSON, text only through textContent.
+  var data = JSON.parse(document.getElementById("gallery-data").textContent);
+  var rows = data.rows.slice(), page = 0, size = data.pageSize;
+  var gallery = document.getElementById("gallery");
+  var sort = document.getElementById("sort");
+  function option(value, text) {
+    var o = document.createElement("option"); o.value = value; o.textContent = text; sort.appendChild(o);
+  }
+  option("", "run order");
+  data.methods.forEach(function (m) {
+    option("desc:" + m, "ID of " + m + ", best first");
+    option("asc:" + m, "ID of " + m + ", worst first");
+  });
+  function cell(parts) {
+    var div = document.createElement("div"); div.className = "cell";
+    parts.forEach(function (p) { div.appendChild(p); });
+    return div;
+  }
+  function text(tag, value, cls) {
+    var el = document.createElement(tag); el.textContent = value; if (cls) { el.className = cls; }
+    return el;
+  }
+  function picture(src, alt) {
+    if (!src) { return text("div", "no map", "empty"); }
+    var img = document.createElement("img");
+    img.src = src; img.alt = alt; img.loading = "lazy"; img.decoding = "async";
+    return img;
+  }
+  function fmt(v) { return v === null || v === undefined ? "–" : v.toFixed(3); }
+  function render() {
+    var pages = Math.max(1, Math.ceil(rows.length / size));
+    page = Math.min(Math.max(page, 0), pages - 1);
+    gallery.textContent = "";
+    var head = document.createElement("div"); head.className = "row head";
+    head.appendChild(cell([text("span", "image")]));
+    data.methods.forEach(function (m) { head.appendChild(cell([text("span", m)])); });
+    gallery.appendChild(head);
+    rows.slice(page * size, (page + 1) * size).forEach(function (r) {
+      var line = document.createElement("div"); line.className = "row";
+      line.appendChild(cell([
+        r.orig ? picture(r.orig, r.image) : text("div", "original not found", "empty"),
+        text("div", r.image, "caption"),
+        text("div", "label: " + r.label), text("div", "pred: " + r.pred)]));
+      data.methods.forEach(function (m) {
+        var c = r.cells[m];
+        if (!c) { line.appendChild(cell([text("div", "–", "empty")])); return; }
+        var score = text("div", "ID " + fmt(c.id));
+        score.title = "insertion " + fmt(c.ins) + ", deletion " + fmt(c.del);
+        line.appendChild(cell([picture(c.src, m + " map of " + r.image), score]));
+      });
+      gallery.appendChild(line);
+    });
+    document.getElementById("page-info").textContent =
+      "page " + (page + 1) + " of " + pages + " (" + rows.length + " images)";
+    document.getElementById("prev").disabled = page === 0;
+    document.getElementById("next").disabled = page >= pages - 1;
+  }
+  function id(r, m) { var c = r.cells[m]; return c && c.id !== null ? c.id : null; }
+  sort.addEventListener("change", function () {
+    var parts = sort.value.split(":"), way = parts[0], m = parts.slice(1).join(":");
+    rows = data.rows.slice();
+    if (m) {
+      rows.sort(function (a, b) {
+        var x = id(a, m), y = id(b, m);
+        if (x === null || y === null) { return (x === null) - (y === null); }
+        return way === "asc" ? x - y : y - x;
+      });
+    }
+    page = 0; render();
+  });
+  document.getElementById("prev").addEventListener("click", function () { page -= 1; render(); });
+  document.getElementById("next").addEventListener("click", function () { page += 1; render(); });
+  render();
+})();
+</script>
+</body>
+</html>
+"""
