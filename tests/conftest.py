@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+
 from sharedfiles import load_torchvision_checkpoint, shared_path
 
 torch.set_num_threads(max(1, min(2, torch.get_num_threads())))

@@ -107,23 +107,23 @@ def tin10_images(count: int) -> list[Path]:
     return [sorted(c.glob("*.JPEG"))[0] for c in classes]
 
 
-def detection_dataset(tmp_path: Path, model: SSD, count: int = 2) -> list[str]:
-    """A tin10-style folder whose boxes are the detector's own top detections (true positives)."""
+def detection_dataset(folder: Path, model: SSD, count: int = 2) -> list[str]:
+    """A tin10-style folder whose boxes are the detector's own top detections (true positives);
+    returns the class list (background first) the folder names come from."""
     from torchvision.transforms.functional import to_pil_image
 
-    images = random_images(count, sizes=((64, 64),))
     from relprop.detection import run_detector
 
+    images = random_images(count, sizes=((64, 64),))
     out = run_detector(model, images)
     classes = ["__background__", "c1", "c2", "c3"]
     lines: dict[str, list[str]] = {}
     for i, (image, det) in enumerate(zip(images, out.detections, strict=True)):
         label = classes[int(det["labels"][0])]
-        folder = tmp_path / label
-        folder.mkdir(exist_ok=True)
-        to_pil_image(image).save(folder / f"im{i}.png")
+        (folder / label).mkdir(exist_ok=True)
+        to_pil_image(image).save(folder / label / f"im{i}.png")
         x0, y0, x1, y1 = det["boxes"][0].round().int().tolist()
         lines.setdefault(label, []).append(f"im{i}.png\t{x0}\t{y0}\t{x1 - 1}\t{y1 - 1}")
     for label, rows in lines.items():
-        (tmp_path / label / "boxes.txt").write_text("\n".join(rows) + "\n")
+        (folder / label / "boxes.txt").write_text("\n".join(rows) + "\n")
     return classes

@@ -209,7 +209,8 @@ def test_evaluate_detection_end_to_end(tmp_path):
     assert -1.0 <= summary["methods"]["lrp"]["contrast_r"] <= 1.0
     records = [json.loads(line) for line in (tmp_path / "out" / "results.jsonl").read_text().splitlines()]
     assert len(records) == 2 and len(records[0]["methods"]["crp"]["insertion_curve"]) == 9
-    assert set(records[0]["direction"]) == {"cx", "cy", "w", "h"}
+    assert set(records[0]["direction"]) == {"crp", "gradxinput"}
+    assert set(records[0]["direction"]["crp"]) == {"cx", "cy", "w", "h"}
     assert "| crp |" in (tmp_path / "out" / "summary.md").read_text()
 
 

@@ -13,9 +13,10 @@ detection (right class, IoU >= 0.5 with the ground truth) is explained by each m
   probability of the explained class at that detection's anchor; AUC by the trapezoid rule;
 - **contrastiveness**: Pearson correlation between the map of the detected class and the map of
   the runner-up class of the same anchor (lower = the method tells classes apart);
-- **direction** (box maps, CRP only): replacing the 10 % most positive pixels of an offset's map by
-  the image's mean colour should lower that offset (cx: centre moves left; cy: up; w: narrower;
-  h: shorter), the 10 % most negative should raise it; 10 % random pixels as the baseline.
+- **direction** (box maps): replacing the 10 % most positive pixels of an offset's map by the
+  image's mean colour should lower that offset (cx: centre moves left; cy: up; w: narrower;
+  h: shorter), the 10 % most negative should raise it; CRP's box maps, gradient x input of the
+  offset as a reference, 10 % random pixels as the chance level.
 
 Methods: ``crp`` (contrastive class map), ``lrp`` (plain LRP of the class logit, same rules, no
 contrast) and ``gradcam`` (Grad-CAM of the class logit of the detection's anchor, at the finest
@@ -53,6 +54,7 @@ from relprop.detection import (
 from relprop.errors import InputError
 
 METHODS = ("crp", "lrp", "gradcam")
+DIRECTION_METHODS = ("crp", "gradxinput")
 STEP = 500
 TOP_FRACTION = 0.1
 MIN_CAM_GRID = 7
@@ -246,30 +248,53 @@ def black_input(crp: CRP, x: Tensor) -> Tensor:
 
 
 def direction_check(
-    crp: CRP, out: DetectorOutput, detection: int, box_maps: dict[str, Tensor], generator: torch.Generator,
+    crp: CRP,
+    out: DetectorOutput,
+    detection: int,
+    maps: dict[str, dict[str, Tensor]],
+    generator: torch.Generator,
     fraction: float = TOP_FRACTION,
-) -> dict[str, dict[str, bool]]:
-    """For each offset map: does replacing its top positive / top negative / random pixels by the
-    mean colour lower / raise / lower the offset at the detection's anchor."""
+) -> dict[str, dict[str, dict[str, bool]]]:
+    """Per method and offset map: does replacing its top positive / top negative pixels by the
+    mean colour lower / raise the offset at the detection's anchor; ``random``: does replacing
+    random pixels lower it (the chance level of ``positive``)."""
     x = out.x[0]
     anchor = int(out.detections[0]["anchors"][detection])
     mean_colour = x.mean((1, 2), keepdim=True).expand_as(x)
     count = max(1, int(round(fraction * x.shape[1] * x.shape[2])))
     variants, keys = [], []
     for j, name in enumerate(BOX_OUTPUTS):
-        heat = box_maps[name]
-        for kind, mask in (("positive", _top(heat, count)), ("negative", _top(-heat, count)),
-                           ("random", _random_mask(heat.shape, count, generator))):
-            variants.append(torch.where(mask[None], mean_colour, x))
-            keys.append((name, kind, j))
+        variants.append(torch.where(_random_mask(x.shape[1:], count, generator)[None], mean_colour, x))
+        keys.append((None, name, "random", j))
+        for method, box_maps in maps.items():
+            heat = box_maps[name]
+            for kind, mask in (("positive", _top(heat, count)), ("negative", _top(-heat, count))):
+                variants.append(torch.where(mask[None], mean_colour, x))
+                keys.append((method, name, kind, j))
     with torch.no_grad():
         _, _, offsets = dense_outputs(crp.detector, torch.stack(variants), crp.backbone)
     before = out.bbox_regression[0, anchor]
-    result: dict[str, dict[str, bool]] = {name: {} for name in BOX_OUTPUTS}
-    for row, (name, kind, j) in enumerate(keys):
-        after = float(offsets[row, anchor, j])
-        result[name][kind] = after > float(before[j]) if kind == "negative" else after < float(before[j])
+    result: dict[str, dict[str, dict[str, bool]]] = {m: {o: {} for o in BOX_OUTPUTS} for m in maps}
+    for row, (method, name, kind, j) in enumerate(keys):
+        after, prior = float(offsets[row, anchor, j]), float(before[j])
+        moved = after > prior if kind == "negative" else after < prior
+        for m in [method] if method is not None else list(maps):
+            result[m][name][kind] = moved
     return result
+
+
+def offset_gradient_x_input(crp: CRP, out: DetectorOutput, detection: int) -> dict[str, Tensor]:
+    """Gradient x input (h, w) of each box offset of a detection's anchor: the reference the
+    direction check compares CRP's box maps with."""
+    anchor = int(out.detections[0]["anchors"][detection])
+    x = out.x[:1].clone().requires_grad_(True)
+    maps = {}
+    with torch.enable_grad():
+        _, _, offsets = dense_outputs(crp.detector, x, crp.backbone)
+        for j, name in enumerate(BOX_OUTPUTS):
+            (grad,) = torch.autograd.grad(offsets[0, anchor, j], x, retain_graph=j < 3)
+            maps[name] = (grad * x).detach().sum(1)[0]
+    return maps
 
 
 def _top(heat: Tensor, count: int) -> Tensor:
@@ -342,9 +367,9 @@ def evaluate_sample(
         entry["id"] = entry["insertion"] - entry["deletion"]
         record["methods"][name] = entry
     box_maps = crp.explain(out, [Request(0, d, o) for o in BOX_OUTPUTS]).sum(1)
-    record["direction"] = direction_check(
-        crp, out, d, dict(zip(BOX_OUTPUTS, box_maps, strict=True)), generator
-    )
+    direction_maps = {"crp": dict(zip(BOX_OUTPUTS, box_maps, strict=True)),
+                      "gradxinput": offset_gradient_x_input(crp, out, d)}
+    record["direction"] = direction_check(crp, out, d, direction_maps, generator)
     return record
 
 
@@ -369,11 +394,13 @@ def summarize(records: Sequence[dict[str, Any]], methods: Sequence[str] = METHOD
             for key in ("energy", "pointing", "insertion", "deletion", "id", "contrast_r")
         }
         summary["methods"][name]["n"] = len(entries)
-    for offset in BOX_OUTPUTS:
-        checks = [r["direction"][offset] for r in tps if "direction" in r]
-        summary["direction"][offset] = {
-            kind: _mean([c[kind] for c in checks]) for kind in ("positive", "negative", "random")
-        }
+    for method in DIRECTION_METHODS:
+        summary["direction"][method] = {}
+        for offset in BOX_OUTPUTS:
+            checks = [r["direction"][method][offset] for r in tps if "direction" in r]
+            summary["direction"][method][offset] = {
+                kind: _mean([c[kind] for c in checks]) for kind in ("positive", "negative", "random")
+            }
     return summary
 
 
@@ -412,18 +439,22 @@ def summary_markdown(summary: dict[str, Any], command: str | None = None) -> str
     )
     lines += [
         "",
-        "Direction of the CRP box maps (share of detections whose offset at the explained anchor "
-        "moved as the map says, after replacing 10 % of the pixels by the image's mean colour):",
+        "Direction of the box maps: share of true positives whose offset at the explained anchor "
+        "moved as the map says after replacing 10 % of the pixels (the map's most positive, or "
+        "most negative) by the image's mean colour; gradient × input of the offset as a "
+        "reference; random pixels for chance level:",
         "",
-        "| offset | top 10 % positive removed → moves | top 10 % negative removed → moves "
-        "| random 10 % removed → moves like 'positive' (baseline) |",
-        "|---|---|---|---|",
+        "| offset | CRP: top + removed | CRP: top − removed | grad×input: top + removed "
+        "| grad×input: top − removed | random 10 % removed |",
+        "|---|---|---|---|---|---|",
     ]
-    for offset, d in summary["direction"].items():
+    direction = summary["direction"]
+    for offset in BOX_OUTPUTS:
+        c, g = direction["crp"][offset], direction["gradxinput"][offset]
+        down, up = DIRECTION_WORDS[offset], OPPOSITE_WORDS[offset]
         lines.append(
-            f"| {offset} | {DIRECTION_WORDS[offset]}: {d['positive']:.1%} "
-            f"| {OPPOSITE_WORDS[offset]}: {d['negative']:.1%} "
-            f"| {DIRECTION_WORDS[offset]}: {d['random']:.1%} |"
+            f"| {offset} | {down} {c['positive']:.1%} | {up} {c['negative']:.1%} "
+            f"| {down} {g['positive']:.1%} | {up} {g['negative']:.1%} | {down} {c['random']:.1%} |"
         )
     return "\n".join(lines) + "\n"
 
@@ -516,6 +547,7 @@ def main(argv: Sequence[str] | None = None, load: Callable[..., Any] | None = No
     parser.add_argument("--data", required=True)
     parser.add_argument("--out", required=True)
     parser.add_argument("--per-class", type=int)
+    parser.add_argument("--limit", type=int)
     parser.add_argument("--methods", default=",".join(METHODS))
     parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args(argv)
@@ -525,7 +557,7 @@ def main(argv: Sequence[str] | None = None, load: Callable[..., Any] | None = No
     model, meta = (load or load_detector)(args.weights, args.model_def, None, None)
     command = "python -m relprop.detection_eval " + " ".join(sys.argv[1:] if argv is None else argv)
     summary = evaluate_detection(model, meta["classes"], args.data, args.out, per_class=args.per_class,
-                                 methods=args.methods.split(","), command=command)
+                                 limit=args.limit, methods=args.methods.split(","), command=command)
     print(summary_markdown(summary, command))
     return 0
 

@@ -23,7 +23,6 @@ from relprop.rules import (
     PassRule,
     ReferenceZPlusRule,
     Rule,
-    WPlusRule,
     ZPlusRule,
     get_rule,
     proportional,

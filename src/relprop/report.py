@@ -4,7 +4,7 @@ The report has to open from a USB stick or an e-mail attachment: no script, font
 loaded from the network, every picture is a file next to index.html, and every name that comes
 from the run (file names, class names, method names) is escaped, in HTML by `html.escape` and in
 the gallery's JSON by escaping `<`, `>` and `&`, and the gallery script only ever sets
-`textContent`. The gallery is paged by the browser so that thousands of images stay fast.
+`textContent`. The gallery is paged in the browser so that thousands of images stay fast.
 """
 
 from __future__ import annotations
@@ -459,6 +459,17 @@ def _fmt(mean: float, std: float) -> str:
     return f"{mean:.3f} ± {std:.3f}" if math.isfinite(std) else f"{mean:.3f}"
 
 
+def _fmt_percent(mean: float, std: float) -> str:
+    """Conservation errors are tiny for relprop and large for leaky rules: percent, 3 digits."""
+    if not math.isfinite(mean):
+        return "–"
+    text = f"{100 * mean:.3g}"
+    if "e" in text or not math.isfinite(std):
+        return f"{text} %" + (f" ± {100 * std:.2g} %" if math.isfinite(std) else "")
+    decimals = len(text.partition(".")[2])
+    return f"{text} % ± {100 * std:.{decimals}f} %"
+
+
 def summary_table(columns: Sequence[str], rows: Sequence[SummaryRow]) -> str:
     """The sortable summary table (the script sorts on data-value)."""
     keys = ["checkpoint"] if len({r.checkpoint for r in rows}) > 1 else []
@@ -474,10 +485,11 @@ def summary_table(columns: Sequence[str], rows: Sequence[SummaryRow]) -> str:
         for c in columns:
             mean, std = r.scores[c]
             value = "" if not math.isfinite(mean) else repr(mean)
-            tds += f'<td data-value="{value}">{_esc(_fmt(mean, std))}</td>'
+            text = _fmt_percent(mean, std) if c == "conservation error" else _fmt(mean, std)
+            tds += f'<td data-value="{value}">{_esc(text)}</td>'
         body.append(f"<tr>{tds}</tr>")
-    return (f'<table id="summary" class="sortable"><thead><tr>{head}</tr></thead>'
-            f'<tbody>{"".join(body)}</tbody></table>')
+    return (f'<div class="scroll"><table id="summary" class="sortable"><thead><tr>{head}</tr></thead>'
+            f'<tbody>{"".join(body)}</tbody></table></div>')
 
 
 def provenance_items(info: Mapping[str, Any], prefix: str = "") -> list[tuple[str, str]]:
@@ -502,8 +514,9 @@ def provenance_list(info: Mapping[str, Any]) -> str:
     items = provenance_items(info)
     if not items:
         return "<p>No run.json in this folder.</p>"
-    return '<dl class="prov">' + "".join(
-        f"<dt>{_esc(k)}</dt><dd>{_esc(v)}</dd>" for k, v in items) + "</dl>"
+    return ('<details><summary>run details (run.json)</summary><dl class="prov">'
+            + "".join(f"<dt>{_esc(k)}</dt><dd>{_esc(v)}</dd>" for k, v in items)
+            + "</dl></details>")
 
 
 def build_report(eval_out: str | Path, out: str | Path, *, data: str | Path | None = None,
@@ -612,7 +625,8 @@ body { font: 14px/1.45 system-ui, -apple-system, "Segoe UI", sans-serif; margin:
        max-width: 1280px; padding: 0 1.2em 3em; color: #1d1d1f; }
 h1 { font-size: 1.5em; margin: 1em 0 0.2em; } h2 { margin-top: 1.8em; border-bottom: 1px solid #ddd; }
 table { border-collapse: collapse; font-variant-numeric: tabular-nums; }
-th, td { padding: 0.3em 0.7em; border-bottom: 1px solid #e5e5e5; text-align: right; white-space: nowrap; }
+.scroll { overflow-x: auto; }
+th, td { padding: 0.3em 0.6em; border-bottom: 1px solid #e5e5e5; text-align: right; white-space: nowrap; }
 th:first-child, td:first-child, th[data-type=text], td:nth-child(-n+2) { text-align: left; }
 th { cursor: pointer; user-select: none; background: #f5f5f7; position: relative; }
 th:hover { background: #e8e8ed; }

@@ -46,10 +46,19 @@ class LinearOp:
     def transpose(self, s: Tensor, weight: Tensor, input_shape: torch.Size) -> Tensor:
         layer = self.layer
         if isinstance(layer, nn.Conv2d):
-            return torch.nn.grad.conv2d_input(
-                input_shape, weight, s, layer.stride, layer.padding, layer.dilation, layer.groups
-            )
+            return F.conv_transpose2d(s, weight, None, layer.stride, layer.padding,
+                                      _output_padding(layer, s.shape, input_shape), layer.groups, layer.dilation)
         return s @ weight
+
+
+def _output_padding(layer: nn.Conv2d, output_shape: torch.Size, input_shape: torch.Size) -> tuple[int, int]:
+    """The rows/columns a strided convolution dropped, which its transpose must restore."""
+    padding = []
+    for dim in range(2):
+        covered = ((output_shape[2 + dim] - 1) * layer.stride[dim] - 2 * layer.padding[dim]
+                   + layer.dilation[dim] * (layer.kernel_size[dim] - 1) + 1)
+        padding.append(input_shape[2 + dim] - covered)
+    return padding[0], padding[1]
 
 
 def as_linear_op(layer: nn.Module) -> LinearOp:
@@ -64,6 +73,15 @@ def as_linear_op(layer: nn.Module) -> LinearOp:
     raise UnsupportedLayerError(
         f"{type(layer).__name__} is not a linear layer; linear rules take Conv2d or Linear"
     )
+
+
+def _total(tensors) -> Tensor:
+    """Sum of tensors without the extra copy `sum()` makes by starting from 0."""
+    iterator = iter(tensors)
+    total = next(iterator)
+    for tensor in iterator:
+        total = total + tensor
+    return total
 
 
 def _safe_divide(numerator: Tensor, denominator: Tensor) -> tuple[Tensor, Tensor]:
@@ -127,12 +145,18 @@ class ZPlusRule(Rule):
         op = as_linear_op(layer)
         w = op.weight
         w_pos = w.clamp(min=0)
-        terms = [(a.clamp(min=0), w_pos)]
-        if bool((a < 0).any()):
-            terms.append((a.clamp(max=0), w.clamp(max=0)))
-        z = sum(op.forward(x, wt) for x, wt in terms)
-        s, zero = _safe_divide(R, z)
-        R_in = sum(x * op.transpose(s, wt, a.shape) for x, wt in terms)
+        if bool(a.min() >= 0):  # the usual case after a ReLU: skip the negative part
+            terms = [(a, w_pos)]
+        else:
+            terms = [(a.clamp(min=0), w_pos), (a.clamp(max=0), w.clamp(max=0))]
+        z = _total(op.forward(x, wt) for x, wt in terms)
+        if bool(z.min() > TINY):  # the usual case: every output has a positive contribution
+            return _total(x * op.transpose(R / z, wt, a.shape) for x, wt in terms)
+        zero = z <= TINY
+        # Every contribution a_i w_ij to a zero z_j is itself zero, so whatever s_j is there
+        # sends nothing back: no need to mask s; that relevance takes the fallback instead.
+        s = R / z.masked_fill(zero, 1.0)
+        R_in = _total(x * op.transpose(s, wt, a.shape) for x, wt in terms)
         leftover = R.masked_fill(~zero, 0.0)
         if bool(leftover.any()):
             R_in = R_in + _weight_proportional(op, leftover, a.shape, w_pos)
@@ -231,9 +255,9 @@ class AlphaBetaRule(Rule):
         w_pos, w_neg = w.clamp(min=0), w.clamp(max=0)
         a_pos, a_neg = a.clamp(min=0), a.clamp(max=0)
         terms = [(a_pos, w_pos), (a_neg, w_neg)] if positive else [(a_pos, w_neg), (a_neg, w_pos)]
-        z = sum(op.forward(x, wt) for x, wt in terms)
+        z = _total(op.forward(x, wt) for x, wt in terms)
         s, _ = _safe_divide(R, z)
-        return sum(x * op.transpose(s, wt, a.shape) for x, wt in terms)
+        return _total(x * op.transpose(s, wt, a.shape) for x, wt in terms)
 
     def relevance(self, layer: nn.Module, a: Tensor, R: Tensor) -> Tensor:
         op = as_linear_op(layer)
@@ -274,9 +298,9 @@ class ZBRule(Rule):
         w_pos, w_neg = w.clamp(min=0), w.clamp(max=0)
         low, high = self._bound(self.low, a), self._bound(self.high, a)
         terms = [(a, w), (low, -w_pos), (high, -w_neg)]
-        z = sum(op.forward(x, wt) for x, wt in terms)
+        z = _total(op.forward(x, wt) for x, wt in terms)
         s, zero = _safe_divide(R, z)
-        R_in = sum(x * op.transpose(s, wt, a.shape) for x, wt in terms)
+        R_in = _total(x * op.transpose(s, wt, a.shape) for x, wt in terms)
         leftover = R.masked_fill(~zero, 0.0)
         if bool(leftover.any()):
             R_in = R_in + _weight_proportional(op, leftover, a.shape, w_pos)

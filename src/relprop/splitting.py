@@ -48,11 +48,9 @@ class Splitter:
             z = a + b
             z = z + self.epsilon * torch.where(z >= 0, torch.ones_like(z), -torch.ones_like(z))
             return a / z
-        magnitude_a, magnitude_b = a.abs(), b.abs()
-        total = magnitude_a + magnitude_b
-        zero = total == 0
-        share = magnitude_a / torch.where(zero, torch.ones_like(total), total)
-        return share.masked_fill(zero, 0.5)
+        magnitude_a = a.abs()
+        # 0/0 (both operands zero) is the only NaN here: split that relevance evenly
+        return torch.nan_to_num(magnitude_a / (magnitude_a + b.abs()), nan=0.5)
 
     def _reference(self, R: Tensor, a: Tensor, b: Tensor, skip: int | None) -> tuple[Tensor, Tensor]:
         """The reference code's arithmetic: `ratio = |m|/(|s|+|m|)`, `R_m = ratio·R`,

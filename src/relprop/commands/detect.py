@@ -28,7 +28,7 @@ score, box in original pixels, anchor index and head level, panel file).
 
 What the maps say (red = positive relevance, blue = negative; each map sums to zero):
   class   red: evidence for the detected class; blue: evidence for the other classes
-          (contrastive; with --no-contrast plain LRP of the class logit, all of it red-ish)
+          (contrastive; with --no-contrast plain LRP of the class logit, which sums to one)
   cx, cy  red: what pushes the box centre right (cx) / down (cy) from its default box;
           blue: what pushes it left / up
   w, h    red: what makes the box wider / taller; blue: narrower / shorter
@@ -221,11 +221,17 @@ def parse_class(text: str | None, meta: dict[str, Any], names: Sequence[str]) ->
 
 
 def _class_names(meta: dict[str, Any], model: Any) -> list[str]:
-    from relprop.detection import class_names_for
+    """The checkpoint's class names, COCO's for a 91-class torchvision SSD, else numbers."""
+    from relprop.detection import class_names_for, num_classes_of
 
     for key in ("class_names", "classes"):
-        if meta.get(key):
-            return class_names_for(model, meta[key])
+        names = meta.get(key)
+        if names and not all(str(n) == str(i) for i, n in enumerate(names)):
+            return class_names_for(model, names)
+    if meta.get("arch") in TORCHVISION_DETECTORS and num_classes_of(model) == 91:
+        from torchvision.models.detection import SSD300_VGG16_Weights
+
+        return class_names_for(model, SSD300_VGG16_Weights.COCO_V1.meta["categories"])
     return class_names_for(model, None)
 
 

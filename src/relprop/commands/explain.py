@@ -42,7 +42,8 @@ methods:
   ours-sym, ours-noid, ours-sym-noid, ours-ref
                  ablations (symmetric split / identity skips ignored) and the reference code
   gradcam, scorecam, ig, gbp, lrp-captum, lrp-plain, gradient, gradxinput
-                 baselines; append +hq to any name for Heat Quantization (8 levels)
+                 baselines
+  NAME+hq        any of them with Heat Quantization (8 levels), e.g. ours+hq
 
 examples:
   relprop explain photo.jpg --weights resnet18_tin10.pt --out explained
@@ -86,7 +87,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
                         help="class to explain: an index, a class id or a class name "
                              "(default: each image's predicted class)")
     parser.add_argument("--hq", action="store_true",
-                        help="Heat Quantization: quantize every map to 8 levels, as in the paper")
+                        help="Heat Quantization: quantize the LRP methods' maps to 8 levels, as in "
+                             "the paper (name+hq does it for any one method)")
     parser.add_argument("--sign", choices=("all", "positive"), default="all",
                         help="all: signed maps, red positive / blue negative (default); "
                              "positive: only positive relevance")
@@ -114,7 +116,7 @@ def run(args: argparse.Namespace) -> int:
     from relprop.images import load_image
     from relprop.models import load_model, preprocessing
 
-    methods = parse_methods(args.methods, args.hq)
+    methods = parse_methods(args.methods)
     if args.batch_size < 1:
         raise RelpropError(f"--batch-size {args.batch_size}: must be at least 1")
     device = resolve_device(args.device)
@@ -123,7 +125,7 @@ def run(args: argparse.Namespace) -> int:
     model.to(device)
     names = class_names(meta)
     target = parse_target(args.target, meta)
-    explainers = build_methods(methods, model)
+    explainers = build_methods(methods, model, meta, args.hq)
     jobs, failures = plan_jobs(args.inputs)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -131,7 +133,8 @@ def run(args: argparse.Namespace) -> int:
                       args.sign, out)
     overview: list[Any] = []
     with open(out / "predictions.jsonl", "w", encoding="utf-8") as log, \
-            tqdm(total=len(jobs), unit="image", desc="explain", file=sys.stderr) as bar:
+            tqdm(total=len(jobs), unit="image", desc="explain", file=sys.stderr,
+                 disable=None) as bar:
         for batch in _batched(jobs, args.batch_size):
             loaded = []
             for job in batch:
@@ -162,8 +165,8 @@ def _finish(total: int, failures: Sequence[str]) -> int:
     return 0
 
 
-def parse_methods(text: str, hq: bool) -> list[str]:
-    """Split `--methods`, check each name against the registry, add `+hq` when `--hq` is given."""
+def parse_methods(text: str) -> list[str]:
+    """Split `--methods` and check each name against the registry (before loading anything)."""
     from relprop.methods import METHOD_NAMES
 
     names = [name.strip() for name in text.split(",") if name.strip()]
@@ -176,16 +179,28 @@ def parse_methods(text: str, hq: bool) -> list[str]:
                 f"--methods: unknown method {name!r}; choose from {', '.join(METHOD_NAMES)} "
                 "(add +hq for Heat Quantization)"
             )
-    if hq:
-        names = [name if name.endswith("+hq") else f"{name}+hq" for name in names]
     return list(dict.fromkeys(names))
 
 
-def build_methods(names: Sequence[str], model: Any) -> dict[str, Any]:
-    """One explainer object per method name, from the registry."""
+def build_methods(names: Sequence[str], model: Any, meta: dict[str, Any], hq: bool) -> dict[str, Any]:
+    """One explainer per name, from the registry, with the model's normalization.
+
+    `--hq` quantizes the LRP methods' maps, as the paper does: on a signed baseline map the
+    level holding zero starts below zero, which would tint the whole background.
+    """
     from relprop.methods import get_method
 
-    return {name: get_method(name, model) for name in names}
+    def make(name: str) -> Any:
+        return get_method(name, model, mean=meta["mean"], std=meta["std"])
+
+    methods = {}
+    for name in names:
+        method = make(name)
+        if hq and method.is_lrp and not name.endswith("+hq"):
+            name = f"{name}+hq"
+            method = make(name)
+        methods[name] = method
+    return methods
 
 
 def resolve_device(text: str) -> Any:

@@ -1,0 +1,132 @@
+"""Time `LRP(model).attribute` against the input gradient and full backpropagation.
+
+    python benchmarks/bench_lrp.py --arch resnet50 --size 224 --batch 1 16 --repeats 7
+
+(a) input gradient: forward + `torch.autograd.grad` of the explained logit w.r.t. the input;
+(b) full backprop: forward + `.backward()` of the explained logit with parameter gradients
+(what the paper calls "backprop"). Medians over `--repeats` runs after one warm-up; each
+method's peak memory is measured in a fresh subprocess (CUDA: max_memory_allocated; CPU:
+peak resident set size above the process's size after loading the model).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+
+import torch
+import torchvision
+
+from relprop import LRP
+
+METHODS = ("lrp", "lrp-reference", "input-gradient", "backprop")
+
+
+def build(arch: str, device: str) -> torch.nn.Module:
+    torch.manual_seed(0)
+    return torchvision.models.get_model(arch, num_classes=1000).eval().to(device)
+
+
+def method_runner(name: str, model: torch.nn.Module) -> Callable[[torch.Tensor], object]:
+    if name == "lrp":
+        lrp = LRP(model)
+        return lambda x: lrp.attribute(x)
+    if name == "lrp-reference":
+        reference = LRP(model, preset="reference")
+        return lambda x: reference.attribute(x)
+    if name == "input-gradient":
+        def input_gradient(x: torch.Tensor) -> torch.Tensor:
+            x = x.clone().requires_grad_(True)
+            logits = model(x)
+            explained = logits.gather(1, logits.argmax(1, keepdim=True)).sum()
+            return torch.autograd.grad(explained, x)[0]
+        return input_gradient
+    if name == "backprop":
+        def backprop(x: torch.Tensor) -> None:
+            model.zero_grad(set_to_none=True)
+            logits = model(x)
+            logits.gather(1, logits.argmax(1, keepdim=True)).sum().backward()
+        return backprop
+    raise ValueError(name)
+
+
+def synchronize(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def time_method(run: Callable, x: torch.Tensor, repeats: int, device: str) -> list[float]:
+    run(x)  # warm-up
+    times = []
+    for _ in range(repeats):
+        synchronize(device)
+        start = time.perf_counter()
+        run(x)
+        synchronize(device)
+        times.append(time.perf_counter() - start)
+    return times
+
+
+def peak_memory_child(args: argparse.Namespace, name: str, batch: int) -> None:
+    """Run one method once in this (fresh) process and print its peak memory in MiB."""
+    model = build(args.arch, args.device)
+    x = torch.randn(batch, 3, args.size, args.size, device=args.device)
+    run = method_runner(name, model)
+    if args.device.startswith("cuda"):
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        run(x)
+        peak = torch.cuda.max_memory_allocated() - base
+    else:
+        base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+        run(x)
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - base
+    print(json.dumps({"peak_mib": peak / 2**20}))
+
+
+def peak_memory(args: argparse.Namespace, name: str, batch: int) -> float:
+    command = [sys.executable, __file__, "--arch", args.arch, "--size", str(args.size), "--device",
+               args.device, "--memory-child", name, "--batch", str(batch)]
+    output = subprocess.run(command, check=True, capture_output=True, text=True).stdout
+    return json.loads(output.strip().splitlines()[-1])["peak_mib"]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--arch", default="resnet50")
+    parser.add_argument("--size", type=int, default=224)
+    parser.add_argument("--batch", type=int, nargs="+", default=[1, 16])
+    parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
+    parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory subprocesses")
+    parser.add_argument("--memory-child", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.memory_child:
+        peak_memory_child(args, args.memory_child, args.batch[0])
+        return
+    model = build(args.arch, args.device)
+    print(f"# {args.arch} at {args.size} px on {args.device} ({torch.get_num_threads()} threads), "
+          f"torch {torch.__version__}, medians of {args.repeats}")
+    print("| batch | method | median s | per image ms | × input gradient | × backprop | peak MiB |")
+    print("|---|---|---|---|---|---|---|")
+    for batch in args.batch:
+        x = torch.randn(batch, 3, args.size, args.size, device=args.device)
+        medians = {name: statistics.median(time_method(method_runner(name, model), x, args.repeats, args.device))
+                   for name in args.methods}
+        for name, median in medians.items():
+            memory = "" if args.no_memory else f"{peak_memory(args, name, batch):.0f}"
+            vs_gradient = median / medians["input-gradient"] if "input-gradient" in medians else float("nan")
+            vs_backprop = median / medians["backprop"] if "backprop" in medians else float("nan")
+            print(f"| {batch} | {name} | {median:.3f} | {1000 * median / batch:.1f} | {vs_gradient:.2f} | "
+                  f"{vs_backprop:.2f} | {memory} |", flush=True)
+
+
+if __name__ == "__main__":
+    main()
