@@ -208,6 +208,7 @@ def test_shared_detector_maps_conserve():
     assert heat.shape == (64, 64)
 
 
+@pytest.mark.slow
 def test_ssd300_vgg16_l2norm_passes_and_maps_conserve():
     """The one 300 px test: VGG16 with ceil-mode max pool and the L2Norm wrapper."""
     torchvision = pytest.importorskip("torchvision")

@@ -11,10 +11,11 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from sharedfiles import load_torchvision_checkpoint, shared_path
 from torchvision import transforms
 
 from relprop.cli import main
+
+from sharedfiles import load_torchvision_checkpoint, shared_path
 
 PENGUIN = ("n02056570", "val_1073.JPEG")
 KOALA = ("n01882714", "val_1083.JPEG")

@@ -20,6 +20,8 @@ from PIL import Image
 from relprop.cli import main
 from relprop.report import build_report, conservation_points, read_run, summarize
 
+from sharedfiles import shared_path
+
 NASTY_FILE = 'we<ird> "name" & <img src=x onerror=alert(1)>.png'
 CLASS_NAMES = ["cat & dog", "<b>bold</b>", "plain"]
 METHODS = ("ours", "gradcam", "ig")
@@ -324,3 +326,24 @@ def test_report_in_a_real_browser(report: tuple[Path, Path], browser: Browser,
     browser.js("window.scrollTo(0, 0)")
     browser.screenshot(tmp_path / "report.png")
     assert Image.open(tmp_path / "report.png").size[0] >= 1000
+
+
+@pytest.mark.slow
+def test_report_of_a_real_evaluate_run(tmp_path: Path) -> None:
+    """Through the real `relprop evaluate`: its files are what the report reads."""
+    weights = shared_path("models", "resnet18_tin10.pt")
+    data = shared_path("data", "tin10", "val")
+    eval_out = tmp_path / "eval"
+    main(["evaluate", "--weights", str(weights), "--data", str(data), "--limit", "2",
+          "--methods", "ours,gradient", "--save-maps", "--device", "cpu", "--out", str(eval_out)])
+    assert main(["report", str(eval_out), "--out", str(tmp_path / "report")]) == 0
+    page = (tmp_path / "report" / "index.html").read_text(encoding="utf-8")
+    assert "goldfish" in page  # class names from the checkpoint, as labels
+    assert 'id="no-maps"' not in page and "Original images not found" not in page
+    assert len(list((tmp_path / "report" / "img").rglob("m*.png"))) == 2 * 2
+    assert len(list((tmp_path / "report" / "img").rglob("orig.png"))) == 2
+    panels = conservation_points(read_run(eval_out).records)
+    assert list(panels) == ["last residual block (layer4.1)", "first residual block (layer1.0)",
+                            "input"]
+    x, y = np.asarray(panels["input"]["ours"]).T
+    np.testing.assert_allclose(y, x, rtol=1e-3)  # relprop's LRP conserves relevance

@@ -130,8 +130,9 @@ class RelevanceEngine:
     # ---------------------------------------------------------------- backward
 
     @torch.no_grad()
-    def backward(self, record: Record, seed: Any) -> Backward:
-        """Propagate `seed` (same structure as `record.output`; None = no relevance) to the input."""
+    def backward(self, record: Record, seed: Any, layer_sums: bool = False) -> Backward:
+        """Propagate `seed` (same structure as `record.output`; None = no relevance) to the input;
+        with `layer_sums`, also total the relevance that crosses each reported cut."""
         relevance: dict[fx.Node, Tensor] = {}
         sums: OrderedDict[str, Tensor] = OrderedDict()
         output_step = self.steps[-1]
@@ -144,7 +145,7 @@ class RelevanceEngine:
                     relevance[step.node] = R
                 continue
             for parent, R_in in self._propagate(step, record.values, R):
-                if step.group is not None and self._group(parent) != step.group:
+                if layer_sums and step.group is not None and self._group(parent) != step.group:
                     total = R_in.reshape(R_in.shape[0], -1).sum(1)
                     sums[step.group] = sums[step.group] + total if step.group in sums else total
                 _accumulate(relevance, parent, R_in)
@@ -176,7 +177,10 @@ class RelevanceEngine:
         node, kind = step.node, step.kind
         if kind in (g.LINEAR, g.CUSTOM):
             parent = step.inputs[0]
-            return [(parent, self.rule_for(step).relevance(step.module, values[parent], R))]
+            rule = self.rule_for(step)
+            if isinstance(rule, ZPlusRule) and self._step_of[parent].nonnegative:
+                return [(parent, rule.relevance(step.module, values[parent], R, nonnegative=True))]
+            return [(parent, rule.relevance(step.module, values[parent], R))]
         if kind == g.PASS:
             parent = step.inputs[0]
             return [(parent, R.reshape(values[parent].shape))]

@@ -73,6 +73,7 @@ class Step:
     skip: int | None = None  # ADD: index of the operand that is an identity skip
     is_input_layer: bool = False  # LINEAR: consumes the image
     inputs: list[fx.Node] = field(default_factory=list)  # input-dependent node arguments
+    nonnegative: bool = False  # the output is >= 0 by construction (after a ReLU, pooled...)
 
 
 class _Tracer(fx.Tracer):
@@ -83,6 +84,7 @@ class _Tracer(fx.Tracer):
         super().__init__()
         self.leaf_types = leaf_types
         self.relprop_path: list[tuple[str, nn.Module]] = []
+        self.failed_in: tuple[str, nn.Module] | None = None  # innermost module of a failure
 
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
         return isinstance(m, self.leaf_types) or super().is_leaf_module(m, module_qualified_name)
@@ -91,6 +93,10 @@ class _Tracer(fx.Tracer):
         self.relprop_path.append((self.path_of_module(m), m))
         try:
             return super().call_module(m, forward, args, kwargs)
+        except Exception:
+            if self.failed_in is None:
+                self.failed_in = self.relprop_path[-1]
+            raise
         finally:
             self.relprop_path.pop()
 
@@ -101,7 +107,7 @@ def trace(model: nn.Module, leaf_types: Iterable[type] = ()) -> fx.Graph:
     try:
         graph = tracer.trace(model)
     except Exception as error:  # fx raises many types; all mean "not traceable as written"
-        where = _describe_stack(tracer.relprop_path)
+        where = _describe_module(tracer.failed_in)
         first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         raise TraceError(
             f"cannot trace {type(model).__name__}{where} with torch.fx: {first_line}. "
@@ -118,10 +124,10 @@ def trace(model: nn.Module, leaf_types: Iterable[type] = ()) -> fx.Graph:
     return graph
 
 
-def _describe_stack(stack: list[tuple[str, nn.Module]]) -> str:
-    if not stack:
+def _describe_module(failed_in: tuple[str, nn.Module] | None) -> str:
+    if failed_in is None:
         return ""
-    name, module = stack[-1]
+    name, module = failed_in
     return f" in module '{name}' ({type(module).__name__})"
 
 
@@ -178,7 +184,26 @@ def build_steps(model: nn.Module, graph: fx.Graph, ruled_types: tuple[type, ...]
     _mark_identity_skips(steps)
     _mark_input_layers(steps)
     _keep_cut_groups(steps)
+    _mark_nonnegative(steps)
     return steps
+
+
+RELU_FUNCTIONS = {F.relu, torch.relu, F.relu6}
+
+
+def _mark_nonnegative(steps: list[Step]) -> None:
+    """Which outputs cannot be negative: rules can then skip checking their inputs."""
+    by_node = {step.node: step for step in steps}
+    for step in steps:
+        node = step.node
+        if isinstance(step.module, (nn.ReLU, nn.ReLU6)) or (node.op == "call_function" and node.target in RELU_FUNCTIONS) \
+                or (node.op == "call_method" and node.target == "relu"):
+            step.nonnegative = True
+        elif step.kind in (MAXPOOL, POOL, ROUTE, CAT, ADD) or (
+                step.kind == PASS and not isinstance(step.module, (nn.BatchNorm1d, nn.BatchNorm2d))):
+            parents = [by_node[parent] for parent in step.inputs]
+            step.nonnegative = bool(parents) and all(parent.nonnegative for parent in parents) and \
+                (step.kind != ADD or len(step.inputs) == 2)
 
 
 def _keep_cut_groups(steps: list[Step]) -> None:

@@ -66,14 +66,17 @@ def _upright(img: Image.Image) -> Image.Image:
 
 
 def to_rgb(img: Image.Image) -> Image.Image:
-    """Convert any PIL mode to 8-bit RGB (alpha on white, 16-bit scaled, CMYK via ICC if given)."""
+    """Convert any PIL mode to 8-bit RGB (alpha on white, 16-bit scaled, CMYK via ICC if given).
+
+    Transparency of 16-bit and float images is ignored (such files are scans, not cut-outs).
+    """
+    if img.mode in _NUMERIC_MODES:  # before alpha: Pillow's own conversion clips 16-bit values
+        return Image.fromarray(_to_uint8(img), mode="L").convert("RGB")
     if img.mode in _ALPHA_MODES or "transparency" in img.info:
         rgba = img.convert("RGBA")
         out = Image.new("RGB", rgba.size, _BACKGROUND)
         out.paste(rgba, mask=rgba.getchannel("A"))
         return out
-    if img.mode in _NUMERIC_MODES:
-        return Image.fromarray(_to_uint8(img), mode="L").convert("RGB")
     if img.mode == "CMYK":
         return _cmyk_to_rgb(img)
     return img.convert("RGB")

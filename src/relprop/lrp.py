@@ -85,7 +85,8 @@ class LRP:
         results, reports = [], []
         for start in range(0, x.shape[0], self.chunk_size):
             chunk = x[start:start + self.chunk_size].to(device=device, dtype=torch.float32)
-            R, sums = self._attribute_chunk(chunk, _slice_target(target, start, self.chunk_size))
+            R, sums = self._attribute_chunk(chunk, _slice_target(target, start, self.chunk_size),
+                                            return_layer_sums)
             results.append(R.to(inputs.device))
             reports.append(sums)
         R = torch.cat(results)
@@ -94,7 +95,7 @@ class LRP:
         layer_sums = OrderedDict((key, torch.cat([r[key] for r in reports]).to(inputs.device)) for key in reports[0])
         return R, layer_sums
 
-    def _attribute_chunk(self, x: Tensor, target: Target) -> tuple[Tensor, OrderedDict[str, Tensor]]:
+    def _attribute_chunk(self, x: Tensor, target: Target, layer_sums: bool) -> tuple[Tensor, OrderedDict[str, Tensor]]:
         record = self.engine.forward(x)
         logits = record.output
         if not isinstance(logits, Tensor) or logits.dim() != 2 or logits.shape[0] != x.shape[0]:
@@ -104,7 +105,7 @@ class LRP:
                 "Use relprop.engine.RelevanceEngine with a seed of the output's structure."
             )
         seed = initial_relevance(logits, target)
-        backward = self.engine.backward(record, seed)
+        backward = self.engine.backward(record, seed, layer_sums=layer_sums)
         sums: OrderedDict[str, Tensor] = OrderedDict(output=seed.sum(1))
         sums.update(backward.layer_sums)
         sums["input"] = backward.input.reshape(x.shape[0], -1).sum(1)

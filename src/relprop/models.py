@@ -61,7 +61,7 @@ def load_model(
              "mean": mean, "std": std}
     meta = _meta(path, stored, given, state_dict, model_def)
     model = _build(path, meta, model_def)
-    _load_state(path, model, state_dict)
+    _load_state(path, model, state_dict, str(meta["arch"]))
     return model.float().eval(), meta
 
 
@@ -174,7 +174,7 @@ def _from_model_def(model_def: str, meta: dict[str, Any]) -> nn.Module:
     return model
 
 
-def _load_state(path: Path, model: nn.Module, state_dict: Mapping[str, torch.Tensor]) -> None:
+def _load_state(path: Path, model: nn.Module, state_dict: Mapping[str, torch.Tensor], arch: str) -> None:
     """Strict load, with the first mismatches named on one line instead of PyTorch's long report."""
     expected = model.state_dict()
     missing = [k for k in expected if k not in state_dict]
@@ -191,6 +191,6 @@ def _load_state(path: Path, model: nn.Module, state_dict: Mapping[str, torch.Ten
     ]
     if problems:
         raise CheckpointError(
-            f"{path}: weights do not fit {type(model).__name__}: " + "; ".join(problems)
+            f"{path}: weights do not fit {arch}: " + "; ".join(problems)
         )
     model.load_state_dict(state_dict, strict=True)

@@ -378,40 +378,49 @@ def build_gallery(context: GalleryContext) -> tuple[list[dict[str, Any]], list[s
     """Write thumbnails; return (rows for the page's JSON, methods, number of maps found)."""
     from tqdm import tqdm
 
-    from relprop.viz import render_map, save_png
-
     records = _gallery_records(context.run.records)
     methods = _ordered(r["method"] for per in records.values() for r in per)
-    rows, found = [], 0
-    for index, (image, per_method) in enumerate(tqdm(records.items(), desc="gallery", unit="image",
-                                                     disable=None)):
-        maps = {r["method"]: _load_map(map_path(context.run.root, r["method"], image, r.get("checkpoint")))
-                for r in per_method}
-        shape = next((m.shape for m in maps.values() if m is not None), None)
-        picture = original_picture(context, image, shape)
-        first = per_method[0]
-        row: dict[str, Any] = {
-            "image": image,
-            "label": _label(context.names, first.get("label"), first.get("label_name")),
-            "pred": _label(context.names, first.get("pred"), first.get("pred_name")),
-            "orig": None, "cells": {},
-        }
-        if picture is not None:
-            row["orig"] = save_png(context.out / "img" / f"{index:06d}" / "orig.png", picture).relative_to(context.out).as_posix()
-        for m_index, r in enumerate(per_method):
-            cell = {"id": _number(r.get("id")), "ins": _number(r.get("insertion")),
-                    "del": _number(r.get("deletion")), "src": None}
-            heat = maps[r["method"]]
-            if heat is not None:
-                found += 1
-                base = picture if picture is not None and picture.shape[:2] == heat.shape else \
-                    np.full((*heat.shape, 3), 200, np.uint8)
-                cell["src"] = save_png(context.out / "img" / f"{index:06d}" / f"m{m_index}.png",
-                                       render_map(base, heat, context.sign)).relative_to(context.out).as_posix()
-            row["cells"][r["method"]] = {k: (None if isinstance(v, float) and not math.isfinite(v) else v)
-                                         for k, v in cell.items()}
-        rows.append(row)
+    rows = [_gallery_row(context, index, image, per_method) for index, (image, per_method)
+            in enumerate(tqdm(records.items(), desc="gallery", unit="image", disable=None))]
+    found = sum(cell["src"] is not None for row in rows for cell in row["cells"].values())
     return rows, methods, found
+
+
+def _gallery_row(context: GalleryContext, index: int, image: str,
+                 per_method: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """One image: its picture, labels, and per method a map thumbnail and the scores."""
+    from relprop.viz import render_map, save_png
+
+    folder = context.out / "img" / f"{index:06d}"
+    maps = [_load_map(map_path(context.run.root, r["method"], image, r.get("checkpoint")))
+            for r in per_method]
+    shape = next((m.shape for m in maps if m is not None), None)
+    picture = original_picture(context, image, shape)
+    first = per_method[0]
+    row: dict[str, Any] = {
+        "image": image,
+        "label": _label(context.names, first.get("label"), first.get("label_name")),
+        "pred": _label(context.names, first.get("pred"), first.get("pred_name")),
+        "orig": None if picture is None else _relative(save_png(folder / "orig.png", picture), context.out),
+        "cells": {},
+    }
+    for number, (record, heat) in enumerate(zip(per_method, maps, strict=True)):
+        src = None
+        if heat is not None:
+            base = picture if picture is not None and picture.shape[:2] == heat.shape else \
+                np.full((*heat.shape, 3), 200, np.uint8)  # no original: the map on flat grey
+            src = _relative(save_png(folder / f"m{number}.png", render_map(base, heat, context.sign)),
+                            context.out)
+        scores = {"id": record.get("id"), "ins": record.get("insertion"), "del": record.get("deletion")}
+        row["cells"][record["method"]] = {
+            "src": src, **{k: (v if math.isfinite(v) else None) for k, v in
+                           ((k, _number(v)) for k, v in scores.items())},
+        }
+    return row
+
+
+def _relative(path: Path, root: Path) -> str:
+    return path.relative_to(root).as_posix()
 
 
 def _gallery_records(records: Sequence[dict[str, Any]]) -> OrderedDict[str, list[dict[str, Any]]]:
@@ -644,7 +653,7 @@ dl.prov dt { font-weight: 600; } dl.prov dd { margin: 0; word-break: break-all; 
 .cell img { width: 128px; height: auto; image-rendering: pixelated; display: block; margin: 0 auto; }
 .cell .empty { width: 128px; height: 96px; background: #f0f0f0; color: #888; display: flex;
                align-items: center; justify-content: center; margin: 0 auto; }
-.caption { word-break: break-all; }
+.caption { overflow-wrap: anywhere; }
 .head .cell { font-weight: 600; font-size: 0.85em; }
 </style>
 </head>
@@ -724,6 +733,14 @@ is better; ID = insertion − deletion. Click a column heading to sort.</p>
     var el = document.createElement(tag); el.textContent = value; if (cls) { el.className = cls; }
     return el;
   }
+  function caption(path) {  // break long paths after a slash, not inside a name
+    var div = document.createElement("div"); div.className = "caption";
+    path.split("/").forEach(function (part, i) {
+      if (i > 0) { div.appendChild(document.createTextNode("/")); div.appendChild(document.createElement("wbr")); }
+      div.appendChild(document.createTextNode(part));
+    });
+    return div;
+  }
   function picture(src, alt) {
     if (!src) { return text("div", "no map", "empty"); }
     var img = document.createElement("img");
@@ -743,7 +760,7 @@ is better; ID = insertion − deletion. Click a column heading to sort.</p>
       var line = document.createElement("div"); line.className = "row";
       line.appendChild(cell([
         r.orig ? picture(r.orig, r.image) : text("div", "original not found", "empty"),
-        text("div", r.image, "caption"),
+        caption(r.image),
         text("div", "label: " + r.label), text("div", "pred: " + r.pred)]));
       data.methods.forEach(function (m) {
         var c = r.cells[m];

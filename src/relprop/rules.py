@@ -141,11 +141,24 @@ class ZPlusRule(Rule):
 
     name = "zplus"
 
-    def relevance(self, layer: nn.Module, a: Tensor, R: Tensor) -> Tensor:
+    def __init__(self) -> None:
+        self._positive_weights: dict[int, tuple[tuple, Tensor]] = {}
+
+    def _positive_weight(self, layer: nn.Module, w: Tensor) -> Tensor:
+        """w⁺, computed once per layer and weight version (it is re-used for every image)."""
+        key = (layer.weight._version, layer.weight.data_ptr(), w.dtype, w.device)
+        cached = self._positive_weights.get(id(layer))
+        if cached is None or cached[0] != key:
+            cached = (key, w.clamp(min=0))
+            self._positive_weights[id(layer)] = cached
+        return cached[1]
+
+    def relevance(self, layer: nn.Module, a: Tensor, R: Tensor, nonnegative: bool = False) -> Tensor:
+        """`nonnegative=True` promises `a >= 0` (the engine knows it after a ReLU)."""
         op = as_linear_op(layer)
         w = op.weight
-        w_pos = w.clamp(min=0)
-        if bool(a.min() >= 0):  # the usual case after a ReLU: skip the negative part
+        w_pos = self._positive_weight(layer, w)
+        if nonnegative or bool(a.min() >= 0):  # the usual case: skip the negative part
             terms = [(a, w_pos)]
         else:
             terms = [(a.clamp(min=0), w_pos), (a.clamp(max=0), w.clamp(max=0))]

@@ -91,7 +91,7 @@ def blend(image: np.ndarray, heat: np.ndarray, scale: HeatScale) -> np.ndarray:
     heat = resize_map(heat, image.shape[:2])
     rgba = scale.cmap(scale.norm(heat))
     strength = np.clip(np.abs(heat) / scale.vmax, 0.0, 1.0)[..., None]
-    alpha = _MAX_ALPHA * strength**0.7  # faint relevance stays visible, yet the photo reads
+    alpha = _MAX_ALPHA * strength  # opacity in proportion: faint relevance stays faint
     grey = image.astype(np.float32).mean(axis=2, keepdims=True) / 255.0
     base = 0.35 + 0.55 * grey  # faded, so colour reads on dark and light photos alike
     out = (1.0 - alpha) * base + alpha * rgba[..., :3]

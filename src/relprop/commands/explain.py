@@ -111,9 +111,6 @@ class Job:
 
 def run(args: argparse.Namespace) -> int:
     """Explain every image; return 1 if any input failed, after processing all the others."""
-    from tqdm import tqdm
-
-    from relprop.images import load_image
     from relprop.models import load_model, preprocessing
 
     methods = parse_methods(args.methods)
@@ -123,19 +120,41 @@ def run(args: argparse.Namespace) -> int:
     model, meta = load_model(args.weights, arch=args.arch, num_classes=args.num_classes,
                              model_def=args.model_def)
     model.to(device)
-    names = class_names(meta)
     target = parse_target(args.target, meta)
     explainers = build_methods(methods, model, meta, args.hq)
     jobs, failures = plan_jobs(args.inputs)
+    total = len(jobs) + len(failures)  # an empty folder counts as one failed input
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    context = Context(model, meta, preprocessing(meta), explainers, names, target, device,
-                      args.sign, out)
+    context = Context(model, meta, preprocessing(meta), explainers, class_names(meta), target,
+                      device, args.sign, out)
+    overview = explain_all(context, jobs, args.batch_size, failures)
+    if len(overview) > 1:
+        from relprop.viz import save_panel
+
+        save_panel(out / "overview.png", overview, sign=args.sign)
+    if failures:
+        print(f"relprop explain: {len(failures)} of {total} inputs failed (named above)",
+              file=sys.stderr)
+        return 1
+    return 0
+
+
+def explain_all(context: Context, jobs: Sequence[Job], batch_size: int,
+                failures: list[str]) -> list[Any]:
+    """Batch by batch, with a progress bar; unreadable images are named and skipped.
+
+    Appends to `failures`; returns the panel rows of the first images for the overview.
+    """
+    from tqdm import tqdm
+
+    from relprop.images import load_image
+
     overview: list[Any] = []
-    with open(out / "predictions.jsonl", "w", encoding="utf-8") as log, \
+    with open(context.out / "predictions.jsonl", "w", encoding="utf-8") as log, \
             tqdm(total=len(jobs), unit="image", desc="explain", file=sys.stderr,
                  disable=None) as bar:
-        for batch in _batched(jobs, args.batch_size):
+        for batch in _batched(jobs, batch_size):
             loaded = []
             for job in batch:
                 try:
@@ -143,26 +162,13 @@ def run(args: argparse.Namespace) -> int:
                 except ImageError as error:
                     failures.append(str(error))
                     tqdm.write(f"relprop explain: error: {error}", file=sys.stderr)
-            if loaded:
-                for record, row in explain_batch(context, loaded):
-                    log.write(json.dumps(record, ensure_ascii=False) + "\n")
-                    tqdm.write(_summary_line(record), file=sys.stdout)
-                    if len(overview) < OVERVIEW_ROWS:
-                        overview.append(row)
+            for record, row in explain_batch(context, loaded):
+                log.write(json.dumps(record, ensure_ascii=False) + "\n")
+                tqdm.write(_summary_line(record), file=sys.stdout)
+                if len(overview) < OVERVIEW_ROWS:
+                    overview.append(row)
             bar.update(len(batch))
-    if len(overview) > 1:
-        from relprop.viz import save_panel
-
-        save_panel(out / "overview.png", overview, sign=args.sign)
-    return _finish(len(jobs), failures)
-
-
-def _finish(total: int, failures: Sequence[str]) -> int:
-    if failures:
-        print(f"relprop explain: {len(failures)} of {total} inputs failed (named above)",
-              file=sys.stderr)
-        return 1
-    return 0
+    return overview
 
 
 def parse_methods(text: str) -> list[str]:
@@ -297,11 +303,11 @@ def explain_batch(context: Context, loaded: Sequence[tuple[Job, Any]]) -> Iterat
     Without a crop, photos of different aspect ratios give inputs of different sizes: each
     size is run as its own sub-batch.
     """
-    for group in _same_shape_runs(loaded):
+    for group in _same_shape_groups(loaded):
         yield from _explain_group(context, group)
 
 
-def _same_shape_runs(loaded: Sequence[tuple[Job, Any]]) -> Iterator[list[tuple[Job, Any]]]:
+def _same_shape_groups(loaded: Sequence[tuple[Job, Any]]) -> Iterator[list[tuple[Job, Any]]]:
     groups: dict[tuple[int, ...], list[tuple[Job, Any]]] = {}
     for job, tensor in loaded:
         groups.setdefault(tuple(tensor.shape), []).append((job, tensor))

@@ -1,0 +1,120 @@
+"""Loading weights files: checkpoints, plain state dicts, fp16, model definitions, and the one-line
+errors for weights that do not fit."""
+
+from __future__ import annotations
+
+import pickle
+
+import pytest
+import torch
+import torchvision
+from PIL import Image
+
+from relprop.errors import CheckpointError
+from relprop.models import load_model, preprocessing
+
+from sharedfiles import shared_path
+
+
+@pytest.fixture(scope="module")
+def small_state() -> dict[str, torch.Tensor]:
+    torch.manual_seed(0)
+    return torchvision.models.resnet18(num_classes=3).state_dict()
+
+
+def test_shared_checkpoint_loads_with_its_metadata():
+    path = shared_path("models", "resnet18_tin10.pt")
+    model, meta = load_model(path)
+    assert not model.training
+    assert all(p.dtype == torch.float32 for p in model.parameters())
+    assert meta["arch"] == "resnet18" and meta["num_classes"] == 10 and len(meta["classes"]) == 10
+    assert meta["class_names"][0] == "goldfish"
+    assert (meta["resize"], meta["crop"], meta["input_size"]) == (112, None, 112)
+    reference = torchvision.models.resnet18(num_classes=10)
+    reference.load_state_dict(torch.load(path, weights_only=True)["state_dict"])
+    x = torch.randn(2, 3, 112, 112)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), reference.eval()(x))
+
+
+def test_fp16_checkpoint_is_cast_to_fp32(tmp_path, small_state):
+    path = tmp_path / "half.pt"
+    torch.save({"arch": "resnet18", "num_classes": 3, "input_size": 64, "resize": 64, "crop": None,
+                "mean": [0.5] * 3, "std": [0.25] * 3,
+                "state_dict": {k: v.half() if v.is_floating_point() else v for k, v in small_state.items()}},
+               path)
+    model, meta = load_model(path)
+    assert model.conv1.weight.dtype == torch.float32
+    torch.testing.assert_close(model.conv1.weight, small_state["conv1.weight"].half().float())
+    assert meta["classes"] == ["0", "1", "2"] and meta["class_names"] is None
+
+
+def test_plain_state_dict_with_flags(tmp_path, small_state):
+    path = tmp_path / "plain.pth"
+    torch.save({f"module.{k}": v for k, v in small_state.items()}, path)  # DataParallel prefix
+    model, meta = load_model(path, arch="resnet18", resize=80, crop=64)
+    assert meta["num_classes"] == 3  # read from fc.weight
+    assert (meta["resize"], meta["crop"], meta["input_size"]) == (80, 64, 64)
+    torch.testing.assert_close(model.fc.weight, small_state["fc.weight"])
+    with pytest.raises(CheckpointError, match="needs --arch"):
+        load_model(path)
+
+
+def test_weights_that_do_not_fit_give_one_line(tmp_path, small_state):
+    path = tmp_path / "w.pth"
+    torch.save(small_state, path)
+    with pytest.raises(CheckpointError, match="shape mismatches 2") as error:
+        load_model(path, arch="resnet18", num_classes=5)
+    assert "\n" not in str(error.value) and "fc.weight" in str(error.value)
+    with pytest.raises(CheckpointError, match="missing keys 1 .*unexpected keys 1"):
+        broken = dict(small_state)
+        broken["extra.weight"] = broken.pop("layer1.0.conv1.weight")
+        torch.save(broken, path)
+        load_model(path, arch="resnet18")
+    with pytest.raises(CheckpointError, match="do not fit resnet34: missing keys"):
+        load_model(path, arch="resnet34")
+
+
+def test_not_a_checkpoint(tmp_path):
+    text = tmp_path / "notes.pt"
+    text.write_text("not weights")
+    with pytest.raises(CheckpointError, match="not a loadable PyTorch weights file"):
+        load_model(text, arch="resnet18")
+    with pytest.raises(CheckpointError, match="no such weights file"):
+        load_model(tmp_path / "missing.pt")
+    listing = tmp_path / "list.pt"
+    torch.save([1, 2, 3], listing)
+    with pytest.raises(CheckpointError, match="not a checkpoint"):
+        load_model(listing)
+
+
+class _Payload:
+    def __reduce__(self):
+        return (print, ("code ran",))
+
+
+def test_pickled_code_is_refused(tmp_path, capsys):
+    path = tmp_path / "evil.pt"
+    path.write_bytes(pickle.dumps({"state_dict": _Payload()}))
+    with pytest.raises(CheckpointError):
+        load_model(path, arch="resnet18")
+    assert "code ran" not in capsys.readouterr().out
+
+
+def test_model_definition_file_builds_the_shared_detector():
+    source = shared_path("models", "ssd_resnet18_tin10.py")
+    model, meta = load_model(shared_path("models", "ssd_resnet18_tin10.pt"),
+                             model_def=f"{source}:from_metadata")
+    assert type(model).__name__ == "SSD" and not model.training
+    assert meta["num_classes"] == 11 and meta["resize"] == 112
+    with pytest.raises(CheckpointError, match="has no function 'nope'"):
+        load_model(shared_path("models", "ssd_resnet18_tin10.pt"), model_def=f"{source}:nope")
+
+
+def test_preprocessing_resizes_crops_and_normalizes():
+    meta = {"resize": 256, "crop": 224, "mean": [0.5] * 3, "std": [0.5] * 3}
+    x = preprocessing(meta)(Image.new("RGB", (500, 375), (255, 0, 0)))
+    assert x.shape == (3, 224, 224)
+    torch.testing.assert_close(x[:, 0, 0], torch.tensor([1.0, -1.0, -1.0]))
+    x = preprocessing({**meta, "crop": None, "resize": 112})(Image.new("RGB", (64, 64)))
+    assert x.shape == (3, 112, 112)
