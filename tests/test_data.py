@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from relprop.data import Item, discover, load_item, scale_box, select
+from relprop.data import Item, discover, load_item, select
 from relprop.errors import InputError
 from relprop.models import preprocessing
 

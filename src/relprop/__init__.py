@@ -1,10 +1,33 @@
 """relprop: Layer-wise Relevance Propagation with the conservation property for residual
-networks (Relevance Splitting, Otsuki et al. ECCV 2024) and single-shot detectors."""
+networks (Relevance Splitting, Otsuki et al. ECCV 2024) and single-shot detectors.
 
-from relprop.engine import RelevanceEngine
-from relprop.lrp import LRP
-from relprop.quantize import heat_quantize
-from relprop.rules import Rule, get_rule
+The public names are imported on first use, so `relprop --help` does not wait for torch.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
 
 __version__ = "0.1.0"
+
+_EXPORTS = {
+    "LRP": "relprop.lrp",
+    "RelevanceEngine": "relprop.engine",
+    "Rule": "relprop.rules",
+    "get_rule": "relprop.rules",
+    "heat_quantize": "relprop.quantize",
+}
 __all__ = ["LRP", "RelevanceEngine", "Rule", "get_rule", "heat_quantize", "__version__"]
+
+if TYPE_CHECKING:
+    from relprop.engine import RelevanceEngine
+    from relprop.lrp import LRP
+    from relprop.quantize import heat_quantize
+    from relprop.rules import Rule, get_rule
+
+
+def __getattr__(name: str) -> Any:
+    if name in _EXPORTS:
+        return getattr(importlib.import_module(_EXPORTS[name]), name)
+    raise AttributeError(f"module 'relprop' has no attribute {name!r}")

@@ -59,6 +59,7 @@ exit status: 0 done; 1 some images unreadable (skipped and recorded) or a bad mo
 DEFAULT_METHODS = "ours,gradcam,scorecam,ig,gbp,lrp-captum"
 METRICS = ("insertion", "deletion", "id")
 LOCALIZATION = ("pointing", "energy", "centre_pointing", "centre_energy")
+MIN_FRAME_BATCH = 64
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
@@ -82,7 +83,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     parser.add_argument("--per-class", type=int, metavar="N",
                         help="the first N images of each class (the paper: 1 on ImageNet, 5 on CUB)")
     parser.add_argument("--batch-size", type=int, default=32, metavar="B",
-                        help="images per explanation batch and frames per metric forward")
+                        help="images explained at once (default 32); metric frames go "
+                             f"max(B, {MIN_FRAME_BATCH}) per forward")
     parser.add_argument("--device", choices=("cpu", "cuda"), help="default: cuda if available")
     parser.add_argument("--save-maps", action="store_true", help="write OUT/maps/<method>/<stem>.npy")
     model = parser.add_argument_group("plain state dicts (checkpoints carry this metadata)")
@@ -303,7 +305,7 @@ def _evaluate(checkpoint: _Checkpoint, args: argparse.Namespace, plan: Plan, sto
             store.skip({"checkpoint_sha256": checkpoint.sha256, "image": item.path, "error": message})
             skipped += 1
         if batch is not None:
-            _evaluate_batch(checkpoint, batch, methods, plan, args, store, device, stems)
+            _evaluate_batch(checkpoint, batch, methods, plan, args, store, device, stems, progress)
         progress.update(len(failures) + (len(batch.items) if batch is not None else 0))
     progress.close()
     return skipped
@@ -335,7 +337,7 @@ def _batches(root: Path, items: Sequence[Any], meta: dict[str, Any],
 
 def _evaluate_batch(checkpoint: _Checkpoint, batch: _Batch, methods: dict[str, Any], plan: Plan,
                     args: argparse.Namespace, store: _Store, device: torch.device,
-                    stems: dict[str, str]) -> None:
+                    stems: dict[str, str], progress: Any) -> None:
     from relprop.methods import HQ_SUFFIX, HeatQuantized
     from relprop.metrics import insertion_deletion, localization
 
@@ -350,6 +352,7 @@ def _evaluate_batch(checkpoint: _Checkpoint, batch: _Batch, methods: dict[str, A
             (checkpoint.sha256, it.path, n, p) not in store.done for it in batch.items)] for n in names}
         if not any(pending.values()):
             continue
+        progress.set_postfix_str(base_name)
         maps, sums = _attribute(base, x)
         for name in names:
             if not pending[name]:
@@ -363,7 +366,7 @@ def _evaluate_batch(checkpoint: _Checkpoint, batch: _Batch, methods: dict[str, A
             for protocol in pending[name]:
                 result = insertion_deletion(model, x, flat, labels, protocol, mean=meta["mean"],
                                             std=meta["std"], step=args.step, block=args.block,
-                                            batch_size=args.batch_size)
+                                            batch_size=max(args.batch_size, MIN_FRAME_BATCH))
                 for i, item in enumerate(batch.items):
                     record = _record(checkpoint, item, name, protocol, args.channels, base, preds[i],
                                      result, i, boxes[i], sums, args.step)

@@ -1,0 +1,95 @@
+"""Insertion/deletion time per image against the bare cost of its forwards.
+
+    python benchmarks/bench_insdel.py --images 8 --batch 64 --protocol paper rise --threads 1
+
+The bare cost is the model's forward over the same number of frames (random inputs, the same
+batch size), so the ratio is the overhead of making frames, ranking maps and scoring (goal:
+within 1.3x). Model: ../shared/models/resnet18_tin10.pt at 112 px, or a random `--arch`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import statistics
+import time
+from pathlib import Path
+
+import torch
+import torchvision
+
+from relprop.metrics import PAPER_STEP, insertion_deletion
+
+SHARED = Path(__file__).resolve().parents[1].parent / "shared"
+MEAN, STD = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]
+
+
+def frames_per_image(protocol: str, size: int) -> int:
+    if protocol == "paper":
+        return 2 * math.ceil(size * size / PAPER_STEP)
+    return 2 * (math.ceil(size * size / size) + 1)
+
+
+def median_time(fn, device: str, repeats: int) -> float:
+    fn()
+    times = []
+    for _ in range(repeats):
+        if device == "cuda":
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        fn()
+        if device == "cuda":
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def bare_forwards(model: torch.nn.Module, count: int, size: int, batch: int, device: str) -> None:
+    frames = torch.randn(min(batch, count), 3, size, size, device=device)
+    with torch.no_grad():
+        for start in range(0, count, batch):
+            model(frames[: min(batch, count - start)])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--images", type=int, default=8)
+    parser.add_argument("--batch", type=int, default=64)
+    parser.add_argument("--protocol", nargs="+", default=["paper", "rise"])
+    parser.add_argument("--arch", default="resnet18")
+    parser.add_argument("--size", type=int, default=112)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--threads", type=int, default=0, help="CPU threads (0: torch's default)")
+    parser.add_argument("--repeats", type=int, default=3)
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    checkpoint = SHARED / "models" / "resnet18_tin10.pt"
+    if args.arch == "resnet18" and args.size == 112 and checkpoint.is_file():
+        from relprop.models import load_model
+
+        model, _ = load_model(checkpoint)
+        source = "resnet18_tin10.pt"
+    else:
+        torch.manual_seed(0)
+        model, source = torchvision.models.get_model(args.arch).eval(), f"random {args.arch}"
+    model = model.to(args.device)
+    torch.manual_seed(0)
+    x = torch.randn(args.images, 3, args.size, args.size, device=args.device)
+    maps = torch.randn(args.images, args.size, args.size)
+    labels = list(range(args.images))
+    print(f"Insertion+deletion, {source}, {args.images} images at {args.size} px, batch {args.batch}, "
+          f"device {args.device}, threads {torch.get_num_threads()}")
+    print("| protocol | frames / image | s / image | bare forwards s / image | ratio |\n|---|---|---|---|---|")
+    for protocol in args.protocol:
+        count = frames_per_image(protocol, args.size)
+        metric = median_time(lambda p=protocol: insertion_deletion(
+            model, x, maps, labels, p, mean=MEAN, std=STD, batch_size=args.batch), args.device, args.repeats)
+        bare = median_time(lambda c=count: bare_forwards(model, c * args.images, args.size, args.batch,
+                                                         args.device), args.device, args.repeats)
+        print(f"| {protocol} | {count} | {metric / args.images:.3f} | {bare / args.images:.3f} | "
+              f"{metric / bare:.2f} |")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,152 @@
+"""`relprop evaluate` end to end on a few tin10 images: records, summary, saved maps, a corrupt
+image, resuming after an interruption, and refusing to resume under other settings."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+import torch
+
+from relprop.cli import main
+from relprop.commands.evaluate import summarize
+
+from sharedfiles import shared_path
+
+IMAGES = {"n01443537": ["val_1230.JPEG", "val_1284.JPEG"], "n01882714": ["val_1083.JPEG"]}
+METHODS, PROTOCOLS = ["gradcam", "ours+hq"], ["paper", "rise"]
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory):
+    """Three tin10 val images with their boxes, and one corrupt file beside them."""
+    source = shared_path("data", "tin10", "val")
+    root = tmp_path_factory.mktemp("data")
+    for wnid, names in IMAGES.items():
+        (root / wnid).mkdir()
+        for name in names:
+            shutil.copy(source / wnid / name, root / wnid / name)
+        boxes = [line for line in (source / wnid / "boxes.txt").read_text().splitlines()
+                 if line.split()[0] in names]
+        (root / wnid / "boxes.txt").write_text("\n".join(boxes) + "\n")
+    (root / "n01882714" / "val_broken.JPEG").write_bytes(b"\xff\xd8\xff\xe0 truncated")
+    return root
+
+
+def _args(data, out, *extra):
+    return ["evaluate", "--weights", str(shared_path("models", "resnet18_tin10.pt")),
+            "--data", str(data), "--methods", ",".join(METHODS), "--protocol", ",".join(PROTOCOLS),
+            "--step", "6000", "--batch-size", "2", "--device", "cpu", "--out", str(out), *extra]
+
+
+def _records(out):
+    return [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
+
+
+@pytest.fixture(scope="module")
+def full_run(dataset, tmp_path_factory):
+    out = tmp_path_factory.mktemp("full")
+    code = main(_args(dataset, out, "--save-maps"))
+    return code, out
+
+
+def test_results_summary_and_maps(full_run, dataset, capsys):
+    code, out = full_run
+    assert code == 1  # one unreadable image
+    records = _records(out)
+    assert len(records) == 3 * len(METHODS) * len(PROTOCOLS)
+    assert {(r["image"], r["method"], r["protocol"]) for r in records} == {
+        (f"{w}/{n}", m, p) for w, names in IMAGES.items() for n in names for m in METHODS for p in PROTOCOLS}
+    for r in records:
+        assert r["label"] == (0 if r["image"].startswith("n01443537") else 1)
+        assert r["id"] == pytest.approx(r["insertion"] - r["deletion"])
+        assert len(r["insertion_curve"]) == (3 if r["protocol"] == "paper" else 4)  # 12544 px / 6000
+        assert set(r["localization"]) >= {"pointing", "energy", "centre_pointing", "centre_energy"}
+        assert (r["conservation"] is not None) == (r["method"] == "ours+hq")
+    ours = next(r for r in records if r["method"] == "ours+hq")
+    assert ours["conservation"]["input_over_output"] == pytest.approx(1.0, abs=1e-4)
+
+    summary = json.loads((out / "summary.json").read_text())
+    for method in METHODS:
+        rows = [r for r in records if r["method"] == method and r["protocol"] == "paper"]
+        assert summary[method]["n"] == 3
+        assert summary[method]["id"] == pytest.approx(np.mean([r["id"] for r in rows]))
+        assert summary[method]["protocols"]["rise"]["n"] == 3
+    assert "| gradcam |" in (out / "summary.md").read_text()
+    assert (out / "curves_paper.png").is_file() and (out / "curves_rise.png").is_file()
+    run = json.loads((out / "run.json").read_text())
+    assert run["settings"]["checkpoints"][0]["sha256"] == records[0]["checkpoint_sha256"]
+    assert run["versions"]["torch"] == torch.__version__
+
+    skipped = [json.loads(line) for line in (out / "skipped.jsonl").read_text().splitlines()]
+    assert [s["image"] for s in skipped] == ["n01882714/val_broken.JPEG"]
+
+
+def test_saved_maps_are_the_maps_that_were_ranked(full_run, dataset):
+    from relprop.data import Item, load_item
+    from relprop.metrics import insertion_deletion
+    from relprop.models import load_model, preprocessing
+
+    _, out = full_run
+    model, meta = load_model(shared_path("models", "resnet18_tin10.pt"))
+    record = next(r for r in _records(out) if r["method"] == "ours+hq" and r["protocol"] == "paper")
+    heat = np.load(out / "maps" / "ours+hq" / (record["image"].split("/")[1][:-5] + ".npy"))
+    assert heat.shape == (112, 112) and len(np.unique(heat)) <= 8
+    x, _ = load_item(dataset, Item(record["image"], record["label"]), preprocessing(meta), meta)
+    again = insertion_deletion(model, x[None], torch.from_numpy(heat)[None], [record["label"]],
+                               "paper", mean=meta["mean"], std=meta["std"], step=6000)
+    assert again.insertion[0] == pytest.approx(record["insertion"], abs=1e-6)
+
+
+def test_resume_after_interruption_loses_and_repeats_nothing(full_run, dataset, tmp_path, monkeypatch):
+    import relprop.metrics
+
+    real, calls = relprop.metrics.insertion_deletion, []
+
+    def interrupted(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(relprop.metrics, "insertion_deletion", interrupted)
+    assert main(_args(dataset, tmp_path)) == 130
+    partial = _records(tmp_path)
+    assert 0 < len(partial) < 12
+    with open(tmp_path / "results.jsonl", "a") as handle:  # a line cut by a kill
+        handle.write('{"checkpoint": "cut')
+    monkeypatch.setattr(relprop.metrics, "insertion_deletion", real)
+
+    assert main(_args(dataset, tmp_path)) == 1
+    resumed = _records(tmp_path)
+    assert resumed[:len(partial)] == partial  # kept, not recomputed
+    keys = [(r["image"], r["method"], r["protocol"]) for r in resumed]
+    assert len(keys) == len(set(keys)) == 12
+    reference = {(r["image"], r["method"], r["protocol"]): r for r in _records(full_run[1])}
+    for r in resumed:
+        assert r["insertion"] == pytest.approx(reference[r["image"], r["method"], r["protocol"]]["insertion"], abs=1e-6)
+
+
+def test_resuming_with_other_settings_is_refused(full_run, dataset, capsys):
+    _, out = full_run
+    before = (out / "results.jsonl").read_text()
+    assert main([*_args(dataset, out)[:-2], "--out", str(out), "--channels", "channel0"]) == 1
+    assert "different settings (channels" in capsys.readouterr().err
+    assert (out / "results.jsonl").read_text() == before
+
+
+def test_several_checkpoints_are_summarized_over_per_checkpoint_means():
+    def record(sha, image, insertion, deletion):
+        return {"checkpoint_sha256": sha, "image": image, "method": "ours", "protocol": "paper",
+                "insertion": insertion, "deletion": deletion, "id": insertion - deletion,
+                "localization": None, "conservation": None}
+
+    records = [record("a", "1", 0.6, 0.2), record("a", "2", 0.8, 0.2),   # mean ID 0.5
+               record("b", "1", 0.5, 0.3), record("b", "2", 0.5, 0.1)]   # mean ID 0.3
+    stats = summarize(records, ["ours"], ["paper"])["ours"]
+    assert stats["checkpoints"] == 2 and stats["n"] == 2
+    assert stats["id"] == pytest.approx(0.4)
+    assert stats["id_std"] == pytest.approx(np.std([0.5, 0.3], ddof=1))
+    assert stats["insertion"] == pytest.approx(0.6)
