@@ -108,8 +108,18 @@ class RelevanceEngine:
             elif node.op == "output":
                 output = _load(node.args[0], values)
             else:
-                values[node] = self._run(step, values)
+                values[node] = self._run_checked(step, values, x)
         return Record(values, output)
+
+    def _run_checked(self, step: g.Step, values: dict[fx.Node, Any], x: Tensor) -> Any:
+        try:
+            return self._run(step, values)
+        except RuntimeError as error:  # shape and dtype mismatches: say where, in one line
+            first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+            where = step.node.target if step.node.op == "call_module" else step.node.name
+            raise InputError(
+                f"the model cannot run on inputs of shape {tuple(x.shape)}: at '{where}': {first_line}"
+            ) from error
 
     def _run(self, step: g.Step, values: dict[fx.Node, Any]) -> Any:
         node = step.node
