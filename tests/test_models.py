@@ -93,6 +93,7 @@ class _Payload:
         return (print, ("code ran",))
 
 
+@pytest.mark.filterwarnings("ignore:Detected pickle protocol")
 def test_pickled_code_is_refused(tmp_path, capsys):
     path = tmp_path / "evil.pt"
     path.write_bytes(pickle.dumps({"state_dict": _Payload()}))

@@ -132,6 +132,25 @@ def _weight_proportional(op: LinearOp, R: Tensor, shape: torch.Size, weight: Ten
     return R_in
 
 
+def _distribute(op: LinearOp, terms: list[tuple[Tensor, Tensor]], R: Tensor, shape: torch.Size,
+                fallback_weight: Tensor) -> Tensor:
+    """R in proportion to the contributions `Σ_terms x_i w_ij`, exactly conservative.
+
+    Requires each input's total contribution to be >= 0 (z+, zB). Then a zero `z_j` means every
+    contribution to it is zero, so whatever `s_j` is there sends nothing back, and that
+    relevance goes by `fallback_weight` proportions instead (uniform where those are zero too).
+    """
+    z = _total(op.forward(x, wt) for x, wt in terms)
+    if bool(z.min() > TINY):  # the usual case: every output has a positive contribution
+        return _total(x * op.transpose(R / z, wt, shape) for x, wt in terms)
+    zero = z <= TINY
+    R_in = _total(x * op.transpose(R / z.masked_fill(zero, 1.0), wt, shape) for x, wt in terms)
+    leftover = R.masked_fill(~zero, 0.0)
+    if bool(leftover.any()):
+        R_in = R_in + _weight_proportional(op, leftover, shape, fallback_weight)
+    return R_in
+
+
 class ZPlusRule(Rule):
     """z+: positive contributions only (`a⁺w⁺ + a⁻w⁻`), biases kept out, exactly conservative.
 
@@ -162,18 +181,7 @@ class ZPlusRule(Rule):
             terms = [(a, w_pos)]
         else:
             terms = [(a.clamp(min=0), w_pos), (a.clamp(max=0), w.clamp(max=0))]
-        z = _total(op.forward(x, wt) for x, wt in terms)
-        if bool(z.min() > TINY):  # the usual case: every output has a positive contribution
-            return _total(x * op.transpose(R / z, wt, a.shape) for x, wt in terms)
-        zero = z <= TINY
-        # Every contribution a_i w_ij to a zero z_j is itself zero, so whatever s_j is there
-        # sends nothing back: no need to mask s; that relevance takes the fallback instead.
-        s = R / z.masked_fill(zero, 1.0)
-        R_in = _total(x * op.transpose(s, wt, a.shape) for x, wt in terms)
-        leftover = R.masked_fill(~zero, 0.0)
-        if bool(leftover.any()):
-            R_in = R_in + _weight_proportional(op, leftover, a.shape, w_pos)
-        return R_in
+        return _distribute(op, terms, R, a.shape, w_pos)
 
 
 class WPlusRule(Rule):
@@ -310,14 +318,8 @@ class ZBRule(Rule):
         w = op.weight
         w_pos, w_neg = w.clamp(min=0), w.clamp(max=0)
         low, high = self._bound(self.low, a), self._bound(self.high, a)
-        terms = [(a, w), (low, -w_pos), (high, -w_neg)]
-        z = _total(op.forward(x, wt) for x, wt in terms)
-        s, zero = _safe_divide(R, z)
-        R_in = _total(x * op.transpose(s, wt, a.shape) for x, wt in terms)
-        leftover = R.masked_fill(~zero, 0.0)
-        if bool(leftover.any()):
-            R_in = R_in + _weight_proportional(op, leftover, a.shape, w_pos)
-        return R_in
+        terms = [(a, w), (low, -w_pos), (high, -w_neg)]  # per input: w⁺(a - low) + w⁻(a - high) >= 0
+        return _distribute(op, terms, R, a.shape, w_pos)
 
 
 class ReferenceZPlusRule(Rule):

@@ -8,7 +8,8 @@ import math
 import platform
 import sys
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
@@ -86,6 +87,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
                         help="images explained at once (default 32); metric frames go "
                              f"max(B, {MIN_FRAME_BATCH}) per forward")
     parser.add_argument("--device", choices=("cpu", "cuda"), help="default: cuda if available")
+    parser.add_argument("--task", choices=("classification", "detection"), default="classification",
+                        help="detection: evaluate an SSD detector's explanations "
+                             "(relprop.detection_eval; one --weights, with --model-def)")
     parser.add_argument("--save-maps", action="store_true", help="write OUT/maps/<method>/<stem>.npy")
     model = parser.add_argument_group("plain state dicts (checkpoints carry this metadata)")
     model.add_argument("--arch", help="torchvision architecture, e.g. resnet50")
@@ -111,6 +115,10 @@ class Plan:
 def run(args: argparse.Namespace) -> int:
     from relprop.metrics import PROTOCOLS
 
+    if args.task == "detection":
+        from relprop.detection_eval import run_from_evaluate_args
+
+        return run_from_evaluate_args(args)
     plan = _plan(args.methods, args.protocol, PROTOCOLS)
     if args.batch_size < 1:
         raise InputError("--batch-size must be at least 1")
@@ -197,29 +205,36 @@ def _settings(args: argparse.Namespace, plan: Plan, checkpoints: Sequence[_Check
 
 
 def _check_resume(path: Path, settings: dict[str, Any]) -> None:
-    """Write provenance on the first run; refuse to resume under different settings."""
-    if path.is_file():
-        previous = json.loads(path.read_text()).get("settings", {})
-        changed = [k for k in settings if previous.get(k) != settings[k]]
-        if changed:
-            key = changed[0]
-            raise InputError(
-                f"{path.parent} holds a run with different settings ({key}: {previous.get(key)!r} "
-                f"now {settings[key]!r}); rerun with the same options to resume, or use a new --out"
-            )
+    """Write provenance on the first run; refuse to resume under different settings, and note
+    each resumption (with its versions) in run.json."""
+    if not path.is_file():
+        path.write_text(json.dumps({"settings": settings, **_provenance()}, indent=2) + "\n")
         return
+    run_info = json.loads(path.read_text())
+    previous = run_info.get("settings", {})
+    changed = [k for k in settings if previous.get(k) != settings[k]]
+    if changed:
+        key = changed[0]
+        raise InputError(
+            f"{path.parent} holds a run with different settings ({key}: {previous.get(key)!r} "
+            f"now {settings[key]!r}); rerun with the same options to resume, or use a new --out"
+        )
+    run_info.setdefault("resumed", []).append(_provenance())
+    path.write_text(json.dumps(run_info, indent=2) + "\n")
+
+
+def _provenance() -> dict[str, Any]:
     import captum
     import torchvision
 
-    provenance = {
-        "settings": settings,
+    return {
         "versions": {"relprop": __version__, "torch": torch.__version__,
                      "torchvision": torchvision.__version__, "captum": captum.__version__,
                      "numpy": np.__version__, "python": platform.python_version()},
         "platform": platform.platform(),
+        "started": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "command": sys.argv,
     }
-    path.write_text(json.dumps(provenance, indent=2) + "\n")
 
 
 class _Store:
@@ -277,7 +292,6 @@ class _Batch:
     items: list[Any]
     inputs: torch.Tensor
     boxes: list[Any]
-    missing: dict[str, set[tuple[str, str]]] = field(default_factory=dict)  # image -> (method, protocol)
 
 
 def _evaluate(checkpoint: _Checkpoint, args: argparse.Namespace, plan: Plan, store: _Store,
