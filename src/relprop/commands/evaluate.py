@@ -129,18 +129,18 @@ def run(args: argparse.Namespace) -> int:
     settings = _settings(args, plan, checkpoints)
     _check_resume(out / "run.json", settings)
     store = _Store(out)
-    skipped = 0
     for checkpoint in checkpoints:
-        skipped += _evaluate(checkpoint, args, plan, store, device)
+        _evaluate(checkpoint, args, plan, store, device)
     summary = summarize(store.records(), plan.methods, plan.protocols)
     _write_summary(out, summary, store.records(), plan)
-    total_skipped = len(store.skipped_keys())
+    evaluated = {(sha, image) for sha, image, _, _ in store.done}
+    total_skipped = len(store.skipped_keys() - evaluated)  # an image fixed since counts no more
     print(f"relprop evaluate: {len(store.done)} results in {out / 'results.jsonl'}; "
           f"summary in {out / 'summary.md'}", file=sys.stderr)
     if total_skipped:
         print(f"relprop evaluate: {total_skipped} unreadable image(s) skipped, listed in "
               f"{out / 'skipped.jsonl'}", file=sys.stderr)
-    return 1 if skipped or total_skipped else 0
+    return 1 if total_skipped else 0
 
 
 def _plan(methods: str, protocol: str, known_protocols: Sequence[str]) -> Plan:
@@ -295,8 +295,8 @@ class _Batch:
 
 
 def _evaluate(checkpoint: _Checkpoint, args: argparse.Namespace, plan: Plan, store: _Store,
-              device: torch.device) -> int:
-    """All methods and protocols on one checkpoint's images; returns the number skipped now."""
+              device: torch.device) -> None:
+    """All methods and protocols on one checkpoint's images, resuming where results exist."""
     from tqdm import tqdm
 
     from relprop.data import discover, select
@@ -305,24 +305,26 @@ def _evaluate(checkpoint: _Checkpoint, args: argparse.Namespace, plan: Plan, sto
     model, meta = checkpoint.model.to(device), checkpoint.meta
     dataset = discover(args.data, meta.get("classes"))
     items = select(dataset.items, args.per_class, args.limit)
+    outside = next((it for it in items if it.label >= meta["num_classes"]), None)
+    if outside is not None:
+        raise InputError(f"{outside.path}: class index {outside.label}, but the model has "
+                         f"{meta['num_classes']} classes (name the class folders as the "
+                         "checkpoint's `classes`)")
     wanted = {(m, p) for m in plan.methods for p in plan.protocols}
     todo = [it for it in items
             if any((checkpoint.sha256, it.path, m, p) not in store.done for m, p in wanted)]
     methods = {b: get_method(b, model, batch_size=args.batch_size, mean=meta["mean"], std=meta["std"])
                for b in plan.bases}
     stems = _map_names(items)
-    skipped = 0
     progress = tqdm(total=len(todo), desc=f"evaluate {Path(checkpoint.path).name}", unit="img")
     for batch, failures in _batches(dataset.root, todo, meta, args.batch_size):
         for item, message in failures:
             print(f"relprop evaluate: skipping {item.path}: {message}", file=sys.stderr)
             store.skip({"checkpoint_sha256": checkpoint.sha256, "image": item.path, "error": message})
-            skipped += 1
         if batch is not None:
             _evaluate_batch(checkpoint, batch, methods, plan, args, store, device, stems, progress)
         progress.update(len(failures) + (len(batch.items) if batch is not None else 0))
     progress.close()
-    return skipped
 
 
 def _batches(root: Path, items: Sequence[Any], meta: dict[str, Any],
