@@ -9,6 +9,7 @@ import torchvision
 from torch import nn
 
 from relprop import LRP, RelevanceEngine
+from relprop.errors import UnsupportedLayerError
 
 
 def assert_conserves(sums: dict, rtol: float = 1e-4) -> None:
@@ -144,3 +145,31 @@ def test_engine_seeds_a_dict_output():
     separate = engine.backward(record, {"high": seed_high}).input + engine.backward(record, {"low": seed_low}).input
     torch.testing.assert_close(both, separate)  # fan-in sums both paths; the rules are linear in R
     torch.testing.assert_close(both.sum(), seed_high.sum() + seed_low.sum(), rtol=1e-4, atol=0)
+
+
+def test_squeeze_excitation_gates_keep_relevance_with_the_signal():
+    """MobileNetV3: `x * hardsigmoid(fc(pool(x)))` gates get no relevance, so their layers
+    need no rule; the Hardswish activations on the main path do."""
+    torch.manual_seed(0)
+    model = torchvision.models.mobilenet_v3_small(num_classes=4).eval()
+    x = torch.randn(2, 3, 64, 64)
+    with pytest.raises(UnsupportedLayerError, match=r"\(Hardswish\)"):
+        LRP(model)
+    R, sums = LRP(model, rules={nn.Hardswish: "pass"}).attribute(x, return_layer_sums=True)
+    assert torch.isfinite(R).all()
+    assert_conserves(sums)
+
+
+def test_product_of_unrelated_tensors_is_refused():
+    class Bilinear(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a = nn.Linear(4, 3)
+            self.b = nn.Linear(4, 3)
+
+        def forward(self, x):
+            return self.a(x) * self.b(x)
+
+    lrp = LRP(Bilinear())
+    with pytest.raises(UnsupportedLayerError, match="two unrelated input-dependent tensors"):
+        lrp.attribute(torch.randn(2, 4))

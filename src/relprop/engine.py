@@ -196,14 +196,14 @@ class RelevanceEngine:
             return [(parent, R.reshape(values[parent].shape))]
         if kind == g.ADD:
             return self._add(step, values, R)
-        if kind == g.SCALE:
-            if len(step.inputs) != 1:
+        if kind == g.SCALE:  # x * constant, or x * gate(x): all relevance stays with x
+            parents = g._relevance_parents(step)
+            if len(parents) != 1:
                 raise UnsupportedLayerError(
-                    f"'{node.name}'{g._in_module(node)} multiplies two input-dependent tensors "
-                    "(a gate); relprop has no rule for that yet"
+                    f"'{node.name}'{g._in_module(node)} multiplies two unrelated input-dependent "
+                    "tensors; relprop has no rule for that"
                 )
-            parent = step.inputs[0]
-            return [(parent, R.sum_to_size(values[parent].shape))]
+            return [(parents[0], R.sum_to_size(values[parents[0]].shape))]
         if kind == g.CAT:
             return self._cat(node, values, R)
         if kind in (g.POOL, g.MAXPOOL, g.ROUTE):

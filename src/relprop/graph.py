@@ -29,6 +29,7 @@ META = "meta"  # x.size(), shapes: no relevance
 INPUT = "input"
 OUTPUT = "output"
 CONSTANT = "constant"  # does not depend on the input
+UNSUPPORTED = "unsupported"  # no rule: an error if relevance ever reaches it
 
 PASS_MODULES = (
     nn.BatchNorm1d, nn.BatchNorm2d, nn.ReLU, nn.ReLU6, nn.Dropout, nn.Dropout1d, nn.Dropout2d,
@@ -72,6 +73,8 @@ class Step:
     group: str | None = None  # the report entry (top-level layer or residual block) it belongs to
     skip: int | None = None  # ADD: index of the operand that is an identity skip
     is_input_layer: bool = False  # LINEAR: consumes the image
+    gate: int | None = None  # SCALE of two tensors: index of the gate operand (gets no relevance)
+    error: UnsupportedLayerError | None = None  # UNSUPPORTED: raised if relevance reaches it
     inputs: list[fx.Node] = field(default_factory=list)  # input-dependent node arguments
     nonnegative: bool = False  # the output is >= 0 by construction (after a ReLU, pooled...)
 
@@ -177,15 +180,54 @@ def build_steps(model: nn.Module, graph: fx.Graph, ruled_types: tuple[type, ...]
             steps.append(Step(node, CONSTANT))
             continue
         dependent.add(node)
-        step = _classify(model, node, ruled_types)
+        try:
+            step = _classify(model, node, ruled_types)
+        except UnsupportedLayerError as error:
+            module = model.get_submodule(node.target) if node.op == "call_module" else None
+            step = Step(node, UNSUPPORTED, module, error=error)
         step.inputs = inputs
         step.group = _group_of(node, groups)
         steps.append(step)
     _mark_identity_skips(steps)
+    _mark_gates(steps)
+    _raise_for_unsupported_on_relevance_paths(steps)
     _mark_input_layers(steps)
     _keep_cut_groups(steps)
     _mark_nonnegative(steps)
     return steps
+
+
+def _mark_gates(steps: list[Step]) -> None:
+    """`x * g(x)` (squeeze-and-excitation): the operand computed from the other is a gate."""
+    order = {step.node: index for index, step in enumerate(steps)}
+    for step in steps:
+        if step.kind != SCALE or len(step.inputs) != 2:
+            continue
+        first, second = step.node.args[0], step.node.args[1]
+        if _is_ancestor(first, second, order):
+            step.gate = 1
+        elif _is_ancestor(second, first, order):
+            step.gate = 0
+
+
+def _relevance_parents(step: Step) -> list[fx.Node]:
+    if step.kind == SCALE and step.gate is not None:
+        return [step.node.args[1 - step.gate]]
+    return step.inputs
+
+
+def _raise_for_unsupported_on_relevance_paths(steps: list[Step]) -> None:
+    """Layers without a rule matter only where relevance flows (not inside a gate branch)."""
+    by_node = {step.node: step for step in steps}
+    todo, seen = [steps[-1].node], set()
+    while todo:
+        step = by_node[todo.pop()]
+        if step.kind == UNSUPPORTED:
+            raise step.error
+        for parent in _relevance_parents(step):
+            if parent not in seen:
+                seen.add(parent)
+                todo.append(parent)
 
 
 RELU_FUNCTIONS = {F.relu, torch.relu, F.relu6}
