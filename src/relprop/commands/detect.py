@@ -48,8 +48,8 @@ examples:
 
 supported detectors:
   torchvision SSD whose backbone relprop can trace (Conv2d, BatchNorm, ReLU, max/avg pool,
-  residual adds, SSD300's L2Norm). SSDLite-MobileNetV3 is not supported: its Hardswish
-  activations and squeeze-excitation gates have no relevance rule.
+  residual adds, SSD300's L2Norm), SSDLite-MobileNetV3 included (Hardswish passes relevance
+  through like ReLU; squeeze-excitation gates leave all relevance with the gated features).
 
 exit status:
   0  every image was processed
@@ -119,7 +119,7 @@ def run(args: argparse.Namespace) -> int:
     names = _class_names(meta, model)
     target = parse_class(args.target_class, meta, names)
     crp = CRP(model, contrast=not args.no_contrast, include_background=args.include_background,
-              box_contrast=args.box_contrast, split=args.split)
+              box_contrast=args.box_contrast, split=args.split, rules=_activations_passed_through())
     jobs, failures = _plan(args.inputs)
     total = len(jobs) + len(failures)  # empty folders count as failed inputs
     out = Path(args.out)
@@ -190,6 +190,13 @@ def _stored_arch_def(weights: str) -> str | None:
     if isinstance(content, dict) and content.get("arch") in TORCHVISION_DETECTORS:
         return f"{Path(__file__).resolve()}:torchvision_detector"
     return None
+
+
+def _activations_passed_through() -> dict:
+    """Relevance passes these unchanged, as it passes ReLU (SSDLite's MobileNetV3 uses Hardswish)."""
+    import torch
+
+    return {torch.nn.Hardswish: "pass"}
 
 
 def torchvision_detector(meta: dict[str, Any]) -> Any:

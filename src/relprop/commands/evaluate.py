@@ -550,14 +550,20 @@ def _plot_curves(path: Path, records: Sequence[dict[str, Any]], methods: Sequenc
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    from relprop.methods import HQ_SUFFIX
+
     grid = np.linspace(0.0, 1.0, 101)
+    bases = list(dict.fromkeys(m.removesuffix(HQ_SUFFIX) for m in methods))
+    colours = plt.get_cmap("tab20").colors
     fig, axes = plt.subplots(1, 2, figsize=(10, 4), constrained_layout=True)
     for ax, kind in zip(axes, ("insertion", "deletion"), strict=True):
         for method in methods:
             curves = [np.interp(grid, np.linspace(0, 1, len(r[f"{kind}_curve"])), r[f"{kind}_curve"])
                       for r in records if r["method"] == method and r["protocol"] == protocol]
-            if curves:
-                ax.plot(grid, np.mean(curves, axis=0), label=method)
+            if curves:  # one colour per base method; its +hq variant dashed
+                colour = colours[bases.index(method.removesuffix(HQ_SUFFIX)) % len(colours)]
+                ax.plot(grid, np.mean(curves, axis=0), label=method, color=colour,
+                        linestyle="--" if method.endswith(HQ_SUFFIX) else "-")
         ax.set(title=f"{kind} ({protocol})", xlabel="fraction of pixels", ylabel="probability",
                ylim=(0, 1))
         ax.legend(fontsize=7)
