@@ -93,12 +93,14 @@ class RelevanceEngine:
         if len(inputs) != 1:
             raise InputError(f"the model must take exactly one input tensor (it takes {len(inputs)})")
         self._input_step = inputs[0]
+        self._step_of = {step.node: step for step in self.steps}
 
     # ---------------------------------------------------------------- forward
 
     @torch.no_grad()
     def forward(self, x: Tensor) -> Record:
         """Run the model in eval semantics and fp32, keeping every node's output."""
+        x = x.float()
         values: dict[fx.Node, Any] = {}
         output = None
         for step in self.steps:
@@ -165,12 +167,6 @@ class RelevanceEngine:
 
     def _group(self, node: fx.Node) -> str | None:
         return self._step_of[node].group
-
-    @property
-    def _step_of(self) -> dict[fx.Node, g.Step]:
-        if not hasattr(self, "_steps_by_node"):
-            self._steps_by_node = {step.node: step for step in self.steps}
-        return self._steps_by_node
 
     def rule_for(self, step: g.Step) -> Rule:
         name = step.node.target if step.node.op == "call_module" else None
