@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import math
-import statistics
 import time
 from pathlib import Path
 
@@ -30,18 +29,22 @@ def frames_per_image(protocol: str, size: int) -> int:
     return 2 * (math.ceil(size * size / size) + 1)
 
 
-def median_time(fn, device: str, repeats: int) -> float:
-    fn()
-    times = []
+def interleaved_min(fns, device: str, repeats: int) -> list[float]:
+    """Best of `repeats` runs of each function, run in turn so that load from other jobs on a
+    shared machine hits them alike (the minimum is the least disturbed run)."""
+    for fn in fns:
+        fn()  # warm-up
+    best = [float("inf")] * len(fns)
     for _ in range(repeats):
-        if device == "cuda":
-            torch.cuda.synchronize()
-        start = time.perf_counter()
-        fn()
-        if device == "cuda":
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+        for i, fn in enumerate(fns):
+            if device == "cuda":
+                torch.cuda.synchronize()
+            start = time.perf_counter()
+            fn()
+            if device == "cuda":
+                torch.cuda.synchronize()
+            best[i] = min(best[i], time.perf_counter() - start)
+    return best
 
 
 def bare_forwards(model: torch.nn.Module, count: int, size: int, batch: int, device: str) -> None:
@@ -83,10 +86,11 @@ def main() -> None:
     print("| protocol | frames / image | s / image | bare forwards s / image | ratio |\n|---|---|---|---|---|")
     for protocol in args.protocol:
         count = frames_per_image(protocol, args.size)
-        metric = median_time(lambda p=protocol: insertion_deletion(
-            model, x, maps, labels, p, mean=MEAN, std=STD, batch_size=args.batch), args.device, args.repeats)
-        bare = median_time(lambda c=count: bare_forwards(model, c * args.images, args.size, args.batch,
-                                                         args.device), args.device, args.repeats)
+        metric, bare = interleaved_min([
+            lambda p=protocol: insertion_deletion(model, x, maps, labels, p, mean=MEAN, std=STD,
+                                                  batch_size=args.batch),
+            lambda c=count: bare_forwards(model, c * args.images, args.size, args.batch, args.device),
+        ], args.device, args.repeats)
         print(f"| {protocol} | {count} | {metric / args.images:.3f} | {bare / args.images:.3f} | "
               f"{metric / bare:.2f} |")
 

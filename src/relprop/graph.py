@@ -188,26 +188,12 @@ def build_steps(model: nn.Module, graph: fx.Graph, ruled_types: tuple[type, ...]
         step.inputs = inputs
         step.group = _group_of(node, groups)
         steps.append(step)
-    _mark_identity_skips(steps)
-    _mark_gates(steps)
+    _mark_operand_roles(steps)
     _raise_for_unsupported_on_relevance_paths(steps)
     _mark_input_layers(steps)
     _keep_cut_groups(steps)
     _mark_nonnegative(steps)
     return steps
-
-
-def _mark_gates(steps: list[Step]) -> None:
-    """`x * g(x)` (squeeze-and-excitation): the operand computed from the other is a gate."""
-    order = {step.node: index for index, step in enumerate(steps)}
-    for step in steps:
-        if step.kind != SCALE or len(step.inputs) != 2:
-            continue
-        first, second = step.node.args[0], step.node.args[1]
-        if _is_ancestor(first, second, order):
-            step.gate = 1
-        elif _is_ancestor(second, first, order):
-            step.gate = 0
 
 
 def _relevance_parents(step: Step) -> list[fx.Node]:
@@ -321,19 +307,23 @@ def _unsupported(what: str, type_name: str) -> UnsupportedLayerError:
     )
 
 
-def _mark_identity_skips(steps: list[Step]) -> None:
-    """An add operand is an identity skip when the other operand is computed from it."""
+def _mark_operand_roles(steps: list[Step]) -> None:
+    """Where one operand of a binary op is computed from the other: in an add it is an
+    identity skip (`f(x) + x`); in a product the other one is a gate (`x * g(x)`)."""
     order = {step.node: index for index, step in enumerate(steps)}
     for step in steps:
-        if step.kind != ADD or len(step.inputs) != 2:
+        if step.kind not in (ADD, SCALE) or len(step.inputs) != 2:
             continue
         first, second = step.node.args[0], step.node.args[1]
         if not (isinstance(first, fx.Node) and isinstance(second, fx.Node)):
             continue
-        if _is_ancestor(first, second, order):
-            step.skip = 0
-        elif _is_ancestor(second, first, order):
-            step.skip = 1
+        source = 0 if _is_ancestor(first, second, order) else 1 if _is_ancestor(second, first, order) else None
+        if source is None:
+            continue
+        if step.kind == ADD:
+            step.skip = source
+        else:
+            step.gate = 1 - source
 
 
 def _is_ancestor(candidate: fx.Node, node: fx.Node, order: dict[fx.Node, int]) -> bool:

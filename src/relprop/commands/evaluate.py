@@ -319,7 +319,7 @@ def _evaluate(checkpoint: _Checkpoint, args: argparse.Namespace, plan: Plan, sto
     progress = tqdm(total=len(todo), desc=f"evaluate {Path(checkpoint.path).name}", unit="img")
     for batch, failures in _batches(dataset.root, todo, meta, args.batch_size):
         for item, message in failures:
-            print(f"relprop evaluate: skipping {item.path}: {message}", file=sys.stderr)
+            tqdm.write(f"relprop evaluate: skipping {item.path}: {message}", file=sys.stderr)
             store.skip({"checkpoint_sha256": checkpoint.sha256, "image": item.path, "error": message})
         if batch is not None:
             _evaluate_batch(checkpoint, batch, methods, plan, args, store, device, stems, progress)
