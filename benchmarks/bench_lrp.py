@@ -1,19 +1,19 @@
 """Time `LRP(model).attribute` against the input gradient and full backpropagation.
 
-    python benchmarks/bench_lrp.py --arch resnet50 --size 224 --batch 1 16 --repeats 7
+    python benchmarks/bench_lrp.py --arch resnet50 --size 224 --batch 1 16 --repeats 5 --threads 1
 
 (a) input gradient: forward + `torch.autograd.grad` of the explained logit w.r.t. the input;
 (b) full backprop: forward + `.backward()` of the explained logit with parameter gradients
-(what the paper calls "backprop"). Medians over `--repeats` runs after one warm-up; each
-method's peak memory is measured in a fresh subprocess (CUDA: max_memory_allocated; CPU:
-peak resident set size above the process's size after loading the model).
+(what the paper calls "backprop"). Medians over `--repeats` rounds after one warm-up, the
+methods taking turns within each round; each method's peak memory is measured in a fresh
+subprocess (CUDA: max_memory_allocated; CPU: peak resident set size above the resident size
+after loading the model and the input).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import resource
 import statistics
 import subprocess
 import sys
@@ -61,16 +61,20 @@ def synchronize(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def time_method(run: Callable, x: torch.Tensor, repeats: int, device: str) -> list[float]:
-    run(x)  # warm-up
-    times = []
+def time_methods(runs: dict[str, Callable], x: torch.Tensor, repeats: int, device: str) -> dict[str, float]:
+    """Median seconds per method; the methods take turns in every round, so a load that comes
+    and goes on a shared machine hits them all alike and the ratios stay meaningful."""
+    for run in runs.values():
+        run(x)  # warm-up
+    times: dict[str, list[float]] = {name: [] for name in runs}
     for _ in range(repeats):
-        synchronize(device)
-        start = time.perf_counter()
-        run(x)
-        synchronize(device)
-        times.append(time.perf_counter() - start)
-    return times
+        for name, run in runs.items():
+            synchronize(device)
+            start = time.perf_counter()
+            run(x)
+            synchronize(device)
+            times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(values) for name, values in times.items()}
 
 
 def peak_memory_child(args: argparse.Namespace, name: str, batch: int) -> None:
@@ -84,15 +88,30 @@ def peak_memory_child(args: argparse.Namespace, name: str, batch: int) -> None:
         run(x)
         peak = torch.cuda.max_memory_allocated() - base
     else:
-        base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+        base = _proc_status_kib("VmRSS")
+        _reset_peak_rss()
         run(x)
-        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - base
+        peak = (_proc_status_kib("VmHWM") - base) * 1024
     print(json.dumps({"peak_mib": peak / 2**20}))
+
+
+def _proc_status_kib(key: str) -> int:
+    with open("/proc/self/status") as status:
+        for line in status:
+            if line.startswith(key + ":"):
+                return int(line.split()[1])
+    raise KeyError(key)
+
+
+def _reset_peak_rss() -> None:
+    """Reset the kernel's high-water mark (VmHWM) to the current resident size."""
+    with open("/proc/self/clear_refs", "w") as clear_refs:
+        clear_refs.write("5")
 
 
 def peak_memory(args: argparse.Namespace, name: str, batch: int) -> float:
     command = [sys.executable, __file__, "--arch", args.arch, "--size", str(args.size), "--device",
-               args.device, "--memory-child", name, "--batch", str(batch)]
+               args.device, "--threads", str(args.threads), "--memory-child", name, "--batch", str(batch)]
     output = subprocess.run(command, check=True, capture_output=True, text=True).stdout
     return json.loads(output.strip().splitlines()[-1])["peak_mib"]
 
@@ -105,9 +124,12 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
+    parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory subprocesses")
     parser.add_argument("--memory-child", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     if args.memory_child:
         peak_memory_child(args, args.memory_child, args.batch[0])
         return
@@ -118,8 +140,8 @@ def main() -> None:
     print("|---|---|---|---|---|---|---|")
     for batch in args.batch:
         x = torch.randn(batch, 3, args.size, args.size, device=args.device)
-        medians = {name: statistics.median(time_method(method_runner(name, model), x, args.repeats, args.device))
-                   for name in args.methods}
+        medians = time_methods({name: method_runner(name, model) for name in args.methods}, x,
+                               args.repeats, args.device)
         for name, median in medians.items():
             memory = "" if args.no_memory else f"{peak_memory(args, name, batch):.0f}"
             vs_gradient = median / medians["input-gradient"] if "input-gradient" in medians else float("nan")

@@ -150,3 +150,26 @@ def test_several_checkpoints_are_summarized_over_per_checkpoint_means():
     assert stats["id"] == pytest.approx(0.4)
     assert stats["id_std"] == pytest.approx(np.std([0.5, 0.3], ddof=1))
     assert stats["insertion"] == pytest.approx(0.6)
+
+
+def test_more_class_folders_than_model_classes_is_one_clear_error(tmp_path, capsys):
+    from PIL import Image
+
+    for i in range(11):  # folders that are not the checkpoint's wnids: sorted order, 11 > 10
+        (tmp_path / "data" / f"class{i:02d}").mkdir(parents=True)
+        Image.new("RGB", (8, 8)).save(tmp_path / "data" / f"class{i:02d}" / "x.png")
+    code = main(["evaluate", "--weights", str(shared_path("models", "resnet18_tin10.pt")),
+                 "--data", str(tmp_path / "data"), "--methods", "gradcam", "--out", str(tmp_path / "out")])
+    assert code == 1
+    assert "class10/x.png: class index 10, but the model has 10 classes" in capsys.readouterr().err
+
+
+def test_detection_task_is_handed_to_the_detection_evaluation(monkeypatch, tmp_path):
+    import relprop.detection_eval
+
+    seen = []
+    monkeypatch.setattr(relprop.detection_eval, "run_from_evaluate_args", lambda args: seen.append(args) or 0)
+    assert main(["evaluate", "--task", "detection", "--weights", "ssd.pt", "--model-def", "m.py:build",
+                 "--data", str(tmp_path), "--out", str(tmp_path / "out"), "--limit", "3"]) == 0
+    (args,) = seen
+    assert (args.weights, args.model_def, args.limit) == (["ssd.pt"], "m.py:build", 3)

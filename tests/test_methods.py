@@ -185,3 +185,12 @@ def test_every_registered_method_gives_input_sized_maps():
 def test_unknown_method_is_one_clear_error(tiny):
     with pytest.raises(InputError, match="unknown method 'gradcam\\+\\+'"):
         get_method("gradcam++", tiny)
+
+
+def test_target_out_of_range_is_one_clear_error(tiny):
+    from relprop.errors import TargetError
+
+    x = torch.randn(2, 3, 24, 24)
+    for name in ("gradcam", "gradient", "ig", "scorecam"):
+        with pytest.raises(TargetError, match="target 7 is out of range for a model with 5 outputs"):
+            get_method(name, tiny).attribute(x, target=7)

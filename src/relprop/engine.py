@@ -313,7 +313,12 @@ def _load(arg: Any, values: dict[fx.Node, Any]) -> Any:
 
 
 def _accumulate(relevance: dict[fx.Node, Tensor], node: fx.Node, R: Tensor) -> None:
-    relevance[node] = relevance[node] + R if node in relevance else R
+    """Fan-in: add in place. Every tensor held here belongs to the backward pass (seeds are
+    copied on entry), so nothing the caller holds is changed."""
+    if node in relevance:
+        relevance[node].add_(R)
+    else:
+        relevance[node] = R
 
 
 def _match_seed(structure: Any, seed: Any) -> list[tuple[fx.Node, Tensor]]:
@@ -323,7 +328,7 @@ def _match_seed(structure: Any, seed: Any) -> list[tuple[fx.Node, Tensor]]:
     if isinstance(structure, fx.Node):
         if not isinstance(seed, Tensor):
             raise InputError(f"seed for output '{structure.name}' must be a tensor, got {type(seed).__name__}")
-        return [(structure, seed.float())]
+        return [(structure, seed.float().clone())]
     if isinstance(structure, (tuple, list)):
         if not isinstance(seed, (tuple, list)) or len(seed) != len(structure):
             raise InputError(f"seed must be a sequence of {len(structure)} tensors (or None), like the output")

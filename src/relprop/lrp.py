@@ -35,7 +35,10 @@ class LRP:
         maxpool: ``"avg"`` (relevance in proportion to the activations in each window, with
             the pool's own geometry) or ``"wta"`` (winner takes all).
         mean, std: the input normalization, for the zB rule.
-        chunk_size: images propagated at once; larger batches are processed in chunks.
+        chunk_size: images propagated at once; larger batches are processed in chunks. None:
+            4 on the CPU (activations of larger chunks exceed glibc's 32 MB mmap threshold,
+            so every temporary is freshly page-faulted: measured 1.4x faster on ResNet-50),
+            32 on CUDA (its caching allocator has no such cost).
 
     Example:
         >>> lrp = LRP(torchvision.models.resnet50())
@@ -53,12 +56,12 @@ class LRP:
         maxpool: str = "avg",
         mean: list[float] | None = None,
         std: list[float] | None = None,
-        chunk_size: int = 32,
+        chunk_size: int | None = None,
     ) -> None:
         preset = preset or "default"
         if preset not in PRESETS:
             raise ValueError(f"unknown preset {preset!r}; choose one of: {', '.join(PRESETS)}")
-        if chunk_size < 1:
+        if chunk_size is not None and chunk_size < 1:
             raise ValueError(f"chunk_size must be positive, got {chunk_size}")
         self.model = model
         self.preset = preset
@@ -83,9 +86,10 @@ class LRP:
         _check_target_length(target, x.shape[0])
         device = _model_device(self.model, x.device)
         results, reports = [], []
-        for start in range(0, x.shape[0], self.chunk_size):
-            chunk = x[start:start + self.chunk_size].to(device=device, dtype=torch.float32)
-            R, sums = self._attribute_chunk(chunk, _slice_target(target, start, self.chunk_size),
+        chunk_size = self.chunk_size or (4 if device.type == "cpu" else 32)
+        for start in range(0, x.shape[0], chunk_size):
+            chunk = x[start:start + chunk_size].to(device=device, dtype=torch.float32)
+            R, sums = self._attribute_chunk(chunk, _slice_target(target, start, chunk_size),
                                             return_layer_sums)
             results.append(R.to(inputs.device))
             reports.append(sums)

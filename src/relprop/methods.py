@@ -38,16 +38,20 @@ def resolve_target(model: nn.Module, inputs: Tensor, target: Tensor | int | Sequ
                    logits: Tensor | None = None) -> Tensor:
     """Class index per sample: the prediction when `target` is None."""
     n = inputs.shape[0]
+    if logits is None:
+        with torch.no_grad():
+            logits = model(inputs)
     if target is None:
-        if logits is None:
-            with torch.no_grad():
-                logits = model(inputs)
         return logits.argmax(dim=1)
     classes = torch.as_tensor(target, device=inputs.device).long().reshape(-1)
     if classes.numel() == 1:
         classes = classes.expand(n)
     if classes.numel() != n:
         raise TargetError(f"target has {classes.numel()} entries for {n} inputs")
+    outside = (classes < 0) | (classes >= logits.shape[1])
+    if bool(outside.any()):
+        raise TargetError(f"target {int(classes[outside][0])} is out of range for a model with "
+                          f"{logits.shape[1]} outputs")
     return classes
 
 

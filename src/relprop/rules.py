@@ -142,7 +142,8 @@ def _distribute(op: LinearOp, terms: list[tuple[Tensor, Tensor]], R: Tensor, sha
     """
     z = _total(op.forward(x, wt) for x, wt in terms)
     if bool(z.min() > TINY):  # the usual case: every output has a positive contribution
-        return _total(x * op.transpose(R / z, wt, shape) for x, wt in terms)
+        s = torch.div(R, z, out=z)  # z is ours: reuse its memory (large temporaries are slow)
+        return _total(op.transpose(s, wt, shape).mul_(x) for x, wt in terms)
     zero = z <= TINY
     R_in = _total(x * op.transpose(R / z.masked_fill(zero, 1.0), wt, shape) for x, wt in terms)
     leftover = R.masked_fill(~zero, 0.0)

@@ -38,7 +38,7 @@ class Splitter:
         if self.reference:
             return self._reference(R, a, b, skip)
         share_a = self._share(a, b)
-        R_a = R * share_a
+        R_a = share_a.mul_(R) if share_a.shape == R.shape else share_a * R
         return R_a, R - R_a
 
     def _share(self, a: Tensor, b: Tensor) -> Tensor:
@@ -48,9 +48,13 @@ class Splitter:
             z = a + b
             z = z + self.epsilon * torch.where(z >= 0, torch.ones_like(z), -torch.ones_like(z))
             return a / z
-        magnitude_a = a.abs()
+        magnitude_a, magnitude_b = a.abs(), b.abs()
+        if a.shape != b.shape:  # broadcasting add: no in-place shortcuts
+            return torch.nan_to_num(magnitude_a / (magnitude_a + magnitude_b), nan=0.5)
+        # in place: these are full-size temporaries, and allocating them is what costs
+        total = magnitude_b.add_(magnitude_a)
         # 0/0 (both operands zero) is the only NaN here: split that relevance evenly
-        return torch.nan_to_num(magnitude_a / (magnitude_a + b.abs()), nan=0.5)
+        return magnitude_a.div_(total).nan_to_num_(nan=0.5)
 
     def _reference(self, R: Tensor, a: Tensor, b: Tensor, skip: int | None) -> tuple[Tensor, Tensor]:
         """The reference code's arithmetic: `ratio = |m|/(|s|+|m|)`, `R_m = ratio·R`,
