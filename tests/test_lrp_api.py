@@ -123,10 +123,12 @@ def test_bad_targets_are_clear(model, images):
         lrp.attribute(images, target=-1)
     with pytest.raises(TargetError, match="got 2 targets for 5 inputs"):
         lrp.attribute(images, target=[0, 1])
-    with pytest.raises(TargetError, match=r"shape \(N, num_outputs\) = \(5, 6\)"):
+    with pytest.raises(TargetError, match=r"with 6 outputs, got 3 columns"):
         lrp.attribute(images, target=torch.rand(5, 3))
-    with pytest.raises(TargetError, match=r"seed must have shape .* got \(5,\)"):
+    with pytest.raises(TargetError, match=r"seed must have shape \(N, num_outputs\), got \(5,\)"):
         lrp.attribute(images, target=torch.rand(5))
+    with pytest.raises(TargetError, match="got 4 targets for 5 inputs"):
+        lrp.attribute(images, target=torch.rand(4, 6))
     with pytest.raises(TargetError, match="class index"):
         lrp.attribute(images, target=True)
 

@@ -122,8 +122,8 @@ def initial_relevance(logits: Tensor, target: Target) -> Tensor:
     if isinstance(target, Tensor) and target.is_floating_point():
         if tuple(target.shape) != (n, num_classes):
             raise TargetError(
-                f"a relevance seed must have shape (N, num_outputs) = ({n}, {num_classes}), "
-                f"got {tuple(target.shape)}"
+                f"a relevance seed must have shape (N, num_outputs) with {num_classes} outputs, "
+                f"got {target.shape[-1] if target.dim() else 0} columns"
             )
         return target.to(device=logits.device, dtype=torch.float32)
     if target is None:
@@ -160,6 +160,9 @@ def _target_classes(target: Target, n: int, num_classes: int) -> Tensor:
 
 
 def _check_target_length(target: Target, n: int) -> None:
+    if isinstance(target, Tensor) and target.is_floating_point() and target.dim() != 2:
+        raise TargetError(f"a relevance seed must have shape (N, num_outputs), got {tuple(target.shape)}; "
+                          "class indices must be integers")
     if isinstance(target, (Tensor, list, tuple)) and not (isinstance(target, Tensor) and target.dim() == 0):
         if len(target) != n:
             raise TargetError(f"got {len(target)} targets for {n} inputs")
