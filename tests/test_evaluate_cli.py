@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from relprop.cli import main
-from relprop.commands.evaluate import summarize
+from relprop.evaluation import summarize
 
 from sharedfiles import shared_path
 

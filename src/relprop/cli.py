@@ -22,6 +22,12 @@ faithfulness metrics (Insertion, Deletion, ID score).
 """
 
 EPILOG = """\
+examples:
+  relprop explain photo.jpg --weights resnet18_tin10.pt --methods ours,gradcam --out explained
+  relprop evaluate --weights resnet18_tin10.pt --data tin10/val --per-class 2 --save-maps --out run
+  relprop report run --out run-report
+  relprop detect street.jpg --weights ssd.pt --model-def ssd.py:from_metadata --out detected
+
 Run `relprop COMMAND --help` for the options of one command.
 Exit status: 0 on success, 1 when some inputs failed (each named on stderr), 2 on bad usage.
 """
@@ -37,19 +43,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"relprop {__version__}")
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name in COMMANDS:
-        module = _command_module(name)
-        if module is not None:
-            module.add_parser(subparsers)
+        importlib.import_module(f"relprop.commands.{name}").add_parser(subparsers)
     return parser
-
-
-def _command_module(name: str):
-    try:
-        return importlib.import_module(f"relprop.commands.{name}")
-    except ModuleNotFoundError as error:  # a command still being written
-        if error.name == f"relprop.commands.{name}":
-            return None
-        raise
 
 
 def main(argv: Sequence[str] | None = None) -> int:
