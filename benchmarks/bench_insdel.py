@@ -12,14 +12,12 @@ from __future__ import annotations
 import argparse
 import math
 import time
-from pathlib import Path
 
 import torch
-import torchvision
+from benchsetup import add_model_arguments, setup_model
 
 from relprop.metrics import PAPER_STEP, insertion_deletion
 
-SHARED = Path(__file__).resolve().parents[1].parent / "shared"
 MEAN, STD = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]
 
 
@@ -59,26 +57,10 @@ def main() -> None:
     parser.add_argument("--images", type=int, default=8)
     parser.add_argument("--batch", type=int, default=64)
     parser.add_argument("--protocol", nargs="+", default=["paper", "rise"])
-    parser.add_argument("--arch", default="resnet18")
-    parser.add_argument("--size", type=int, default=112)
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--threads", type=int, default=0, help="CPU threads (0: torch's default)")
+    add_model_arguments(parser)
     parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args()
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    checkpoint = SHARED / "models" / "resnet18_tin10.pt"
-    if args.arch == "resnet18" and args.size == 112 and checkpoint.is_file():
-        from relprop.models import load_model
-
-        model, _ = load_model(checkpoint)
-        source = "resnet18_tin10.pt"
-    else:
-        torch.manual_seed(0)
-        model, source = torchvision.models.get_model(args.arch).eval(), f"random {args.arch}"
-    model = model.to(args.device)
-    torch.manual_seed(0)
-    x = torch.randn(args.images, 3, args.size, args.size, device=args.device)
+    model, source, x = setup_model(args)
     maps = torch.randn(args.images, args.size, args.size)
     labels = list(range(args.images))
     print(f"Insertion+deletion, {source}, {args.images} images at {args.size} px, batch {args.batch}, "

@@ -12,15 +12,12 @@ from __future__ import annotations
 import argparse
 import statistics
 import time
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-import torchvision
+from benchsetup import add_model_arguments, setup_model
 
 from relprop.methods import get_method
-
-SHARED = Path(__file__).resolve().parents[1].parent / "shared"
 
 
 def loop_scorecam(model: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
@@ -64,26 +61,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--images", type=int, default=2)
     parser.add_argument("--batch", type=int, nargs="+", default=[32, 128])
-    parser.add_argument("--arch", default="resnet18")
-    parser.add_argument("--size", type=int, default=112)
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--threads", type=int, default=0, help="CPU threads (0: torch's default)")
+    add_model_arguments(parser)
     parser.add_argument("--repeats", type=int, default=1)
     args = parser.parse_args()
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    checkpoint = SHARED / "models" / "resnet18_tin10.pt"
-    if args.arch == "resnet18" and args.size == 112 and checkpoint.is_file():
-        from relprop.models import load_model
-
-        model, _ = load_model(checkpoint)
-        source = "resnet18_tin10.pt"
-    else:
-        torch.manual_seed(0)
-        model, source = torchvision.models.get_model(args.arch).eval(), f"random {args.arch}"
-    model = model.to(args.device)
-    torch.manual_seed(0)
-    x = torch.randn(args.images, 3, args.size, args.size, device=args.device)
+    model, source, x = setup_model(args)
     print(f"Score-CAM, {source}, {args.images} images at {args.size} px, device {args.device}, "
           f"threads {torch.get_num_threads()}")
     base, reference = timed(lambda: loop_scorecam(model, x), args.device, args.repeats)
