@@ -30,12 +30,12 @@ class LinearOp:
 
     @property
     def weight(self) -> Tensor:
-        return self.layer.weight.float()
+        return self.layer.weight.detach().float()  # relevance never needs an autograd graph
 
     @property
     def bias(self) -> Tensor | None:
         bias = self.layer.bias
-        return None if bias is None else bias.float()
+        return None if bias is None else bias.detach().float()
 
     def forward(self, x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
         layer = self.layer
@@ -140,6 +140,8 @@ def _distribute(op: LinearOp, terms: list[tuple[Tensor, Tensor]], R: Tensor, sha
     contribution to it is zero, so whatever `s_j` is there sends nothing back, and that
     relevance goes by `fallback_weight` proportions instead (uniform where those are zero too).
     """
+    R = R.detach()
+    terms = [(x.detach(), wt) for x, wt in terms]
     z = _total(op.forward(x, wt) for x, wt in terms)
     if bool(z.min() > TINY):  # the usual case: every output has a positive contribution
         s = torch.div(R, z, out=z)  # z is ours: reuse its memory (large temporaries are slow)
