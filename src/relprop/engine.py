@@ -193,10 +193,10 @@ class RelevanceEngine:
         if kind == g.ADD:
             return self._add(step, values, R)
         if kind == g.SCALE:  # x * constant, or x * gate(x): all relevance stays with x
-            parents = g._relevance_parents(step)
+            parents = g.relevance_parents(step)
             if len(parents) != 1:
                 raise UnsupportedLayerError(
-                    f"'{node.name}'{g._in_module(node)} multiplies two unrelated input-dependent "
+                    f"'{node.name}'{g.in_module(node)} multiplies two unrelated input-dependent "
                     "tensors; relprop has no rule for that"
                 )
             return [(parents[0], R.sum_to_size(values[parents[0]].shape))]

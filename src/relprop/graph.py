@@ -196,7 +196,7 @@ def build_steps(model: nn.Module, graph: fx.Graph, ruled_types: tuple[type, ...]
     return steps
 
 
-def _relevance_parents(step: Step) -> list[fx.Node]:
+def relevance_parents(step: Step) -> list[fx.Node]:
     if step.kind == SCALE and step.gate is not None:
         return [step.node.args[1 - step.gate]]
     return step.inputs
@@ -210,7 +210,7 @@ def _raise_for_unsupported_on_relevance_paths(steps: list[Step]) -> None:
         step = by_node[todo.pop()]
         if step.kind == UNSUPPORTED:
             raise step.error
-        for parent in _relevance_parents(step):
+        for parent in relevance_parents(step):
             if parent not in seen:
                 seen.add(parent)
                 todo.append(parent)
@@ -281,20 +281,20 @@ def _classify(model: nn.Module, node: fx.Node, ruled_types: tuple[type, ...]) ->
         if target is F.max_pool2d or getattr(target, "__name__", "") == "_max_pool2d":
             return Step(node, MAXPOOL)
         name = getattr(target, "__name__", repr(target))
-        raise _unsupported(f"function '{name}' (node '{node.name}'{_in_module(node)})", name)
+        raise _unsupported(f"function '{name}' (node '{node.name}'{in_module(node)})", name)
     if node.op == "call_method":
         for kind, methods in ((PASS, PASS_METHODS), (POOL, POOL_METHODS), (ROUTE, ROUTE_METHODS),
                               (ADD, ADD_METHODS), (SCALE, SCALE_METHODS), (META, META_METHODS)):
             if node.target in methods:
                 return Step(node, kind)
-        raise _unsupported(f"tensor method '.{node.target}()' (node '{node.name}'{_in_module(node)})",
+        raise _unsupported(f"tensor method '.{node.target}()' (node '{node.name}'{in_module(node)})",
                            node.target)
     if node.op == "get_attr":
         return Step(node, CONSTANT)
     raise UnsupportedLayerError(f"graph node '{node.name}' ({node.op}) is not supported")
 
 
-def _in_module(node: fx.Node) -> str:
+def in_module(node: fx.Node) -> str:
     path = _module_path(node)
     return f" in module '{path}'" if path else ""
 
