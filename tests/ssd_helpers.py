@@ -17,7 +17,8 @@ from torchvision.models.detection.anchor_utils import DefaultBoxGenerator
 from torchvision.models.detection.ssd import SSD, SSDHead
 from torchvision.models.detection.ssdlite import SSDLiteHead
 
-SHARED = Path(__file__).resolve().parents[1].parent / "shared"
+from sharedfiles import SHARED
+
 SHARED_DETECTOR = SHARED / "models" / "ssd_resnet18_tin10.pt"
 SHARED_BUILDER = SHARED / "models" / "ssd_resnet18_tin10.py"
 TIN10_VAL = SHARED / "data" / "tin10" / "val"

@@ -17,6 +17,7 @@ import numpy as np
 import torch
 
 from relprop import __version__
+from relprop.commands.common import resolve_device
 from relprop.commands.evaluate import MIN_FRAME_BATCH
 from relprop.errors import ImageError, InputError
 
@@ -43,7 +44,7 @@ def run(args: argparse.Namespace) -> int:
     plan = _plan(args.methods, args.protocol, PROTOCOLS)
     if args.batch_size < 1:
         raise InputError("--batch-size must be at least 1")
-    device = _device(args.device)
+    device = resolve_device(args.device or "auto")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     checkpoints = [_Checkpoint.load(path, args) for path in args.weights]
@@ -81,12 +82,6 @@ def _plan(methods: str, protocol: str, known_protocols: Sequence[str]) -> Plan:
     names, protocols = list(dict.fromkeys(names)), list(dict.fromkeys(protocols))
     bases = list(dict.fromkeys(n.removesuffix(HQ_SUFFIX) for n in names))
     return Plan(names, bases, protocols)
-
-
-def _device(requested: str | None) -> torch.device:
-    if requested == "cuda" and not torch.cuda.is_available():
-        raise InputError("--device cuda: no CUDA device is available")
-    return torch.device(requested or ("cuda" if torch.cuda.is_available() else "cpu"))
 
 
 @dataclass

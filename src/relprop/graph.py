@@ -134,21 +134,21 @@ def _describe_module(failed_in: tuple[str, nn.Module] | None) -> str:
     return f" in module '{name}' ({type(module).__name__})"
 
 
-def report_groups(model: nn.Module) -> dict[str, str]:
+def report_groups(model: nn.Module) -> set[str]:
     """Candidate entries of the layer-sum report: top-level layers, with containers (layer1,
     features...) opened one level, so residual blocks are listed. Only those that turn out
     to be cuts of the graph are kept (see `_keep_cut_groups`)."""
-    groups = {}
+    groups: set[str] = set()
     for name, child in model.named_children():
         if isinstance(child, (nn.Sequential, nn.ModuleList, nn.ModuleDict)):
             for sub_name, _ in child.named_children():
-                groups[f"{name}.{sub_name}"] = f"{name}.{sub_name}"
+                groups.add(f"{name}.{sub_name}")
         else:
-            groups[name] = name
+            groups.add(name)
     return groups
 
 
-def _group_of(node: fx.Node, groups: dict[str, str]) -> str | None:
+def _group_of(node: fx.Node, groups: set[str]) -> str | None:
     for _, (qualified_name, _) in node.meta.get("nn_module_stack", {}).items():
         if qualified_name in groups:
             return qualified_name

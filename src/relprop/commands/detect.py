@@ -9,6 +9,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from relprop.commands.common import plan_jobs, resolve_device
 from relprop.errors import ImageError, RelpropError, TargetError
 
 DESCRIPTION = """\
@@ -58,7 +59,6 @@ exit status:
 """
 
 TORCHVISION_DETECTORS = ("ssd300_vgg16", "ssdlite320_mobilenet_v3_large")
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm")
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
@@ -113,14 +113,14 @@ def run(args: argparse.Namespace) -> int:
     from relprop.images import load_image
 
     _check_options(args)
-    device = _device(args.device)
+    device = resolve_device(args.device)
     model, meta = load_detector(args.weights, args.model_def, args.arch, args.num_classes)
     model.to(device)
     names = _class_names(meta, model)
     target = parse_class(args.target_class, meta, names)
     crp = CRP(model, contrast=not args.no_contrast, include_background=args.include_background,
               box_contrast=args.box_contrast, split=args.split, rules=_activations_passed_through())
-    jobs, failures = _plan(args.inputs)
+    jobs, failures = plan_jobs(args.inputs, "detect")
     total = len(jobs) + len(failures)  # empty folders count as failed inputs
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -240,47 +240,6 @@ def _class_names(meta: dict[str, Any], model: Any) -> list[str]:
 
         return class_names_for(model, SSD300_VGG16_Weights.COCO_V1.meta["categories"])
     return class_names_for(model, None)
-
-
-def _device(text: str) -> Any:
-    import torch
-
-    if text == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(text)
-    except (RuntimeError, ValueError):
-        raise RelpropError(f"--device {text!r}: not a device (use cpu, cuda, cuda:0, ...)") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise RelpropError(f"--device {text}: no CUDA GPU is available here; use --device cpu")
-    return device
-
-
-def _plan(inputs: Sequence[str]) -> tuple[list[tuple[Path, str]], list[str]]:
-    """(image, unique output folder name) for every input file and every image under a folder."""
-    jobs, failures, taken = [], [], set()
-    for raw in inputs:
-        path = Path(raw)
-        if path.is_dir():
-            found = [p for p in sorted(path.rglob("*"))
-                     if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES]
-            if not found:
-                failures.append(f"{raw}: no image files in this folder")
-                print(f"relprop detect: error: {failures[-1]}", file=sys.stderr)
-            jobs += [(p, _unique(p.relative_to(path).with_suffix("").as_posix(), taken))
-                     for p in found]
-        else:
-            jobs.append((path, _unique(path.stem, taken)))
-    return jobs, failures
-
-
-def _unique(name: str, taken: set[str]) -> str:
-    candidate, n = name, 1
-    while candidate.lower() in taken:
-        n += 1
-        candidate = f"{name}-{n}"
-    taken.add(candidate.lower())
-    return candidate
 
 
 def _to_tensor(image: Any) -> Any:

@@ -5,11 +5,12 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from relprop.commands.common import Job, plan_jobs, resolve_device
 from relprop.errors import ImageError, RelpropError, TargetError
 
 DESCRIPTION = """\
@@ -101,14 +102,6 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     return parser
 
 
-@dataclass
-class Job:
-    """One input image and the folder its outputs go to."""
-
-    path: Path
-    name: str  # output folder, relative to OUT
-
-
 def run(args: argparse.Namespace) -> int:
     """Explain every image; return 1 if any input failed, after processing all the others."""
     from relprop.models import load_model, preprocessing
@@ -122,7 +115,7 @@ def run(args: argparse.Namespace) -> int:
     model.to(device)
     target = parse_target(args.target, meta)
     explainers = build_methods(methods, model, meta, args.hq)
-    jobs, failures = plan_jobs(args.inputs)
+    jobs, failures = plan_jobs(args.inputs, "explain")
     total = len(jobs) + len(failures)  # an empty folder counts as one failed input
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -209,21 +202,6 @@ def build_methods(names: Sequence[str], model: Any, meta: dict[str, Any], hq: bo
     return methods
 
 
-def resolve_device(text: str) -> Any:
-    """`auto` picks the GPU when one is there; an unavailable device is a clear error."""
-    import torch
-
-    if text == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(text)
-    except (RuntimeError, ValueError):
-        raise RelpropError(f"--device {text!r}: not a device (use cpu, cuda, cuda:0, ...)") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise RelpropError(f"--device {text}: no CUDA GPU is available here; use --device cpu")
-    return device
-
-
 def class_names(meta: dict[str, Any]) -> list[str]:
     """Readable names: the checkpoint's `class_names`, else its `classes`, else the index."""
     for key in ("class_names", "classes"):
@@ -247,39 +225,6 @@ def parse_target(text: str | None, meta: dict[str, Any]) -> int | None:
         if text.strip().lower() in labels:
             return labels.index(text.strip().lower())
     raise TargetError(f"--target {text!r}: not a class index, id or name of this model")
-
-
-def plan_jobs(inputs: Iterable[str]) -> tuple[list[Job], list[str]]:
-    """Expand the inputs into images with unique output folders; empty folders are failures."""
-    from relprop.images import find_images
-
-    jobs: list[Job] = []
-    failures: list[str] = []
-    taken: set[str] = set()
-    for raw in inputs:
-        found = list(find_images([raw]))
-        if not found:
-            failures.append(f"{raw}: no image files in this folder")
-            print(f"relprop explain: error: {failures[-1]}", file=sys.stderr)
-        for path, root in found:
-            jobs.append(Job(path, _unique(_output_name(path, root), taken)))
-    return jobs, failures
-
-
-def _output_name(path: Path, root: Path | None) -> str:
-    """`ROOT/a/b.jpg` -> `a/b`; a file named directly -> its stem."""
-    relative = path.relative_to(root) if root is not None else Path(path.name)
-    return relative.with_suffix("").as_posix()
-
-
-def _unique(name: str, taken: set[str]) -> str:
-    """`a.jpg` and `a.png` in one folder must not overwrite each other's outputs."""
-    candidate, n = name, 1
-    while candidate.lower() in taken:
-        n += 1
-        candidate = f"{name}-{n}"
-    taken.add(candidate.lower())
-    return candidate
 
 
 @dataclass
