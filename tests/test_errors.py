@@ -50,7 +50,7 @@ def test_unsupported_module_is_named_with_the_fix():
     with pytest.raises(UnsupportedLayerError) as info:
         LRP(WithGelu())
     message = str(info.value)
-    assert "'features.1' (GELU)" in message and "rules={GELU:" in message
+    assert "'features.1' (GELU)" in message and "rules={torch.nn.GELU:" in message
     assert "\n" not in message
 
 

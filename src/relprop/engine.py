@@ -8,7 +8,7 @@ back. Residual adds are where relevance is split between skip and branch.
 from __future__ import annotations
 
 from collections import OrderedDict
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -16,14 +16,22 @@ import torch
 import torch.fx as fx
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.utils._pytree import tree_flatten
 
 from relprop import graph as g
-from relprop.errors import InputError, UnsupportedLayerError
+from relprop.errors import FidelityError, InputError, UnsupportedLayerError
 from relprop.rules import (
+    LINEAR_TYPES,
+    BatchNormStats,
+    LinearOp,
     PassRule,
     ReferenceZPlusRule,
     Rule,
+    WPlusRule,
     ZPlusRule,
+    as_linear_op,
+    fold_batchnorm,
+    functional_linear_op,
     get_rule,
     proportional,
     vjp,
@@ -48,15 +56,84 @@ class Backward:
 
     input: Tensor
     layer_sums: OrderedDict[str, Tensor] = field(default_factory=OrderedDict)
+    layers: dict[str, Tensor] = field(default_factory=dict)  # relevance of requested layers' outputs
+
+
+BN_MODES = ("pass", "fold")
+
+
+@dataclass(frozen=True)
+class RuleSet:
+    """The user's rules by key kind: module names, module types, functions, tensor methods."""
+
+    names: dict[str, Rule] = field(default_factory=dict)
+    types: dict[type, Rule] = field(default_factory=dict)
+    functions: dict[Any, Rule] = field(default_factory=dict)
+    methods: dict[str, Rule] = field(default_factory=dict)
+
+    def all(self) -> list[Rule]:
+        return [*self.names.values(), *self.types.values(), *self.functions.values(), *self.methods.values()]
+
+    def user_rules(self) -> g.UserRules:
+        return g.UserRules(tuple(self.types), frozenset(self.names), frozenset(self.functions),
+                           frozenset(self.methods))
+
+    def by_kind(self, step: g.Step, model: nn.Module) -> Rule | None:
+        """A rule by type (of the module, of the function's module twin, or of the module a
+        functional call sits in), function or method."""
+        node = step.node
+        if node.op == "call_method":
+            return self.methods.get(node.target)
+        if node.op == "call_function" and node.target in self.functions:
+            return self.functions[node.target]
+        candidates: list[type] = []
+        if step.module is not None:
+            candidates.append(type(step.module))
+        elif node.op == "call_function" and node.target in g.LINEAR_FUNCTIONS:
+            candidates.append(g.LINEAR_FUNCTIONS[node.target])
+            path = g.module_path(node)
+            if path:
+                candidates.append(type(model.get_submodule(path)))
+        for layer_type, rule in self.types.items():
+            if any(issubclass(candidate, layer_type) for candidate in candidates):
+                return rule
+        return None
+
+
+def _sort_rules(model: nn.Module, rules: Mapping[Any, RuleSpec], mean: list[float] | None,
+                std: list[float] | None) -> RuleSet:
+    """A string key is a module name of this model, else a tensor method; other keys are module
+    types or functions."""
+    module_names = {name for name, _ in model.named_modules() if name}
+    ruleset = RuleSet()
+    for key, spec in rules.items():
+        rule = get_rule(spec, mean, std)
+        if isinstance(key, type):
+            ruleset.types[key] = rule
+        elif isinstance(key, str) and key in module_names:
+            ruleset.names[key] = rule
+        elif isinstance(key, str) and callable(getattr(Tensor, key, None)):
+            ruleset.methods[key] = rule
+        elif callable(key) and not isinstance(key, str):
+            ruleset.functions[key] = rule
+        else:
+            raise ValueError(f"rule key {key!r} is neither a module type, a module name of this model, "
+                             "a function nor a tensor method name")
+    return ruleset
+# Rules whose result does not change when BatchNorm is folded into the layer before it (for
+# positive BN scales): the paper's composite. Every other rule divides by a z that BN changes.
+_BN_INVARIANT_RULES = (ZPlusRule, WPlusRule, PassRule)
 
 
 class RelevanceEngine:
     """LRP over any traceable module (tensor, tuple, list or dict outputs).
 
-    `rules` maps module types (or qualified module names) to rule names or `Rule` objects;
-    module types given there become graph leaves, so custom layers can be supported with
-    `rules={MyLayer: "pass"}` or `rules={MyLayer: MyRule()}`. Conv2d and Linear use z+ unless
-    told otherwise, the layer that sees the image uses `input_rule`.
+    `rules` maps keys to rule names or `Rule` objects. Keys: module types (also how to support
+    custom layers, `{MyLayer: "pass"}`), qualified module names (`"layer4.1.conv2"`), functions
+    (`F.interpolate`) and tensor-method names (`"softmax"`). Precedence: a rule by module name,
+    then `input_rule` for the layer that sees the input, then rules by type, function or method,
+    then the defaults (z+; w⁺ at the input layer). `bn="fold"` lets the rule of a layer next to
+    a BatchNorm see the effective (folded) layer; `"pass"` passes relevance through BatchNorm.
     """
 
     def __init__(
@@ -64,12 +141,13 @@ class RelevanceEngine:
         module: nn.Module,
         split: str = "ratio",
         identity_skips: bool = True,
-        rules: Mapping[type | str, RuleSpec] | None = None,
-        input_rule: RuleSpec = "wplus",
+        rules: Mapping[Any, RuleSpec] | None = None,
+        input_rule: RuleSpec | None = None,
         maxpool: str = "avg",
         mean: list[float] | None = None,
         std: list[float] | None = None,
         reference: bool = False,
+        bn: str | None = None,
     ) -> None:
         if maxpool not in MAXPOOL_RULES:
             raise ValueError(f"unknown maxpool rule {maxpool!r}; choose one of: {', '.join(MAXPOOL_RULES)}")
@@ -77,23 +155,38 @@ class RelevanceEngine:
         self.reference = reference
         self.maxpool = maxpool
         self.splitter = Splitter(split, identity_skips, reference=reference)
-        rules = dict(rules or {})
-        self._type_rules = {k: get_rule(v, mean, std) for k, v in rules.items() if isinstance(k, type)}
-        self._name_rules = {k: get_rule(v, mean, std) for k, v in rules.items() if isinstance(k, str)}
+        self._rules = _sort_rules(module, rules or {}, mean, std)
         if reference:
             self._default_rule: Rule = ReferenceZPlusRule()
-            self._input_rule: Rule = ReferenceZPlusRule(ones_input=True)
+            self._default_input_rule: Rule = ReferenceZPlusRule(ones_input=True)
+            self._input_rule: Rule | None = None
         else:
             self._default_rule = ZPlusRule()
-            self._input_rule = get_rule(input_rule, mean, std)
-        ruled_types = tuple(t for t in self._type_rules if not _is_builtin_linear(t))
-        self.graph = g.trace(module, ruled_types)
-        self.steps = g.build_steps(module, self.graph, ruled_types)
+            self._default_input_rule = WPlusRule()
+            self._input_rule = None if input_rule is None else get_rule(input_rule, mean, std)
+        self.bn = self._resolve_bn(bn)
+        user = self._rules.user_rules()
+        self.graph = g.trace(module, user)
+        self.steps = g.build_steps(module, self.graph, user, fold_batchnorm=self.bn == "fold")
         inputs = [step for step in self.steps if step.kind == g.INPUT]
         if len(inputs) != 1:
             raise InputError(f"the model must take exactly one input tensor (it takes {len(inputs)})")
         self._input_step = inputs[0]
         self._step_of = {step.node: step for step in self.steps}
+        self._ops: dict[fx.Node, tuple[tuple, LinearOp]] = {}
+
+    def _resolve_bn(self, bn: str | None) -> str:
+        """None: "pass" for the paper's composite (z+, w⁺: unchanged by folding), "fold" as soon
+        as any rule divides by a z that BatchNorm changes (ε, γ, αβ, zB, flat, w², ...)."""
+        if bn is not None:
+            if bn not in BN_MODES:
+                raise ValueError(f"unknown bn mode {bn!r}; choose one of: {', '.join(BN_MODES)}")
+            if bn == "fold" and self.reference:
+                raise ValueError("the reference preset passes BatchNorm through, as the paper does; use bn='pass'")
+            return bn
+        rules = [*self._rules.all(), self._input_rule]
+        invariant = all(rule is None or type(rule) in _BN_INVARIANT_RULES for rule in rules)
+        return "pass" if invariant or self.reference else "fold"
 
     # ---------------------------------------------------------------- forward
 
@@ -129,7 +222,7 @@ class RelevanceEngine:
         if node.op == "call_module":
             return _module_forward(step.module, args, kwargs)
         if node.op == "call_function":
-            if node.target in (F.dropout, F.dropout1d, F.dropout2d, torch.dropout):
+            if node.target in g.DROPOUT_FUNCTIONS:
                 return args[0]
             return node.target(*args, **kwargs)
         if node.op == "call_method":
@@ -142,9 +235,13 @@ class RelevanceEngine:
     # ---------------------------------------------------------------- backward
 
     @torch.no_grad()
-    def backward(self, record: Record, seed: Any, layer_sums: bool = False) -> Backward:
+    def backward(self, record: Record, seed: Any, layer_sums: bool = False,
+                 layers: Mapping[str, fx.Node] | None = None) -> Backward:
         """Propagate `seed` (same structure as `record.output`; None = no relevance) to the input;
-        with `layer_sums`, also total the relevance that crosses each reported cut."""
+        with `layer_sums`, also total the relevance that crosses each reported cut; `layers`
+        (name -> node, see `layer_nodes`) keeps the relevance of those nodes' outputs."""
+        keep = {node: name for name, node in (layers or {}).items()}
+        kept: dict[str, Tensor] = {}
         relevance: dict[fx.Node, Tensor] = {}
         sums: OrderedDict[str, Tensor] = OrderedDict()
         output_step = self.steps[-1]
@@ -152,6 +249,8 @@ class RelevanceEngine:
             _accumulate(relevance, node, R)
         for step in reversed(self.steps):
             R = relevance.pop(step.node, None)
+            if step.node in keep:
+                kept[keep[step.node]] = R.clone() if R is not None else torch.zeros_like(record.values[step.node])
             if R is None or step.kind in (g.INPUT, g.CONSTANT, g.OUTPUT):
                 if step.kind == g.INPUT and R is not None:
                     relevance[step.node] = R
@@ -163,30 +262,83 @@ class RelevanceEngine:
                 _accumulate(relevance, parent, R_in)
         x = record.values[self._input_step.node]
         R_input = relevance.get(self._input_step.node, torch.zeros_like(x))
-        return Backward(R_input, sums)
+        return Backward(R_input, sums, {name: kept[name] for name in (layers or {})})
+
+    def layer_nodes(self, names: Iterable[str]) -> dict[str, fx.Node]:
+        """The graph nodes whose outputs are the named modules' outputs (for `backward(layers=)`)."""
+        return {name: g.layer_output(self.steps, name) for name in names}
+
+    # ---------------------------------------------------------------- fidelity
+
+    @torch.no_grad()
+    def verify(self, x: Tensor, record: Record) -> None:
+        """Raise FidelityError unless the model's own forward (eval mode, its own dtype, its
+        hooks) gives the output the engine computed: otherwise the relevance would explain a
+        different function, however well it conserves."""
+        dtype = next((p.dtype for p in self.module.parameters() if p.is_floating_point()), torch.float32)
+        tolerance = 1e-4 if dtype in (torch.float32, torch.float64) else 3e-2
+        with g.eval_mode(self.module):
+            reference = self.module(x.to(dtype))
+        gap = _largest_gap(record.output, reference, tolerance)
+        if gap is None:
+            return
+        raise FidelityError(
+            f"the model's own output differs from what relprop computes for it (max |Δ| = {gap:.3g}, "
+            f"{self._first_divergence(x, dtype, record, tolerance)}), so its relevance would explain "
+            "another function; give that module a rule (rules={ItsType: rule}) or explain a model "
+            "without hooks or per-instance forwards there"
+        )
+
+    def _first_divergence(self, x: Tensor, dtype: torch.dtype, record: Record, tolerance: float) -> str:
+        """Re-run the model with hooks on every leaf module and name the first that disagrees."""
+        outputs: dict[int, list[Any]] = {}
+        leaves = [step for step in self.steps if step.node.op == "call_module"]
+        modules = {id(step.module): step.module for step in leaves}
+        handles = [m.register_forward_hook(lambda mod, args, out: outputs.setdefault(id(mod), []).append(out))
+                   for m in modules.values()]
+        try:
+            with g.eval_mode(self.module):
+                self.module(x.to(dtype))
+        finally:
+            for handle in handles:
+                handle.remove()
+        calls: dict[int, int] = {}
+        for step in leaves:
+            index = calls[id(step.module)] = calls.get(id(step.module), -1) + 1
+            seen = outputs.get(id(step.module), [])
+            if index < len(seen) and _largest_gap(record.values[step.node], seen[index], tolerance) is not None:
+                return f"first at module '{step.node.target}' ({type(step.module).__name__})"
+        return "every leaf module agrees; the difference arises between them"
 
     def _group(self, node: fx.Node) -> str | None:
         return self._step_of[node].group
 
     def rule_for(self, step: g.Step) -> Rule:
-        name = step.node.target if step.node.op == "call_module" else None
-        if name in self._name_rules:
-            return self._name_rules[name]
-        for layer_type, rule in self._type_rules.items():
-            if isinstance(step.module, layer_type):
-                return rule
+        """By module name, then `input_rule` at the input layer, then by type, function or
+        method, then the defaults."""
+        node = step.node
+        path = node.target if node.op == "call_module" else g.module_path(node)
+        if path in self._rules.names:
+            return self._rules.names[path]
+        if step.is_input_layer and self._input_rule is not None:
+            return self._input_rule
+        rule = self._rules.by_kind(step, self.module)
+        if rule is not None:
+            return rule
         if step.kind == g.LINEAR:
-            return self._input_rule if step.is_input_layer else self._default_rule
+            return self._default_input_rule if step.is_input_layer else self._default_rule
+        if step.kind == g.CUSTOM:
+            raise AssertionError(f"no rule for custom node {node.name}")
         return PassRule()
 
     def _propagate(self, step: g.Step, values: dict[fx.Node, Any], R: Tensor) -> list[tuple[fx.Node, Tensor]]:
         node, kind = step.node, step.kind
-        if kind in (g.LINEAR, g.CUSTOM):
+        if kind == g.LINEAR:
+            return [(step.inputs[0], self._linear(step, values, R))]
+        if kind == g.CUSTOM:
             parent = step.inputs[0]
-            rule = self.rule_for(step)
-            if isinstance(rule, ZPlusRule) and self._step_of[parent].nonnegative:
-                return [(parent, rule.relevance(step.module, values[parent], R, nonnegative=True))]
-            return [(parent, rule.relevance(step.module, values[parent], R))]
+            layer = step.module if step.module is not None else self._as_function_of_first_input(step, values)
+            return [(parent, self.rule_for(step).relevance(layer, values[parent], R))]
         if kind == g.PASS:
             parent = step.inputs[0]
             return [(parent, R.reshape(values[parent].shape))]
@@ -215,6 +367,52 @@ class RelevanceEngine:
                 raise UnsupportedLayerError(f"no relevance rule for node '{node.name}' ({node.target})")
             return []
         raise AssertionError(kind)
+
+    def _linear(self, step: g.Step, values: dict[fx.Node, Any], R: Tensor) -> Tensor:
+        """The layer's rule on its effective op; with a BatchNorm folded in before it, the op
+        reads the BatchNorm's input, and the relevance passes through the BatchNorm unchanged."""
+        rule = self.rule_for(step)
+        source = step.fold_before if step.fold_before is not None else step.inputs[0]
+        op = self._linear_op(step, values)
+        if isinstance(rule, ZPlusRule) and self._step_of[source].nonnegative:
+            return rule.relevance(op, values[source], R, nonnegative=True)
+        return rule.relevance(op, values[source], R)
+
+    def _linear_op(self, step: g.Step, values: dict[fx.Node, Any]) -> LinearOp:
+        """The step's linear map with its adjacent BatchNorms folded in; cached per parameter
+        version for modules (w⁺ and folding are then computed once, not per image)."""
+        node = step.node
+        sources = [step.module] if step.module is not None else []
+        bns = [self._step_of[n] for n in (step.fold_before, step.fold_after) if n is not None]
+        sources += [bn.module for bn in bns if bn.module is not None]
+        key = None
+        if len(sources) == 1 + len(bns) and step.fold_before is None:
+            key = tuple((t._version, t.data_ptr(), t.device) for m in sources for t in (*m.parameters(), *m.buffers()))
+            cached = self._ops.get(node)
+            if cached is not None and cached[0] == key:
+                return cached[1]
+        if node.op == "call_module":
+            op = as_linear_op(step.module)
+        else:
+            op = functional_linear_op(node.target, _load(node.args, values), _load(node.kwargs, values))
+        if step.fold_before is not None:
+            bn = self._step_of[step.fold_before]
+            op = fold_batchnorm(op, self._bn_stats(bn, values), before=True,
+                                input_shape=values[bn.node].shape)
+        if step.fold_after is not None:
+            op = fold_batchnorm(op, self._bn_stats(self._step_of[step.fold_after], values))
+        if key is not None:
+            self._ops[node] = (key, op)
+        return op
+
+    @staticmethod
+    def _bn_stats(step: g.Step, values: dict[fx.Node, Any]) -> BatchNormStats:
+        if step.module is not None:
+            return BatchNormStats.of(step.module)
+        names = ("input", "running_mean", "running_var", "weight", "bias", "training", "momentum", "eps")
+        bound = dict(zip(names, _load(step.node.args, values), strict=False)) | _load(step.node.kwargs, values)
+        return BatchNormStats(bound["running_mean"], bound["running_var"], bound.get("weight"),
+                              bound.get("bias"), float(bound.get("eps", 1e-5)))
 
     def _add(self, step: g.Step, values: dict[fx.Node, Any], R: Tensor) -> list[tuple[fx.Node, Tensor]]:
         first, second = step.node.args[0], step.node.args[1]
@@ -255,17 +453,21 @@ class RelevanceEngine:
         else:
             geometry = _maxpool_geometry(*args[1:], **kwargs)
         kernel, stride, padding, dilation, ceil_mode = geometry
+        dims = args[0].dim() - 2
         if self.maxpool == "wta":
-            return lambda t: F.max_pool2d(t, kernel, stride, padding, dilation, ceil_mode)
-        if dilation not in (1, (1, 1)):
+            max_pool = (F.max_pool1d, F.max_pool2d, F.max_pool3d)[dims - 1]
+            return lambda t: max_pool(t, kernel, stride, padding, dilation, ceil_mode)
+        if any(d != 1 for d in _as_tuple(dilation)):
             raise UnsupportedLayerError(
                 f"max pooling with dilation {dilation} at '{step.node.name}': use maxpool='wta'"
             )
-        return lambda t: F.avg_pool2d(t, kernel, stride, padding, ceil_mode, True, 1)
+        # the same windows, summed: the z-rule's per-window divisor cancels, so an average serves
+        avg_pool = (F.avg_pool1d, F.avg_pool2d, F.avg_pool3d)[dims - 1]
+        return lambda t: avg_pool(t, kernel, stride, padding, ceil_mode, True)
 
 
-def _is_builtin_linear(layer_type: type) -> bool:
-    return issubclass(layer_type, (nn.Conv2d, nn.Linear))
+def _as_tuple(value: int | tuple[int, ...]) -> tuple[int, ...]:
+    return tuple(value) if isinstance(value, (tuple, list)) else (value,)
 
 
 def _maxpool_geometry(kernel_size, stride=None, padding=0, dilation=1, ceil_mode=False, return_indices=False):
@@ -274,16 +476,14 @@ def _maxpool_geometry(kernel_size, stride=None, padding=0, dilation=1, ceil_mode
 
 def _module_forward(module: nn.Module, args: tuple, kwargs: dict) -> Any:
     """Eval-mode, fp32 forward of leaf modules, without touching the module itself."""
-    if isinstance(module, nn.Conv2d):
-        weight = module.weight.float()
-        bias = None if module.bias is None else module.bias.float()
-        return F.conv2d(args[0], weight, bias, module.stride, module.padding, module.dilation, module.groups)
-    if isinstance(module, nn.Linear):
-        bias = None if module.bias is None else module.bias.float()
-        return F.linear(args[0], module.weight.float(), bias)
-    if isinstance(module, (nn.BatchNorm1d, nn.BatchNorm2d)):
+    if isinstance(module, LINEAR_TYPES) and g.builtin_kind(module) == g.LINEAR:
+        op = as_linear_op(module)
+        if args[1:] or kwargs:  # ConvTranspose's output_size: a shape-dependent output padding
+            raise UnsupportedLayerError(f"{type(module).__name__} called with output_size is not supported")
+        return op.forward(args[0], op.weight, op.bias)
+    if isinstance(module, g.BATCHNORM_MODULES):
         return _batch_norm(module, args[0])
-    if isinstance(module, (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Identity)):
+    if isinstance(module, (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.Identity)):
         return args[0]
     if isinstance(module, (nn.ReLU, nn.ReLU6)):
         return F.relu(args[0]) if isinstance(module, nn.ReLU) else F.relu6(args[0])
@@ -306,6 +506,27 @@ def _get_attr(module: nn.Module, target: str) -> Any:
     for part in target.split("."):
         value = getattr(value, part)
     return value.float() if isinstance(value, Tensor) and value.is_floating_point() else value
+
+
+def _largest_gap(computed: Any, reference: Any, tolerance: float) -> float | None:
+    """The largest absolute difference between two outputs of the same structure, if any
+    tensor differs by more than `tolerance` relative to its scale; None when they agree."""
+    ours, _ = tree_flatten(computed)
+    theirs, _ = tree_flatten(reference)
+    if len(ours) != len(theirs):
+        return float("inf")
+    worst = None
+    for a, b in zip(ours, theirs, strict=True):
+        if not (isinstance(a, Tensor) and isinstance(b, Tensor)) or not b.is_floating_point():
+            continue
+        if a.shape != b.shape:
+            return float("inf")
+        b = b.detach().to(device=a.device, dtype=torch.float32)
+        gap = float((a - b).abs().max()) if a.numel() else 0.0
+        scale = max(1.0, float(b.abs().max())) if b.numel() else 1.0
+        if not gap <= tolerance * scale:  # NaN counts as a difference
+            worst = gap if worst is None else max(worst, gap)
+    return worst
 
 
 def _load(arg: Any, values: dict[fx.Node, Any]) -> Any:

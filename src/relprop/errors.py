@@ -29,3 +29,8 @@ class ImageError(RelpropError, ValueError):
 
 class CheckpointError(RelpropError, ValueError):
     """A weights file cannot be loaded into the model it claims to fit."""
+
+
+class FidelityError(RelpropError, RuntimeError):
+    """The engine's forward pass differs from the model's own: its relevance would explain
+    another function, so none is returned."""

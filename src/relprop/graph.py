@@ -5,8 +5,10 @@ layer is reported before any image is processed."""
 from __future__ import annotations
 
 import operator
-from collections.abc import Iterable
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 import torch.fx as fx
@@ -14,9 +16,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from relprop.errors import TraceError, UnsupportedLayerError
+from relprop.rules import LINEAR_TYPES
 
 # How relevance crosses a node.
-LINEAR = "linear"  # Conv2d / Linear: an LRP rule
+LINEAR = "linear"  # Linear, ConvNd, ConvTransposeNd (modules or functional calls): an LRP rule
 PASS = "pass"  # unchanged: ReLU, BatchNorm, Dropout, Identity, x * constant
 POOL = "pool"  # positive linear maps: avg / adaptive-avg / sum / mean pooling
 MAXPOOL = "maxpool"
@@ -24,23 +27,39 @@ ROUTE = "route"  # reshapes, permutes, slicing: relevance follows the elements
 ADD = "add"  # residual add: Relevance Splitting
 CAT = "cat"
 SCALE = "scale"  # x * c, x / c: relevance passes to the input-dependent operand
-CUSTOM = "custom"  # a module type the user gave a rule for
+CUSTOM = "custom"  # a module, function or method the user gave a rule for
 META = "meta"  # x.size(), shapes: no relevance
 INPUT = "input"
 OUTPUT = "output"
 CONSTANT = "constant"  # does not depend on the input
 UNSUPPORTED = "unsupported"  # no rule: an error if relevance ever reaches it
 
+BATCHNORM_MODULES = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
 PASS_MODULES = (
-    nn.BatchNorm1d, nn.BatchNorm2d, nn.ReLU, nn.ReLU6, nn.Dropout, nn.Dropout1d, nn.Dropout2d,
+    *BATCHNORM_MODULES, nn.ReLU, nn.ReLU6, nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d,
     nn.Identity,
 )
-POOL_MODULES = (nn.AvgPool2d, nn.AdaptiveAvgPool2d)
+POOL_MODULES = (nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d,
+                nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d, nn.AdaptiveAvgPool3d)
+MAXPOOL_MODULES = (nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d)
 ROUTE_MODULES = (nn.Flatten, nn.Unflatten)
-KNOWN_MODULES = (nn.Conv2d, nn.Linear, nn.MaxPool2d, *PASS_MODULES, *POOL_MODULES, *ROUTE_MODULES)
+# Module types whose computation the engine reproduces itself, by kind. A module gets this
+# built-in handling only if it computes exactly what its torch class computes (see `builtin_kind`).
+BUILTIN_MODULES: dict[str, tuple[type[nn.Module], ...]] = {
+    LINEAR: LINEAR_TYPES, MAXPOOL: MAXPOOL_MODULES, PASS: PASS_MODULES, POOL: POOL_MODULES,
+    ROUTE: ROUTE_MODULES, POOL + "/upsample": (nn.Upsample,),
+}
+_BUILTIN_TYPES = tuple(t for types in BUILTIN_MODULES.values() for t in types)
+# Upsampling modes whose interpolation weights are non-negative: relevance goes in proportion.
+POSITIVE_INTERPOLATION = {"nearest", "nearest-exact", "linear", "bilinear", "trilinear", "area"}
+SOFTMAX_MODULES = (nn.Softmax, nn.LogSoftmax, nn.Softmax2d)
 
-PASS_FUNCTIONS = {F.relu, torch.relu, F.relu6, F.dropout, F.dropout1d, F.dropout2d, torch.dropout}
-POOL_FUNCTIONS = {F.avg_pool2d, F.adaptive_avg_pool2d, torch.mean, torch.sum}
+LINEAR_FUNCTIONS = {F.linear: nn.Linear, F.conv1d: nn.Conv1d, F.conv2d: nn.Conv2d, F.conv3d: nn.Conv3d}
+PASS_FUNCTIONS = {F.relu, torch.relu, F.relu6, F.dropout, F.dropout1d, F.dropout2d, F.dropout3d,
+                  torch.dropout, F.batch_norm}
+POOL_FUNCTIONS = {F.avg_pool1d, F.avg_pool2d, F.avg_pool3d, F.adaptive_avg_pool1d,
+                  F.adaptive_avg_pool2d, F.adaptive_avg_pool3d, torch.mean, torch.sum}
+MAXPOOL_FUNCTIONS = {F.max_pool1d, F.max_pool2d, F.max_pool3d}
 ROUTE_FUNCTIONS = {
     torch.flatten, torch.reshape, torch.squeeze, torch.unsqueeze, torch.permute, torch.transpose,
     operator.getitem,
@@ -49,6 +68,8 @@ ADD_FUNCTIONS = {operator.add, operator.iadd, torch.add}
 CAT_FUNCTIONS = {torch.cat, torch.concat}
 SCALE_FUNCTIONS = {operator.mul, operator.imul, operator.truediv, operator.itruediv, torch.mul}
 META_FUNCTIONS = {getattr, operator.floordiv, operator.sub, len}
+SOFTMAX_FUNCTIONS = {F.softmax, torch.softmax, F.log_softmax, torch.log_softmax}
+DROPOUT_FUNCTIONS = {F.dropout, F.dropout1d, F.dropout2d, F.dropout3d, torch.dropout}
 
 PASS_METHODS = {"relu", "relu_", "contiguous", "clone", "detach", "float", "to", "type"}
 POOL_METHODS = {"mean", "sum"}
@@ -56,11 +77,54 @@ ROUTE_METHODS = {"view", "reshape", "flatten", "squeeze", "unsqueeze", "permute"
 ADD_METHODS = {"add", "add_"}
 SCALE_METHODS = {"mul", "mul_", "div", "div_"}
 META_METHODS = {"size", "dim", "numel"}
+SOFTMAX_METHODS = {"softmax", "log_softmax"}
 
 # In-place variants would overwrite activations that relevance rules still need.
 OUT_OF_PLACE = {operator.iadd: operator.add, operator.imul: operator.mul,
                 operator.itruediv: operator.truediv}
 OUT_OF_PLACE_METHODS = {"relu_": "relu", "add_": "add", "mul_": "mul", "div_": "div"}
+
+
+def builtin_kind(module: nn.Module) -> str | None:
+    """The kind of a module whose computation is exactly its torch class's: the class itself,
+    or a subclass that overrides neither `forward` nor `_conv_forward`. A subclass with its own
+    `forward` (timm's StdConv2d, BatchNormAct2d, a home-made conv) computes something else, so
+    it is traced into instead: its real operations are what gets interpreted."""
+    if "forward" in vars(module):  # a forward replaced on the instance
+        return None
+    for kind, types in BUILTIN_MODULES.items():
+        base = next((t for t in type(module).__mro__ if t in types), None)
+        if base is None:
+            continue
+        if all(getattr(type(module), attr, None) is getattr(base, attr, None)
+               for attr in ("forward", "_conv_forward")):
+            return kind.split("/")[0]
+        return None
+    return None
+
+
+@dataclass(frozen=True)
+class UserRules:
+    """Where the user's rules apply: module types and qualified module names, functions
+    (`F.interpolate`) and tensor-method names (`"softmax"`)."""
+
+    types: tuple[type, ...] = ()
+    names: frozenset[str] = frozenset()
+    functions: frozenset[Any] = frozenset()
+    methods: frozenset[str] = frozenset()
+
+    def leaf_types(self) -> tuple[type, ...]:
+        """Ruled types become graph leaves, except the layer classes the engine runs itself and
+        their subclasses (traced into, so the rule applies to the operations inside)."""
+        return tuple(t for t in self.types if not issubclass(t, _BUILTIN_TYPES))
+
+    def covers(self, node: fx.Node, module: nn.Module | None) -> bool:
+        if node.op == "call_module":
+            return (node.target in self.names and not isinstance(module, _BUILTIN_TYPES)) \
+                or isinstance(module, self.leaf_types())
+        if node.op == "call_function":
+            return node.target in self.functions
+        return node.op == "call_method" and node.target in self.methods
 
 
 @dataclass
@@ -77,20 +141,28 @@ class Step:
     error: UnsupportedLayerError | None = None  # UNSUPPORTED: raised if relevance reaches it
     inputs: list[fx.Node] = field(default_factory=list)  # input-dependent node arguments
     nonnegative: bool = False  # the output is >= 0 by construction (after a ReLU, pooled...)
+    fold_after: fx.Node | None = None  # LINEAR: the BatchNorm right after it, folded into its rule
+    fold_before: fx.Node | None = None  # LINEAR: the BatchNorm right before it, folded likewise
+    folded_into: fx.Node | None = None  # a folded BatchNorm: the layer that now accounts for it
 
 
 class _Tracer(fx.Tracer):
     """fx tracer that keeps known and user-ruled modules as leaves and remembers where it is,
     so a failure can name the module it happened in."""
 
-    def __init__(self, leaf_types: tuple[type, ...]) -> None:
+    def __init__(self, leaf_types: tuple[type, ...], leaf_names: frozenset[str]) -> None:
         super().__init__()
         self.leaf_types = leaf_types
+        self.leaf_names = leaf_names
         self.relprop_path: list[tuple[str, nn.Module]] = []
         self.failed_in: tuple[str, nn.Module] | None = None  # innermost module of a failure
 
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
-        return isinstance(m, self.leaf_types) or super().is_leaf_module(m, module_qualified_name)
+        if builtin_kind(m) is not None or isinstance(m, self.leaf_types):
+            return True
+        if module_qualified_name in self.leaf_names and not isinstance(m, _BUILTIN_TYPES):
+            return True
+        return super().is_leaf_module(m, module_qualified_name)
 
     def call_module(self, m, forward, args, kwargs):
         self.relprop_path.append((self.path_of_module(m), m))
@@ -104,11 +176,27 @@ class _Tracer(fx.Tracer):
             self.relprop_path.pop()
 
 
-def trace(model: nn.Module, leaf_types: Iterable[type] = ()) -> fx.Graph:
-    """The model's graph with in-place ops replaced by their out-of-place twins."""
-    tracer = _Tracer((*KNOWN_MODULES, *leaf_types))
+@contextmanager
+def eval_mode(model: nn.Module) -> Iterator[None]:
+    """Eval semantics for the duration, every submodule's own mode restored afterwards (the
+    user's model is never modified; traced code may branch on `self.training`)."""
+    modes = [(module, module.training) for module in model.modules()]
+    model.eval()
     try:
-        graph = tracer.trace(model)
+        yield
+    finally:
+        for module, training in modes:
+            module.training = training
+
+
+def trace(model: nn.Module, rules: UserRules | None = None) -> fx.Graph:
+    """The model's graph, traced in eval mode, with in-place ops replaced by their out-of-place
+    twins. Modules the user gave a rule (by type or name) stay leaves."""
+    rules = rules or UserRules()
+    tracer = _Tracer(rules.leaf_types(), rules.names)
+    try:
+        with eval_mode(model):
+            graph = tracer.trace(model)
     except Exception as error:  # fx raises many types; all mean "not traceable as written"
         where = _describe_module(tracer.failed_in)
         first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
@@ -157,13 +245,16 @@ def _group_of(node: fx.Node, groups: set[str]) -> str | None:
     return None
 
 
-def _module_path(node: fx.Node) -> str:
+def module_path(node: fx.Node) -> str:
     stack = node.meta.get("nn_module_stack", {})
     return next(reversed(stack.values()))[0] if stack else ""
 
 
-def build_steps(model: nn.Module, graph: fx.Graph, ruled_types: tuple[type, ...]) -> list[Step]:
-    """Classify every node; raise UnsupportedLayerError for the first one without a rule."""
+def build_steps(model: nn.Module, graph: fx.Graph, rules: UserRules | None = None,
+                fold_batchnorm: bool = False) -> list[Step]:
+    """Classify every node; raise UnsupportedLayerError for the first one without a rule on a
+    path that relevance takes. With `fold_batchnorm`, pair BatchNorms with adjacent layers."""
+    rules = rules or UserRules()
     groups = report_groups(model)
     dependent: set[fx.Node] = set()
     steps = []
@@ -181,7 +272,7 @@ def build_steps(model: nn.Module, graph: fx.Graph, ruled_types: tuple[type, ...]
             continue
         dependent.add(node)
         try:
-            step = _classify(model, node, ruled_types)
+            step = _classify(model, node, rules)
         except UnsupportedLayerError as error:
             module = model.get_submodule(node.target) if node.op == "call_module" else None
             step = Step(node, UNSUPPORTED, module, error=error)
@@ -193,7 +284,64 @@ def build_steps(model: nn.Module, graph: fx.Graph, ruled_types: tuple[type, ...]
     _mark_input_layers(steps)
     _keep_cut_groups(steps)
     _mark_nonnegative(steps)
+    if fold_batchnorm:
+        _plan_batchnorm_folds(steps)
     return steps
+
+
+def layer_output(steps: list[Step], name: str) -> fx.Node:
+    """The node whose value a module (leaf or container) returns: the one node of its scope
+    that is read outside it."""
+    def inside(node: fx.Node) -> bool:
+        path = node.target if node.op == "call_module" else module_path(node)
+        return isinstance(path, str) and (path == name or path.startswith(name + "."))
+
+    for step in steps:
+        if step.node.op == "call_module" and step.node.target == name:
+            return step.node
+    scope = [step for step in steps if step.kind not in (INPUT, OUTPUT) and inside(step.node)]
+    read_outside = {parent for step in steps if not inside(step.node) for parent in step.inputs
+                    if inside(parent)}
+    if len(read_outside) != 1 or not scope:
+        found = "no operation" if not scope else f"{len(read_outside)} outputs"
+        raise ValueError(f"layers: '{name}' is not a module with one output in the traced graph ({found})")
+    return read_outside.pop()
+
+
+def is_batchnorm(step: Step) -> bool:
+    """A BatchNorm in eval mode with running statistics (the kind that can be folded)."""
+    node = step.node
+    if step.kind != PASS:
+        return False
+    if isinstance(step.module, BATCHNORM_MODULES):
+        return step.module.running_mean is not None and step.module.running_var is not None
+    if node.op == "call_function" and node.target is F.batch_norm:
+        training = node.kwargs.get("training", node.args[5] if len(node.args) > 5 else False)
+        running = node.args[1:3] if len(node.args) >= 3 else ()
+        return training is False and len(running) == 2 and all(r is not None for r in running)
+    return False
+
+
+def _plan_batchnorm_folds(steps: list[Step]) -> None:
+    """conv→BN and BN→conv pairs with nothing else reading the value between them: the rule of
+    the layer then sees the effective (folded) layer, as the LRP literature canonizes."""
+    by_node = {step.node: step for step in steps}
+    consumers: dict[fx.Node, list[fx.Node]] = {}
+    for step in steps:
+        for parent in step.inputs:
+            consumers.setdefault(parent, []).append(step.node)
+    for step in steps:
+        if step.kind != LINEAR or len(step.inputs) != 1:
+            continue
+        after = consumers.get(step.node, [])
+        if len(after) == 1 and is_batchnorm(by_node[after[0]]) and by_node[after[0]].inputs == [step.node]:
+            step.fold_after = after[0]
+            by_node[after[0]].folded_into = step.node
+        before = by_node[step.inputs[0]]
+        if is_batchnorm(before) and consumers.get(before.node) == [step.node] and before.folded_into is None \
+                and len(before.inputs) == 1:
+            step.fold_before = before.node
+            before.folded_into = step.node
 
 
 def relevance_parents(step: Step) -> list[fx.Node]:
@@ -228,7 +376,8 @@ def _mark_nonnegative(steps: list[Step]) -> None:
                 or (node.op == "call_method" and node.target == "relu"):
             step.nonnegative = True
         elif step.kind in (MAXPOOL, POOL, ROUTE, CAT, ADD) or (
-                step.kind == PASS and not isinstance(step.module, (nn.BatchNorm1d, nn.BatchNorm2d))):
+                step.kind == PASS and not isinstance(step.module, BATCHNORM_MODULES)
+                and not (node.op == "call_function" and node.target is F.batch_norm)):
             parents = [by_node[parent] for parent in step.inputs]
             step.nonnegative = bool(parents) and all(parent.nonnegative for parent in parents) and \
                 (step.kind != ADD or len(step.inputs) == 2)
@@ -261,49 +410,108 @@ def _reachable_avoiding(start: fx.Node, end: fx.Node, group: str, group_of: dict
     return False
 
 
-def _classify(model: nn.Module, node: fx.Node, ruled_types: tuple[type, ...]) -> Step:
+def _classify(model: nn.Module, node: fx.Node, rules: UserRules) -> Step:
     if node.op == "call_module":
-        module = model.get_submodule(node.target)
-        if ruled_types and isinstance(module, ruled_types):
-            return Step(node, CUSTOM, module)
-        for kind, types in ((LINEAR, (nn.Conv2d, nn.Linear)), (MAXPOOL, (nn.MaxPool2d,)),
-                            (PASS, PASS_MODULES), (POOL, POOL_MODULES), (ROUTE, ROUTE_MODULES)):
-            if isinstance(module, types):
-                return Step(node, kind, module)
-        raise _unsupported(f"module '{node.target}' ({type(module).__name__})", type(module).__name__)
+        return _classify_module(model, node, rules)
     if node.op == "call_function":
-        target = node.target
-        for kind, functions in ((PASS, PASS_FUNCTIONS), (POOL, POOL_FUNCTIONS), (ROUTE, ROUTE_FUNCTIONS),
-                                (ADD, ADD_FUNCTIONS), (CAT, CAT_FUNCTIONS), (SCALE, SCALE_FUNCTIONS),
-                                (META, META_FUNCTIONS)):
-            if target in functions:
-                return Step(node, kind)
-        if target is F.max_pool2d or getattr(target, "__name__", "") == "_max_pool2d":
-            return Step(node, MAXPOOL)
-        name = getattr(target, "__name__", repr(target))
-        raise _unsupported(f"function '{name}' (node '{node.name}'{in_module(node)})", name)
+        return _classify_function(node, rules)
     if node.op == "call_method":
+        if node.target in rules.methods:
+            return Step(node, CUSTOM)
+        if node.target in SOFTMAX_METHODS:
+            raise _softmax_error(f"tensor method '.{node.target}()' (node '{node.name}'{in_module(node)})")
         for kind, methods in ((PASS, PASS_METHODS), (POOL, POOL_METHODS), (ROUTE, ROUTE_METHODS),
                               (ADD, ADD_METHODS), (SCALE, SCALE_METHODS), (META, META_METHODS)):
             if node.target in methods:
                 return Step(node, kind)
         raise _unsupported(f"tensor method '.{node.target}()' (node '{node.name}'{in_module(node)})",
-                           node.target)
+                           repr(node.target))
     if node.op == "get_attr":
         return Step(node, CONSTANT)
     raise UnsupportedLayerError(f"graph node '{node.name}' ({node.op}) is not supported")
 
 
+def _classify_module(model: nn.Module, node: fx.Node, rules: UserRules) -> Step:
+    module = model.get_submodule(node.target)
+    what = f"module '{node.target}' ({type(module).__name__})"
+    kind = builtin_kind(module)
+    if kind is not None and not (isinstance(module, nn.Upsample) and module.mode not in POSITIVE_INTERPOLATION):
+        return Step(node, kind, module)
+    if rules.covers(node, module):
+        return Step(node, CUSTOM, module)
+    if isinstance(module, SOFTMAX_MODULES):
+        raise _softmax_error(what)
+    if isinstance(module, nn.Upsample):
+        raise _unsupported(f"{what} in mode {module.mode!r} (its interpolation weights can be negative)",
+                           _type_key(type(module)))
+    base = next((t for t in type(module).__mro__ if t in _BUILTIN_TYPES), None)
+    hint = f" (a {base.__name__} subclass that computes its own forward)" if base and kind is None else ""
+    raise _unsupported(what + hint, _type_key(type(module)))
+
+
+def _classify_function(node: fx.Node, rules: UserRules) -> Step:
+    target = node.target
+    what = f"function '{_function_key(target)}' (node '{node.name}'{in_module(node)})"
+    if target in rules.functions:
+        return Step(node, CUSTOM)
+    if target in LINEAR_FUNCTIONS:
+        return Step(node, LINEAR)
+    if target is F.interpolate:
+        mode = node.kwargs.get("mode", node.args[3] if len(node.args) > 3 else "nearest")
+        if mode in POSITIVE_INTERPOLATION:
+            return Step(node, POOL)
+        raise _unsupported(f"{what} in mode {mode!r} (its interpolation weights can be negative)",
+                           _function_key(target))
+    if target is F.pad:
+        mode = node.kwargs.get("mode", node.args[2] if len(node.args) > 2 else "constant")
+        value = node.kwargs.get("value", node.args[3] if len(node.args) > 3 else None)
+        if mode == "constant" and not value:
+            return Step(node, ROUTE)  # zero padding: relevance follows the elements it keeps
+    if target in SOFTMAX_FUNCTIONS:
+        raise _softmax_error(what)
+    for kind, functions in ((PASS, PASS_FUNCTIONS), (POOL, POOL_FUNCTIONS), (ROUTE, ROUTE_FUNCTIONS),
+                            (ADD, ADD_FUNCTIONS), (CAT, CAT_FUNCTIONS), (SCALE, SCALE_FUNCTIONS),
+                            (META, META_FUNCTIONS), (MAXPOOL, MAXPOOL_FUNCTIONS)):
+        if target in functions:
+            return Step(node, kind)
+    if getattr(target, "__name__", "") in ("_max_pool1d", "_max_pool2d", "_max_pool3d"):
+        return Step(node, MAXPOOL)
+    raise _unsupported(what, _function_key(target))
+
+
 def in_module(node: fx.Node) -> str:
-    path = _module_path(node)
+    path = module_path(node)
     return f" in module '{path}'" if path else ""
 
 
-def _unsupported(what: str, type_name: str) -> UnsupportedLayerError:
+def _type_key(layer_type: type) -> str:
+    module = layer_type.__module__
+    if module.startswith("torch.nn.modules"):
+        return f"torch.nn.{layer_type.__name__}"
+    return f"{module}.{layer_type.__qualname__}"
+
+
+def _function_key(function: Any) -> str:
+    module = getattr(function, "__module__", None) or "torch"
+    name = getattr(function, "__name__", repr(function))
+    if module == "_operator":
+        module = "operator"
+    return f"{module}.{name}"
+
+
+def _unsupported(what: str, key: str) -> UnsupportedLayerError:
     return UnsupportedLayerError(
-        f"relprop has no relevance rule for {what}; pass rules={{{type_name}: rule}} "
-        "(a module type with a rule name such as 'pass' or 'zplus', or a relprop.rules.Rule) "
-        "to LRP(...) or RelevanceEngine(...)"
+        f"relprop has no relevance rule for {what}; pass rules={{{key}: rule}} to LRP(...) "
+        "with a rule name ('pass' for elementwise maps, 'proportional' for positive linear maps "
+        "such as pooling, 'zplus', ...) or a relprop.rules.Rule"
+    )
+
+
+def _softmax_error(what: str) -> UnsupportedLayerError:
+    return UnsupportedLayerError(
+        f"the model applies softmax in {what}: LRP explains the scores before the softmax and "
+        "starts from the probability itself; remove the softmax from the model (explain the "
+        "logits), or give it a rule if it sits inside the network"
     )
 
 

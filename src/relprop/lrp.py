@@ -4,14 +4,16 @@ from __future__ import annotations
 
 from collections import OrderedDict
 from collections.abc import Mapping, Sequence
+from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-from relprop.engine import RelevanceEngine, RuleSpec
+from relprop.engine import Backward, Record, RelevanceEngine, RuleSpec
 from relprop.errors import InputError, TargetError
 
 PRESETS = ("default", "reference")
+VERIFY_MODES = ("first", "always")
 Target = int | Sequence[int] | Tensor | None
 
 
@@ -32,9 +34,18 @@ class LRP:
             custom layers (``{MyNorm: "pass"}``).
         input_rule: rule of the layer that sees the image: ``"wplus"`` (as the reference's
             "ones" input), ``"zb"`` (needs mean/std), ``"flat"``, ``"w2"``, ``"zplus"``, ...
+            Given explicitly, it wins over rules by type; None: a type rule if one matches that
+            layer, else ``"wplus"``. A rule by module name wins over both.
         maxpool: ``"avg"`` (relevance in proportion to the activations in each window, with
             the pool's own geometry) or ``"wta"`` (winner takes all).
         mean, std: the input normalization, for the zB rule.
+        bn: ``"fold"`` (the rule of a layer next to a BatchNorm sees the effective, folded
+            layer: what ε, γ, αβ, zB, flat and w² need on BatchNorm networks) or ``"pass"``
+            (relevance passes through BatchNorm: the paper's definition). None: ``"pass"`` for
+            the paper's composite (z+, w⁺), ``"fold"`` as soon as another rule is used.
+        verify: ``"first"`` checks, on the first call for each input shape, that the output
+            the engine computes equals the model's own output (a `FidelityError` naming the
+            first module where they diverge otherwise); ``"always"`` checks every call.
         chunk_size: images propagated at once; larger batches are processed in chunks. None:
             4 on the CPU (activations of larger chunks exceed glibc's 32 MB mmap threshold,
             so every temporary is freshly page-faulted: measured 1.4x faster on ResNet-50),
@@ -51,56 +62,73 @@ class LRP:
         split: str = "ratio",
         identity_skips: bool = True,
         preset: str | None = None,
-        rules: Mapping[type | str, RuleSpec] | None = None,
-        input_rule: RuleSpec = "wplus",
+        rules: Mapping[Any, RuleSpec] | None = None,
+        input_rule: RuleSpec | None = None,
         maxpool: str = "avg",
         mean: list[float] | None = None,
         std: list[float] | None = None,
         chunk_size: int | None = None,
+        bn: str | None = None,
+        verify: str = "first",
     ) -> None:
         preset = preset or "default"
         if preset not in PRESETS:
             raise ValueError(f"unknown preset {preset!r}; choose one of: {', '.join(PRESETS)}")
         if chunk_size is not None and chunk_size < 1:
             raise ValueError(f"chunk_size must be positive, got {chunk_size}")
+        if verify not in VERIFY_MODES:
+            raise ValueError(f"unknown verify mode {verify!r}; choose one of: {', '.join(VERIFY_MODES)}")
+        self.verify = verify
+        self._verified: set[tuple] = set()
         self.model = model
         self.preset = preset
         self.chunk_size = chunk_size
         self.engine = RelevanceEngine(
             model, split=split, identity_skips=identity_skips, rules=rules, input_rule=input_rule,
-            maxpool=maxpool, mean=mean, std=std, reference=preset == "reference",
+            maxpool=maxpool, mean=mean, std=std, reference=preset == "reference", bn=bn,
         )
 
     def attribute(
-        self, inputs: Tensor, target: Target = None, return_layer_sums: bool = False
-    ) -> Tensor | tuple[Tensor, OrderedDict[str, Tensor]]:
+        self, inputs: Tensor, target: Target = None, return_layer_sums: bool = False,
+        layers: Sequence[str] | None = None,
+    ) -> Tensor | tuple:
         """Input relevance (N, C, H, W), fp32, on the device of `inputs`.
 
         `target`: None (the predicted class), an int, N ints, or an (N, num_outputs) float
         tensor of output relevance to start from. The initial relevance is the softmax
         probability of the explained class. With `return_layer_sums=True` also returns the
         conservation report: (N,) relevance totals from "output" through every top-level
-        layer and residual block to "input".
+        layer and residual block to "input". With `layers` (qualified module names, e.g.
+        ``["layer3", "layer4.1"]``) also returns a dict of the relevance of those modules'
+        outputs, each shaped like the output: `(R, layer_relevance)`, or
+        `(R, layer_sums, layer_relevance)` with both options.
         """
         x = _check_inputs(inputs)
+        nodes = self.engine.layer_nodes(layers) if layers else {}
         _check_target_length(target, x.shape[0])
         device = _model_device(self.model, x.device)
-        results, reports = [], []
+        results, reports, kept = [], [], []
         chunk_size = self.chunk_size or (4 if device.type == "cpu" else 32)
         for start in range(0, x.shape[0], chunk_size):
             chunk = x[start:start + chunk_size].to(device=device, dtype=torch.float32)
-            R, sums = self._attribute_chunk(chunk, _slice_target(target, start, chunk_size),
-                                            return_layer_sums)
-            results.append(R.to(inputs.device))
+            backward, sums = self._attribute_chunk(chunk, _slice_target(target, start, chunk_size),
+                                                   return_layer_sums, nodes)
+            results.append(backward.input.to(inputs.device))
             reports.append(sums)
+            kept.append(backward.layers)
         R = torch.cat(results)
-        if not return_layer_sums:
-            return R
-        layer_sums = OrderedDict((key, torch.cat([r[key] for r in reports]).to(inputs.device)) for key in reports[0])
-        return R, layer_sums
+        outputs: list[Any] = [R]
+        if return_layer_sums:
+            outputs.append(OrderedDict((key, torch.cat([r[key] for r in reports]).to(inputs.device))
+                                       for key in reports[0]))
+        if layers:
+            outputs.append({name: torch.cat([k[name] for k in kept]).to(inputs.device) for name in nodes})
+        return outputs[0] if len(outputs) == 1 else tuple(outputs)
 
-    def _attribute_chunk(self, x: Tensor, target: Target, layer_sums: bool) -> tuple[Tensor, OrderedDict[str, Tensor]]:
+    def _attribute_chunk(self, x: Tensor, target: Target, layer_sums: bool,
+                         layers: Mapping[str, Any]) -> tuple[Backward, OrderedDict[str, Tensor]]:
         record = self.engine.forward(x)
+        self._verify(x, record)
         logits = record.output
         if not isinstance(logits, Tensor) or logits.dim() != 2 or logits.shape[0] != x.shape[0]:
             shape = tuple(logits.shape) if isinstance(logits, Tensor) else type(logits).__name__
@@ -109,11 +137,18 @@ class LRP:
                 "Use relprop.engine.RelevanceEngine with a seed of the output's structure."
             )
         seed = initial_relevance(logits, target)
-        backward = self.engine.backward(record, seed, layer_sums=layer_sums)
+        backward = self.engine.backward(record, seed, layer_sums=layer_sums, layers=layers)
         sums: OrderedDict[str, Tensor] = OrderedDict(output=seed.sum(1))
         sums.update(backward.layer_sums)
         sums["input"] = backward.input.reshape(x.shape[0], -1).sum(1)
-        return backward.input, sums
+        return backward, sums
+
+    def _verify(self, x: Tensor, record: Record) -> None:
+        """The engine must compute the model's own function: checked per input shape."""
+        key = (tuple(x.shape[1:]), x.device.type)
+        if self.verify == "always" or key not in self._verified:
+            self.engine.verify(x, record)
+            self._verified.add(key)
 
 
 def initial_relevance(logits: Tensor, target: Target) -> Tensor:

@@ -1,4 +1,4 @@
-"""LRP rules for linear-like layers (Conv2d, Linear) and pooling.
+"""LRP rules for linear-like layers (Linear, ConvNd, ConvTransposeNd) and pooling.
 
 Every rule for a linear layer is one normalisation of the layer's contributions
 `z_ij = x_i w_ij`: it picks *what* counts as a contribution (modified inputs and weights,
@@ -10,7 +10,9 @@ no autograd graph is built for the expensive layers.
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from functools import cached_property
+from typing import Any, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -22,57 +24,199 @@ from relprop.errors import UnsupportedLayerError
 TINY = 1e-30
 
 
-@dataclass(frozen=True)
+CONV_TYPES: tuple[type[nn.Module], ...] = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
+CONV_TRANSPOSE_TYPES: tuple[type[nn.Module], ...] = (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
+LINEAR_TYPES: tuple[type[nn.Module], ...] = (nn.Linear, *CONV_TYPES, *CONV_TRANSPOSE_TYPES)
+_CONV = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
+_CONV_T = {1: F.conv_transpose1d, 2: F.conv_transpose2d, 3: F.conv_transpose3d}
+
+
+@dataclass(frozen=True, eq=False)
 class LinearOp:
-    """A linear map `y = W x (+ b)` in a form rules can evaluate with any weight."""
+    """A linear map `y = W x (+ b)`, the thing every linear rule normalises, evaluable with
+    any weight: a dense layer, an N-d convolution or a transposed convolution.
 
-    layer: nn.Module
+    Built from a module (`as_linear_op`) or from the arguments of a functional call, and with
+    BatchNorm folded in (`fold_batchnorm`), so rules never see which of these it came from.
+    `bias` is per output channel or, after folding a BatchNorm *before* a padded conv, a map of
+    the output's shape (the padding sees zeros, not the shifted values).
+    """
+
+    weight: Tensor
+    bias: Tensor | None = None
+    kind: str = "linear"  # "linear", "conv" or "conv_transpose"
+    stride: tuple[int, ...] = ()
+    padding: tuple[int, ...] = ()
+    dilation: tuple[int, ...] = ()
+    groups: int = 1
+    output_padding: tuple[int, ...] = ()
 
     @property
-    def weight(self) -> Tensor:
-        return self.layer.weight.detach().float()  # relevance never needs an autograd graph
-
-    @property
-    def bias(self) -> Tensor | None:
-        bias = self.layer.bias
-        return None if bias is None else bias.detach().float()
+    def dims(self) -> int:
+        return self.weight.dim() - 2
 
     def forward(self, x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
-        layer = self.layer
-        if isinstance(layer, nn.Conv2d):
-            return F.conv2d(x, weight, bias, layer.stride, layer.padding, layer.dilation, layer.groups)
-        return F.linear(x, weight, bias)
+        if self.kind == "linear":
+            y = F.linear(x, weight)
+        elif self.kind == "conv":
+            y = _CONV[self.dims](x, weight, None, self.stride, self.padding, self.dilation, self.groups)
+        else:
+            y = _CONV_T[self.dims](x, weight, None, self.stride, self.padding, self.output_padding,
+                                   self.groups, self.dilation)
+        return y if bias is None else y + self._broadcast_bias(bias, y)
+
+    def _broadcast_bias(self, bias: Tensor, y: Tensor) -> Tensor:
+        if bias.dim() == 1 and self.kind != "linear":
+            return bias.reshape(-1, *([1] * self.dims))
+        return bias
 
     def transpose(self, s: Tensor, weight: Tensor, input_shape: torch.Size) -> Tensor:
-        layer = self.layer
-        if isinstance(layer, nn.Conv2d):
-            return F.conv_transpose2d(s, weight, None, layer.stride, layer.padding,
-                                      _output_padding(layer, s.shape, input_shape), layer.groups, layer.dilation)
-        return s @ weight
+        if self.kind == "linear":
+            return s @ weight
+        if self.kind == "conv":
+            return _CONV_T[self.dims](s, weight, None, self.stride, self.padding,
+                                      self._dropped(s.shape, input_shape), self.groups, self.dilation)
+        return _CONV[self.dims](s, weight, None, self.stride, self.padding, self.dilation, self.groups)
+
+    def _dropped(self, output_shape: torch.Size, input_shape: torch.Size) -> tuple[int, ...]:
+        """The rows/columns a strided convolution dropped, which its transpose must restore."""
+        kernel = self.weight.shape[2:]
+        return tuple(
+            input_shape[2 + d] - ((output_shape[2 + d] - 1) * self.stride[d] - 2 * self.padding[d]
+                                  + self.dilation[d] * (kernel[d] - 1) + 1)
+            for d in range(self.dims)
+        )
+
+    def with_params(self, weight: Tensor, bias: Tensor | None) -> LinearOp:
+        return replace(self, weight=weight, bias=bias)
+
+    @cached_property
+    def positive_weight(self) -> Tensor:
+        return self.weight.clamp(min=0)
 
 
-def _output_padding(layer: nn.Conv2d, output_shape: torch.Size, input_shape: torch.Size) -> tuple[int, int]:
-    """The rows/columns a strided convolution dropped, which its transpose must restore."""
-    padding = []
-    for dim in range(2):
-        covered = ((output_shape[2 + dim] - 1) * layer.stride[dim] - 2 * layer.padding[dim]
-                   + layer.dilation[dim] * (layer.kernel_size[dim] - 1) + 1)
-        padding.append(input_shape[2 + dim] - covered)
-    return padding[0], padding[1]
-
-
-def as_linear_op(layer: nn.Module) -> LinearOp:
-    if isinstance(layer, nn.Conv2d):
+def as_linear_op(layer: nn.Module | LinearOp) -> LinearOp:
+    """The linear map of a Linear, ConvNd or ConvTransposeNd module (or an op as it is)."""
+    if isinstance(layer, LinearOp):
+        return layer
+    weight = layer.weight.detach().float() if isinstance(layer, LINEAR_TYPES) else None
+    bias = None if getattr(layer, "bias", None) is None else layer.bias.detach().float()
+    if isinstance(layer, nn.Linear):
+        return LinearOp(weight, bias)
+    if isinstance(layer, (*CONV_TYPES, *CONV_TRANSPOSE_TYPES)):
         if layer.padding_mode != "zeros":
             raise UnsupportedLayerError(
-                f"Conv2d with padding_mode={layer.padding_mode!r} is not supported (only 'zeros')"
+                f"{type(layer).__name__} with padding_mode={layer.padding_mode!r} is not supported "
+                "(only 'zeros')"
             )
-        return LinearOp(layer)
-    if isinstance(layer, nn.Linear):
-        return LinearOp(layer)
+        transposed = isinstance(layer, CONV_TRANSPOSE_TYPES)
+        padding = layer.padding
+        if isinstance(padding, str):
+            padding = conv_padding(padding, layer.kernel_size, layer.dilation)
+        return LinearOp(weight, bias, "conv_transpose" if transposed else "conv", tuple(layer.stride),
+                        tuple(padding), tuple(layer.dilation), layer.groups,
+                        tuple(layer.output_padding) if transposed else ())
     raise UnsupportedLayerError(
-        f"{type(layer).__name__} is not a linear layer; linear rules take Conv2d or Linear"
+        f"{type(layer).__name__} is not a linear layer; linear rules take Linear, ConvNd or ConvTransposeNd"
     )
+
+
+def conv_padding(padding: str, kernel_size: tuple[int, ...], dilation: tuple[int, ...]) -> tuple[int, ...]:
+    """Numeric padding for 'valid' and symmetric 'same' (transposes need numbers)."""
+    if padding == "valid":
+        return tuple(0 for _ in kernel_size)
+    total = [d * (k - 1) for k, d in zip(kernel_size, dilation, strict=True)]
+    if any(t % 2 for t in total):
+        raise UnsupportedLayerError(
+            f"padding='same' with kernel {tuple(kernel_size)} pads asymmetrically; relprop supports "
+            "symmetric padding only"
+        )
+    return tuple(t // 2 for t in total)
+
+
+def functional_linear_op(function: Callable, args: tuple, kwargs: dict) -> LinearOp:
+    """The op of a functional call `F.linear(x, w, b)` or `F.convNd(x, w, b, stride, ...)`, with
+    the argument values of this forward pass (timm's weight-standardised convs compute `w`)."""
+    names = ("input", "weight", "bias", "stride", "padding", "dilation", "groups")
+    bound = dict(zip(names, args, strict=False)) | dict(kwargs)
+    weight = bound["weight"].detach().float()
+    bias = bound.get("bias")
+    bias = None if bias is None else bias.detach().float()
+    if function is F.linear:
+        return LinearOp(weight, bias)
+    dims = weight.dim() - 2
+
+    def tup(value: Any, default: int) -> tuple[int, ...]:
+        value = default if value is None else value
+        return tuple(value) if isinstance(value, (tuple, list)) else (int(value),) * dims
+
+    dilation = tup(bound.get("dilation"), 1)
+    padding = bound.get("padding", 0)
+    if isinstance(padding, str):
+        padding = conv_padding(padding, tuple(weight.shape[2:]), dilation)
+    return LinearOp(weight, bias, "conv", tup(bound.get("stride"), 1), tup(padding, 0), dilation,
+                    int(bound.get("groups") or 1))
+
+
+class BatchNormStats(NamedTuple):
+    """What an eval-mode BatchNorm computes: `y = (x − mean)/√(var + eps)·weight + bias`."""
+
+    mean: Tensor
+    var: Tensor
+    weight: Tensor | None
+    bias: Tensor | None
+    eps: float
+
+    @classmethod
+    def of(cls, bn: nn.modules.batchnorm._BatchNorm) -> BatchNormStats:
+        return cls(bn.running_mean, bn.running_var, bn.weight, bn.bias, bn.eps)
+
+    def scale_shift(self) -> tuple[Tensor, Tensor]:
+        """`y = s·x + t`."""
+        scale = (self.var.detach().float() + self.eps).rsqrt()
+        if self.weight is not None:
+            scale = scale * self.weight.detach().float()
+        shift = -self.mean.detach().float() * scale
+        if self.bias is not None:
+            shift = shift + self.bias.detach().float()
+        return scale, shift
+
+
+def fold_batchnorm(op: LinearOp, bn: BatchNormStats, before: bool = False,
+                   input_shape: torch.Size | None = None) -> LinearOp:
+    """The effective layer of `BN(op(x))` (or of `op(BN(x))` with `before=True`), as the LRP
+    literature canonizes it: `W' = W·s`, `b' = (b − μ)·s + β` with `s = γ/√(σ²+ε)`."""
+    scale, shift = bn.scale_shift()
+    if before:
+        return _fold_before(op, scale, shift, input_shape)
+    if op.kind == "conv_transpose" and op.groups > 1:
+        raise UnsupportedLayerError("folding a BatchNorm into a grouped transposed conv is not supported")
+    channel_axis = 1 if op.kind == "conv_transpose" else 0
+    shape = [1] * op.weight.dim()
+    shape[channel_axis] = -1
+    bias = shift if op.bias is None else op.bias * scale + shift
+    return op.with_params(op.weight * scale.reshape(shape), bias)
+
+
+def _fold_before(op: LinearOp, scale: Tensor, shift: Tensor, input_shape: torch.Size | None) -> LinearOp:
+    """`op(s·x + t) = op'(x) + op(t)`. The constant `op(t)` is evaluated exactly: per channel
+    without padding, as a map of the output's shape where padding sees zeros instead of t."""
+    if op.kind == "conv_transpose":
+        raise UnsupportedLayerError("folding a BatchNorm into a following transposed conv is not supported")
+    if input_shape is None:
+        raise ValueError("folding a BatchNorm into the layer after it needs the input shape")
+    if op.kind == "linear":
+        weight = op.weight * scale
+        constant = op.forward(shift.reshape(1, -1), op.weight, op.bias)[0]
+        return op.with_params(weight, constant)
+    per_group = [op.groups, 1, op.weight.shape[1]] + [1] * op.dims
+    grouped = op.weight.reshape(op.groups, -1, *op.weight.shape[1:])
+    weight = (grouped * scale.reshape(per_group)).reshape(op.weight.shape)
+    t = shift.reshape(1, -1, *([1] * op.dims)).expand(1, *input_shape[1:])
+    constant = op.forward(t, op.weight, op.bias)[0]  # (C_out, *spatial)
+    if not any(op.padding):
+        constant = constant.flatten(1)[:, 0]
+    return op.with_params(weight, constant)
 
 
 def _total(tensors) -> Tensor:
@@ -166,20 +310,22 @@ class ZPlusRule(Rule):
     def __init__(self) -> None:
         self._positive_weights: dict[int, tuple[tuple, Tensor]] = {}
 
-    def _positive_weight(self, layer: nn.Module, w: Tensor) -> Tensor:
-        """w⁺, computed once per layer and weight version (it is re-used for every image)."""
-        key = (layer.weight._version, layer.weight.data_ptr(), w.dtype, w.device)
+    def _positive_weight(self, layer: nn.Module | LinearOp, op: LinearOp) -> Tensor:
+        """w⁺, computed once per op, or per module and weight version (re-used for every image)."""
+        if isinstance(layer, LinearOp):
+            return layer.positive_weight
+        key = (layer.weight._version, layer.weight.data_ptr(), op.weight.dtype, op.weight.device)
         cached = self._positive_weights.get(id(layer))
         if cached is None or cached[0] != key:
-            cached = (key, w.clamp(min=0))
+            cached = (key, op.positive_weight)
             self._positive_weights[id(layer)] = cached
         return cached[1]
 
-    def relevance(self, layer: nn.Module, a: Tensor, R: Tensor, nonnegative: bool = False) -> Tensor:
+    def relevance(self, layer: nn.Module | LinearOp, a: Tensor, R: Tensor, nonnegative: bool = False) -> Tensor:
         """`nonnegative=True` promises `a >= 0` (the engine knows it after a ReLU)."""
         op = as_linear_op(layer)
         w = op.weight
-        w_pos = self._positive_weight(layer, w)
+        w_pos = self._positive_weight(layer, op)
         if nonnegative or bool(a.min() >= 0):  # the usual case: skip the negative part
             terms = [(a, w_pos)]
         else:
@@ -310,10 +456,13 @@ class ZBRule(Rule):
         return cls((0.0 - mean_t) / std_t, (1.0 - mean_t) / std_t)
 
     def _bound(self, bound: Tensor | float, a: Tensor) -> Tensor:
-        if isinstance(bound, Tensor):
-            bound = bound.to(device=a.device, dtype=a.dtype)
-            if bound.dim() == 4 and a.dim() == 2:  # a linear input layer on flattened images
-                bound = bound.reshape(1, -1)
+        """Per-channel bounds broadcast to `a`: (N, C, ...) inputs, or flattened (N, C·H·W)."""
+        if isinstance(bound, Tensor) and bound.numel() > 1:
+            bound = bound.to(device=a.device, dtype=a.dtype).flatten()
+            if a.dim() == 2:
+                bound = bound.repeat_interleave(a.shape[1] // bound.numel()).reshape(1, -1)
+            else:
+                bound = bound.reshape(1, -1, *([1] * (a.dim() - 2)))
         return torch.zeros_like(a) + bound
 
     def relevance(self, layer: nn.Module, a: Tensor, R: Tensor) -> Tensor:
@@ -339,7 +488,7 @@ class ReferenceZPlusRule(Rule):
         if self.ones_input:
             a = torch.ones_like(a)
         w_pos = op.weight.clamp(min=0)
-        bias = op.bias if isinstance(layer, nn.Conv2d) else None
+        bias = op.bias if op.kind != "linear" else None
         z = op.forward(a, w_pos, bias) + self.epsilon
         return a * op.transpose(R / z, w_pos, a.shape)
 
@@ -371,6 +520,16 @@ def proportional(fn: Callable[[Tensor], Tensor], a: Tensor, R: Tensor, epsilon: 
     return R_in
 
 
+class ProportionalRule(Rule):
+    """For positive linear maps given as a module or function (pooling, upsampling, a custom
+    aggregation): relevance in proportion to each input's share of each output (the z-rule)."""
+
+    name = "proportional"
+
+    def relevance(self, layer: Callable[[Tensor], Tensor], a: Tensor, R: Tensor) -> Tensor:
+        return proportional(layer, a, R)
+
+
 RULES: dict[str, Callable[[], Rule]] = {
     "zplus": ZPlusRule,
     "wplus": WPlusRule,
@@ -381,12 +540,13 @@ RULES: dict[str, Callable[[], Rule]] = {
     "alpha1beta0": lambda: AlphaBetaRule(1.0, 0.0),
     "alpha2beta1": lambda: AlphaBetaRule(2.0, 1.0),
     "pass": PassRule,
+    "proportional": ProportionalRule,
 }
 
 
 def get_rule(rule: str | Rule, mean: list[float] | None = None, std: list[float] | None = None) -> Rule:
     """A rule by name ('zplus', 'epsilon', 'gamma', 'alpha1beta0', 'alpha2beta1', 'zb', 'flat',
-    'w2', 'wplus', 'pass') or a Rule instance as it is. 'zb' needs the normalization mean/std."""
+    'w2', 'wplus', 'pass', 'proportional') or a Rule instance as it is. 'zb' needs the normalization mean/std."""
     if isinstance(rule, Rule):
         return rule
     if rule == "zb":
