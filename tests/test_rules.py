@@ -113,11 +113,17 @@ def matrix_rule(name, conv, a, R, low=None, high=None):
         Z = x * J
         z = Z.sum(1) + bias
         return normalize(Z, z + STABILIZER * torch.where(z >= 0, 1.0, -1.0))
-    if name == "gamma":
-        G = J + 0.25 * Jp
-        Z = x * G
-        z = Z.sum(1) + bias + 0.25 * bias.clamp(min=0)
-        return normalize(Z, z + STABILIZER * torch.where(z >= 0, 1.0, -1.0))
+    if name == "gamma":  # generalized (Andeol et al. 2021): favour contributions of the output's sign
+        xp, xn = x.clamp(min=0), x.clamp(max=0)
+        z_out = (x * J).sum(1) + bias
+        total = torch.zeros(x.shape[0])
+        for mask, favour, other, b in ((z_out > 0, Jp, Jn, bias.clamp(min=0)),
+                                       (z_out < 0, Jn, Jp, bias.clamp(max=0))):
+            Z = xp * (J + 0.25 * favour) + xn * (J + 0.25 * other)
+            z = Z.sum(1) + bias + 0.25 * b
+            z = z + STABILIZER * torch.where(z >= 0, 1.0, -1.0)
+            total = total + (Z / z[:, None] * (r * mask)[:, None]).sum(0)
+        return total
     if name in ("alpha1beta0", "alpha2beta1"):
         alpha, beta = (1.0, 0.0) if name == "alpha1beta0" else (2.0, 1.0)
         xp, xn = x.clamp(min=0), x.clamp(max=0)
@@ -138,7 +144,7 @@ def test_rule_matches_matrix_definition(name, geometry):
         conv.weight.copy_(torch.randn(conv.weight.shape, generator=generator))
         conv.bias.copy_(torch.randn(conv.bias.shape, generator=generator))
     a = torch.randn(1, 4, 6, 7, generator=generator)
-    if name not in ("zplus", "alpha1beta0", "alpha2beta1", "epsilon", "zb"):
+    if name not in ("zplus", "alpha1beta0", "alpha2beta1", "epsilon", "zb", "gamma"):
         a = a.clamp(min=0)
     R = torch.randn(conv(a).shape, generator=generator)
     mean, std = [0.4, 0.5, 0.45, 0.5], [0.25, 0.2, 0.22, 0.3]

@@ -391,7 +391,11 @@ class EpsilonRule(Rule):
 
 
 class GammaRule(EpsilonRule):
-    """γ: favours positive contributions, `w + γw⁺` (for non-negative inputs)."""
+    """γ, generalized to signed inputs and outputs (Andéol et al. 2021): where the layer's output
+    is positive, contributions of its own sign are favoured (`w + γw⁺` on a⁺, `w + γw⁻` on a⁻),
+    where it is negative, the negative ones. On non-negative inputs and positive outputs it is
+    the original γ rule; the generalization keeps the denominator away from zero where relevance
+    reaches negative pre-activations (residual branches under the signed split)."""
 
     name = "gamma"
 
@@ -399,12 +403,22 @@ class GammaRule(EpsilonRule):
         super().__init__(epsilon)
         self.gamma = gamma
 
-    def _weights(self, op: LinearOp) -> tuple[Tensor, Tensor | None]:
+    def _favour(self, w: Tensor, positive: bool) -> Tensor:
+        return w + self.gamma * (w.clamp(min=0) if positive else w.clamp(max=0))
+
+    def relevance(self, layer: nn.Module, a: Tensor, R: Tensor) -> Tensor:
+        op = as_linear_op(layer)
         w, b = op.weight, op.bias
-        w = w + self.gamma * w.clamp(min=0)
-        if b is not None:
-            b = b + self.gamma * b.clamp(min=0)
-        return w, b
+        a_pos, a_neg = a.clamp(min=0), a.clamp(max=0)
+        z = op.forward(a, w, b)
+        R_in = torch.zeros_like(a)
+        for sign, mask in ((True, z > 0), (False, z < 0)):
+            w_same, w_other = self._favour(w, sign), self._favour(w, not sign)
+            bias = None if b is None else self._favour(b, sign)
+            denominator = op.forward(a_pos, w_same, bias) + op.forward(a_neg, w_other)
+            s = R.masked_fill(~mask, 0.0) / _stabilize(denominator, self.epsilon)
+            R_in = R_in + a_pos * op.transpose(s, w_same, a.shape) + a_neg * op.transpose(s, w_other, a.shape)
+        return R_in
 
     def __repr__(self) -> str:
         return f"GammaRule(gamma={self.gamma}, epsilon={self.epsilon})"
