@@ -240,7 +240,9 @@ class RelevanceEngine:
         """Propagate `seed` (same structure as `record.output`; None = no relevance) to the input;
         with `layer_sums`, also total the relevance that crosses each reported cut; `layers`
         (name -> node, see `layer_nodes`) keeps the relevance of those nodes' outputs."""
-        keep = {node: name for name, node in (layers or {}).items()}
+        keep: dict[fx.Node, list[str]] = {}
+        for name, node in (layers or {}).items():
+            keep.setdefault(node, []).append(name)
         kept: dict[str, Tensor] = {}
         relevance: dict[fx.Node, Tensor] = {}
         sums: OrderedDict[str, Tensor] = OrderedDict()
@@ -249,8 +251,8 @@ class RelevanceEngine:
             _accumulate(relevance, node, R)
         for step in reversed(self.steps):
             R = relevance.pop(step.node, None)
-            if step.node in keep:
-                kept[keep[step.node]] = R.clone() if R is not None else torch.zeros_like(record.values[step.node])
+            for name in keep.get(step.node, ()):
+                kept[name] = R.clone() if R is not None else torch.zeros_like(record.values[step.node])
             if R is None or step.kind in (g.INPUT, g.CONSTANT, g.OUTPUT):
                 if step.kind == g.INPUT and R is not None:
                     relevance[step.node] = R
