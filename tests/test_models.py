@@ -78,7 +78,7 @@ def test_weights_that_do_not_fit_give_one_line(tmp_path, small_state):
 def test_not_a_checkpoint(tmp_path):
     text = tmp_path / "notes.pt"
     text.write_text("not weights")
-    with pytest.raises(CheckpointError, match="not a loadable PyTorch weights file"):
+    with pytest.raises(CheckpointError, match="notes.pt: not a PyTorch weights file"):
         load_model(text, arch="resnet18")
     with pytest.raises(CheckpointError, match="no such weights file"):
         load_model(tmp_path / "missing.pt")

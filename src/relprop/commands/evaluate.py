@@ -8,6 +8,9 @@ from __future__ import annotations
 
 import argparse
 
+from relprop.commands.common import add_model_options
+from relprop.defaults import PAPER_WEIGHTS
+
 DESCRIPTION = """\
 Compare explanation methods on a labelled image folder by Insertion, Deletion and ID score
 (Insertion - Deletion), in the paper's protocol or RISE's, plus localization where the data has
@@ -56,8 +59,6 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
         "evaluate", help="Insertion/Deletion/ID, localization and conservation tables",
         description=DESCRIPTION, epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("--weights", nargs="+", required=True, metavar="CKPT",
-                        help="one or more checkpoints (several: mean and std over them, e.g. seeds)")
     parser.add_argument("--data", required=True, metavar="DIR", help="labelled image folder")
     parser.add_argument("--methods", default=DEFAULT_METHODS, help=f"comma list (default {DEFAULT_METHODS})")
     parser.add_argument("--out", required=True, metavar="OUT", help="output folder (resumable)")
@@ -78,14 +79,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
                         help="detection: evaluate an SSD detector's explanations "
                              "(relprop.detection_eval; one --weights, with --model-def)")
     parser.add_argument("--save-maps", action="store_true", help="write OUT/maps/<method>/<stem>.npy")
-    model = parser.add_argument_group("plain state dicts (checkpoints carry this metadata)")
-    model.add_argument("--arch", help="torchvision architecture, e.g. resnet50")
-    model.add_argument("--num-classes", type=int)
-    model.add_argument("--model-def", metavar="FILE.py:FUNCTION", help="FUNCTION(meta) builds the model")
-    model.add_argument("--resize", type=int)
-    model.add_argument("--crop", type=int)
-    model.add_argument("--mean", type=float, nargs=3)
-    model.add_argument("--std", type=float, nargs=3)
+    add_model_options(parser, default_weights=PAPER_WEIGHTS, several=True)
     parser.set_defaults(run=run)
     return parser
 
