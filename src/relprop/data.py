@@ -207,7 +207,7 @@ def _flat_items(root: Path) -> tuple[str, list[_Found]]:
     if not images:
         raise InputError(f"--data {root}: no class folders and no images (expected ROOT/<class>/"
                          "<image>, ImageNet val with LOC_val_solution.csv, or CUB_200_2011)")
-    solution = next((d / _SOLUTION for d in [root, *root.parents][:4] if (d / _SOLUTION).is_file()),
+    solution = next((d / _SOLUTION for d in [root, *root.parents][:5] if (d / _SOLUTION).is_file()),
                     None)
     if solution is not None and any(p.name.startswith("ILSVRC2012_val_") for p in images):
         truth = _read_solution(solution)
