@@ -14,9 +14,17 @@ from relprop.defaults import PAPER_WEIGHTS
 DESCRIPTION = """\
 Compare explanation methods on a labelled image folder by Insertion, Deletion and ID score
 (Insertion - Deletion), in the paper's protocol or RISE's, plus localization where the data has
-boxes and conservation for relprop's LRP methods. Data layouts: class folders (ImageFolder;
-ImageNet's val/<wnid>/), the tin10 layout (class folders with boxes.txt) and CUB_200_2011 (test
-split). Writes under OUT:
+boxes and conservation for relprop's LRP methods. Without --weights it evaluates the paper's
+ImageNet model (torchvision's ResNet50_Weights.IMAGENET1K_V1, Resize 256 -> CenterCrop 224).
+
+Data layouts: class folders (ImageFolder; ImageNet's val/<wnid>/), the tin10 layout (class folders
+with boxes.txt), ImageNet's flat val folder (ILSVRC2012_val_*.JPEG with Kaggle's
+LOC_val_solution.csv in it or a parent), a flat folder of files named <wnid>_*.JPEG, and
+CUB_200_2011 (test split, with its bounding boxes). Labels come from the model's own classes,
+matched by the folder's name (class id such as a wnid, or class name); images of classes the model
+does not have are left out and listed, and data with none of its classes is refused.
+
+Writes under OUT:
 
   results.jsonl   one JSON line per (checkpoint, image, method, protocol), appended as it goes:
                   a killed run resumes where it stopped (same command, same OUT)
@@ -40,6 +48,7 @@ methods: ours, ours-sym, ours-noid, ours-sym-noid, ours-ref, lrp-plain, gradcam,
          ig, gbp, lrp-captum, gradient, gradxinput; any name + "+hq" (8-level Heat Quantization)
 
 examples:
+  relprop evaluate --data imagenet/val --per-class 1 --out runs/imagenet   # the paper's setting
   relprop evaluate --weights ../shared/models/resnet18_tin10.pt --data ../shared/data/tin10/val \\
       --methods ours,ours+hq,gradcam,scorecam --out runs/tin10 --protocol paper,rise
   relprop evaluate --weights seed*.pt --data CUB_200_2011 --per-class 5 --out runs/cub
