@@ -108,7 +108,9 @@ def test_evaluate_default_is_the_papers_imagenet_protocol(imagenet_torch_home, t
     err = capsys.readouterr().err
     assert ("relprop evaluate: model: torchvision resnet50 with ResNet50_Weights.IMAGENET1K_V1 "
             "(Resize 256 -> CenterCrop 224, ImageNet mean/std)") in err
-    settings = json.loads((out / "run.json").read_text())["settings"]
+    run_info = json.loads((out / "run.json").read_text())
+    settings = run_info["settings"]
+    assert run_info["labels"]["class_names"][:2] == ["tench", "goldfish"]  # for the report
     assert settings["preprocessing"] == [{"resize": 256, "crop": 224, "mean": [0.485, 0.456, 0.406],
                                           "std": [0.229, 0.224, 0.225]}]
     records = [json.loads(line) for line in (out / "results.jsonl").open()]

@@ -50,6 +50,7 @@ def run(args: argparse.Namespace) -> int:
     checkpoints = [_Checkpoint.load(path, args) for path in args.weights or [None]]
     settings = _settings(args, plan, checkpoints)
     _check_resume(out / "run.json", settings)
+    _record_labels(out / "run.json", checkpoints[0].meta)
     store = _Store(out)
     for checkpoint in checkpoints:
         _evaluate(checkpoint, args, plan, store, device)
@@ -136,6 +137,13 @@ def _check_resume(path: Path, settings: dict[str, Any]) -> None:
             f"now {settings[key]!r}); rerun with the same options to resume, or use a new --out"
         )
     run_info.setdefault("resumed", []).append(_provenance())
+    path.write_text(json.dumps(run_info, indent=2) + "\n")
+
+
+def _record_labels(path: Path, meta: dict[str, Any]) -> None:
+    """The model's class ids and names, by which the labels were given (the report shows them)."""
+    run_info = json.loads(path.read_text())
+    run_info["labels"] = {"classes": list(meta["classes"]), "class_names": meta.get("class_names")}
     path.write_text(json.dumps(run_info, indent=2) + "\n")
 
 
