@@ -152,16 +152,43 @@ def test_several_checkpoints_are_summarized_over_per_checkpoint_means():
     assert stats["insertion"] == pytest.approx(0.6)
 
 
-def test_more_class_folders_than_model_classes_is_one_clear_error(tmp_path, capsys):
+def test_folders_that_are_not_the_models_classes_are_refused_with_both_lists(tmp_path, capsys):
     from PIL import Image
 
-    for i in range(11):  # folders that are not the checkpoint's wnids: sorted order, 11 > 10
+    for i in range(11):  # folders that are not the checkpoint's wnids (they used to become 0..10)
         (tmp_path / "data" / f"class{i:02d}").mkdir(parents=True)
         Image.new("RGB", (8, 8)).save(tmp_path / "data" / f"class{i:02d}" / "x.png")
     code = main(["evaluate", "--weights", str(shared_path("models", "resnet18_tin10.pt")),
                  "--data", str(tmp_path / "data"), "--methods", "gradcam", "--out", str(tmp_path / "out")])
     assert code == 1
-    assert "class10/x.png: class index 10, but the model has 10 classes" in capsys.readouterr().err
+    assert capsys.readouterr().err == (
+        f"relprop evaluate: error: --data {tmp_path / 'data'}: none of its 11 classes (class00, "
+        "class01, class02, class03, class04, ... (6 more)) is a class of the model, whose 10 classes "
+        "are n01443537, n01882714, n02056570, n02165456, n02279972, ... (5 more); name the class "
+        "folders by the model's class ids or names, or give the model's classes with --classes FILE\n")
+
+
+def test_labels_come_from_the_models_classes_and_unknown_folders_are_listed(tmp_path, capsys):
+    """One folder the model lacks must not shift the others' labels (the penguin stays a penguin)."""
+    source = shared_path("data", "tin10", "val")
+    data = tmp_path / "data"
+    (data / "n02056570").mkdir(parents=True)
+    shutil.copy(source / "n02056570" / "val_6457.JPEG", data / "n02056570")
+    (data / "aardvark").mkdir()
+    shutil.copy(source / "n01443537" / "val_1230.JPEG", data / "aardvark")
+    (data / "king_penguin").mkdir()  # a class name works as well as the wnid
+    shutil.copy(source / "n02056570" / "val_1073.JPEG", data / "king_penguin")
+    out = tmp_path / "out"
+    assert main(["evaluate", "--weights", str(shared_path("models", "resnet18_tin10.pt")),
+                 "--data", str(data), "--methods", "gradcam", "--step", "6000", "--device", "cpu",
+                 "--out", str(out)]) == 0
+    assert ("relprop evaluate: left out 1 images of 1 classes the model does not have: aardvark (1)"
+            in capsys.readouterr().err)
+    records = _records(out)
+    classes = torch.load(shared_path("models", "resnet18_tin10.pt"), weights_only=True)["classes"]
+    assert sorted((r["image"], r["label"]) for r in records) == [
+        ("king_penguin/val_1073.JPEG", classes.index("n02056570")),
+        ("n02056570/val_6457.JPEG", classes.index("n02056570"))]
 
 
 def test_detection_task_is_handed_to_the_detection_evaluation(monkeypatch, tmp_path):

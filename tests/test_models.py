@@ -3,6 +3,7 @@ errors for weights that do not fit."""
 
 from __future__ import annotations
 
+import json
 import pickle
 
 import pytest
@@ -78,7 +79,7 @@ def test_weights_that_do_not_fit_give_one_line(tmp_path, small_state):
 def test_not_a_checkpoint(tmp_path):
     text = tmp_path / "notes.pt"
     text.write_text("not weights")
-    with pytest.raises(CheckpointError, match="not a loadable PyTorch weights file"):
+    with pytest.raises(CheckpointError, match="notes.pt: not a PyTorch weights file"):
         load_model(text, arch="resnet18")
     with pytest.raises(CheckpointError, match="no such weights file"):
         load_model(tmp_path / "missing.pt")
@@ -119,3 +120,61 @@ def test_preprocessing_resizes_crops_and_normalizes():
     torch.testing.assert_close(x[:, 0, 0], torch.tensor([1.0, -1.0, -1.0]))
     x = preprocessing({**meta, "crop": None, "resize": 112})(Image.new("RGB", (64, 64)))
     assert x.shape == (3, 112, 112)
+
+
+def test_plain_state_dict_preprocessing_is_stated_and_settable(tmp_path, capsys):
+    """#9 item 2: explain takes --resize/--crop/--mean/--std, and says what it assumed without them."""
+    from relprop.cli import main
+
+    checkpoint = torch.load(shared_path("models", "resnet18_tin10.pt"), weights_only=True)
+    plain = tmp_path / "plain.pth"
+    torch.save(checkpoint["state_dict"], plain)
+    koala = shared_path("data", "tin10", "val", "n01882714", "val_6748.JPEG")
+
+    def explain(out, *options):
+        assert main(["explain", str(koala), "--methods", "gradcam", "--device", "cpu",
+                     "--out", str(tmp_path / out), *options]) == 0
+        (record,) = [json.loads(line) for line in (tmp_path / out / "predictions.jsonl").open()]
+        return record, capsys.readouterr().err
+
+    reference, err = explain("ckpt", "--weights", str(shared_path("models", "resnet18_tin10.pt")))
+    assert "note:" not in err
+    _, err = explain("assumed", "--weights", str(plain), "--arch", "resnet18")
+    assert (f"relprop explain: note: {plain} does not say how to preprocess; assumed Resize 256 -> "
+            "CenterCrop 224, ImageNet mean/std (set --resize, --crop, --mean, --std to change it)"
+            in err)
+    stated = ["--resize", str(checkpoint["resize"]), "--crop", "0",
+              "--mean", *map(str, checkpoint["mean"]), "--std", *map(str, checkpoint["std"])]
+    record, err = explain("stated", "--weights", str(plain), "--arch", "resnet18", *stated)
+    assert "note:" not in err
+    assert (record["pred"], record["prob"]) == (reference["pred"], reference["prob"])
+
+
+def test_detect_and_evaluate_share_the_model_options():
+    from relprop.cli import build_parser
+
+    parser = build_parser()
+    for command in ("explain", "evaluate", "detect"):
+        args = parser.parse_args([command, "x.jpg", "--offline", "--classes", "imagenet",
+                                  "--weights", "w.pt", "--out", "o"] if command != "evaluate" else
+                                 [command, "--data", "d", "--offline", "--classes", "imagenet",
+                                  "--weights", "w.pt", "--out", "o"])
+        assert args.offline and args.classes == "imagenet"
+    args = parser.parse_args(["evaluate", "--data", "d", "--out", "o", "--resize", "112", "--crop", "0"])
+    assert (args.weights, args.default_weights, args.resize, args.crop) == (
+        None, "ResNet50_Weights.IMAGENET1K_V1", 112, 0)
+
+
+def test_classes_file_names_the_classes_of_a_plain_state_dict(tmp_path, small_state):
+    from relprop.commands.common import read_classes
+
+    listing = tmp_path / "classes.tsv"
+    listing.write_text("# my classes\nn01\tant, emmet\nn02\tbee\nn03\tcow\n")
+    path = tmp_path / "plain.pth"
+    torch.save(small_state, path)
+    ids, names = read_classes(str(listing))
+    _, meta = load_model(path, arch="resnet18", classes=ids, class_names=names)
+    assert (meta["classes"], meta["class_names"]) == (["n01", "n02", "n03"], ["ant", "bee", "cow"])
+    with pytest.raises(CheckpointError, match="2 class ids for a model with 3 classes"):
+        load_model(path, arch="resnet18", classes=["a", "b"])
+    assert read_classes("imagenet")[1][:2] == ["tench", "goldfish"]

@@ -2,8 +2,16 @@
 
 - class folders (`ROOT/<class>/*.jpg`, torchvision's ImageFolder; ImageNet's `val/<wnid>/`), with
   an optional `boxes.txt` per folder (`file x0 y0 x1 y1`, inclusive pixels: the tin10 layout);
+- ImageNet's flat validation folder (`ILSVRC2012_val_*.JPEG`) with Kaggle's `LOC_val_solution.csv`
+  in the folder or one of its parents (the ground-truth wnid is the first of each PredictionString);
+- a flat folder of files whose names start with their wnid (`n01440764_tench.JPEG`);
 - CUB_200_2011 (`images.txt`, `train_test_split.txt`, `image_class_labels.txt`,
   `bounding_boxes.txt`): the test split, as the paper evaluated it.
+
+Labels always come from the model's own class list (`classes`, the ids such as wnids, and
+`class_names`), matched by the folder's (or file's) class name: images of classes the model does
+not have are left out and counted in `Dataset.unknown`; data with no class of the model is refused.
+Without a model (`classes=None`) the labels are the sorted class names' indices.
 
 Boxes are kept in the source image's continuous pixel coordinates (`x0, y0, x1, y1`, right and
 bottom edges exclusive) and mapped to the model input by `scale_box`, which follows the
@@ -12,8 +20,10 @@ checkpoint's Resize/CenterCrop exactly.
 
 from __future__ import annotations
 
+import csv
+import re
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -35,21 +45,38 @@ class Item:
 
 @dataclass(frozen=True)
 class Dataset:
+    """The images found; `unknown`: {class name: images} of classes the model does not have."""
+
     root: Path
     layout: str
     items: list[Item]
+    unknown: dict[str, int] = field(default_factory=dict)
 
 
-def discover(root: str | Path, classes: Sequence[str] | None = None) -> Dataset:
-    """Find the images under `root`; class folder names are mapped through the model's `classes`."""
+@dataclass(frozen=True)
+class _Found:
+    """An image and the names its class may go by (folder name, wnid, CUB class name, ...)."""
+
+    path: str
+    names: tuple[str, ...]
+    box: Box | None = None
+
+
+def discover(root: str | Path, classes: Sequence[str] | None = None,
+             class_names: Sequence[str] | None = None) -> Dataset:
+    """Find the images under `root` and label them by the model's `classes` / `class_names`."""
     root = Path(root)
     if not root.is_dir():
         raise InputError(f"--data {root}: no such directory")
     if (root / "images.txt").is_file() and (root / "image_class_labels.txt").is_file():
-        return Dataset(root, "cub", _cub_items(root, classes))
-    items = _folder_items(root, classes)
-    layout = "tin10" if any(it.box is not None for it in items) else "imagefolder"
-    return Dataset(root, layout, items)
+        layout, found = "cub", _cub_items(root)
+    elif any(p.is_dir() and not p.name.startswith(".") for p in root.iterdir()):
+        found = _folder_items(root)
+        layout = "tin10" if any(f.box is not None for f in found) else "imagefolder"
+    else:
+        layout, found = _flat_items(root)
+    items, unknown = _label(root, found, classes, class_names)
+    return Dataset(root, layout, items, unknown)
 
 
 def select(items: Sequence[Item], per_class: int | None = None, limit: int | None = None) -> list[Item]:
@@ -113,26 +140,101 @@ def _is_image(path: Path) -> bool:
     return path.is_file() and path.suffix.lower() in IMAGE_SUFFIXES
 
 
-def _class_index(names: Sequence[str], classes: Sequence[str] | None) -> dict[str, int]:
-    """Folder names that are the model's classes keep the model's order; otherwise sorted order."""
-    if classes is not None and all(name in classes for name in names):
-        return {name: list(classes).index(name) for name in names}
-    return {name: i for i, name in enumerate(sorted(names))}
+def _label(root: Path, found: Sequence[_Found], classes: Sequence[str] | None,
+           class_names: Sequence[str] | None) -> tuple[list[Item], dict[str, int]]:
+    """Items labelled by the model's classes; unknown classes counted; no match at all refused."""
+    if classes is None:  # no model: the sorted class names, as torchvision's ImageFolder
+        index = {name: i for i, name in enumerate(sorted({f.names[0] for f in found}))}
+        return [Item(f.path, index[f.names[0]], f.box) for f in found], {}
+    lookup = _class_lookup(classes, class_names)
+    items, unknown = [], {}
+    for f in found:
+        label = next((lookup[_key(n)] for n in f.names if _key(n) in lookup), None)
+        if label is None:
+            unknown[f.names[0]] = unknown.get(f.names[0], 0) + 1
+        else:
+            items.append(Item(f.path, label, f.box))
+    if not items:
+        theirs = sorted(unknown)
+        raise InputError(
+            f"--data {root}: none of its {len(theirs)} classes ({_few(theirs)}) is a class of the "
+            f"model, whose {len(classes)} classes are {_few(list(classes))}; name the class folders "
+            "by the model's class ids or names, or give the model's classes with --classes FILE"
+        )
+    return items, unknown
 
 
-def _folder_items(root: Path, classes: Sequence[str] | None) -> list[Item]:
+def _class_lookup(classes: Sequence[str], class_names: Sequence[str] | None) -> dict[str, int]:
+    """Normalized class id or name -> index; ids win over names, the first of equal names wins."""
+    lookup: dict[str, int] = {}
+    for labels in (class_names or [], classes):  # ids last, so they override names
+        for i, label in enumerate(labels):
+            key = _key(str(label))
+            if labels is classes or key not in lookup:
+                lookup[key] = i
+    return lookup
+
+
+def _key(name: str) -> str:
+    """Folder and file names spell spaces as underscores and vary in case."""
+    return " ".join(name.replace("_", " ").split()).casefold()
+
+
+def _few(names: Sequence[str], shown: int = 5) -> str:
+    more = f", ... ({len(names) - shown} more)" if len(names) > shown else ""
+    return ", ".join(names[:shown]) + more
+
+
+def _folder_items(root: Path) -> list[_Found]:
     folders = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
-    if not folders:
-        raise InputError(f"--data {root}: no class folders (expected ROOT/<class>/<image> or CUB_200_2011)")
-    index = _class_index([f.name for f in folders], classes)
     items = []
     for folder in folders:
         boxes = _read_boxes(folder / "boxes.txt")
         for path in sorted(p for p in folder.iterdir() if _is_image(p)):
-            items.append(Item(f"{folder.name}/{path.name}", index[folder.name], boxes.get(path.name)))
+            items.append(_Found(f"{folder.name}/{path.name}", (folder.name,), boxes.get(path.name)))
     if not items:
         raise InputError(f"--data {root}: no images in its class folders")
     return items
+
+
+_WNID_NAME = re.compile(r"^(n\d{8})_")
+_SOLUTION = "LOC_val_solution.csv"
+
+
+def _flat_items(root: Path) -> tuple[str, list[_Found]]:
+    """A flat folder: ImageNet val with Kaggle's solution CSV, or files named `<wnid>_...`."""
+    images = sorted(p for p in root.iterdir() if _is_image(p))
+    if not images:
+        raise InputError(f"--data {root}: no class folders and no images (expected ROOT/<class>/"
+                         "<image>, ImageNet val with LOC_val_solution.csv, or CUB_200_2011)")
+    solution = next((d / _SOLUTION for d in [root, *root.parents][:5] if (d / _SOLUTION).is_file()),
+                    None)
+    if solution is not None and any(p.name.startswith("ILSVRC2012_val_") for p in images):
+        truth = _read_solution(solution)
+        missing = [p.name for p in images if p.stem not in truth]
+        if missing:
+            raise InputError(f"--data {root}: {len(missing)} images are not in {solution} "
+                             f"(e.g. {missing[0]})")
+        return "imagenet-val", [_Found(p.name, (truth[p.stem],)) for p in images]
+    unnamed = [p.name for p in images if not _WNID_NAME.match(p.name)]
+    if unnamed:
+        hint = (f"ImageNet val needs {_SOLUTION} (Kaggle) in the folder or a parent; the devkit's "
+                "numbered ground truth is not read, sort the images into wnid folders instead"
+                if any(n.startswith("ILSVRC2012_val_") for n in unnamed) else
+                "put the images in class folders, or start their names with their wnid")
+        raise InputError(f"--data {root}: cannot tell the class of {unnamed[0]} ({hint})")
+    return "wnid-names", [_Found(p.name, (_WNID_NAME.match(p.name).group(1),)) for p in images]
+
+
+def _read_solution(path: Path) -> dict[str, str]:
+    """Kaggle's `ImageId,PredictionString` (`wnid x0 y0 x1 y1 ...`): image id -> its wnid."""
+    try:
+        with open(path, newline="", encoding="utf-8") as handle:
+            rows = list(csv.DictReader(handle))
+        return {row["ImageId"]: row["PredictionString"].split()[0] for row in rows}
+    except (KeyError, IndexError, csv.Error, UnicodeDecodeError):
+        raise InputError(f"{path}: not Kaggle's LOC_val_solution.csv "
+                         "(ImageId,PredictionString with 'wnid x0 y0 x1 y1 ...')") from None
 
 
 def _read_boxes(path: Path) -> dict[str, Box]:
@@ -156,22 +258,27 @@ def _table(path: Path) -> dict[str, list[str]]:
     return {row[0]: row[1:] for row in rows if row}
 
 
-def _cub_items(root: Path, classes: Sequence[str] | None) -> list[Item]:
-    """CUB test split (`train_test_split.txt` flag 0); label = class id - 1 unless names match."""
+def _cub_items(root: Path) -> list[_Found]:
+    """CUB test split (`train_test_split.txt` flag 0), with its boxes (x, y, width, height).
+
+    A class goes by its folder name (`001.Black_footed_Albatross`), the name without the number
+    (`Black_footed_Albatross`) and, for models whose classes are plain indices, `class id - 1`.
+    """
     images = _table(root / "images.txt")
     split = _table(root / "train_test_split.txt")
     labels = _table(root / "image_class_labels.txt")
     boxes = _table(root / "bounding_boxes.txt") if (root / "bounding_boxes.txt").is_file() else {}
-    folder_names = sorted({rel[0].split("/")[0] for rel in images.values()})
-    by_name = classes is not None and all(name in classes for name in folder_names)
     items = []
-    for image_id, (rel,) in images.items():
+    for image_id, (rel, *_) in images.items():
         if split.get(image_id, ["1"])[0] != "0":
             continue
-        label = list(classes).index(rel.split("/")[0]) if by_name else int(labels[image_id][0]) - 1
+        folder = rel.split("/")[0]
+        names = (folder, folder.split(".", 1)[-1], str(int(labels[image_id][0]) - 1))
         box = None
         if image_id in boxes:
             x, y, w, h = (float(v) for v in boxes[image_id])
             box = (x, y, x + w, y + h)
-        items.append(Item(f"images/{rel}", label, box))
+        items.append(_Found(f"images/{rel}", names, box))
+    if not items:
+        raise InputError(f"CUB_200_2011 layout in {root}: no test images (flag 0 in train_test_split.txt)")
     return items

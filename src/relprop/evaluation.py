@@ -47,9 +47,10 @@ def run(args: argparse.Namespace) -> int:
     device = resolve_device(args.device or "auto")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    checkpoints = [_Checkpoint.load(path, args) for path in args.weights]
+    checkpoints = [_Checkpoint.load(path, args) for path in args.weights or [None]]
     settings = _settings(args, plan, checkpoints)
     _check_resume(out / "run.json", settings)
+    _record_labels(out / "run.json", checkpoints[0].meta)
     store = _Store(out)
     for checkpoint in checkpoints:
         _evaluate(checkpoint, args, plan, store, device)
@@ -92,13 +93,13 @@ class _Checkpoint:
     meta: dict[str, Any]
 
     @classmethod
-    def load(cls, path: str, args: argparse.Namespace) -> _Checkpoint:
-        from relprop.models import file_sha256, load_model
+    def load(cls, path: str | None, args: argparse.Namespace) -> _Checkpoint:
+        """A weights file or torchvision weights name (None: the command's default)."""
+        from relprop.commands.common import load_model_from_args
+        from relprop.models import file_sha256
 
-        model, meta = load_model(path, arch=args.arch, num_classes=args.num_classes,
-                                 model_def=args.model_def, resize=args.resize, crop=args.crop,
-                                 mean=args.mean, std=args.std)
-        return cls(str(path), file_sha256(path), model, meta)
+        model, meta = load_model_from_args(args, "evaluate", weights=path)
+        return cls(meta.get("weights") or str(path), file_sha256(meta["path"]), model, meta)
 
 
 def _settings(args: argparse.Namespace, plan: Plan, checkpoints: Sequence[_Checkpoint]) -> dict[str, Any]:
@@ -136,6 +137,13 @@ def _check_resume(path: Path, settings: dict[str, Any]) -> None:
             f"now {settings[key]!r}); rerun with the same options to resume, or use a new --out"
         )
     run_info.setdefault("resumed", []).append(_provenance())
+    path.write_text(json.dumps(run_info, indent=2) + "\n")
+
+
+def _record_labels(path: Path, meta: dict[str, Any]) -> None:
+    """The model's class ids and names, by which the labels were given (the report shows them)."""
+    run_info = json.loads(path.read_text())
+    run_info["labels"] = {"classes": list(meta["classes"]), "class_names": meta.get("class_names")}
     path.write_text(json.dumps(run_info, indent=2) + "\n")
 
 
@@ -219,13 +227,12 @@ def _evaluate(checkpoint: _Checkpoint, args: argparse.Namespace, plan: Plan, sto
     from relprop.methods import get_method
 
     model, meta = checkpoint.model.to(device), checkpoint.meta
-    dataset = discover(args.data, meta.get("classes"))
+    dataset = discover(args.data, meta["classes"], meta.get("class_names"))
+    if dataset.unknown:
+        listed = ", ".join(f"{name} ({n})" for name, n in sorted(dataset.unknown.items()))
+        print(f"relprop evaluate: left out {sum(dataset.unknown.values())} images of "
+              f"{len(dataset.unknown)} classes the model does not have: {listed}", file=sys.stderr)
     items = select(dataset.items, args.per_class, args.limit)
-    outside = next((it for it in items if it.label >= meta["num_classes"]), None)
-    if outside is not None:
-        raise InputError(f"{outside.path}: class index {outside.label}, but the model has "
-                         f"{meta['num_classes']} classes (name the class folders as the "
-                         "checkpoint's `classes`)")
     wanted = {(m, p) for m in plan.methods for p in plan.protocols}
     todo = [it for it in items
             if any((checkpoint.sha256, it.path, m, p) not in store.done for m, p in wanted)]

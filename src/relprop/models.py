@@ -1,17 +1,27 @@
-"""Load a classifier and its preprocessing from a weights file, without any download.
+"""Load a classifier and its preprocessing from a weights file or a torchvision weights name.
 
-Two kinds of files: relprop checkpoints (a dict with `arch`, `num_classes`, `classes`, `input_size`,
-`resize`, `crop`, `mean`, `std` and `state_dict`, as in ../shared/README.md) and plain state dicts,
+Three sources: relprop checkpoints (a dict with `arch`, `num_classes`, `classes`, `input_size`,
+`resize`, `crop`, `mean`, `std` and `state_dict`, as in ../shared/README.md); plain state dicts,
 whose architecture and preprocessing come from the caller (the CLI's `--arch`, `--num-classes`,
-`--resize`, `--crop`, `--mean`, `--std`). Files are read with `weights_only=True` only: a weights
-file must never run code. Every failure is one `CheckpointError` line naming the file.
+`--resize`, `--crop`, `--mean`, `--std`); and torchvision weights names
+(`ResNet50_Weights.IMAGENET1K_V2`, or `--arch resnet101` with `DEFAULT`), resolved through
+torchvision's own weights API: the file sits in the torch hub cache (`TORCH_HOME`) and is
+downloaded there on first use, with torchvision's progress bar, unless `offline`. Files are read
+with `weights_only=True` only: a weights file must never run code. Every failure is one
+`CheckpointError` line naming the file.
 """
 
 from __future__ import annotations
 
 import hashlib
 import importlib.util
+import os
+import re
+import sys
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from functools import cache
+from importlib.resources import files
 from pathlib import Path
 from typing import Any
 
@@ -20,16 +30,18 @@ import torchvision
 from torch import nn
 from torchvision import transforms
 
+from relprop.defaults import DEFAULT_WEIGHTS
 from relprop.errors import CheckpointError
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 _META_KEYS = ("arch", "num_classes", "classes", "class_names", "input_size", "resize", "crop",
-              "mean", "std")
+              "mean", "std", "interpolation")
+PREPROCESSING_KEYS = ("resize", "crop", "mean", "std")
 
 
 def load_model(
-    weights: str | Path,
+    weights: str | Path | None = None,
     arch: str | None = None,
     num_classes: int | None = None,
     model_def: str | None = None,
@@ -38,36 +50,59 @@ def load_model(
     crop: int | Sequence[int] | None = None,
     mean: Sequence[float] | None = None,
     std: Sequence[float] | None = None,
+    classes: Sequence[str] | None = None,
+    class_names: Sequence[str] | None = None,
+    offline: bool = False,
 ) -> tuple[nn.Module, dict[str, Any]]:
-    """Build the model a weights file describes, load the weights, return `(eval fp32 model, meta)`.
+    """Build the model `weights` describes, load the weights, return `(eval fp32 model, meta)`.
 
-    Arguments other than `weights` override what a checkpoint says (and are required for a plain
-    state dict, except `num_classes`, which is read from the last layer when absent).
+    `weights` is a file or a torchvision weights name (`None`: `DEFAULT_WEIGHTS`, or the `DEFAULT`
+    weights of `arch`). Arguments other than `weights` override what a checkpoint says (and are
+    required for a plain state dict, except `num_classes`, which is read from the last layer).
+    `meta["assumed"]` names the preprocessing settings that nothing gave (plain state dicts).
     """
-    path = Path(weights)
+    path, stored = _source(weights, arch, offline)
     content = _read(path)
     if isinstance(content, Mapping) and isinstance(content.get("state_dict"), Mapping):
-        state_dict, stored = content["state_dict"], {k: content.get(k) for k in _META_KEYS}
+        state_dict = content["state_dict"]
+        stored = {**{k: content.get(k) for k in _META_KEYS}, **stored}
     elif isinstance(content, Mapping) and content and all(
         isinstance(v, torch.Tensor) for v in content.values()
     ):
-        state_dict, stored = content, {}
+        state_dict = content
     else:
         raise CheckpointError(
             f"{path}: not a checkpoint (expected a dict with 'state_dict' or a state dict of tensors)"
         )
     state_dict = _as_fp32(_strip_prefix(state_dict))
     given = {"arch": arch, "num_classes": num_classes, "resize": resize, "crop": crop,
-             "mean": mean, "std": std}
+             "mean": mean, "std": std, "classes": list(classes) if classes else None,
+             "class_names": list(class_names) if class_names else None}
     meta = _meta(path, stored, given, state_dict, model_def)
     model = _build(path, meta, model_def)
     _load_state(path, model, state_dict, str(meta["arch"]))
+    meta["path"] = str(path)
     return model.float().eval(), meta
+
+
+def describe_preprocessing(meta: Mapping[str, Any]) -> str:
+    """`Resize 256 -> CenterCrop 224, mean (...), std (...)`: what `preprocessing(meta)` does."""
+    text = f"Resize {meta['resize']}"
+    if meta.get("crop"):
+        text += f" -> CenterCrop {meta['crop']}"
+    if meta.get("interpolation", "bilinear") != "bilinear":
+        text += f" ({meta['interpolation']})"
+    mean = tuple(round(float(v), 4) for v in meta["mean"])
+    std = tuple(round(float(v), 4) for v in meta["std"])
+    if mean == IMAGENET_MEAN and std == IMAGENET_STD:
+        return text + ", ImageNet mean/std"
+    return text + f", mean {mean}, std {std}"
 
 
 def preprocessing(meta: Mapping[str, Any]) -> transforms.Compose:
     """`Resize(resize)` -> `CenterCrop(crop)` if any -> `ToTensor` -> `Normalize(mean, std)`."""
-    steps: list[Any] = [transforms.Resize(_size_arg(meta["resize"]))]
+    interpolation = transforms.InterpolationMode(meta.get("interpolation") or "bilinear")
+    steps: list[Any] = [transforms.Resize(_size_arg(meta["resize"]), interpolation=interpolation)]
     if meta.get("crop"):
         steps.append(transforms.CenterCrop(_size_arg(meta["crop"])))
     steps += [transforms.ToTensor(), transforms.Normalize(list(meta["mean"]), list(meta["std"]))]
@@ -93,8 +128,29 @@ def _read(path: Path) -> Any:
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:  # pickle, zip and unsafe-global errors all mean "not loadable"
-        reason = " ".join(str(error).split())[:200] or type(error).__name__
-        raise CheckpointError(f"{path}: not a loadable PyTorch weights file ({reason})") from None
+        raise CheckpointError(f"{path}: {_why_unloadable(path, error)}") from None
+
+
+_ANSI = re.compile(r"\x1b\[[0-9;]*m")
+
+
+def _why_unloadable(path: Path, error: Exception) -> str:
+    """relprop's own words for torch.load's long, ANSI-coloured failure texts."""
+    text = _ANSI.sub("", str(error))
+    refusal = ("relprop refuses it on purpose (weights are read with torch.load(weights_only=True)); "
+               "where you trust the file, re-save its weights with "
+               "torch.save(model.state_dict(), 'weights.pt')")
+    code = re.search(r"GLOBAL ([\w.]+)", text)
+    if code:
+        return (f"loading this file needs pickle code execution (it stores the Python object "
+                f"{code.group(1)}, not only tensors); {refusal}")
+    with open(path, "rb") as handle:
+        head = handle.read(2)
+    if "Weights only load failed" in text and head[:1] == b"\x80":
+        return f"a pickle that only unrestricted unpickling (code execution) could read; {refusal}"
+    if "PytorchStreamReader" in text or head == b"PK":
+        return "a corrupt or truncated PyTorch file (its zip archive cannot be read)"
+    return "not a PyTorch weights file (torch.save writes a zip archive; this is something else)"
 
 
 def _strip_prefix(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -118,7 +174,11 @@ def _classes_from_state(state_dict: Mapping[str, torch.Tensor]) -> int | None:
 def _meta(path: Path, stored: dict[str, Any], given: dict[str, Any],
           state_dict: Mapping[str, torch.Tensor], model_def: str | None) -> dict[str, Any]:
     meta = {k: v for k, v in stored.items() if v is not None}
+    if given["classes"] is not None:  # the stored names belong to the stored ids
+        meta.pop("class_names", None)
     meta.update({k: v for k, v in given.items() if v is not None})
+    meta["assumed"] = [k for k in PREPROCESSING_KEYS if k not in meta
+                       and not (k in ("resize", "crop") and "input_size" in meta)]
     if "arch" not in meta and model_def is None:
         raise CheckpointError(f"{path}: a plain state dict needs --arch (e.g. resnet50) or --model-def")
     meta.setdefault("arch", model_def)
@@ -128,6 +188,9 @@ def _meta(path: Path, stored: dict[str, Any], given: dict[str, Any],
             raise CheckpointError(f"{path}: cannot tell the number of classes; pass --num-classes")
     meta["num_classes"] = int(meta["num_classes"])
     meta.setdefault("classes", [str(i) for i in range(meta["num_classes"])])
+    if len(meta["classes"]) != meta["num_classes"]:
+        raise CheckpointError(f"{path}: {len(meta['classes'])} class ids for a model with "
+                              f"{meta['num_classes']} classes")
     meta.setdefault("class_names", None)
     if "resize" not in meta:
         meta["resize"] = meta.get("input_size") or 256
@@ -194,3 +257,152 @@ def _load_state(path: Path, model: nn.Module, state_dict: Mapping[str, torch.Ten
             f"{path}: weights do not fit {arch}: " + "; ".join(problems)
         )
     model.load_state_dict(state_dict, strict=True)
+
+
+# --- torchvision weights names ------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class TorchvisionWeights:
+    """A torchvision weights enum member and the classification architecture it belongs to."""
+
+    arch: str
+    weights: Any  # torchvision.models.WeightsEnum
+
+    @property
+    def name(self) -> str:
+        return f"{type(self.weights).__name__}.{self.weights.name}"
+
+    @property
+    def url(self) -> str:
+        return str(self.weights.url)
+
+    @property
+    def cache_path(self) -> Path:
+        """Where torchvision's `load_state_dict_from_url` keeps the file: `$TORCH_HOME/hub/checkpoints/`."""
+        return Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(self.url.split("?")[0])
+
+    def meta(self) -> dict[str, Any]:
+        """Architecture, classes and preprocessing, all from the weights' own `meta` and `transforms()`."""
+        categories = list(self.weights.meta["categories"])
+        imagenet = "IMAGENET1K" in self.weights.name and len(categories) == 1000
+        transform = self.weights.transforms()
+        interpolation = getattr(transform, "interpolation", transforms.InterpolationMode.BILINEAR)
+        return {
+            "arch": self.arch, "num_classes": len(categories),
+            "classes": imagenet_wnids() if imagenet else categories, "class_names": categories,
+            "resize": _single(transform.resize_size), "crop": _single(transform.crop_size),
+            "mean": list(transform.mean), "std": list(transform.std),
+            "interpolation": interpolation.value, "weights": self.name, "url": self.url,
+        }
+
+
+def torchvision_weights(text: str, arch: str | None = None) -> TorchvisionWeights | None:
+    """`ResNet50_Weights.IMAGENET1K_V2`, or `IMAGENET1K_V2` / `DEFAULT` with `arch`; None if neither.
+
+    A name that belongs to another architecture than `arch`, or to a non-classification model, is
+    a `CheckpointError`.
+    """
+    from torchvision.models import get_model_weights, get_weight
+
+    if "." in text:
+        if not re.fullmatch(r"[A-Za-z0-9_]+_Weights\.[A-Za-z0-9_]+", text):
+            return None
+        try:
+            weights = get_weight(text)
+        except (ValueError, KeyError, AttributeError):
+            raise CheckpointError(f"--weights {text}: torchvision has no such weights "
+                                  "(e.g. ResNet50_Weights.IMAGENET1K_V2)") from None
+        owner = _classifier_of(type(weights))
+        if owner is None:
+            raise CheckpointError(f"--weights {text}: not the weights of a torchvision classifier")
+        if arch is not None and arch != owner:
+            raise CheckpointError(f"--weights {text} are {owner}'s weights, not --arch {arch}'s")
+        return TorchvisionWeights(owner, weights)
+    if arch is None or not re.fullmatch(r"[A-Z0-9_]+", text) or arch not in _classifiers():
+        return None
+    enum = get_model_weights(arch)
+    if text not in enum.__members__:
+        raise CheckpointError(f"--weights {text}: {arch} has the weights "
+                              f"{', '.join(enum.__members__)} (or give a weights file)")
+    return TorchvisionWeights(arch, enum[text])
+
+
+def fetch(weights: TorchvisionWeights, offline: bool = False) -> Path:
+    """The weights file in the torch hub cache; downloaded there first unless `offline`.
+
+    The download is torchvision's own (`torch.hub.download_url_to_file`, with its progress bar on
+    stderr) and checks the hash prefix in the file name; a file found in the cache is used as it
+    is, as torchvision does (`check_hash=False`).
+    """
+    path = weights.cache_path
+    if path.is_file():
+        return path
+    if offline:
+        raise CheckpointError(f"{weights.name}: not in the torch hub cache and --offline forbids "
+                              f"downloading it; download {weights.url} to {path}")
+    from torch.hub import HASH_REGEX, download_url_to_file
+
+    match = HASH_REGEX.search(path.name)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        print(f"relprop: downloading {weights.name} (once) from {weights.url} to {path}",
+              file=sys.stderr, flush=True)
+        download_url_to_file(weights.url, str(path), match.group(1) if match else None,
+                             progress=True)
+    except (OSError, RuntimeError) as error:
+        reason = " ".join(_ANSI.sub("", str(error)).split())[:120] or type(error).__name__
+        raise CheckpointError(f"{weights.name}: cannot download {weights.url} ({reason}); "
+                              f"without a network, put that file at {path}") from None
+    return path
+
+
+@cache
+def imagenet_classes() -> tuple[tuple[str, str], ...]:
+    """(wnid, WordNet lemmas) of the 1,000 ImageNet-1k classes in torchvision's index order.
+
+    Shipped as `relprop/resources/imagenet_classes.tsv` (made by tools/make_imagenet_classes.py).
+    """
+    text = files("relprop").joinpath("resources", "imagenet_classes.tsv").read_text(encoding="utf-8")
+    rows = [line.split("\t", 1) for line in text.splitlines() if line and not line.startswith("#")]
+    return tuple((wnid, lemmas) for wnid, lemmas in rows)
+
+
+def imagenet_wnids() -> list[str]:
+    return [wnid for wnid, _ in imagenet_classes()]
+
+
+def _source(weights: str | Path | None, arch: str | None, offline: bool) -> tuple[Path, dict[str, Any]]:
+    """The file to read, and the metadata a torchvision weights name brings with it."""
+    if weights is None:
+        weights = "DEFAULT" if arch is not None else DEFAULT_WEIGHTS
+    text = str(weights)
+    if Path(text).is_file():
+        return Path(text), {}
+    named = torchvision_weights(text, arch)
+    if named is None:
+        if arch is None and re.fullmatch(r"[A-Z0-9_]+", text):
+            raise CheckpointError(f"--weights {text}: name the architecture too (--arch resnet50 "
+                                  f"--weights {text}) or give the full name, e.g. ResNet50_Weights.{text}")
+        if weights == "DEFAULT":
+            raise CheckpointError(f"--arch {arch}: not a torchvision classifier with weights; "
+                                  "give --weights FILE")
+        raise CheckpointError(f"{text}: no such weights file (nor a torchvision weights name "
+                              "such as ResNet50_Weights.IMAGENET1K_V2)")
+    return fetch(named, offline), named.meta()
+
+
+@cache
+def _classifiers() -> tuple[str, ...]:
+    return tuple(torchvision.models.list_models(module=torchvision.models))
+
+
+def _classifier_of(enum: type) -> str | None:
+    """The torchvision classification model whose weights enum is `enum`."""
+    from torchvision.models import get_model_weights
+
+    return next((name for name in _classifiers() if get_model_weights(name) is enum), None)
+
+
+def _single(size: Sequence[int]) -> int | list[int]:
+    return int(size[0]) if len(size) == 1 else [int(s) for s in size]

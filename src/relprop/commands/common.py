@@ -1,9 +1,10 @@
-"""Pieces the image commands share: which images to process, where outputs go, which device."""
+"""Pieces the image commands share: the model options, which images to process, where outputs
+go, which device."""
 
 from __future__ import annotations
 
 import sys
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -63,3 +64,100 @@ def resolve_device(text: str) -> Any:
     if device.type == "cuda" and not torch.cuda.is_available():
         raise RelpropError(f"--device {text}: no CUDA GPU is available here; use --device cpu")
     return device
+
+
+MODEL_OPTIONS_HELP = """\
+--weights takes a relprop checkpoint (it carries the architecture, classes and preprocessing), a
+plain state dict (with --arch; preprocessing from the options below, or a stated assumption), or a
+torchvision weights name such as ResNet50_Weights.IMAGENET1K_V2, or IMAGENET1K_V1 / DEFAULT with
+--arch. Named weights come with their own preprocessing and class names; their file is read from
+the torch hub cache ($TORCH_HOME/hub/checkpoints) and downloaded there on first use, with a
+progress bar, unless --offline."""
+
+
+def add_model_options(parser: Any, *, default_weights: str | None = None, several: bool = False,
+                      preprocessing: bool = True, arch_choices: Sequence[str] | None = None) -> None:
+    """The model options `explain`, `evaluate` and `detect` share, in one argument group."""
+    group = parser.add_argument_group("model", MODEL_OPTIONS_HELP)
+    default = f" (default: {default_weights})" if default_weights else ""
+    group.add_argument("--weights", nargs="+" if several else None, required=default_weights is None,
+                       metavar="CKPT", help="weights file or torchvision weights name"
+                       + ("; several: mean and std over them, e.g. seeds" if several else "") + default
+                       + ("; with only --arch: that architecture's DEFAULT weights" if default else ""))
+    parser.set_defaults(default_weights=default_weights)
+    group.add_argument("--arch", metavar="NAME", choices=arch_choices,
+                       help="torchvision architecture of a plain state dict or of IMAGENET1K_V1/DEFAULT "
+                            "(e.g. resnet50)" if arch_choices is None else
+                            f"torchvision detector of a plain state dict: {', '.join(arch_choices)}")
+    group.add_argument("--num-classes", type=int, metavar="N",
+                       help="classes of a plain state dict (default: read from the weights)")
+    group.add_argument("--model-def", metavar="FILE.py:FUNCTION",
+                       help="build the model with FUNCTION(meta) from FILE.py (models torchvision lacks)")
+    group.add_argument("--classes", metavar="FILE",
+                       help="class ids of a plain state dict, in index order: a file with one "
+                            "'ID' or 'ID<TAB>NAME' line each, or 'imagenet' (torchvision's 1,000 wnids)")
+    if preprocessing:
+        group.add_argument("--resize", type=int, metavar="PX",
+                           help="Resize: the shorter side in pixels (plain state dict default 256)")
+        group.add_argument("--crop", type=int, metavar="PX",
+                           help="CenterCrop size; 0: no crop (plain state dict default 224)")
+        group.add_argument("--mean", type=float, nargs=3, metavar="M",
+                           help="Normalize mean, R G B (default: ImageNet's)")
+        group.add_argument("--std", type=float, nargs=3, metavar="S",
+                           help="Normalize std, R G B (default: ImageNet's)")
+    group.add_argument("--offline", action="store_true",
+                       help="never download weights: a named weights file must already be in the cache")
+
+
+def load_model_from_args(args: Any, command: str, *, weights: str | None = None,
+                         model_def: str | None = None) -> tuple[Any, dict[str, Any]]:
+    """The model and its metadata (preprocessing included) from the shared model options.
+
+    Prints on stderr which torchvision weights are used, or which preprocessing was assumed for a
+    plain state dict that does not say.
+    """
+    from relprop.models import describe_preprocessing, load_model
+
+    if weights is None and args.weights is None:
+        if model_def or args.model_def:
+            raise RelpropError("--model-def needs --weights FILE")
+        weights = "DEFAULT" if args.arch else args.default_weights
+    classes, names = read_classes(args.classes)
+    model, meta = load_model(
+        weights if weights is not None else args.weights, arch=args.arch,
+        num_classes=args.num_classes, model_def=model_def or args.model_def,
+        resize=getattr(args, "resize", None), crop=getattr(args, "crop", None),
+        mean=getattr(args, "mean", None), std=getattr(args, "std", None),
+        classes=classes, class_names=names, offline=args.offline,
+    )
+    if meta.get("weights"):
+        print(f"relprop {command}: model: torchvision {meta['arch']} with {meta['weights']} "
+              f"({describe_preprocessing(meta)})", file=sys.stderr)
+    elif meta["assumed"] and hasattr(args, "resize"):
+        given = ", ".join(f"--{k}" for k in meta["assumed"])
+        print(f"relprop {command}: note: {meta['path']} does not say how to preprocess; assumed "
+              f"{describe_preprocessing(meta)} (set {given} to change it)", file=sys.stderr)
+    return model, meta
+
+
+def read_classes(text: str | None) -> tuple[list[str] | None, list[str] | None]:
+    """`--classes`: `imagenet`, or a file of `ID` / `ID<TAB>NAMES` lines (`#` comments skipped).
+
+    Returns the ids and the readable names (the first of comma-separated names), None if absent.
+    """
+    if text is None:
+        return None, None
+    if text == "imagenet":
+        from relprop.models import imagenet_classes
+
+        rows = [(wnid, lemmas) for wnid, lemmas in imagenet_classes()]
+        return [r[0] for r in rows], [r[1].split(",")[0].strip() for r in rows]
+    try:
+        lines = Path(text).read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as error:
+        raise RelpropError(f"--classes {text}: cannot read it ({error.__class__.__name__})") from None
+    rows = [line.split("\t", 1) for line in lines if line.strip() and not line.startswith("#")]
+    if not rows:
+        raise RelpropError(f"--classes {text}: no class ids in it (one 'ID' or 'ID<TAB>NAME' a line)")
+    names = [row[1].split(",")[0].strip() if len(row) > 1 else None for row in rows]
+    return [row[0].strip() for row in rows], (names if all(names) else None)

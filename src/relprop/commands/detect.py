@@ -9,7 +9,12 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from relprop.commands.common import plan_jobs, resolve_device
+from relprop.commands.common import (
+    add_model_options,
+    load_model_from_args,
+    plan_jobs,
+    resolve_device,
+)
 from relprop.errors import ImageError, RelpropError, TargetError
 
 DESCRIPTION = """\
@@ -72,15 +77,6 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     )
     parser.add_argument("inputs", nargs="+", metavar="IMAGE_OR_DIR",
                         help="image files, or folders searched recursively for images")
-    parser.add_argument("--weights", required=True, metavar="CKPT",
-                        help="detector weights: a relprop checkpoint or a plain state dict file")
-    parser.add_argument("--model-def", metavar="FILE.py:FUNCTION",
-                        help="build the detector with FUNCTION(meta) from FILE.py "
-                             "(meta: the checkpoint's metadata dict)")
-    parser.add_argument("--arch", choices=TORCHVISION_DETECTORS,
-                        help="torchvision detector of a plain state dict (built without downloads)")
-    parser.add_argument("--num-classes", type=int, metavar="N",
-                        help="classes of a plain state dict, background included (COCO: 91)")
     parser.add_argument("--score-threshold", type=float, default=0.5, metavar="S",
                         help="explain detections scoring at least S (default: 0.5)")
     parser.add_argument("--max-detections", type=int, default=5, metavar="N",
@@ -101,6 +97,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     parser.add_argument("--out", required=True, metavar="DIR", help="output folder (created)")
     parser.add_argument("--device", default="auto", metavar="DEV",
                         help="cpu, cuda, cuda:1, ... (default: auto, a GPU when there is one)")
+    # No --resize/--crop/--mean/--std: a torchvision SSD resizes and normalizes inside the model.
+    add_model_options(parser, preprocessing=False, arch_choices=TORCHVISION_DETECTORS)
     parser.set_defaults(run=run)
     return parser
 
@@ -114,7 +112,7 @@ def run(args: argparse.Namespace) -> int:
 
     _check_options(args)
     device = resolve_device(args.device)
-    model, meta = load_detector(args.weights, args.model_def, args.arch, args.num_classes)
+    model, meta = load_detector(args.weights, args.model_def, args.arch, args.num_classes, args)
     model.to(device)
     names = _class_names(meta, model)
     target = parse_class(args.target_class, meta, names)
@@ -162,16 +160,24 @@ def _check_options(args: argparse.Namespace) -> None:
 
 
 def load_detector(weights: str, model_def: str | None, arch: str | None,
-                  num_classes: int | None) -> tuple[Any, dict[str, Any]]:
-    """The detector and its metadata; torchvision SSDs are built without downloading anything."""
-    from relprop.detection import check_ssd
-    from relprop.models import load_model
+                  num_classes: int | None, args: argparse.Namespace | None = None) -> tuple[Any, dict[str, Any]]:
+    """The detector and its metadata; torchvision SSDs are built without downloading anything.
 
+    `args`: the parsed shared model options (`--classes`, `--offline`), where there are some.
+    """
+    from relprop.detection import check_ssd
+
+    if weights is None:
+        raise RelpropError("a detector needs --weights FILE")
+    if args is None:
+        args = argparse.Namespace(classes=None, offline=True)
+    args = argparse.Namespace(**{**vars(args), "arch": arch, "num_classes": num_classes,
+                                 "model_def": None, "weights": weights})
     if model_def is None and arch is not None:
         model_def = f"{Path(__file__).resolve()}:torchvision_detector"
     if model_def is None:
         model_def = _stored_arch_def(weights)
-    model, meta = load_model(weights, arch=arch, num_classes=num_classes, model_def=model_def)
+    model, meta = load_model_from_args(args, "detect", weights=weights, model_def=model_def)
     try:
         check_ssd(model)
     except RelpropError as error:

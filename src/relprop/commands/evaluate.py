@@ -8,12 +8,23 @@ from __future__ import annotations
 
 import argparse
 
+from relprop.commands.common import add_model_options
+from relprop.defaults import PAPER_WEIGHTS
+
 DESCRIPTION = """\
 Compare explanation methods on a labelled image folder by Insertion, Deletion and ID score
 (Insertion - Deletion), in the paper's protocol or RISE's, plus localization where the data has
-boxes and conservation for relprop's LRP methods. Data layouts: class folders (ImageFolder;
-ImageNet's val/<wnid>/), the tin10 layout (class folders with boxes.txt) and CUB_200_2011 (test
-split). Writes under OUT:
+boxes and conservation for relprop's LRP methods. Without --weights it evaluates the paper's
+ImageNet model (torchvision's ResNet50_Weights.IMAGENET1K_V1, Resize 256 -> CenterCrop 224).
+
+Data layouts: class folders (ImageFolder; ImageNet's val/<wnid>/), the tin10 layout (class folders
+with boxes.txt), ImageNet's flat val folder (ILSVRC2012_val_*.JPEG with Kaggle's
+LOC_val_solution.csv in it or a parent), a flat folder of files named <wnid>_*.JPEG, and
+CUB_200_2011 (test split, with its bounding boxes). Labels come from the model's own classes,
+matched by the folder's name (class id such as a wnid, or class name); images of classes the model
+does not have are left out and listed, and data with none of its classes is refused.
+
+Writes under OUT:
 
   results.jsonl   one JSON line per (checkpoint, image, method, protocol), appended as it goes:
                   a killed run resumes where it stopped (same command, same OUT)
@@ -37,6 +48,7 @@ methods: ours, ours-sym, ours-noid, ours-sym-noid, ours-ref, lrp-plain, gradcam,
          ig, gbp, lrp-captum, gradient, gradxinput; any name + "+hq" (8-level Heat Quantization)
 
 examples:
+  relprop evaluate --data imagenet/val --per-class 1 --out runs/imagenet   # the paper's setting
   relprop evaluate --weights ../shared/models/resnet18_tin10.pt --data ../shared/data/tin10/val \\
       --methods ours,ours+hq,gradcam,scorecam --out runs/tin10 --protocol paper,rise
   relprop evaluate --weights seed*.pt --data CUB_200_2011 --per-class 5 --out runs/cub
@@ -56,8 +68,6 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
         "evaluate", help="Insertion/Deletion/ID, localization and conservation tables",
         description=DESCRIPTION, epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("--weights", nargs="+", required=True, metavar="CKPT",
-                        help="one or more checkpoints (several: mean and std over them, e.g. seeds)")
     parser.add_argument("--data", required=True, metavar="DIR", help="labelled image folder")
     parser.add_argument("--methods", default=DEFAULT_METHODS, help=f"comma list (default {DEFAULT_METHODS})")
     parser.add_argument("--out", required=True, metavar="OUT", help="output folder (resumable)")
@@ -78,14 +88,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
                         help="detection: evaluate an SSD detector's explanations "
                              "(relprop.detection_eval; one --weights, with --model-def)")
     parser.add_argument("--save-maps", action="store_true", help="write OUT/maps/<method>/<stem>.npy")
-    model = parser.add_argument_group("plain state dicts (checkpoints carry this metadata)")
-    model.add_argument("--arch", help="torchvision architecture, e.g. resnet50")
-    model.add_argument("--num-classes", type=int)
-    model.add_argument("--model-def", metavar="FILE.py:FUNCTION", help="FUNCTION(meta) builds the model")
-    model.add_argument("--resize", type=int)
-    model.add_argument("--crop", type=int)
-    model.add_argument("--mean", type=float, nargs=3)
-    model.add_argument("--std", type=float, nargs=3)
+    add_model_options(parser, default_weights=PAPER_WEIGHTS, several=True)
     parser.set_defaults(run=run)
     return parser
 

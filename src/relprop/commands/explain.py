@@ -10,7 +10,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from relprop.commands.common import Job, plan_jobs, resolve_device
+from relprop.commands.common import (
+    Job,
+    add_model_options,
+    load_model_from_args,
+    plan_jobs,
+    resolve_device,
+)
+from relprop.defaults import DEFAULT_WEIGHTS
 from relprop.errors import ImageError, RelpropError, TargetError
 
 DESCRIPTION = """\
@@ -47,10 +54,13 @@ methods:
   NAME+hq        any of them with Heat Quantization (8 levels), e.g. ours+hq
 
 examples:
+  relprop explain photo.jpg --out explained     # torchvision's ImageNet ResNet-50 (downloaded once)
+  relprop explain photo.jpg --arch resnet101 --weights DEFAULT --out explained
   relprop explain photo.jpg --weights resnet18_tin10.pt --out explained
   relprop explain ../shared/data/tin10/val/n01882714 --weights ../shared/models/resnet18_tin10.pt \\
       --methods ours,gradcam,ig --hq --out koalas
-  relprop explain scan.tif --weights model.pt --arch resnet50 --target 3 --sign positive --out out
+  relprop explain scan.tif --weights model.pt --arch resnet50 --resize 224 --crop 0 \\
+      --target 3 --sign positive --out out
 
 exit status:
   0  every image was explained
@@ -74,14 +84,6 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     )
     parser.add_argument("inputs", nargs="+", metavar="IMAGE_OR_DIR",
                         help="image files, or folders searched recursively for images")
-    parser.add_argument("--weights", required=True, metavar="CKPT",
-                        help="model weights: a relprop checkpoint or a plain state dict file")
-    parser.add_argument("--arch", metavar="NAME",
-                        help="torchvision architecture (e.g. resnet50); needed for a plain state dict")
-    parser.add_argument("--num-classes", type=int, metavar="N",
-                        help="number of classes of a plain state dict (default: read from the weights)")
-    parser.add_argument("--model-def", metavar="FILE.py:FUNCTION",
-                        help="build the model with FUNCTION(meta) from FILE.py (models torchvision lacks)")
     parser.add_argument("--methods", default=DEFAULT_METHODS, metavar="M1,M2,...",
                         help=f"comma-separated methods, see below (default: {DEFAULT_METHODS})")
     parser.add_argument("--target", metavar="K",
@@ -98,20 +100,20 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
                         help="cpu, cuda, cuda:1, ... (default: auto, a GPU when there is one)")
     parser.add_argument("--batch-size", type=int, default=8, metavar="N",
                         help="images per forward/backward pass (default: 8)")
+    add_model_options(parser, default_weights=DEFAULT_WEIGHTS)
     parser.set_defaults(run=run)
     return parser
 
 
 def run(args: argparse.Namespace) -> int:
     """Explain every image; return 1 if any input failed, after processing all the others."""
-    from relprop.models import load_model, preprocessing
+    from relprop.models import preprocessing
 
     methods = parse_methods(args.methods)
     if args.batch_size < 1:
         raise RelpropError(f"--batch-size {args.batch_size}: must be at least 1")
     device = resolve_device(args.device)
-    model, meta = load_model(args.weights, arch=args.arch, num_classes=args.num_classes,
-                             model_def=args.model_def)
+    model, meta = load_model_from_args(args, "explain")
     model.to(device)
     target = parse_target(args.target, meta)
     explainers = build_methods(methods, model, meta, args.hq)

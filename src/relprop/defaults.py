@@ -1,0 +1,9 @@
+"""Default models, in a module without torch so that `relprop --help` can name them quickly."""
+
+from __future__ import annotations
+
+# What `relprop explain` uses without --weights: torchvision's best ImageNet ResNet-50.
+DEFAULT_WEIGHTS = "ResNet50_Weights.IMAGENET1K_V2"
+# What `relprop evaluate` uses without --weights: the paper's ImageNet model (torchvision's
+# `resnet50(pretrained=True)`, as in the authors' code), preprocessed Resize 256 -> CenterCrop 224.
+PAPER_WEIGHTS = "ResNet50_Weights.IMAGENET1K_V1"
