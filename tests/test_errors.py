@@ -63,7 +63,7 @@ def test_untraceable_model_names_the_module():
 
 
 def test_unsupported_function_is_named():
-    with pytest.raises(UnsupportedLayerError, match="function 'sigmoid'"):
+    with pytest.raises(UnsupportedLayerError, match="function 'torch.sigmoid'"):
         LRP(WithSigmoidFunction())
 
 
