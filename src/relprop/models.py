@@ -45,6 +45,10 @@ def load_model(
     state dict, except `num_classes`, which is read from the last layer when absent).
     """
     path = Path(weights)
+    from relprop.bow.storage import is_bow_file, load_bow_model
+
+    if is_bow_file(path):  # a BoW kernel classifier from `relprop fit-bow` (relprop.bow)
+        return load_bow_model(path)
     content = _read(path)
     if isinstance(content, Mapping) and isinstance(content.get("state_dict"), Mapping):
         state_dict, stored = content["state_dict"], {k: content.get(k) for k in _META_KEYS}
