@@ -7,7 +7,6 @@ from dataclasses import dataclass
 import numpy as np
 from scipy.special import softmax
 from sklearn.cluster import MiniBatchKMeans
-from sklearn.metrics import pairwise_distances_argmin
 from sklearn.metrics.pairwise import euclidean_distances
 
 from relprop.errors import InputError
@@ -43,8 +42,7 @@ class Mapping:
 
     def __call__(self, descriptors: np.ndarray, centres: np.ndarray) -> np.ndarray:
         """(M, V) non-negative mapping of M descriptors; each row sums to 1."""
-        if self.kind == "hard":
-            nearest = pairwise_distances_argmin(descriptors, centres)
-            return np.eye(len(centres))[nearest]
         squared = euclidean_distances(descriptors, centres, squared=True)
+        if self.kind == "hard":  # (not pairwise_distances_argmin: its OpenMP reduction stalls
+            return np.eye(len(centres))[squared.argmin(axis=1)]  # for seconds on a busy machine)
         return softmax(-squared / (2.0 * self.sigma ** 2), axis=1)  # stable: shifts by the row max
