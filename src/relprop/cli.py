@@ -11,7 +11,7 @@ from relprop import __version__
 from relprop.errors import RelpropError
 
 # Each module defines `add_parser(subparsers)` and `run(args) -> int`.
-COMMANDS = ("explain", "evaluate", "report", "detect")
+COMMANDS = ("explain", "evaluate", "report", "detect", "fit-bow")
 
 DESCRIPTION = """\
 relprop explains what image classifiers and detectors base their predictions on, by
@@ -43,7 +43,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"relprop {__version__}")
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name in COMMANDS:
-        importlib.import_module(f"relprop.commands.{name}").add_parser(subparsers)
+        importlib.import_module(f"relprop.commands.{name.replace('-', '_')}").add_parser(subparsers)
     return parser
 
 

@@ -31,7 +31,10 @@ LRP_VARIANTS: dict[str, dict[str, Any]] = {
     "ours-ref": {"preset": "reference"},
     "lrp-plain": {"split": "signed"},
 }
-METHOD_NAMES = (*LRP_VARIANTS, "gradcam", "scorecam", "ig", "gbp", "lrp-captum", "gradient", "gradxinput")
+# Methods of bag-of-words kernel classifiers (relprop.bow; models from `relprop fit-bow`).
+BOW_METHODS = ("bow-lrp", "bow-occlusion")
+METHOD_NAMES = (*LRP_VARIANTS, "gradcam", "scorecam", "ig", "gbp", "lrp-captum", "gradient", "gradxinput",
+                *BOW_METHODS)
 
 
 def resolve_target(model: nn.Module, inputs: Tensor, target: Tensor | int | Sequence[int] | None,
@@ -260,6 +263,10 @@ def get_method(name: str, model: nn.Module, *, layer: nn.Module | None = None, b
         base = get_method(name[: -len(HQ_SUFFIX)], model, layer=layer, batch_size=batch_size,
                           channels=channels, mean=mean, std=std, **lrp_options)
         return HeatQuantized(base, channels)
+    if name in BOW_METHODS or getattr(model, "is_bow", False):  # BoW models: relprop.bow
+        from relprop.bow.explainer import get_bow_method
+
+        return get_bow_method(name, model)
     if name in LRP_VARIANTS:
         return LRPMethod(model, name, **LRP_VARIANTS[name], mean=mean, std=std, **lrp_options)
     if lrp_options:

@@ -62,6 +62,10 @@ def load_model(
     `meta["assumed"]` names the preprocessing settings that nothing gave (plain state dicts).
     """
     path, stored = _source(weights, arch, offline)
+    from relprop.bow.storage import is_bow_file, load_bow_model
+
+    if is_bow_file(path):  # a BoW kernel classifier from `relprop fit-bow` (relprop.bow)
+        return load_bow_model(path)
     content = _read(path)
     if isinstance(content, Mapping) and isinstance(content.get("state_dict"), Mapping):
         state_dict = content["state_dict"]

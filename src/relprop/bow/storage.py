@@ -1,0 +1,107 @@
+"""Saving and loading a fitted BoW pipeline without pickle.
+
+Format (`.bow.npz`): a NumPy zip archive read with `allow_pickle=False`, holding only numeric and
+unicode arrays: `centres`, `support`, `coef`, `intercept`, `classes`, and `relprop_bow_header`, a
+JSON text with a magic string, the format version, the configuration, and the sha256 of everything
+else (arrays: name, dtype, shape, bytes; header: its own JSON without the hash). Loading trusts
+nothing it did not check: a file whose magic, version or hash does not match is refused with one
+line, and nothing in it is ever executed or unpickled.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import zipfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from relprop.errors import CheckpointError
+
+MAGIC = "relprop-bow"
+VERSION = 1
+HEADER = "relprop_bow_header"
+SUFFIX = ".bow.npz"
+_ARRAYS = ("centres", "support", "coef", "intercept", "classes")
+
+
+def _digest(arrays: dict[str, np.ndarray], header: dict[str, Any]) -> str:
+    digest = hashlib.sha256()
+    for name in sorted(arrays):
+        array = np.ascontiguousarray(arrays[name])
+        digest.update(f"{name}|{array.dtype.str}|{array.shape}|".encode())
+        digest.update(array.tobytes())
+    digest.update(json.dumps({k: v for k, v in header.items() if k != "sha256"}, sort_keys=True).encode())
+    return digest.hexdigest()
+
+
+def save(pipeline: Any, path: str | Path) -> Path:
+    """Write `pipeline` (a `BoWPipeline`) to `path` (the `.bow.npz` suffix is recommended)."""
+    from relprop.bow.pipeline import config_dict
+
+    arrays = {"centres": pipeline.centres, "support": pipeline.support, "coef": pipeline.coef,
+              "intercept": pipeline.intercept, "classes": np.array(pipeline.classes, dtype=str)}
+    header: dict[str, Any] = {"magic": MAGIC, "version": VERSION, "config": config_dict(pipeline.config),
+                              "sigma": pipeline.sigma, "gamma": pipeline.gamma, "info": pipeline.info}
+    header["sha256"] = _digest(arrays, header)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "wb") as handle:  # np.savez would append .npz to a name without it
+        np.savez(handle, **arrays, **{HEADER: np.array(json.dumps(header))})
+    return path
+
+
+def is_bow_file(path: str | Path) -> bool:
+    """True for a zip archive with our header member (a torch .pt zip has none)."""
+    path = Path(path)
+    try:
+        if not path.is_file() or not zipfile.is_zipfile(path):
+            return False
+        with zipfile.ZipFile(path) as archive:
+            return f"{HEADER}.npy" in archive.namelist()
+    except (OSError, zipfile.BadZipFile):
+        return False
+
+
+def load(path: str | Path) -> Any:
+    """The `BoWPipeline` saved at `path`; anything not written by `save` is a `CheckpointError`."""
+    from relprop.bow.pipeline import BoWPipeline, config_from_dict
+
+    path = Path(path)
+    if not is_bow_file(path):
+        raise CheckpointError(f"{path}: not a relprop BoW model file (relprop fit-bow writes them)")
+    try:
+        with np.load(path, allow_pickle=False) as archive:
+            files = {name: archive[name] for name in archive.files}
+        header = json.loads(str(files.pop(HEADER)))
+    except Exception as error:  # zip, format and JSON errors all mean "not ours"
+        raise CheckpointError(f"{path}: unreadable BoW model file ({type(error).__name__})") from None
+    if not isinstance(header, dict) or header.get("magic") != MAGIC:
+        raise CheckpointError(f"{path}: not a relprop BoW model file (wrong magic)")
+    if header.get("version") != VERSION:
+        raise CheckpointError(f"{path}: BoW format version {header.get('version')!r}; this relprop "
+                              f"reads version {VERSION}")
+    if sorted(files) != sorted(_ARRAYS) or header.get("sha256") != _digest(files, header):
+        raise CheckpointError(f"{path}: BoW model file is damaged or was modified (hash mismatch)")
+    try:
+        return BoWPipeline(config_from_dict(header["config"]), files["centres"], float(header["sigma"]),
+                           float(header["gamma"]), files["support"], files["coef"], files["intercept"],
+                           [str(c) for c in files["classes"]], dict(header.get("info") or {}))
+    except (KeyError, TypeError, ValueError) as error:
+        raise CheckpointError(f"{path}: inconsistent BoW model file ({error})") from None
+
+
+def load_bow_model(path: str | Path) -> tuple[Any, dict[str, Any]]:
+    """(`BoWModel`, meta) in the form of `relprop.models.load_model`, for the CLI's --weights."""
+    from relprop.bow.explainer import BoWModel
+    from relprop.models import IMAGENET_MEAN, IMAGENET_STD
+
+    pipeline = load(path)
+    size = int(pipeline.config.size)
+    meta = {"arch": "bow", "num_classes": len(pipeline.classes), "classes": list(pipeline.classes),
+            "class_names": None, "input_size": size, "resize": size, "crop": None,
+            "mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD),
+            "val_acc": pipeline.info.get("val_acc")}
+    return BoWModel(pipeline, meta["mean"], meta["std"]).eval(), meta
