@@ -62,7 +62,7 @@ def resolve_device(text: str | None) -> Any:
     try:
         device = torch.device(text)
     except (RuntimeError, ValueError):
-        raise RelpropError(f"--device {text!r}: not a device (use auto, cpu, cuda, cuda:0, ...)") from None
+        raise RelpropError(f"--device {text}: not a device (use auto, cpu, cuda, cuda:0, ...)") from None
     if device.type == "cpu":
         return device
     if device.type == "cuda":
