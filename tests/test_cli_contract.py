@@ -104,14 +104,15 @@ def test_input_bound_follows_torchvision_resize(tmp_path):
     from relprop.errors import ImageError
     from relprop.images import MAX_ASPECT_RATIO, MAX_INPUT_PIXELS, BoundedTransform
 
-    bounded = BoundedTransform(transforms.Compose([transforms.Resize(300), transforms.ToTensor()]), 300)
-    wide = Image.new("RGB", (int(8 * 30), 30))  # exactly 8:1 -> 300 x 2400 = 720,000 pixels
-    assert bounded(wide).shape == (3, 300, 2400) and 300 * 2400 <= MAX_INPUT_PIXELS
+    bounded = BoundedTransform(transforms.Compose([transforms.Resize(150), transforms.ToTensor()]), 150)
+    wide = Image.new("RGB", (int(8 * 30), 30))  # exactly 8:1 -> 150 x 1200 = 180,000 pixels
+    assert bounded(wide).shape == (3, 150, 1200) and 150 * 1200 <= MAX_INPUT_PIXELS
     with pytest.raises(ImageError, match="aspect ratio"):
         bounded(Image.new("RGB", (int(MAX_ASPECT_RATIO * 30) + 1, 30)))
-    big = BoundedTransform(transforms.Resize(1100), 1100)  # a square becomes 1100^2 > 1024^2
-    with pytest.raises(ImageError, match="1,210,000 pixels"):
+    big = BoundedTransform(transforms.Resize(449), 449)  # a square: 449^2 > 4 x 224^2
+    with pytest.raises(ImageError, match="201,601 pixels"):
         big(Image.new("RGB", (64, 64)))
+    assert BoundedTransform(transforms.Resize(448), 448)(Image.new("RGB", (64, 64))).size == (448, 448)
 
 
 def test_evaluate_skips_the_strip_and_the_report_lists_it(resnet, data, tmp_path):

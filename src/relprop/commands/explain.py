@@ -41,7 +41,7 @@ Any image Pillow reads is accepted: JPEG, PNG, TIFF, WebP, grayscale, RGBA (comp
 palette, CMYK, 16-bit, EXIF-rotated phone photos, very large photos. Files that are not images,
 are corrupt, or are decompression bombs (more than about 89 megapixels) are reported on one line
 each; the other images are still processed. So are images whose model input, after resizing,
-would be more than 1,048,576 pixels or more than 8 times as long as wide (a 5000x3 strip resized
+would be more than 200,704 pixels (four 224x224 inputs) or more than 8 times as long as wide (a 5000x3 strip resized
 to 112 pixels high would be 186666 pixels wide).
 
 Grad-CAM and Score-CAM use layer4[-1] of a ResNet (as the paper did) and, on other networks, the
