@@ -196,3 +196,69 @@ def test_target_out_of_range_is_one_clear_error(tiny):
     for name in ("gradcam", "gradient", "ig", "scorecam"):
         with pytest.raises(TargetError, match="target 7 is out of range for a model with 5 outputs"):
             get_method(name, tiny).attribute(x, target=7)
+
+
+@pytest.mark.parametrize(("arch", "expected"), [
+    ("vgg11", "features.20"),                 # the last max pool, before VGG's avgpool(7)
+    ("mobilenet_v3_small", "features.12.2"),  # Hardswish of the last conv block
+])
+def test_cam_layer_is_found_on_non_resnets_and_matches_pytorch_grad_cam(arch, expected):
+    """Grad-CAM on the found layer equals pytorch-grad-cam 1.4.8 on `features[-1]`, the layer
+    its documentation names for VGG and MobileNet (up to its cv2 resize of a 2x2 map)."""
+    import torchvision
+
+    from relprop.methods import find_cam_layer
+
+    cam_module = pytest.importorskip("pytorch_grad_cam")
+    from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
+
+    torch.manual_seed(0)
+    model = torchvision.models.get_model(arch, num_classes=4).eval()
+    x = torch.randn(2, 3, 64, 72)
+    assert find_cam_layer(model, x) == expected
+    ours = get_method("gradcam", model).attribute(x)
+    torch.testing.assert_close(ours, get_method("gradcam", model, layer=model.features[-1]).attribute(x),
+                               atol=0, rtol=0)
+    preds = model(x).argmax(1)
+    theirs = cam_module.GradCAM(model=model, target_layers=[model.features[-1]])(
+        input_tensor=x, targets=[ClassifierOutputTarget(int(p)) for p in preds])
+    assert ours.shape == (2, 1, 64, 72)
+    torch.testing.assert_close(ours[:, 0], torch.from_numpy(theirs), atol=1e-3, rtol=0)
+
+
+def test_densenet_cam_is_grad_cam_of_the_pooled_feature_map():
+    """DenseNet pools `relu(features)` (a functional, in-place ReLU): the found layer is
+    `features.norm5` and the map is Grad-CAM of relu(norm5), written out here from the paper."""
+    import torchvision
+
+    from relprop.methods import find_cam_layer, minmax, upsample
+
+    torch.manual_seed(0)
+    model = torchvision.models.densenet121(num_classes=4).eval()
+    x = torch.randn(2, 3, 64, 72)
+    assert find_cam_layer(model, x) == "features.norm5"
+    with torch.no_grad():
+        features = F.relu(model.features(x))
+    features.requires_grad_(True)
+    logits = model.classifier(features.mean((2, 3)))
+    (grad,) = torch.autograd.grad(logits.gather(1, logits.argmax(1, keepdim=True)).sum(), features)
+    cam = F.relu((grad.mean((2, 3), keepdim=True) * features.detach()).sum(1, keepdim=True))
+    expected = minmax(upsample(cam, x.shape[-2:]))
+    torch.testing.assert_close(get_method("gradcam", model).attribute(x), expected, atol=1e-5, rtol=0)
+
+
+def test_resnet_cam_layer_stays_the_papers(tiny):
+    import torchvision
+
+    from relprop.methods import default_cam_layer
+
+    model = torchvision.models.resnet18(num_classes=3).eval()
+    assert default_cam_layer(model, torch.randn(1, 3, 32, 32)) is model.layer4[-1]
+    assert default_cam_layer(tiny, torch.randn(1, 3, 24, 24)) is tiny.layer4[-1]
+
+
+def test_cam_layer_by_name_and_a_wrong_name(tiny):
+    method = get_method("gradcam", tiny, layer="stem.1")
+    assert method.layer is tiny.stem[1]
+    with pytest.raises(InputError, match="--cam-layer 'nope'"):
+        get_method("scorecam", tiny, layer="nope")

@@ -24,6 +24,8 @@ from sharedfiles import shared_path
 
 NASTY_FILE = 'we<ird> "name" & <img src=x onerror=alert(1)>.png'
 CLASS_NAMES = ["cat & dog", "<b>bold</b>", "plain"]
+SKIPPED_FILE = "bad <script>alert(2)</script>.png"
+SKIPPED_REASON = "5000x3 pixels: aspect ratio 1667:1 is above the limit of 8:1"
 METHODS = ("ours", "gradcam", "ig")
 
 
@@ -47,7 +49,8 @@ def make_eval_out(root: Path, n: int = 24, maps: bool = True, seed: int = 0) -> 
                 "id": ins - dele,
                 "insertion_curve": list(np.linspace(0.1, 0.9, 3 + i % 4) ** (1 + i % 3)),
                 "deletion_curve": list(np.linspace(0.9, 0.1, 3) ** (1 + i % 2)),
-                "localization": {"pointing": float(i % 2), "energy": rng.uniform(0, 1)},
+                "localization": {"pointing": float(i % 2), "energy": rng.uniform(0, 1),
+                                 "centre_pointing": float(i % 3 == 0), "centre_energy": rng.uniform(0, 1)},
                 "conservation": None,
             }
             if method == "ours":
@@ -65,6 +68,9 @@ def make_eval_out(root: Path, n: int = 24, maps: bool = True, seed: int = 0) -> 
     out.mkdir(parents=True, exist_ok=True)
     with open(out / "results.jsonl", "w", encoding="utf-8") as handle:
         handle.writelines(json.dumps(r) + "\n" for r in records)
+    skipped = [{"checkpoint_sha256": "abc", "image": f"c0/{SKIPPED_FILE}", "error": SKIPPED_REASON},
+               {"image": "c0/img_000.png", "error": "unreadable in an earlier run, evaluated since"}]
+    (out / "skipped.jsonl").write_text("".join(json.dumps(s) + "\n" for s in skipped), encoding="utf-8")
     run = {"settings": {"data": str(data), "class_names": CLASS_NAMES,
                         "preprocessing": [{"resize": 32, "crop": None}]},
            "command": ["relprop", "evaluate", "--data", str(data)]}
@@ -347,3 +353,41 @@ def test_report_of_a_real_evaluate_run(tmp_path: Path) -> None:
                             "input"]
     x, y = np.asarray(panels["input"]["ours"]).T
     np.testing.assert_allclose(y, x, rtol=1e-3)  # relprop's LRP conserves relevance
+
+
+def test_skipped_images_are_listed_with_their_reasons(report: tuple[Path, Path]) -> None:
+    _, out = report
+    page = (out / "index.html").read_text(encoding="utf-8")
+    section = page[page.index('id="skipped"'):page.index("<h2>Insertion")]
+    assert "Skipped images (1)" in section
+    assert html_escape(f"c0/{SKIPPED_FILE}") in section and html_escape(SKIPPED_REASON) in section
+    assert "<script>alert(2)" not in page
+    assert "img_000.png" not in section  # skipped once, evaluated since: no longer listed
+
+
+def html_escape(text: str) -> str:
+    import html
+
+    return html.escape(text, quote=True)
+
+
+def test_summary_table_fits_1400_px_without_scrolling(report: tuple[Path, Path], browser: Browser,
+                                                       tmp_path: Path) -> None:
+    _, out = report
+    browser.open((out / "index.html").as_uri())
+    browser.send("Emulation.setDeviceMetricsOverride", width=1400, height=900, deviceScaleFactor=1,
+                 mobile=False)
+    assert browser.js("window.innerWidth") == 1400
+    columns = browser.js("document.querySelectorAll('#summary thead th').length")
+    assert columns == 3 + 3 + 4 + 1  # method, protocol, images; ins, del, id; 4 loc.; conservation
+    box = browser.js("(() => { const t = document.getElementById('summary'), s = t.parentElement;"
+                     " return {scroll: s.scrollWidth, client: s.clientWidth,"
+                     " right: t.getBoundingClientRect().right, width: window.innerWidth}; })()")
+    assert box["scroll"] <= box["client"], box
+    assert box["right"] <= box["width"], box
+    skipped = browser.js("document.querySelector('table.skipped tbody').textContent")
+    assert f"c0/{SKIPPED_FILE}" in skipped and SKIPPED_REASON in skipped
+    browser.js("document.getElementById('summary-h').scrollIntoView()")
+    shot = Path(os.environ.get("RELPROP_SCREENSHOTS", tmp_path)) / "report-summary-1400.png"
+    browser.screenshot(shot)
+    assert Image.open(shot).size == (1400, 900)

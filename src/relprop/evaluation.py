@@ -19,10 +19,12 @@ import torch
 from relprop import __version__
 from relprop.commands.common import resolve_device
 from relprop.commands.evaluate import MIN_FRAME_BATCH
-from relprop.errors import ImageError, InputError
+from relprop.commands.outputs import prepare_out
+from relprop.errors import ImageError, InputError, RelpropError
 
 METRICS = ("insertion", "deletion", "id")
 LOCALIZATION = ("pointing", "energy", "centre_pointing", "centre_energy")
+UNORDERED_SETTINGS = ("methods", "protocols")  # listing them in another order changes no number
 
 
 @dataclass
@@ -37,23 +39,23 @@ class Plan:
 def run(args: argparse.Namespace) -> int:
     from relprop.metrics import PROTOCOLS
 
+    _check_numbers(args)
+    args.device = resolve_device(args.device)
     if args.task == "detection":
         from relprop.detection_eval import run_from_evaluate_args
 
+        prepare_out(args.out)
         return run_from_evaluate_args(args)
+    out = _prepare_out(args)
     plan = _plan(args.methods, args.protocol, PROTOCOLS)
-    if args.batch_size < 1:
-        raise InputError("--batch-size must be at least 1")
-    device = resolve_device(args.device or "auto")
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
     checkpoints = [_Checkpoint.load(path, args) for path in args.weights or [None]]
     settings = _settings(args, plan, checkpoints)
     _check_resume(out / "run.json", settings)
     _record_labels(out / "run.json", checkpoints[0].meta)
     store = _Store(out)
+    failed_methods: list[str] = []
     for checkpoint in checkpoints:
-        _evaluate(checkpoint, args, plan, store, device)
+        failed_methods += _evaluate(checkpoint, args, plan, store, args.device)
     summary = summarize(store.records(), plan.methods, plan.protocols)
     _write_summary(out, summary, store.records(), plan)
     evaluated = {(sha, image) for sha, image, _, _ in store.done}
@@ -63,7 +65,27 @@ def run(args: argparse.Namespace) -> int:
     if total_skipped:
         print(f"relprop evaluate: {total_skipped} unreadable image(s) skipped, listed in "
               f"{out / 'skipped.jsonl'}", file=sys.stderr)
-    return 1 if total_skipped else 0
+    if failed_methods:
+        print(f"relprop evaluate: method(s) {', '.join(dict.fromkeys(failed_methods))} could not "
+              "run (named above); the others were evaluated", file=sys.stderr)
+    return 1 if total_skipped or failed_methods else 0
+
+
+def _check_numbers(args: argparse.Namespace) -> None:
+    """Refuse meaningless counts before anything is loaded (`--limit -1` is not 'all but one')."""
+    for option, value in (("--step", args.step), ("--block", args.block), ("--limit", args.limit),
+                          ("--per-class", args.per_class), ("--batch-size", args.batch_size)):
+        if value is not None and value < 1:
+            raise InputError(f"{option} {value}: must be at least 1")
+
+
+def _prepare_out(args: argparse.Namespace) -> Path:
+    """OUT must be writable, and not inside --data (its PNGs would be read as images)."""
+    out = Path(args.out)
+    if out.resolve().is_relative_to(Path(args.data).resolve()):
+        raise InputError(f"--out {out} is inside --data {args.data}: its files would be read as "
+                         "data; choose an --out outside the data folder")
+    return prepare_out(args.out)
 
 
 def _plan(methods: str, protocol: str, known_protocols: Sequence[str]) -> Plan:
@@ -118,6 +140,7 @@ def _settings(args: argparse.Namespace, plan: Plan, checkpoints: Sequence[_Check
         "rise_blur": {"size": RISE_BLUR_SIZE, "sigma": RISE_BLUR_SIGMA},
         "limit": args.limit,
         "per_class": args.per_class,
+        "cam_layer": args.cam_layer,
     }
 
 
@@ -129,7 +152,7 @@ def _check_resume(path: Path, settings: dict[str, Any]) -> None:
         return
     run_info = json.loads(path.read_text())
     previous = run_info.get("settings", {})
-    changed = [k for k in settings if previous.get(k) != settings[k]]
+    changed = [k for k in settings if _comparable(k, previous.get(k)) != _comparable(k, settings[k])]
     if changed:
         key = changed[0]
         raise InputError(
@@ -145,6 +168,12 @@ def _record_labels(path: Path, meta: dict[str, Any]) -> None:
     run_info = json.loads(path.read_text())
     run_info["labels"] = {"classes": list(meta["classes"]), "class_names": meta.get("class_names")}
     path.write_text(json.dumps(run_info, indent=2) + "\n")
+
+
+def _comparable(key: str, value: Any) -> Any:
+    if key in UNORDERED_SETTINGS and isinstance(value, list):
+        return sorted(value)
+    return value
 
 
 def _provenance() -> dict[str, Any]:
@@ -219,12 +248,15 @@ class _Batch:
 
 
 def _evaluate(checkpoint: _Checkpoint, args: argparse.Namespace, plan: Plan, store: _Store,
-              device: torch.device) -> None:
-    """All methods and protocols on one checkpoint's images, resuming where results exist."""
+              device: torch.device) -> list[str]:
+    """All methods and protocols on one checkpoint's images, resuming where results exist.
+
+    With --save-maps, images whose scores exist but whose maps do not get their maps written
+    (the scores are not computed again). Returns the methods that could not run on this model.
+    """
     from tqdm import tqdm
 
     from relprop.data import discover, select
-    from relprop.methods import get_method
 
     model, meta = checkpoint.model.to(device), checkpoint.meta
     dataset = discover(args.data, meta["classes"], meta.get("class_names"))
@@ -233,30 +265,81 @@ def _evaluate(checkpoint: _Checkpoint, args: argparse.Namespace, plan: Plan, sto
         print(f"relprop evaluate: left out {sum(dataset.unknown.values())} images of "
               f"{len(dataset.unknown)} classes the model does not have: {listed}", file=sys.stderr)
     items = select(dataset.items, args.per_class, args.limit)
-    wanted = {(m, p) for m in plan.methods for p in plan.protocols}
-    todo = [it for it in items
-            if any((checkpoint.sha256, it.path, m, p) not in store.done for m, p in wanted)]
-    methods = {b: get_method(b, model, batch_size=args.batch_size, mean=meta["mean"], std=meta["std"])
-               for b in plan.bases}
-    stems = _map_names(items)
-    progress = tqdm(total=len(todo), desc=f"evaluate {Path(checkpoint.path).name}", unit="img")
+    work = _Work(checkpoint, args, plan, store, _map_names(items), [])
+    todo = [it for it in items if any(work.needs(it, name) for name in plan.methods)]
+    methods = _build_methods(work, model, meta)
+    progress = tqdm(total=len(todo) * len(plan.methods), desc=f"evaluate {Path(checkpoint.path).name}",
+                    unit="map", dynamic_ncols=True)
     for batch, failures in _batches(dataset.root, todo, meta, args.batch_size):
         for item, message in failures:
             tqdm.write(f"relprop evaluate: skipping {item.path}: {message}", file=sys.stderr)
             store.skip({"checkpoint_sha256": checkpoint.sha256, "image": item.path, "error": message})
+        progress.update(len(failures) * len(plan.methods))
         if batch is not None:
-            _evaluate_batch(checkpoint, batch, methods, plan, args, store, device, stems, progress)
-        progress.update(len(failures) + (len(batch.items) if batch is not None else 0))
+            _evaluate_batch(work, batch, methods, device, progress)
     progress.close()
+    return work.failed
+
+
+@dataclass
+class _Work:
+    """What one checkpoint's evaluation needs to decide, per image and method, what is left."""
+
+    checkpoint: _Checkpoint
+    args: argparse.Namespace
+    plan: Plan
+    store: _Store
+    stems: dict[str, str]
+    failed: list[str]
+
+    def pending(self, item: Any, name: str) -> list[str]:
+        """Protocols not yet scored for (image, method)."""
+        return [p for p in self.plan.protocols
+                if (self.checkpoint.sha256, item.path, name, p) not in self.store.done]
+
+    def map_file(self, item: Any, name: str) -> Path:
+        folder = Path(self.args.out) / "maps"
+        if len(self.args.weights) > 1:
+            folder = folder / Path(self.checkpoint.path).stem
+        return folder / name / f"{self.stems[item.path]}.npy"
+
+    def needs(self, item: Any, name: str) -> bool:
+        return bool(self.pending(item, name)) or (self.args.save_maps and
+                                                  not self.map_file(item, name).is_file())
+
+    def fail(self, base: str, error: Exception) -> None:
+        """Report a method that cannot run on this model; the other methods go on."""
+        from tqdm import tqdm
+
+        first = str(error).strip().splitlines()[0] if str(error).strip() else ""
+        reason = first if isinstance(error, RelpropError) else f"{type(error).__name__}: {first}"
+        tqdm.write(f"relprop evaluate: error: method {base} cannot run on "
+                   f"{Path(self.checkpoint.path).name}: {reason}; the other methods go on",
+                   file=sys.stderr)
+        self.failed += [n for n in self.plan.methods if n.removesuffix("+hq") == base]
+
+
+def _build_methods(work: _Work, model: torch.nn.Module, meta: dict[str, Any]) -> dict[str, Any]:
+    from relprop.methods import get_method
+
+    methods = {}
+    for base in work.plan.bases:
+        try:
+            methods[base] = get_method(base, model, batch_size=work.args.batch_size, mean=meta["mean"],
+                                       std=meta["std"], layer=work.args.cam_layer)
+        except Exception as error:  # any model a method cannot handle: report it, go on
+            work.fail(base, error)
+    return methods
 
 
 def _batches(root: Path, items: Sequence[Any], meta: dict[str, Any],
              batch_size: int) -> Iterator[tuple[_Batch | None, list[tuple[Any, str]]]]:
     """Preprocessed batches of equal-sized inputs, with the images that could not be read."""
     from relprop.data import load_item
+    from relprop.images import BoundedTransform
     from relprop.models import preprocessing
 
-    transform = preprocessing(meta)
+    transform = BoundedTransform(preprocessing(meta), meta["resize"])
     for start in range(0, len(items), batch_size):
         loaded, failures = [], []
         for item in items[start:start + batch_size]:
@@ -274,43 +357,59 @@ def _batches(root: Path, items: Sequence[Any], meta: dict[str, Any],
             failures = []
 
 
-def _evaluate_batch(checkpoint: _Checkpoint, batch: _Batch, methods: dict[str, Any], plan: Plan,
-                    args: argparse.Namespace, store: _Store, device: torch.device,
-                    stems: dict[str, str], progress: Any) -> None:
+def _evaluate_batch(work: _Work, batch: _Batch, methods: dict[str, Any], device: torch.device,
+                    progress: Any) -> None:
+    """One image at a time, method by method, so that progress moves per (image, method)."""
+    from relprop.methods import HQ_SUFFIX
+
+    model = work.checkpoint.model
+    x = batch.inputs.to(device)
+    with torch.no_grad():
+        preds = model(x).argmax(dim=1)
+    for i, item in enumerate(batch.items):
+        for base_name in list(methods):
+            names = [n for n in work.plan.methods if n.removesuffix(HQ_SUFFIX) == base_name]
+            if not any(work.needs(item, n) for n in names):
+                progress.update(len(names))
+                continue
+            progress.set_postfix_str(f"{item.path} {base_name}", refresh=False)
+            try:
+                maps, sums = _attribute(methods[base_name], x[i:i + 1])
+            except Exception as error:  # e.g. a CAM layer that does not fit: drop the method
+                work.fail(base_name, error)
+                del methods[base_name]
+                progress.update(len(names))
+                continue
+            for name in names:
+                _score_one(work, batch, i, x, preds[i], methods[base_name], name, maps, sums)
+                progress.update(1)
+
+
+def _score_one(work: _Work, batch: _Batch, i: int, x: torch.Tensor, pred: torch.Tensor, base: Any,
+               name: str, maps: torch.Tensor, sums: dict[str, torch.Tensor] | None) -> None:
+    """Save the map of one image (with --save-maps) and score the protocols still pending."""
     from relprop.methods import HQ_SUFFIX, HeatQuantized
     from relprop.metrics import insertion_deletion, localization
 
-    model, meta = checkpoint.model, checkpoint.meta
-    x = batch.inputs.to(device)
-    labels = torch.tensor([it.label for it in batch.items], device=device)
-    with torch.no_grad():
-        preds = model(x).argmax(dim=1)
-    for base_name, base in methods.items():
-        names = [n for n in plan.methods if n.removesuffix(HQ_SUFFIX) == base_name]
-        pending = {n: [p for p in plan.protocols if any(
-            (checkpoint.sha256, it.path, n, p) not in store.done for it in batch.items)] for n in names}
-        if not any(pending.values()):
-            continue
-        progress.set_postfix_str(base_name)
-        maps, sums = _attribute(base, x)
-        for name in names:
-            if not pending[name]:
-                continue
-            flat = (HeatQuantized(base, args.channels).quantize(maps)[:, 0] if name.endswith(HQ_SUFFIX)
-                    else base.to_2d(maps, args.channels))
-            flat = flat.float().cpu()
-            if args.save_maps:
-                _save_maps(Path(args.out), checkpoint, name, batch.items, flat, stems, len(args.weights))
-            boxes = localization(flat, batch.boxes)
-            for protocol in pending[name]:
-                result = insertion_deletion(model, x, flat, labels, protocol, mean=meta["mean"],
-                                            std=meta["std"], step=args.step, block=args.block,
-                                            batch_size=max(args.batch_size, MIN_FRAME_BATCH))
-                for i, item in enumerate(batch.items):
-                    record = _record(checkpoint, item, name, protocol, args.channels, base, preds[i],
-                                     result, i, boxes[i], sums, args.step)
-                    if _key(record) not in store.done:
-                        store.add(record)
+    args, item, meta = work.args, batch.items[i], work.checkpoint.meta
+    flat = (HeatQuantized(base, args.channels).quantize(maps)[:, 0] if name.endswith(HQ_SUFFIX)
+            else base.to_2d(maps, args.channels))
+    flat = flat.float().cpu()
+    if args.save_maps:
+        path = work.map_file(item, name)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        np.save(path, flat[0].numpy().astype(np.float32))
+    pending = work.pending(item, name)
+    if not pending:
+        return
+    boxes = localization(flat, batch.boxes[i:i + 1])
+    labels = torch.tensor([item.label], device=x.device)
+    for protocol in pending:
+        result = insertion_deletion(work.checkpoint.model, x[i:i + 1], flat, labels, protocol,
+                                    mean=meta["mean"], std=meta["std"], step=args.step,
+                                    block=args.block, batch_size=max(args.batch_size, MIN_FRAME_BATCH))
+        work.store.add(_record(work.checkpoint, item, name, protocol, args.channels, base, pred,
+                               result, 0, boxes[0], sums, args.step))
 
 
 def _attribute(method: Any, x: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor] | None]:
@@ -361,16 +460,6 @@ def _map_names(items: Sequence[Any]) -> dict[str, str]:
     unique = len(set(stems)) == len(stems)
     return {it.path: (Path(it.path).stem if unique else str(Path(it.path).with_suffix("")).replace("/", "__"))
             for it in items}
-
-
-def _save_maps(out: Path, checkpoint: _Checkpoint, method: str, items: Sequence[Any],
-               maps: torch.Tensor, stems: dict[str, str], n_checkpoints: int) -> None:
-    folder = out / "maps" / method
-    if n_checkpoints > 1:
-        folder = out / "maps" / Path(checkpoint.path).stem / method
-    folder.mkdir(parents=True, exist_ok=True)
-    for item, heat in zip(items, maps, strict=True):
-        np.save(folder / f"{stems[item.path]}.npy", heat.numpy().astype(np.float32))
 
 
 def summarize(records: Sequence[dict[str, Any]], methods: Sequence[str],

@@ -10,8 +10,9 @@ from __future__ import annotations
 
 import io
 import warnings
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
@@ -25,6 +26,11 @@ IMAGE_SUFFIXES = frozenset(
 _ALPHA_MODES = frozenset({"RGBA", "RGBa", "LA", "La", "PA"})
 _NUMERIC_MODES = frozenset({"I", "I;16", "I;16L", "I;16B", "I;16N", "F"})
 _BACKGROUND = (255, 255, 255)
+# Bounds of the model input after resizing (the source-pixel bomb guard does not see a 5000x3
+# strip become a 186667x112 input). Four 224x224 inputs: the default methods' memory grows by
+# about 24 kB per input pixel (Integrated Gradients runs 50 copies at once), so a few GB at most.
+MAX_INPUT_PIXELS = 4 * 224 * 224
+MAX_ASPECT_RATIO = 8.0
 
 
 def load_image(path: str | Path) -> Image.Image:
@@ -115,17 +121,61 @@ def _cmyk_to_rgb(img: Image.Image) -> Image.Image:
     return img.convert("RGB")
 
 
-def find_images(paths: Iterable[str | Path]) -> Iterator[tuple[Path, Path | None]]:
+def resized_size(width: int, height: int, resize: int | Sequence[int]) -> tuple[int, int]:
+    """(width, height) after torchvision's `Resize(resize)`: an int sets the shorter side and
+    scales the longer one (truncated, as torchvision does); (h, w) is taken as it is."""
+    if not isinstance(resize, int | float) and len(resize) == 1:
+        resize = resize[0]
+    if isinstance(resize, int | float):
+        size = int(resize)
+        if width <= height:
+            return size, int(size * height / width)
+        return int(size * width / height), size
+    h, w = (int(v) for v in resize)
+    return w, h
+
+
+def check_input_size(width: int, height: int, resize: int | Sequence[int]) -> None:
+    """Refuse an image whose resized model input would exceed MAX_INPUT_PIXELS pixels or an
+    aspect ratio of MAX_ASPECT_RATIO:1 (checked before resizing, so nothing big is allocated)."""
+    w, h = resized_size(width, height, resize)
+    ratio = max(width, height) / max(min(width, height), 1)
+    if ratio > MAX_ASPECT_RATIO:
+        raise ImageError(
+            f"{width}x{height} pixels: aspect ratio {ratio:.0f}:1 is above the limit of "
+            f"{MAX_ASPECT_RATIO:g}:1 (the model input would be {w}x{h} pixels); crop the image first")
+    if w * h > MAX_INPUT_PIXELS:
+        raise ImageError(
+            f"{width}x{height} pixels: the model input would be {w}x{h} = {w * h:,} pixels, above "
+            f"the limit of {MAX_INPUT_PIXELS:,}; lower the model's resize setting")
+
+
+class BoundedTransform:
+    """A preprocessing transform that first checks the resized size (`check_input_size`)."""
+
+    def __init__(self, transform: Callable[[Image.Image], Any], resize: int | Sequence[int]) -> None:
+        self.transform, self.resize = transform, resize
+
+    def __call__(self, image: Image.Image) -> Any:
+        check_input_size(*image.size, self.resize)
+        return self.transform(image)
+
+
+def find_images(paths: Iterable[str | Path],
+                exclude: str | Path | None = None) -> Iterator[tuple[Path, Path | None]]:
     """Expand files and folders into image files, as (file, the folder it was found under).
 
     A file named on the command line is always returned (so a non-image gets its own clear
-    error); folders are searched recursively, in sorted order, for known image suffixes.
+    error); folders are searched recursively, in sorted order, for known image suffixes, leaving
+    out everything under `exclude` (a command's own output folder inside an input folder).
     """
+    skip = Path(exclude).resolve() if exclude is not None else None
     for raw in paths:
         path = Path(raw)
         if path.is_dir():
             for found in sorted(path.rglob("*")):
-                if found.is_file() and found.suffix.lower() in IMAGE_SUFFIXES:
+                if found.is_file() and found.suffix.lower() in IMAGE_SUFFIXES and \
+                        not (skip is not None and found.resolve().is_relative_to(skip)):
                     yield found, path
         else:
             yield path, None

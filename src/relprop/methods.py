@@ -75,6 +75,74 @@ def last_block(model: nn.Module) -> nn.Module:
     raise InputError(f"{type(model).__name__} has no layer4: pass layer=<module> to the CAM method")
 
 
+_RESHAPING_POOLS = (nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d)  # VGG's avgpool(7): not a feature
+
+
+def cam_layer_by_name(model: nn.Module, name: str) -> nn.Module:
+    """`--cam-layer NAME`: a qualified module name such as `features.29` or `layer4.1`."""
+    try:
+        return model.get_submodule(name)
+    except AttributeError:
+        names = [n for n, _ in model.named_modules() if n][-4:]
+        raise InputError(f"--cam-layer {name!r}: {type(model).__name__} has no such module "
+                         f"(names look like {', '.join(names)})") from None
+
+
+def find_cam_layer(model: nn.Module, inputs: Tensor) -> str:
+    """Name of the module giving the last spatial feature map before global pooling.
+
+    Traced with torch.fx and run once on `inputs[:1]` for shapes: the last node whose output is
+    (N, C, H, W) with H*W > 1, passing over adaptive pooling (which only resizes, as VGG's
+    `avgpool`) and back over functional steps to the module that made the map (DenseNet's
+    `F.relu(features)` -> `features.norm5`). ResNets keep `layer4[-1]`, as the paper ran them.
+    """
+    from torch.fx.passes.shape_prop import ShapeProp
+
+    from relprop.errors import RelpropError
+    from relprop.graph import trace
+
+    try:
+        graph = trace(model)
+        module = torch.fx.GraphModule(model, graph)
+        with torch.no_grad():
+            ShapeProp(module).propagate(inputs[:1])
+    except (RelpropError, RuntimeError, TypeError, ValueError) as error:
+        first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise InputError(f"cannot find the CAM layer of {type(model).__name__} automatically "
+                         f"({first}); name one with --cam-layer") from None
+    modules = dict(model.named_modules())
+    for node in reversed(list(graph.nodes)):
+        if not _spatial(node) or (node.op == "call_module" and
+                                  isinstance(modules.get(str(node.target)), _RESHAPING_POOLS)):
+            continue
+        while node.op != "call_module":
+            parents = [p for p in node.all_input_nodes if _shape(p) == _shape(node)]
+            if not parents:
+                break
+            node = parents[0]
+        if node.op == "call_module":
+            return str(node.target)
+    raise InputError(f"{type(model).__name__} has no spatial feature map for a CAM; name a layer "
+                     "with --cam-layer")
+
+
+def _shape(node: torch.fx.Node) -> tuple[int, ...] | None:
+    meta = node.meta.get("tensor_meta")
+    return tuple(meta.shape) if meta is not None and hasattr(meta, "shape") else None
+
+
+def _spatial(node: torch.fx.Node) -> bool:
+    shape = _shape(node)
+    return shape is not None and len(shape) == 4 and shape[2] * shape[3] > 1
+
+
+def default_cam_layer(model: nn.Module, inputs: Tensor) -> nn.Module:
+    """`layer4[-1]` of a ResNet (the paper's choice), else the found layer (`find_cam_layer`)."""
+    if isinstance(getattr(model, "layer4", None), nn.Sequential) and len(model.layer4) > 0:
+        return last_block(model)
+    return model.get_submodule(find_cam_layer(model, inputs))
+
+
 class Method:
     """Base class: `name`, `is_lrp` (relprop LRP, with conservation sums), `channels` (3 or 1)."""
 
@@ -126,19 +194,31 @@ class _LayerHook:
         self.handle.remove()
 
 
-class GradCAM(Method):
-    """Grad-CAM (pytorch-grad-cam 1.4.8 as the paper ran it): channel weights = mean gradient of
-    the target logit, ReLU of the weighted activation sum, bilinear upsampling, min-max."""
+class CAMMethod(Method):
+    """A method on one layer's activations: given (a module or its name), or found on first use."""
 
     channels = 1
 
-    def __init__(self, model: nn.Module, name: str = "gradcam", layer: nn.Module | None = None) -> None:
+    def __init__(self, model: nn.Module, name: str, layer: nn.Module | str | None = None) -> None:
         super().__init__(model, name)
-        self.layer = layer if layer is not None else last_block(model)
+        self.layer = cam_layer_by_name(model, layer) if isinstance(layer, str) else layer
+
+    def cam_layer(self, inputs: Tensor) -> nn.Module:
+        if self.layer is None:
+            self.layer = default_cam_layer(self.model, inputs)
+        return self.layer
+
+
+class GradCAM(CAMMethod):
+    """Grad-CAM (pytorch-grad-cam 1.4.8 as the paper ran it): channel weights = mean gradient of
+    the target logit, ReLU of the weighted activation sum, bilinear upsampling, min-max."""
+
+    def __init__(self, model: nn.Module, name: str = "gradcam", layer: nn.Module | str | None = None) -> None:
+        super().__init__(model, name, layer)
 
     def attribute(self, inputs, target=None):
         x = inputs.detach().clone().requires_grad_(True)
-        with torch.enable_grad(), _LayerHook(self.layer) as hook:
+        with torch.enable_grad(), _LayerHook(self.cam_layer(inputs)) as hook:
             logits = self.model(x)
             classes = resolve_target(self.model, x, target, logits)
             activation = hook.output
@@ -153,7 +233,7 @@ def upsample(maps: Tensor, size: Sequence[int]) -> Tensor:
     return F.interpolate(maps, size=tuple(size), mode="bilinear", align_corners=False)
 
 
-class ScoreCAM(Method):
+class ScoreCAM(CAMMethod):
     """Score-CAM as the paper ran it (haofanwang's code), with the masked inputs batched.
 
     For each channel k of the last stage: upsample bilinearly, skip if constant, min-max, multiply
@@ -162,17 +242,14 @@ class ScoreCAM(Method):
     bound the memory at any number of channels.
     """
 
-    channels = 1
-
-    def __init__(self, model: nn.Module, name: str = "scorecam", layer: nn.Module | None = None,
+    def __init__(self, model: nn.Module, name: str = "scorecam", layer: nn.Module | str | None = None,
                  batch_size: int = 32) -> None:
-        super().__init__(model, name)
-        self.layer = layer if layer is not None else last_block(model)
+        super().__init__(model, name, layer)
         self.batch_size = int(batch_size)
 
     @torch.no_grad()
     def attribute(self, inputs, target=None):
-        with _LayerHook(self.layer) as hook:
+        with _LayerHook(self.cam_layer(inputs)) as hook:
             logits = self.model(inputs)
         classes = resolve_target(self.model, inputs, target, logits)
         activations = hook.output
@@ -250,12 +327,13 @@ class HeatQuantized(Method):
         return heat_quantize(self.base.to_2d(base_maps, self.reduction), levels=self.levels)[:, None]
 
 
-def get_method(name: str, model: nn.Module, *, layer: nn.Module | None = None, batch_size: int = 32,
+def get_method(name: str, model: nn.Module, *, layer: nn.Module | str | None = None, batch_size: int = 32,
                channels: Channels = "sum", mean: Sequence[float] | None = None,
                std: Sequence[float] | None = None, **lrp_options: Any) -> Method:
     """Build a method by its registry name (see METHOD_NAMES; any name may end in `+hq`).
 
-    `layer`: CAM layer (default `layer4[-1]`); `batch_size`: Score-CAM masked inputs and Integrated
+    `layer`: CAM layer, a module or its qualified name (default `layer4[-1]` of a ResNet, else
+    the last spatial feature map before global pooling, see `find_cam_layer`); `batch_size`: Score-CAM masked inputs and Integrated
     Gradients' internal batch per forward; `channels`: 2-D reduction before `+hq`; `mean`/`std` and
     other keywords go to `relprop.LRP`.
     """
@@ -274,7 +352,7 @@ def get_method(name: str, model: nn.Module, *, layer: nn.Module | None = None, b
     return _baseline(name, model, layer, batch_size)
 
 
-def _baseline(name: str, model: nn.Module, layer: nn.Module | None, batch_size: int) -> Method:
+def _baseline(name: str, model: nn.Module, layer: nn.Module | str | None, batch_size: int) -> Method:
     import captum.attr as ca
 
     if name == "gradcam":

@@ -13,6 +13,7 @@ import html
 import json
 import math
 import re
+import shlex
 from collections import OrderedDict
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -34,6 +35,7 @@ class EvalRun:
     root: Path
     records: list[dict[str, Any]]
     info: dict[str, Any] = field(default_factory=dict)  # run.json (provenance), may be empty
+    skipped: list[dict[str, Any]] = field(default_factory=list)  # skipped.jsonl, still unread
 
 
 @dataclass
@@ -67,7 +69,17 @@ def read_run(root: str | Path) -> EvalRun:
             info = json.loads((root / "run.json").read_text(encoding="utf-8"))
         except (json.JSONDecodeError, UnicodeDecodeError) as error:
             raise InputError(f"{root / 'run.json'}: not valid JSON ({error})") from None
-    return EvalRun(root, records, info if isinstance(info, dict) else {})
+    return EvalRun(root, records, info if isinstance(info, dict) else {}, _still_skipped(root, records))
+
+
+def _still_skipped(root: Path, records: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    """skipped.jsonl without the images a later run did evaluate (e.g. after a fix)."""
+    path = root / "skipped.jsonl"
+    if not path.is_file():
+        return []
+    evaluated = {(r.get("checkpoint_sha256"), r.get("image")) for r in records}
+    return [s for s in _read_jsonl(path)
+            if (s.get("checkpoint_sha256"), s.get("image")) not in evaluated]
 
 
 def _read_jsonl(path: Path) -> Iterable[dict[str, Any]]:
@@ -485,7 +497,7 @@ def summary_table(columns: Sequence[str], rows: Sequence[SummaryRow]) -> str:
     head = "".join(f'<th scope="col" data-type="text">{_esc(k)}</th>'
                    for k in keys + ["method", "protocol"])
     head += '<th scope="col" data-type="number">images</th>'
-    head += "".join(f'<th scope="col" data-type="number">{_esc(c)}</th>' for c in columns)
+    head += "".join(f'<th scope="col" data-type="number">{_breakable(c)}</th>' for c in columns)
     body = []
     for r in rows:
         cells = [r.checkpoint] if keys else []
@@ -495,10 +507,42 @@ def summary_table(columns: Sequence[str], rows: Sequence[SummaryRow]) -> str:
             mean, std = r.scores[c]
             value = "" if not math.isfinite(mean) else repr(mean)
             text = _fmt_percent(mean, std) if c == "conservation error" else _fmt(mean, std)
-            tds += f'<td data-value="{value}">{_esc(text)}</td>'
+            tds += f'<td data-value="{value}">{_two_lines(text)}</td>'
         body.append(f"<tr>{tds}</tr>")
     return (f'<div class="scroll"><table id="summary" class="sortable"><thead><tr>{head}</tr></thead>'
             f'<tbody>{"".join(body)}</tbody></table></div>')
+
+
+def _breakable(name: str) -> str:
+    """A heading that may wrap after `:` and `_` (`loc:centre_pointing`), escaped."""
+    return re.sub(r"([:_])", r"\1<wbr>", _esc(name))
+
+
+def _two_lines(text: str) -> str:
+    """`mean ± std` as the mean over a smaller std line: the table fits 1400 px without scrolling."""
+    mean, sep, std = text.partition(" ± ")
+    return _esc(mean) + (f'<span class="sd">± {_esc(std)}</span>' if sep else "")
+
+
+def skipped_section(skipped: Sequence[dict[str, Any]]) -> str:
+    """The images evaluate could not read, with its reason for each."""
+    if not skipped:
+        return ""
+    rows = "".join(f'<tr><td>{_esc(s.get("image", "?"))}</td><td>{_esc(s.get("error", ""))}</td></tr>'
+                   for s in skipped)
+    return (f'<h2 id="skipped">Skipped images ({len(skipped)})</h2>'
+            '<p class="hint">These images could not be read or were refused; they are in no number '
+            'on this page.</p><table class="skipped"><thead><tr><th scope="col">image</th>'
+            f'<th scope="col">reason</th></tr></thead><tbody>{rows}</tbody></table>')
+
+
+def save_maps_command(run: EvalRun) -> str:
+    """The evaluate command of the run again, with --save-maps (it adds the maps, keeps the scores)."""
+    command = run.info.get("command")
+    if isinstance(command, list) and len(command) > 1 and command[1] == "evaluate":
+        args = [str(a) for a in command[1:] if a != "--save-maps"]
+        return "relprop " + shlex.join(args) + " --save-maps"
+    return f"relprop evaluate ... --save-maps --out {shlex.quote(str(run.root))}"
 
 
 def provenance_items(info: Mapping[str, Any], prefix: str = "") -> list[tuple[str, str]]:
@@ -598,9 +642,11 @@ def render_page(run: EvalRun, columns: Sequence[str], rows: Sequence[SummaryRow]
                         "without per-layer relevance sums.</p>")
     notice = "" if found else (
         '<p class="notice" id="no-maps">This run saved no maps, so the gallery shows scores only. '
-        "To see the maps, run the evaluation again with <code>--save-maps</code>, e.g. "
-        "<code>relprop evaluate ... --save-maps --out " + _esc(run.root) + "</code>, then "
-        "<code>relprop report " + _esc(run.root) + " --out " + _esc(context.out) + "</code>.</p>")
+        "To see the maps, run the same evaluation again with <code>--save-maps</code> into the "
+        "same <code>--out</code>: it writes the maps of the images already scored without "
+        "scoring them again: <code>" + _esc(save_maps_command(run)) + "</code>, then "
+        "<code>relprop report " + _esc(shlex.quote(str(run.root))) + " --out "
+        + _esc(shlex.quote(str(context.out))) + "</code>.</p>")
     missing_originals = "" if any(r["orig"] for r in gallery) else (
         '<p class="notice">Original images not found; pass <code>--data DIR</code> '
         "(the folder given to <code>relprop evaluate --data</code>).</p>")
@@ -610,6 +656,7 @@ def render_page(run: EvalRun, columns: Sequence[str], rows: Sequence[SummaryRow]
         "PROVENANCE": provenance_list(run.info),
         "COUNT": _esc(len(gallery)),
         "SUMMARY": summary_table(columns, rows),
+        "SKIPPED": skipped_section(run.skipped),
         "CURVES": curves,
         "CONSERVATION": conservation,
         "NOTICE": notice + missing_originals,
@@ -635,7 +682,11 @@ body { font: 14px/1.45 system-ui, -apple-system, "Segoe UI", sans-serif; margin:
 h1 { font-size: 1.5em; margin: 1em 0 0.2em; } h2 { margin-top: 1.8em; border-bottom: 1px solid #ddd; }
 table { border-collapse: collapse; font-variant-numeric: tabular-nums; }
 .scroll { overflow-x: auto; }
-th, td { padding: 0.3em 0.6em; border-bottom: 1px solid #e5e5e5; text-align: right; white-space: nowrap; }
+th, td { padding: 0.3em 0.5em; border-bottom: 1px solid #e5e5e5; text-align: right; white-space: nowrap; }
+th { white-space: normal; vertical-align: bottom; }
+#summary td:nth-child(-n+2) { white-space: normal; overflow-wrap: anywhere; }
+td .sd { display: block; font-size: 0.8em; color: #666; }
+table.skipped th, table.skipped td { text-align: left; white-space: normal; overflow-wrap: anywhere; }
 th:first-child, td:first-child, th[data-type=text], td:nth-child(-n+2) { text-align: left; }
 th { cursor: pointer; user-select: none; background: #f5f5f7; position: relative; }
 th:hover { background: #e8e8ed; }
@@ -667,6 +718,7 @@ Works offline: every picture is a file next to this page.</p>
 <p class="hint">Mean ± standard deviation over images. Insertion: higher is better; deletion: lower
 is better; ID = insertion − deletion. Click a column heading to sort.</p>
 @@SUMMARY@@
+@@SKIPPED@@
 
 <h2>Insertion and deletion curves</h2>
 @@CURVES@@

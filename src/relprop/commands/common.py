@@ -18,15 +18,17 @@ class Job(NamedTuple):
     name: str  # output folder, relative to OUT
 
 
-def plan_jobs(inputs: Iterable[str], command: str) -> tuple[list[Job], list[str]]:
-    """Expand the inputs into images with unique output folders; empty folders are failures."""
+def plan_jobs(inputs: Iterable[str], command: str,
+              exclude: Path | None = None) -> tuple[list[Job], list[str]]:
+    """Expand the inputs into images with unique output folders; empty folders are failures.
+    Folders are searched without `exclude` (the run's own output folder)."""
     from relprop.images import find_images
 
     jobs: list[Job] = []
     failures: list[str] = []
     taken: set[str] = set()
     for raw in inputs:
-        found = list(find_images([raw]))
+        found = list(find_images([raw], exclude=exclude))
         if not found:
             failures.append(f"{raw}: no image files in this folder")
             print(f"relprop {command}: error: {failures[-1]}", file=sys.stderr)
@@ -51,19 +53,33 @@ def _unique(name: str, taken: set[str]) -> str:
     return candidate
 
 
-def resolve_device(text: str) -> Any:
-    """`auto` picks the GPU when one is there; an unavailable device is a clear error."""
+def resolve_device(text: str | None) -> Any:
+    """`auto` (or None) picks the GPU when one is there; a device this machine cannot run on is
+    one clear error, raised before the model is loaded."""
     import torch
 
-    if text == "auto":
+    if text is None or text == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
         device = torch.device(text)
     except (RuntimeError, ValueError):
-        raise RelpropError(f"--device {text!r}: not a device (use cpu, cuda, cuda:0, ...)") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise RelpropError(f"--device {text}: no CUDA GPU is available here; use --device cpu")
-    return device
+        raise RelpropError(f"--device {text}: not a device (use auto, cpu, cuda, cuda:0, ...)") from None
+    if device.type == "cpu":
+        return device
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise RelpropError(f"--device {text}: no CUDA GPU is available here; use --device cpu")
+        count = torch.cuda.device_count()
+        if device.index is not None and device.index >= count:
+            raise RelpropError(f"--device {text}: this machine has {count} CUDA GPU(s), "
+                               f"cuda:0..cuda:{count - 1}")
+        return device
+    if device.type == "mps":
+        if not torch.backends.mps.is_available():
+            raise RelpropError(f"--device {text}: Apple's MPS backend is not available here; "
+                               "use --device cpu")
+        return device
+    raise RelpropError(f"--device {text}: relprop runs on cpu, cuda or mps, not {device.type}")
 
 
 MODEL_OPTIONS_HELP = """\

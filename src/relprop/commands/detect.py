@@ -15,6 +15,7 @@ from relprop.commands.common import (
     plan_jobs,
     resolve_device,
 )
+from relprop.commands.outputs import Manifest, prepare_out
 from relprop.errors import ImageError, RelpropError, TargetError
 
 DESCRIPTION = """\
@@ -30,7 +31,9 @@ detection and writes, under OUT/<image name>/:
   det<i>_<map>.npy   with --save-maps: each map as float32 (H, W) on the original image
 
 and OUT/detections.jsonl: one JSON line per explained detection (image, detection index, class,
-score, box in original pixels, anchor index and head level, panel file).
+score, box in original pixels, anchor index and head level, panel file), and OUT/manifest.json
+(the files this run wrote). A re-run into the same OUT removes the files of the previous run it
+did not write again (see `relprop explain --help`); OUT inside an input folder is not searched.
 
 What the maps say (red = positive relevance, blue = negative; each map sums to zero):
   class   red: evidence for the detected class; blue: evidence for the other classes
@@ -112,17 +115,17 @@ def run(args: argparse.Namespace) -> int:
 
     _check_options(args)
     device = resolve_device(args.device)
+    out = prepare_out(args.out)
     model, meta = load_detector(args.weights, args.model_def, args.arch, args.num_classes, args)
     model.to(device)
     names = _class_names(meta, model)
     target = parse_class(args.target_class, meta, names)
     crp = CRP(model, contrast=not args.no_contrast, include_background=args.include_background,
               box_contrast=args.box_contrast, split=args.split, rules=_activations_passed_through())
-    jobs, failures = plan_jobs(args.inputs, "detect")
+    jobs, failures = plan_jobs(args.inputs, "detect", exclude=out)
     total = len(jobs) + len(failures)  # empty folders count as failed inputs
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    with open(out / "detections.jsonl", "w", encoding="utf-8") as log:
+    manifest = Manifest(out, "detect")
+    with open(manifest.add(out / "detections.jsonl"), "w", encoding="utf-8") as log:
         for path, name in tqdm(jobs, unit="image", desc="detect", file=sys.stderr):
             try:
                 image = _to_tensor(load_image(path))
@@ -138,13 +141,14 @@ def run(args: argparse.Namespace) -> int:
             folder = out / name
             folder.mkdir(parents=True, exist_ok=True)
             records = _write_image(folder, name, path, image, det, chosen, maps, names, target,
-                                   args.save_maps)
+                                   args.save_maps, manifest)
             for record in records:
                 log.write(json.dumps(record, ensure_ascii=False) + "\n")
                 tqdm.write(_summary(record), file=sys.stdout)
             if not records:
                 tqdm.write(f"{path}: no detection scores at least {args.score_threshold}",
                            file=sys.stdout)
+    manifest.finish()
     if failures:
         print(f"relprop detect: {len(failures)} of {total} inputs failed (named above)",
               file=sys.stderr)
@@ -260,7 +264,7 @@ def _chosen(scores: Any, threshold: float, cap: int) -> list[int]:
 
 def _write_image(folder: Path, name: str, path: Path, image: Any, det: dict, chosen: Sequence[int],
                  maps: Any, names: Sequence[str], target: int | None,
-                 save_maps: bool) -> list[dict[str, Any]]:
+                 save_maps: bool, manifest: Manifest) -> list[dict[str, Any]]:
     """Drawings, panels and (optionally) raw maps of one image; its detections.jsonl records."""
     import numpy as np
 
@@ -273,7 +277,7 @@ def _write_image(folder: Path, name: str, path: Path, image: Any, det: dict, cho
     labels = [int(det["labels"][d]) for d in chosen]
     scores = [float(det["scores"][d]) for d in chosen]
     captions = [f"{i}: {names[k]} {s:.0%}" for i, (k, s) in enumerate(zip(labels, scores, strict=True))]
-    draw_detections(folder / "detections.png", rgb, boxes, captions)
+    draw_detections(manifest.add(folder / "detections.png"), rgb, boxes, captions)
     records = []
     for i, d in enumerate(chosen):
         heats = {o: to_image(maps[i * len(OUTPUTS) + j], size).numpy()
@@ -283,10 +287,10 @@ def _write_image(folder: Path, name: str, path: Path, image: Any, det: dict, cho
         if explained != labels[i]:
             title += f" · explaining {names[explained]}"
         panel = folder / f"det{d}.png"
-        save_detection_panel(panel, rgb, boxes[i], heats, title, names[explained])
+        save_detection_panel(manifest.add(panel), rgb, boxes[i], heats, title, names[explained])
         if save_maps:
             for o, heat in heats.items():
-                np.save(folder / f"det{d}_{o}.npy", heat.astype(np.float32))
+                np.save(manifest.add(folder / f"det{d}_{o}.npy"), heat.astype(np.float32))
         records.append({
             "image": str(path), "output": name, "detection": d, "label": labels[i],
             "class_name": names[labels[i]], "score": round(scores[i], 6),

@@ -77,13 +77,18 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
                              "(the reference code's quirk); relprop's LRP maps are always summed")
     parser.add_argument("--step", type=int, help="pixels per frame (default: 500 paper, image width rise)")
     parser.add_argument("--block", type=int, default=1, help="paper protocol: rank block x block patches")
-    parser.add_argument("--limit", type=int, metavar="N", help="evaluate at most N images")
+    parser.add_argument("--limit", type=int, metavar="N", help="evaluate at most N images (N >= 1)")
     parser.add_argument("--per-class", type=int, metavar="N",
                         help="the first N images of each class (the paper: 1 on ImageNet, 5 on CUB)")
     parser.add_argument("--batch-size", type=int, default=32, metavar="B",
                         help="images explained at once (default 32); metric frames go "
                              f"max(B, {MIN_FRAME_BATCH}) per forward")
-    parser.add_argument("--device", choices=("cpu", "cuda"), help="default: cuda if available")
+    parser.add_argument("--device", default="auto", metavar="DEV",
+                        help="cpu, cuda, cuda:1, mps, ... (default: auto, a GPU when there is one)")
+    parser.add_argument("--cam-layer", metavar="NAME",
+                        help="module of Grad-CAM and Score-CAM, e.g. layer4.1 or features.29 "
+                             "(default: layer4[-1] of a ResNet, else the last spatial feature map "
+                             "before global pooling)")
     parser.add_argument("--task", choices=("classification", "detection"), default="classification",
                         help="detection: evaluate an SSD detector's explanations "
                              "(relprop.detection_eval; one --weights, with --model-def)")

@@ -13,14 +13,16 @@ folder can be zipped, mailed or put on any web server as it is.
 The report shows:
   - the run's provenance (run.json) and the summary table: mean ± std of insertion, deletion,
     ID score, localization and conservation error per method and protocol; click a column
-    heading to sort;
+    heading to sort; it fits a 1400 px wide window without scrolling;
+  - the images evaluate skipped (skipped.jsonl), each with its reason;
   - the mean insertion and deletion curves of every method;
   - conservation: relevance summed at the last and the first residual block and at the input,
     against the explained output, one point per image, with the diagonal of exact conservation;
   - a gallery, page by page: each image as the model saw it, each method's map over it, and
     the image's ID score per method; it can be sorted by the ID score of any method.
 The maps come from `relprop evaluate --save-maps`; without them the gallery shows the scores
-and says how to get the maps. The original images are read from the evaluation's --data folder
+and says how to get the maps: the same evaluate command again with --save-maps into the same
+--out writes the maps of the images already scored, without scoring them again. The original images are read from the evaluation's --data folder
 (recorded in run.json), or from --data.
 """
 
@@ -63,11 +65,13 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
 
 def run(args: argparse.Namespace) -> int:
     """Write the report and print where it is."""
+    from relprop.commands.outputs import prepare_out
     from relprop.errors import InputError
     from relprop.report import build_report
 
     if args.page_size < 1:
         raise InputError(f"--page-size {args.page_size}: must be at least 1")
+    prepare_out(args.out)
     index = build_report(args.eval_out, args.out, data=args.data, sign=args.sign,
                          page_size=args.page_size)
     print(f"report written: {index}", file=sys.stdout)

@@ -1,0 +1,80 @@
+"""Output folders of the image commands: checked before any work, and cleaned of stale files.
+
+Each run of `explain` or `detect` writes OUT/manifest.json, the list of files it wrote. A later
+run into the same OUT removes the files the previous manifest lists and the new run did not
+write again (maps of methods no longer asked for, folders of images no longer given, an old
+overview.png), so OUT shows one run, never a mix. Files no manifest lists (the user's own, or
+those of runs before manifests existed) are never touched.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+from relprop.errors import RelpropError
+
+MANIFEST = "manifest.json"
+
+
+def prepare_out(text: str, option: str = "--out") -> Path:
+    """Create the output folder and prove it writable, or fail on one line (before the model loads)."""
+    out = Path(text)
+    if out.exists() and not out.is_dir():
+        raise RelpropError(f"{option} {out}: exists and is not a folder")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe = out / f".relprop-write-test-{os.getpid()}"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as error:
+        reason = error.strerror or type(error).__name__
+        raise RelpropError(f"{option} {out}: cannot write there ({reason})") from None
+    return out
+
+
+class Manifest:
+    """The files one run writes under OUT; `finish` removes the previous run's stale files."""
+
+    def __init__(self, out: Path, command: str) -> None:
+        self.out, self.command = out, command
+        self.files: set[str] = {MANIFEST}
+        self.previous = _read(out / MANIFEST)
+
+    def add(self, path: Path) -> Path:
+        """Record a file this run wrote (returns it, to wrap a save call)."""
+        self.files.add(path.relative_to(self.out).as_posix())
+        return path
+
+    def finish(self) -> list[str]:
+        """Remove what the previous run wrote and this one did not; write this run's manifest."""
+        removed = []
+        root = self.out.resolve()
+        for name in sorted(self.previous - self.files):
+            path = (self.out / name).resolve()
+            if path.is_relative_to(root) and path.is_file():
+                path.unlink()
+                removed.append(name)
+                _remove_empty_parents(path.parent, root)
+        (self.out / MANIFEST).write_text(json.dumps(
+            {"command": self.command, "files": sorted(self.files)}, indent=1) + "\n")
+        return removed
+
+
+def _read(path: Path) -> set[str]:
+    """The previous manifest's files; an unreadable manifest protects nothing and removes nothing."""
+    try:
+        files = json.loads(path.read_text(encoding="utf-8")).get("files", [])
+    except (OSError, ValueError, AttributeError):
+        return set()
+    return {name for name in files if isinstance(name, str)}
+
+
+def _remove_empty_parents(folder: Path, root: Path) -> None:
+    while folder != root and folder.is_relative_to(root):
+        try:
+            folder.rmdir()  # only succeeds when empty
+        except OSError:
+            return
+        folder = folder.parent
