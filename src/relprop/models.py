@@ -65,7 +65,8 @@ def load_model(
     from relprop.bow.storage import is_bow_file, load_bow_model
 
     if is_bow_file(path):  # a BoW kernel classifier from `relprop fit-bow` (relprop.bow)
-        return load_bow_model(path)
+        model, meta = load_bow_model(path)
+        return model, {**meta, "path": str(path), "assumed": []}
     content = _read(path)
     if isinstance(content, Mapping) and isinstance(content.get("state_dict"), Mapping):
         state_dict = content["state_dict"]
