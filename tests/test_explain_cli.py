@@ -149,6 +149,16 @@ def test_target_by_name(tmp_path: Path) -> None:
                                expected.detach().numpy(), rtol=1e-4, atol=1e-8)
 
 
+def test_out_defaults_to_explained_in_the_working_folder(tmp_path: Path, monkeypatch) -> None:
+    """`relprop explain photo.jpg` needs no --out (the README's first command)."""
+    weights = shared_path("models", "resnet18_tin10.pt")
+    (tmp_path / "photo.jpg").write_bytes(shared_path("data", "tin10", "val", *PENGUIN).read_bytes())
+    monkeypatch.chdir(tmp_path)
+    assert main(["explain", "photo.jpg", "--weights", str(weights), "--methods", "gradient"]) == 0
+    assert (tmp_path / "explained" / "photo" / "gradient.npy").is_file()
+    assert json.loads((tmp_path / "explained" / "predictions.jsonl").read_text())["pred_name"] == "king penguin"
+
+
 @pytest.mark.parametrize(("option", "value", "message"), [
     ("--methods", "ours,nonsense", "unknown method 'nonsense'"),
     ("--target", "giraffe", "--target 'giraffe'"),

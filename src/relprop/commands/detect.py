@@ -97,7 +97,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
                         help="relevance split at residual adds (default: ratio, the paper's)")
     parser.add_argument("--save-maps", action="store_true",
                         help="also write every map as det<i>_<map>.npy")
-    parser.add_argument("--out", required=True, metavar="DIR", help="output folder (created)")
+    parser.add_argument("--out", default="detected", metavar="DIR",
+                        help="output folder (created; default: ./detected)")
     parser.add_argument("--device", default="auto", metavar="DEV",
                         help="cpu, cuda, cuda:1, ... (default: auto, a GPU when there is one)")
     # No --resize/--crop/--mean/--std: a torchvision SSD resizes and normalizes inside the model.

@@ -116,7 +116,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     parser.add_argument("--sign", choices=("all", "positive"), default="all",
                         help="all: signed maps, red positive / blue negative (default); "
                              "positive: only positive relevance")
-    parser.add_argument("--out", required=True, metavar="DIR", help="output folder (created)")
+    parser.add_argument("--out", default="explained", metavar="DIR",
+                        help="output folder (created; default: ./explained)")
     parser.add_argument("--device", default="auto", metavar="DEV",
                         help="cpu, cuda, cuda:1, mps, ... (default: auto, a GPU when there is one)")
     parser.add_argument("--batch-size", type=int, default=8, metavar="N",
