@@ -16,7 +16,7 @@ import time
 import torch
 from benchsetup import add_model_arguments, setup_model
 
-from relprop.metrics import PAPER_STEP, insertion_deletion
+from relprop.evaluation.metrics import PAPER_STEP, insertion_deletion
 
 MEAN, STD = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]
 

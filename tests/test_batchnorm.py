@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from relprop import LRP
-from relprop.rules import BatchNormStats, as_linear_op, fold_batchnorm
+from relprop.core.rules import BatchNormStats, as_linear_op, fold_batchnorm
 
 from sharedfiles import SHARED, load_torchvision_checkpoint, shared_path
 

@@ -9,7 +9,7 @@ import shutil
 import numpy as np
 import pytest
 
-from relprop.cli import main
+from relprop.cli.main import main
 
 from sharedfiles import shared_path
 

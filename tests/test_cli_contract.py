@@ -49,7 +49,7 @@ def picture(path: Path, size: tuple[int, int] = (40, 32), seed: int = 0) -> Path
 def cli(capsys, *args: object) -> tuple[int, str]:
     """The same CLI in this process (for the quick one-line errors): exit status and stderr.
     An exception other than the CLI's own one-line errors would fail the test here."""
-    from relprop.cli import main
+    from relprop.cli.main import main
 
     code = main([str(a) for a in args])
     return code, capsys.readouterr().err
@@ -195,7 +195,7 @@ def test_save_maps_on_resume_adds_the_maps_without_scoring_again(resnet, data, t
     assert maps == [f"{m}/{s}.npy" for m in ("gradcam", "gradient+hq") for s in ("a1", "a2", "b1")]
     # the saved maps are the maps that were scored: ranking them again gives the same score
     from relprop.data import Item, load_item
-    from relprop.metrics import insertion_deletion
+    from relprop.evaluation.metrics import insertion_deletion
     from relprop.models import load_model, preprocessing
 
     model, meta = load_model(resnet)

@@ -120,7 +120,7 @@ def test_zero_activations_fall_back_without_loss():
 
 
 def test_ratio_split_with_both_operands_zero_is_symmetric():
-    from relprop.splitting import Splitter
+    from relprop.core.splitting import Splitter
 
     R = torch.tensor([1.0, 2.0])
     a, b = torch.tensor([0.0, 3.0]), torch.tensor([0.0, 1.0])

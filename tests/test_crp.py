@@ -8,8 +8,8 @@ import torch.nn.functional as F
 from ssd_helpers import random_images, shared_detector, tin10_images, tiny_ssd
 from torch import nn
 
-from relprop.crp import CRP, OUTPUTS, box_split, to_image
-from relprop.detection import AnchorPosition, locate_anchor
+from relprop.detection.crp import CRP, OUTPUTS, box_split, to_image
+from relprop.detection.ssd import AnchorPosition, locate_anchor
 from relprop.errors import TargetError, UnsupportedLayerError
 
 torch.set_num_threads(1)
@@ -64,7 +64,7 @@ def test_single_pass_contrast_equals_per_class_passes(include_background):
 
 
 def _request(image, detection, output, target_class=None, contrast=None):
-    from relprop.crp import Request
+    from relprop.detection.crp import Request
 
     return Request(image, detection, output, target_class, contrast)
 

@@ -11,7 +11,7 @@ import torch
 import torchvision
 from PIL import Image
 
-from relprop.cli import main
+from relprop.cli.main import main
 from relprop.data import discover, load_item
 from relprop.models import preprocessing
 

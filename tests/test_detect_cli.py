@@ -11,8 +11,8 @@ import torch
 from PIL import Image
 from ssd_helpers import SHARED_BUILDER, SHARED_DETECTOR, tin10_images, tiny_ssd
 
-from relprop.cli import main
-from relprop.crp import OUTPUTS
+from relprop.cli.main import main
+from relprop.detection.crp import OUTPUTS
 
 torch.set_num_threads(1)
 TESTS = Path(__file__).resolve().parent
@@ -146,7 +146,7 @@ def test_evaluate_detection_task_entry_point(tmp_path, tiny_checkpoint, capsys):
 
     from ssd_helpers import detection_dataset
 
-    from relprop.detection_eval import run_from_evaluate_args
+    from relprop.evaluation.detection import run_from_evaluate_args
 
     weights, model_def = tiny_checkpoint
     model = tiny_ssd(num_classes=4)

@@ -9,7 +9,7 @@ import torch
 from ssd_helpers import detection_dataset, random_images, shared_detector, tin10_images, tiny_ssd
 from torch import nn
 
-from relprop.detection import (
+from relprop.detection.ssd import (
     AnchorPosition,
     anchor_index,
     check_ssd,
@@ -156,7 +156,7 @@ def test_anchor_position_roundtrip_covers_all_levels():
 
 
 def test_frame_masks_follow_the_protocol():
-    from relprop.detection_eval import auc, frame_masks
+    from relprop.evaluation.detection import auc, frame_masks
 
     heat = torch.arange(112 * 112, dtype=torch.float32).flip(0).view(112, 112)
     masks = frame_masks(heat)
@@ -174,7 +174,7 @@ def test_frame_masks_follow_the_protocol():
 
 
 def test_box_metrics():
-    from relprop.detection_eval import centre_hit, correlation, energy_in_box, pointing_hit
+    from relprop.evaluation.detection import centre_hit, correlation, energy_in_box, pointing_hit
 
     heat = torch.zeros(10, 10)
     heat[2:4, 2:4] = 1.0
@@ -193,7 +193,7 @@ def test_box_metrics():
 def test_evaluate_detection_end_to_end(tmp_path):
     import json
 
-    from relprop.detection_eval import evaluate_detection
+    from relprop.evaluation.detection import evaluate_detection
 
     model = tiny_ssd()
     data = tmp_path / "data"
@@ -215,7 +215,7 @@ def test_evaluate_detection_end_to_end(tmp_path):
 
 
 def test_read_samples_rejects_unknown_classes(tmp_path):
-    from relprop.detection_eval import read_samples
+    from relprop.evaluation.detection import read_samples
 
     (tmp_path / "zebra").mkdir()
     (tmp_path / "zebra" / "boxes.txt").write_text("a.png 0 0 3 3\n")

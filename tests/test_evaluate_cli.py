@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 import torch
 
-from relprop.cli import main
-from relprop.evaluation import summarize
+from relprop.cli.main import main
+from relprop.evaluation.classification import summarize
 
 from sharedfiles import shared_path
 
@@ -86,7 +86,7 @@ def test_results_summary_and_maps(full_run, dataset, capsys):
 
 def test_saved_maps_are_the_maps_that_were_ranked(full_run, dataset):
     from relprop.data import Item, load_item
-    from relprop.metrics import insertion_deletion
+    from relprop.evaluation.metrics import insertion_deletion
     from relprop.models import load_model, preprocessing
 
     _, out = full_run
@@ -101,9 +101,9 @@ def test_saved_maps_are_the_maps_that_were_ranked(full_run, dataset):
 
 
 def test_resume_after_interruption_loses_and_repeats_nothing(full_run, dataset, tmp_path, monkeypatch):
-    import relprop.metrics
+    import relprop.evaluation.metrics
 
-    real, calls = relprop.metrics.insertion_deletion, []
+    real, calls = relprop.evaluation.metrics.insertion_deletion, []
 
     def interrupted(*args, **kwargs):
         calls.append(1)
@@ -111,13 +111,13 @@ def test_resume_after_interruption_loses_and_repeats_nothing(full_run, dataset, 
             raise KeyboardInterrupt
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(relprop.metrics, "insertion_deletion", interrupted)
+    monkeypatch.setattr(relprop.evaluation.metrics, "insertion_deletion", interrupted)
     assert main(_args(dataset, tmp_path)) == 130
     partial = _records(tmp_path)
     assert 0 < len(partial) < 12
     with open(tmp_path / "results.jsonl", "a") as handle:  # a line cut by a kill
         handle.write('{"checkpoint": "cut')
-    monkeypatch.setattr(relprop.metrics, "insertion_deletion", real)
+    monkeypatch.setattr(relprop.evaluation.metrics, "insertion_deletion", real)
 
     assert main(_args(dataset, tmp_path)) == 1
     resumed = _records(tmp_path)
@@ -192,10 +192,10 @@ def test_labels_come_from_the_models_classes_and_unknown_folders_are_listed(tmp_
 
 
 def test_detection_task_is_handed_to_the_detection_evaluation(monkeypatch, tmp_path):
-    import relprop.detection_eval
+    import relprop.evaluation.detection
 
     seen = []
-    monkeypatch.setattr(relprop.detection_eval, "run_from_evaluate_args", lambda args: seen.append(args) or 0)
+    monkeypatch.setattr(relprop.evaluation.detection, "run_from_evaluate_args", lambda args: seen.append(args) or 0)
     assert main(["evaluate", "--task", "detection", "--weights", "ssd.pt", "--model-def", "m.py:build",
                  "--data", str(tmp_path), "--out", str(tmp_path / "out"), "--limit", "3"]) == 0
     (args,) = seen

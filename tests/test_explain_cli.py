@@ -13,7 +13,7 @@ import torch
 from PIL import Image
 from torchvision import transforms
 
-from relprop.cli import main
+from relprop.cli.main import main
 
 from sharedfiles import load_torchvision_checkpoint, shared_path
 

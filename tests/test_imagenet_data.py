@@ -12,7 +12,7 @@ import torchvision
 from PIL import Image
 from torchvision.models import ResNet50_Weights
 
-from relprop.cli import main
+from relprop.cli.main import main
 from relprop.data import discover
 from relprop.errors import InputError
 from relprop.models import imagenet_wnids

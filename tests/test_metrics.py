@@ -10,7 +10,7 @@ import pytest
 import torch
 from torch import nn
 
-from relprop.metrics import (
+from relprop.evaluation.metrics import (
     auc,
     insertion_deletion,
     localization,

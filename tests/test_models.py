@@ -124,7 +124,7 @@ def test_preprocessing_resizes_crops_and_normalizes():
 
 def test_plain_state_dict_preprocessing_is_stated_and_settable(tmp_path, capsys):
     """#9 item 2: explain takes --resize/--crop/--mean/--std, and says what it assumed without them."""
-    from relprop.cli import main
+    from relprop.cli.main import main
 
     checkpoint = torch.load(shared_path("models", "resnet18_tin10.pt"), weights_only=True)
     plain = tmp_path / "plain.pth"
@@ -151,7 +151,7 @@ def test_plain_state_dict_preprocessing_is_stated_and_settable(tmp_path, capsys)
 
 
 def test_detect_and_evaluate_share_the_model_options():
-    from relprop.cli import build_parser
+    from relprop.cli.main import build_parser
 
     parser = build_parser()
     for command in ("explain", "evaluate", "detect"):
@@ -166,7 +166,7 @@ def test_detect_and_evaluate_share_the_model_options():
 
 
 def test_classes_file_names_the_classes_of_a_plain_state_dict(tmp_path, small_state):
-    from relprop.commands.common import read_classes
+    from relprop.cli.common import read_classes
 
     listing = tmp_path / "classes.tsv"
     listing.write_text("# my classes\nn01\tant, emmet\nn02\tbee\nn03\tcow\n")

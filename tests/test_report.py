@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from relprop.cli import main
+from relprop.cli.main import main
 from relprop.report import build_report, conservation_points, read_run, summarize
 
 from sharedfiles import shared_path

@@ -13,8 +13,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from relprop import LRP
+from relprop.core.rules import FlatRule, GammaRule, ZBRule
 from relprop.errors import UnsupportedLayerError
-from relprop.rules import FlatRule, GammaRule, ZBRule
 
 
 def conv_net() -> nn.Module:
@@ -81,7 +81,7 @@ def test_upsampling_relevance_follows_the_interpolation_weights():
     """Linear 2x upsampling of [1, 3] (align_corners) gives [1, 5/3, 7/3, 3]: the two middle
     outputs mix the inputs 2:1 and 1:2. With relevance 1 per output, by hand:
     R_0 = 1 + (2/3)/(5/3) + (1/3)/(7/3) = 1 + 2/5 + 1/7, R_1 = 4 - R_0."""
-    from relprop.rules import proportional
+    from relprop.core.rules import proportional
 
     a = torch.tensor([[[1.0, 3.0]]])
     R = proportional(lambda t: F.interpolate(t, scale_factor=2, mode="linear", align_corners=True),

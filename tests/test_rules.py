@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from relprop.rules import AlphaBetaRule, EpsilonRule, GammaRule, ZBRule, get_rule
+from relprop.core.rules import AlphaBetaRule, EpsilonRule, GammaRule, ZBRule, get_rule
 
 
 def linear(weight, bias=None) -> nn.Linear:

@@ -17,7 +17,7 @@ import torchvision
 from PIL import Image
 from torchvision.models import ResNet50_Weights
 
-from relprop.cli import main
+from relprop.cli.main import main
 from relprop.errors import CheckpointError
 from relprop.models import imagenet_classes, load_model, torchvision_weights
 

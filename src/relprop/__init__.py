@@ -12,19 +12,19 @@ from typing import TYPE_CHECKING, Any
 __version__ = "0.1.0"
 
 _EXPORTS = {
-    "LRP": "relprop.lrp",
-    "RelevanceEngine": "relprop.engine",
-    "Rule": "relprop.rules",
-    "get_rule": "relprop.rules",
-    "heat_quantize": "relprop.quantize",
+    "LRP": "relprop.core.lrp",
+    "RelevanceEngine": "relprop.core.engine",
+    "Rule": "relprop.core.rules",
+    "get_rule": "relprop.core.rules",
+    "heat_quantize": "relprop.core.quantize",
 }
 __all__ = ["LRP", "RelevanceEngine", "Rule", "get_rule", "heat_quantize", "__version__"]
 
 if TYPE_CHECKING:
-    from relprop.engine import RelevanceEngine
-    from relprop.lrp import LRP
-    from relprop.quantize import heat_quantize
-    from relprop.rules import Rule, get_rule
+    from relprop.core.engine import RelevanceEngine
+    from relprop.core.lrp import LRP
+    from relprop.core.quantize import heat_quantize
+    from relprop.core.rules import Rule, get_rule
 
 
 def __getattr__(name: str) -> Any:

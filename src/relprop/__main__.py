@@ -1,5 +1,5 @@
 import sys
 
-from relprop.cli import main
+from relprop.cli.main import main
 
 sys.exit(main())

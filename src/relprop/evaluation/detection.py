@@ -41,8 +41,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from relprop.crp import CRP, Request
-from relprop.detection import (
+from relprop.detection.crp import CRP, Request
+from relprop.detection.ssd import (
     BOX_OUTPUTS,
     DetectorOutput,
     dense_outputs,
@@ -517,7 +517,7 @@ def evaluate_detection(
 def run_from_evaluate_args(args: argparse.Namespace) -> int:
     """`relprop evaluate --task detection`: the evaluate command's parsed options, used as they are
     (weights, data, out, model_def, arch, num_classes, per_class, limit, step, methods, device)."""
-    from relprop.commands.detect import load_detector
+    from relprop.cli.detect import load_detector
 
     weights = args.weights[0] if isinstance(args.weights, list | tuple) else args.weights
     if isinstance(args.weights, list | tuple) and len(args.weights) > 1:
@@ -538,9 +538,9 @@ def run_from_evaluate_args(args: argparse.Namespace) -> int:
 
 
 def main(argv: Sequence[str] | None = None, load: Callable[..., Any] | None = None) -> int:
-    """``python -m relprop.detection_eval``: the evaluation until `relprop evaluate --task
+    """``python -m relprop.evaluation.detection``: the evaluation until `relprop evaluate --task
     detection` calls :func:`evaluate_detection`."""
-    parser = argparse.ArgumentParser(prog="python -m relprop.detection_eval", description=__doc__,
+    parser = argparse.ArgumentParser(prog="python -m relprop.evaluation.detection", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--weights", required=True)
     parser.add_argument("--model-def")
@@ -552,10 +552,10 @@ def main(argv: Sequence[str] | None = None, load: Callable[..., Any] | None = No
     parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
-    from relprop.commands.detect import load_detector
+    from relprop.cli.detect import load_detector
 
     model, meta = (load or load_detector)(args.weights, args.model_def, None, None)
-    command = "python -m relprop.detection_eval " + " ".join(sys.argv[1:] if argv is None else argv)
+    command = "python -m relprop.evaluation.detection " + " ".join(sys.argv[1:] if argv is None else argv)
     summary = evaluate_detection(model, meta["classes"], args.data, args.out, per_class=args.per_class,
                                  limit=args.limit, methods=args.methods.split(","), command=command)
     print(summary_markdown(summary, command))

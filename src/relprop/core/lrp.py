@@ -9,7 +9,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from relprop.engine import Backward, Record, RelevanceEngine, RuleSpec
+from relprop.core.engine import Backward, Record, RelevanceEngine, RuleSpec
 from relprop.errors import InputError, TargetError
 
 PRESETS = ("default", "reference")
@@ -134,7 +134,7 @@ class LRP:
             shape = tuple(logits.shape) if isinstance(logits, Tensor) else type(logits).__name__
             raise InputError(
                 f"LRP explains classifiers with (N, num_classes) outputs; this model returns {shape}. "
-                "Use relprop.engine.RelevanceEngine with a seed of the output's structure."
+                "Use relprop.core.engine.RelevanceEngine with a seed of the output's structure."
             )
         seed = initial_relevance(logits, target)
         backward = self.engine.backward(record, seed, layer_sums=layer_sums, layers=layers)

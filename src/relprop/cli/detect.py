@@ -9,13 +9,13 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from relprop.commands.common import (
+from relprop.cli.common import (
     add_model_options,
     load_model_from_args,
     plan_jobs,
     resolve_device,
 )
-from relprop.commands.outputs import Manifest, prepare_out
+from relprop.cli.outputs import Manifest, prepare_out
 from relprop.errors import ImageError, RelpropError, TargetError
 
 DESCRIPTION = """\
@@ -111,7 +111,7 @@ def run(args: argparse.Namespace) -> int:
     """Detect and explain every image; return 1 if any input failed, after all the others."""
     from tqdm import tqdm
 
-    from relprop.crp import CRP, OUTPUTS, Request
+    from relprop.detection.crp import CRP, OUTPUTS, Request
     from relprop.images import load_image
 
     _check_options(args)
@@ -170,7 +170,7 @@ def load_detector(weights: str, model_def: str | None, arch: str | None,
 
     `args`: the parsed shared model options (`--classes`, `--offline`), where there are some.
     """
-    from relprop.detection import check_ssd
+    from relprop.detection.ssd import check_ssd
 
     if weights is None:
         raise RelpropError("a detector needs --weights FILE")
@@ -240,7 +240,7 @@ def parse_class(text: str | None, meta: dict[str, Any], names: Sequence[str]) ->
 
 def _class_names(meta: dict[str, Any], model: Any) -> list[str]:
     """The checkpoint's class names, COCO's for a 91-class torchvision SSD, else numbers."""
-    from relprop.detection import class_names_for, num_classes_of
+    from relprop.detection.ssd import class_names_for, num_classes_of
 
     for key in ("class_names", "classes"):
         names = meta.get(key)
@@ -269,8 +269,8 @@ def _write_image(folder: Path, name: str, path: Path, image: Any, det: dict, cho
     """Drawings, panels and (optionally) raw maps of one image; its detections.jsonl records."""
     import numpy as np
 
-    from relprop.crp import OUTPUTS, to_image
-    from relprop.detection import draw_detections, save_detection_panel
+    from relprop.detection.crp import OUTPUTS, to_image
+    from relprop.detection.ssd import draw_detections, save_detection_panel
 
     rgb = (image.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
     size = tuple(image.shape[-2:])

@@ -1,4 +1,4 @@
-"""The `relprop` command: one sub-command per module in `relprop.commands`."""
+"""The `relprop` command: one sub-command per module in `relprop.cli`."""
 
 from __future__ import annotations
 
@@ -43,7 +43,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"relprop {__version__}")
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name in COMMANDS:
-        importlib.import_module(f"relprop.commands.{name.replace('-', '_')}").add_parser(subparsers)
+        importlib.import_module(f"relprop.cli.{name.replace('-', '_')}").add_parser(subparsers)
     return parser
 
 

@@ -65,7 +65,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
 
 def run(args: argparse.Namespace) -> int:
     """Write the report and print where it is."""
-    from relprop.commands.outputs import prepare_out
+    from relprop.cli.outputs import prepare_out
     from relprop.errors import InputError
     from relprop.report import build_report
 

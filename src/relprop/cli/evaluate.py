@@ -1,14 +1,14 @@
 """`relprop evaluate`: the paper's faithfulness tables for your own model and data, one command.
 
 Only the command line lives here (so `relprop --help` stays fast); the work is in
-`relprop.evaluation`.
+`relprop.evaluation.classification`.
 """
 
 from __future__ import annotations
 
 import argparse
 
-from relprop.commands.common import add_model_options
+from relprop.cli.common import add_model_options
 from relprop.defaults import PAPER_WEIGHTS
 
 DESCRIPTION = """\
@@ -91,7 +91,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
                              "before global pooling)")
     parser.add_argument("--task", choices=("classification", "detection"), default="classification",
                         help="detection: evaluate an SSD detector's explanations "
-                             "(relprop.detection_eval; one --weights, with --model-def)")
+                             "(relprop.evaluation.detection; one --weights, with --model-def)")
     parser.add_argument("--save-maps", action="store_true", help="write OUT/maps/<method>/<stem>.npy")
     add_model_options(parser, default_weights=PAPER_WEIGHTS, several=True)
     parser.set_defaults(run=run)
@@ -99,6 +99,6 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
 
 
 def run(args: argparse.Namespace) -> int:
-    from relprop.evaluation import run as run_evaluation
+    from relprop.evaluation.classification import run as run_evaluation
 
     return run_evaluation(args)

@@ -15,8 +15,8 @@ import torch.fx as fx
 import torch.nn.functional as F
 from torch import nn
 
+from relprop.core.rules import LINEAR_TYPES
 from relprop.errors import TraceError, UnsupportedLayerError
-from relprop.rules import LINEAR_TYPES
 
 # How relevance crosses a node.
 LINEAR = "linear"  # Linear, ConvNd, ConvTransposeNd (modules or functional calls): an LRP rule
@@ -503,7 +503,7 @@ def _unsupported(what: str, key: str) -> UnsupportedLayerError:
     return UnsupportedLayerError(
         f"relprop has no relevance rule for {what}; pass rules={{{key}: rule}} to LRP(...) "
         "with a rule name ('pass' for elementwise maps, 'proportional' for positive linear maps "
-        "such as pooling, 'zplus', ...) or a relprop.rules.Rule"
+        "such as pooling, 'zplus', ...) or a relprop.core.rules.Rule"
     )
 
 

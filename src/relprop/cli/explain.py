@@ -10,14 +10,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from relprop.commands.common import (
+from relprop.cli.common import (
     Job,
     add_model_options,
     load_model_from_args,
     plan_jobs,
     resolve_device,
 )
-from relprop.commands.outputs import Manifest, prepare_out
+from relprop.cli.outputs import Manifest, prepare_out
 from relprop.defaults import DEFAULT_WEIGHTS
 from relprop.errors import ImageError, RelpropError, TargetError
 

@@ -17,9 +17,9 @@ import numpy as np
 import torch
 
 from relprop import __version__
-from relprop.commands.common import resolve_device
-from relprop.commands.evaluate import MIN_FRAME_BATCH
-from relprop.commands.outputs import prepare_out
+from relprop.cli.common import resolve_device
+from relprop.cli.evaluate import MIN_FRAME_BATCH
+from relprop.cli.outputs import prepare_out
 from relprop.errors import ImageError, InputError, RelpropError
 
 METRICS = ("insertion", "deletion", "id")
@@ -37,12 +37,12 @@ class Plan:
 
 
 def run(args: argparse.Namespace) -> int:
-    from relprop.metrics import PROTOCOLS
+    from relprop.evaluation.metrics import PROTOCOLS
 
     _check_numbers(args)
     args.device = resolve_device(args.device)
     if args.task == "detection":
-        from relprop.detection_eval import run_from_evaluate_args
+        from relprop.evaluation.detection import run_from_evaluate_args
 
         prepare_out(args.out)
         return run_from_evaluate_args(args)
@@ -117,7 +117,7 @@ class _Checkpoint:
     @classmethod
     def load(cls, path: str | None, args: argparse.Namespace) -> _Checkpoint:
         """A weights file or torchvision weights name (None: the command's default)."""
-        from relprop.commands.common import load_model_from_args
+        from relprop.cli.common import load_model_from_args
         from relprop.models import file_sha256
 
         model, meta = load_model_from_args(args, "evaluate", weights=path)
@@ -126,7 +126,7 @@ class _Checkpoint:
 
 def _settings(args: argparse.Namespace, plan: Plan, checkpoints: Sequence[_Checkpoint]) -> dict[str, Any]:
     """Everything that changes the numbers; a resumed run must match it exactly."""
-    from relprop.metrics import PAPER_STEP, RISE_BLUR_SIGMA, RISE_BLUR_SIZE
+    from relprop.evaluation.metrics import PAPER_STEP, RISE_BLUR_SIGMA, RISE_BLUR_SIZE
 
     return {
         "checkpoints": [{"path": c.path, "sha256": c.sha256} for c in checkpoints],
@@ -388,8 +388,8 @@ def _evaluate_batch(work: _Work, batch: _Batch, methods: dict[str, Any], device:
 def _score_one(work: _Work, batch: _Batch, i: int, x: torch.Tensor, pred: torch.Tensor, base: Any,
                name: str, maps: torch.Tensor, sums: dict[str, torch.Tensor] | None) -> None:
     """Save the map of one image (with --save-maps) and score the protocols still pending."""
+    from relprop.evaluation.metrics import insertion_deletion, localization
     from relprop.methods import HQ_SUFFIX, HeatQuantized
-    from relprop.metrics import insertion_deletion, localization
 
     args, item, meta = work.args, batch.items[i], work.checkpoint.meta
     flat = (HeatQuantized(base, args.channels).quantize(maps)[:, 0] if name.endswith(HQ_SUFFIX)

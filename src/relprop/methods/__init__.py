@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from relprop.errors import InputError, TargetError
-from relprop.metrics import Channels, to_2d
+from relprop.evaluation.metrics import Channels, to_2d
 
 HQ_SUFFIX = "+hq"
 # relprop LRP variants: the paper's method, its ablations, the authors' numerics, plain LRP.
@@ -98,8 +98,8 @@ def find_cam_layer(model: nn.Module, inputs: Tensor) -> str:
     """
     from torch.fx.passes.shape_prop import ShapeProp
 
+    from relprop.core.graph import trace
     from relprop.errors import RelpropError
-    from relprop.graph import trace
 
     try:
         graph = trace(model)

@@ -18,9 +18,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils._pytree import tree_flatten
 
-from relprop import graph as g
-from relprop.errors import FidelityError, InputError, UnsupportedLayerError
-from relprop.rules import (
+from relprop.core import graph as g
+from relprop.core.rules import (
     LINEAR_TYPES,
     BatchNormStats,
     LinearOp,
@@ -36,7 +35,8 @@ from relprop.rules import (
     proportional,
     vjp,
 )
-from relprop.splitting import Splitter
+from relprop.core.splitting import Splitter
+from relprop.errors import FidelityError, InputError, UnsupportedLayerError
 
 RuleSpec = str | Rule
 MAXPOOL_RULES = ("avg", "wta")

@@ -1,0 +1,1 @@
+"""Sub-commands of `relprop`: parse arguments, build typed configs, call the library."""

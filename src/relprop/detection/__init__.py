@@ -1,0 +1,1 @@
+"""Single-shot detectors: SSD internals (anchors, heads) and Contrastive Relevance Propagation."""

@@ -1,0 +1,1 @@
+"""Faithfulness metrics and evaluation runs for classifiers and detectors."""
