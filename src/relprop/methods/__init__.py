@@ -37,6 +37,22 @@ METHOD_NAMES = (*LRP_VARIANTS, "gradcam", "scorecam", "ig", "gbp", "lrp-captum",
                 *BOW_METHODS)
 
 
+# Older or paper-style names of registered methods (filled by the registry; see canonical_name).
+ALIASES: dict[str, str] = {}
+
+
+def canonical_name(name: str) -> str:
+    """The registry's name for a method name or alias, `+hq` kept (`ours+hq` -> `lrp-split+hq`
+    once the registry names them so); results written under an alias stay readable through it."""
+    base, hq = (name[: -len(HQ_SUFFIX)], HQ_SUFFIX) if name.endswith(HQ_SUFFIX) else (name, "")
+    return ALIASES.get(base, base) + hq
+
+
+def method_names(*, include_aliases: bool = False) -> tuple[str, ...]:
+    """Every registered method name (what --help, the docs and error messages list)."""
+    return (*METHOD_NAMES, *ALIASES) if include_aliases else METHOD_NAMES
+
+
 def resolve_target(model: nn.Module, inputs: Tensor, target: Tensor | int | Sequence[int] | None,
                    logits: Tensor | None = None) -> Tensor:
     """Class index per sample: the prediction when `target` is None."""
