@@ -1,0 +1,147 @@
+"""`Composite`: which rule where, how residual adds split, and the numerics, as one object.
+
+`LRP`, `RelevanceEngine` and `CRP` take a composite (``composite=``) or its fields as keyword
+arguments (a shortcut that builds one). Named composites live in a registry:
+
+    >>> from relprop import get_composite, composite_names
+    >>> get_composite("lrp-split-sym").split
+    'symmetric'
+    >>> "epsilon-gamma-box" in composite_names()
+    True
+
+Adding a composite: one entry in `_REGISTRY` (a function of the input normalization).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from torch import nn
+
+from relprop.core.rules import Rule
+from relprop.core.splitting import SPLITS
+from relprop.errors import InputError
+
+RuleSpec = str | Rule
+MAXPOOL_RULES = ("avg", "wta")
+BN_MODES = ("pass", "fold")
+_CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
+
+
+@dataclass(frozen=True)
+class Composite:
+    """Every choice that decides the relevance, apart from the model.
+
+    Args:
+        rules: module types, qualified module names, functions or tensor-method names -> rule
+            name or `Rule` (``{nn.Linear: "epsilon", "layer4.1.conv2": "gamma"}``); kept as a
+            tuple of pairs so the composite stays immutable (`rule_map()` gives the dict).
+        input_rule: rule of the layer that sees the input (None: a type rule if one matches
+            there, else w⁺).
+        split: ``"ratio"`` (the paper), ``"symmetric"`` or ``"signed"`` (plain LRP).
+        identity_skips: split at identity skips too (False: the paper's ablation).
+        maxpool: ``"avg"`` (proportional, the pool's geometry) or ``"wta"`` (winner takes all).
+        bn: ``"fold"``, ``"pass"`` or None (pass for the paper's z+/w⁺, fold for any other rule).
+        reference: the authors' code's numerics (reproduces their numbers; leaks a few percent).
+        mean, std: the input normalization, which the zB rule needs.
+    """
+
+    rules: Any = ()
+    input_rule: RuleSpec | None = None
+    split: str = "ratio"
+    identity_skips: bool = True
+    maxpool: str = "avg"
+    bn: str | None = None
+    reference: bool = False
+    mean: tuple[float, ...] | None = None
+    std: tuple[float, ...] | None = None
+
+    def __post_init__(self) -> None:
+        pairs = tuple(self.rules.items()) if isinstance(self.rules, Mapping) else tuple(self.rules)
+        object.__setattr__(self, "rules", pairs)
+        for name in ("mean", "std"):
+            value = getattr(self, name)
+            object.__setattr__(self, name, None if value is None else tuple(float(v) for v in value))
+        if self.split not in SPLITS:
+            raise ValueError(f"unknown split {self.split!r}; choose one of: {', '.join(SPLITS)}")
+        if self.maxpool not in MAXPOOL_RULES:
+            raise ValueError(f"unknown maxpool rule {self.maxpool!r}; choose one of: {', '.join(MAXPOOL_RULES)}")
+        if self.bn is not None and self.bn not in BN_MODES:
+            raise ValueError(f"unknown bn mode {self.bn!r}; choose one of: {', '.join(BN_MODES)}")
+        if self.bn == "fold" and self.reference:
+            raise ValueError("the reference preset passes BatchNorm through, as the paper does; use bn='pass'")
+
+    def rule_map(self) -> dict[Any, RuleSpec]:
+        """The rules as the dict the engine sorts by key kind."""
+        return dict(self.rules)
+
+    def replace(self, **changes: Any) -> Composite:
+        """A copy with some fields changed (e.g. the normalization: ``c.replace(mean=m, std=s)``)."""
+        return dataclasses.replace(self, **changes)
+
+
+COMPOSITE_FIELDS = tuple(f.name for f in dataclasses.fields(Composite))
+
+
+def resolve_composite(composite: Composite | None, base: Composite | None = None,
+                      **options: Any) -> Composite:
+    """The one composite of a constructor: `composite`, or the keyword shortcut's options (None
+    = not given) over `base` (the constructor's defaults). Giving both is an error."""
+    given = {key: value for key, value in options.items() if value is not None}
+    if composite is not None:
+        if given:
+            raise ValueError(f"give either composite= or its keyword arguments ({', '.join(sorted(given))}), "
+                             "not both")
+        if not isinstance(composite, Composite):
+            raise TypeError(f"composite must be a relprop.Composite, got {type(composite).__name__}")
+        return composite
+    return (base or Composite()).replace(**given)
+
+
+def _named(mean: Sequence[float] | None, std: Sequence[float] | None) -> dict[str, Callable[[], Composite]]:
+    norm = {"mean": mean, "std": std}
+    return {
+        # the paper's method (Relevance Splitting, z+, w⁺ input, BN pass) and its ablations
+        "lrp-split": lambda: Composite(**norm),
+        "lrp-split-sym": lambda: Composite(split="symmetric", **norm),
+        "lrp-split-noid": lambda: Composite(identity_skips=False, **norm),
+        "lrp-split-sym-noid": lambda: Composite(split="symmetric", identity_skips=False, **norm),
+        # the authors' code's numerics (golden equivalence)
+        "lrp-split-ref": lambda: Composite(reference=True, **norm),
+        # plain LRP: the signed proportional split of libraries without splitting
+        "lrp-plain": lambda: Composite(split="signed", **norm),
+        # the standard composites (docs/rules.md; aligned with Zennit's)
+        "epsilon-plus-flat": lambda: Composite(
+            rules={**dict.fromkeys(_CONVS, "zplus"), nn.Linear: "epsilon"}, input_rule="flat",
+            split="signed", maxpool="wta", bn="fold", **norm),
+        "epsilon-gamma-box": lambda: _needs_normalization("epsilon-gamma-box", mean, std) or Composite(
+            rules={**dict.fromkeys(_CONVS, "gamma"), nn.Linear: "epsilon"}, input_rule="zb",
+            split="signed", maxpool="wta", bn="fold", **norm),
+        "alpha2beta1": lambda: Composite(rules=dict.fromkeys(_CONVS, "alpha2beta1"), bn="fold", **norm),
+    }
+
+
+def _needs_normalization(name: str, mean: Sequence[float] | None, std: Sequence[float] | None) -> None:
+    if mean is None or std is None:
+        raise InputError(f"composite {name!r} uses the zB rule: pass the input normalization "
+                         "(get_composite(name, mean=..., std=...))")
+
+
+def composite_names() -> tuple[str, ...]:
+    """Every registered composite name."""
+    return tuple(_named(None, None))
+
+
+def get_composite(name: str, *, mean: Sequence[float] | None = None,
+                  std: Sequence[float] | None = None) -> Composite:
+    """A registered composite by name, with the input normalization (needed by zB)."""
+    factories = _named(mean, std)
+    if name not in factories:
+        raise InputError(f"unknown composite {name!r}; known: {', '.join(factories)}")
+    return factories[name]()
+
+
+__all__ = ["Composite", "get_composite", "composite_names", "resolve_composite", "COMPOSITE_FIELDS"]
