@@ -6,7 +6,6 @@ import dataclasses
 
 import pytest
 import torch
-import torchvision
 from torch import nn
 
 import relprop
@@ -19,9 +18,12 @@ MEAN, STD = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]
 
 @pytest.fixture(scope="module")
 def bn_resnet() -> nn.Module:
-    """ResNet-18 with random weights and non-trivial BatchNorm statistics (positive scales)."""
+    """A ResNet of one BasicBlock per stage, random weights, non-trivial BatchNorm statistics
+    (positive scales)."""
+    from torchvision.models.resnet import BasicBlock, ResNet
+
     torch.manual_seed(0)
-    model = torchvision.models.resnet18(num_classes=5)
+    model = ResNet(BasicBlock, [1, 1, 1, 1], num_classes=5)
     for module in model.modules():
         if isinstance(module, nn.BatchNorm2d):
             module.running_mean.normal_(0, 0.1)
@@ -33,7 +35,7 @@ def bn_resnet() -> nn.Module:
 
 @pytest.fixture(scope="module")
 def x() -> torch.Tensor:
-    return torch.randn(2, 3, 48, 48, generator=torch.Generator().manual_seed(1))
+    return torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(1))
 
 
 def _ratios(model, composite, x):
@@ -61,7 +63,7 @@ def test_every_registered_composite_conserves_or_leaks_as_documented(name, bn_re
         torch.testing.assert_close(ratio["layer1.0"], one, rtol=1e-4, atol=1e-4)
         assert ((ratio["input"] > 0.8) & (ratio["input"] < 0.999)).all()
     elif name == "epsilon-plus-flat":  # ε at fc: the rest conserves what reaches fc
-        assert ((ratio["fc"] - 1).abs() > 1e-4).all() and ((ratio["fc"] - 1).abs() < 0.05).all()
+        assert ((ratio["fc"] - 1).abs() > 1e-4).all() and ((ratio["fc"] - 1).abs() < 0.25).all()
         torch.testing.assert_close(ratio["input"], ratio["fc"], rtol=1e-4, atol=1e-4)
     else:  # epsilon-gamma-box: same ε at fc as EpsilonPlusFlat, then bounded leaks in the blocks
         _, flat = _ratios(bn_resnet, get_composite("epsilon-plus-flat"), x)
