@@ -78,8 +78,6 @@ class LRP:
         *,
         composite: Composite | None = None,
     ) -> None:
-        if preset is not None and preset not in PRESETS:
-            raise ValueError(f"unknown preset {preset!r}; choose one of: {', '.join(PRESETS)}")
         if chunk_size is not None and chunk_size < 1:
             raise ValueError(f"chunk_size must be positive, got {chunk_size}")
         if verify not in VERIFY_MODES:
@@ -90,8 +88,7 @@ class LRP:
         self.chunk_size = chunk_size
         self.composite = resolve_composite(
             composite, split=split, identity_skips=identity_skips, rules=rules, input_rule=input_rule,
-            maxpool=maxpool, mean=mean, std=std, reference=None if preset is None else preset == "reference",
-            bn=bn,
+            maxpool=maxpool, mean=mean, std=std, reference=preset_reference(preset), bn=bn,
         )
         self.preset = "reference" if self.composite.reference else "default"
         self.engine = RelevanceEngine(model, composite=self.composite)
@@ -157,6 +154,15 @@ class LRP:
         if self.verify == "always" or key not in self._verified:
             self.engine.verify(x, record)
             self._verified.add(key)
+
+
+def preset_reference(preset: str | None) -> bool | None:
+    """The composite's `reference` field for a `preset` keyword (None: not given)."""
+    if preset is None:
+        return None
+    if preset not in PRESETS:
+        raise ValueError(f"unknown preset {preset!r}; choose one of: {', '.join(PRESETS)}")
+    return preset == "reference"
 
 
 def _check_inputs(inputs: Tensor) -> Tensor:

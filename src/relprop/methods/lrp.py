@@ -45,16 +45,14 @@ def composite_method(composite_name: str):
     (chunk_size, verify) go to `relprop.LRP`."""
 
     def build(model: nn.Module, name: str, options: MethodOptions) -> LRPMethod:
-        from relprop.core.lrp import PRESETS
+        from relprop.core.lrp import preset_reference
 
         composite = get_composite(composite_name, mean=options.mean, std=options.std)
         lrp_kwargs = dict(options.lrp)
-        preset = lrp_kwargs.pop("preset", None)
-        if preset is not None:
-            if preset not in PRESETS:
-                raise ValueError(f"unknown preset {preset!r}; choose one of: {', '.join(PRESETS)}")
-            lrp_kwargs["reference"] = preset == "reference"
+        if "preset" in lrp_kwargs:
+            lrp_kwargs["reference"] = preset_reference(lrp_kwargs.pop("preset"))
         changes = {key: lrp_kwargs.pop(key) for key in list(lrp_kwargs) if key in COMPOSITE_FIELDS}
+        changes = {key: value for key, value in changes.items() if value is not None}
         return LRPMethod(model, name, composite.replace(**changes), **lrp_kwargs)
 
     return build
