@@ -201,3 +201,43 @@ def test_methods_and_lrp_refuse_a_bad_target_with_the_same_line(bn_resnet, x):
             method.attribute(x, target=5)
         with pytest.raises(TargetError, match="class index"):
             method.attribute(x, target=True)
+
+
+def test_adding_a_composite_and_a_method_is_one_registration_each(monkeypatch, bn_resnet, x):
+    """The worked extension example: a composite is one `register_composite` line; a method is
+    one class and one `register` line; both are then reachable by name like the built-in ones."""
+    import doctest
+
+    from relprop.core import composites
+    from relprop.methods import Method, registry
+    from relprop.methods.lrp import composite_method
+
+    monkeypatch.setattr(composites, "_REGISTRY", dict(composites._REGISTRY))
+    monkeypatch.setattr(registry, "_REGISTRY", dict(registry._REGISTRY))
+    composites.register_composite("eps-everywhere", lambda mean, std: Composite(
+        rules={nn.Conv2d: "epsilon", nn.Linear: "epsilon"}, split="signed"))
+    assert composite_names()[-1] == "eps-everywhere"
+
+    class Ones(Method):
+        channels = 1
+
+        def attribute(self, inputs, target=None):
+            return torch.ones(inputs.shape[0], 1, *inputs.shape[2:])
+
+    registry.register("ones", lambda model, name, options: Ones(model, name))
+    registry.register("lrp-eps", composite_method("eps-everywhere"), takes_lrp_options=True)
+    assert get_method("ones+hq", bn_resnet).attribute(x).shape == (2, 1, 32, 32)
+    ours = get_method("lrp-eps", bn_resnet).attribute(x)
+    assert torch.equal(ours, LRP(bn_resnet, split="signed",
+                                 rules={nn.Conv2d: "epsilon", nn.Linear: "epsilon"}).attribute(x))
+    with pytest.raises(ValueError, match="already registered"):
+        registry.register("ours", lambda model, name, options: Ones(model, name))
+    assert doctest.testmod(composites).failed == 0  # the module's own example
+
+
+def test_preset_keyword_of_an_lrp_method_is_the_reference_composite(bn_resnet, x):
+    ref = get_method("lrp-split-ref", bn_resnet).attribute(x)
+    assert torch.equal(get_method("lrp-split", bn_resnet, preset="reference").attribute(x), ref)
+    assert torch.equal(LRP(bn_resnet, composite=get_composite("lrp-split-ref")).attribute(x), ref)
+    with pytest.raises(ValueError, match="unknown preset 'paper'"):
+        get_method("lrp-split", bn_resnet, preset="paper")

@@ -9,7 +9,8 @@ arguments (a shortcut that builds one). Named composites live in a registry:
     >>> "epsilon-gamma-box" in composite_names()
     True
 
-Adding a composite: one entry in `_REGISTRY` (a function of the input normalization).
+Adding a composite: one `register_composite(name, factory)` line (a function of the input
+normalization, `(mean, std) -> Composite`), here or in your own code.
 """
 
 from __future__ import annotations
@@ -101,47 +102,59 @@ def resolve_composite(composite: Composite | None, base: Composite | None = None
     return (base or Composite()).replace(**given)
 
 
-def _named(mean: Sequence[float] | None, std: Sequence[float] | None) -> dict[str, Callable[[], Composite]]:
-    norm = {"mean": mean, "std": std}
-    return {
-        # the paper's method (Relevance Splitting, z+, w⁺ input, BN pass) and its ablations
-        "lrp-split": lambda: Composite(**norm),
-        "lrp-split-sym": lambda: Composite(split="symmetric", **norm),
-        "lrp-split-noid": lambda: Composite(identity_skips=False, **norm),
-        "lrp-split-sym-noid": lambda: Composite(split="symmetric", identity_skips=False, **norm),
-        # the authors' code's numerics (golden equivalence)
-        "lrp-split-ref": lambda: Composite(reference=True, **norm),
-        # plain LRP: the signed proportional split of libraries without splitting
-        "lrp-plain": lambda: Composite(split="signed", **norm),
-        # the standard composites (docs/rules.md; aligned with Zennit's)
-        "epsilon-plus-flat": lambda: Composite(
-            rules={**dict.fromkeys(_CONVS, "zplus"), nn.Linear: "epsilon"}, input_rule="flat",
-            split="signed", maxpool="wta", bn="fold", **norm),
-        "epsilon-gamma-box": lambda: _needs_normalization("epsilon-gamma-box", mean, std) or Composite(
-            rules={**dict.fromkeys(_CONVS, "gamma"), nn.Linear: "epsilon"}, input_rule="zb",
-            split="signed", maxpool="wta", bn="fold", **norm),
-        "alpha2beta1": lambda: Composite(rules=dict.fromkeys(_CONVS, "alpha2beta1"), bn="fold", **norm),
-    }
+Normalization = Sequence[float] | None
+Factory = Callable[[Normalization, Normalization], Composite]
+_REGISTRY: dict[str, Factory] = {}
 
 
-def _needs_normalization(name: str, mean: Sequence[float] | None, std: Sequence[float] | None) -> None:
+def register_composite(name: str, factory: Factory) -> None:
+    """Register `factory(mean, std) -> Composite` under `name` (what `get_composite` builds)."""
+    if name in _REGISTRY:
+        raise ValueError(f"composite {name!r} is already registered")
+    _REGISTRY[name] = factory
+
+
+def composite_names() -> tuple[str, ...]:
+    """Every registered composite name."""
+    return tuple(_REGISTRY)
+
+
+def get_composite(name: str, *, mean: Normalization = None, std: Normalization = None) -> Composite:
+    """A registered composite by name, with the input normalization (needed by zB)."""
+    if name not in _REGISTRY:
+        raise InputError(f"unknown composite {name!r}; known: {', '.join(_REGISTRY)}")
+    return _REGISTRY[name](mean, std)
+
+
+def _needs_normalization(name: str, mean: Normalization, std: Normalization) -> None:
     if mean is None or std is None:
         raise InputError(f"composite {name!r} uses the zB rule: pass the input normalization "
                          "(get_composite(name, mean=..., std=...))")
 
 
-def composite_names() -> tuple[str, ...]:
-    """Every registered composite name."""
-    return tuple(_named(None, None))
+def _epsilon_gamma_box(mean: Normalization, std: Normalization) -> Composite:
+    _needs_normalization("epsilon-gamma-box", mean, std)
+    return Composite(rules={**dict.fromkeys(_CONVS, "gamma"), nn.Linear: "epsilon"}, input_rule="zb",
+                     split="signed", maxpool="wta", bn="fold", mean=mean, std=std)
 
 
-def get_composite(name: str, *, mean: Sequence[float] | None = None,
-                  std: Sequence[float] | None = None) -> Composite:
-    """A registered composite by name, with the input normalization (needed by zB)."""
-    factories = _named(mean, std)
-    if name not in factories:
-        raise InputError(f"unknown composite {name!r}; known: {', '.join(factories)}")
-    return factories[name]()
+# the paper's method (Relevance Splitting, z+, w⁺ input, BN pass) and its ablations
+register_composite("lrp-split", lambda mean, std: Composite(mean=mean, std=std))
+register_composite("lrp-split-sym", lambda mean, std: Composite(split="symmetric", mean=mean, std=std))
+register_composite("lrp-split-noid", lambda mean, std: Composite(identity_skips=False, mean=mean, std=std))
+register_composite("lrp-split-sym-noid", lambda mean, std: Composite(
+    split="symmetric", identity_skips=False, mean=mean, std=std))
+# the authors' code's numerics (golden equivalence)
+register_composite("lrp-split-ref", lambda mean, std: Composite(reference=True, mean=mean, std=std))
+# plain LRP: the signed proportional split of libraries without splitting
+register_composite("lrp-plain", lambda mean, std: Composite(split="signed", mean=mean, std=std))
+# the standard composites (docs/rules.md; aligned with Zennit's)
+register_composite("epsilon-plus-flat", lambda mean, std: Composite(
+    rules={**dict.fromkeys(_CONVS, "zplus"), nn.Linear: "epsilon"}, input_rule="flat", split="signed",
+    maxpool="wta", bn="fold", mean=mean, std=std))
+register_composite("epsilon-gamma-box", _epsilon_gamma_box)
+register_composite("alpha2beta1", lambda mean, std: Composite(
+    rules=dict.fromkeys(_CONVS, "alpha2beta1"), bn="fold", mean=mean, std=std))
 
-
-__all__ = ["Composite", "get_composite", "composite_names", "resolve_composite", "COMPOSITE_FIELDS"]
+__all__ = ["Composite", "get_composite", "composite_names", "register_composite", "resolve_composite",
+           "COMPOSITE_FIELDS"]
