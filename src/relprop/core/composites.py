@@ -50,7 +50,7 @@ class Composite:
         mean, std: the input normalization, which the zB rule needs.
     """
 
-    rules: Any = ()
+    rules: Mapping[Any, RuleSpec] | tuple[tuple[Any, RuleSpec], ...] = ()
     input_rule: RuleSpec | None = None
     split: str = "ratio"
     identity_skips: bool = True
