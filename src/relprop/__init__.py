@@ -13,18 +13,28 @@ __version__ = "0.1.0"
 
 _EXPORTS = {
     "LRP": "relprop.core.lrp",
+    "Composite": "relprop.core.composites",
+    "get_composite": "relprop.core.composites",
+    "composite_names": "relprop.core.composites",
+    "get_method": "relprop.methods",
+    "method_names": "relprop.methods",
+    "CRP": "relprop.detection.crp",
     "RelevanceEngine": "relprop.core.engine",
     "Rule": "relprop.core.rules",
     "get_rule": "relprop.core.rules",
     "heat_quantize": "relprop.core.quantize",
 }
-__all__ = ["LRP", "RelevanceEngine", "Rule", "get_rule", "heat_quantize", "__version__"]
+__all__ = ["LRP", "Composite", "get_composite", "composite_names", "RelevanceEngine", "Rule", "get_rule",
+           "get_method", "method_names", "CRP", "heat_quantize", "__version__"]
 
 if TYPE_CHECKING:
+    from relprop.core.composites import Composite, composite_names, get_composite
     from relprop.core.engine import RelevanceEngine
     from relprop.core.lrp import LRP
     from relprop.core.quantize import heat_quantize
     from relprop.core.rules import Rule, get_rule
+    from relprop.detection.crp import CRP
+    from relprop.methods import get_method, method_names
 
 
 def __getattr__(name: str) -> Any:

@@ -19,6 +19,7 @@ from torch import Tensor, nn
 from torch.utils._pytree import tree_flatten
 
 from relprop.core import graph as g
+from relprop.core.composites import BN_MODES, MAXPOOL_RULES, Composite, RuleSpec, resolve_composite
 from relprop.core.rules import (
     LINEAR_TYPES,
     BatchNormStats,
@@ -38,9 +39,6 @@ from relprop.core.rules import (
 from relprop.core.splitting import Splitter
 from relprop.errors import FidelityError, InputError, UnsupportedLayerError
 
-RuleSpec = str | Rule
-MAXPOOL_RULES = ("avg", "wta")
-
 
 @dataclass
 class Record:
@@ -57,9 +55,6 @@ class Backward:
     input: Tensor
     layer_sums: OrderedDict[str, Tensor] = field(default_factory=OrderedDict)
     layers: dict[str, Tensor] = field(default_factory=dict)  # relevance of requested layers' outputs
-
-
-BN_MODES = ("pass", "fold")
 
 
 @dataclass(frozen=True)
@@ -134,28 +129,36 @@ class RelevanceEngine:
     then `input_rule` for the layer that sees the input, then rules by type, function or method,
     then the defaults (z+; w⁺ at the input layer). `bn="fold"` lets the rule of a layer next to
     a BatchNorm see the effective (folded) layer; `"pass"` passes relevance through BatchNorm.
+    All of these are the fields of a `Composite`: pass one as `composite=` or its fields as
+    keywords (a shortcut that builds one; not both).
     """
 
     def __init__(
         self,
         module: nn.Module,
-        split: str = "ratio",
-        identity_skips: bool = True,
+        split: str | None = None,
+        identity_skips: bool | None = None,
         rules: Mapping[Any, RuleSpec] | None = None,
         input_rule: RuleSpec | None = None,
-        maxpool: str = "avg",
+        maxpool: str | None = None,
         mean: list[float] | None = None,
         std: list[float] | None = None,
-        reference: bool = False,
+        reference: bool | None = None,
         bn: str | None = None,
+        *,
+        composite: Composite | None = None,
     ) -> None:
-        if maxpool not in MAXPOOL_RULES:
-            raise ValueError(f"unknown maxpool rule {maxpool!r}; choose one of: {', '.join(MAXPOOL_RULES)}")
+        composite = resolve_composite(
+            composite, split=split, identity_skips=identity_skips, rules=rules, input_rule=input_rule,
+            maxpool=maxpool, mean=mean, std=std, reference=reference, bn=bn,
+        )
+        self.composite = composite
         self.module = module
-        self.reference = reference
-        self.maxpool = maxpool
-        self.splitter = Splitter(split, identity_skips, reference=reference)
-        self._rules = _sort_rules(module, rules or {}, mean, std)
+        self.reference = reference = composite.reference
+        self.maxpool = composite.maxpool
+        self.splitter = Splitter(composite.split, composite.identity_skips, reference=reference)
+        mean, std = _as_list(composite.mean), _as_list(composite.std)
+        self._rules = _sort_rules(module, composite.rule_map(), mean, std)
         if reference:
             self._default_rule: Rule = ReferenceZPlusRule()
             self._default_input_rule: Rule = ReferenceZPlusRule(ones_input=True)
@@ -163,8 +166,8 @@ class RelevanceEngine:
         else:
             self._default_rule = ZPlusRule()
             self._default_input_rule = WPlusRule()
-            self._input_rule = None if input_rule is None else get_rule(input_rule, mean, std)
-        self.bn = self._resolve_bn(bn)
+            self._input_rule = None if composite.input_rule is None else get_rule(composite.input_rule, mean, std)
+        self.bn = self._resolve_bn(composite.bn)
         user = self._rules.user_rules()
         self.graph = g.trace(module, user)
         self.steps = g.build_steps(module, self.graph, user, fold_batchnorm=self.bn == "fold")
@@ -178,11 +181,7 @@ class RelevanceEngine:
     def _resolve_bn(self, bn: str | None) -> str:
         """None: "pass" for the paper's composite (z+, w⁺: unchanged by folding), "fold" as soon
         as any rule divides by a z that BatchNorm changes (ε, γ, αβ, zB, flat, w², ...)."""
-        if bn is not None:
-            if bn not in BN_MODES:
-                raise ValueError(f"unknown bn mode {bn!r}; choose one of: {', '.join(BN_MODES)}")
-            if bn == "fold" and self.reference:
-                raise ValueError("the reference preset passes BatchNorm through, as the paper does; use bn='pass'")
+        if bn is not None:  # validated by the Composite
             return bn
         rules = [*self._rules.all(), self._input_rule]
         invariant = all(rule is None or type(rule) in _BN_INVARIANT_RULES for rule in rules)
@@ -468,6 +467,10 @@ class RelevanceEngine:
         return lambda t: avg_pool(t, kernel, stride, padding, ceil_mode, True)
 
 
+def _as_list(values: tuple[float, ...] | None) -> list[float] | None:
+    return None if values is None else list(values)
+
+
 def _as_tuple(value: int | tuple[int, ...]) -> tuple[int, ...]:
     return tuple(value) if isinstance(value, (tuple, list)) else (value,)
 
@@ -566,4 +569,4 @@ def _match_seed(structure: Any, seed: Any) -> list[tuple[fx.Node, Tensor]]:
     return []
 
 
-__all__ = ["RelevanceEngine", "Record", "Backward"]
+__all__ = ["RelevanceEngine", "Record", "Backward", "BN_MODES", "MAXPOOL_RULES", "RuleSpec"]

@@ -9,12 +9,13 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from relprop.core.engine import Backward, Record, RelevanceEngine, RuleSpec
-from relprop.errors import InputError, TargetError
+from relprop.core.composites import Composite, RuleSpec, resolve_composite
+from relprop.core.engine import Backward, Record, RelevanceEngine
+from relprop.errors import InputError
+from relprop.targets import Target, check_target, initial_relevance, slice_target
 
 PRESETS = ("default", "reference")
 VERIFY_MODES = ("first", "always")
-Target = int | Sequence[int] | Tensor | None
 
 
 class LRP:
@@ -23,6 +24,10 @@ class LRP:
     Args:
         model: the classifier (torchvision ResNets, ResNeXt, Wide ResNets, or your own
             traceable model). It is never modified; explanations use eval semantics and fp32.
+        composite: a `relprop.Composite` (e.g. ``relprop.get_composite("lrp-split-sym")``)
+            holding split, identity_skips, preset (its ``reference``), rules, input_rule,
+            maxpool, mean/std and bn; those keyword arguments below are a shortcut that builds
+            one (defaults: the paper's method). Giving both is an error.
         split: ``"ratio"`` (the paper's method), ``"symmetric"``, or ``"signed"`` (plain LRP,
             the signed proportional split other libraries use at adds).
         identity_skips: split at identity skips too (the paper); False sends all relevance
@@ -59,21 +64,20 @@ class LRP:
     def __init__(
         self,
         model: nn.Module,
-        split: str = "ratio",
-        identity_skips: bool = True,
+        split: str | None = None,
+        identity_skips: bool | None = None,
         preset: str | None = None,
         rules: Mapping[Any, RuleSpec] | None = None,
         input_rule: RuleSpec | None = None,
-        maxpool: str = "avg",
+        maxpool: str | None = None,
         mean: list[float] | None = None,
         std: list[float] | None = None,
         chunk_size: int | None = None,
         bn: str | None = None,
         verify: str = "first",
+        *,
+        composite: Composite | None = None,
     ) -> None:
-        preset = preset or "default"
-        if preset not in PRESETS:
-            raise ValueError(f"unknown preset {preset!r}; choose one of: {', '.join(PRESETS)}")
         if chunk_size is not None and chunk_size < 1:
             raise ValueError(f"chunk_size must be positive, got {chunk_size}")
         if verify not in VERIFY_MODES:
@@ -81,12 +85,13 @@ class LRP:
         self.verify = verify
         self._verified: set[tuple] = set()
         self.model = model
-        self.preset = preset
         self.chunk_size = chunk_size
-        self.engine = RelevanceEngine(
-            model, split=split, identity_skips=identity_skips, rules=rules, input_rule=input_rule,
-            maxpool=maxpool, mean=mean, std=std, reference=preset == "reference", bn=bn,
+        self.composite = resolve_composite(
+            composite, split=split, identity_skips=identity_skips, rules=rules, input_rule=input_rule,
+            maxpool=maxpool, mean=mean, std=std, reference=preset_reference(preset), bn=bn,
         )
+        self.preset = "reference" if self.composite.reference else "default"
+        self.engine = RelevanceEngine(model, composite=self.composite)
 
     def attribute(
         self, inputs: Tensor, target: Target = None, return_layer_sums: bool = False,
@@ -105,13 +110,13 @@ class LRP:
         """
         x = _check_inputs(inputs)
         nodes = self.engine.layer_nodes(layers) if layers else {}
-        _check_target_length(target, x.shape[0])
+        check_target(target, x.shape[0])
         device = _model_device(self.model, x.device)
         results, reports, kept = [], [], []
         chunk_size = self.chunk_size or (4 if device.type == "cpu" else 32)
         for start in range(0, x.shape[0], chunk_size):
             chunk = x[start:start + chunk_size].to(device=device, dtype=torch.float32)
-            backward, sums = self._attribute_chunk(chunk, _slice_target(target, start, chunk_size),
+            backward, sums = self._attribute_chunk(chunk, slice_target(target, start, chunk_size),
                                                    return_layer_sums, nodes)
             results.append(backward.input.to(inputs.device))
             reports.append(sums)
@@ -151,62 +156,13 @@ class LRP:
             self._verified.add(key)
 
 
-def initial_relevance(logits: Tensor, target: Target) -> Tensor:
-    """Softmax probability of the explained class, zero elsewhere; or the given seed."""
-    n, num_classes = logits.shape
-    if isinstance(target, Tensor) and target.is_floating_point():
-        if tuple(target.shape) != (n, num_classes):
-            raise TargetError(
-                f"a relevance seed must have shape (N, num_outputs) with {num_classes} outputs, "
-                f"got {target.shape[-1] if target.dim() else 0} columns"
-            )
-        return target.to(device=logits.device, dtype=torch.float32)
-    if target is None:
-        classes = logits.argmax(1)
-    else:
-        classes = _target_classes(target, n, num_classes).to(logits.device)
-    probabilities = torch.softmax(logits, dim=1)
-    seed = torch.zeros_like(probabilities)
-    rows = torch.arange(n, device=logits.device)
-    seed[rows, classes] = probabilities[rows, classes]
-    return seed
-
-
-def _target_classes(target: Target, n: int, num_classes: int) -> Tensor:
-    if isinstance(target, bool):
-        raise TargetError(f"target must be a class index, got {target!r}")
-    if isinstance(target, int) or (isinstance(target, Tensor) and target.dim() == 0):
-        classes = torch.full((n,), int(target), dtype=torch.long)
-    else:
-        try:
-            classes = torch.as_tensor(target)
-        except (TypeError, ValueError) as error:
-            raise TargetError(f"target must be None, an int, N ints or an (N, {num_classes}) seed: {error}") from None
-        if classes.is_floating_point() or classes.dim() != 1:
-            raise TargetError(f"target must be None, an int, N ints or an (N, {num_classes}) float seed; "
-                              f"got a tensor of shape {tuple(classes.shape)} and dtype {classes.dtype}")
-        if classes.numel() != n:
-            raise TargetError(f"got {classes.numel()} targets for {n} inputs")
-        classes = classes.long()
-    bad = (classes < 0) | (classes >= num_classes)
-    if bool(bad.any()):
-        raise TargetError(f"target {int(classes[bad][0])} is out of range for a model with {num_classes} outputs")
-    return classes
-
-
-def _check_target_length(target: Target, n: int) -> None:
-    if isinstance(target, Tensor) and target.is_floating_point() and target.dim() != 2:
-        raise TargetError(f"a relevance seed must have shape (N, num_outputs), got {tuple(target.shape)}; "
-                          "class indices must be integers")
-    if isinstance(target, (Tensor, list, tuple)) and not (isinstance(target, Tensor) and target.dim() == 0):
-        if len(target) != n:
-            raise TargetError(f"got {len(target)} targets for {n} inputs")
-
-
-def _slice_target(target: Target, start: int, size: int) -> Target:
-    if isinstance(target, (list, tuple)) or (isinstance(target, Tensor) and target.dim() > 0):
-        return target[start:start + size]
-    return target
+def preset_reference(preset: str | None) -> bool | None:
+    """The composite's `reference` field for a `preset` keyword (None: not given)."""
+    if preset is None:
+        return None
+    if preset not in PRESETS:
+        raise ValueError(f"unknown preset {preset!r}; choose one of: {', '.join(PRESETS)}")
+    return preset == "reference"
 
 
 def _check_inputs(inputs: Tensor) -> Tensor:

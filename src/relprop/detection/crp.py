@@ -30,6 +30,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from tqdm import tqdm
 
+from relprop.core.composites import Composite, resolve_composite
 from relprop.core.engine import RelevanceEngine
 from relprop.core.rules import get_rule
 from relprop.detection.ssd import (
@@ -87,7 +88,10 @@ class CRP:
     ``include_background`` adds the background class to the classes contrasted against.
     ``box_contrast`` subtracts the mean map of the other three offsets from a box map.
     ``split``/``identity_skips`` configure Relevance Splitting in residual backbones; ``rules``
-    adds engine rules for custom backbone layers (``{ModuleType: "pass"}``).
+    adds engine rules for custom backbone layers (``{ModuleType: "pass"}``). These and
+    ``input_rule`` (default zB) are a shortcut for ``composite=`` (a `relprop.Composite` for the
+    backbone; not both); the detector's normalization fills its mean/std where it has none, and
+    its L2Norm passes relevance unless the composite names a rule for it.
     """
 
     def __init__(
@@ -97,12 +101,13 @@ class CRP:
         contrast: bool = True,
         include_background: bool = False,
         box_contrast: bool = False,
-        split: str = "ratio",
-        identity_skips: bool = True,
-        input_rule: str = "zb",
+        split: str | None = None,
+        identity_skips: bool | None = None,
+        input_rule: str | None = None,
         rules: Mapping[type | str, str] | None = None,
         chunk_size: int = 8,
         progress: bool = False,
+        composite: Composite | None = None,
     ) -> None:
         self.detector = check_ssd(detector)
         self.contrast = contrast
@@ -113,15 +118,13 @@ class CRP:
         self.backbone = traceable_backbone(detector)
         transform = detector.transform
         self.mean, self.std = list(transform.image_mean), list(transform.image_std)
-        self.engine = RelevanceEngine(
-            self.backbone,
-            split=split,
-            identity_skips=identity_skips,
-            rules={L2Norm: "pass", **dict(rules or {})},
-            input_rule=input_rule,
-            mean=self.mean,
-            std=self.std,
+        composite = resolve_composite(composite, Composite(input_rule="zb"), split=split,
+                                      identity_skips=identity_skips, input_rule=input_rule, rules=rules)
+        self.composite = composite.replace(
+            rules={L2Norm: "pass", **composite.rule_map()},
+            mean=composite.mean or self.mean, std=composite.std or self.std,
         )
+        self.engine = RelevanceEngine(self.backbone, composite=self.composite)
         self.heads = {"class": head_levels(detector, "class"), "box": head_levels(detector, "box")}
         self.num_classes = num_classes_of(detector)
         self._head_rule = get_rule("zplus")

@@ -1,0 +1,160 @@
+"""`Composite`: which rule where, how residual adds split, and the numerics, as one object.
+
+`LRP`, `RelevanceEngine` and `CRP` take a composite (``composite=``) or its fields as keyword
+arguments (a shortcut that builds one). Named composites live in a registry:
+
+    >>> from relprop import get_composite, composite_names
+    >>> get_composite("lrp-split-sym").split
+    'symmetric'
+    >>> "epsilon-gamma-box" in composite_names()
+    True
+
+Adding a composite: one `register_composite(name, factory)` line (a function of the input
+normalization, `(mean, std) -> Composite`), here or in your own code.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from torch import nn
+
+from relprop.core.rules import Rule
+from relprop.core.splitting import SPLITS
+from relprop.errors import InputError
+
+RuleSpec = str | Rule
+MAXPOOL_RULES = ("avg", "wta")
+BN_MODES = ("pass", "fold")
+_CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
+
+
+@dataclass(frozen=True)
+class Composite:
+    """Every choice that decides the relevance, apart from the model.
+
+    Args:
+        rules: module types, qualified module names, functions or tensor-method names -> rule
+            name or `Rule` (``{nn.Linear: "epsilon", "layer4.1.conv2": "gamma"}``); kept as a
+            tuple of pairs so the composite stays immutable (`rule_map()` gives the dict).
+        input_rule: rule of the layer that sees the input (None: a type rule if one matches
+            there, else w⁺).
+        split: ``"ratio"`` (the paper), ``"symmetric"`` or ``"signed"`` (plain LRP).
+        identity_skips: split at identity skips too (False: the paper's ablation).
+        maxpool: ``"avg"`` (proportional, the pool's geometry) or ``"wta"`` (winner takes all).
+        bn: ``"fold"``, ``"pass"`` or None (pass for the paper's z+/w⁺, fold for any other rule).
+        reference: the authors' code's numerics (reproduces their numbers; leaks a few percent).
+        mean, std: the input normalization, which the zB rule needs.
+    """
+
+    rules: Mapping[Any, RuleSpec] | tuple[tuple[Any, RuleSpec], ...] = ()
+    input_rule: RuleSpec | None = None
+    split: str = "ratio"
+    identity_skips: bool = True
+    maxpool: str = "avg"
+    bn: str | None = None
+    reference: bool = False
+    mean: tuple[float, ...] | None = None
+    std: tuple[float, ...] | None = None
+
+    def __post_init__(self) -> None:
+        pairs = tuple(self.rules.items()) if isinstance(self.rules, Mapping) else tuple(self.rules)
+        object.__setattr__(self, "rules", pairs)
+        for name in ("mean", "std"):
+            value = getattr(self, name)
+            object.__setattr__(self, name, None if value is None else tuple(float(v) for v in value))
+        if self.split not in SPLITS:
+            raise ValueError(f"unknown split {self.split!r}; choose one of: {', '.join(SPLITS)}")
+        if self.maxpool not in MAXPOOL_RULES:
+            raise ValueError(f"unknown maxpool rule {self.maxpool!r}; choose one of: {', '.join(MAXPOOL_RULES)}")
+        if self.bn is not None and self.bn not in BN_MODES:
+            raise ValueError(f"unknown bn mode {self.bn!r}; choose one of: {', '.join(BN_MODES)}")
+        if self.bn == "fold" and self.reference:
+            raise ValueError("the reference preset passes BatchNorm through, as the paper does; use bn='pass'")
+
+    def rule_map(self) -> dict[Any, RuleSpec]:
+        """The rules as the dict the engine sorts by key kind."""
+        return dict(self.rules)
+
+    def replace(self, **changes: Any) -> Composite:
+        """A copy with some fields changed (e.g. the normalization: ``c.replace(mean=m, std=s)``)."""
+        return dataclasses.replace(self, **changes)
+
+
+COMPOSITE_FIELDS = tuple(f.name for f in dataclasses.fields(Composite))
+
+
+def resolve_composite(composite: Composite | None, base: Composite | None = None,
+                      **options: Any) -> Composite:
+    """The one composite of a constructor: `composite`, or the keyword shortcut's options (None
+    = not given) over `base` (the constructor's defaults). Giving both is an error."""
+    given = {key: value for key, value in options.items() if value is not None}
+    if composite is not None:
+        if given:
+            raise ValueError(f"give either composite= or its keyword arguments ({', '.join(sorted(given))}), "
+                             "not both")
+        if not isinstance(composite, Composite):
+            raise TypeError(f"composite must be a relprop.Composite, got {type(composite).__name__}")
+        return composite
+    return (base or Composite()).replace(**given)
+
+
+Normalization = Sequence[float] | None
+Factory = Callable[[Normalization, Normalization], Composite]
+_REGISTRY: dict[str, Factory] = {}
+
+
+def register_composite(name: str, factory: Factory) -> None:
+    """Register `factory(mean, std) -> Composite` under `name` (what `get_composite` builds)."""
+    if name in _REGISTRY:
+        raise ValueError(f"composite {name!r} is already registered")
+    _REGISTRY[name] = factory
+
+
+def composite_names() -> tuple[str, ...]:
+    """Every registered composite name."""
+    return tuple(_REGISTRY)
+
+
+def get_composite(name: str, *, mean: Normalization = None, std: Normalization = None) -> Composite:
+    """A registered composite by name, with the input normalization (needed by zB)."""
+    if name not in _REGISTRY:
+        raise InputError(f"unknown composite {name!r}; known: {', '.join(_REGISTRY)}")
+    return _REGISTRY[name](mean, std)
+
+
+def _needs_normalization(name: str, mean: Normalization, std: Normalization) -> None:
+    if mean is None or std is None:
+        raise InputError(f"composite {name!r} uses the zB rule: pass the input normalization "
+                         "(get_composite(name, mean=..., std=...))")
+
+
+def _epsilon_gamma_box(mean: Normalization, std: Normalization) -> Composite:
+    _needs_normalization("epsilon-gamma-box", mean, std)
+    return Composite(rules={**dict.fromkeys(_CONVS, "gamma"), nn.Linear: "epsilon"}, input_rule="zb",
+                     split="signed", maxpool="wta", bn="fold", mean=mean, std=std)
+
+
+# the paper's method (Relevance Splitting, z+, w⁺ input, BN pass) and its ablations
+register_composite("lrp-split", lambda mean, std: Composite(mean=mean, std=std))
+register_composite("lrp-split-sym", lambda mean, std: Composite(split="symmetric", mean=mean, std=std))
+register_composite("lrp-split-noid", lambda mean, std: Composite(identity_skips=False, mean=mean, std=std))
+register_composite("lrp-split-sym-noid", lambda mean, std: Composite(
+    split="symmetric", identity_skips=False, mean=mean, std=std))
+# the authors' code's numerics (golden equivalence)
+register_composite("lrp-split-ref", lambda mean, std: Composite(reference=True, mean=mean, std=std))
+# plain LRP: the signed proportional split of libraries without splitting
+register_composite("lrp-plain", lambda mean, std: Composite(split="signed", mean=mean, std=std))
+# the standard composites (docs/rules.md; aligned with Zennit's)
+register_composite("epsilon-plus-flat", lambda mean, std: Composite(
+    rules={**dict.fromkeys(_CONVS, "zplus"), nn.Linear: "epsilon"}, input_rule="flat", split="signed",
+    maxpool="wta", bn="fold", mean=mean, std=std))
+register_composite("epsilon-gamma-box", _epsilon_gamma_box)
+register_composite("alpha2beta1", lambda mean, std: Composite(
+    rules=dict.fromkeys(_CONVS, "alpha2beta1"), bn="fold", mean=mean, std=std))
+
+__all__ = ["Composite", "get_composite", "composite_names", "register_composite", "resolve_composite",
+           "COMPOSITE_FIELDS"]

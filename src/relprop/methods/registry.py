@@ -1,0 +1,89 @@
+"""The methods registry: name -> builder, aliases, and `get_method`.
+
+Adding a method is one class and one `register(...)` line in its family's module (lrp.py,
+cams.py, gradients.py, captum.py, bow.py), which `relprop.methods` imports.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from torch import nn
+
+from relprop.errors import InputError
+from relprop.evaluation.metrics import Channels
+from relprop.methods.base import HQ_SUFFIX, Method, MethodOptions
+from relprop.methods.hq import HeatQuantized
+
+Builder = Callable[[nn.Module, str, MethodOptions], Method]
+
+
+@dataclass(frozen=True)
+class Entry:
+    """A registered method: its builder, and whether it takes keywords for `relprop.LRP`."""
+
+    build: Builder
+    takes_lrp_options: bool = False
+
+
+_REGISTRY: dict[str, Entry] = {}
+# Older or paper-style names of registered methods: alias -> canonical name.
+ALIASES: dict[str, str] = {}
+
+
+def register(name: str, build: Builder, *, aliases: Sequence[str] = (), takes_lrp_options: bool = False) -> None:
+    """Register `build(model, name, options)` under `name` (and its aliases)."""
+    if name in _REGISTRY or name in ALIASES:
+        raise ValueError(f"method {name!r} is already registered")
+    _REGISTRY[name] = Entry(build, takes_lrp_options)
+    for alias in aliases:
+        ALIASES[alias] = name
+
+
+def canonical_name(name: str) -> str:
+    """The registry's name for a method name or alias, `+hq` kept (`ours+hq` -> `lrp-split+hq`);
+    results written under an alias stay readable through it."""
+    base, hq = (name[: -len(HQ_SUFFIX)], HQ_SUFFIX) if name.endswith(HQ_SUFFIX) else (name, "")
+    return ALIASES.get(base, base) + hq
+
+
+def method_names(*, include_aliases: bool = False) -> tuple[str, ...]:
+    """Every registered method name (what --help, the docs and error messages list)."""
+    return (*_REGISTRY, *ALIASES) if include_aliases else tuple(_REGISTRY)
+
+
+def unknown_method(name: str) -> InputError:
+    """The one-line refusal of a name the registry does not know, listing the valid ones."""
+    aliases = ", ".join(f"{alias} = {canonical}" for alias, canonical in ALIASES.items())
+    return InputError(f"unknown method {name!r}; known: {', '.join(_REGISTRY)} (aliases: {aliases}; "
+                      f"each also with the suffix {HQ_SUFFIX})")
+
+
+def get_method(name: str, model: nn.Module, *, layer: nn.Module | str | None = None, batch_size: int = 32,
+               channels: Channels = "sum", mean: Sequence[float] | None = None,
+               std: Sequence[float] | None = None, **lrp_options: Any) -> Method:
+    """Build a method by its registry name or alias (see `method_names`; any name may end in `+hq`).
+
+    `layer`: CAM layer, a module or its qualified name (default `layer4[-1]` of a ResNet, else
+    the last spatial feature map before global pooling, see `find_cam_layer`); `batch_size`:
+    Score-CAM masked inputs and Integrated Gradients' internal batch per forward; `channels`: 2-D
+    reduction before `+hq`; `mean`/`std` and other keywords go to `relprop.LRP`. The method
+    keeps the name it was asked by (`get_method("ours").name == "ours"`).
+    """
+    options = MethodOptions(layer, batch_size, channels, mean, std, dict(lrp_options))
+    if name.endswith(HQ_SUFFIX):
+        base = get_method(name[: -len(HQ_SUFFIX)], model, layer=layer, batch_size=batch_size,
+                          channels=channels, mean=mean, std=std, **lrp_options)
+        return HeatQuantized(base, channels)
+    entry = _REGISTRY.get(canonical_name(name))
+    if entry is None:
+        raise unknown_method(name)
+    if getattr(model, "is_bow", False):  # BoW models: relprop.bow (refuses network methods)
+        from relprop.bow.explainer import get_bow_method
+
+        return get_bow_method(name, model)
+    if lrp_options and not entry.takes_lrp_options:
+        raise InputError(f"method {name!r} takes no options {sorted(lrp_options)}")
+    return entry.build(model, name, options)
