@@ -9,8 +9,21 @@ DOC = Path(__file__).resolve().parents[1] / "docs" / "architecture.md"
 
 
 def test_architecture_examples_run_as_written():
+    """Each block registers its toy addition; every registry is restored afterwards, in place
+    (modules that imported a registry hold the same dict)."""
+    from relprop.core import composites, rules
+    from relprop.evaluation import metrics
+    from relprop.methods import registry
+
+    registries = [rules.RULES, registry._REGISTRY, registry.ALIASES, metrics.METRICS, composites._REGISTRY]
+    saved = [dict(r) for r in registries]
     blocks = re.findall(r"```python\n(.*?)```", DOC.read_text(encoding="utf-8"), re.S)
     assert len(blocks) >= 4  # a rule, a method, a metric, a composite
     namespace: dict = {"__name__": "architecture_examples"}
-    for block in blocks:
-        exec(compile(block, str(DOC), "exec"), namespace)
+    try:
+        for block in blocks:
+            exec(compile(block, str(DOC), "exec"), namespace)
+    finally:
+        for registry_dict, contents in zip(registries, saved, strict=True):
+            registry_dict.clear()
+            registry_dict.update(contents)
