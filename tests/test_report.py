@@ -30,7 +30,7 @@ METHODS = ("ours", "gradcam", "ig")
 
 
 def make_eval_out(root: Path, n: int = 24, maps: bool = True, seed: int = 0) -> Path:
-    """A small evaluate output folder following CONTRACTS.md (results.jsonl, run.json, maps/)."""
+    """A small evaluate output folder following the results format (results.jsonl, run.json, maps/)."""
     rng = np.random.default_rng(seed)
     data, out = root / "data", root / "eval"
     yy, xx = np.mgrid[0:32, 0:32]
