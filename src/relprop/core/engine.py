@@ -177,6 +177,7 @@ class RelevanceEngine:
         self._input_step = inputs[0]
         self._step_of = {step.node: step for step in self.steps}
         self._ops: dict[fx.Node, tuple[tuple, LinearOp]] = {}
+        self._handlers = self._handler_table()
 
     def _resolve_bn(self, bn: str | None) -> str:
         """None: "pass" for the paper's composite (z+, w⁺: unchanged by folding), "fold" as soon
@@ -333,41 +334,54 @@ class RelevanceEngine:
         return PassRule()
 
     def _propagate(self, step: g.Step, values: dict[fx.Node, Any], R: Tensor) -> list[tuple[fx.Node, Tensor]]:
-        node, kind = step.node, step.kind
-        if kind == g.LINEAR:
-            return [(step.inputs[0], self._linear(step, values, R))]
-        if kind == g.CUSTOM:
-            parent = step.inputs[0]
-            layer = step.module if step.module is not None else self._as_function_of_first_input(step, values)
-            return [(parent, self.rule_for(step).relevance(layer, values[parent], R))]
-        if kind == g.PASS:
-            parent = step.inputs[0]
-            return [(parent, R.reshape(values[parent].shape))]
-        if kind == g.ADD:
-            return self._add(step, values, R)
-        if kind == g.SCALE:  # x * constant, or x * gate(x): all relevance stays with x
-            parents = g.relevance_parents(step)
-            if len(parents) != 1:
-                raise UnsupportedLayerError(
-                    f"'{node.name}'{g.in_module(node)} multiplies two unrelated input-dependent "
-                    "tensors; relprop has no rule for that"
-                )
-            return [(parents[0], R.sum_to_size(values[parents[0]].shape))]
-        if kind == g.CAT:
-            return self._cat(node, values, R)
-        if kind in (g.POOL, g.MAXPOOL, g.ROUTE):
-            parent = step.inputs[0]
-            fn = self._as_function_of_first_input(step, values)
-            a = values[parent]
-            if kind == g.ROUTE:
-                return [(parent, vjp(fn, a, R))]
-            epsilon = 1e-5 if self.reference else 0.0
-            return [(parent, proportional(fn, a, R, epsilon))]
-        if kind == g.META:
-            if isinstance(values[node], Tensor):
-                raise UnsupportedLayerError(f"no relevance rule for node '{node.name}' ({node.target})")
-            return []
-        raise AssertionError(kind)
+        """Relevance of the step's parents, by the handler of its kind."""
+        return self._handlers[step.kind](step, values, R)
+
+    def _handler_table(self) -> dict[g.Kind, Callable[[g.Step, dict[fx.Node, Any], Tensor], list[tuple[fx.Node, Tensor]]]]:
+        return {
+            g.LINEAR: lambda step, values, R: [(step.inputs[0], self._linear(step, values, R))],
+            g.CUSTOM: self._custom,
+            g.PASS: lambda step, values, R: [(step.inputs[0], R.reshape(values[step.inputs[0]].shape))],
+            g.ADD: self._add,
+            g.SCALE: self._scale,
+            g.CAT: lambda step, values, R: self._cat(step.node, values, R),
+            g.POOL: self._proportional,
+            g.MAXPOOL: self._proportional,
+            g.ROUTE: self._route,
+            g.META: self._meta,
+        }
+
+    def _custom(self, step: g.Step, values: dict[fx.Node, Any], R: Tensor) -> list[tuple[fx.Node, Tensor]]:
+        parent = step.inputs[0]
+        layer = step.module if step.module is not None else self._as_function_of_first_input(step, values)
+        return [(parent, self.rule_for(step).relevance(layer, values[parent], R))]
+
+    def _scale(self, step: g.Step, values: dict[fx.Node, Any], R: Tensor) -> list[tuple[fx.Node, Tensor]]:
+        """x * constant, or x * gate(x): all relevance stays with x."""
+        parents = g.relevance_parents(step)
+        if len(parents) != 1:
+            raise UnsupportedLayerError(
+                f"'{step.node.name}'{g.in_module(step.node)} multiplies two unrelated input-dependent "
+                "tensors; relprop has no rule for that"
+            )
+        return [(parents[0], R.sum_to_size(values[parents[0]].shape))]
+
+    def _proportional(self, step: g.Step, values: dict[fx.Node, Any], R: Tensor) -> list[tuple[fx.Node, Tensor]]:
+        """Pooling and upsampling: the z-rule of a positive linear map."""
+        parent = step.inputs[0]
+        fn = self._as_function_of_first_input(step, values)
+        return [(parent, proportional(fn, values[parent], R, 1e-5 if self.reference else 0.0))]
+
+    def _route(self, step: g.Step, values: dict[fx.Node, Any], R: Tensor) -> list[tuple[fx.Node, Tensor]]:
+        """Reshapes, permutes, slicing, padding: relevance follows the elements."""
+        parent = step.inputs[0]
+        return [(parent, vjp(self._as_function_of_first_input(step, values), values[parent], R))]
+
+    @staticmethod
+    def _meta(step: g.Step, values: dict[fx.Node, Any], R: Tensor) -> list[tuple[fx.Node, Tensor]]:
+        if isinstance(values[step.node], Tensor):
+            raise UnsupportedLayerError(f"no relevance rule for node '{step.node.name}' ({step.node.target})")
+        return []
 
     def _linear(self, step: g.Step, values: dict[fx.Node, Any], R: Tensor) -> Tensor:
         """The layer's rule on its effective op; with a BatchNorm folded in before it, the op

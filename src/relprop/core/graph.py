@@ -8,6 +8,7 @@ import operator
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from enum import Enum
 from typing import Any
 
 import torch
@@ -18,21 +19,28 @@ from torch import nn
 from relprop.core.rules import LINEAR_TYPES
 from relprop.errors import TraceError, UnsupportedLayerError
 
-# How relevance crosses a node.
-LINEAR = "linear"  # Linear, ConvNd, ConvTransposeNd (modules or functional calls): an LRP rule
-PASS = "pass"  # unchanged: ReLU, BatchNorm, Dropout, Identity, x * constant
-POOL = "pool"  # positive linear maps: avg / adaptive-avg / sum / mean pooling
-MAXPOOL = "maxpool"
-ROUTE = "route"  # reshapes, permutes, slicing: relevance follows the elements
-ADD = "add"  # residual add: Relevance Splitting
-CAT = "cat"
-SCALE = "scale"  # x * c, x / c: relevance passes to the input-dependent operand
-CUSTOM = "custom"  # a module, function or method the user gave a rule for
-META = "meta"  # x.size(), shapes: no relevance
-INPUT = "input"
-OUTPUT = "output"
-CONSTANT = "constant"  # does not depend on the input
-UNSUPPORTED = "unsupported"  # no rule: an error if relevance ever reaches it
+
+class Kind(str, Enum):
+    """How relevance crosses a node (the engine has one handler per kind)."""
+
+    LINEAR = "linear"  # Linear, ConvNd, ConvTransposeNd (modules or functional calls): an LRP rule
+    PASS = "pass"  # unchanged: ReLU, BatchNorm, Dropout, Identity
+    POOL = "pool"  # positive linear maps: avg / adaptive-avg / sum / mean pooling, upsampling
+    MAXPOOL = "maxpool"
+    ROUTE = "route"  # reshapes, permutes, slicing, zero padding: relevance follows the elements
+    ADD = "add"  # residual add: Relevance Splitting
+    CAT = "cat"
+    SCALE = "scale"  # x * c, x / c, x * gate(x): relevance stays with the input-dependent operand
+    CUSTOM = "custom"  # a module, function or method the user gave a rule for
+    META = "meta"  # x.size(), shapes: no relevance
+    INPUT = "input"
+    OUTPUT = "output"
+    CONSTANT = "constant"  # does not depend on the input
+    UNSUPPORTED = "unsupported"  # no rule: an error if relevance ever reaches it
+
+
+(LINEAR, PASS, POOL, MAXPOOL, ROUTE, ADD, CAT, SCALE, CUSTOM, META, INPUT, OUTPUT, CONSTANT,
+ UNSUPPORTED) = Kind
 
 BATCHNORM_MODULES = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
 PASS_MODULES = (
@@ -45,11 +53,11 @@ MAXPOOL_MODULES = (nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d)
 ROUTE_MODULES = (nn.Flatten, nn.Unflatten)
 # Module types whose computation the engine reproduces itself, by kind. A module gets this
 # built-in handling only if it computes exactly what its torch class computes (see `builtin_kind`).
-BUILTIN_MODULES: dict[str, tuple[type[nn.Module], ...]] = {
-    LINEAR: LINEAR_TYPES, MAXPOOL: MAXPOOL_MODULES, PASS: PASS_MODULES, POOL: POOL_MODULES,
-    ROUTE: ROUTE_MODULES, POOL + "/upsample": (nn.Upsample,),
-}
-_BUILTIN_TYPES = tuple(t for types in BUILTIN_MODULES.values() for t in types)
+BUILTIN_MODULES: tuple[tuple[Kind, tuple[type[nn.Module], ...]], ...] = (
+    (LINEAR, LINEAR_TYPES), (MAXPOOL, MAXPOOL_MODULES), (PASS, PASS_MODULES), (POOL, POOL_MODULES),
+    (ROUTE, ROUTE_MODULES), (POOL, (nn.Upsample,)),
+)
+_BUILTIN_TYPES = tuple(t for _, types in BUILTIN_MODULES for t in types)
 # Upsampling modes whose interpolation weights are non-negative: relevance goes in proportion.
 POSITIVE_INTERPOLATION = {"nearest", "nearest-exact", "linear", "bilinear", "trilinear", "area"}
 SOFTMAX_MODULES = (nn.Softmax, nn.LogSoftmax, nn.Softmax2d)
@@ -85,20 +93,20 @@ OUT_OF_PLACE = {operator.iadd: operator.add, operator.imul: operator.mul,
 OUT_OF_PLACE_METHODS = {"relu_": "relu", "add_": "add", "mul_": "mul", "div_": "div"}
 
 
-def builtin_kind(module: nn.Module) -> str | None:
+def builtin_kind(module: nn.Module) -> Kind | None:
     """The kind of a module whose computation is exactly its torch class's: the class itself,
     or a subclass that overrides neither `forward` nor `_conv_forward`. A subclass with its own
     `forward` (timm's StdConv2d, BatchNormAct2d, a home-made conv) computes something else, so
     it is traced into instead: its real operations are what gets interpreted."""
     if "forward" in vars(module):  # a forward replaced on the instance
         return None
-    for kind, types in BUILTIN_MODULES.items():
+    for kind, types in BUILTIN_MODULES:
         base = next((t for t in type(module).__mro__ if t in types), None)
         if base is None:
             continue
         if all(getattr(type(module), attr, None) is getattr(base, attr, None)
                for attr in ("forward", "_conv_forward")):
-            return kind.split("/")[0]
+            return kind
         return None
     return None
 
@@ -132,7 +140,7 @@ class Step:
     """One graph node with what the interpreter needs to run it forwards and backwards."""
 
     node: fx.Node
-    kind: str
+    kind: Kind
     module: nn.Module | None = None
     group: str | None = None  # the report entry (top-level layer or residual block) it belongs to
     skip: int | None = None  # ADD: index of the operand that is an identity skip
