@@ -259,7 +259,7 @@ class RelevanceEngine:
                 continue
             for parent, R_in in self._propagate(step, record.values, R):
                 if layer_sums and step.group is not None and self._group(parent) != step.group:
-                    total = R_in.reshape(R_in.shape[0], -1).sum(1)
+                    total = sum(r.reshape(r.shape[0], -1).sum(1) for r in _as_list(R_in))
                     sums[step.group] = sums[step.group] + total if step.group in sums else total
                 _accumulate(relevance, parent, R_in)
         x = record.values[self._input_step.node]
@@ -372,10 +372,19 @@ class RelevanceEngine:
         fn = self._as_function_of_first_input(step, values)
         return [(parent, proportional(fn, values[parent], R, 1e-5 if self.reference else 0.0))]
 
-    def _route(self, step: g.Step, values: dict[fx.Node, Any], R: Tensor) -> list[tuple[fx.Node, Tensor]]:
-        """Reshapes, permutes, slicing, padding: relevance follows the elements."""
+    def _route(self, step: g.Step, values: dict[fx.Node, Any], R: Tensor | list[Tensor]
+               ) -> list[tuple[fx.Node, Tensor | list[Tensor]]]:
+        """Reshapes, permutes, slicing, padding, chunk/split: relevance follows the elements. An
+        element taken from a tuple (`x.chunk(2)[1]`) sends its relevance to that slot of the
+        tuple's relevance; the chunk then sends all slots back at once."""
         parent = step.inputs[0]
-        return [(parent, vjp(self._as_function_of_first_input(step, values), values[parent], R))]
+        a = values[parent]
+        if isinstance(a, (tuple, list)):
+            index = step.node.args[1]
+            slots = [torch.zeros_like(t) for t in a]
+            slots[index] = R
+            return [(parent, slots)]
+        return [(parent, vjp(self._as_function_of_first_input(step, values), a, R))]
 
     @staticmethod
     def _meta(step: g.Step, values: dict[fx.Node, Any], R: Tensor) -> list[tuple[fx.Node, Tensor]]:
@@ -552,13 +561,21 @@ def _load(arg: Any, values: dict[fx.Node, Any]) -> Any:
     return fx.node.map_arg(arg, lambda n: values[n])
 
 
-def _accumulate(relevance: dict[fx.Node, Tensor], node: fx.Node, R: Tensor) -> None:
-    """Fan-in: add in place. Every tensor held here belongs to the backward pass (seeds are
-    copied on entry), so nothing the caller holds is changed."""
-    if node in relevance:
-        relevance[node].add_(R)
-    else:
+def _accumulate(relevance: dict[fx.Node, Any], node: fx.Node, R: Tensor | list[Tensor]) -> None:
+    """Fan-in: add in place (per slot for tuple-valued nodes such as chunk). Every tensor held
+    here belongs to the backward pass (seeds are copied on entry), so nothing the caller holds
+    is changed."""
+    if node not in relevance:
         relevance[node] = R
+    elif isinstance(R, list):
+        for held, new in zip(relevance[node], R, strict=True):
+            held.add_(new)
+    else:
+        relevance[node].add_(R)
+
+
+def _as_list(R: Tensor | list[Tensor]) -> list[Tensor]:
+    return R if isinstance(R, list) else [R]
 
 
 def _match_seed(structure: Any, seed: Any) -> list[tuple[fx.Node, Tensor]]:

@@ -43,9 +43,15 @@ class Kind(str, Enum):
  UNSUPPORTED) = Kind
 
 BATCHNORM_MODULES = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
+# Elementwise nonlinearities and normalizations take the identity rule: relevance passes
+# unchanged (AttnLRP, Achtibat et al. 2024, and its LXT code: elementwise activations; LayerNorm,
+# GroupNorm with the divisor treated as constant, as "identity on the normalization").
+ACTIVATION_MODULES = (nn.ReLU, nn.ReLU6, nn.SiLU, nn.GELU, nn.Hardswish, nn.Hardsigmoid, nn.LeakyReLU,
+                      nn.ELU, nn.Mish)
+NORM_MODULES = (nn.LayerNorm, nn.GroupNorm)
 PASS_MODULES = (
-    *BATCHNORM_MODULES, nn.ReLU, nn.ReLU6, nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d,
-    nn.Identity,
+    *BATCHNORM_MODULES, *ACTIVATION_MODULES, *NORM_MODULES, nn.Dropout, nn.Dropout1d, nn.Dropout2d,
+    nn.Dropout3d, nn.Identity,
 )
 POOL_MODULES = (nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d,
                 nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d, nn.AdaptiveAvgPool3d)
@@ -63,8 +69,9 @@ POSITIVE_INTERPOLATION = {"nearest", "nearest-exact", "linear", "bilinear", "tri
 SOFTMAX_MODULES = (nn.Softmax, nn.LogSoftmax, nn.Softmax2d)
 
 LINEAR_FUNCTIONS = {F.linear: nn.Linear, F.conv1d: nn.Conv1d, F.conv2d: nn.Conv2d, F.conv3d: nn.Conv3d}
-PASS_FUNCTIONS = {F.relu, torch.relu, F.relu6, F.dropout, F.dropout1d, F.dropout2d, F.dropout3d,
-                  torch.dropout, F.batch_norm}
+PASS_FUNCTIONS = {F.relu, torch.relu, F.relu6, F.silu, F.gelu, F.hardswish, F.hardsigmoid, F.leaky_relu,
+                  F.elu, F.mish, F.dropout, F.dropout1d, F.dropout2d, F.dropout3d, torch.dropout,
+                  F.batch_norm, F.layer_norm, F.group_norm}
 POOL_FUNCTIONS = {F.avg_pool1d, F.avg_pool2d, F.avg_pool3d, F.adaptive_avg_pool1d,
                   F.adaptive_avg_pool2d, F.adaptive_avg_pool3d, torch.mean, torch.sum}
 MAXPOOL_FUNCTIONS = {F.max_pool1d, F.max_pool2d, F.max_pool3d}
@@ -80,6 +87,9 @@ SOFTMAX_FUNCTIONS = {F.softmax, torch.softmax, F.log_softmax, torch.log_softmax}
 DROPOUT_FUNCTIONS = {F.dropout, F.dropout1d, F.dropout2d, F.dropout3d, torch.dropout}
 
 PASS_METHODS = {"relu", "relu_", "contiguous", "clone", "detach", "float", "to", "type"}
+# Methods that return several tensors: relevance arrives per element (through getitem).
+SPLIT_METHODS = {"chunk", "split", "unbind", "tensor_split"}
+SPLIT_FUNCTIONS = {torch.chunk, torch.split, torch.unbind, torch.tensor_split}
 POOL_METHODS = {"mean", "sum"}
 ROUTE_METHODS = {"view", "reshape", "flatten", "squeeze", "unsqueeze", "permute", "transpose", "t"}
 ADD_METHODS = {"add", "add_"}
@@ -428,7 +438,7 @@ def _classify(model: nn.Module, node: fx.Node, rules: UserRules) -> Step:
             return Step(node, CUSTOM)
         if node.target in SOFTMAX_METHODS:
             raise _softmax_error(f"tensor method '.{node.target}()' (node '{node.name}'{in_module(node)})")
-        for kind, methods in ((PASS, PASS_METHODS), (POOL, POOL_METHODS), (ROUTE, ROUTE_METHODS),
+        for kind, methods in ((PASS, PASS_METHODS), (POOL, POOL_METHODS), (ROUTE, ROUTE_METHODS | SPLIT_METHODS),
                               (ADD, ADD_METHODS), (SCALE, SCALE_METHODS), (META, META_METHODS)):
             if node.target in methods:
                 return Step(node, kind)
@@ -477,7 +487,9 @@ def _classify_function(node: fx.Node, rules: UserRules) -> Step:
             return Step(node, ROUTE)  # zero padding: relevance follows the elements it keeps
     if target in SOFTMAX_FUNCTIONS:
         raise _softmax_error(what)
-    for kind, functions in ((PASS, PASS_FUNCTIONS), (POOL, POOL_FUNCTIONS), (ROUTE, ROUTE_FUNCTIONS),
+    if _function_key(target) == "torchvision.ops.stochastic_depth.stochastic_depth":
+        return Step(node, PASS)  # traced in eval mode: identity (training=False in its arguments)
+    for kind, functions in ((PASS, PASS_FUNCTIONS), (POOL, POOL_FUNCTIONS), (ROUTE, ROUTE_FUNCTIONS | SPLIT_FUNCTIONS),
                             (ADD, ADD_FUNCTIONS), (CAT, CAT_FUNCTIONS), (SCALE, SCALE_FUNCTIONS),
                             (META, META_FUNCTIONS), (MAXPOOL, MAXPOOL_FUNCTIONS)):
         if target in functions:
