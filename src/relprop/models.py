@@ -230,9 +230,12 @@ def _from_model_def(model_def: str, meta: dict[str, Any]) -> nn.Module:
     source = Path(file)
     if not source.is_file():
         raise CheckpointError(f"--model-def {model_def!r}: no such file {source}")
-    spec = importlib.util.spec_from_file_location(f"relprop_model_def_{source.stem}", source)
-    module = importlib.util.module_from_spec(spec)  # type: ignore[arg-type]
-    spec.loader.exec_module(module)  # type: ignore[union-attr]
+    if source.resolve() == Path(__file__).resolve():  # relprop's own builders (torchvision SSDs)
+        module: Any = sys.modules[__name__]
+    else:
+        spec = importlib.util.spec_from_file_location(f"relprop_model_def_{source.stem}", source)
+        module = importlib.util.module_from_spec(spec)  # type: ignore[arg-type]
+        spec.loader.exec_module(module)  # type: ignore[union-attr]
     builder = getattr(module, function, None)
     if not callable(builder):
         raise CheckpointError(f"--model-def {model_def!r}: {source} has no function {function!r}")
