@@ -223,3 +223,23 @@ def test_report_assets_are_package_data(tiny_run: tuple[Path, str], tmp_path: Pa
     assert script in page and style in page and "@@" not in page
     source = (PACKAGE / "report" / "__init__.py").read_text(encoding="utf-8")
     assert "<!DOCTYPE" not in source and "<style>" not in source
+
+
+# ---------------------------------------------------------------- --help from the registries
+
+
+@pytest.mark.parametrize("command", ["explain", "evaluate"])
+def test_help_lists_the_registry_methods_and_aliases(command, capsys, monkeypatch) -> None:
+    import relprop.methods
+    from relprop.evaluation.detection import METHODS as DETECTION_METHODS
+
+    monkeypatch.setitem(relprop.methods.ALIASES, "paper-name", "gradcam")
+    with pytest.raises(SystemExit):
+        main([command, "--help"])
+    text = capsys.readouterr().out
+    section = " ".join(text[text.index("\nmethods"):text.index("\nexamples")].split())
+    for name in relprop.methods.method_names(include_aliases=True):
+        assert re.search(rf"[ :]{re.escape(name)}[,\s]", section + " "), name
+    assert "aliases: paper-name" in section
+    if command == "evaluate":
+        assert ", ".join(DETECTION_METHODS) in section
