@@ -115,14 +115,13 @@ def class_names(run: EvalRun) -> list[str] | None:
     if not isinstance(path, str) or not Path(path).is_file():
         return None
     from relprop.errors import RelpropError
-    from relprop.models import load_model
+    from relprop.models import class_names_of, load_model
 
     try:
         _, meta = load_model(path)
     except RelpropError:  # e.g. a plain state dict, which needs --arch: fall back to indices
         return None
-    names = meta.get("class_names") or meta.get("classes")
-    return [str(name) for name in names] if names else None
+    return class_names_of(meta)
 
 
 def _label(names: Sequence[str] | None, index: Any, given: Any = None) -> str:
