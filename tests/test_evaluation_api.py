@@ -215,8 +215,8 @@ def test_report_assets_are_package_data(tiny_run: tuple[Path, str], tmp_path: Pa
     style = assets.joinpath("report.css").read_text(encoding="utf-8")
     assert "textContent" in script and "font:" in style
     declared = tomllib.loads((SRC.parent / "pyproject.toml").read_text())["tool"]["setuptools"][
-        "package-data"]["relprop"]
-    assert {"report/index.html", "report/report.css", "report/report.js"} <= set(declared)
+        "package-data"]["relprop.report"]
+    assert {"index.html", "report.css", "report.js"} <= set(declared)
     root, _ = tiny_run
     assert main(["report", str(root / "eval"), "--out", str(tmp_path / "r")]) == 0
     page = (tmp_path / "r" / "index.html").read_text(encoding="utf-8")
