@@ -140,13 +140,10 @@ def test_detect_help_reads_like_a_manual(capsys):
         assert phrase in text
 
 
-def test_evaluate_detection_task_entry_point(tmp_path, tiny_checkpoint, capsys):
-    """The hook `relprop evaluate --task detection` calls, with evaluate's option names."""
-    import argparse
-
+def test_evaluate_detection_task_keeps_every_method_name(tmp_path, tiny_checkpoint, capsys):
+    """`relprop evaluate --task detection --methods crp,lrp-plain,gradcam` evaluates all three
+    (lrp-plain used to be dropped silently: detection called it lrp)."""
     from ssd_helpers import detection_dataset
-
-    from relprop.evaluation.detection import run_from_evaluate_args
 
     weights, model_def = tiny_checkpoint
     model = tiny_ssd(num_classes=4)
@@ -156,13 +153,20 @@ def test_evaluate_detection_task_entry_point(tmp_path, tiny_checkpoint, capsys):
     checkpoint = torch.load(weights, weights_only=True)
     checkpoint["classes"] = classes
     torch.save(checkpoint, weights)
-    args = argparse.Namespace(
-        weights=[str(weights)], data=str(data), out=str(tmp_path / "eval"), model_def=model_def,
-        arch=None, num_classes=None, per_class=None, limit=2, step=None,
-        methods="ours,gradcam", device="cpu",
-    )
-    assert run_from_evaluate_args(args) == 0
+    assert main(["evaluate", "--task", "detection", "--weights", str(weights), "--model-def", model_def,
+                 "--data", str(data), "--out", str(tmp_path / "eval"), "--limit", "2",
+                 "--methods", "crp,lrp-plain,gradcam", "--device", "cpu"]) == 0
     summary = json.loads((tmp_path / "eval" / "summary.json").read_text())
     assert summary["images"] == 2 and summary["true_positives"] == 2
-    assert set(summary["methods"]) == {"gradcam"}
-    assert "| gradcam |" in capsys.readouterr().out
+    assert list(summary["methods"]) == ["crp", "lrp-plain", "gradcam"]
+    assert "| lrp-plain |" in capsys.readouterr().out
+
+
+def test_evaluate_detection_task_refuses_an_unknown_method(tmp_path, tiny_checkpoint, capsys):
+    weights, model_def = tiny_checkpoint
+    assert main(["evaluate", "--task", "detection", "--weights", str(weights), "--model-def", model_def,
+                 "--data", str(tmp_path), "--out", str(tmp_path / "eval"),
+                 "--methods", "crp,lrp,gradcam"]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ["relprop evaluate: error: unknown detection method 'lrp'; --task detection "
+                   "knows: crp, lrp-plain, gradcam"]

@@ -156,7 +156,7 @@ def test_anchor_position_roundtrip_covers_all_levels():
 
 
 def test_frame_masks_follow_the_protocol():
-    from relprop.evaluation.detection import auc, frame_masks
+    from relprop.evaluation.metrics import auc, frame_masks
 
     heat = torch.arange(112 * 112, dtype=torch.float32).flip(0).view(112, 112)
     masks = frame_masks(heat)
@@ -174,17 +174,25 @@ def test_frame_masks_follow_the_protocol():
 
 
 def test_box_metrics():
-    from relprop.evaluation.detection import centre_hit, correlation, energy_in_box, pointing_hit
+    from relprop.evaluation.detection import correlation
+    from relprop.evaluation.metrics import localization
+
+    def scores(heat, box):  # the detection evaluation's convention: the first maximum points
+        return localization(heat[None], [box], pointing="first")[0]
 
     heat = torch.zeros(10, 10)
     heat[2:4, 2:4] = 1.0
     heat[8, 8] = -5.0  # negative relevance does not count as energy
     box = torch.tensor([2.0, 2.0, 4.0, 4.0])
-    assert energy_in_box(heat, box) == pytest.approx(1.0)
-    assert energy_in_box(heat, torch.tensor([0.0, 0.0, 3.0, 3.0])) == pytest.approx(0.25)
-    assert pointing_hit(heat, box) and not pointing_hit(heat, torch.tensor([5.0, 5.0, 9.0, 9.0]))
-    assert centre_hit(torch.tensor([4.0, 4.0, 6.0, 6.0]), (10, 10))
-    assert not centre_hit(box, (10, 10))
+    assert scores(heat, box)["energy"] == pytest.approx(1.0)
+    assert scores(heat, torch.tensor([0.0, 0.0, 3.0, 3.0]))["energy"] == pytest.approx(0.25)
+    assert scores(heat, box)["pointing"] == 1.0
+    assert scores(heat, torch.tensor([5.0, 5.0, 9.0, 9.0]))["pointing"] == 0.0
+    assert scores(heat, torch.tensor([4.0, 4.0, 6.0, 6.0]))["centre_pointing"] == 1.0
+    assert scores(heat, box)["centre_pointing"] == 0.0
+    # the first maximum in raster order is (2, 2): only it counts, not the share of the plateau
+    assert scores(heat, torch.tensor([1.5, 1.5, 2.9, 2.9]))["pointing"] == 1.0
+    assert localization(heat[None], [torch.tensor([1.5, 1.5, 2.9, 2.9])])[0]["pointing"] == 0.25
     assert correlation(heat, 2 * heat + 1) == pytest.approx(1.0)
     assert correlation(heat, -heat) == pytest.approx(-1.0)
     assert math.isnan(correlation(heat, torch.ones(10, 10)))
@@ -193,20 +201,21 @@ def test_box_metrics():
 def test_evaluate_detection_end_to_end(tmp_path):
     import json
 
-    from relprop.evaluation.detection import evaluate_detection
+    from relprop.evaluation.detection import DetectionEvalConfig, evaluate_detection
 
     model = tiny_ssd()
     data = tmp_path / "data"
     data.mkdir()
     classes = detection_dataset(data, model)
-    summary = evaluate_detection(model, classes, data, tmp_path / "out", progress=False)
+    config = DetectionEvalConfig(data=data, out=tmp_path / "out", progress=False)
+    summary = evaluate_detection(model, classes, config)
     assert summary["images"] == 2 and summary["true_positives"] == 2
-    for name in ("crp", "lrp", "gradcam"):
+    for name in ("crp", "lrp-plain", "gradcam"):
         m = summary["methods"][name]
         assert m["n"] == 2
         assert 0.0 <= m["energy"] <= 1.0 and 0.0 <= m["insertion"] <= 1.0
         assert m["id"] == pytest.approx(m["insertion"] - m["deletion"])
-    assert -1.0 <= summary["methods"]["lrp"]["contrast_r"] <= 1.0
+    assert -1.0 <= summary["methods"]["lrp-plain"]["contrast_r"] <= 1.0
     records = [json.loads(line) for line in (tmp_path / "out" / "results.jsonl").read_text().splitlines()]
     assert len(records) == 2 and len(records[0]["methods"]["crp"]["insertion_curve"]) == 9
     assert set(records[0]["direction"]) == {"crp", "gradxinput"}

@@ -192,11 +192,22 @@ def test_labels_come_from_the_models_classes_and_unknown_folders_are_listed(tmp_
 
 
 def test_detection_task_is_handed_to_the_detection_evaluation(monkeypatch, tmp_path):
+    """The CLI builds a typed config and passes the loaded detector; no Namespace goes below."""
     import relprop.evaluation.detection
+    import relprop.models
 
     seen = []
-    monkeypatch.setattr(relprop.evaluation.detection, "run_from_evaluate_args", lambda args: seen.append(args) or 0)
+    model = torch.nn.Identity()
+    monkeypatch.setattr(relprop.models, "load_detector",
+                        lambda *a, **k: (model, {"classes": ["__background__", "cat"]}))
+    monkeypatch.setattr(relprop.evaluation.detection, "evaluate_detection",
+                        lambda m, classes, config: seen.append((m, classes, config)) or
+                        {"images": 0, "true_positives": 0})
+    monkeypatch.setattr(relprop.evaluation.detection, "summary_markdown", lambda *a: "")
     assert main(["evaluate", "--task", "detection", "--weights", "ssd.pt", "--model-def", "m.py:build",
                  "--data", str(tmp_path), "--out", str(tmp_path / "out"), "--limit", "3"]) == 0
-    (args,) = seen
-    assert (args.weights, args.model_def, args.limit) == (["ssd.pt"], "m.py:build", 3)
+    ((m, classes, config),) = seen
+    assert m is model and classes == ["__background__", "cat"]
+    assert isinstance(config, relprop.evaluation.detection.DetectionEvalConfig)
+    assert (config.limit, config.out, config.methods) == (3, tmp_path / "out",
+                                                         relprop.evaluation.detection.METHODS)

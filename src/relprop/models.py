@@ -30,8 +30,8 @@ import torchvision
 from torch import nn
 from torchvision import transforms
 
-from relprop.defaults import DEFAULT_WEIGHTS
-from relprop.errors import CheckpointError
+from relprop.defaults import DEFAULT_WEIGHTS, TORCHVISION_DETECTORS
+from relprop.errors import CheckpointError, RelpropError
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -230,9 +230,12 @@ def _from_model_def(model_def: str, meta: dict[str, Any]) -> nn.Module:
     source = Path(file)
     if not source.is_file():
         raise CheckpointError(f"--model-def {model_def!r}: no such file {source}")
-    spec = importlib.util.spec_from_file_location(f"relprop_model_def_{source.stem}", source)
-    module = importlib.util.module_from_spec(spec)  # type: ignore[arg-type]
-    spec.loader.exec_module(module)  # type: ignore[union-attr]
+    if source.resolve() == Path(__file__).resolve():  # relprop's own builders (torchvision SSDs)
+        module: Any = sys.modules[__name__]
+    else:
+        spec = importlib.util.spec_from_file_location(f"relprop_model_def_{source.stem}", source)
+        module = importlib.util.module_from_spec(spec)  # type: ignore[arg-type]
+        spec.loader.exec_module(module)  # type: ignore[union-attr]
     builder = getattr(module, function, None)
     if not callable(builder):
         raise CheckpointError(f"--model-def {model_def!r}: {source} has no function {function!r}")
@@ -411,3 +414,64 @@ def _classifier_of(enum: type) -> str | None:
 
 def _single(size: Sequence[int]) -> int | list[int]:
     return int(size[0]) if len(size) == 1 else [int(s) for s in size]
+
+
+# ---------------------------------------------------------------- detectors and class names
+
+
+def load_detector(weights: str | Path | None, model_def: str | None = None, arch: str | None = None,
+                  num_classes: int | None = None, *, classes: Sequence[str] | None = None,
+                  class_names: Sequence[str] | None = None,
+                  offline: bool = True) -> tuple[nn.Module, dict[str, Any]]:
+    """An SSD detector and its metadata; torchvision SSDs are built without downloading anything."""
+    from relprop.detection.ssd import check_ssd
+
+    if weights is None:
+        raise RelpropError("a detector needs --weights FILE")
+    if model_def is None and (arch is not None or _stored_detector_arch(weights)):
+        model_def = f"{Path(__file__).resolve()}:torchvision_detector"
+    model, meta = load_model(weights, arch=arch, num_classes=num_classes, model_def=model_def,
+                             classes=classes, class_names=class_names, offline=offline)
+    try:
+        check_ssd(model)
+    except RelpropError as error:
+        raise RelpropError(f"{weights}: {error}") from None
+    return model.eval(), meta
+
+
+def _stored_detector_arch(weights: str | Path) -> bool:
+    """Does the checkpoint name a torchvision detector as its arch (then relprop builds it)."""
+    try:
+        content = torch.load(weights, map_location="cpu", weights_only=True, mmap=True)
+    except Exception:  # load_model reports unreadable files on one line
+        return False
+    return isinstance(content, dict) and content.get("arch") in TORCHVISION_DETECTORS
+
+
+def torchvision_detector(meta: dict[str, Any]) -> nn.Module:
+    """`--model-def` builder of torchvision's SSDs with no weight downloads."""
+    arch = meta.get("arch")
+    if arch not in TORCHVISION_DETECTORS:
+        raise RelpropError(f"--arch {arch!r}: choose one of {', '.join(TORCHVISION_DETECTORS)}")
+    return torchvision.models.get_model(arch, weights=None, weights_backbone=None,
+                                        num_classes=int(meta["num_classes"]))
+
+
+def class_names_of(meta: Mapping[str, Any], count: int | None = None, *,
+                   detector: bool = False) -> list[str]:
+    """Readable names of a model's `count` classes (default: meta's `num_classes`), the one
+    resolver: meta's `class_names`, else its `classes` (unless they are only the indices), else
+    COCO's for a 91-class torchvision SSD, else numbers (`background`, `class 1`, ... for a
+    detector, whose class 0 is the background)."""
+    count = int(meta["num_classes"]) if count is None else count
+    for key in ("class_names", "classes"):
+        names = meta.get(key)
+        if names and len(names) == count and not all(str(n) == str(i) for i, n in enumerate(names)):
+            return [str(name) for name in names]
+    if detector and meta.get("arch") in TORCHVISION_DETECTORS and count == 91:
+        from torchvision.models.detection import SSD300_VGG16_Weights
+
+        return list(SSD300_VGG16_Weights.COCO_V1.meta["categories"])
+    if detector:
+        return ["background"] + [f"class {k}" for k in range(1, count)]
+    return [str(i) for i in range(count)]

@@ -21,6 +21,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.cm import ScalarMappable
 from matplotlib.colors import Colormap, LinearSegmentedColormap, Normalize
 from matplotlib.figure import Figure
+from matplotlib.patches import Rectangle
 from PIL import Image
 
 Sign = Literal["all", "positive"]
@@ -194,3 +195,100 @@ def save_png(path: str | Path, rgb: np.ndarray) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     Image.fromarray(rgb).save(path, optimize=False)
     return path
+
+
+# ---------------------------------------------------------------- evaluation figures
+
+def plot_curves(curves: dict[str, dict[str, np.ndarray]], aucs: dict[str, dict[str, float]],
+                protocol: str, path: Path) -> Path:
+    """Mean insertion and deletion curves of every method, side by side; AUCs in the legend."""
+    fig = _figure(9.0, 3.4)
+    axes = fig.subplots(1, 2, sharey=True)
+    for ax, kind in zip(axes, ("insertion", "deletion"), strict=True):
+        for method, kinds in curves.items():
+            if kind in kinds:
+                ax.plot(np.linspace(0, 1, len(kinds[kind])), kinds[kind],
+                        label=f"{method} ({aucs[method][kind]:.3f})", linewidth=1.6)
+        ax.set_title(f"{kind} ({protocol})", fontsize=10)
+        ax.set_xlabel("fraction of pixels " + ("inserted" if kind == "insertion" else "deleted"))
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7, title="method (mean AUC)", title_fontsize=7)
+    axes[0].set_ylabel("probability of the scored class")
+    return save_figure(fig, path, dpi=100)
+
+
+def plot_conservation(panels: dict[str, dict[str, list[tuple[float, float]]]], path: Path) -> Path:
+    """Relevance sum vs explained output, diagonal drawn: points on it conserve relevance."""
+    fig = _figure(3.6 * len(panels), 3.6)
+    axes = np.atleast_1d(fig.subplots(1, len(panels)))
+    for ax, (title, methods) in zip(axes, panels.items(), strict=True):
+        values = [v for points in methods.values() for p in points for v in p]
+        low, high = min(values + [0.0]), max(values + [1e-12])
+        pad = 0.04 * (high - low)
+        ax.plot([low - pad, high + pad], [low - pad, high + pad], color="#555555",
+                linewidth=1, linestyle="--", label="conservation (y = x)")
+        for method, points in methods.items():
+            xy = np.asarray(points)
+            ax.scatter(xy[:, 0], xy[:, 1], s=12, alpha=0.7, label=method)
+        ax.set_title(title, fontsize=9)
+        ax.set_xlabel("explained output (probability)", fontsize=8)
+        ax.set_aspect("equal", adjustable="datalim")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    axes[0].set_ylabel("sum of relevance at the layer", fontsize=8)
+    return save_figure(fig, path, dpi=100)
+
+
+# ---------------------------------------------------------------- detection figures
+
+MAP_TITLES = {
+    "class": "class {name}: red for, blue against",
+    "cx": "cx: red → right, blue ← left",
+    "cy": "cy: red ↓ down, blue ↑ up",
+    "w": "w: red wider, blue narrower",
+    "h": "h: red taller, blue shorter",
+}
+BOX_COLOUR = "#00d000"
+
+
+def _draw_box(ax, box: Sequence[float], caption: str | None = None) -> None:
+    x0, y0, x1, y1 = box
+    ax.add_patch(Rectangle((x0, y0), x1 - x0, y1 - y0, fill=False, edgecolor=BOX_COLOUR, lw=2))
+    if caption:
+        ax.text(x0, y0, caption, color="black", fontsize=8, va="bottom",
+                bbox={"facecolor": BOX_COLOUR, "edgecolor": "none", "pad": 1})
+
+
+def draw_detections(path: str | Path, rgb: np.ndarray, boxes: Sequence[Sequence[float]],
+                    captions: Sequence[str]) -> Path:
+    """Save the image (H, W, 3 uint8) with every box and its caption drawn on it."""
+    h, w = rgb.shape[:2]
+    scale = 6.0 / max(h, w)
+    fig = _figure(max(2.5, w * scale), max(2.5, h * scale))
+    ax = fig.add_axes((0, 0, 1, 1))
+    ax.imshow(rgb)
+    for box, caption in zip(boxes, captions, strict=True):
+        _draw_box(ax, box, caption)
+    ax.set_axis_off()
+    fig.savefig(path, dpi=100)
+    return Path(path)
+
+
+def save_detection_panel(path: str | Path, rgb: np.ndarray, box: Sequence[float],
+                         heats: dict[str, np.ndarray], title: str, class_name: str) -> Path:
+    """One detection: the image with its box, then each map (class, cx, cy, w, h) over the image."""
+    fig = _figure(2.6 * (len(heats) + 1), 3.0)
+    axes = fig.subplots(1, len(heats) + 1)
+    axes[0].imshow(rgb)
+    axes[0].set_title("detection", fontsize=9)
+    _draw_box(axes[0], box)
+    for ax, (name, heat) in zip(axes[1:], heats.items(), strict=True):
+        ax.imshow(render_map(rgb, heat, "all"))
+        _draw_box(ax, box)
+        ax.set_title(MAP_TITLES.get(name, name).format(name=class_name), fontsize=8)
+    for ax in axes:
+        ax.set_axis_off()
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    return Path(path)

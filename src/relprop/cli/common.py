@@ -3,12 +3,61 @@ go, which device."""
 
 from __future__ import annotations
 
+import argparse
 import sys
+import textwrap
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any, NamedTuple
 
 from relprop.errors import RelpropError
+
+METHODS_PLACEHOLDER = "@@METHODS@@"
+
+
+def method_list(indent: str = "  ") -> str:
+    """The registry's method names (and aliases), wrapped, for an epilog: never copied by hand."""
+    from relprop.methods import HQ_SUFFIX, method_names
+
+    names = method_names()
+    aliases = [a for a in method_names(include_aliases=True) if a not in names]
+    lines = textwrap.wrap(", ".join(names), width=92, initial_indent=indent, subsequent_indent=indent)
+    if aliases:
+        lines += textwrap.wrap("aliases: " + ", ".join(aliases), width=92, initial_indent=indent,
+                               subsequent_indent=indent + "  ")
+    lines.append(f'{indent}any name + "{HQ_SUFFIX}": its map with Heat Quantization (8 levels)')
+    return "\n".join(lines)
+
+
+class RegistryHelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """Raw description and epilog, with @@METHODS@@ (and @@DETECTION_METHODS@@) filled from the
+    registries when the help
+    is printed (so `relprop --help` does not import torch, and no list is copied by hand)."""
+
+    def _fill_text(self, text: str, width: int, indent: str) -> str:
+        if METHODS_PLACEHOLDER in text:
+            text = text.replace(METHODS_PLACEHOLDER, method_list())
+        if "@@DETECTION_METHODS@@" in text:
+            from relprop.evaluation.detection import METHODS
+
+            text = text.replace("@@DETECTION_METHODS@@", ", ".join(METHODS))
+        return super()._fill_text(text, width, indent)
+
+
+def check_method_names(text: str) -> list[str]:
+    """`--methods` split and checked against the registry, aliases resolved: an unknown name is one
+    line that lists the valid names (before anything is loaded)."""
+    from relprop.methods import HQ_SUFFIX, canonical_name, method_names
+
+    names = [name.strip() for name in text.split(",") if name.strip()]
+    if not names:
+        raise RelpropError("--methods: give at least one method, e.g. --methods gradcam")
+    known = method_names()
+    for name in names:
+        if canonical_name(name).removesuffix(HQ_SUFFIX) not in known:
+            raise RelpropError(f"--methods: unknown method {name!r}; choose from {', '.join(known)} "
+                               f"(add {HQ_SUFFIX} for Heat Quantization)")
+    return list(dict.fromkeys(canonical_name(name) for name in names))
 
 
 class Job(NamedTuple):
@@ -51,35 +100,6 @@ def _unique(name: str, taken: set[str]) -> str:
         candidate = f"{name}-{n}"
     taken.add(candidate.lower())
     return candidate
-
-
-def resolve_device(text: str | None) -> Any:
-    """`auto` (or None) picks the GPU when one is there; a device this machine cannot run on is
-    one clear error, raised before the model is loaded."""
-    import torch
-
-    if text is None or text == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(text)
-    except (RuntimeError, ValueError):
-        raise RelpropError(f"--device {text}: not a device (use auto, cpu, cuda, cuda:0, ...)") from None
-    if device.type == "cpu":
-        return device
-    if device.type == "cuda":
-        if not torch.cuda.is_available():
-            raise RelpropError(f"--device {text}: no CUDA GPU is available here; use --device cpu")
-        count = torch.cuda.device_count()
-        if device.index is not None and device.index >= count:
-            raise RelpropError(f"--device {text}: this machine has {count} CUDA GPU(s), "
-                               f"cuda:0..cuda:{count - 1}")
-        return device
-    if device.type == "mps":
-        if not torch.backends.mps.is_available():
-            raise RelpropError(f"--device {text}: Apple's MPS backend is not available here; "
-                               "use --device cpu")
-        return device
-    raise RelpropError(f"--device {text}: relprop runs on cpu, cuda or mps, not {device.type}")
 
 
 MODEL_OPTIONS_HELP = """\

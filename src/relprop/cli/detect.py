@@ -9,13 +9,10 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from relprop.cli.common import (
-    add_model_options,
-    load_model_from_args,
-    plan_jobs,
-    resolve_device,
-)
+from relprop.cli.common import add_model_options, plan_jobs, read_classes
 from relprop.cli.outputs import Manifest, prepare_out
+from relprop.defaults import TORCHVISION_DETECTORS
+from relprop.devices import resolve_device
 from relprop.errors import ImageError, RelpropError, TargetError
 
 DESCRIPTION = """\
@@ -66,7 +63,6 @@ exit status:
   2  bad usage (unknown option, missing argument)
 """
 
-TORCHVISION_DETECTORS = ("ssd300_vgg16", "ssdlite320_mobilenet_v3_large")
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
@@ -112,14 +108,18 @@ def run(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
     from relprop.detection.crp import CRP, OUTPUTS, Request
+    from relprop.detection.ssd import num_classes_of
     from relprop.images import load_image
+    from relprop.models import class_names_of, load_detector
 
     _check_options(args)
     device = resolve_device(args.device)
     out = prepare_out(args.out)
-    model, meta = load_detector(args.weights, args.model_def, args.arch, args.num_classes, args)
+    classes, class_names = read_classes(args.classes)
+    model, meta = load_detector(args.weights, args.model_def, args.arch, args.num_classes,
+                                classes=classes, class_names=class_names, offline=args.offline)
     model.to(device)
-    names = _class_names(meta, model)
+    names = class_names_of(meta, num_classes_of(model), detector=True)
     target = parse_class(args.target_class, meta, names)
     crp = CRP(model, contrast=not args.no_contrast, include_background=args.include_background,
               box_contrast=args.box_contrast, split=args.split, rules=_activations_passed_through())
@@ -164,61 +164,11 @@ def _check_options(args: argparse.Namespace) -> None:
         raise RelpropError(f"--score-threshold {args.score_threshold}: must be in [0, 1]")
 
 
-def load_detector(weights: str, model_def: str | None, arch: str | None,
-                  num_classes: int | None, args: argparse.Namespace | None = None) -> tuple[Any, dict[str, Any]]:
-    """The detector and its metadata; torchvision SSDs are built without downloading anything.
-
-    `args`: the parsed shared model options (`--classes`, `--offline`), where there are some.
-    """
-    from relprop.detection.ssd import check_ssd
-
-    if weights is None:
-        raise RelpropError("a detector needs --weights FILE")
-    if args is None:
-        args = argparse.Namespace(classes=None, offline=True)
-    args = argparse.Namespace(**{**vars(args), "arch": arch, "num_classes": num_classes,
-                                 "model_def": None, "weights": weights})
-    if model_def is None and arch is not None:
-        model_def = f"{Path(__file__).resolve()}:torchvision_detector"
-    if model_def is None:
-        model_def = _stored_arch_def(weights)
-    model, meta = load_model_from_args(args, "detect", weights=weights, model_def=model_def)
-    try:
-        check_ssd(model)
-    except RelpropError as error:
-        raise RelpropError(f"{weights}: {error}") from None
-    return model.eval(), meta
-
-
-def _stored_arch_def(weights: str) -> str | None:
-    """A checkpoint naming a torchvision detector as its arch is built by us (no downloads)."""
-    import torch
-
-    try:
-        content = torch.load(weights, map_location="cpu", weights_only=True, mmap=True)
-    except Exception:  # load_model reports unreadable files on one line
-        return None
-    if isinstance(content, dict) and content.get("arch") in TORCHVISION_DETECTORS:
-        return f"{Path(__file__).resolve()}:torchvision_detector"
-    return None
-
-
 def _activations_passed_through() -> dict:
     """Relevance passes these unchanged, as it passes ReLU (SSDLite's MobileNetV3 uses Hardswish)."""
     import torch
 
     return {torch.nn.Hardswish: "pass"}
-
-
-def torchvision_detector(meta: dict[str, Any]) -> Any:
-    """`--model-def` builder of torchvision's SSDs with no weight downloads."""
-    import torchvision
-
-    arch = meta.get("arch")
-    if arch not in TORCHVISION_DETECTORS:
-        raise RelpropError(f"--arch {arch!r}: choose one of {', '.join(TORCHVISION_DETECTORS)}")
-    return torchvision.models.get_model(arch, weights=None, weights_backbone=None,
-                                        num_classes=int(meta["num_classes"]))
 
 
 def parse_class(text: str | None, meta: dict[str, Any], names: Sequence[str]) -> int | None:
@@ -238,21 +188,6 @@ def parse_class(text: str | None, meta: dict[str, Any], names: Sequence[str]) ->
     raise TargetError(f"--target-class {text!r}: not a class index, id or name of this detector")
 
 
-def _class_names(meta: dict[str, Any], model: Any) -> list[str]:
-    """The checkpoint's class names, COCO's for a 91-class torchvision SSD, else numbers."""
-    from relprop.detection.ssd import class_names_for, num_classes_of
-
-    for key in ("class_names", "classes"):
-        names = meta.get(key)
-        if names and not all(str(n) == str(i) for i, n in enumerate(names)):
-            return class_names_for(model, names)
-    if meta.get("arch") in TORCHVISION_DETECTORS and num_classes_of(model) == 91:
-        from torchvision.models.detection import SSD300_VGG16_Weights
-
-        return class_names_for(model, SSD300_VGG16_Weights.COCO_V1.meta["categories"])
-    return class_names_for(model, None)
-
-
 def _to_tensor(image: Any) -> Any:
     from torchvision.transforms.functional import to_tensor
 
@@ -270,7 +205,7 @@ def _write_image(folder: Path, name: str, path: Path, image: Any, det: dict, cho
     import numpy as np
 
     from relprop.detection.crp import OUTPUTS, to_image
-    from relprop.detection.ssd import draw_detections, save_detection_panel
+    from relprop.viz import draw_detections, save_detection_panel
 
     rgb = (image.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
     size = tuple(image.shape[-2:])

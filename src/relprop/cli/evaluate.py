@@ -7,9 +7,12 @@ Only the command line lives here (so `relprop --help` stays fast); the work is i
 from __future__ import annotations
 
 import argparse
+import sys
+from pathlib import Path
+from typing import Any
 
-from relprop.cli.common import add_model_options
-from relprop.defaults import PAPER_WEIGHTS
+from relprop.cli.common import RegistryHelpFormatter, add_model_options
+from relprop.defaults import MIN_FRAME_BATCH, PAPER_WEIGHTS
 
 DESCRIPTION = """\
 Compare explanation methods on a labelled image folder by Insertion, Deletion and ID score
@@ -44,8 +47,9 @@ protocols (never compare numbers across them):
   rise   RISE (Petsiuk 2018): insertion from a blurred copy, deletion to zeros of the
          normalized space, one image width of pixels per frame, the predicted class
 
-methods: ours, ours-sym, ours-noid, ours-sym-noid, ours-ref, lrp-plain, gradcam, scorecam,
-         ig, gbp, lrp-captum, gradient, gradxinput; any name + "+hq" (8-level Heat Quantization)
+methods:
+@@METHODS@@
+  --task detection: @@DETECTION_METHODS@@
 
 examples:
   relprop evaluate --data imagenet/val --per-class 1 --out runs/imagenet   # the paper's setting
@@ -59,17 +63,17 @@ exit status: 0 done; 1 some images unreadable (skipped and recorded) or a bad mo
 """
 
 DEFAULT_METHODS = "ours,gradcam,scorecam,ig,gbp,lrp-captum"
-MIN_FRAME_BATCH = 64  # metric frames per forward, at least
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     """Register `relprop evaluate`."""
     parser = subparsers.add_parser(
         "evaluate", help="Insertion/Deletion/ID, localization and conservation tables",
-        description=DESCRIPTION, epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter,
+        description=DESCRIPTION, epilog=EPILOG, formatter_class=RegistryHelpFormatter,
     )
     parser.add_argument("--data", required=True, metavar="DIR", help="labelled image folder")
-    parser.add_argument("--methods", default=DEFAULT_METHODS, help=f"comma list (default {DEFAULT_METHODS})")
+    parser.add_argument("--methods", help=f"comma list, see below (default {DEFAULT_METHODS}; "
+                                          "--task detection: all of its methods)")
     parser.add_argument("--out", required=True, metavar="OUT", help="output folder (resumable)")
     parser.add_argument("--protocol", default="paper", help="paper, rise or paper,rise (default paper)")
     parser.add_argument("--channels", choices=("sum", "channel0"), default="sum",
@@ -99,6 +103,74 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
 
 
 def run(args: argparse.Namespace) -> int:
-    from relprop.evaluation.classification import run as run_evaluation
+    """Parse into a typed config, load the model(s), call the library, report the outcome."""
+    from relprop.devices import resolve_device
 
-    return run_evaluation(args)
+    if args.task == "detection":
+        return _run_detection(args, resolve_device(args.device))
+    from relprop.cli.common import load_model_from_args
+    from relprop.cli.outputs import prepare_out
+    from relprop.evaluation.classification import Checkpoint, EvalConfig, evaluate
+
+    config = EvalConfig(
+        data=Path(args.data), out=Path(args.out), methods=tuple(_split(args.methods or DEFAULT_METHODS)),
+        protocols=tuple(_split(args.protocol)), channels=args.channels, step=args.step,
+        block=args.block, limit=args.limit, per_class=args.per_class, batch_size=args.batch_size,
+        device=resolve_device(args.device), cam_layer=args.cam_layer, save_maps=args.save_maps,
+    )
+    from relprop.evaluation.classification import make_plan
+
+    make_plan(config.methods, config.protocols)  # a bad name fails before any model loads
+    prepare_out(args.out)
+    checkpoints = [Checkpoint.of(*load_model_from_args(args, "evaluate", weights=path), given=path)
+                   for path in args.weights or [None]]
+    outcome = evaluate(config, checkpoints)
+    out = outcome.out
+    print(f"relprop evaluate: {outcome.results} results in {out / 'results.jsonl'}; "
+          f"summary in {out / 'summary.md'}", file=sys.stderr)
+    if outcome.skipped:
+        print(f"relprop evaluate: {outcome.skipped} unreadable image(s) skipped, listed in "
+              f"{out / 'skipped.jsonl'}", file=sys.stderr)
+    if outcome.failed_methods:
+        print(f"relprop evaluate: method(s) {', '.join(outcome.failed_methods)} could not "
+              "run (named above); the others were evaluated", file=sys.stderr)
+    return 1 if outcome.skipped or outcome.failed_methods else 0
+
+
+def _run_detection(args: argparse.Namespace, device: Any) -> int:
+    """`--task detection`: one detector, its config, the tables on stdout."""
+    from relprop.cli.common import read_classes
+    from relprop.cli.outputs import prepare_out
+    from relprop.errors import InputError
+    from relprop.evaluation.detection import (
+        METHODS,
+        STEP,
+        DetectionEvalConfig,
+        check_methods,
+        evaluate_detection,
+        summary_markdown,
+    )
+    from relprop.models import load_detector
+
+    weights = args.weights or []
+    if len(weights) != 1:
+        raise InputError("--task detection evaluates one detector: give one --weights file")
+    for option, value in (("--step", args.step), ("--limit", args.limit), ("--per-class", args.per_class)):
+        if value is not None and value < 1:
+            raise InputError(f"{option} {value}: must be at least 1")
+    command = "relprop " + " ".join(sys.argv[1:])
+    config = DetectionEvalConfig(
+        data=Path(args.data), out=prepare_out(args.out), per_class=args.per_class, limit=args.limit,
+        methods=check_methods(_split(args.methods)) if args.methods else METHODS,
+        step=args.step or STEP, command=command,
+    )
+    classes, names = read_classes(args.classes)
+    model, meta = load_detector(weights[0], args.model_def, args.arch, args.num_classes,
+                                classes=classes, class_names=names, offline=args.offline)
+    summary = evaluate_detection(model.to(device), meta["classes"], config)
+    print(summary_markdown(summary, command))
+    return 0
+
+
+def _split(text: str) -> list[str]:
+    return [part.strip() for part in text.split(",") if part.strip()]

@@ -12,13 +12,15 @@ from typing import Any
 
 from relprop.cli.common import (
     Job,
+    RegistryHelpFormatter,
     add_model_options,
+    check_method_names,
     load_model_from_args,
     plan_jobs,
-    resolve_device,
 )
 from relprop.cli.outputs import Manifest, prepare_out
 from relprop.defaults import DEFAULT_WEIGHTS
+from relprop.devices import resolve_device
 from relprop.errors import ImageError, RelpropError, TargetError
 
 DESCRIPTION = """\
@@ -64,13 +66,8 @@ class-discriminative LRP method yet.
 """
 
 EPILOG = """\
-methods:
-  ours           LRP with Relevance Splitting (ratio split, identity skips; the paper's method)
-  ours-sym, ours-noid, ours-sym-noid, ours-ref
-                 ablations (symmetric split / identity skips ignored) and the reference code
-  gradcam, scorecam, ig, gbp, lrp-captum, lrp-plain, gradient, gradxinput
-                 baselines
-  NAME+hq        any of them with Heat Quantization (8 levels), e.g. ours+hq
+methods (the paper's method, its ablations and reference numerics, plain LRP, the baselines):
+@@METHODS@@
 
 examples:
   relprop explain photo.jpg --out explained     # torchvision's ImageNet ResNet-50 (downloaded once)
@@ -100,7 +97,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
         help="heatmaps for your own images (overlays, raw maps, side-by-side panel)",
         description=DESCRIPTION,
         epilog=EPILOG,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+        formatter_class=RegistryHelpFormatter,
     )
     parser.add_argument("inputs", nargs="+", metavar="IMAGE_OR_DIR",
                         help="image files, or folders searched recursively for images")
@@ -133,9 +130,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
 def run(args: argparse.Namespace) -> int:
     """Explain every image; return 1 if any input or method failed, after all the others."""
     from relprop.images import BoundedTransform
-    from relprop.models import preprocessing
+    from relprop.models import class_names_of, preprocessing
 
-    methods = parse_methods(args.methods)
+    methods = check_method_names(args.methods)
     if args.batch_size < 1:
         raise RelpropError(f"--batch-size {args.batch_size}: must be at least 1")
     device = resolve_device(args.device)
@@ -148,7 +145,7 @@ def run(args: argparse.Namespace) -> int:
     jobs, failures = plan_jobs(args.inputs, "explain", exclude=out)
     total = len(jobs) + len(failures)  # an empty folder counts as one failed input
     transform = BoundedTransform(preprocessing(meta), meta["resize"])
-    context = Context(model, meta, transform, explainers, class_names(meta), target,
+    context = Context(model, meta, transform, explainers, class_names_of(meta), target,
                       device, args.sign, out, Manifest(out, "explain"), method_failures)
     overview = explain_all(context, jobs, args.batch_size, failures)
     if len(overview) > 1:
@@ -220,23 +217,6 @@ def method_failed(context_failures: list[str], name: str, error: Exception) -> N
     context_failures.append(name)
 
 
-def parse_methods(text: str) -> list[str]:
-    """Split `--methods` and check each name against the registry (before loading anything)."""
-    from relprop.methods import METHOD_NAMES
-
-    names = [name.strip() for name in text.split(",") if name.strip()]
-    if not names:
-        raise RelpropError("--methods: give at least one method, e.g. --methods ours,gradcam")
-    known = set(METHOD_NAMES)
-    for name in names:
-        if name.removesuffix("+hq") not in known:
-            raise RelpropError(
-                f"--methods: unknown method {name!r}; choose from {', '.join(METHOD_NAMES)} "
-                "(add +hq for Heat Quantization)"
-            )
-    return list(dict.fromkeys(names))
-
-
 def build_methods(names: Sequence[str], model: Any, meta: dict[str, Any], hq: bool,
                   cam_layer: str | None = None, failures: list[str] | None = None) -> dict[str, Any]:
     """One explainer per name, from the registry, with the model's normalization.
@@ -268,14 +248,6 @@ def build_methods(names: Sequence[str], model: Any, meta: dict[str, Any], hq: bo
     if not methods:
         raise RelpropError(f"none of the methods {', '.join(names)} can run on this model")
     return methods
-
-
-def class_names(meta: dict[str, Any]) -> list[str]:
-    """Readable names: the checkpoint's `class_names`, else its `classes`, else the index."""
-    for key in ("class_names", "classes"):
-        if meta.get(key):
-            return [str(name) for name in meta[key]]
-    return [str(i) for i in range(int(meta["num_classes"]))]
 
 
 def parse_target(text: str | None, meta: dict[str, Any]) -> int | None:

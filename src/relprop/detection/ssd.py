@@ -17,9 +17,7 @@ from __future__ import annotations
 from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass
-from pathlib import Path
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -369,14 +367,6 @@ def scale_box(box: Tensor, from_size: tuple[int, int], to_size: tuple[int, int])
     return box * torch.as_tensor([sx, sy, sx, sy], dtype=box.dtype, device=box.device)
 
 
-def class_names_for(model: SSD, names: Sequence[str] | None) -> list[str]:
-    """Names of the detector's classes (index 0 = background); numbers when unknown."""
-    num_classes = num_classes_of(model)
-    if names is not None and len(names) == num_classes:
-        return [str(n) for n in names]
-    return ["background"] + [f"class {k}" for k in range(1, num_classes)]
-
-
 def num_classes_of(model: SSD) -> int:
     """Number of classes of the detector's head, background included."""
     first = head_levels(model, "class")[0].conv
@@ -386,86 +376,3 @@ def num_classes_of(model: SSD) -> int:
 def box_iou(a: Tensor, b: Tensor) -> Tensor:
     """IoU of (x0, y0, x1, y1) boxes, (M,4) x (N,4) -> (M,N)."""
     return box_ops.box_iou(a, b)
-
-
-# ---------------------------------------------------------------------- drawing
-
-MAP_TITLES = {
-    "class": "class {name}: red for, blue against",
-    "cx": "cx: red → right, blue ← left",
-    "cy": "cy: red ↓ down, blue ↑ up",
-    "w": "w: red wider, blue narrower",
-    "h": "h: red taller, blue shorter",
-}
-BOX_COLOUR = "#00d000"
-PERCENTILE = 99.5
-
-
-def signed_overlay(rgb: np.ndarray, heat: np.ndarray) -> np.ndarray:
-    """The image in gray with a signed map on top: red positive, blue negative, zero clear.
-
-    The colour scale is symmetric, set by the 99.5th percentile of |heat| so one hot pixel
-    cannot wash out the rest.
-    """
-    from matplotlib import colormaps
-
-    gray = rgb.astype(np.float32).mean(-1, keepdims=True).repeat(3, -1) / 255.0
-    limit = float(np.percentile(np.abs(heat), PERCENTILE)) or float(np.abs(heat).max()) or 1.0
-    scaled = np.clip(heat / limit, -1.0, 1.0)
-    colour = colormaps["RdBu_r"]((scaled + 1) / 2)[..., :3]
-    alpha = 0.85 * np.abs(scaled)[..., None]
-    return (gray * (1 - alpha) + colour * alpha).clip(0, 1)
-
-
-def _figure(width: float, height: float):
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    fig = Figure(figsize=(width, height))
-    FigureCanvasAgg(fig)
-    return fig
-
-
-def _draw_box(ax, box: Sequence[float], caption: str | None = None) -> None:
-    from matplotlib.patches import Rectangle
-
-    x0, y0, x1, y1 = box
-    ax.add_patch(Rectangle((x0, y0), x1 - x0, y1 - y0, fill=False, edgecolor=BOX_COLOUR, lw=2))
-    if caption:
-        ax.text(x0, y0, caption, color="black", fontsize=8, va="bottom",
-                bbox={"facecolor": BOX_COLOUR, "edgecolor": "none", "pad": 1})
-
-
-def draw_detections(path: str | Path, rgb: np.ndarray, boxes: Sequence[Sequence[float]],
-                    captions: Sequence[str]) -> Path:
-    """Save the image (H, W, 3 uint8) with every box and its caption drawn on it."""
-    h, w = rgb.shape[:2]
-    scale = 6.0 / max(h, w)
-    fig = _figure(max(2.5, w * scale), max(2.5, h * scale))
-    ax = fig.add_axes((0, 0, 1, 1))
-    ax.imshow(rgb)
-    for box, caption in zip(boxes, captions, strict=True):
-        _draw_box(ax, box, caption)
-    ax.set_axis_off()
-    fig.savefig(path, dpi=100)
-    return Path(path)
-
-
-def save_detection_panel(path: str | Path, rgb: np.ndarray, box: Sequence[float],
-                         heats: dict[str, np.ndarray], title: str, class_name: str) -> Path:
-    """One detection: the image with its box, then each map (class, cx, cy, w, h) over the image."""
-    fig = _figure(2.6 * (len(heats) + 1), 3.0)
-    axes = fig.subplots(1, len(heats) + 1)
-    axes[0].imshow(rgb)
-    axes[0].set_title("detection", fontsize=9)
-    _draw_box(axes[0], box)
-    for ax, (name, heat) in zip(axes[1:], heats.items(), strict=True):
-        ax.imshow(signed_overlay(rgb, heat))
-        _draw_box(ax, box)
-        ax.set_title(MAP_TITLES.get(name, name).format(name=class_name), fontsize=8)
-    for ax in axes:
-        ax.set_axis_off()
-    fig.suptitle(title, fontsize=10)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    return Path(path)

@@ -1,30 +1,61 @@
-"""The evaluation behind `relprop evaluate`: explain, score, append, summarize (resumable)."""
+"""The evaluation behind `relprop evaluate`: explain, score, append, summarize (resumable).
+
+The library side only: `evaluate` takes a typed `EvalConfig` and the checkpoints already loaded
+(the CLI parses the options, loads the models and prints the outcome).
+"""
 
 from __future__ import annotations
 
-import argparse
 import json
-import math
-import platform
 import sys
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
-from datetime import datetime, timezone
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
-from relprop import __version__
-from relprop.cli.common import resolve_device
-from relprop.cli.evaluate import MIN_FRAME_BATCH
-from relprop.cli.outputs import prepare_out
+from relprop.defaults import MIN_FRAME_BATCH
 from relprop.errors import ImageError, InputError, RelpropError
+from relprop.evaluation.metrics import METRICS, PROTOCOLS, Channels
+from relprop.evaluation.results import (
+    append_jsonl,
+    check_resume,
+    read_jsonl,
+    read_run_info,
+    summarize,
+    summary_markdown,
+    write_run_info,
+)
 
-METRICS = ("insertion", "deletion", "id")
-LOCALIZATION = ("pointing", "energy", "centre_pointing", "centre_energy")
-UNORDERED_SETTINGS = ("methods", "protocols")  # listing them in another order changes no number
+
+@dataclass(frozen=True)
+class EvalConfig:
+    """Everything `relprop evaluate` was asked for, checked when made (one clear line)."""
+
+    data: Path
+    out: Path
+    methods: tuple[str, ...]
+    protocols: tuple[str, ...] = ("paper",)
+    channels: Channels = "sum"
+    step: int | None = None
+    block: int = 1
+    limit: int | None = None
+    per_class: int | None = None
+    batch_size: int = 32
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    cam_layer: str | None = None
+    save_maps: bool = False
+
+    def __post_init__(self) -> None:
+        for option, value in (("--step", self.step), ("--block", self.block), ("--limit", self.limit),
+                              ("--per-class", self.per_class), ("--batch-size", self.batch_size)):
+            if value is not None and value < 1:
+                raise InputError(f"{option} {value}: must be at least 1")
+        if Path(self.out).resolve().is_relative_to(Path(self.data).resolve()):
+            raise InputError(f"--out {self.out} is inside --data {self.data}: its files would be "
+                             "read as data; choose an --out outside the data folder")
 
 
 @dataclass
@@ -36,168 +67,123 @@ class Plan:
     protocols: list[str]
 
 
-def run(args: argparse.Namespace) -> int:
-    from relprop.evaluation.metrics import PROTOCOLS
+@dataclass(frozen=True)
+class Checkpoint:
+    """One loaded model to evaluate: where it came from, its hash (results are keyed by it)."""
 
-    _check_numbers(args)
-    args.device = resolve_device(args.device)
-    if args.task == "detection":
-        from relprop.evaluation.detection import run_from_evaluate_args
-
-        prepare_out(args.out)
-        return run_from_evaluate_args(args)
-    out = _prepare_out(args)
-    plan = _plan(args.methods, args.protocol, PROTOCOLS)
-    checkpoints = [_Checkpoint.load(path, args) for path in args.weights or [None]]
-    settings = _settings(args, plan, checkpoints)
-    _check_resume(out / "run.json", settings)
-    _record_labels(out / "run.json", checkpoints[0].meta)
-    store = _Store(out)
-    failed_methods: list[str] = []
-    for checkpoint in checkpoints:
-        failed_methods += _evaluate(checkpoint, args, plan, store, args.device)
-    summary = summarize(store.records(), plan.methods, plan.protocols)
-    _write_summary(out, summary, store.records(), plan)
-    evaluated = {(sha, image) for sha, image, _, _ in store.done}
-    total_skipped = len(store.skipped_keys() - evaluated)  # an image fixed since counts no more
-    print(f"relprop evaluate: {len(store.done)} results in {out / 'results.jsonl'}; "
-          f"summary in {out / 'summary.md'}", file=sys.stderr)
-    if total_skipped:
-        print(f"relprop evaluate: {total_skipped} unreadable image(s) skipped, listed in "
-              f"{out / 'skipped.jsonl'}", file=sys.stderr)
-    if failed_methods:
-        print(f"relprop evaluate: method(s) {', '.join(dict.fromkeys(failed_methods))} could not "
-              "run (named above); the others were evaluated", file=sys.stderr)
-    return 1 if total_skipped or failed_methods else 0
-
-
-def _check_numbers(args: argparse.Namespace) -> None:
-    """Refuse meaningless counts before anything is loaded (`--limit -1` is not 'all but one')."""
-    for option, value in (("--step", args.step), ("--block", args.block), ("--limit", args.limit),
-                          ("--per-class", args.per_class), ("--batch-size", args.batch_size)):
-        if value is not None and value < 1:
-            raise InputError(f"{option} {value}: must be at least 1")
-
-
-def _prepare_out(args: argparse.Namespace) -> Path:
-    """OUT must be writable, and not inside --data (its PNGs would be read as images)."""
-    out = Path(args.out)
-    if out.resolve().is_relative_to(Path(args.data).resolve()):
-        raise InputError(f"--out {out} is inside --data {args.data}: its files would be read as "
-                         "data; choose an --out outside the data folder")
-    return prepare_out(args.out)
-
-
-def _plan(methods: str, protocol: str, known_protocols: Sequence[str]) -> Plan:
-    from relprop.methods import HQ_SUFFIX, METHOD_NAMES
-
-    names = [m.strip() for m in methods.split(",") if m.strip()]
-    if not names:
-        raise InputError("--methods is empty")
-    for name in names:
-        if name.removesuffix(HQ_SUFFIX) not in METHOD_NAMES:
-            raise InputError(f"unknown method {name!r}; known: {', '.join(METHOD_NAMES)} "
-                             f"(each also with {HQ_SUFFIX})")
-    protocols = [p.strip() for p in protocol.split(",") if p.strip()]
-    for p in protocols:
-        if p not in known_protocols:
-            raise InputError(f"unknown protocol {p!r}; choose from {', '.join(known_protocols)}")
-    names, protocols = list(dict.fromkeys(names)), list(dict.fromkeys(protocols))
-    bases = list(dict.fromkeys(n.removesuffix(HQ_SUFFIX) for n in names))
-    return Plan(names, bases, protocols)
-
-
-@dataclass
-class _Checkpoint:
     path: str
     sha256: str
     model: torch.nn.Module
     meta: dict[str, Any]
 
     @classmethod
-    def load(cls, path: str | None, args: argparse.Namespace) -> _Checkpoint:
-        """A weights file or torchvision weights name (None: the command's default)."""
-        from relprop.cli.common import load_model_from_args
+    def of(cls, model: torch.nn.Module, meta: dict[str, Any], given: str | None = None) -> Checkpoint:
+        """A model and its meta as `relprop.models.load_model` returns them."""
         from relprop.models import file_sha256
 
-        model, meta = load_model_from_args(args, "evaluate", weights=path)
-        return cls(meta.get("weights") or str(path), file_sha256(meta["path"]), model, meta)
+        return cls(meta.get("weights") or str(given or meta["path"]), file_sha256(meta["path"]),
+                   model, meta)
 
 
-def _settings(args: argparse.Namespace, plan: Plan, checkpoints: Sequence[_Checkpoint]) -> dict[str, Any]:
+@dataclass
+class EvalOutcome:
+    """What a run did, for the caller to report: results, skipped images, failed methods."""
+
+    out: Path
+    results: int
+    skipped: int
+    failed_methods: list[str]
+
+
+def evaluate(config: EvalConfig, checkpoints: Sequence[Checkpoint]) -> EvalOutcome:
+    """Evaluate every method and protocol on every checkpoint's images, resuming where OUT holds
+    results; write results.jsonl, run.json, summary.json, summary.md and the curves."""
+    if not checkpoints:
+        raise InputError("no checkpoint to evaluate")
+    out = Path(config.out)
+    out.mkdir(parents=True, exist_ok=True)
+    plan = make_plan(config.methods, config.protocols)
+    settings = _settings(config, plan, checkpoints)
+    from relprop.methods import canonical_name
+
+    check_resume(out / "run.json", settings, canonical_name)
+    _record_labels(out / "run.json", checkpoints[0].meta)
+    store = _Store(out)
+    failed_methods: list[str] = []
+    for checkpoint in checkpoints:
+        failed_methods += _evaluate(checkpoint, config, plan, store, len(checkpoints) > 1)
+    summary = summarize(store.records(), plan.methods, plan.protocols)
+    _write_summary(out, summary, store.records(), plan)
+    evaluated = {(sha, image) for sha, image, _, _ in store.done}
+    skipped = len(store.skipped_keys() - evaluated)  # an image fixed since counts no more
+    return EvalOutcome(out, len(store.done), skipped, list(dict.fromkeys(failed_methods)))
+
+
+def make_plan(methods: Sequence[str], protocols: Sequence[str]) -> Plan:
+    """The registry's names of the requested methods (aliases resolved, `+hq` kept) and the
+    protocols; an unknown name is one line that lists the valid ones."""
+    from relprop.methods import HQ_SUFFIX, canonical_name, method_names
+
+    names = [m.strip() for m in methods if m.strip()]
+    if not names:
+        raise InputError("--methods is empty")
+    known = method_names()
+    for name in names:
+        if canonical_name(name).removesuffix(HQ_SUFFIX) not in known:
+            raise InputError(f"unknown method {name!r}; known: {', '.join(known)} "
+                             f"(each also with {HQ_SUFFIX})")
+    for p in protocols:
+        if p not in PROTOCOLS:
+            raise InputError(f"unknown protocol {p!r}; choose from {', '.join(PROTOCOLS)}")
+    if not protocols:
+        raise InputError("--protocol is empty")
+    names = list(dict.fromkeys(canonical_name(n) for n in names))
+    bases = list(dict.fromkeys(n.removesuffix(HQ_SUFFIX) for n in names))
+    return Plan(names, bases, list(dict.fromkeys(protocols)))
+
+
+def _settings(config: EvalConfig, plan: Plan, checkpoints: Sequence[Checkpoint]) -> dict[str, Any]:
     """Everything that changes the numbers; a resumed run must match it exactly."""
     from relprop.evaluation.metrics import PAPER_STEP, RISE_BLUR_SIGMA, RISE_BLUR_SIZE
 
     return {
         "checkpoints": [{"path": c.path, "sha256": c.sha256} for c in checkpoints],
         "preprocessing": [{k: c.meta[k] for k in ("resize", "crop", "mean", "std")} for c in checkpoints],
-        "data": str(Path(args.data).resolve()),
+        "data": str(Path(config.data).resolve()),
         "methods": plan.methods,
         "protocols": plan.protocols,
-        "channels": args.channels,
-        "step": {"paper": args.step or PAPER_STEP, "rise": args.step or "image width"},
-        "block": args.block,
+        "channels": config.channels,
+        "step": {"paper": config.step or PAPER_STEP, "rise": config.step or "image width"},
+        "block": config.block,
         "rise_blur": {"size": RISE_BLUR_SIZE, "sigma": RISE_BLUR_SIGMA},
-        "limit": args.limit,
-        "per_class": args.per_class,
-        "cam_layer": args.cam_layer,
+        "limit": config.limit,
+        "per_class": config.per_class,
+        "cam_layer": config.cam_layer,
     }
-
-
-def _check_resume(path: Path, settings: dict[str, Any]) -> None:
-    """Write provenance on the first run; refuse to resume under different settings, and note
-    each resumption (with its versions) in run.json."""
-    if not path.is_file():
-        path.write_text(json.dumps({"settings": settings, **_provenance()}, indent=2) + "\n")
-        return
-    run_info = json.loads(path.read_text())
-    previous = run_info.get("settings", {})
-    changed = [k for k in settings if _comparable(k, previous.get(k)) != _comparable(k, settings[k])]
-    if changed:
-        key = changed[0]
-        raise InputError(
-            f"{path.parent} holds a run with different settings ({key}: {previous.get(key)!r} "
-            f"now {settings[key]!r}); rerun with the same options to resume, or use a new --out"
-        )
-    run_info.setdefault("resumed", []).append(_provenance())
-    path.write_text(json.dumps(run_info, indent=2) + "\n")
 
 
 def _record_labels(path: Path, meta: dict[str, Any]) -> None:
     """The model's class ids and names, by which the labels were given (the report shows them)."""
-    run_info = json.loads(path.read_text())
+    run_info = read_run_info(path)
     run_info["labels"] = {"classes": list(meta["classes"]), "class_names": meta.get("class_names")}
-    path.write_text(json.dumps(run_info, indent=2) + "\n")
-
-
-def _comparable(key: str, value: Any) -> Any:
-    if key in UNORDERED_SETTINGS and isinstance(value, list):
-        return sorted(value)
-    return value
-
-
-def _provenance() -> dict[str, Any]:
-    import captum
-    import torchvision
-
-    return {
-        "versions": {"relprop": __version__, "torch": torch.__version__,
-                     "torchvision": torchvision.__version__, "captum": captum.__version__,
-                     "numpy": np.__version__, "python": platform.python_version()},
-        "platform": platform.platform(),
-        "started": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "command": sys.argv,
-    }
+    write_run_info(path, run_info)
 
 
 class _Store:
-    """results.jsonl and skipped.jsonl, appended line by line so a killed run loses nothing."""
+    """results.jsonl and skipped.jsonl, appended line by line so a killed run loses nothing.
+
+    Records written under an alias of a method (`ours` in older runs) are read under the
+    registry's name, so they count as done and are summarized with the new ones.
+    """
 
     def __init__(self, out: Path) -> None:
+        from relprop.methods import canonical_name
+
         self.results_path, self.skipped_path = out / "results.jsonl", out / "skipped.jsonl"
-        self._records = _read_jsonl(self.results_path)
+        self._records = [{**r, "method": canonical_name(r["method"])}
+                         for r in read_jsonl(self.results_path, repair=True)]
         self.done = {_key(r) for r in self._records}
-        self._skipped = _read_jsonl(self.skipped_path)
+        self._skipped = read_jsonl(self.skipped_path, repair=True)
 
     def records(self) -> list[dict[str, Any]]:
         return self._records
@@ -206,38 +192,19 @@ class _Store:
         return {(s["checkpoint_sha256"], s["image"]) for s in self._skipped}
 
     def add(self, record: dict[str, Any]) -> None:
-        with open(self.results_path, "a") as handle:
-            handle.write(json.dumps(record) + "\n")
+        append_jsonl(self.results_path, record)
         self._records.append(record)
         self.done.add(_key(record))
 
     def skip(self, record: dict[str, str]) -> None:
         if (record["checkpoint_sha256"], record["image"]) in self.skipped_keys():
             return
-        with open(self.skipped_path, "a") as handle:
-            handle.write(json.dumps(record) + "\n")
+        append_jsonl(self.skipped_path, record)
         self._skipped.append(record)
 
 
 def _key(record: dict[str, Any]) -> tuple[str, str, str, str]:
     return record["checkpoint_sha256"], record["image"], record["method"], record["protocol"]
-
-
-def _read_jsonl(path: Path) -> list[dict[str, Any]]:
-    """Complete lines only: a line cut by a kill is dropped (and cut from the file)."""
-    if not path.is_file():
-        return []
-    raw = path.read_bytes()
-    complete = raw[: raw.rfind(b"\n") + 1]
-    if len(complete) != len(raw):
-        path.write_bytes(complete)
-    records = []
-    for line in complete.decode().splitlines():
-        try:
-            records.append(json.loads(line))
-        except json.JSONDecodeError:
-            continue
-    return records
 
 
 @dataclass
@@ -247,8 +214,8 @@ class _Batch:
     boxes: list[Any]
 
 
-def _evaluate(checkpoint: _Checkpoint, args: argparse.Namespace, plan: Plan, store: _Store,
-              device: torch.device) -> list[str]:
+def _evaluate(checkpoint: Checkpoint, config: EvalConfig, plan: Plan, store: _Store,
+              several: bool) -> list[str]:
     """All methods and protocols on one checkpoint's images, resuming where results exist.
 
     With --save-maps, images whose scores exist but whose maps do not get their maps written
@@ -258,25 +225,25 @@ def _evaluate(checkpoint: _Checkpoint, args: argparse.Namespace, plan: Plan, sto
 
     from relprop.data import discover, select
 
-    model, meta = checkpoint.model.to(device), checkpoint.meta
-    dataset = discover(args.data, meta["classes"], meta.get("class_names"))
+    model, meta = checkpoint.model.to(config.device), checkpoint.meta
+    dataset = discover(config.data, meta["classes"], meta.get("class_names"))
     if dataset.unknown:
         listed = ", ".join(f"{name} ({n})" for name, n in sorted(dataset.unknown.items()))
         print(f"relprop evaluate: left out {sum(dataset.unknown.values())} images of "
               f"{len(dataset.unknown)} classes the model does not have: {listed}", file=sys.stderr)
-    items = select(dataset.items, args.per_class, args.limit)
-    work = _Work(checkpoint, args, plan, store, _map_names(items), [])
+    items = select(dataset.items, config.per_class, config.limit)
+    work = _Work(checkpoint, config, plan, store, _map_names(items), [], several)
     todo = [it for it in items if any(work.needs(it, name) for name in plan.methods)]
     methods = _build_methods(work, model, meta)
     progress = tqdm(total=len(todo) * len(plan.methods), desc=f"evaluate {Path(checkpoint.path).name}",
                     unit="map", dynamic_ncols=True)
-    for batch, failures in _batches(dataset.root, todo, meta, args.batch_size):
+    for batch, failures in _batches(dataset.root, todo, meta, config.batch_size):
         for item, message in failures:
             tqdm.write(f"relprop evaluate: skipping {item.path}: {message}", file=sys.stderr)
             store.skip({"checkpoint_sha256": checkpoint.sha256, "image": item.path, "error": message})
         progress.update(len(failures) * len(plan.methods))
         if batch is not None:
-            _evaluate_batch(work, batch, methods, device, progress)
+            _evaluate_batch(work, batch, methods, config.device, progress)
     progress.close()
     return work.failed
 
@@ -285,12 +252,13 @@ def _evaluate(checkpoint: _Checkpoint, args: argparse.Namespace, plan: Plan, sto
 class _Work:
     """What one checkpoint's evaluation needs to decide, per image and method, what is left."""
 
-    checkpoint: _Checkpoint
-    args: argparse.Namespace
+    checkpoint: Checkpoint
+    config: EvalConfig
     plan: Plan
     store: _Store
     stems: dict[str, str]
     failed: list[str]
+    several: bool  # several checkpoints: their maps go to one folder each
 
     def pending(self, item: Any, name: str) -> list[str]:
         """Protocols not yet scored for (image, method)."""
@@ -298,13 +266,13 @@ class _Work:
                 if (self.checkpoint.sha256, item.path, name, p) not in self.store.done]
 
     def map_file(self, item: Any, name: str) -> Path:
-        folder = Path(self.args.out) / "maps"
-        if len(self.args.weights) > 1:
+        folder = Path(self.config.out) / "maps"
+        if self.several:
             folder = folder / Path(self.checkpoint.path).stem
         return folder / name / f"{self.stems[item.path]}.npy"
 
     def needs(self, item: Any, name: str) -> bool:
-        return bool(self.pending(item, name)) or (self.args.save_maps and
+        return bool(self.pending(item, name)) or (self.config.save_maps and
                                                   not self.map_file(item, name).is_file())
 
     def fail(self, base: str, error: Exception) -> None:
@@ -325,8 +293,8 @@ def _build_methods(work: _Work, model: torch.nn.Module, meta: dict[str, Any]) ->
     methods = {}
     for base in work.plan.bases:
         try:
-            methods[base] = get_method(base, model, batch_size=work.args.batch_size, mean=meta["mean"],
-                                       std=meta["std"], layer=work.args.cam_layer)
+            methods[base] = get_method(base, model, batch_size=work.config.batch_size,
+                                       mean=meta["mean"], std=meta["std"], layer=work.config.cam_layer)
         except Exception as error:  # any model a method cannot handle: report it, go on
             work.fail(base, error)
     return methods
@@ -391,11 +359,11 @@ def _score_one(work: _Work, batch: _Batch, i: int, x: torch.Tensor, pred: torch.
     from relprop.evaluation.metrics import insertion_deletion, localization
     from relprop.methods import HQ_SUFFIX, HeatQuantized
 
-    args, item, meta = work.args, batch.items[i], work.checkpoint.meta
-    flat = (HeatQuantized(base, args.channels).quantize(maps)[:, 0] if name.endswith(HQ_SUFFIX)
-            else base.to_2d(maps, args.channels))
+    config, item, meta = work.config, batch.items[i], work.checkpoint.meta
+    flat = (HeatQuantized(base, config.channels).quantize(maps)[:, 0] if name.endswith(HQ_SUFFIX)
+            else base.to_2d(maps, config.channels))
     flat = flat.float().cpu()
-    if args.save_maps:
+    if config.save_maps:
         path = work.map_file(item, name)
         path.parent.mkdir(parents=True, exist_ok=True)
         np.save(path, flat[0].numpy().astype(np.float32))
@@ -406,10 +374,11 @@ def _score_one(work: _Work, batch: _Batch, i: int, x: torch.Tensor, pred: torch.
     labels = torch.tensor([item.label], device=x.device)
     for protocol in pending:
         result = insertion_deletion(work.checkpoint.model, x[i:i + 1], flat, labels, protocol,
-                                    mean=meta["mean"], std=meta["std"], step=args.step,
-                                    block=args.block, batch_size=max(args.batch_size, MIN_FRAME_BATCH))
-        work.store.add(_record(work.checkpoint, item, name, protocol, args.channels, base, pred,
-                               result, 0, boxes[0], sums, args.step))
+                                    mean=meta["mean"], std=meta["std"], step=config.step,
+                                    block=config.block,
+                                    batch_size=max(config.batch_size, MIN_FRAME_BATCH))
+        work.store.add(_record(work.checkpoint, item, name, protocol, config.channels, base, pred,
+                               result, 0, boxes[0], sums))
 
 
 def _attribute(method: Any, x: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor] | None]:
@@ -419,9 +388,9 @@ def _attribute(method: Any, x: torch.Tensor) -> tuple[torch.Tensor, dict[str, to
     return method.attribute(x), None
 
 
-def _record(checkpoint: _Checkpoint, item: Any, method: str, protocol: str, channels: str, base: Any,
+def _record(checkpoint: Checkpoint, item: Any, method: str, protocol: str, channels: str, base: Any,
             pred: torch.Tensor, result: Any, i: int, box_scores: dict[str, Any] | None,
-            sums: dict[str, torch.Tensor] | None, step: int | None) -> dict[str, Any]:
+            sums: dict[str, torch.Tensor] | None) -> dict[str, Any]:
     return {
         "checkpoint": checkpoint.path,
         "checkpoint_sha256": checkpoint.sha256,
@@ -431,9 +400,7 @@ def _record(checkpoint: _Checkpoint, item: Any, method: str, protocol: str, chan
         "method": method,
         "protocol": protocol,
         "channels": "sum" if base.is_lrp else channels,
-        "insertion": float(result.insertion[i]),
-        "deletion": float(result.deletion[i]),
-        "id": float(result.insertion[i] - result.deletion[i]),
+        **{key: metric.score(result, i) for key, metric in METRICS.items()},
         "insertion_curve": [float(v) for v in result.insertion_curves[i]],
         "deletion_curve": [float(v) for v in result.deletion_curves[i]],
         "localization": box_scores,
@@ -462,122 +429,19 @@ def _map_names(items: Sequence[Any]) -> dict[str, str]:
             for it in items}
 
 
-def summarize(records: Sequence[dict[str, Any]], methods: Sequence[str],
-              protocols: Sequence[str]) -> dict[str, Any]:
-    """{method: {insertion, deletion, id (first protocol), *_std, n, ..., protocols: {p: {...}}}}.
-
-    One checkpoint: mean and std over images. Several: mean and std over per-checkpoint means.
-    """
-    summary: dict[str, Any] = {}
-    for method in methods:
-        per_protocol = {}
-        for protocol in protocols:
-            rows = [r for r in records if r["method"] == method and r["protocol"] == protocol]
-            if rows:
-                per_protocol[protocol] = _aggregate(rows)
-        if per_protocol:
-            first = per_protocol[next(iter(per_protocol))]
-            summary[method] = {**first, "protocol": next(iter(per_protocol)), "protocols": per_protocol}
-    return summary
-
-
-def _aggregate(rows: Sequence[dict[str, Any]]) -> dict[str, Any]:
-    by_checkpoint: dict[str, list[dict[str, Any]]] = {}
-    for row in rows:
-        by_checkpoint.setdefault(row["checkpoint_sha256"], []).append(row)
-    means = [_means(group) for group in by_checkpoint.values()]
-    if len(means) == 1:
-        stats = _means(rows, with_std=True)
-    else:  # the paper's seed table: spread of the per-checkpoint means
-        stats = {}
-        for key in means[0]:
-            values = [m[key] for m in means if m[key] is not None]
-            stats[key] = float(np.mean(values)) if values else None
-            if key in METRICS:
-                stats[f"{key}_std"] = float(np.std(values, ddof=1)) if len(values) > 1 else 0.0
-    stats["n"] = len(rows) if len(means) == 1 else min(len(g) for g in by_checkpoint.values())
-    stats["checkpoints"] = len(means)
-    return stats
-
-
-def _means(rows: Sequence[dict[str, Any]], with_std: bool = False) -> dict[str, Any]:
-    stats: dict[str, Any] = {}
-    for key in METRICS:
-        values = np.array([r[key] for r in rows], dtype=np.float64)
-        stats[key] = float(values.mean())
-        if with_std:
-            stats[f"{key}_std"] = float(values.std(ddof=1)) if len(values) > 1 else 0.0
-    for key in LOCALIZATION:
-        values = [r["localization"][key] for r in rows
-                  if r.get("localization") and r["localization"].get(key) is not None]
-        stats[key] = float(np.mean(values)) if values else None
-    ratios = [r["conservation"]["input_over_output"] for r in rows
-              if r.get("conservation") and r["conservation"].get("input_over_output") is not None]
-    stats["conservation"] = float(np.mean(ratios)) if ratios else None
-    return stats
-
-
 def _write_summary(out: Path, summary: dict[str, Any], records: Sequence[dict[str, Any]],
                    plan: Plan) -> None:
+    from relprop.evaluation.results import mean_curves
+    from relprop.viz import plot_curves
+
     (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     (out / "summary.md").write_text(summary_markdown(summary, plan.protocols))
+    curves = mean_curves(records)
     for protocol in plan.protocols:
-        _plot_curves(out / f"curves_{protocol}.png", records, plan.methods, protocol)
+        if protocol in curves:
+            aucs = {m: {k: s["protocols"][protocol][k] for k in ("insertion", "deletion")}
+                    for m, s in summary.items() if protocol in s["protocols"]}
+            plot_curves(curves[protocol], aucs, protocol, out / f"curves_{protocol}.png")
 
 
-def summary_markdown(summary: dict[str, Any], protocols: Sequence[str]) -> str:
-    """The paper's table layout (Insertion up, Deletion down, ID up), one table per protocol."""
-    lines = []
-    for protocol in protocols:
-        rows = {m: s["protocols"][protocol] for m, s in summary.items() if protocol in s["protocols"]}
-        if not rows:
-            continue
-        first = next(iter(rows.values()))
-        over = (f"mean ± std over {first['checkpoints']} checkpoints (per-checkpoint means)"
-                if first["checkpoints"] > 1 else "mean ± std over images")
-        lines += [f"## Protocol `{protocol}` ({over})", "",
-                  "| Method | Insertion ↑ | Deletion ↓ | ID ↑ | n | Pointing ↑ | Energy ↑ | In/Out |",
-                  "|---|---|---|---|---|---|---|---|"]
-        for method, s in rows.items():
-            cells = [f"{s[k]:.3f} ± {s[k + '_std']:.3f}" for k in METRICS]
-            extra = [_fmt(s.get("pointing")), _fmt(s.get("energy")), _fmt(s.get("conservation"))]
-            lines.append(f"| {method} | " + " | ".join(cells) + f" | {s['n']} | " + " | ".join(extra) + " |")
-        centre = next((s for s in rows.values() if s.get("centre_pointing") is not None), None)
-        if centre is not None:
-            lines.append(f"| *centre-point baseline* | | | | | {_fmt(centre['centre_pointing'])} | "
-                         f"{_fmt(centre['centre_energy'])} | |")
-        lines.append("")
-    return "\n".join(lines)
 
-
-def _fmt(value: float | None) -> str:
-    return "" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{value:.3f}"
-
-
-def _plot_curves(path: Path, records: Sequence[dict[str, Any]], methods: Sequence[str],
-                 protocol: str) -> None:
-    """Mean insertion and deletion curves per method, on a common [0, 1] axis."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    from relprop.methods import HQ_SUFFIX
-
-    grid = np.linspace(0.0, 1.0, 101)
-    bases = list(dict.fromkeys(m.removesuffix(HQ_SUFFIX) for m in methods))
-    colours = plt.get_cmap("tab20").colors
-    fig, axes = plt.subplots(1, 2, figsize=(10, 4), constrained_layout=True)
-    for ax, kind in zip(axes, ("insertion", "deletion"), strict=True):
-        for method in methods:
-            curves = [np.interp(grid, np.linspace(0, 1, len(r[f"{kind}_curve"])), r[f"{kind}_curve"])
-                      for r in records if r["method"] == method and r["protocol"] == protocol]
-            if curves:  # one colour per base method; its +hq variant dashed
-                colour = colours[bases.index(method.removesuffix(HQ_SUFFIX)) % len(colours)]
-                ax.plot(grid, np.mean(curves, axis=0), label=method, color=colour,
-                        linestyle="--" if method.endswith(HQ_SUFFIX) else "-")
-        ax.set(title=f"{kind} ({protocol})", xlabel="fraction of pixels", ylabel="probability",
-               ylim=(0, 1))
-        ax.legend(fontsize=7)
-    fig.savefig(path, dpi=100)
-    plt.close(fig)

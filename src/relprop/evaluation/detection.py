@@ -18,7 +18,7 @@ detection (right class, IoU >= 0.5 with the ground truth) is explained by each m
   h: shorter), the 10 % most negative should raise it; CRP's box maps, gradient x input of the
   offset as a reference, 10 % random pixels as the chance level.
 
-Methods: ``crp`` (contrastive class map), ``lrp`` (plain LRP of the class logit, same rules, no
+Methods: ``crp`` (contrastive class map), ``lrp-plain`` (plain LRP of the class logit, same rules, no
 contrast) and ``gradcam`` (Grad-CAM of the class logit of the detection's anchor, at the finest
 feature map at or below the anchor's level with a grid of at least 7x7, ReLU, bilinear upsampling).
 Everything is computed in the detector's input space.
@@ -26,13 +26,12 @@ Everything is computed in the detector's input space.
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import sys
 import time
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from collections.abc import Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -52,8 +51,10 @@ from relprop.detection.ssd import (
     scale_box,
 )
 from relprop.errors import InputError
+from relprop.evaluation.metrics import auc, frame_masks, localization
+from relprop.evaluation.results import append_jsonl, mean_std
 
-METHODS = ("crp", "lrp", "gradcam")
+METHODS = ("crp", "lrp-plain", "gradcam")  # the registry's names: lrp-plain is plain LRP everywhere
 DIRECTION_METHODS = ("crp", "gradxinput")
 STEP = 500
 TOP_FRACTION = 0.1
@@ -141,46 +142,12 @@ def method_maps(
     n = len(classes)
     return {
         "crp": list(lrp_maps[:n]),
-        "lrp": list(lrp_maps[n:]),
+        "lrp-plain": list(lrp_maps[n:]),
         "gradcam": [gradcam_map(crp, out, 0, detection, k) for k in classes],
     }
 
 
 # ------------------------------------------------------------------ metrics
-
-
-def energy_in_box(heat: Tensor, box: Tensor) -> float:
-    """Share of the positive mass of ``heat`` inside ``box`` (input-space pixels)."""
-    positive = heat.clamp(min=0)
-    total = float(positive.sum())
-    if total <= 0:
-        return float("nan")
-    return float((positive * box_mask(box, heat.shape, heat.device)).sum()) / total
-
-
-def box_mask(box: Tensor, shape: Sequence[int], device: torch.device | None = None) -> Tensor:
-    """Pixels whose centres lie inside an (x0, y0, x1, y1) box."""
-    h, w = shape
-    ys = torch.arange(h, dtype=torch.float32, device=device) + 0.5
-    xs = torch.arange(w, dtype=torch.float32, device=device) + 0.5
-    x0, y0, x1, y1 = (float(v) for v in box)
-    inside_y = (ys >= y0) & (ys <= y1)
-    inside_x = (xs >= x0) & (xs <= x1)
-    return (inside_y[:, None] & inside_x[None, :]).float()
-
-
-def pointing_hit(heat: Tensor, box: Tensor) -> bool:
-    """Is the map's maximum (first one in raster order) inside the box."""
-    index = int(heat.flatten().argmax())
-    y, x = divmod(index, heat.shape[1])
-    return bool(box_mask(box, heat.shape, heat.device)[y, x])
-
-
-def centre_hit(box: Tensor, shape: Sequence[int]) -> bool:
-    """The centre-point baseline of the pointing game."""
-    h, w = shape
-    x0, y0, x1, y1 = (float(v) for v in box)
-    return x0 <= w / 2 <= x1 and y0 <= h / 2 <= y1
 
 
 def correlation(a: Tensor, b: Tensor) -> float:
@@ -189,24 +156,6 @@ def correlation(a: Tensor, b: Tensor) -> float:
     a, b = a - a.mean(), b - b.mean()
     denominator = float(a.norm() * b.norm())
     return float((a * b).sum()) / denominator if denominator > 0 else float("nan")
-
-
-def frame_masks(heat: Tensor, step: int = STEP) -> Tensor:
-    """(K, h, w) masks: frame i holds every pixel with value >= the (step*(i+1))-th largest
-    (ties included), K = ceil(h*w / step); the last frame holds every pixel."""
-    flat = heat.flatten()
-    order = torch.argsort(flat, descending=True, stable=True)
-    count = flat.numel()
-    frames = math.ceil(count / step)
-    thresholds = flat[order[[min(step * (i + 1), count - 1) for i in range(frames)]]]
-    return (flat[None, :] >= thresholds[:, None]).view(frames, *heat.shape)
-
-
-def auc(scores: Sequence[float]) -> float:
-    """Trapezoid rule on [0, 1]."""
-    if len(scores) < 2:
-        return float(scores[0]) if scores else float("nan")
-    return (sum(scores) - scores[0] / 2 - scores[-1] / 2) / (len(scores) - 1)
 
 
 def detection_scores(crp: CRP, frames: Tensor, box: Tensor, k: int, batch: int = 32) -> list[float]:
@@ -236,7 +185,7 @@ def insertion_deletion(
     insertion = torch.where(masks, x[None], black)
     del_curve = detection_scores(crp, deletion, box, k)
     ins_curve = detection_scores(crp, insertion, box, k)
-    return {"insertion": auc(ins_curve), "deletion": auc(del_curve),
+    return {"insertion": auc(ins_curve, np.float64), "deletion": auc(del_curve, np.float64),
             "insertion_curve": ins_curve, "deletion_curve": del_curve}
 
 
@@ -350,19 +299,21 @@ def evaluate_sample(
     size = tuple(out.x.shape[-2:])
     gt_input = scale_box(torch.tensor(sample.box), out.original_sizes[0], size)
     explained = det["boxes_input"][d]
+    (baseline,) = localization(torch.zeros(1, *size), [gt_input])  # the centre-point/uniform scores
     record.update({
         "detection": d, "score": float(det["scores"][d]), "anchor": anchor,
         "level": int(det["levels"][d]), "runner_up": runner_up,
         "runner_up_prob": float(probabilities[runner_up]),
-        "box_area_share": float(box_mask(gt_input, size).mean()),
-        "centre_hit": centre_hit(gt_input, size),
+        "box_area_share": baseline["centre_energy"],
+        "centre_hit": bool(baseline["centre_pointing"]),
     })
     maps = method_maps(crp, out, d, [k_star, runner_up])
     record["methods"] = {}
     for name in methods:
         heat, other = maps[name]
-        entry = {"energy": energy_in_box(heat, gt_input), "pointing": pointing_hit(heat, gt_input),
-                 "contrast_r": correlation(heat, other)}
+        (box,) = localization(heat[None], [gt_input], pointing="first")
+        entry = {"energy": math.nan if box["energy"] is None else box["energy"],
+                 "pointing": bool(box["pointing"]), "contrast_r": correlation(heat, other)}
         entry.update(insertion_deletion(crp, out.x[0], heat, explained, k_star, step))
         entry["id"] = entry["insertion"] - entry["deletion"]
         record["methods"][name] = entry
@@ -405,8 +356,7 @@ def summarize(records: Sequence[dict[str, Any]], methods: Sequence[str] = METHOD
 
 
 def _mean(values: Sequence[Any]) -> float:
-    numbers = [float(v) for v in values if v is not None and not (isinstance(v, float) and math.isnan(v))]
-    return float(np.mean(numbers)) if numbers else float("nan")
+    return mean_std([float(v) for v in values if v is not None])[0]
 
 
 DIRECTION_WORDS = {"cx": "left", "cy": "up", "w": "narrower", "h": "shorter"}
@@ -459,108 +409,65 @@ def summary_markdown(summary: dict[str, Any], command: str | None = None) -> str
     return "\n".join(lines) + "\n"
 
 
-def evaluate_detection(
-    model: torch.nn.Module,
-    classes: Sequence[str],
-    data: str | Path,
-    out: str | Path | None = None,
-    *,
-    per_class: int | None = None,
-    limit: int | None = None,
-    methods: Sequence[str] = METHODS,
-    step: int = STEP,
-    seed: int = 0,
-    progress: bool = True,
-    command: str | None = None,
-    crp_options: dict[str, Any] | None = None,
-) -> dict[str, Any]:
+@dataclass(frozen=True)
+class DetectionEvalConfig:
+    """What `relprop evaluate --task detection` asks for (the CLI builds it; the library never
+    sees the command line)."""
+
+    data: Path
+    out: Path | None = None
+    per_class: int | None = None
+    limit: int | None = None
+    methods: tuple[str, ...] = METHODS
+    step: int = STEP
+    seed: int = 0
+    progress: bool = True
+    command: str | None = None
+    crp_options: dict[str, Any] = field(default_factory=dict)
+
+
+def check_methods(names: Sequence[str]) -> tuple[str, ...]:
+    """The registry's names of the requested detection methods; an unknown one is one clear line
+    that lists the valid names (never silently dropped)."""
+    from relprop.methods import canonical_name
+
+    resolved = tuple(dict.fromkeys(canonical_name(n) for n in names))
+    unknown = [n for n in names if canonical_name(n) not in METHODS]
+    if unknown or not resolved:
+        raise InputError(f"unknown detection method {', '.join(map(repr, unknown)) or '(none given)'}; "
+                         f"--task detection knows: {', '.join(METHODS)}")
+    return resolved
+
+
+def evaluate_detection(model: torch.nn.Module, classes: Sequence[str],
+                       config: DetectionEvalConfig) -> dict[str, Any]:
     """Evaluate CRP, plain LRP and Grad-CAM on a detector; write results.jsonl, summary.json and
-    summary.md under ``out`` (when given) and return the summary.
+    summary.md under ``config.out`` (when given) and return the summary.
 
     ``classes`` is the detector's class list, background first (a checkpoint's ``classes``).
     """
     from tqdm import tqdm
 
-    unknown = [m for m in methods if m not in METHODS]
-    if unknown:
-        raise InputError(f"unknown detection method(s) {unknown}; choose from {', '.join(METHODS)}")
-    samples = read_samples(data, list(classes), per_class)[: limit if limit else None]
-    crp = CRP(model.eval(), **(crp_options or {}))
-    generator = torch.Generator().manual_seed(seed)
+    methods = check_methods(config.methods)
+    samples = read_samples(config.data, list(classes), config.per_class)[: config.limit or None]
+    crp = CRP(model.eval(), **config.crp_options)
+    generator = torch.Generator().manual_seed(config.seed)
     records = []
-    folder = Path(out) if out is not None else None
+    folder = config.out
     if folder is not None:
         folder.mkdir(parents=True, exist_ok=True)
+        (folder / "results.jsonl").write_text("")
     started = time.time()
-    log = open(folder / "results.jsonl", "w", encoding="utf-8") if folder is not None else None
-    try:
-        for sample in tqdm(samples, desc="evaluate detection", unit="image", disable=not progress,
-                           file=sys.stderr):
-            record = evaluate_sample(crp, sample, generator, methods, step)
-            if folder is not None:
-                record["image"] = str(Path(record["image"]).relative_to(Path(data)))
-            records.append(record)
-            if log is not None:
-                log.write(json.dumps(record) + "\n")
-                log.flush()
-    finally:
-        if log is not None:
-            log.close()
+    for sample in tqdm(samples, desc="evaluate detection", unit="image", disable=not config.progress,
+                       file=sys.stderr):
+        record = evaluate_sample(crp, sample, generator, methods, config.step)
+        if folder is not None:
+            record["image"] = str(Path(record["image"]).relative_to(Path(config.data)))
+            append_jsonl(folder / "results.jsonl", record)
+        records.append(record)
     summary = summarize(records, methods)
     summary["seconds"] = round(time.time() - started, 1)
     if folder is not None:
         (folder / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
-        (folder / "summary.md").write_text(summary_markdown(summary, command))
+        (folder / "summary.md").write_text(summary_markdown(summary, config.command))
     return summary
-
-
-def run_from_evaluate_args(args: argparse.Namespace) -> int:
-    """`relprop evaluate --task detection`: the evaluate command's parsed options, used as they are
-    (weights, data, out, model_def, arch, num_classes, per_class, limit, step, methods, device)."""
-    from relprop.cli.detect import load_detector
-
-    weights = args.weights[0] if isinstance(args.weights, list | tuple) else args.weights
-    if isinstance(args.weights, list | tuple) and len(args.weights) > 1:
-        raise InputError("--task detection evaluates one detector: give one --weights file")
-    model, meta = load_detector(weights, getattr(args, "model_def", None),
-                                getattr(args, "arch", None), getattr(args, "num_classes", None))
-    device = getattr(args, "device", None) or ("cuda" if torch.cuda.is_available() else "cpu")
-    requested = [m.strip() for m in str(getattr(args, "methods", "") or "").split(",") if m.strip()]
-    methods = [m for m in requested if m in METHODS] or list(METHODS)
-    command = "relprop " + " ".join(sys.argv[1:])
-    summary = evaluate_detection(
-        model.to(device), meta["classes"], args.data, args.out,
-        per_class=getattr(args, "per_class", None), limit=getattr(args, "limit", None),
-        methods=methods, step=getattr(args, "step", None) or STEP, command=command,
-    )
-    print(summary_markdown(summary, command))
-    return 0
-
-
-def main(argv: Sequence[str] | None = None, load: Callable[..., Any] | None = None) -> int:
-    """``python -m relprop.evaluation.detection``: the evaluation until `relprop evaluate --task
-    detection` calls :func:`evaluate_detection`."""
-    parser = argparse.ArgumentParser(prog="python -m relprop.evaluation.detection", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--weights", required=True)
-    parser.add_argument("--model-def")
-    parser.add_argument("--data", required=True)
-    parser.add_argument("--out", required=True)
-    parser.add_argument("--per-class", type=int)
-    parser.add_argument("--limit", type=int)
-    parser.add_argument("--methods", default=",".join(METHODS))
-    parser.add_argument("--threads", type=int, default=1)
-    args = parser.parse_args(argv)
-    torch.set_num_threads(args.threads)
-    from relprop.cli.detect import load_detector
-
-    model, meta = (load or load_detector)(args.weights, args.model_def, None, None)
-    command = "python -m relprop.evaluation.detection " + " ".join(sys.argv[1:] if argv is None else argv)
-    summary = evaluate_detection(model, meta["classes"], args.data, args.out, per_class=args.per_class,
-                                 limit=args.limit, methods=args.methods.split(","), command=command)
-    print(summary_markdown(summary, command))
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

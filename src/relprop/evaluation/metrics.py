@@ -20,9 +20,9 @@ Both score every frame of every image in large batches. AUC is the trapezoid rul
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -56,10 +56,33 @@ def to_2d(maps: Tensor, channels: Channels = "sum") -> Tensor:
     raise InputError(f"channels must be 'sum' or 'channel0', got {channels!r}")
 
 
-def auc(curve: np.ndarray | Sequence[float]) -> float:
-    """Normalized trapezoid area on [0, 1]: (sum - a0/2 - a_last/2) / (len - 1), as the reference."""
-    arr = np.asarray(curve, dtype=np.float32)
+def auc(curve: np.ndarray | Sequence[float], dtype: Any = np.float32) -> float:
+    """Normalized trapezoid area on [0, 1]: (sum - a0/2 - a_last/2) / (len - 1), as the reference.
+
+    float32 reproduces the reference code's classification numbers; detection sums in float64.
+    A one-point curve is its value, an empty one NaN.
+    """
+    arr = np.asarray(curve, dtype=dtype)
+    if arr.shape[0] < 2:
+        return float(arr[0]) if arr.shape[0] else math.nan
     return float((arr.sum() - arr[0] / 2 - arr[-1] / 2) / (arr.shape[0] - 1))
+
+
+def paper_thresholds(flat: np.ndarray, step: int) -> np.ndarray:
+    """The paper protocol's frame thresholds of (n, N) maps: frame i (K = ceil(N / step) frames)
+    holds every pixel >= the value ranked min(step * (i + 1), N - 1) in descending order (NaN last),
+    ties included, so the last frame holds every pixel."""
+    count = math.ceil(flat.shape[1] / step)
+    positions = np.minimum(step * (np.arange(count) + 1), flat.shape[1] - 1)
+    ordered = -np.sort(-flat, axis=1)  # descending, NaN last (numpy's argsort of -map)
+    return ordered[:, positions]
+
+
+def frame_masks(heat: Tensor, step: int = PAPER_STEP) -> Tensor:
+    """(K, h, w) boolean masks of one 2-D map's paper-protocol frames (see `paper_thresholds`)."""
+    flat = heat.detach().float().flatten()
+    thresholds = torch.from_numpy(paper_thresholds(flat.cpu().numpy()[None], step)[0]).to(flat.device)
+    return (flat[None, :] >= thresholds[:, None]).view(-1, *heat.shape)
 
 
 @dataclass
@@ -121,6 +144,38 @@ def insertion_deletion(
     )
 
 
+def _insertion(result: InsDelResult, i: int) -> float:
+    return float(result.insertion[i])
+
+
+def _deletion(result: InsDelResult, i: int) -> float:
+    return float(result.deletion[i])
+
+
+def _id(result: InsDelResult, i: int) -> float:
+    return float(result.insertion[i] - result.deletion[i])
+
+
+@dataclass(frozen=True)
+class Metric:
+    """A per-image score of the faithfulness protocols: its table title, which way is better,
+    and how it is read off an image's insertion/deletion result."""
+
+    title: str
+    arrow: str  # "↑": higher is better, "↓": lower is better
+    score: Callable[[InsDelResult, int], float]
+
+
+# The metric list: results.jsonl, summary.json, summary.md and the report read it generically, so a
+# new metric is one function above and one entry here.
+METRICS: dict[str, Metric] = {
+    "insertion": Metric("Insertion", "↑", _insertion),
+    "deletion": Metric("Deletion", "↓", _deletion),
+    "id": Metric("ID", "↑", _id),
+}
+LOCALIZATION = ("pointing", "energy", "centre_pointing", "centre_energy")
+
+
 class _Frames:
     """The frames of one protocol, made on demand so memory stays bounded at any image size."""
 
@@ -150,10 +205,9 @@ class _PaperFrames(_Frames):
             patches = F.max_pool2d(patches[:, None], block)[:, 0]
         self.patches = patches.to(inputs.device)
         flat = patches.reshape(n, -1).numpy()
-        self.count = math.ceil(flat.shape[1] / step)
-        positions = np.minimum(step * (np.arange(self.count) + 1), flat.shape[1] - 1)
-        ordered = -np.sort(-flat, axis=1)  # descending, NaN last (numpy's argsort of -map)
-        self.thresholds = torch.from_numpy(ordered[:, positions]).to(inputs.device)
+        thresholds = paper_thresholds(flat, step)
+        self.count = thresholds.shape[1]
+        self.thresholds = torch.from_numpy(thresholds).to(inputs.device)
 
     def make(self, image: int, kind: str, index: Tensor) -> Tensor:
         keep = self.patches[image][None] >= self.thresholds[image][index].view(-1, 1, 1)
@@ -251,7 +305,8 @@ def _run(model: nn.Module, frames: _Frames, classes: Tensor,
 
 
 def localization(
-    maps: Tensor, boxes: Sequence[Sequence[float] | None]
+    maps: Tensor, boxes: Sequence[Sequence[float] | Tensor | None], *,
+    pointing: Literal["share", "first"] = "share",
 ) -> list[dict[str, float | None] | None]:
     """Pointing game and energy inside the box, beside the same scores of a centre-point baseline.
 
@@ -259,7 +314,8 @@ def localization(
     when its centre is. `pointing` is the share of the map's maximal pixels inside the box (1 or 0
     for a unique maximum; quantized maps have plateaus); `energy` the share of the positive map
     inside the box. The baseline points at the image centre and spreads energy uniformly, which
-    scores high where boxes are large (tin10).
+    scores high where boxes are large (tin10). `pointing="first"` scores the first maximum in
+    raster order instead (1 or 0 always; the detection evaluation's published convention).
     """
     maps = maps.detach().float().cpu()
     _, height, width = maps.shape
@@ -270,14 +326,18 @@ def localization(
         if box is None:
             results.append(None)
             continue
-        x0, y0, x1, y1 = box
+        x0, y0, x1, y1 = (float(v) for v in box)
         inside = (xs >= x0) & (xs <= x1) & (ys >= y0) & (ys <= y1)
         peak = heat == heat.max()
         positive = heat.clamp(min=0).double()
         total = float(positive.sum())
         centre = x0 <= width / 2 <= x1 and y0 <= height / 2 <= y1
+        if pointing == "first":
+            hit = float(inside.flatten()[int(heat.flatten().argmax())])
+        else:
+            hit = float((peak & inside).sum()) / max(int(peak.sum()), 1)
         results.append({
-            "pointing": float((peak & inside).sum()) / max(int(peak.sum()), 1),
+            "pointing": hit,
             "energy": float(positive[inside].sum()) / total if total > 0 else None,
             "centre_pointing": float(centre),
             "centre_energy": float(inside.sum()) / (height * width),

@@ -17,14 +17,25 @@ import shlex
 from collections import OrderedDict
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
+from importlib import resources
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from relprop.errors import ImageError, InputError
+from relprop.evaluation.metrics import METRICS
+from relprop.evaluation.results import (
+    format_mean_std,
+    mean_curves,
+    mean_std,
+    read_jsonl,
+    read_run_info,
+)
+from relprop.methods import canonical_name
+from relprop.viz import plot_conservation, plot_curves
 
-CURVE_POINTS = 101
+PLACEHOLDER = re.compile(r"@@([A-Z_]+)@@")
 BLOCK_NAME = re.compile(r"^layer(\d+)\.(\d+)$")  # torchvision ResNet residual blocks
 
 
@@ -60,16 +71,10 @@ def read_run(root: str | Path) -> EvalRun:
         raise InputError(f"{root}: no such folder (give the --out folder of `relprop evaluate`)")
     if not results.is_file():
         raise InputError(f"{root}: no results.jsonl here; is this the --out folder of `relprop evaluate`?")
-    records = list(_read_jsonl(results))
+    records = [{**r, "method": canonical_name(str(r.get("method")))} for r in read_jsonl(results)]
     if not records:
         raise InputError(f"{results}: no results yet (did `relprop evaluate` finish any image?)")
-    info: dict[str, Any] = {}
-    if (root / "run.json").is_file():
-        try:
-            info = json.loads((root / "run.json").read_text(encoding="utf-8"))
-        except (json.JSONDecodeError, UnicodeDecodeError) as error:
-            raise InputError(f"{root / 'run.json'}: not valid JSON ({error})") from None
-    return EvalRun(root, records, info if isinstance(info, dict) else {}, _still_skipped(root, records))
+    return EvalRun(root, records, read_run_info(root / "run.json"), _still_skipped(root, records))
 
 
 def _still_skipped(root: Path, records: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -78,23 +83,8 @@ def _still_skipped(root: Path, records: Sequence[dict[str, Any]]) -> list[dict[s
     if not path.is_file():
         return []
     evaluated = {(r.get("checkpoint_sha256"), r.get("image")) for r in records}
-    return [s for s in _read_jsonl(path)
+    return [s for s in read_jsonl(path)
             if (s.get("checkpoint_sha256"), s.get("image")) not in evaluated]
-
-
-def _read_jsonl(path: Path) -> Iterable[dict[str, Any]]:
-    with open(path, encoding="utf-8") as handle:
-        for number, line in enumerate(handle, start=1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError:
-                if handle.read(1) == "":  # a run interrupted mid-line: keep what is complete
-                    return
-                raise InputError(f"{path}:{number}: not a JSON line") from None
-            if isinstance(record, dict):
-                yield record
 
 
 def find_key(tree: Any, key: str) -> Any:
@@ -125,14 +115,13 @@ def class_names(run: EvalRun) -> list[str] | None:
     if not isinstance(path, str) or not Path(path).is_file():
         return None
     from relprop.errors import RelpropError
-    from relprop.models import load_model
+    from relprop.models import class_names_of, load_model
 
     try:
         _, meta = load_model(path)
     except RelpropError:  # e.g. a plain state dict, which needs --arch: fall back to indices
         return None
-    names = meta.get("class_names") or meta.get("classes")
-    return [str(name) for name in names] if names else None
+    return class_names_of(meta)
 
 
 def _label(names: Sequence[str] | None, index: Any, given: Any = None) -> str:
@@ -154,17 +143,10 @@ def _number(value: Any) -> float:
     return float(value) if isinstance(value, int | float) and not isinstance(value, bool) else math.nan
 
 
-def _mean_std(values: Sequence[float]) -> tuple[float, float]:
-    finite = [v for v in values if math.isfinite(v)]
-    if not finite:
-        return math.nan, math.nan
-    return float(np.mean(finite)), float(np.std(finite))
-
-
 def summarize(records: Sequence[dict[str, Any]]) -> tuple[list[str], list[SummaryRow]]:
     """Columns and one row per (checkpoint, method, protocol), in the run's order."""
     loc_keys = _ordered(k for r in records for k in (r.get("localization") or {}))
-    columns = ["insertion", "deletion", "id"] + [f"loc:{k}" for k in loc_keys]
+    columns = list(METRICS) + [f"loc:{k}" for k in loc_keys]
     if any(conservation_error(r) is not None for r in records):
         columns.append("conservation error")
     groups: OrderedDict[tuple[str, str, str], list[dict[str, Any]]] = OrderedDict()
@@ -173,7 +155,7 @@ def summarize(records: Sequence[dict[str, Any]]) -> tuple[list[str], list[Summar
         groups.setdefault(key, []).append(r)
     rows = []
     for (checkpoint, method, protocol), group in groups.items():
-        scores = {c: _mean_std([_column_value(r, c) for r in group]) for c in columns}
+        scores = {c: mean_std([_column_value(r, c) for r in group]) for c in columns}
         rows.append(SummaryRow(checkpoint, method, protocol, len(group), scores))
     return columns, rows
 
@@ -234,57 +216,7 @@ def block_layers(names: Iterable[str]) -> tuple[str | None, str | None]:
     return blocks[0][2], blocks[-1][2]
 
 
-def resample(curve: Sequence[float], points: int = CURVE_POINTS) -> np.ndarray:
-    """A curve on `points` equally spaced fractions of [0, 1] (runs may differ in frame count)."""
-    y = np.asarray(curve, dtype=np.float64)
-    if y.size == 1:
-        return np.full(points, y[0])
-    return np.interp(np.linspace(0, 1, points), np.linspace(0, 1, y.size), y)
-
-
-def mean_curves(records: Sequence[dict[str, Any]]) -> dict[str, dict[str, dict[str, np.ndarray]]]:
-    """protocol -> method -> {"insertion": mean curve, "deletion": mean curve}."""
-    found: dict[str, dict[str, dict[str, list[np.ndarray]]]] = {}
-    for r in records:
-        for kind in ("insertion", "deletion"):
-            curve = r.get(f"{kind}_curve")
-            if isinstance(curve, list) and curve:
-                per_method = found.setdefault(str(r.get("protocol", "")), {})
-                per_method.setdefault(str(r.get("method")), {}).setdefault(kind, []).append(resample(curve))
-    return {p: {m: {k: np.mean(v, axis=0) for k, v in kinds.items()} for m, kinds in methods.items()}
-            for p, methods in found.items()}
-
-
 # ---------------------------------------------------------------- figures
-
-
-def _figure(width: float, height: float):
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    fig = Figure(figsize=(width, height), dpi=100)
-    FigureCanvasAgg(fig)
-    return fig
-
-
-def plot_curves(curves: dict[str, dict[str, np.ndarray]], aucs: dict[str, dict[str, float]],
-                protocol: str, path: Path) -> Path:
-    """Mean insertion and deletion curves of every method, side by side; AUCs in the legend."""
-    from relprop.viz import save_figure
-
-    fig = _figure(9.0, 3.4)
-    axes = fig.subplots(1, 2, sharey=True)
-    x = np.linspace(0, 1, CURVE_POINTS)
-    for ax, kind in zip(axes, ("insertion", "deletion"), strict=True):
-        for method, kinds in curves.items():
-            if kind in kinds:
-                ax.plot(x, kinds[kind], label=f"{method} ({aucs[method][kind]:.3f})", linewidth=1.6)
-        ax.set_title(f"{kind} ({protocol})", fontsize=10)
-        ax.set_xlabel("fraction of pixels " + ("inserted" if kind == "insertion" else "deleted"))
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=7, title="method (mean AUC)", title_fontsize=7)
-    axes[0].set_ylabel("probability of the scored class")
-    return save_figure(fig, path, dpi=100)
 
 
 def conservation_points(records: Sequence[dict[str, Any]]) -> dict[str, dict[str, list[tuple[float, float]]]]:
@@ -308,30 +240,6 @@ def conservation_points(records: Sequence[dict[str, Any]]) -> dict[str, dict[str
         for title, value in points:
             panels.setdefault(title, {}).setdefault(key[0], []).append((sums["output"], value))
     return panels
-
-
-def plot_conservation(panels: dict[str, dict[str, list[tuple[float, float]]]], path: Path) -> Path:
-    """Relevance sum vs explained output, diagonal drawn: points on it conserve relevance."""
-    from relprop.viz import save_figure
-
-    fig = _figure(3.6 * len(panels), 3.6)
-    axes = np.atleast_1d(fig.subplots(1, len(panels)))
-    for ax, (title, methods) in zip(axes, panels.items(), strict=True):
-        values = [v for points in methods.values() for p in points for v in p]
-        low, high = min(values + [0.0]), max(values + [1e-12])
-        pad = 0.04 * (high - low)
-        ax.plot([low - pad, high + pad], [low - pad, high + pad], color="#555555",
-                linewidth=1, linestyle="--", label="conservation (y = x)")
-        for method, points in methods.items():
-            xy = np.asarray(points)
-            ax.scatter(xy[:, 0], xy[:, 1], s=12, alpha=0.7, label=method)
-        ax.set_title(title, fontsize=9)
-        ax.set_xlabel("explained output (probability)", fontsize=8)
-        ax.set_aspect("equal", adjustable="datalim")
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
-    axes[0].set_ylabel("sum of relevance at the layer", fontsize=8)
-    return save_figure(fig, path, dpi=100)
 
 
 # ---------------------------------------------------------------- gallery
@@ -474,12 +382,6 @@ def _json_for_script(data: Any) -> str:
         .replace("\u2028", "\\u2028").replace("\u2029", "\\u2029")
 
 
-def _fmt(mean: float, std: float) -> str:
-    if not math.isfinite(mean):
-        return "–"
-    return f"{mean:.3f} ± {std:.3f}" if math.isfinite(std) else f"{mean:.3f}"
-
-
 def _fmt_percent(mean: float, std: float) -> str:
     """Conservation errors are tiny for relprop and large for leaky rules: percent, 3 digits."""
     if not math.isfinite(mean):
@@ -506,7 +408,7 @@ def summary_table(columns: Sequence[str], rows: Sequence[SummaryRow]) -> str:
         for c in columns:
             mean, std = r.scores[c]
             value = "" if not math.isfinite(mean) else repr(mean)
-            text = _fmt_percent(mean, std) if c == "conservation error" else _fmt(mean, std)
+            text = _fmt_percent(mean, std) if c == "conservation error" else format_mean_std(mean, std)
             tds += f'<td data-value="{value}">{_two_lines(text)}</td>'
         body.append(f"<tr>{tds}</tr>")
     return (f'<div class="scroll"><table id="summary" class="sortable"><thead><tr>{head}</tr></thead>'
@@ -663,189 +565,12 @@ def render_page(run: EvalRun, columns: Sequence[str], rows: Sequence[SummaryRow]
         "GALLERY_JSON": _json_for_script({"rows": gallery, "methods": methods,
                                           "pageSize": page_size}),
     }
-    page = _TEMPLATE
-    for key, value in replacements.items():
-        page = page.replace(f"@@{key}@@", value)
-    return page
+    replacements.update(STYLE=_asset("report.css"), SCRIPT=_asset("report.js"))
+    # One pass: a value that happens to contain "@@KEY@@" (a file name) is never substituted again.
+    return PLACEHOLDER.sub(lambda m: replacements[m[1]], _asset("index.html"))
 
 
-_TEMPLATE = """<!DOCTYPE html>
-<html lang="en">
-<head>
-<meta charset="utf-8">
-<meta name="viewport" content="width=device-width, initial-scale=1">
-<meta http-equiv="Content-Security-Policy" content="default-src 'none'; img-src 'self' data:; style-src 'unsafe-inline'; script-src 'unsafe-inline'">
-<title>@@TITLE@@</title>
-<style>
-body { font: 14px/1.45 system-ui, -apple-system, "Segoe UI", sans-serif; margin: 0 auto;
-       max-width: 1280px; padding: 0 1.2em 3em; color: #1d1d1f; }
-h1 { font-size: 1.5em; margin: 1em 0 0.2em; } h2 { margin-top: 1.8em; border-bottom: 1px solid #ddd; }
-table { border-collapse: collapse; font-variant-numeric: tabular-nums; }
-.scroll { overflow-x: auto; }
-th, td { padding: 0.3em 0.5em; border-bottom: 1px solid #e5e5e5; text-align: right; white-space: nowrap; }
-th { white-space: normal; vertical-align: bottom; }
-#summary td:nth-child(-n+2) { white-space: normal; overflow-wrap: anywhere; }
-td .sd { display: block; font-size: 0.8em; color: #666; }
-table.skipped th, table.skipped td { text-align: left; white-space: normal; overflow-wrap: anywhere; }
-th:first-child, td:first-child, th[data-type=text], td:nth-child(-n+2) { text-align: left; }
-th { cursor: pointer; user-select: none; background: #f5f5f7; position: relative; }
-th:hover { background: #e8e8ed; }
-th[aria-sort=ascending]::after { content: " \\25B2"; font-size: 0.7em; }
-th[aria-sort=descending]::after { content: " \\25BC"; font-size: 0.7em; }
-figure { margin: 0.8em 0; } figure img { max-width: 100%; }
-figcaption, .hint { color: #555; font-size: 0.9em; }
-.notice { background: #fff6e0; border-left: 4px solid #f0b400; padding: 0.6em 0.9em; }
-dl.prov { display: grid; grid-template-columns: max-content 1fr; gap: 0.1em 1em; font-size: 0.9em; }
-dl.prov dt { font-weight: 600; } dl.prov dd { margin: 0; word-break: break-all; }
-.controls { display: flex; gap: 0.8em; align-items: center; flex-wrap: wrap; margin: 0.8em 0; }
-.controls button { padding: 0.2em 0.8em; }
-.row { display: flex; gap: 6px; align-items: flex-start; padding: 6px 0; border-bottom: 1px solid #eee; }
-.cell { width: 132px; text-align: center; font-size: 0.8em; }
-.cell img { width: 128px; height: auto; image-rendering: pixelated; display: block; margin: 0 auto; }
-.cell .empty { width: 128px; height: 96px; background: #f0f0f0; color: #888; display: flex;
-               align-items: center; justify-content: center; margin: 0 auto; }
-.caption { overflow-wrap: anywhere; }
-.head .cell { font-weight: 600; font-size: 0.85em; }
-</style>
-</head>
-<body>
-<h1>relprop report: @@HEADING@@</h1>
-<p class="hint">Made by <code>relprop report</code> from the output of <code>relprop evaluate</code>.
-Works offline: every picture is a file next to this page.</p>
-@@PROVENANCE@@
+def _asset(name: str) -> str:
+    """A file of the page (index.html, report.css, report.js), shipped as package data."""
+    return resources.files(__name__).joinpath(name).read_text(encoding="utf-8")
 
-<h2 id="summary-h">Summary</h2>
-<p class="hint">Mean ± standard deviation over images. Insertion: higher is better; deletion: lower
-is better; ID = insertion − deletion. Click a column heading to sort.</p>
-@@SUMMARY@@
-@@SKIPPED@@
-
-<h2>Insertion and deletion curves</h2>
-@@CURVES@@
-
-<h2>Conservation</h2>
-@@CONSERVATION@@
-
-<h2>Gallery (@@COUNT@@ images)</h2>
-@@NOTICE@@
-<div class="controls">
-  <button type="button" id="prev">‹ previous</button>
-  <span id="page-info"></span>
-  <button type="button" id="next">next ›</button>
-  <label>sort <select id="sort"></select></label>
-</div>
-<div id="gallery"></div>
-<script type="application/json" id="gallery-data">@@GALLERY_JSON@@</script>
-<script>
-"use strict";
-(function () {
-  // Sortable tables: click a heading; numbers sort numerically, empty cells last.
-  document.querySelectorAll("table.sortable").forEach(function (table) {
-    table.querySelectorAll("th").forEach(function (th, column) {
-      th.addEventListener("click", function () {
-        var ascending = th.getAttribute("aria-sort") !== "ascending";
-        table.querySelectorAll("th").forEach(function (h) { h.removeAttribute("aria-sort"); });
-        th.setAttribute("aria-sort", ascending ? "ascending" : "descending");
-        var numeric = th.dataset.type === "number";
-        var body = table.tBodies[0];
-        var rows = Array.prototype.slice.call(body.rows);
-        rows.sort(function (a, b) {
-          var x = a.cells[column].dataset.value, y = b.cells[column].dataset.value;
-          if (numeric) {
-            if (x === "" || y === "") { return (x === "") - (y === ""); }
-            x = parseFloat(x); y = parseFloat(y);
-          }
-          var order = x < y ? -1 : x > y ? 1 : 0;
-          return ascending ? order : -order;
-        });
-        rows.forEach(function (row) { body.appendChild(row); });
-      });
-    });
-  });
-
-  // Gallery: built page by page from JSON, text only through textContent.
-  var data = JSON.parse(document.getElementById("gallery-data").textContent);
-  var rows = data.rows.slice(), page = 0, size = data.pageSize;
-  var gallery = document.getElementById("gallery");
-  var sort = document.getElementById("sort");
-  function option(value, text) {
-    var o = document.createElement("option"); o.value = value; o.textContent = text; sort.appendChild(o);
-  }
-  option("", "run order");
-  data.methods.forEach(function (m) {
-    option("desc:" + m, "ID of " + m + ", best first");
-    option("asc:" + m, "ID of " + m + ", worst first");
-  });
-  function cell(parts) {
-    var div = document.createElement("div"); div.className = "cell";
-    parts.forEach(function (p) { div.appendChild(p); });
-    return div;
-  }
-  function text(tag, value, cls) {
-    var el = document.createElement(tag); el.textContent = value; if (cls) { el.className = cls; }
-    return el;
-  }
-  function caption(path) {  // break long paths after a slash, not inside a name
-    var div = document.createElement("div"); div.className = "caption";
-    path.split("/").forEach(function (part, i) {
-      if (i > 0) { div.appendChild(document.createTextNode("/")); div.appendChild(document.createElement("wbr")); }
-      div.appendChild(document.createTextNode(part));
-    });
-    return div;
-  }
-  function picture(src, alt) {
-    if (!src) { return text("div", "no map", "empty"); }
-    var img = document.createElement("img");
-    img.src = src; img.alt = alt; img.loading = "lazy"; img.decoding = "async";
-    return img;
-  }
-  function fmt(v) { return v === null || v === undefined ? "–" : v.toFixed(3); }
-  function render() {
-    var pages = Math.max(1, Math.ceil(rows.length / size));
-    page = Math.min(Math.max(page, 0), pages - 1);
-    gallery.textContent = "";
-    var head = document.createElement("div"); head.className = "row head";
-    head.appendChild(cell([text("span", "image")]));
-    data.methods.forEach(function (m) { head.appendChild(cell([text("span", m)])); });
-    gallery.appendChild(head);
-    rows.slice(page * size, (page + 1) * size).forEach(function (r) {
-      var line = document.createElement("div"); line.className = "row";
-      line.appendChild(cell([
-        r.orig ? picture(r.orig, r.image) : text("div", "original not found", "empty"),
-        caption(r.image),
-        text("div", "label: " + r.label), text("div", "pred: " + r.pred)]));
-      data.methods.forEach(function (m) {
-        var c = r.cells[m];
-        if (!c) { line.appendChild(cell([text("div", "–", "empty")])); return; }
-        var score = text("div", "ID " + fmt(c.id));
-        score.title = "insertion " + fmt(c.ins) + ", deletion " + fmt(c.del);
-        line.appendChild(cell([picture(c.src, m + " map of " + r.image), score]));
-      });
-      gallery.appendChild(line);
-    });
-    document.getElementById("page-info").textContent =
-      "page " + (page + 1) + " of " + pages + " (" + rows.length + " images)";
-    document.getElementById("prev").disabled = page === 0;
-    document.getElementById("next").disabled = page >= pages - 1;
-  }
-  function id(r, m) { var c = r.cells[m]; return c && c.id !== null ? c.id : null; }
-  sort.addEventListener("change", function () {
-    var parts = sort.value.split(":"), way = parts[0], m = parts.slice(1).join(":");
-    rows = data.rows.slice();
-    if (m) {
-      rows.sort(function (a, b) {
-        var x = id(a, m), y = id(b, m);
-        if (x === null || y === null) { return (x === null) - (y === null); }
-        return way === "asc" ? x - y : y - x;
-      });
-    }
-    page = 0; render();
-  });
-  document.getElementById("prev").addEventListener("click", function () { page -= 1; render(); });
-  document.getElementById("next").addEventListener("click", function () { page += 1; render(); });
-  render();
-})();
-</script>
-</body>
-</html>
-"""
