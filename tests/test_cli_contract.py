@@ -134,24 +134,52 @@ def test_evaluate_skips_the_strip_and_the_report_lists_it(resnet, data, tmp_path
 
 
 def test_default_methods_run_on_a_mobilenet(mobilenet, tmp_path):
-    """ours has no rule for Hardswish: it is reported; Grad-CAM (found layer) and IG still run."""
+    """Every default method runs on MobileNetV3: Hardswish takes the identity rule, Grad-CAM its
+    layer found from the graph (pytorch-grad-cam's documented MobileNet layer)."""
     image = picture(tmp_path / "x.png")
     result = relprop("explain", image, "--weights", mobilenet, "--device", "cpu", "--out", tmp_path / "out")
-    assert result.returncode == 1
-    (line,) = error_lines(result)
-    assert "method ours cannot run on this model" in line and "Hardswish" in line
-    assert "Traceback" not in result.stderr
+    assert result.returncode == 0, result.stderr
     record = json.loads((tmp_path / "out" / "predictions.jsonl").read_text())
-    assert record["methods"] == ["gradcam", "ig"]
+    assert "gradcam" in record["methods"] and "ig" in record["methods"] and len(record["methods"]) == 3
     cam = np.load(tmp_path / "out" / "x" / "gradcam.npy")
     from relprop.methods import get_method
     from relprop.models import load_model, preprocessing
 
-    model, meta = load_model(mobilenet)  # pytorch-grad-cam's documented MobileNet layer
+    model, meta = load_model(mobilenet)
     x = preprocessing(meta)(Image.open(image).convert("RGB"))[None]
     expected = get_method("gradcam", model, layer=model.features[-1]).attribute(x)[0, 0]
     assert cam.shape == (32, 40)
     np.testing.assert_allclose(cam, expected.numpy(), atol=1e-5)
+
+
+MODEL_DEF = """
+from torch import nn
+
+
+def build(meta):
+    return nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.Softplus(), nn.Conv2d(4, 4, 3, padding=1),
+                         nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, meta["num_classes"]))
+"""
+
+
+def test_a_method_that_cannot_run_is_reported_and_the_others_run(tmp_path):
+    """Softplus has no rule: the LRP method is one line, Grad-CAM and IG still run (exit 1)."""
+    (tmp_path / "net.py").write_text(MODEL_DEF)
+    namespace: dict = {}
+    exec(MODEL_DEF, namespace)
+    torch.manual_seed(0)
+    model = namespace["build"]({"num_classes": len(CLASSES)})
+    torch.save({"arch": "custom", "num_classes": len(CLASSES), "classes": CLASSES, "resize": 32, "crop": None,
+                "mean": [0.5] * 3, "std": [0.25] * 3, "state_dict": model.state_dict()}, tmp_path / "net.pt")
+    image = picture(tmp_path / "x.png")
+    result = relprop("explain", image, "--weights", tmp_path / "net.pt", "--model-def", f"{tmp_path / 'net.py'}:build",
+                     "--device", "cpu", "--out", tmp_path / "out")
+    assert result.returncode == 1
+    (line,) = error_lines(result)
+    assert "cannot run on this model" in line and "Softplus" in line
+    assert "Traceback" not in result.stderr
+    record = json.loads((tmp_path / "out" / "predictions.jsonl").read_text())
+    assert record["methods"] == ["gradcam", "ig"]
 
 
 def test_cam_layer_option_and_a_wrong_name(mobilenet, tmp_path):

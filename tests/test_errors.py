@@ -10,10 +10,10 @@ from relprop import LRP
 from relprop.errors import TraceError, UnsupportedLayerError
 
 
-class WithGelu(nn.Module):
+class WithSoftplus(nn.Module):
     def __init__(self) -> None:
         super().__init__()
-        self.features = nn.Sequential(nn.Conv2d(3, 4, 3), nn.GELU())
+        self.features = nn.Sequential(nn.Conv2d(3, 4, 3), nn.Softplus())
         self.fc = nn.Linear(4, 2)
 
     def forward(self, x):
@@ -48,9 +48,9 @@ class WithSigmoidFunction(nn.Module):
 
 def test_unsupported_module_is_named_with_the_fix():
     with pytest.raises(UnsupportedLayerError) as info:
-        LRP(WithGelu())
+        LRP(WithSoftplus())
     message = str(info.value)
-    assert "'features.1' (GELU)" in message and "rules={torch.nn.GELU:" in message
+    assert "'features.1' (Softplus)" in message and "rules={torch.nn.Softplus:" in message
     assert "\n" not in message
 
 

@@ -65,13 +65,11 @@ def test_timm_models_sum_to_their_own_probability(name):
     assert_explains_own_probability(model, torch.randn(2, 3, 64, 64))
 
 
-def test_timm_efficientnet_is_refused_in_one_line_then_explained_with_a_rule():
+def test_timm_efficientnet_sums_to_its_own_probability():
+    """BatchNormAct2d (BN with SiLU inside, traced into) and squeeze-excitation gates; relprop 0.1
+    gave 1.000 where the model said 0.13. SiLU takes the identity rule by default."""
     model = _randomize_batchnorm(timm.create_model("efficientnet_b0", pretrained=False, num_classes=10))
-    with pytest.raises(UnsupportedLayerError) as info:
-        LRP(model)
-    message = str(info.value)
-    assert "\n" not in message and "(SiLU)" in message and "rules={torch.nn.SiLU: rule}" in message
-    assert_explains_own_probability(model, torch.randn(1, 3, 64, 64), rules={nn.SiLU: "pass"})
+    assert_explains_own_probability(model, torch.randn(1, 3, 64, 64))
 
 
 def test_a_forward_hook_that_changes_an_output_is_caught_and_named():
