@@ -45,8 +45,9 @@ class RegistryHelpFormatter(argparse.RawDescriptionHelpFormatter):
 
 
 def check_method_names(text: str) -> list[str]:
-    """`--methods` split and checked against the registry, aliases resolved: an unknown name is one
-    line that lists the valid names (before anything is loaded)."""
+    """`--methods` split and checked against the registry (aliases are valid names, kept as spelled:
+    outputs carry the name the user asked for): an unknown name is one line that lists the valid
+    names (before anything is loaded)."""
     from relprop.methods import HQ_SUFFIX, canonical_name, method_names
 
     names = [name.strip() for name in text.split(",") if name.strip()]
@@ -57,7 +58,7 @@ def check_method_names(text: str) -> list[str]:
         if canonical_name(name).removesuffix(HQ_SUFFIX) not in known:
             raise RelpropError(f"--methods: unknown method {name!r}; choose from {', '.join(known)} "
                                f"(add {HQ_SUFFIX} for Heat Quantization)")
-    return list(dict.fromkeys(canonical_name(name) for name in names))
+    return list({canonical_name(n): n for n in reversed(names)}.values())[::-1]  # as spelled, once each
 
 
 class Job(NamedTuple):

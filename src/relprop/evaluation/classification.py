@@ -108,7 +108,7 @@ def evaluate(config: EvalConfig, checkpoints: Sequence[Checkpoint]) -> EvalOutco
 
     check_resume(out / "run.json", settings, canonical_name)
     _record_labels(out / "run.json", checkpoints[0].meta)
-    store = _Store(out)
+    store = _Store(out, plan.methods)
     failed_methods: list[str] = []
     for checkpoint in checkpoints:
         failed_methods += _evaluate(checkpoint, config, plan, store, len(checkpoints) > 1)
@@ -120,8 +120,9 @@ def evaluate(config: EvalConfig, checkpoints: Sequence[Checkpoint]) -> EvalOutco
 
 
 def make_plan(methods: Sequence[str], protocols: Sequence[str]) -> Plan:
-    """The registry's names of the requested methods (aliases resolved, `+hq` kept) and the
-    protocols; an unknown name is one line that lists the valid ones."""
+    """The requested methods, spelled as requested (`ours` or `lrp-split`: aliases are equal
+    names, so a method asked for twice under two spellings runs once) and the protocols; an
+    unknown name is one line that lists the valid ones."""
     from relprop.methods import HQ_SUFFIX, canonical_name, method_names
 
     names = [m.strip() for m in methods if m.strip()]
@@ -137,7 +138,7 @@ def make_plan(methods: Sequence[str], protocols: Sequence[str]) -> Plan:
             raise InputError(f"unknown protocol {p!r}; choose from {', '.join(PROTOCOLS)}")
     if not protocols:
         raise InputError("--protocol is empty")
-    names = list(dict.fromkeys(canonical_name(n) for n in names))
+    names = list({canonical_name(n): n for n in reversed(names)}.values())[::-1]  # first spelling wins
     bases = list(dict.fromkeys(n.removesuffix(HQ_SUFFIX) for n in names))
     return Plan(names, bases, list(dict.fromkeys(protocols)))
 
@@ -172,15 +173,17 @@ def _record_labels(path: Path, meta: dict[str, Any]) -> None:
 class _Store:
     """results.jsonl and skipped.jsonl, appended line by line so a killed run loses nothing.
 
-    Records written under an alias of a method (`ours` in older runs) are read under the
-    registry's name, so they count as done and are summarized with the new ones.
+    Records written under another spelling of a requested method (`ours` in an older run that is
+    now resumed as `lrp-split`, or the reverse) are read under this run's spelling, so they count
+    as done and are summarized with the new ones.
     """
 
-    def __init__(self, out: Path) -> None:
+    def __init__(self, out: Path, methods: Sequence[str] = ()) -> None:
         from relprop.methods import canonical_name
 
+        spelling = {canonical_name(name): name for name in methods}
         self.results_path, self.skipped_path = out / "results.jsonl", out / "skipped.jsonl"
-        self._records = [{**r, "method": canonical_name(r["method"])}
+        self._records = [{**r, "method": spelling.get(canonical_name(r["method"]), r["method"])}
                          for r in read_jsonl(self.results_path, repair=True)]
         self.done = {_key(r) for r in self._records}
         self._skipped = read_jsonl(self.skipped_path, repair=True)

@@ -71,10 +71,17 @@ def read_run(root: str | Path) -> EvalRun:
         raise InputError(f"{root}: no such folder (give the --out folder of `relprop evaluate`)")
     if not results.is_file():
         raise InputError(f"{root}: no results.jsonl here; is this the --out folder of `relprop evaluate`?")
-    records = [{**r, "method": canonical_name(str(r.get("method")))} for r in read_jsonl(results)]
+    records = _one_spelling(read_jsonl(results))
     if not records:
         raise InputError(f"{results}: no results yet (did `relprop evaluate` finish any image?)")
     return EvalRun(root, records, read_run_info(root / "run.json"), _still_skipped(root, records))
+
+
+def _one_spelling(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Each method under one name: the spelling of its latest record (a run resumed under the
+    registry's name after `ours` shows one `lrp-split` row)."""
+    latest = {canonical_name(str(r.get("method"))): str(r.get("method")) for r in records}
+    return [{**r, "method": latest[canonical_name(str(r.get("method")))]} for r in records]
 
 
 def _still_skipped(root: Path, records: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
