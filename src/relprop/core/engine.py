@@ -259,7 +259,7 @@ class RelevanceEngine:
                 continue
             for parent, R_in in self._propagate(step, record.values, R):
                 if layer_sums and step.group is not None and self._group(parent) != step.group:
-                    total = sum(r.reshape(r.shape[0], -1).sum(1) for r in _as_list(R_in))
+                    total = sum(r.reshape(r.shape[0], -1).sum(1) for r in _slots(R_in))
                     sums[step.group] = sums[step.group] + total if step.group in sums else total
                 _accumulate(relevance, parent, R_in)
         x = record.values[self._input_step.node]
@@ -574,7 +574,8 @@ def _accumulate(relevance: dict[fx.Node, Any], node: fx.Node, R: Tensor | list[T
         relevance[node].add_(R)
 
 
-def _as_list(R: Tensor | list[Tensor]) -> list[Tensor]:
+def _slots(R: Tensor | list[Tensor]) -> list[Tensor]:
+    """The relevance tensors of a node: one, or one per element of a tuple-valued node."""
     return R if isinstance(R, list) else [R]
 
 
