@@ -262,3 +262,14 @@ def test_cam_layer_by_name_and_a_wrong_name(tiny):
     assert method.layer is tiny.stem[1]
     with pytest.raises(InputError, match="--cam-layer 'nope'"):
         get_method("scorecam", tiny, layer="nope")
+
+
+def test_requested_methods_keep_the_spelling_and_the_order_once_each():
+    from relprop.methods import requested_methods
+
+    assert requested_methods(["gradcam", " ours", "lrp-split", "ig", "ours+hq", "gradcam"]) == \
+        ["gradcam", "ours", "ig", "ours+hq"]
+    with pytest.raises(InputError, match="unknown method 'nope'"):
+        requested_methods(["gradcam", "nope"])
+    with pytest.raises(InputError, match="no method given"):
+        requested_methods([" ", ""])

@@ -45,20 +45,11 @@ class RegistryHelpFormatter(argparse.RawDescriptionHelpFormatter):
 
 
 def check_method_names(text: str) -> list[str]:
-    """`--methods` split and checked against the registry (aliases are valid names, kept as spelled:
-    outputs carry the name the user asked for): an unknown name is one line that lists the valid
-    names (before anything is loaded)."""
-    from relprop.methods import HQ_SUFFIX, canonical_name, method_names
+    """`--methods` split and checked against the registry before anything is loaded (see
+    `relprop.methods.requested_methods`)."""
+    from relprop.methods import requested_methods
 
-    names = [name.strip() for name in text.split(",") if name.strip()]
-    if not names:
-        raise RelpropError("--methods: give at least one method, e.g. --methods gradcam")
-    known = method_names()
-    for name in names:
-        if canonical_name(name).removesuffix(HQ_SUFFIX) not in known:
-            raise RelpropError(f"--methods: unknown method {name!r}; choose from {', '.join(known)} "
-                               f"(add {HQ_SUFFIX} for Heat Quantization)")
-    return list({canonical_name(n): n for n in reversed(names)}.values())[::-1]  # as spelled, once each
+    return requested_methods(text.split(","))
 
 
 class Job(NamedTuple):

@@ -123,22 +123,14 @@ def make_plan(methods: Sequence[str], protocols: Sequence[str]) -> Plan:
     """The requested methods, spelled as requested (`ours` or `lrp-split`: aliases are equal
     names, so a method asked for twice under two spellings runs once) and the protocols; an
     unknown name is one line that lists the valid ones."""
-    from relprop.methods import HQ_SUFFIX, canonical_name, method_names
+    from relprop.methods import HQ_SUFFIX, requested_methods
 
-    names = [m.strip() for m in methods if m.strip()]
-    if not names:
-        raise InputError("--methods is empty")
-    known = method_names()
-    for name in names:
-        if canonical_name(name).removesuffix(HQ_SUFFIX) not in known:
-            raise InputError(f"unknown method {name!r}; known: {', '.join(known)} "
-                             f"(each also with {HQ_SUFFIX})")
+    names = requested_methods(methods)
     for p in protocols:
         if p not in PROTOCOLS:
             raise InputError(f"unknown protocol {p!r}; choose from {', '.join(PROTOCOLS)}")
     if not protocols:
         raise InputError("--protocol is empty")
-    names = list({canonical_name(n): n for n in reversed(names)}.values())[::-1]  # first spelling wins
     bases = list(dict.fromkeys(n.removesuffix(HQ_SUFFIX) for n in names))
     return Plan(names, bases, list(dict.fromkeys(protocols)))
 

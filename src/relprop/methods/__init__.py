@@ -41,7 +41,14 @@ from relprop.methods.captum import CaptumMethod
 from relprop.methods.gradients import Gradient
 from relprop.methods.hq import HeatQuantized
 from relprop.methods.lrp import LRP_VARIANTS, PAPER_ALIASES, LRPMethod
-from relprop.methods.registry import ALIASES, canonical_name, get_method, method_names, register
+from relprop.methods.registry import (
+    ALIASES,
+    canonical_name,
+    get_method,
+    method_names,
+    register,
+    requested_methods,
+)
 from relprop.targets import resolve_target
 
 # Every accepted name: the registry's names, then their aliases (`ours*`).
@@ -52,6 +59,6 @@ del _lrp, _cams, _captum, _gradients, _bow
 __all__ = [
     "ALIASES", "BOW_METHODS", "CAMMethod", "CaptumMethod", "GradCAM", "Gradient", "HQ_SUFFIX", "HeatQuantized",
     "LRPMethod", "LRP_VARIANTS", "METHOD_NAMES", "Method", "MethodOptions", "PAPER_ALIASES", "ScoreCAM",
-    "cam_layer_by_name", "canonical_name", "default_cam_layer", "find_cam_layer", "get_method", "last_block",
+    "cam_layer_by_name", "canonical_name", "requested_methods", "default_cam_layer", "find_cam_layer", "get_method", "last_block",
     "method_names", "minmax", "register", "resolve_target", "upsample",
 ]

@@ -6,7 +6,7 @@ cams.py, gradients.py, captum.py, bow.py), which `relprop.methods` imports.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -59,6 +59,24 @@ def unknown_method(name: str) -> InputError:
     aliases = ", ".join(f"{alias} = {canonical}" for alias, canonical in ALIASES.items())
     return InputError(f"unknown method {name!r}; known: {', '.join(_REGISTRY)} (aliases: {aliases}; "
                       f"each also with the suffix {HQ_SUFFIX})")
+
+
+def requested_methods(names: Iterable[str]) -> list[str]:
+    """The requested method names, checked against the registry and kept as spelled (outputs carry
+    the name the user asked for; an alias and its registry name are one method, asked for once,
+    first spelling kept); an unknown name is one line listing the valid ones."""
+    chosen: dict[str, str] = {}
+    for raw in names:
+        name = raw.strip()
+        if not name:
+            continue
+        canonical = canonical_name(name)
+        if canonical.removesuffix(HQ_SUFFIX) not in _REGISTRY:
+            raise unknown_method(name)
+        chosen.setdefault(canonical, name)
+    if not chosen:
+        raise InputError("no method given; name at least one, e.g. gradcam")
+    return list(chosen.values())
 
 
 def get_method(name: str, model: nn.Module, *, layer: nn.Module | str | None = None, batch_size: int = 32,
