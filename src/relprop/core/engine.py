@@ -25,6 +25,7 @@ from relprop.core.rules import (
     BatchNormStats,
     LinearOp,
     PassRule,
+    ProportionalRule,
     ReferenceZPlusRule,
     Rule,
     WPlusRule,
@@ -117,7 +118,7 @@ def _sort_rules(model: nn.Module, rules: Mapping[Any, RuleSpec], mean: list[floa
     return ruleset
 # Rules whose result does not change when BatchNorm is folded into the layer before it (for
 # positive BN scales): the paper's composite. Every other rule divides by a z that BN changes.
-_BN_INVARIANT_RULES = (ZPlusRule, WPlusRule, PassRule)
+_BN_INVARIANT_RULES = (ZPlusRule, WPlusRule, PassRule, ProportionalRule)  # (pooling: no BatchNorm)
 
 
 class RelevanceEngine:
