@@ -68,6 +68,7 @@ _BUILTIN_TYPES = tuple(t for _, types in BUILTIN_MODULES for t in types)
 POSITIVE_INTERPOLATION = {"nearest", "nearest-exact", "linear", "bilinear", "trilinear", "area"}
 SOFTMAX_MODULES = (nn.Softmax, nn.LogSoftmax, nn.Softmax2d)
 
+NORM_FUNCTIONS = {F.batch_norm, F.layer_norm, F.group_norm}
 LINEAR_FUNCTIONS = {F.linear: nn.Linear, F.conv1d: nn.Conv1d, F.conv2d: nn.Conv2d, F.conv3d: nn.Conv3d}
 PASS_FUNCTIONS = {F.relu, torch.relu, F.relu6, F.silu, F.gelu, F.hardswish, F.hardsigmoid, F.leaky_relu,
                   F.elu, F.mish, F.dropout, F.dropout1d, F.dropout2d, F.dropout3d, torch.dropout,
@@ -393,12 +394,18 @@ def _mark_nonnegative(steps: list[Step]) -> None:
         if isinstance(step.module, (nn.ReLU, nn.ReLU6)) or (node.op == "call_function" and node.target in RELU_FUNCTIONS) \
                 or (node.op == "call_method" and node.target == "relu"):
             step.nonnegative = True
-        elif step.kind in (MAXPOOL, POOL, ROUTE, CAT, ADD) or (
-                step.kind == PASS and not isinstance(step.module, BATCHNORM_MODULES)
-                and not (node.op == "call_function" and node.target is F.batch_norm)):
+        elif step.kind in (MAXPOOL, POOL, ROUTE, CAT, ADD) or (step.kind == PASS and not _normalizes(step)):
             parents = [by_node[parent] for parent in step.inputs]
             step.nonnegative = bool(parents) and all(parent.nonnegative for parent in parents) and \
                 (step.kind != ADD or len(step.inputs) == 2)
+
+
+def _normalizes(step: Step) -> bool:
+    """BatchNorm, LayerNorm, GroupNorm (modules or functional) shift and rescale: a non-negative
+    input can come out negative, unlike the other identity-rule nodes (activations, dropout)."""
+    node = step.node
+    return isinstance(step.module, (*BATCHNORM_MODULES, *NORM_MODULES)) or (
+        node.op == "call_function" and node.target in NORM_FUNCTIONS)
 
 
 def _keep_cut_groups(steps: list[Step]) -> None:
