@@ -407,11 +407,13 @@ class RelevanceEngine:
         """The step's linear map with its adjacent BatchNorms folded in; cached per parameter
         version for modules (w⁺ and folding are then computed once, not per image)."""
         node = step.node
-        sources = [step.module] if step.module is not None else []
-        bns = [self._step_of[n] for n in (step.fold_before, step.fold_after) if n is not None]
-        sources += [bn.module for bn in bns if bn.module is not None]
+        bns = [self._step_of[n].module for n in (step.fold_before, step.fold_after) if n is not None]
+        # Cacheable: everything comes from modules' tensors (a functional call's weight is computed
+        # in the forward pass) and nothing from the input's shape (folding before a padded conv).
+        cacheable = step.module is not None and step.fold_before is None and None not in bns
         key = None
-        if len(sources) == 1 + len(bns) and step.fold_before is None:
+        if cacheable:
+            sources = [step.module, *bns]
             key = tuple((t._version, t.data_ptr(), t.device) for m in sources for t in (*m.parameters(), *m.buffers()))
             cached = self._ops.get(node)
             if cached is not None and cached[0] == key:
@@ -434,8 +436,7 @@ class RelevanceEngine:
     def _bn_stats(step: g.Step, values: dict[fx.Node, Any]) -> BatchNormStats:
         if step.module is not None:
             return BatchNormStats.of(step.module)
-        names = ("input", "running_mean", "running_var", "weight", "bias", "training", "momentum", "eps")
-        bound = dict(zip(names, _load(step.node.args, values), strict=False)) | _load(step.node.kwargs, values)
+        bound = g.batch_norm_arguments(_load(step.node.args, values), _load(step.node.kwargs, values))
         return BatchNormStats(bound["running_mean"], bound["running_var"], bound.get("weight"),
                               bound.get("bias"), float(bound.get("eps", 1e-5)))
 

@@ -327,6 +327,14 @@ def layer_output(steps: list[Step], name: str) -> fx.Node:
     return read_outside.pop()
 
 
+BATCH_NORM_PARAMETERS = ("input", "running_mean", "running_var", "weight", "bias", "training", "momentum", "eps")
+
+
+def batch_norm_arguments(args: tuple, kwargs: dict) -> dict[str, Any]:
+    """`F.batch_norm`'s arguments by name, however the call spelled them."""
+    return dict(zip(BATCH_NORM_PARAMETERS, args, strict=False)) | dict(kwargs)
+
+
 def is_batchnorm(step: Step) -> bool:
     """A BatchNorm in eval mode with running statistics (the kind that can be folded)."""
     node = step.node
@@ -335,9 +343,9 @@ def is_batchnorm(step: Step) -> bool:
     if isinstance(step.module, BATCHNORM_MODULES):
         return step.module.running_mean is not None and step.module.running_var is not None
     if node.op == "call_function" and node.target is F.batch_norm:
-        training = node.kwargs.get("training", node.args[5] if len(node.args) > 5 else False)
-        running = node.args[1:3] if len(node.args) >= 3 else ()
-        return training is False and len(running) == 2 and all(r is not None for r in running)
+        bound = batch_norm_arguments(node.args, node.kwargs)
+        return bound.get("training", False) is False and bound.get("running_mean") is not None \
+            and bound.get("running_var") is not None
     return False
 
 
