@@ -155,11 +155,14 @@ class RelevanceEngine:
         reference: bool | None = None,
         bn: str | None = None,
         *,
+        attention: str | None = None,
+        constants: str | None = None,
         composite: Composite | None = None,
     ) -> None:
         composite = resolve_composite(
             composite, split=split, identity_skips=identity_skips, rules=rules, input_rule=input_rule,
-            maxpool=maxpool, mean=mean, std=std, reference=reference, bn=bn,
+            maxpool=maxpool, mean=mean, std=std, reference=reference, bn=bn, attention=attention,
+            constants=constants,
         )
         self.composite = composite
         self.module = module
@@ -354,7 +357,7 @@ class RelevanceEngine:
         return {
             g.LINEAR: lambda step, values, R: [(step.inputs[0], self._linear(step, values, R))],
             g.CUSTOM: self._custom,
-            g.PASS: lambda step, values, R: [(step.inputs[0], R.reshape(values[step.inputs[0]].shape))],
+            g.PASS: self._pass,
             g.ADD: self._add,
             g.SCALE: self._scale,
             g.CAT: lambda step, values, R: self._cat(step.node, values, R),
@@ -428,6 +431,18 @@ class RelevanceEngine:
         parts = WindowParts.of(step.module, x)
         _check_recomputed(parts.output(), values[node], node)
         return [(node.args[0], parts.relevance(x, R, rule, self.attention, vjp))]
+
+    def _pass(self, step: g.Step, values: dict[fx.Node, Any], R: Tensor) -> list[tuple[fx.Node, Tensor]]:
+        """Identity, unless the user named a rule for this layer (by name or type)."""
+        parent = step.inputs[0]
+        node = step.node
+        path = node.target if node.op == "call_module" else None
+        rule = self._rules.names.get(path) if path else None
+        if rule is None and step.module is not None:
+            rule = self._rules.by_kind(step, self.module)
+        if rule is None or step.folded_into is not None:
+            return [(parent, R.reshape(values[parent].shape))]
+        return [(parent, rule.relevance(step.module, values[parent], R))]
 
     def _custom(self, step: g.Step, values: dict[fx.Node, Any], R: Tensor) -> list[tuple[fx.Node, Tensor]]:
         parent = step.inputs[0]

@@ -110,6 +110,7 @@ SPLIT_METHODS = {"chunk", "split", "unbind", "tensor_split"}
 SPLIT_FUNCTIONS = {torch.chunk, torch.split, torch.unbind, torch.tensor_split}
 POOL_METHODS = {"mean", "sum"}
 ROUTE_METHODS = {"view", "reshape", "flatten", "squeeze", "unsqueeze", "permute", "transpose", "t", "roll",
+                 "masked_fill",  # filled elements (masked scores) take no relevance
                  "expand"}
 ADD_METHODS = {"add", "add_"}
 SCALE_METHODS = {"mul", "mul_", "div", "div_"}
@@ -550,6 +551,10 @@ def _classify_function(node: fx.Node, rules: UserRules) -> Step:
         return Step(node, MATMUL)
     if _function_key(target) in ROUTE_FUNCTION_KEYS:
         return Step(node, ROUTE)
+    if _function_key(target) == "timm.layers.attention.resolve_self_attn_mask":
+        return Step(node, META)  # a mask built from the scores' shape and dtype only
+    if _function_key(target) == "timm.layers.attention.maybe_add_mask":
+        return Step(node, PASS)  # scores + a constant mask (or None): the scores keep it all
     if _function_key(target) == "torchvision.ops.stochastic_depth.stochastic_depth":
         return Step(node, PASS)  # traced in eval mode: identity (training=False in its arguments)
     for kind, functions in ((PASS, PASS_FUNCTIONS), (POOL, POOL_FUNCTIONS), (ROUTE, ROUTE_FUNCTIONS | SPLIT_FUNCTIONS),
