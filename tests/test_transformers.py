@@ -231,3 +231,39 @@ def test_agrees_with_lxt_on_a_small_vit(tmp_path):
 def test_attnlrp_composite_runs_on_vit():
     R = LRP(timm_vit(), composite=get_composite("attnlrp")).attribute(torch.randn(1, 3, 32, 32))
     assert torch.isfinite(R).all() and float(R.abs().sum()) > 0
+
+
+@pytest.mark.parametrize("name", ["swin_t", "vit_b_16", "timm:vit_tiny_patch16_224", "timm:deit_tiny_patch16_224"])
+def test_issue_transformers_conserve_with_the_defaults(name):
+    """The four transformers of issue #12 at 64 px (fidelity check on the first call)."""
+    torch.manual_seed(0)
+    if name.startswith("timm:"):
+        model = timm.create_model(name[5:], pretrained=False, num_classes=10, img_size=64)
+    else:
+        model = torchvision.models.get_model(name, weights=None, num_classes=10,
+                                             **({"image_size": 64} if name == "vit_b_16" else {}))
+    assert_conserves(model.eval(), torch.randn(1, 3, 64, 64))
+
+
+@pytest.mark.skipif(importlib.util.find_spec("lxt") is None, reason="lxt not installed (dev extra)")
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_attnlrp_attention_matches_lxt_explicit_rules(with_bias):
+    """AttnLRP inside attention against LXT's explicit relevance functions (softmax's Taylor rule,
+    matmul's ε + uniform rule), whose backward passes carry relevance, not gradients. A constant
+    bias added to the scores leaves all relevance on the scores in both."""
+    import lxt.explicit.functional as lf
+
+    torch.manual_seed(0)
+    q, k, v = torch.randn(3, 2, 3, 5, 4).unbind(0)
+    bias = torch.randn(5, 5) if with_bias else None
+    R = torch.randn(2, 3, 5, 4)
+    scale = 0.5
+    # LXT's matmul divides by 2z + 1e-8·sign: the same as ε = 0.5e-8 on z
+    R_q, R_k, R_v = AttentionCore(scale, bias, epsilon=0.5e-8).relevance(q, k, v, R, "attnlrp")
+    qs, k_, v_ = (q * scale).requires_grad_(True), k.clone().requires_grad_(True), v.clone().requires_grad_(True)
+    scores = lf.matmul(qs, k_.transpose(-1, -2))
+    if bias is not None:
+        scores = scores + bias
+    lf.matmul(lf.softmax(scores, -1), v_).backward(R)
+    for ours, theirs in ((R_q, qs.grad), (R_k, k_.grad), (R_v, v_.grad)):
+        torch.testing.assert_close(ours, theirs, rtol=1e-4, atol=1e-5)

@@ -37,7 +37,7 @@ def stabilize(z: Tensor, epsilon: float = EPSILON) -> Tensor:
 
 
 def bilinear_relevance(fn: Callable[[Tensor, Tensor], Tensor], a: Tensor, b: Tensor, R: Tensor,
-                       share_a: float = 0.5) -> tuple[Tensor, Tensor]:
+                       share_a: float = 0.5, epsilon: float = EPSILON) -> tuple[Tensor, Tensor]:
     """ε-LRP of a bilinear map z = fn(a, b): each contribution a_i b_j of z goes to its two
     factors, `share_a` of it to a and the rest to b (AttnLRP's uniform rule: 0.5). With
     `share_a=0` the map is linear in b (a held constant: the ε-rule on b)."""
@@ -45,7 +45,7 @@ def bilinear_relevance(fn: Callable[[Tensor, Tensor], Tensor], a: Tensor, b: Ten
         a_ = a.detach().requires_grad_(share_a > 0)
         b_ = b.detach().requires_grad_(share_a < 1)
         z = fn(a_, b_)
-        s = (R / stabilize(z.detach())).detach()
+        s = (R / stabilize(z.detach(), epsilon)).detach()
         wanted = [t for t in (a_, b_) if t.requires_grad]
         grads = torch.autograd.grad(z, wanted, s)
     grad = dict(zip([id(t) for t in wanted], grads, strict=True))
@@ -68,6 +68,7 @@ class AttentionCore:
 
     scale: float
     bias: Tensor | None = None
+    epsilon: float = EPSILON  # of the bilinear ε-rules
 
     def logits(self, q: Tensor, k: Tensor) -> Tensor:
         return (q * self.scale) @ k.transpose(-2, -1)
@@ -88,11 +89,12 @@ class AttentionCore:
         scores = self.biased(self.logits(q, k))
         weights = torch.softmax(scores, -1)
         if mode == "cp":
-            _, R_v = bilinear_relevance(torch.matmul, weights, v, R, share_a=0.0)
+            _, R_v = bilinear_relevance(torch.matmul, weights, v, R, share_a=0.0, epsilon=self.epsilon)
             return torch.zeros_like(q), torch.zeros_like(k), R_v
-        R_weights, R_v = bilinear_relevance(torch.matmul, weights, v, R)
+        R_weights, R_v = bilinear_relevance(torch.matmul, weights, v, R, epsilon=self.epsilon)
         R_scores = softmax_relevance(scores, weights, R_weights, -1)
-        R_q, R_k = bilinear_relevance(lambda a, b: (a * self.scale) @ b.transpose(-2, -1), q, k, R_scores)
+        R_q, R_k = bilinear_relevance(lambda a, b: (a * self.scale) @ b.transpose(-2, -1), q, k, R_scores,
+                                      epsilon=self.epsilon)
         return R_q, R_k, R_v
 
 
