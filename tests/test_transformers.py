@@ -267,3 +267,20 @@ def test_attnlrp_attention_matches_lxt_explicit_rules(with_bias):
     lf.matmul(lf.softmax(scores, -1), v_).backward(R)
     for ours, theirs in ((R_q, qs.grad), (R_k, k_.grad), (R_v, v_.grad)):
         torch.testing.assert_close(ours, theirs, rtol=1e-4, atol=1e-5)
+
+
+def test_layernorm_rule_covers_functional_layer_norm_in_timm_subclass():
+    """timm's LayerNorm calls F.layer_norm in its own forward; a rule for nn.LayerNorm reaches it
+    and gives what it gives on torch's nn.LayerNorm with the same parameters."""
+    torch.manual_seed(0)
+    torch_norm = nn.LayerNorm(6)
+    nn.init.normal_(torch_norm.weight)
+    nn.init.normal_(torch_norm.bias)
+    timm_norm = timm.layers.LayerNorm(6)
+    timm_norm.load_state_dict(torch_norm.state_dict())
+    first, last = nn.Linear(4, 6), nn.Linear(6, 3)
+    x = torch.randn(2, 4)
+    maps = [LRP(nn.Sequential(first, norm, last), rules={nn.LayerNorm: "norm-epsilon"}).attribute(x)
+            for norm in (torch_norm, timm_norm)]
+    torch.testing.assert_close(maps[0], maps[1])
+    assert not torch.allclose(maps[0], LRP(nn.Sequential(first, torch_norm, last)).attribute(x))

@@ -31,6 +31,7 @@ from relprop.core.composites import BN_MODES, MAXPOOL_RULES, Composite, RuleSpec
 from relprop.core.rules import (
     LINEAR_TYPES,
     BatchNormStats,
+    LayerNormParams,
     LinearOp,
     PassRule,
     ProportionalRule,
@@ -438,11 +439,27 @@ class RelevanceEngine:
         node = step.node
         path = node.target if node.op == "call_module" else None
         rule = self._rules.names.get(path) if path else None
+        layer = step.module
         if rule is None and step.module is not None:
             rule = self._rules.by_kind(step, self.module)
+        elif rule is None and node.op == "call_function" and node.target is F.layer_norm:
+            rule, layer = self._functional_layer_norm_rule(step, values)
         if rule is None or step.folded_into is not None:
             return [(parent, R.reshape(values[parent].shape))]
-        return [(parent, rule.relevance(step.module, values[parent], R))]
+        return [(parent, rule.relevance(layer, values[parent], R))]
+
+    def _functional_layer_norm_rule(self, step: g.Step, values: dict[fx.Node, Any]) -> tuple[Rule | None, Any]:
+        """A rule for nn.LayerNorm (or the module type the call sits in, e.g. timm's LayerNorm,
+        a subclass with its own forward) also covers `F.layer_norm` calls."""
+        path = g.module_path(step.node)
+        candidates = [nn.LayerNorm, *([type(self.module.get_submodule(path))] if path else [])]
+        rule = next((r for t, r in self._rules.types.items() if any(issubclass(c, t) for c in candidates)), None)
+        if rule is None:
+            return None, None
+        bound = dict(zip(("input", "normalized_shape", "weight", "bias", "eps"),
+                         _load(step.node.args, values), strict=False)) | _load(step.node.kwargs, values)
+        return rule, LayerNormParams(tuple(bound["normalized_shape"]), bound.get("weight"), bound.get("bias"),
+                                     float(bound.get("eps", 1e-5)))
 
     def _custom(self, step: g.Step, values: dict[fx.Node, Any], R: Tensor) -> list[tuple[fx.Node, Tensor]]:
         parent = step.inputs[0]
@@ -557,6 +574,10 @@ class RelevanceEngine:
                 if isinstance(t, fx.Node) and (t in step.inputs or self.constants == "leak")]
         if self.constants == "leak" or len(kept) == len(tensors):
             return kept
+        if dim % R.dim() == 0:
+            raise UnsupportedLayerError(
+                f"'{node.name}'{g.in_module(node)} concatenates a constant along the batch dimension; "
+                "its relevance has no sample to go to: use constants='leak'")
         return [(t, piece) for t, piece in zip([t for t, _ in kept], _absorb(R, [p for _, p in kept]), strict=True)]
 
     def _as_function_of_first_input(self, step: g.Step, values: dict[fx.Node, Any]) -> Callable[[Tensor], Tensor]:
