@@ -19,7 +19,7 @@ import torch
 import torchvision
 from torch import nn
 
-from relprop import LRP, Composite, get_composite
+from relprop import LRP, Composite
 
 
 def _torchvision(name: str, **kwargs) -> Callable[[], nn.Module]:
@@ -100,12 +100,18 @@ def small_models() -> dict[str, tuple[nn.Module, tuple[int, ...]]]:
             "small Swin (torchvision, 40 px, 2 stages)": (swin.eval(), (3, 40, 40))}
 
 
+# AttnLRP as LXT applies it: ε on every linear layer and at the input, AttnLRP attention; with
+# the signed split (what its ε-rule on an add amounts to) or the paper's ratio split
+_EPSILON = {nn.Conv2d: "epsilon", nn.Linear: "epsilon"}
+ATTNLRP = Composite(rules=_EPSILON, input_rule="epsilon", split="signed", attention="attnlrp")
+ATTNLRP_SPLIT = Composite(rules=_EPSILON, input_rule="epsilon", attention="attnlrp")
+
 SETTINGS: dict[str, dict] = {
     "default (ratio split, z+, CP attention)": {},
     "signed split (lrp-plain)": {"split": "signed"},
     "constants leak": {"constants": "leak"},
-    "attnlrp (ε, signed, AttnLRP attention)": {"composite": get_composite("attnlrp")},
-    "attnlrp-split (ε, ratio, AttnLRP attention)": {"composite": get_composite("attnlrp-split")},
+    "attnlrp (ε, signed, AttnLRP attention)": {"composite": ATTNLRP},
+    "attnlrp-split (ε, ratio, AttnLRP attention)": {"composite": ATTNLRP_SPLIT},
     "z+, ratio, AttnLRP attention": {"composite": Composite(attention="attnlrp")},
 }
 

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 import torchvision
 from torch import nn
 
-from relprop import LRP, Composite, get_composite
+from relprop import LRP, Composite
 from relprop.core.attention import AttentionCore, bilinear_relevance, softmax_relevance
 from relprop.errors import UnsupportedLayerError
 
@@ -228,11 +228,14 @@ def test_agrees_with_lxt_on_a_small_vit(tmp_path):
         torch.testing.assert_close(ours.sum(), theirs.sum(), rtol=1e-3, atol=1e-5)
 
 
-def test_attnlrp_composite_runs_on_vit():
-    R = LRP(timm_vit(), composite=get_composite("attnlrp")).attribute(torch.randn(1, 3, 32, 32))
+def test_attnlrp_rules_run_on_vit():
+    composite = Composite(rules={nn.Linear: "epsilon", nn.Conv2d: "epsilon"}, input_rule="epsilon", split="signed",
+                          attention="attnlrp")
+    R = LRP(timm_vit(), composite=composite).attribute(torch.randn(1, 3, 32, 32))
     assert torch.isfinite(R).all() and float(R.abs().sum()) > 0
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["swin_t", "vit_b_16", "timm:vit_tiny_patch16_224", "timm:deit_tiny_patch16_224"])
 def test_issue_transformers_conserve_with_the_defaults(name):
     """The four transformers of issue #12 at 64 px (fidelity check on the first call)."""

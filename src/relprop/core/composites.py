@@ -168,15 +168,6 @@ register_composite("epsilon-plus-flat", lambda mean, std: Composite(
     rules={**dict.fromkeys(_CONVS, "zplus"), nn.Linear: "epsilon"}, input_rule="flat", split="signed",
     maxpool="wta", bn="fold", mean=mean, std=std))
 register_composite("epsilon-gamma-box", _epsilon_gamma_box)
-# transformers: AttnLRP (Achtibat et al. 2024) as LXT applies it: ε on every linear layer, the
-# signed split at adds (what its ε-rule on an add amounts to), softmax and bilinear rules in attention
-register_composite("attnlrp", lambda mean, std: Composite(
-    rules={**dict.fromkeys(_CONVS, "epsilon"), nn.Linear: "epsilon"}, input_rule="epsilon", split="signed",
-    attention="attnlrp", mean=mean, std=std))
-# the same rules with the paper's ratio split at the residual adds
-register_composite("attnlrp-split", lambda mean, std: Composite(
-    rules={**dict.fromkeys(_CONVS, "epsilon"), nn.Linear: "epsilon"}, input_rule="epsilon",
-    attention="attnlrp", mean=mean, std=std))
 register_composite("alpha2beta1", lambda mean, std: Composite(
     rules=dict.fromkeys(_CONVS, "alpha2beta1"), bn="fold", mean=mean, std=std))
 
