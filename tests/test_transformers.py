@@ -287,3 +287,37 @@ def test_layernorm_rule_covers_functional_layer_norm_in_timm_subclass():
             for norm in (torch_norm, timm_norm)]
     torch.testing.assert_close(maps[0], maps[1])
     assert not torch.allclose(maps[0], LRP(nn.Sequential(first, torch_norm, last)).attribute(x))
+
+
+class _MHA(nn.Module):
+    """nn.MultiheadAttention (sequence-first) with a float mask and a key padding mask, or the
+    same computation written out with its parameters."""
+
+    def __init__(self, explicit: bool) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.attn, self.explicit = nn.MultiheadAttention(6, 2), explicit
+        self.register_buffer("mask", torch.randn(4, 4))
+        padding = torch.zeros(2, 4)
+        padding[0, 2] = float("-inf")  # float, like the mask (torch deprecates mixing the two kinds)
+        self.register_buffer("padding", padding)
+
+    def forward(self, x):  # x: (batch, tokens, 6)
+        x = x.transpose(0, 1)
+        if not self.explicit:
+            return self.attn(x, x, x, attn_mask=self.mask, key_padding_mask=self.padding, need_weights=False)[0].mean(0)
+        w, b = self.attn.in_proj_weight, self.attn.in_proj_bias
+        q, k, v = (F.linear(x, w[i * 6:(i + 1) * 6], b[i * 6:(i + 1) * 6]).permute(1, 0, 2).reshape(2, 4, 2, 3)
+                   .transpose(1, 2) for i in range(3))
+        bias = self.mask + self.padding[:, None, None, :]
+        y = (((q * 3 ** -0.5) @ k.transpose(-2, -1) + bias).softmax(dim=-1) @ v).transpose(1, 2).reshape(2, 4, 6)
+        return F.linear(y, self.attn.out_proj.weight, self.attn.out_proj.bias).mean(1)
+
+
+@pytest.mark.parametrize("attention", ["cp", "attnlrp"])
+def test_multihead_attention_leaf_equals_its_computation_written_out(attention):
+    x = torch.randn(2, 4, 6)
+    options = dict(attention=attention, rules={nn.Linear: "epsilon"})
+    leaf = LRP(_MHA(False), **options).attribute(x)
+    explicit = LRP(_MHA(True), **options).attribute(x)
+    torch.testing.assert_close(leaf, explicit, rtol=1e-4, atol=1e-6)
