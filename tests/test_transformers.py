@@ -321,3 +321,17 @@ def test_multihead_attention_leaf_equals_its_computation_written_out(attention):
     leaf = LRP(_MHA(False), **options).attribute(x)
     explicit = LRP(_MHA(True), **options).attribute(x)
     torch.testing.assert_close(leaf, explicit, rtol=1e-4, atol=1e-6)
+
+
+def test_masked_fill_with_another_value_is_refused():
+    """Filling with a non-zero constant would drop the relevance of those elements silently."""
+    class Fill(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(4, 2)
+
+        def forward(self, x):
+            return self.fc(x.masked_fill(x > 1, 3.0))
+
+    with pytest.raises(UnsupportedLayerError, match="masked_fill"):
+        LRP(Fill())

@@ -110,7 +110,6 @@ SPLIT_METHODS = {"chunk", "split", "unbind", "tensor_split"}
 SPLIT_FUNCTIONS = {torch.chunk, torch.split, torch.unbind, torch.tensor_split}
 POOL_METHODS = {"mean", "sum"}
 ROUTE_METHODS = {"view", "reshape", "flatten", "squeeze", "unsqueeze", "permute", "transpose", "t", "roll",
-                 "masked_fill",  # filled elements (masked scores) take no relevance
                  "expand"}
 ADD_METHODS = {"add", "add_"}
 SCALE_METHODS = {"mul", "mul_", "div", "div_"}
@@ -491,6 +490,8 @@ def _classify(model: nn.Module, node: fx.Node, rules: UserRules) -> Step:
             raise _softmax_error(what)
         if node.target in MATMUL_METHODS:
             return Step(node, MATMUL)
+        if node.target == "masked_fill" and _fill_value(node) in (0.0, float("-inf")):
+            return Step(node, ROUTE)  # masking scores (−inf) or zeroing: filled elements take nothing
         for kind, methods in ((PASS, PASS_METHODS), (POOL, POOL_METHODS), (ROUTE, ROUTE_METHODS | SPLIT_METHODS),
                               (ADD, ADD_METHODS), (SCALE, SCALE_METHODS), (META, META_METHODS)):
             if node.target in methods:
@@ -601,6 +602,11 @@ def _softmax_error(what: str) -> UnsupportedLayerError:
         "starts from the probability itself; remove the softmax from the model (explain the "
         "logits), or give it a rule if it sits inside the network"
     )
+
+
+def _fill_value(node: fx.Node) -> Any:
+    value = node.kwargs.get("value", node.args[2] if len(node.args) > 2 else None)
+    return float(value) if isinstance(value, (int, float)) else None
 
 
 def _check_multihead_attention(module: nn.MultiheadAttention, what: str) -> None:
