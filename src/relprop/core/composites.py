@@ -22,6 +22,7 @@ from typing import Any
 
 from torch import nn
 
+from relprop.core.attention import ATTENTION_RULES
 from relprop.core.rules import Rule
 from relprop.core.splitting import SPLITS
 from relprop.errors import InputError
@@ -29,6 +30,7 @@ from relprop.errors import InputError
 RuleSpec = str | Rule
 MAXPOOL_RULES = ("avg", "wta")
 BN_MODES = ("pass", "fold")
+CONSTANT_POLICIES = ("input", "leak")
 _CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 
 
@@ -47,6 +49,12 @@ class Composite:
         maxpool: ``"avg"`` (proportional, the pool's geometry) or ``"wta"`` (winner takes all).
         bn: ``"fold"``, ``"pass"`` or None (pass for the paper's z+/w⁺, fold for any other rule).
         reference: the authors' code's numerics (reproduces their numbers; leaks a few percent).
+        attention: ``"cp"`` (attention weights held constant, Ali et al. 2022: conserves) or
+            ``"attnlrp"`` (AttnLRP's softmax and bilinear rules, Achtibat et al. 2024).
+        constants: where the relevance of a constant operand (ViT's class token and position
+            embedding, a bias added by a function) goes: ``"input"`` (kept by the input-dependent
+            operand: all of it at an add, the cat's constant slices rescale the others) or
+            ``"leak"`` (the constant takes its share and the relevance is lost there).
         mean, std: the input normalization, which the zB rule needs.
     """
 
@@ -57,6 +65,8 @@ class Composite:
     maxpool: str = "avg"
     bn: str | None = None
     reference: bool = False
+    attention: str = "cp"
+    constants: str = "input"
     mean: tuple[float, ...] | None = None
     std: tuple[float, ...] | None = None
 
@@ -70,6 +80,11 @@ class Composite:
             raise ValueError(f"unknown split {self.split!r}; choose one of: {', '.join(SPLITS)}")
         if self.maxpool not in MAXPOOL_RULES:
             raise ValueError(f"unknown maxpool rule {self.maxpool!r}; choose one of: {', '.join(MAXPOOL_RULES)}")
+        if self.attention not in ATTENTION_RULES:
+            raise ValueError(f"unknown attention rule {self.attention!r}; choose one of: {', '.join(ATTENTION_RULES)}")
+        if self.constants not in CONSTANT_POLICIES:
+            raise ValueError(f"unknown constants policy {self.constants!r}; choose one of: "
+                             f"{', '.join(CONSTANT_POLICIES)}")
         if self.bn is not None and self.bn not in BN_MODES:
             raise ValueError(f"unknown bn mode {self.bn!r}; choose one of: {', '.join(BN_MODES)}")
         if self.bn == "fold" and self.reference:

@@ -19,10 +19,19 @@ from torch import Tensor, nn
 from torch.utils._pytree import tree_flatten
 
 from relprop.core import graph as g
+from relprop.core.attention import (
+    MultiheadParts,
+    WindowParts,
+    attention_module_forward,
+    bilinear_relevance,
+    sdpa_core,
+    softmax_relevance,
+)
 from relprop.core.composites import BN_MODES, MAXPOOL_RULES, Composite, RuleSpec, resolve_composite
 from relprop.core.rules import (
     LINEAR_TYPES,
     BatchNormStats,
+    LayerNormParams,
     LinearOp,
     PassRule,
     ProportionalRule,
@@ -147,17 +156,22 @@ class RelevanceEngine:
         reference: bool | None = None,
         bn: str | None = None,
         *,
+        attention: str | None = None,
+        constants: str | None = None,
         composite: Composite | None = None,
     ) -> None:
         composite = resolve_composite(
             composite, split=split, identity_skips=identity_skips, rules=rules, input_rule=input_rule,
-            maxpool=maxpool, mean=mean, std=std, reference=reference, bn=bn,
+            maxpool=maxpool, mean=mean, std=std, reference=reference, bn=bn, attention=attention,
+            constants=constants,
         )
         self.composite = composite
         self.module = module
         self.reference = reference = composite.reference
         self.maxpool = composite.maxpool
         self.splitter = Splitter(composite.split, composite.identity_skips, reference=reference)
+        self.attention = composite.attention
+        self.constants = composite.constants
         mean, std = _as_list(composite.mean), _as_list(composite.std)
         self._rules = _sort_rules(module, composite.rule_map(), mean, std)
         if reference:
@@ -200,7 +214,7 @@ class RelevanceEngine:
         for step in self.steps:
             node = step.node
             if node.op == "placeholder":
-                values[node] = x
+                values[node] = x if step.kind == g.INPUT else node.args[0]
             elif node.op == "output":
                 output = _load(node.args[0], values)
             else:
@@ -221,6 +235,8 @@ class RelevanceEngine:
         node = step.node
         args, kwargs = _load(node.args, values), _load(node.kwargs, values)
         if node.op == "call_module":
+            if step.kind == g.ATTENTION:
+                return attention_module_forward(step.module, args, kwargs)
             return _module_forward(step.module, args, kwargs)
         if node.op == "call_function":
             if node.target in g.DROPOUT_FUNCTIONS:
@@ -260,7 +276,7 @@ class RelevanceEngine:
                 continue
             for parent, R_in in self._propagate(step, record.values, R):
                 if layer_sums and step.group is not None and self._group(parent) != step.group:
-                    total = sum(r.reshape(r.shape[0], -1).sum(1) for r in _slots(R_in))
+                    total = sum(r.reshape(r.shape[0], -1).sum(1) for r in _slots(R_in) if r is not None)
                     sums[step.group] = sums[step.group] + total if step.group in sums else total
                 _accumulate(relevance, parent, R_in)
         x = record.values[self._input_step.node]
@@ -342,7 +358,7 @@ class RelevanceEngine:
         return {
             g.LINEAR: lambda step, values, R: [(step.inputs[0], self._linear(step, values, R))],
             g.CUSTOM: self._custom,
-            g.PASS: lambda step, values, R: [(step.inputs[0], R.reshape(values[step.inputs[0]].shape))],
+            g.PASS: self._pass,
             g.ADD: self._add,
             g.SCALE: self._scale,
             g.CAT: lambda step, values, R: self._cat(step.node, values, R),
@@ -350,7 +366,100 @@ class RelevanceEngine:
             g.MAXPOOL: self._proportional,
             g.ROUTE: self._route,
             g.META: self._meta,
+            g.MATMUL: self._matmul,
+            g.SOFTMAX: self._softmax,
+            g.ATTENTION: self._attention,
         }
+
+    # ------------------------------------------------------------ attention
+
+    def _matmul(self, step: g.Step, values: dict[fx.Node, Any], R: Tensor) -> list[tuple[fx.Node, Tensor]]:
+        """A product of two tensors: the uniform bilinear rule (half to each factor), the ε-rule
+        on the input-dependent factor when the other is constant; `A @ V` with attention weights
+        A held constant under the "cp" attention rule."""
+        first, second = step.node.args[0], step.node.args[1]
+        a, b = values[first], values[second]
+        dependent = [arg in step.inputs for arg in (first, second)]
+        if dependent == [True, True]:
+            share = 0.0 if step.gate == 0 and self.attention == "cp" else 0.5
+        else:
+            share = 1.0 if dependent[0] else 0.0
+        product = torch.bmm if step.node.target in (torch.bmm, "bmm") else torch.matmul
+        R_a, R_b = bilinear_relevance(product, a, b, R, share_a=share)
+        return [(arg, R_arg) for arg, R_arg, keep, part in ((first, R_a, dependent[0], share),
+                                                            (second, R_b, dependent[1], 1 - share))
+                if keep and part > 0]
+
+    def _softmax(self, step: g.Step, values: dict[fx.Node, Any], R: Tensor) -> list[tuple[fx.Node, Tensor]]:
+        """Softmax inside attention: AttnLRP's rule (its input is the attention logits)."""
+        parent = step.inputs[0]
+        return [(parent, softmax_relevance(values[parent], values[step.node], R, _softmax_dim(step)))]
+
+    def _attention(self, step: g.Step, values: dict[fx.Node, Any], R: Tensor | list[Tensor]
+                   ) -> list[tuple[fx.Node, Tensor]]:
+        node = step.node
+        if step.module is None:  # F.scaled_dot_product_attention
+            args, kwargs = _load(node.args, values), _load(node.kwargs, values)
+            q, k, v, core = sdpa_core(*args, **kwargs)
+            parts = core.relevance(q, k, v, R, self.attention)
+            return [(arg, R_arg) for arg, R_arg in zip(node.args[:3], parts, strict=True)
+                    if isinstance(arg, fx.Node) and arg in step.inputs and bool(R_arg.any())]
+        R = R[0] if isinstance(R, list) else R
+        rule = self._inner_linear_rule()
+        if isinstance(step.module, nn.MultiheadAttention):
+            return self._multihead_attention(step, values, R, rule)
+        return self._window_attention(step, values, R, rule)
+
+    def _inner_linear_rule(self) -> Rule:
+        """The rule of the projections inside an attention module: the user's rule for
+        nn.Linear if any, else the default."""
+        rule = next((r for t, r in self._rules.types.items() if issubclass(nn.Linear, t)), None)
+        return rule if rule is not None else self._default_rule
+
+    def _multihead_attention(self, step: g.Step, values: dict[fx.Node, Any], R: Tensor, rule: Rule
+                             ) -> list[tuple[fx.Node, Tensor]]:
+        node = step.node
+        parts = MultiheadParts.of(step.module, *_load(node.args, values), **_load(node.kwargs, values))
+        _check_recomputed(parts.output(), values[node][0], node)
+        R_inputs = parts.relevance(R, rule, self.attention)
+        return [(arg, R_arg) for arg, R_arg in zip(node.args[:3], R_inputs, strict=True)
+                if isinstance(arg, fx.Node) and arg in step.inputs and bool(R_arg.any())]
+
+    def _window_attention(self, step: g.Step, values: dict[fx.Node, Any], R: Tensor, rule: Rule
+                          ) -> list[tuple[fx.Node, Tensor]]:
+        node = step.node
+        x = values[node.args[0]]
+        parts = WindowParts.of(step.module, x)
+        _check_recomputed(parts.output(), values[node], node)
+        return [(node.args[0], parts.relevance(x, R, rule, self.attention, vjp))]
+
+    def _pass(self, step: g.Step, values: dict[fx.Node, Any], R: Tensor) -> list[tuple[fx.Node, Tensor]]:
+        """Identity, unless the user named a rule for this layer (by name or type)."""
+        parent = step.inputs[0]
+        node = step.node
+        path = node.target if node.op == "call_module" else None
+        rule = self._rules.names.get(path) if path else None
+        layer = step.module
+        if rule is None and step.module is not None:
+            rule = self._rules.by_kind(step, self.module)
+        elif rule is None and node.op == "call_function" and node.target is F.layer_norm:
+            rule, layer = self._functional_layer_norm_rule(step, values)
+        if rule is None or step.folded_into is not None:
+            return [(parent, R.reshape(values[parent].shape))]
+        return [(parent, rule.relevance(layer, values[parent], R))]
+
+    def _functional_layer_norm_rule(self, step: g.Step, values: dict[fx.Node, Any]) -> tuple[Rule | None, Any]:
+        """A rule for nn.LayerNorm (or the module type the call sits in, e.g. timm's LayerNorm,
+        a subclass with its own forward) also covers `F.layer_norm` calls."""
+        path = g.module_path(step.node)
+        candidates = [nn.LayerNorm, *([type(self.module.get_submodule(path))] if path else [])]
+        rule = next((r for t, r in self._rules.types.items() if any(issubclass(c, t) for c in candidates)), None)
+        if rule is None:
+            return None, None
+        bound = dict(zip(("input", "normalized_shape", "weight", "bias", "eps"),
+                         _load(step.node.args, values), strict=False)) | _load(step.node.kwargs, values)
+        return rule, LayerNormParams(tuple(bound["normalized_shape"]), bound.get("weight"), bound.get("bias"),
+                                     float(bound.get("eps", 1e-5)))
 
     def _custom(self, step: g.Step, values: dict[fx.Node, Any], R: Tensor) -> list[tuple[fx.Node, Tensor]]:
         parent = step.inputs[0]
@@ -382,7 +491,7 @@ class RelevanceEngine:
         a = values[parent]
         if isinstance(a, (tuple, list)):
             index = step.node.args[1]
-            slots = [torch.zeros_like(t) for t in a]
+            slots = [torch.zeros_like(t) if isinstance(t, Tensor) else None for t in a]
             slots[index] = R
             return [(parent, slots)]
         return [(parent, vjp(self._as_function_of_first_input(step, values), a, R))]
@@ -443,9 +552,14 @@ class RelevanceEngine:
     def _add(self, step: g.Step, values: dict[fx.Node, Any], R: Tensor) -> list[tuple[fx.Node, Tensor]]:
         first, second = step.node.args[0], step.node.args[1]
         dependent = [arg for arg in (first, second) if isinstance(arg, fx.Node) and arg in step.inputs]
-        if len(dependent) == 1:  # x + constant: the constant gets nothing
+        if len(dependent) == 1 and self.constants == "input":  # x + constant: x keeps it all
             parent = dependent[0]
             return [(parent, R.sum_to_size(values[parent].shape))]
+        if len(dependent) == 1:  # the constant takes its share of the split (a leak)
+            a, b = (_value(first, values), _value(second, values))
+            R_a, R_b = self.splitter(R, *torch.broadcast_tensors(a, b), None)
+            parent, R_parent = (first, R_a) if first is dependent[0] else (second, R_b)
+            return [(parent, R_parent.sum_to_size(values[parent].shape))]
         a, b = values[first], values[second]
         R_a, R_b = self.splitter(R, a, b, step.skip)
         return [(first, R_a.sum_to_size(a.shape)), (second, R_b.sum_to_size(b.shape))]
@@ -455,8 +569,16 @@ class RelevanceEngine:
         dim = node.kwargs.get("dim", node.args[1] if len(node.args) > 1 else 0)
         sizes = [values[t].shape[dim] if isinstance(t, fx.Node) else t.shape[dim] for t in tensors]
         pieces = torch.split(R, sizes, dim=dim)
-        return [(t, piece) for t, piece in zip(tensors, pieces, strict=True)
-                if isinstance(t, fx.Node) and isinstance(values[t], Tensor)]
+        step = self._step_of[node]
+        kept = [(t, piece) for t, piece in zip(tensors, pieces, strict=True)
+                if isinstance(t, fx.Node) and (t in step.inputs or self.constants == "leak")]
+        if self.constants == "leak" or len(kept) == len(tensors):
+            return kept
+        if dim % R.dim() == 0:
+            raise UnsupportedLayerError(
+                f"'{node.name}'{g.in_module(node)} concatenates a constant along the batch dimension; "
+                "its relevance has no sample to go to: use constants='leak'")
+        return [(t, piece) for t, piece in zip([t for t, _ in kept], _absorb(R, [p for _, p in kept]), strict=True)]
 
     def _as_function_of_first_input(self, step: g.Step, values: dict[fx.Node, Any]) -> Callable[[Tensor], Tensor]:
         """The node as a function of its first tensor argument, everything else fixed."""
@@ -490,6 +612,53 @@ class RelevanceEngine:
         # the same windows, summed: the z-rule's per-window divisor cancels, so an average serves
         avg_pool = (F.avg_pool1d, F.avg_pool2d, F.avg_pool3d)[dims - 1]
         return lambda t: avg_pool(t, kernel, stride, padding, ceil_mode, True)
+
+
+def _value(arg: Any, values: dict[fx.Node, Any]) -> Tensor:
+    value = values[arg] if isinstance(arg, fx.Node) else arg
+    return value if isinstance(value, Tensor) else torch.tensor(float(value))
+
+
+def _absorb(R: Tensor, pieces: list[Tensor]) -> list[Tensor]:
+    """The relevance of a cat's constant operands (ViT's class token) given to its
+    input-dependent ones: per sample, their relevance scaled so that the total is R's (the map
+    keeps its shape); where that scale is not positive and finite, added in proportion to |R|."""
+    def total(t: Tensor) -> Tensor:
+        return t.reshape(t.shape[0], -1).sum(1)
+
+    target = total(R)
+    kept = sum(total(p) for p in pieces)
+    scale = target / kept
+    usable = torch.isfinite(scale) & (scale > 0)
+    magnitude = sum(total(p.abs()) for p in pieces)
+    out = []
+    for piece in pieces:
+        shape = (-1, *([1] * (piece.dim() - 1)))
+        scaled = piece * torch.where(usable, scale, torch.ones_like(scale)).reshape(shape)
+        spread = piece.abs() * torch.nan_to_num((target - kept) / magnitude).reshape(shape)
+        out.append(torch.where(usable.reshape(shape), scaled, piece + spread))
+    return out
+
+
+def _softmax_dim(step: g.Step) -> int:
+    node = step.node
+    if step.module is not None:
+        dim = step.module.dim
+    else:
+        dim = node.kwargs.get("dim", node.args[1] if len(node.args) > 1 else None)
+    if not isinstance(dim, int):
+        raise UnsupportedLayerError(f"softmax at '{node.name}' without an explicit integer dim is not supported")
+    return dim
+
+
+def _check_recomputed(ours: Tensor, recorded: Tensor, node: fx.Node) -> None:
+    """The attention module recomputed from its parts must give what the forward recorded."""
+    gap = _largest_gap(ours, recorded, 1e-4)
+    if gap is not None:
+        raise FidelityError(
+            f"relprop's decomposition of '{node.target}' differs from its output (max |Δ| = {gap:.3g}); "
+            "give that module a rule (rules={ItsType: rule})"
+        )
 
 
 def _as_list(values: tuple[float, ...] | None) -> list[float] | None:
@@ -563,7 +732,7 @@ def _load(arg: Any, values: dict[fx.Node, Any]) -> Any:
     return fx.node.map_arg(arg, lambda n: values[n])
 
 
-def _accumulate(relevance: dict[fx.Node, Any], node: fx.Node, R: Tensor | list[Tensor]) -> None:
+def _accumulate(relevance: dict[fx.Node, Any], node: fx.Node, R: Tensor | list[Tensor | None]) -> None:
     """Fan-in: add in place (per slot for tuple-valued nodes such as chunk). Every tensor held
     here belongs to the backward pass (seeds are copied on entry), so nothing the caller holds
     is changed."""
@@ -571,7 +740,8 @@ def _accumulate(relevance: dict[fx.Node, Any], node: fx.Node, R: Tensor | list[T
         relevance[node] = R
     elif isinstance(R, list):
         for held, new in zip(relevance[node], R, strict=True):
-            held.add_(new)
+            if held is not None:
+                held.add_(new)
     else:
         relevance[node].add_(R)
 

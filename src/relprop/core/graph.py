@@ -20,6 +20,15 @@ from relprop.core.rules import LINEAR_TYPES
 from relprop.errors import TraceError, UnsupportedLayerError
 
 
+def _swin_attention_types() -> tuple[type[nn.Module], ...]:
+    """torchvision's Swin (v1) window attention: a leaf, its function is reproduced by the engine."""
+    try:
+        from torchvision.models.swin_transformer import ShiftedWindowAttention
+    except ImportError:  # pragma: no cover - torchvision is a dependency
+        return ()
+    return (ShiftedWindowAttention,)
+
+
 class Kind(str, Enum):
     """How relevance crosses a node (the engine has one handler per kind)."""
 
@@ -31,6 +40,9 @@ class Kind(str, Enum):
     ADD = "add"  # residual add: Relevance Splitting
     CAT = "cat"
     SCALE = "scale"  # x * c, x / c, x * gate(x): relevance stays with the input-dependent operand
+    MATMUL = "matmul"  # a product of two tensors (attention's QKᵀ and A·V): the bilinear rule
+    SOFTMAX = "softmax"  # softmax inside attention (its output feeds A·V): AttnLRP's rule
+    ATTENTION = "attention"  # scaled_dot_product_attention, nn.MultiheadAttention, Swin's window attention
     CUSTOM = "custom"  # a module, function or method the user gave a rule for
     META = "meta"  # x.size(), shapes: no relevance
     INPUT = "input"
@@ -39,8 +51,8 @@ class Kind(str, Enum):
     UNSUPPORTED = "unsupported"  # no rule: an error if relevance ever reaches it
 
 
-(LINEAR, PASS, POOL, MAXPOOL, ROUTE, ADD, CAT, SCALE, CUSTOM, META, INPUT, OUTPUT, CONSTANT,
- UNSUPPORTED) = Kind
+(LINEAR, PASS, POOL, MAXPOOL, ROUTE, ADD, CAT, SCALE, MATMUL, SOFTMAX, ATTENTION, CUSTOM, META, INPUT,
+ OUTPUT, CONSTANT, UNSUPPORTED) = Kind
 
 BATCHNORM_MODULES = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
 # Elementwise nonlinearities and normalizations take the identity rule: relevance passes
@@ -57,11 +69,12 @@ POOL_MODULES = (nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d,
                 nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d, nn.AdaptiveAvgPool3d)
 MAXPOOL_MODULES = (nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d)
 ROUTE_MODULES = (nn.Flatten, nn.Unflatten)
+ATTENTION_MODULES: tuple[type[nn.Module], ...] = (nn.MultiheadAttention, *_swin_attention_types())
 # Module types whose computation the engine reproduces itself, by kind. A module gets this
 # built-in handling only if it computes exactly what its torch class computes (see `builtin_kind`).
 BUILTIN_MODULES: tuple[tuple[Kind, tuple[type[nn.Module], ...]], ...] = (
     (LINEAR, LINEAR_TYPES), (MAXPOOL, MAXPOOL_MODULES), (PASS, PASS_MODULES), (POOL, POOL_MODULES),
-    (ROUTE, ROUTE_MODULES), (POOL, (nn.Upsample,)),
+    (ROUTE, ROUTE_MODULES), (POOL, (nn.Upsample,)), (ATTENTION, ATTENTION_MODULES),
 )
 _BUILTIN_TYPES = tuple(t for _, types in BUILTIN_MODULES for t in types)
 # Upsampling modes whose interpolation weights are non-negative: relevance goes in proportion.
@@ -78,8 +91,12 @@ POOL_FUNCTIONS = {F.avg_pool1d, F.avg_pool2d, F.avg_pool3d, F.adaptive_avg_pool1
 MAXPOOL_FUNCTIONS = {F.max_pool1d, F.max_pool2d, F.max_pool3d}
 ROUTE_FUNCTIONS = {
     torch.flatten, torch.reshape, torch.squeeze, torch.unsqueeze, torch.permute, torch.transpose,
-    operator.getitem,
+    operator.getitem, torch.roll,
 }
+# torchvision's Swin patch merging (pad, four strided slices, cat): relevance follows the elements
+ROUTE_FUNCTION_KEYS = {"torchvision.models.swin_transformer._patch_merging_pad"}
+MATMUL_FUNCTIONS = {torch.matmul, operator.matmul, torch.bmm}
+MATMUL_METHODS = {"matmul", "bmm"}
 ADD_FUNCTIONS = {operator.add, operator.iadd, torch.add}
 CAT_FUNCTIONS = {torch.cat, torch.concat}
 SCALE_FUNCTIONS = {operator.mul, operator.imul, operator.truediv, operator.itruediv, torch.mul}
@@ -92,11 +109,13 @@ PASS_METHODS = {"relu", "relu_", "contiguous", "clone", "detach", "float", "to",
 SPLIT_METHODS = {"chunk", "split", "unbind", "tensor_split"}
 SPLIT_FUNCTIONS = {torch.chunk, torch.split, torch.unbind, torch.tensor_split}
 POOL_METHODS = {"mean", "sum"}
-ROUTE_METHODS = {"view", "reshape", "flatten", "squeeze", "unsqueeze", "permute", "transpose", "t"}
+ROUTE_METHODS = {"view", "reshape", "flatten", "squeeze", "unsqueeze", "permute", "transpose", "t", "roll",
+                 "expand"}
 ADD_METHODS = {"add", "add_"}
 SCALE_METHODS = {"mul", "mul_", "div", "div_"}
 META_METHODS = {"size", "dim", "numel"}
 SOFTMAX_METHODS = {"softmax", "log_softmax"}
+ATTENTION_SOFTMAX = {F.softmax, torch.softmax, "softmax"}  # log_softmax is never attention
 
 # In-place variants would overwrite activations that relevance rules still need.
 OUT_OF_PLACE = {operator.iadd: operator.add, operator.imul: operator.mul,
@@ -277,14 +296,24 @@ def build_steps(model: nn.Module, graph: fx.Graph, rules: UserRules | None = Non
     groups = report_groups(model)
     dependent: set[fx.Node] = set()
     steps = []
+    shapes: set[fx.Node] = set()  # shapes and sizes computed from the input: no relevance
     for node in graph.nodes:
-        inputs = [arg for arg in node.all_input_nodes if arg in dependent]
+        inputs = [arg for arg in node.all_input_nodes if arg in dependent and arg not in shapes]
         if node.op == "placeholder":
+            if node.args:  # an optional argument (timm's attn_mask=None): its default, a constant
+                steps.append(Step(node, CONSTANT))
+                continue
             dependent.add(node)
             steps.append(Step(node, INPUT))
             continue
         if node.op == "output":
             steps.append(Step(node, OUTPUT, inputs=inputs))
+            continue
+        if node.all_input_nodes and all(arg in shapes for arg in node.all_input_nodes) \
+                and node.op != "call_module":
+            dependent.add(node)  # arithmetic on shapes (n_h = h // p): a shape too
+            shapes.add(node)
+            steps.append(Step(node, META))
             continue
         if not inputs:
             steps.append(Step(node, CONSTANT))
@@ -297,8 +326,11 @@ def build_steps(model: nn.Module, graph: fx.Graph, rules: UserRules | None = Non
             step = Step(node, UNSUPPORTED, module, error=error)
         step.inputs = inputs
         step.group = _group_of(node, groups)
+        if step.kind == META:
+            shapes.add(node)
         steps.append(step)
     _mark_operand_roles(steps)
+    _mark_attention_weights(steps)
     _raise_for_unsupported_on_relevance_paths(steps)
     _mark_input_layers(steps)
     _keep_cut_groups(steps)
@@ -451,14 +483,20 @@ def _classify(model: nn.Module, node: fx.Node, rules: UserRules) -> Step:
     if node.op == "call_method":
         if node.target in rules.methods:
             return Step(node, CUSTOM)
+        what = f"tensor method '.{node.target}()' (node '{node.name}'{in_module(node)})"
+        if node.target in ATTENTION_SOFTMAX:
+            return Step(node, SOFTMAX, error=_softmax_error(what))
         if node.target in SOFTMAX_METHODS:
-            raise _softmax_error(f"tensor method '.{node.target}()' (node '{node.name}'{in_module(node)})")
+            raise _softmax_error(what)
+        if node.target in MATMUL_METHODS:
+            return Step(node, MATMUL)
+        if node.target == "masked_fill" and _fill_value(node) in (0.0, float("-inf")):
+            return Step(node, ROUTE)  # masking scores (−inf) or zeroing: filled elements take nothing
         for kind, methods in ((PASS, PASS_METHODS), (POOL, POOL_METHODS), (ROUTE, ROUTE_METHODS | SPLIT_METHODS),
                               (ADD, ADD_METHODS), (SCALE, SCALE_METHODS), (META, META_METHODS)):
             if node.target in methods:
                 return Step(node, kind)
-        raise _unsupported(f"tensor method '.{node.target}()' (node '{node.name}'{in_module(node)})",
-                           repr(node.target))
+        raise _unsupported(what, repr(node.target))
     if node.op == "get_attr":
         return Step(node, CONSTANT)
     raise UnsupportedLayerError(f"graph node '{node.name}' ({node.op}) is not supported")
@@ -468,10 +506,14 @@ def _classify_module(model: nn.Module, node: fx.Node, rules: UserRules) -> Step:
     module = model.get_submodule(node.target)
     what = f"module '{node.target}' ({type(module).__name__})"
     kind = builtin_kind(module)
+    if kind == ATTENTION and isinstance(module, nn.MultiheadAttention):
+        _check_multihead_attention(module, what)
     if kind is not None and not (isinstance(module, nn.Upsample) and module.mode not in POSITIVE_INTERPOLATION):
         return Step(node, kind, module)
     if rules.covers(node, module):
         return Step(node, CUSTOM, module)
+    if type(module) is nn.Softmax:
+        return Step(node, SOFTMAX, module, error=_softmax_error(what))
     if isinstance(module, SOFTMAX_MODULES):
         raise _softmax_error(what)
     if isinstance(module, nn.Upsample):
@@ -500,8 +542,20 @@ def _classify_function(node: fx.Node, rules: UserRules) -> Step:
         value = node.kwargs.get("value", node.args[3] if len(node.args) > 3 else None)
         if mode == "constant" and not value:
             return Step(node, ROUTE)  # zero padding: relevance follows the elements it keeps
+    if target in ATTENTION_SOFTMAX:
+        return Step(node, SOFTMAX, error=_softmax_error(what))
     if target in SOFTMAX_FUNCTIONS:
         raise _softmax_error(what)
+    if target is F.scaled_dot_product_attention:
+        return Step(node, ATTENTION)
+    if target in MATMUL_FUNCTIONS:
+        return Step(node, MATMUL)
+    if _function_key(target) in ROUTE_FUNCTION_KEYS:
+        return Step(node, ROUTE)
+    if _function_key(target) == "timm.layers.attention.resolve_self_attn_mask":
+        return Step(node, META)  # a mask built from the scores' shape and dtype only
+    if _function_key(target) == "timm.layers.attention.maybe_add_mask":
+        return Step(node, PASS)  # scores + a constant mask (or None): the scores keep it all
     if _function_key(target) == "torchvision.ops.stochastic_depth.stochastic_depth":
         return Step(node, PASS)  # traced in eval mode: identity (training=False in its arguments)
     for kind, functions in ((PASS, PASS_FUNCTIONS), (POOL, POOL_FUNCTIONS), (ROUTE, ROUTE_FUNCTIONS | SPLIT_FUNCTIONS),
@@ -548,6 +602,57 @@ def _softmax_error(what: str) -> UnsupportedLayerError:
         "starts from the probability itself; remove the softmax from the model (explain the "
         "logits), or give it a rule if it sits inside the network"
     )
+
+
+def _fill_value(node: fx.Node) -> Any:
+    value = node.kwargs.get("value", node.args[2] if len(node.args) > 2 else None)
+    return float(value) if isinstance(value, (int, float)) else None
+
+
+def _check_multihead_attention(module: nn.MultiheadAttention, what: str) -> None:
+    """The engine reproduces nn.MultiheadAttention with one packed in-projection and no extra
+    key/value biases or zero-attention rows (torchvision's ViT); refuse the other variants."""
+    if module.bias_k is not None or module.add_zero_attn or not module._qkv_same_embed_dim:
+        raise UnsupportedLayerError(
+            f"relprop supports {what} only with kdim = vdim = embed_dim, add_bias_kv=False and "
+            "add_zero_attn=False; give it a rule (rules={nn.MultiheadAttention: rule}) or use that form"
+        )
+
+
+def _mark_attention_weights(steps: list[Step]) -> None:
+    """A softmax is attention when everything that reads it (through dropout and other
+    pass-throughs) is the first factor of a product `A @ V`; that product then knows its
+    weights operand (`gate` = 0). Any other softmax (at the output: probabilities) is refused."""
+    consumers: dict[fx.Node, list[Step]] = {}
+    for step in steps:
+        for parent in step.inputs:
+            consumers.setdefault(parent, []).append(step)
+    for step in steps:
+        if step.kind != SOFTMAX:
+            continue
+        products = _attention_products(step.node, consumers)
+        if products is None:
+            step.kind = UNSUPPORTED
+            continue
+        for product in products:
+            product.gate = 0
+
+
+def _attention_products(node: fx.Node, consumers: dict[fx.Node, list[Step]]) -> list[Step] | None:
+    found, todo = [], [node]
+    while todo:
+        current = todo.pop()
+        readers = consumers.get(current, [])
+        if not readers:
+            return None
+        for reader in readers:
+            if reader.kind == PASS and not _normalizes(reader):
+                todo.append(reader.node)
+            elif reader.kind == MATMUL and reader.node.args[0] is current and reader.node.args[1] is not current:
+                found.append(reader)
+            else:
+                return None
+    return found
 
 
 def _mark_operand_roles(steps: list[Step]) -> None:

@@ -76,6 +76,8 @@ class LRP:
         bn: str | None = None,
         verify: str = "first",
         *,
+        attention: str | None = None,
+        constants: str | None = None,
         composite: Composite | None = None,
     ) -> None:
         if chunk_size is not None and chunk_size < 1:
@@ -89,6 +91,7 @@ class LRP:
         self.composite = resolve_composite(
             composite, split=split, identity_skips=identity_skips, rules=rules, input_rule=input_rule,
             maxpool=maxpool, mean=mean, std=std, reference=preset_reference(preset), bn=bn,
+            attention=attention, constants=constants,
         )
         self.preset = "reference" if self.composite.reference else "default"
         self.engine = RelevanceEngine(model, composite=self.composite)

@@ -544,7 +544,42 @@ class ProportionalRule(Rule):
         return proportional(layer, a, R)
 
 
+class LayerNormParams(NamedTuple):
+    """The arguments of an `F.layer_norm` call, for rules that need them."""
+
+    normalized_shape: tuple[int, ...]
+    weight: Tensor | None
+    bias: Tensor | None
+    eps: float
+
+
+class NormEpsilonRule(Rule):
+    """LayerNorm with its standard deviation held constant: then a linear map (centring, scale,
+    shift), taken by the ε-rule; the shift (β) absorbs its share. This is what LXT's AttnLRP
+    code computes for LayerNorm; relprop's default is the identity ("pass")."""
+
+    name = "norm-epsilon"
+
+    def __init__(self, epsilon: float = 1e-6) -> None:
+        self.epsilon = epsilon
+
+    def relevance(self, layer: nn.Module | LayerNormParams, a: Tensor, R: Tensor) -> Tensor:
+        if not isinstance(layer, (nn.LayerNorm, LayerNormParams)):
+            raise UnsupportedLayerError(f"the norm-epsilon rule takes nn.LayerNorm, not {type(layer).__name__}")
+        dims = tuple(range(-len(layer.normalized_shape), 0))
+        std = (a.var(dims, unbiased=False, keepdim=True) + layer.eps).sqrt()
+        weight = 1.0 if layer.weight is None else layer.weight.detach().float()
+        bias = 0.0 if layer.bias is None else layer.bias.detach().float()
+
+        def normalize(t: Tensor) -> Tensor:
+            return (t - t.mean(dims, keepdim=True)) / std * weight
+
+        z = normalize(a) + bias
+        return a * vjp(normalize, a, R / _stabilize(z, self.epsilon))
+
+
 RULES: dict[str, Callable[[], Rule]] = {
+    "norm-epsilon": NormEpsilonRule,
     "zplus": ZPlusRule,
     "wplus": WPlusRule,
     "w2": WSquareRule,

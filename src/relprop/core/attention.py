@@ -1,0 +1,295 @@
+"""Relevance through attention: `softmax(s·QKᵀ + bias)·V`.
+
+Two treatments (`Composite.attention`):
+- ``"cp"`` (default): the attention weights are held constant, as Ali et al. (ICML 2022,
+  "XAI for Transformers: better explanations through conservative propagation") do; `A·V` is
+  then linear in V and the ε-rule sends all relevance to V. Nothing is lost: relevance is
+  conserved up to ε.
+- ``"attnlrp"`` (Achtibat et al., ICML 2024; their code: LXT): the two matmuls `QKᵀ` and `A·V`
+  take the uniform rule for bilinear products (the ε-rule's decomposition, half to each
+  operand), softmax takes their Taylor-derived rule `R_x = x ⊙ (R_s − s ⊙ Σ R_s)`. The softmax
+  rule does not conserve: the difference is the relevance of the logits' shift (reported
+  in docs/rules.md as the attention leak).
+A constant additive bias in the logits (relative position bias, masks) gets no relevance: the
+input-dependent scores keep it (the policy for every constant operand, see docs/rules.md).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from relprop.core.rules import LinearOp
+from relprop.errors import UnsupportedLayerError
+
+ATTENTION_RULES = ("cp", "attnlrp")
+EPSILON = 1e-6  # LXT's stabilizer for the bilinear and linear ε-rules
+
+
+def stabilize(z: Tensor, epsilon: float = EPSILON) -> Tensor:
+    """z + ε·sign(z), sign(0) = +1."""
+    return z + epsilon * torch.where(z >= 0, torch.ones_like(z), -torch.ones_like(z))
+
+
+def bilinear_relevance(fn: Callable[[Tensor, Tensor], Tensor], a: Tensor, b: Tensor, R: Tensor,
+                       share_a: float = 0.5, epsilon: float = EPSILON) -> tuple[Tensor, Tensor]:
+    """ε-LRP of a bilinear map z = fn(a, b): each contribution a_i b_j of z goes to its two
+    factors, `share_a` of it to a and the rest to b (AttnLRP's uniform rule: 0.5). With
+    `share_a=0` the map is linear in b (a held constant: the ε-rule on b)."""
+    with torch.enable_grad():
+        a_ = a.detach().requires_grad_(share_a > 0)
+        b_ = b.detach().requires_grad_(share_a < 1)
+        z = fn(a_, b_)
+        s = (R / stabilize(z.detach(), epsilon)).detach()
+        wanted = [t for t in (a_, b_) if t.requires_grad]
+        grads = torch.autograd.grad(z, wanted, s)
+    grad = dict(zip([id(t) for t in wanted], grads, strict=True))
+    R_a = share_a * a * grad[id(a_)] if share_a > 0 else torch.zeros_like(a)
+    R_b = (1 - share_a) * b * grad[id(b_)] if share_a < 1 else torch.zeros_like(b)
+    return R_a, R_b
+
+
+def softmax_relevance(x: Tensor, s: Tensor, R: Tensor, dim: int) -> Tensor:
+    """AttnLRP's softmax rule `R_x = x ⊙ (R − s ⊙ Σ_dim R)`; masked logits (−inf, where s = 0)
+    get nothing."""
+    R_x = x * (R - s * R.sum(dim, keepdim=True))
+    return torch.where(torch.isfinite(x), R_x, torch.zeros_like(R_x))
+
+
+@dataclass(frozen=True)
+class AttentionCore:
+    """`softmax(scale·q kᵀ + bias) v` on (..., tokens, dim) tensors; `bias` is additive
+    (float) or a boolean keep-mask, as `F.scaled_dot_product_attention` takes it."""
+
+    scale: float
+    bias: Tensor | None = None
+    epsilon: float = EPSILON  # of the bilinear ε-rules
+
+    def logits(self, q: Tensor, k: Tensor) -> Tensor:
+        return (q * self.scale) @ k.transpose(-2, -1)
+
+    def biased(self, scores: Tensor) -> Tensor:
+        if self.bias is None:
+            return scores
+        if self.bias.dtype == torch.bool:
+            return scores.masked_fill(~self.bias, float("-inf"))
+        return scores + self.bias
+
+    def forward(self, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+        return torch.softmax(self.biased(self.logits(q, k)), -1) @ v
+
+    def relevance(self, q: Tensor, k: Tensor, v: Tensor, R: Tensor, mode: str
+                  ) -> tuple[Tensor, Tensor, Tensor]:
+        """Relevance of (q, k, v) for the output relevance R."""
+        scores = self.biased(self.logits(q, k))
+        weights = torch.softmax(scores, -1)
+        if mode == "cp":
+            _, R_v = bilinear_relevance(torch.matmul, weights, v, R, share_a=0.0, epsilon=self.epsilon)
+            return torch.zeros_like(q), torch.zeros_like(k), R_v
+        R_weights, R_v = bilinear_relevance(torch.matmul, weights, v, R, epsilon=self.epsilon)
+        R_scores = softmax_relevance(scores, weights, R_weights, -1)
+        R_q, R_k = bilinear_relevance(lambda a, b: (a * self.scale) @ b.transpose(-2, -1), q, k, R_scores,
+                                      epsilon=self.epsilon)
+        return R_q, R_k, R_v
+
+
+def sdpa_core(query: Tensor, key: Tensor, value: Tensor, attn_mask: Tensor | None = None,
+              dropout_p: float = 0.0, is_causal: bool = False, scale: float | None = None,
+              enable_gqa: bool = False) -> tuple[Tensor, Tensor, Tensor, AttentionCore]:
+    """`F.scaled_dot_product_attention`'s arguments as (q, k, v, core), dropout off (eval)."""
+    if enable_gqa and query.shape[-3] != key.shape[-3]:
+        raise UnsupportedLayerError("scaled_dot_product_attention with grouped-query heads (enable_gqa) "
+                                    "is not supported")
+    bias = attn_mask
+    if is_causal:
+        L, S = query.shape[-2], key.shape[-2]
+        bias = torch.ones(L, S, dtype=torch.bool, device=query.device).tril()
+    scale = query.shape[-1] ** -0.5 if scale is None else scale
+    return query, key, value, AttentionCore(scale, bias)
+
+
+def attention_module_forward(module: nn.Module, args: tuple, kwargs: dict) -> Any:
+    """Eval-mode forward of an attention leaf (its dropout off), without touching the module."""
+    training = module.training
+    module.train(False)
+    try:
+        return module(*args, **kwargs)
+    finally:
+        module.train(training)
+
+
+def _linear_op(layer: nn.Linear | None, weight: Tensor | None = None, bias: Tensor | None = None) -> LinearOp:
+    if layer is not None:
+        weight, bias = layer.weight, layer.bias
+    return LinearOp(weight.detach().float(), None if bias is None else bias.detach().float())
+
+
+def split_heads(x: Tensor, heads: int) -> Tensor:
+    """(…, tokens, heads·d) → (…, heads, tokens, d)."""
+    *lead, tokens, width = x.shape
+    return x.reshape(*lead, tokens, heads, width // heads).transpose(-3, -2)
+
+
+def merge_heads(x: Tensor) -> Tensor:
+    """(…, heads, tokens, d) → (…, tokens, heads·d)."""
+    x = x.transpose(-3, -2)
+    return x.reshape(*x.shape[:-2], -1)
+
+
+@dataclass
+class MultiheadParts:
+    """nn.MultiheadAttention (packed in-projection) as projections around an AttentionCore,
+    recomputed from the module's parameters; batch-first inside."""
+
+    inputs: tuple[Tensor, Tensor, Tensor]  # query, key, value, batch-first
+    heads: tuple[Tensor, Tensor, Tensor]  # q, k, v: (batch, heads, tokens, d)
+    core: AttentionCore
+    in_ops: tuple[LinearOp, LinearOp, LinearOp]
+    out_op: LinearOp
+    context: Tensor  # the heads merged, (batch, tokens, embed), before out_proj
+    batch_first: bool
+
+    @classmethod
+    def of(cls, module: nn.MultiheadAttention, query: Tensor, key: Tensor, value: Tensor,
+           key_padding_mask: Tensor | None = None, need_weights: bool = True,
+           attn_mask: Tensor | None = None, average_attn_weights: bool = True,
+           is_causal: bool = False) -> MultiheadParts:
+        E, heads = module.embed_dim, module.num_heads
+        flip = not module.batch_first and query.dim() == 3
+        inputs = tuple(x.transpose(0, 1) if flip else x for x in (query, key, value))
+        weight, bias = module.in_proj_weight, module.in_proj_bias
+        in_ops = tuple(_linear_op(None, weight[i * E:(i + 1) * E], None if bias is None else bias[i * E:(i + 1) * E])
+                       for i in range(3))
+        q, k, v = (split_heads(op.forward(x, op.weight, op.bias), heads)
+                   for op, x in zip(in_ops, inputs, strict=True))
+        mask = _multihead_mask(attn_mask, key_padding_mask, is_causal, q, k)
+        core = AttentionCore(float((E // heads) ** -0.5), mask)
+        context = merge_heads(core.forward(q, k, v))
+        return cls(inputs, (q, k, v), core, in_ops, _linear_op(module.out_proj), context, not flip)
+
+    def output(self) -> Tensor:
+        y = self.out_op.forward(self.context, self.out_op.weight, self.out_op.bias)
+        return y if self.batch_first else y.transpose(0, 1)
+
+    def relevance(self, R: Tensor, rule: Any, mode: str) -> tuple[Tensor, Tensor, Tensor]:
+        """Relevance of (query, key, value) in the caller's layout; `rule` for the projections."""
+        R = R if self.batch_first else R.transpose(0, 1)
+        R_context = rule.relevance(self.out_op, self.context, R)
+        R_heads = self.core.relevance(*self.heads, split_heads(R_context, self.heads[0].shape[-3]), mode)
+        out = []
+        for op, x, R_h in zip(self.in_ops, self.inputs, R_heads, strict=True):
+            R_x = rule.relevance(op, x, merge_heads(R_h)) if bool(R_h.any()) else torch.zeros_like(x)
+            out.append(R_x if self.batch_first else R_x.transpose(0, 1))
+        return out[0], out[1], out[2]
+
+
+def _multihead_mask(attn_mask: Tensor | None, key_padding_mask: Tensor | None, is_causal: bool,
+                    q: Tensor, k: Tensor) -> Tensor | None:
+    """nn.MultiheadAttention's masks (bool: True = not allowed; float: added) as one additive
+    bias of shape broadcastable to (batch, heads, L, S)."""
+    B, heads, L, _ = q.shape
+    S = k.shape[-2]
+    bias = torch.zeros(1, 1, L, S, dtype=q.dtype, device=q.device)
+    if attn_mask is None and is_causal:
+        attn_mask = torch.ones(L, S, dtype=torch.bool, device=q.device).triu(1)
+    if attn_mask is not None:
+        m = attn_mask.reshape(B, heads, L, S) if attn_mask.dim() == 3 else attn_mask
+        bias = bias + (torch.zeros_like(m, dtype=q.dtype).masked_fill(m, float("-inf")) if m.dtype == torch.bool
+                       else m.to(q.dtype))
+    if key_padding_mask is not None:
+        m = key_padding_mask.reshape(B, 1, 1, S)
+        bias = bias + (torch.zeros_like(m, dtype=q.dtype).masked_fill(m, float("-inf")) if m.dtype == torch.bool
+                       else m.to(q.dtype))
+    return None if attn_mask is None and key_padding_mask is None else bias
+
+
+@dataclass
+class WindowParts:
+    """torchvision's Swin (v1) `shifted_window_attention`: the element routing (pad, cyclic
+    shift, window partition and their inverses), the qkv and output projections and an
+    AttentionCore whose bias is the relative position bias plus the shift mask (constants)."""
+
+    x_shape: torch.Size
+    window: tuple[int, int]
+    shift: tuple[int, int]
+    padded: tuple[int, int]
+    heads_count: int
+    qkv_op: LinearOp
+    proj_op: LinearOp
+    core: AttentionCore
+    windows: Tensor  # (batch·windows, tokens, C): the qkv projection's input
+    heads: tuple[Tensor, Tensor, Tensor]
+    context: Tensor  # before proj
+    projected: Tensor  # after proj, before the windows are put back
+
+    @classmethod
+    def of(cls, module: nn.Module, x: Tensor) -> WindowParts:
+        B, H, W, C = x.shape
+        window = (int(module.window_size[0]), int(module.window_size[1]))
+        pad_H, pad_W = H + (window[0] - H % window[0]) % window[0], W + (window[1] - W % window[1]) % window[1]
+        shift = tuple(0 if window[i] >= (pad_H, pad_W)[i] else int(module.shift_size[i]) for i in range(2))
+        heads = module.num_heads
+        parts = cls(x.shape, window, shift, (pad_H, pad_W), heads, _linear_op(module.qkv),
+                    _linear_op(module.proj), None, None, None, None, None)  # type: ignore[arg-type]
+        parts.windows = parts.partition(x)
+        qkv = parts.qkv_op.forward(parts.windows, parts.qkv_op.weight, parts.qkv_op.bias)
+        tokens = parts.windows.shape[1]
+        q, k, v = qkv.reshape(-1, tokens, 3, heads, C // heads).permute(2, 0, 3, 1, 4)
+        bias = module.get_relative_position_bias().detach().float()  # (1, heads, tokens, tokens)
+        if sum(shift) > 0:
+            bias = (bias.unsqueeze(0) + parts._shift_mask(x).unsqueeze(1).unsqueeze(0)
+                    ).expand(B, -1, heads, tokens, tokens).reshape(-1, heads, tokens, tokens)
+        parts.core = AttentionCore(float((C // heads) ** -0.5), bias)
+        parts.heads = (q, k, v)
+        parts.context = merge_heads(parts.core.forward(q, k, v))
+        parts.projected = parts.proj_op.forward(parts.context, parts.proj_op.weight, parts.proj_op.bias)
+        return parts
+
+    def partition(self, x: Tensor) -> Tensor:
+        """(B, H, W, C) → padded, shifted, windows (B·nW, wh·ww, C)."""
+        B, H, W, C = x.shape
+        (pad_H, pad_W), (wh, ww) = self.padded, self.window
+        x = F.pad(x, (0, 0, 0, pad_W - W, 0, pad_H - H))
+        if sum(self.shift) > 0:
+            x = torch.roll(x, shifts=(-self.shift[0], -self.shift[1]), dims=(1, 2))
+        x = x.view(B, pad_H // wh, wh, pad_W // ww, ww, C).permute(0, 1, 3, 2, 4, 5)
+        return x.reshape(-1, wh * ww, C)
+
+    def unpartition(self, y: Tensor) -> Tensor:
+        """The inverse: windows back in place, shift undone, padding cropped."""
+        B, H, W, C = self.x_shape
+        (pad_H, pad_W), (wh, ww) = self.padded, self.window
+        y = y.view(B, pad_H // wh, pad_W // ww, wh, ww, C).permute(0, 1, 3, 2, 4, 5).reshape(B, pad_H, pad_W, C)
+        if sum(self.shift) > 0:
+            y = torch.roll(y, shifts=self.shift, dims=(1, 2))
+        return y[:, :H, :W, :]
+
+    def _shift_mask(self, x: Tensor) -> Tensor:
+        """−100 between tokens of a window that come from different regions of the shifted
+        map (torchvision's constant), 0 within a region: (windows, tokens, tokens)."""
+        (pad_H, pad_W), (wh, ww) = self.padded, self.window
+        region = torch.zeros(pad_H, pad_W, device=x.device)
+        bounds = [((0, pad - w), (pad - w, pad - s), (pad - s, pad)) for pad, w, s in
+                  ((pad_H, wh, self.shift[0]), (pad_W, ww, self.shift[1]))]
+        for i, (h0, h1) in enumerate(bounds[0]):
+            for j, (w0, w1) in enumerate(bounds[1]):
+                region[h0:h1, w0:w1] = 3 * i + j
+        region = region.view(pad_H // wh, wh, pad_W // ww, ww).permute(0, 2, 1, 3).reshape(-1, wh * ww)
+        differs = region.unsqueeze(1) != region.unsqueeze(2)
+        return torch.zeros_like(differs, dtype=x.dtype).masked_fill(differs, -100.0)
+
+    def output(self) -> Tensor:
+        return self.unpartition(self.projected)
+
+    def relevance(self, x: Tensor, R: Tensor, rule: Any, mode: str, vjp: Callable) -> Tensor:
+        R_projected = vjp(self.unpartition, self.projected, R)
+        R_context = rule.relevance(self.proj_op, self.context, R_projected)
+        R_q, R_k, R_v = self.core.relevance(*self.heads, split_heads(R_context, self.heads_count), mode)
+        R_qkv = torch.stack([R_q, R_k, R_v]).permute(1, 3, 0, 2, 4).reshape(*self.windows.shape[:2], -1)
+        R_windows = rule.relevance(self.qkv_op, self.windows, R_qkv)
+        return vjp(self.partition, x, R_windows)
