@@ -1,6 +1,6 @@
 """Residual CNNs people fine-tune in 2026, with relprop's defaults: every reported cut carries the
 probability the model itself gives (the fidelity check runs on the first call). Transformers
-(ViT, Swin: attention) are not covered yet."""
+(ViT, DeiT, Swin: attention) are in tests/test_transformers.py."""
 
 from __future__ import annotations
 
