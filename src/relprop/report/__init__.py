@@ -29,8 +29,9 @@ from relprop.evaluation.results import (
     format_mean_std,
     mean_curves,
     mean_std,
-    read_jsonl,
     read_run_info,
+    read_union,
+    shard_files,
 )
 from relprop.methods import canonical_name
 from relprop.viz import plot_conservation, plot_curves
@@ -64,17 +65,22 @@ class SummaryRow:
 
 
 def read_run(root: str | Path) -> EvalRun:
-    """Read results.jsonl (required) and run.json (optional); one clear error if unusable."""
+    """Read the results (results.jsonl and, of a sharded run, every results.rank<r>.jsonl) and
+    run.json (optional); one clear error if unusable."""
     root = Path(root)
-    results = root / "results.jsonl"
     if not root.is_dir():
         raise InputError(f"{root}: no such folder (give the --out folder of `relprop evaluate`)")
-    if not results.is_file():
+    if not shard_files(root, "results"):
         raise InputError(f"{root}: no results.jsonl here; is this the --out folder of `relprop evaluate`?")
-    records = _one_spelling(read_jsonl(results))
+    records = _one_spelling(read_union(root, "results", _result_key))
     if not records:
-        raise InputError(f"{results}: no results yet (did `relprop evaluate` finish any image?)")
+        raise InputError(f"{root / 'results.jsonl'}: no results yet (did `relprop evaluate` finish any image?)")
     return EvalRun(root, records, read_run_info(root / "run.json"), _still_skipped(root, records))
+
+
+def _result_key(record: dict[str, Any]) -> tuple[Any, ...]:
+    return (record.get("checkpoint_sha256"), record.get("image"), record.get("method"),
+            record.get("protocol"))
 
 
 def _one_spelling(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -85,12 +91,9 @@ def _one_spelling(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 
 def _still_skipped(root: Path, records: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
-    """skipped.jsonl without the images a later run did evaluate (e.g. after a fix)."""
-    path = root / "skipped.jsonl"
-    if not path.is_file():
-        return []
+    """The skipped images (of every process) without those a later run did evaluate."""
     evaluated = {(r.get("checkpoint_sha256"), r.get("image")) for r in records}
-    return [s for s in read_jsonl(path)
+    return [s for s in read_union(root, "skipped", lambda s: (s.get("checkpoint_sha256"), s.get("image")))
             if (s.get("checkpoint_sha256"), s.get("image")) not in evaluated]
 
 
