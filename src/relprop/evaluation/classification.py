@@ -154,10 +154,10 @@ def _evaluate_all(config: EvalConfig, checkpoints: Sequence[Checkpoint], ranks: 
             failed_methods += _evaluate(job, ranks, device, progress)
     except BaseException as error:
         _report_failure(ranks, store, jobs, error)
-        raise
-    finally:
         progress.close()
+        raise
     outcomes = group.gather(failed_methods)
+    progress.close()  # after every rank is done, so the bar ends at the job's total
     failed_methods = [name for found in outcomes for name in found]
     if ranks.rank != 0:
         return EvalOutcome(out, 0, 0, list(dict.fromkeys(failed_methods)), primary=False)
@@ -304,22 +304,29 @@ class _Progress:
     def _poll(self) -> None:
         assert self._stop is not None and self.bar is not None
         while not self._stop.wait(1.0):
-            new = 0
-            for path in shard_files(self.out, "results"):
-                start = self._offsets.get(path, 0)
-                with open(path, "rb") as handle:
-                    handle.seek(start)
-                    chunk = handle.read()
-                cut = chunk.rfind(b"\n") + 1  # whole lines only
-                new += chunk[:cut].count(b"\n")
-                self._offsets[path] = start + cut
-            if new:
-                self.bar.update(min(new, self.bar.total - self.bar.n))
+            self._poll_once()
+
+    def _poll_once(self) -> None:
+        """Count the whole lines appended to any results file since the last look."""
+        assert self.bar is not None
+        new = 0
+        for path in shard_files(self.out, "results"):
+            start = self._offsets.get(path, 0)
+            with open(path, "rb") as handle:
+                handle.seek(start)
+                chunk = handle.read()
+            cut = chunk.rfind(b"\n") + 1  # whole lines only
+            new += chunk[:cut].count(b"\n")
+            self._offsets[path] = start + cut
+        if new:
+            self.bar.update(min(new, self.bar.total - self.bar.n))
 
     def close(self) -> None:
         if self._stop is not None:
             self._stop.set()
             self._thread.join()
+            self._stop.clear()
+            self._poll_once()
         if self.bar is not None:
             self.bar.close()
 

@@ -199,7 +199,10 @@ def summarize(records: Sequence[dict[str, Any]], methods: Sequence[str],
     """{method: {insertion, deletion, id (first protocol), *_std, n, ..., protocols: {p: {...}}}}.
 
     One checkpoint: mean and std over images. Several: mean and std over per-checkpoint means.
+    Rows are taken in (checkpoint, image) order, so the numbers (the bootstrap CIs included) do
+    not depend on which process wrote which row, or in what order.
     """
+    records = sorted(records, key=lambda r: (str(r["checkpoint_sha256"]), str(r["image"])))
     summary: dict[str, Any] = {}
     for method in methods:
         per_protocol = {}
