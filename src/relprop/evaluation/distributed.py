@@ -52,22 +52,28 @@ class Ranks:
         return [b for i, b in enumerate(batches) if i % self.world == self.rank]
 
     def device(self, device: torch.device) -> torch.device:
-        """One device per local rank: `cuda` becomes cuda:LOCAL_RANK; a CPU stays the CPU."""
+        """One device per local rank: `cuda` becomes cuda:LOCAL_RANK (mod the GPU count, so two
+        ranks may share one GPU); a CPU stays the CPU."""
         if self.world == 1 or device.type != "cuda":
             return device
         if device.index is not None:
             raise InputError(f"--device {device}: with torchrun each rank takes cuda:LOCAL_RANK; "
                              "pass --device cuda (or set CUDA_VISIBLE_DEVICES)")
-        if self.local_rank >= torch.cuda.device_count():
-            raise InputError(f"local rank {self.local_rank} has no GPU ({torch.cuda.device_count()} "
-                             "visible): lower --nproc-per-node to the GPU count")
-        torch.cuda.set_device(self.local_rank)
-        return torch.device("cuda", self.local_rank)
+        count = torch.cuda.device_count()
+        if count == 0:
+            raise InputError("--device cuda: no GPU visible to this rank; use --device cpu")
+        torch.cuda.set_device(self.local_rank % count)  # more ranks than GPUs: they share them
+        return torch.device("cuda", self.local_rank % count)
+
+    def shares_gpus(self) -> bool:
+        """More ranks on this node than GPUs (NCCL refuses two ranks on one GPU: use gloo)."""
+        return torch.cuda.device_count() < int(os.environ.get("LOCAL_WORLD_SIZE", self.world))
 
 
 class Group:
-    """The process group of a sharded run (nothing when world == 1): nccl on GPUs, gloo on the CPU,
-    plus a gloo group for the small Python objects the ranks agree on."""
+    """The process group of a sharded run (nothing when world == 1): nccl on GPUs (gloo where ranks
+    share a GPU), gloo on the CPU, plus a gloo group for the small Python objects the ranks agree
+    on (no tensor is ever exchanged: the results meet in the files)."""
 
     def __init__(self, ranks: Ranks, device: torch.device) -> None:
         import torch.distributed as dist
@@ -78,7 +84,7 @@ class Group:
         if not dist.is_available():
             raise InputError("this torch has no torch.distributed: run one process")
         if not dist.is_initialized():
-            backend = "nccl" if device.type == "cuda" else "gloo"
+            backend = "nccl" if device.type == "cuda" and not ranks.shares_gpus() else "gloo"
             dist.init_process_group(backend, timeout=WAIT)
         self._objects = (dist.new_group(backend="gloo", timeout=WAIT)
                          if dist.get_backend() != "gloo" else None)
