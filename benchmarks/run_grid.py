@@ -9,8 +9,8 @@ the exact command first. `tables` reads the union of the ranks' results and writ
 every method's mean, SE and 95 % bootstrap CI, then the paper's three claims as paired tests
 (95 % paired bootstrap CI of the mean ID difference, Wilcoxon signed-rank p):
 ours+hq against the best baseline, the ratio split against the symmetric one, and identity
-skips on against off. A claim "holds" when the CI lies above 0, is "reversed" when below, and is
-"not resolved" when the CI contains 0.
+skips on against off. A claim "holds" when the CI lies above 0 and Wilcoxon p < 0.05, is
+"reversed" when the CI lies below 0 and p < 0.05, and is "not resolved" otherwise.
 """
 
 from __future__ import annotations
@@ -24,6 +24,7 @@ from pathlib import Path
 LRP_VARIANTS = ("lrp-split", "lrp-split-sym", "lrp-split-noid", "lrp-split-sym-noid",
                 "lrp-split-ref", "lrp-plain")
 BASELINES = ("gradcam", "scorecam", "ig", "gbp", "lrp-captum", "gradient", "gradxinput")
+ALPHA = 0.05
 METHODS = tuple(m + hq for m in LRP_VARIANTS + BASELINES for hq in ("", "+hq"))
 # (label, method, reference): the paper's claims; "best baseline" is chosen per protocol by ID
 CLAIMS = (
@@ -97,8 +98,10 @@ def tables(args: argparse.Namespace) -> int:
             a, b = scores[protocol, method], scores[protocol, reference]
             shared = sorted(set(a) & set(b))
             r = paired_comparison([a[i]["id"] for i in shared], [b[i]["id"] for i in shared])
-            verdict = ("holds" if r["lo"] > 0 else "reversed" if r["hi"] < 0 else "not resolved")
             p = r["wilcoxon_p"]
+            significant = p == p and p < ALPHA
+            verdict = ("holds" if significant and r["lo"] > 0 else
+                       "reversed" if significant and r["hi"] < 0 else "not resolved")
             lines.append(f"| {label} | `{protocol}` | {method} | {reference} | {r['n']} | "
                          f"{r['mean_diff']:+.4f} | {format_ci(r['lo'], r['hi'])} | "
                          f"{'–' if p != p else f'{p:.2e}' if p < 1e-3 else f'{p:.3f}'} | {verdict} |")
