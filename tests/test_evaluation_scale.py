@@ -112,3 +112,14 @@ def test_union_reader_skips_and_names_a_cut_last_line(tmp_path, capsys):
     assert (tmp_path / "results.rank1.jsonl").read_text().endswith('{"k": 9')  # not ours: untouched
     read_union(tmp_path, "results", lambda r: r["k"], repair=tmp_path / "results.rank1.jsonl")
     assert (tmp_path / "results.rank1.jsonl").read_text() == json.dumps(rows[2]) + "\n"
+
+
+def test_report_shows_the_summary_confidence_intervals(runs, tmp_path):
+    _, out = runs
+    from relprop.report import build_report
+
+    page = build_report(out, tmp_path / "report").read_text()
+    paper = json.loads((out / "summary.json").read_text())["gradcam"]["protocols"]["rise"]
+    assert 'id="uncertainty"' in page
+    assert f"{paper['id']:.3f} ({paper['id_sem']:.3f})" in page
+    assert f"[{paper['id_ci_low']:.3f}, {paper['id_ci_high']:.3f}]" in page
