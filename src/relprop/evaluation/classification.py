@@ -7,7 +7,9 @@ The library side only: `evaluate` takes a typed `EvalConfig` and the checkpoints
 from __future__ import annotations
 
 import json
+import math
 import sys
+import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -146,7 +148,7 @@ def _evaluate_all(config: EvalConfig, checkpoints: Sequence[Checkpoint], ranks: 
     jobs = [_job(checkpoint, config, plan, store, len(checkpoints) > 1, ranks.rank == 0)
             for checkpoint in checkpoints]
     group.gather(None)  # every rank has read what is done before any rank writes
-    progress = _Progress(out, ranks, sum(job.remaining() for job in jobs), len(plan.methods) *
+    progress = _Progress(out, ranks, sum(job.remaining() for job in jobs), len(plan.methods),
                          len(plan.protocols))
     failed_methods: list[str] = []
     try:
@@ -272,18 +274,20 @@ class _Store:
 
 
 class _Progress:
-    """One bar for the whole job on rank 0, in images, with rate and ETA. Other ranks' rows are
-    counted from their files (a thread reads the new bytes each second); no messages are sent."""
+    """One bar for the whole job on rank 0, counting (image, method) maps scored in every protocol,
+    with its rate and ETA and the images per second beside them. Other ranks' rows are counted
+    from their files (a thread reads the new bytes each second); no messages are sent."""
 
-    def __init__(self, out: Path, ranks: Any, rows: int, rows_per_image: int) -> None:
+    def __init__(self, out: Path, ranks: Any, rows: int, methods: int, protocols: int) -> None:
         from tqdm import tqdm
 
         self.out, self.ranks, self._stop = out, ranks, None
-        self.bar = None
+        self.bar, self.rows, self.protocols, self.methods = None, 0, protocols, methods
+        self.total_rows, self.started, self._note = rows, time.monotonic(), ""
         if ranks.rank != 0:
             return
-        self.bar = tqdm(total=rows, desc="evaluate", unit="img", unit_scale=1 / rows_per_image,
-                        dynamic_ncols=True, smoothing=0.1)
+        self.bar = tqdm(total=math.ceil(rows / protocols), desc="evaluate", unit="map",
+                        dynamic_ncols=True, smoothing=0.1, miniters=1)
         if ranks.world > 1:
             import threading
 
@@ -295,11 +299,28 @@ class _Progress:
     def update(self, rows: int) -> None:
         """Rows done (or found done) by this process; sharded runs count from the files."""
         if self.bar is not None and self._stop is None:
-            self.bar.update(rows)
+            self._advance(rows)
+
+    def _advance(self, rows: int) -> None:
+        assert self.bar is not None
+        self.rows = min(self.rows + rows, self.total_rows)
+        maps = self.rows // self.protocols if self.rows < self.total_rows else self.bar.total
+        self._postfix()
+        if maps > self.bar.n:
+            self.bar.update(maps - self.bar.n)
 
     def note(self, text: str) -> None:
-        if self.bar is not None:
-            self.bar.set_postfix_str(text, refresh=False)
+        """What rank 0 computes now, after the images per second."""
+        self._note = text
+        self._postfix()
+
+    def _postfix(self) -> None:
+        if self.bar is None:
+            return
+        elapsed = time.monotonic() - self.started
+        rate = (f"{self.rows / (self.protocols * self.methods) / elapsed:.3g} img/s, "
+                if elapsed > 0 and self.rows else "")
+        self.bar.set_postfix_str(rate + self._note, refresh=False)
 
     def _poll(self) -> None:
         assert self._stop is not None and self.bar is not None
@@ -319,7 +340,7 @@ class _Progress:
             new += chunk[:cut].count(b"\n")
             self._offsets[path] = start + cut
         if new:
-            self.bar.update(min(new, self.bar.total - self.bar.n))
+            self._advance(new)
 
     def close(self) -> None:
         if self._stop is not None:
@@ -532,7 +553,7 @@ def _score_batch(work: _Work, batch: _Batch, x: torch.Tensor, preds: torch.Tenso
         for i in todo:
             work.store.add(_record(work.checkpoint, batch.items[i], name, protocol, config.channels,
                                    base, preds[i], result, i, boxes[i], sums))
-        progress.update(len(todo))
+            progress.update(1)
 
 
 def _attribute(method: Any, x: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor] | None]:
