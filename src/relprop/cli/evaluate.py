@@ -30,11 +30,14 @@ does not have are left out and listed, and data with none of its classes is refu
 Writes under OUT:
 
   results.jsonl   one JSON line per (checkpoint, image, method, protocol), appended as it goes:
-                  a killed run resumes where it stopped (same command, same OUT)
+                  a killed run resumes where it stopped (same command, same OUT); sharded runs
+                  write results.rank<r>.jsonl, one per process, and everything reads the union
   run.json        provenance: versions, checkpoint hashes, data, protocol parameters
   summary.json    {method: {insertion, deletion, id, n, ...}} (mean and std over images; over
                   per-checkpoint means when several --weights are given)
-  summary.md      the paper's table layout; curves_<protocol>.png: mean curves
+  summary.md      the paper's table layout, then mean, standard error and 95 % bootstrap CI per
+                  method (and with --baseline the paired differences, CI and Wilcoxon p);
+                  curves_<protocol>.png: mean curves
   skipped.jsonl   unreadable images, one line each (also named on stderr)
   maps/<method>/<image stem>.npy   with --save-maps: each 2-D map exactly as ranked
 """
@@ -57,6 +60,14 @@ examples:
       --methods ours,ours+hq,gradcam,scorecam --out runs/tin10 --protocol paper,rise
   relprop evaluate --weights seed*.pt --data CUB_200_2011 --per-class 5 --out runs/cub
   relprop evaluate --weights r50.pth --arch resnet50 --data imagenet/val --per-class 1 --out runs/in
+
+sharding (torch.distributed; gloo on the CPU, nccl on GPUs, one GPU per local rank):
+  torchrun --nproc-per-node 8 -m relprop evaluate --device cuda --data imagenet/val --out run
+  relprop evaluate --launcher torchrun --nproc-per-node 2 --data tin10/val --out run ...
+  The sorted images are cut into fixed batches of --batch-size, dealt to the ranks in turn; each
+  rank appends to OUT/results.rank<r>.jsonl. Rerunning the same command resumes, with any number
+  of processes: finished rows are neither redone nor lost. A rank that dies loses only the batch
+  in progress; the job names the rank and the command to rerun.
 
 exit status: 0 done; 1 some images unreadable (skipped and recorded) or a bad model/method;
 2 bad usage.
@@ -97,6 +108,14 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
                         help="detection: evaluate an SSD detector's explanations "
                              "(relprop.evaluation.detection; one --weights, with --model-def)")
     parser.add_argument("--save-maps", action="store_true", help="write OUT/maps/<method>/<stem>.npy")
+    parser.add_argument("--baseline", metavar="METHOD",
+                        help="summary.md also compares every method with this one, paired over "
+                             "images (as `relprop compare OUT --baseline METHOD`)")
+    parser.add_argument("--launcher", choices=("none", "torchrun"), default="none",
+                        help="torchrun: start --nproc-per-node processes of this command with "
+                             "torch.distributed (the same as `torchrun -m relprop evaluate ...`)")
+    parser.add_argument("--nproc-per-node", type=int, default=2, metavar="N",
+                        help="processes for --launcher torchrun (default 2; one per GPU on a GPU node)")
     add_model_options(parser, default_weights=PAPER_WEIGHTS, several=True)
     parser.set_defaults(run=run)
     return parser
@@ -106,6 +125,8 @@ def run(args: argparse.Namespace) -> int:
     """Parse into a typed config, load the model(s), call the library, report the outcome."""
     from relprop.devices import resolve_device
 
+    if args.launcher == "torchrun":
+        return _launch(args)
     if args.task == "detection":
         return _run_detection(args, resolve_device(args.device))
     from relprop.cli.common import load_model_from_args
@@ -117,6 +138,7 @@ def run(args: argparse.Namespace) -> int:
         protocols=tuple(_split(args.protocol)), channels=args.channels, step=args.step,
         block=args.block, limit=args.limit, per_class=args.per_class, batch_size=args.batch_size,
         device=resolve_device(args.device), cam_layer=args.cam_layer, save_maps=args.save_maps,
+        baseline=args.baseline,
     )
     from relprop.evaluation.classification import make_plan
 
@@ -125,8 +147,10 @@ def run(args: argparse.Namespace) -> int:
     checkpoints = [Checkpoint.of(*load_model_from_args(args, "evaluate", weights=path), given=path)
                    for path in args.weights or [None]]
     outcome = evaluate(config, checkpoints)
+    if not outcome.primary:  # rank 0 of a sharded run reports for the job
+        return 0
     out = outcome.out
-    print(f"relprop evaluate: {outcome.results} results in {out / 'results.jsonl'}; "
+    print(f"relprop evaluate: {outcome.results} results in {out}/results*.jsonl; "
           f"summary in {out / 'summary.md'}", file=sys.stderr)
     if outcome.skipped:
         print(f"relprop evaluate: {outcome.skipped} unreadable image(s) skipped, listed in "
@@ -170,6 +194,43 @@ def _run_detection(args: argparse.Namespace, device: Any) -> int:
     summary = evaluate_detection(model.to(device), meta["classes"], config)
     print(summary_markdown(summary, command))
     return 0
+
+
+def _launch(args: argparse.Namespace) -> int:
+    """`--launcher torchrun`: this same command under torchrun, minus the launcher options."""
+    import subprocess
+
+    from relprop.errors import InputError
+
+    if args.nproc_per_node < 1:
+        raise InputError(f"--nproc-per-node {args.nproc_per_node}: must be at least 1")
+    if args.task != "classification":
+        raise InputError("--launcher torchrun shards classification only (--task detection runs "
+                         "one process)")
+    argv = _without_launcher(sys.argv[1:] if args.argv is None else args.argv)
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+               f"--nproc-per-node={args.nproc_per_node}", "-m", "relprop", *argv]
+    code = subprocess.call(command)
+    if code not in (0, 1):  # 1: some images unreadable, reported by rank 0 as in one process
+        print(f"relprop evaluate: the sharded run failed (exit {code}; torchrun named the rank "
+              "above); finished rows are kept: rerun the same command, with any "
+              "--nproc-per-node, to resume", file=sys.stderr)
+    return code
+
+
+def _without_launcher(argv: list[str]) -> list[str]:
+    """The command line without --launcher/--nproc-per-node (either `--opt v` or `--opt=v`)."""
+    kept, skip = [], False
+    for arg in argv:
+        if skip:
+            skip = False
+            continue
+        name = arg.split("=", 1)[0]
+        if name in ("--launcher", "--nproc-per-node"):
+            skip = "=" not in arg
+            continue
+        kept.append(arg)
+    return kept
 
 
 def _split(text: str) -> list[str]:

@@ -11,7 +11,7 @@ from relprop import __version__
 from relprop.errors import RelpropError
 
 # Each module defines `add_parser(subparsers)` and `run(args) -> int`.
-COMMANDS = ("explain", "evaluate", "report", "detect", "fit-bow")
+COMMANDS = ("explain", "evaluate", "compare", "report", "detect", "fit-bow")
 
 DESCRIPTION = """\
 relprop explains what image classifiers and detectors base their predictions on, by
@@ -25,6 +25,7 @@ EPILOG = """\
 examples:
   relprop explain photo.jpg --weights resnet18_tin10.pt --methods ours,gradcam --out explained
   relprop evaluate --weights resnet18_tin10.pt --data tin10/val --per-class 2 --save-maps --out run
+  relprop compare run --baseline gradcam
   relprop report run --out run-report
   relprop detect street.jpg --weights ssd.pt --model-def ssd.py:from_metadata --out detected
 
@@ -50,6 +51,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    args.argv = None if argv is None else list(argv)  # a command that starts itself again needs it
     if args.command is None:
         parser.print_help()
         return 2

@@ -7,7 +7,9 @@ The library side only: `evaluate` takes a typed `EvalConfig` and the checkpoints
 from __future__ import annotations
 
 import json
+import math
 import sys
+import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,8 +24,10 @@ from relprop.evaluation.metrics import METRICS, PROTOCOLS, Channels
 from relprop.evaluation.results import (
     append_jsonl,
     check_resume,
-    read_jsonl,
+    rank_file,
     read_run_info,
+    read_union,
+    shard_files,
     summarize,
     summary_markdown,
     write_run_info,
@@ -47,6 +51,7 @@ class EvalConfig:
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
     cam_layer: str | None = None
     save_maps: bool = False
+    baseline: str | None = None  # summary.md: paired comparisons of every method against it
 
     def __post_init__(self) -> None:
         for option, value in (("--step", self.step), ("--block", self.block), ("--limit", self.limit),
@@ -93,30 +98,88 @@ class EvalOutcome:
     results: int
     skipped: int
     failed_methods: list[str]
+    primary: bool = True  # False on ranks other than 0 of a sharded run (rank 0 reports)
 
 
 def evaluate(config: EvalConfig, checkpoints: Sequence[Checkpoint]) -> EvalOutcome:
     """Evaluate every method and protocol on every checkpoint's images, resuming where OUT holds
-    results; write results.jsonl, run.json, summary.json, summary.md and the curves."""
+    results; write the results, run.json, summary.json, summary.md and the curves.
+
+    Under torchrun (RANK/WORLD_SIZE set) each process takes its share of the images, appends to
+    its own results.rank{r}.jsonl, and rank 0 writes the summary of the union at the end.
+    """
+    from relprop.evaluation.distributed import Group, Ranks
+
     if not checkpoints:
         raise InputError("no checkpoint to evaluate")
+    ranks = Ranks.from_env()
+    device = ranks.device(config.device)
+    group = Group(ranks, device)
+    try:
+        return _evaluate_all(config, checkpoints, ranks, group, device)
+    finally:
+        group.close()
+
+
+def _evaluate_all(config: EvalConfig, checkpoints: Sequence[Checkpoint], ranks: Any, group: Any,
+                  device: torch.device) -> EvalOutcome:
+    from relprop.methods import canonical_name
+
     out = Path(config.out)
     out.mkdir(parents=True, exist_ok=True)
     plan = make_plan(config.methods, config.protocols)
-    settings = _settings(config, plan, checkpoints)
-    from relprop.methods import canonical_name
-
-    check_resume(out / "run.json", settings, canonical_name)
-    _record_labels(out / "run.json", checkpoints[0].meta)
-    store = _Store(out, plan.methods)
+    if config.baseline is not None and canonical_name(config.baseline) not in {
+            canonical_name(m) for m in plan.methods}:
+        raise InputError(f"--baseline {config.baseline}: not among --methods "
+                         f"({', '.join(plan.methods)}); add it there or choose one of them")
+    refusal = None
+    if ranks.rank == 0:  # one writer of run.json; the others learn its verdict
+        try:
+            check_resume(out / "run.json", _settings(config, plan, checkpoints), canonical_name)
+            _record_labels(out / "run.json", checkpoints[0].meta)
+        except RelpropError as error:
+            refusal = error
+    verdict = group.gather(None if refusal is None else str(refusal))[0]
+    if refusal is not None:
+        raise refusal
+    if verdict is not None:
+        raise InputError(verdict)
+    store = _Store(out, plan.methods, ranks)
+    jobs = [_job(checkpoint, config, plan, store, len(checkpoints) > 1, ranks.rank == 0)
+            for checkpoint in checkpoints]
+    group.gather(None)  # every rank has read what is done before any rank writes
+    progress = _Progress(out, ranks, sum(job.remaining() for job in jobs), len(plan.methods),
+                         len(plan.protocols))
     failed_methods: list[str] = []
-    for checkpoint in checkpoints:
-        failed_methods += _evaluate(checkpoint, config, plan, store, len(checkpoints) > 1)
+    try:
+        for job in jobs:
+            failed_methods += _evaluate(job, ranks, device, progress)
+    except BaseException as error:
+        _report_failure(ranks, store, jobs, error)
+        progress.close()
+        raise
+    outcomes = group.gather(failed_methods)
+    progress.close()  # after every rank is done, so the bar ends at the job's total
+    failed_methods = [name for found in outcomes for name in found]
+    if ranks.rank != 0:
+        return EvalOutcome(out, 0, 0, list(dict.fromkeys(failed_methods)), primary=False)
+    store.reload()
     summary = summarize(store.records(), plan.methods, plan.protocols)
-    _write_summary(out, summary, store.records(), plan)
+    _write_summary(out, summary, store.records(), plan, config.baseline)
     evaluated = {(sha, image) for sha, image, _, _ in store.done}
     skipped = len(store.skipped_keys() - evaluated)  # an image fixed since counts no more
     return EvalOutcome(out, len(store.done), skipped, list(dict.fromkeys(failed_methods)))
+
+
+def _report_failure(ranks: Any, store: _Store, jobs: Sequence[_Work], error: BaseException) -> None:
+    """Say which rank failed, on what, and how to resume (its finished rows are on disk)."""
+    if ranks.world == 1 or isinstance(error, KeyboardInterrupt):
+        return
+    current = next((job.current for job in jobs if job.current), "before its first image")
+    print(f"relprop evaluate: rank {ranks.rank} of {ranks.world} failed on {current} "
+          f"({type(error).__name__}: {str(error).strip().splitlines()[0] if str(error).strip() else ''}); "
+          f"its finished rows are in {store.results_path}: rerun the same command (any "
+          "--nproc-per-node) to resume", file=sys.stderr)
 
 
 def make_plan(methods: Sequence[str], protocols: Sequence[str]) -> Plan:
@@ -163,22 +226,34 @@ def _record_labels(path: Path, meta: dict[str, Any]) -> None:
 
 
 class _Store:
-    """results.jsonl and skipped.jsonl, appended line by line so a killed run loses nothing.
+    """This process's results and skipped files (appended line by line, so a killed run loses
+    only the row in progress) and the union of every process's rows, read once at the start.
 
     Records written under another spelling of a requested method (`ours` in an older run that is
     now resumed as `lrp-split`, or the reverse) are read under this run's spelling, so they count
     as done and are summarized with the new ones.
     """
 
-    def __init__(self, out: Path, methods: Sequence[str] = ()) -> None:
+    def __init__(self, out: Path, methods: Sequence[str] = (), ranks: Any = None) -> None:
         from relprop.methods import canonical_name
 
-        spelling = {canonical_name(name): name for name in methods}
-        self.results_path, self.skipped_path = out / "results.jsonl", out / "skipped.jsonl"
-        self._records = [{**r, "method": spelling.get(canonical_name(r["method"]), r["method"])}
-                         for r in read_jsonl(self.results_path, repair=True)]
+        self.out, self._spelling = out, {canonical_name(name): name for name in methods}
+        rank, world = (ranks.rank, ranks.world) if ranks is not None else (0, 1)
+        self.results_path = rank_file(out, "results", rank, world)
+        self.skipped_path = rank_file(out, "skipped", rank, world)
+        self.reload()
+
+    def reload(self) -> None:
+        """Read the union of all processes' files (each keeps its own cut last line repaired)."""
+        from relprop.methods import canonical_name
+
+        records = read_union(self.out, "results", _key, repair=self.results_path)
+        self._records = [{**r, "method": self._spelling.get(canonical_name(r["method"]), r["method"])}
+                         for r in records]
         self.done = {_key(r) for r in self._records}
-        self._skipped = read_jsonl(self.skipped_path, repair=True)
+        self._skipped = read_union(self.out, "skipped",
+                                   lambda r: (r["checkpoint_sha256"], r["image"]),
+                                   repair=self.skipped_path)
 
     def records(self) -> list[dict[str, Any]]:
         return self._records
@@ -198,6 +273,85 @@ class _Store:
         self._skipped.append(record)
 
 
+class _Progress:
+    """One bar for the whole job on rank 0, counting (image, method) maps scored in every protocol,
+    with its rate and ETA and the images per second beside them. Other ranks' rows are counted
+    from their files (a thread reads the new bytes each second); no messages are sent."""
+
+    def __init__(self, out: Path, ranks: Any, rows: int, methods: int, protocols: int) -> None:
+        from tqdm import tqdm
+
+        self.out, self.ranks, self._stop = out, ranks, None
+        self.bar, self.rows, self.protocols, self.methods = None, 0, protocols, methods
+        self.total_rows, self.started, self._note = rows, time.monotonic(), ""
+        if ranks.rank != 0:
+            return
+        self.bar = tqdm(total=math.ceil(rows / protocols), desc="evaluate", unit="map",
+                        dynamic_ncols=True, smoothing=0.1, miniters=1)
+        if ranks.world > 1:
+            import threading
+
+            self._offsets = {p: p.stat().st_size for p in shard_files(out, "results")}
+            self._stop = threading.Event()
+            self._thread = threading.Thread(target=self._poll, daemon=True)
+            self._thread.start()
+
+    def update(self, rows: int) -> None:
+        """Rows done (or found done) by this process; sharded runs count from the files."""
+        if self.bar is not None and self._stop is None:
+            self._advance(rows)
+
+    def _advance(self, rows: int) -> None:
+        assert self.bar is not None
+        self.rows = min(self.rows + rows, self.total_rows)
+        maps = self.rows // self.protocols if self.rows < self.total_rows else self.bar.total
+        self._postfix()
+        if maps > self.bar.n:
+            self.bar.update(maps - self.bar.n)
+
+    def note(self, text: str) -> None:
+        """What rank 0 computes now, after the images per second."""
+        self._note = text
+        self._postfix()
+
+    def _postfix(self) -> None:
+        if self.bar is None:
+            return
+        elapsed = time.monotonic() - self.started
+        rate = (f"{self.rows / (self.protocols * self.methods) / elapsed:.3g} img/s, "
+                if elapsed > 0 and self.rows else "")
+        self.bar.set_postfix_str(rate + self._note, refresh=False)
+
+    def _poll(self) -> None:
+        assert self._stop is not None and self.bar is not None
+        while not self._stop.wait(1.0):
+            self._poll_once()
+
+    def _poll_once(self) -> None:
+        """Count the whole lines appended to any results file since the last look."""
+        assert self.bar is not None
+        new = 0
+        for path in shard_files(self.out, "results"):
+            start = self._offsets.get(path, 0)
+            with open(path, "rb") as handle:
+                handle.seek(start)
+                chunk = handle.read()
+            cut = chunk.rfind(b"\n") + 1  # whole lines only
+            new += chunk[:cut].count(b"\n")
+            self._offsets[path] = start + cut
+        if new:
+            self._advance(new)
+
+    def close(self) -> None:
+        if self._stop is not None:
+            self._stop.set()
+            self._thread.join()
+            self._stop.clear()
+            self._poll_once()
+        if self.bar is not None:
+            self.bar.close()
+
+
 def _key(record: dict[str, Any]) -> tuple[str, str, str, str]:
     return record["checkpoint_sha256"], record["image"], record["method"], record["protocol"]
 
@@ -209,43 +363,9 @@ class _Batch:
     boxes: list[Any]
 
 
-def _evaluate(checkpoint: Checkpoint, config: EvalConfig, plan: Plan, store: _Store,
-              several: bool) -> list[str]:
-    """All methods and protocols on one checkpoint's images, resuming where results exist.
-
-    With --save-maps, images whose scores exist but whose maps do not get their maps written
-    (the scores are not computed again). Returns the methods that could not run on this model.
-    """
-    from tqdm import tqdm
-
-    from relprop.data import discover, select
-
-    model, meta = checkpoint.model.to(config.device), checkpoint.meta
-    dataset = discover(config.data, meta["classes"], meta.get("class_names"))
-    if dataset.unknown:
-        listed = ", ".join(f"{name} ({n})" for name, n in sorted(dataset.unknown.items()))
-        print(f"relprop evaluate: left out {sum(dataset.unknown.values())} images of "
-              f"{len(dataset.unknown)} classes the model does not have: {listed}", file=sys.stderr)
-    items = select(dataset.items, config.per_class, config.limit)
-    work = _Work(checkpoint, config, plan, store, _map_names(items), [], several)
-    todo = [it for it in items if any(work.needs(it, name) for name in plan.methods)]
-    methods = _build_methods(work, model, meta)
-    progress = tqdm(total=len(todo) * len(plan.methods), desc=f"evaluate {Path(checkpoint.path).name}",
-                    unit="map", dynamic_ncols=True)
-    for batch, failures in _batches(dataset.root, todo, meta, config.batch_size):
-        for item, message in failures:
-            tqdm.write(f"relprop evaluate: skipping {item.path}: {message}", file=sys.stderr)
-            store.skip({"checkpoint_sha256": checkpoint.sha256, "image": item.path, "error": message})
-        progress.update(len(failures) * len(plan.methods))
-        if batch is not None:
-            _evaluate_batch(work, batch, methods, config.device, progress)
-    progress.close()
-    return work.failed
-
-
 @dataclass
 class _Work:
-    """What one checkpoint's evaluation needs to decide, per image and method, what is left."""
+    """One checkpoint's share of the job: its images in fixed batches, and what is left of them."""
 
     checkpoint: Checkpoint
     config: EvalConfig
@@ -254,6 +374,9 @@ class _Work:
     stems: dict[str, str]
     failed: list[str]
     several: bool  # several checkpoints: their maps go to one folder each
+    root: Path = Path()
+    batches: list[list[Any]] = field(default_factory=list)  # the whole job's, in order
+    current: str = ""  # the image being computed (named if the process fails)
 
     def pending(self, item: Any, name: str) -> list[str]:
         """Protocols not yet scored for (image, method)."""
@@ -270,6 +393,11 @@ class _Work:
         return bool(self.pending(item, name)) or (self.config.save_maps and
                                                   not self.map_file(item, name).is_file())
 
+    def remaining(self) -> int:
+        """Rows still to score in the whole job (all ranks), for the progress bar."""
+        return sum(len(self.pending(item, name)) for batch in self.batches for item in batch
+                   for name in self.plan.methods)
+
     def fail(self, base: str, error: Exception) -> None:
         """Report a method that cannot run on this model; the other methods go on."""
         from tqdm import tqdm
@@ -280,6 +408,53 @@ class _Work:
                    f"{Path(self.checkpoint.path).name}: {reason}; the other methods go on",
                    file=sys.stderr)
         self.failed += [n for n in self.plan.methods if n.removesuffix("+hq") == base]
+
+
+def _job(checkpoint: Checkpoint, config: EvalConfig, plan: Plan, store: _Store,
+         several: bool, primary: bool = True) -> _Work:
+    """The checkpoint's images, selected, sorted by path and cut into fixed batches of
+    --batch-size: the same batches whatever the number of processes or how often it resumed."""
+    from relprop.data import discover, select
+
+    meta = checkpoint.meta
+    dataset = discover(config.data, meta["classes"], meta.get("class_names"))
+    if dataset.unknown and primary:
+        listed = ", ".join(f"{name} ({n})" for name, n in sorted(dataset.unknown.items()))
+        print(f"relprop evaluate: left out {sum(dataset.unknown.values())} images of "
+              f"{len(dataset.unknown)} classes the model does not have: {listed}", file=sys.stderr)
+    items = sorted(select(dataset.items, config.per_class, config.limit), key=lambda it: it.path)
+    size = config.batch_size
+    return _Work(checkpoint, config, plan, store, _map_names(items), [], several, dataset.root,
+                 [items[i:i + size] for i in range(0, len(items), size)])
+
+
+def _evaluate(work: _Work, ranks: Any, device: torch.device, progress: _Progress) -> list[str]:
+    """This rank's batches of one checkpoint, resuming where results exist.
+
+    A batch with anything left is computed whole (its finished rows are not written again), so
+    every image is always computed in the same batch and the numbers never depend on the world
+    size or on where a run was resumed. With --save-maps, images whose scores exist but whose maps
+    do not get their maps written. Returns the methods that could not run on this model.
+    """
+    from tqdm import tqdm
+
+    model, meta, plan = work.checkpoint.model.to(device), work.checkpoint.meta, work.plan
+    methods = _build_methods(work, model, meta)
+    for chunk in ranks.shard(work.batches):
+        todo = [it for it in chunk if any(work.needs(it, name) for name in plan.methods)]
+        if not todo:
+            continue
+        for batch, failures in _batches(work.root, chunk, meta):
+            for item, message in failures:
+                if any(work.needs(item, n) for n in plan.methods):
+                    tqdm.write(f"relprop evaluate: skipping {item.path}: {message}", file=sys.stderr)
+                    work.store.skip({"checkpoint_sha256": work.checkpoint.sha256,
+                                     "image": item.path, "error": message})
+                    progress.update(sum(len(work.pending(item, n)) for n in plan.methods))
+            if batch is not None:
+                _evaluate_batch(work, batch, methods, device, progress)
+    work.current = ""
+    return work.failed
 
 
 def _build_methods(work: _Work, model: torch.nn.Module, meta: dict[str, Any]) -> dict[str, Any]:
@@ -295,85 +470,90 @@ def _build_methods(work: _Work, model: torch.nn.Module, meta: dict[str, Any]) ->
     return methods
 
 
-def _batches(root: Path, items: Sequence[Any], meta: dict[str, Any],
-             batch_size: int) -> Iterator[tuple[_Batch | None, list[tuple[Any, str]]]]:
-    """Preprocessed batches of equal-sized inputs, with the images that could not be read."""
+def _batches(root: Path, items: Sequence[Any],
+             meta: dict[str, Any]) -> Iterator[tuple[_Batch | None, list[tuple[Any, str]]]]:
+    """One fixed batch preprocessed, split by input size (uncropped sizes may differ), with the
+    images that could not be read."""
     from relprop.data import load_item
     from relprop.images import BoundedTransform
     from relprop.models import preprocessing
 
     transform = BoundedTransform(preprocessing(meta), meta["resize"])
-    for start in range(0, len(items), batch_size):
-        loaded, failures = [], []
-        for item in items[start:start + batch_size]:
-            try:
-                loaded.append((item, *load_item(root, item, transform, meta)))
-            except ImageError as error:
-                failures.append((item, str(error)))
-        if not loaded:
-            yield None, failures
-            continue
-        for size in dict.fromkeys(tuple(x.shape) for _, x, _ in loaded):  # uncropped sizes may differ
-            group = [row for row in loaded if tuple(row[1].shape) == size]
-            yield _Batch([g[0] for g in group], torch.stack([g[1] for g in group]),
-                         [g[2] for g in group]), failures
-            failures = []
+    loaded, failures = [], []
+    for item in items:
+        try:
+            loaded.append((item, *load_item(root, item, transform, meta)))
+        except ImageError as error:
+            failures.append((item, str(error)))
+    if not loaded:
+        yield None, failures
+        return
+    for size in dict.fromkeys(tuple(x.shape) for _, x, _ in loaded):
+        group = [row for row in loaded if tuple(row[1].shape) == size]
+        yield _Batch([g[0] for g in group], torch.stack([g[1] for g in group]),
+                     [g[2] for g in group]), failures
+        failures = []
 
 
 def _evaluate_batch(work: _Work, batch: _Batch, methods: dict[str, Any], device: torch.device,
-                    progress: Any) -> None:
-    """One image at a time, method by method, so that progress moves per (image, method)."""
+                    progress: _Progress) -> None:
+    """Method by method, the whole batch at once on the device: maps, then each protocol's frames."""
     from relprop.methods import HQ_SUFFIX
 
     model = work.checkpoint.model
     x = batch.inputs.to(device)
     with torch.no_grad():
         preds = model(x).argmax(dim=1)
-    for i, item in enumerate(batch.items):
-        for base_name in list(methods):
-            names = [n for n in work.plan.methods if n.removesuffix(HQ_SUFFIX) == base_name]
-            if not any(work.needs(item, n) for n in names):
-                progress.update(len(names))
-                continue
-            progress.set_postfix_str(f"{item.path} {base_name}", refresh=False)
-            try:
-                maps, sums = _attribute(methods[base_name], x[i:i + 1])
-            except Exception as error:  # e.g. a CAM layer that does not fit: drop the method
-                work.fail(base_name, error)
-                del methods[base_name]
-                progress.update(len(names))
-                continue
-            for name in names:
-                _score_one(work, batch, i, x, preds[i], methods[base_name], name, maps, sums)
-                progress.update(1)
+    work.current = f"{batch.items[0].path} (+{len(batch.items) - 1} in its batch)"
+    for base_name in list(methods):
+        names = [n for n in work.plan.methods if n.removesuffix(HQ_SUFFIX) == base_name]
+        if not any(work.needs(item, n) for item in batch.items for n in names):
+            continue
+        progress.note(f"{batch.items[0].path} {base_name}")
+        try:
+            maps, sums = _attribute(methods[base_name], x)
+        except Exception as error:  # e.g. a CAM layer that does not fit: drop the method
+            work.fail(base_name, error)
+            del methods[base_name]
+            progress.update(sum(len(work.pending(it, n)) for it in batch.items for n in names))
+            continue
+        for name in names:
+            _score_batch(work, batch, x, preds, methods[base_name], name, maps, sums, progress)
 
 
-def _score_one(work: _Work, batch: _Batch, i: int, x: torch.Tensor, pred: torch.Tensor, base: Any,
-               name: str, maps: torch.Tensor, sums: dict[str, torch.Tensor] | None) -> None:
-    """Save the map of one image (with --save-maps) and score the protocols still pending."""
+def _score_batch(work: _Work, batch: _Batch, x: torch.Tensor, preds: torch.Tensor, base: Any,
+                 name: str, maps: torch.Tensor, sums: dict[str, torch.Tensor] | None,
+                 progress: _Progress) -> None:
+    """Save the maps (with --save-maps) and score the protocols still pending, one row per image
+    written as soon as its batch is scored."""
     from relprop.evaluation.metrics import insertion_deletion, localization
     from relprop.methods import HQ_SUFFIX, HeatQuantized
 
-    config, item, meta = work.config, batch.items[i], work.checkpoint.meta
+    config, meta = work.config, work.checkpoint.meta
     flat = (HeatQuantized(base, config.channels).quantize(maps)[:, 0] if name.endswith(HQ_SUFFIX)
             else base.to_2d(maps, config.channels))
     flat = flat.float().cpu()
     if config.save_maps:
-        path = work.map_file(item, name)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        np.save(path, flat[0].numpy().astype(np.float32))
-    pending = work.pending(item, name)
-    if not pending:
-        return
-    boxes = localization(flat, batch.boxes[i:i + 1])
-    labels = torch.tensor([item.label], device=x.device)
-    for protocol in pending:
-        result = insertion_deletion(work.checkpoint.model, x[i:i + 1], flat, labels, protocol,
+        for i, item in enumerate(batch.items):
+            path = work.map_file(item, name)
+            if not path.is_file():
+                path.parent.mkdir(parents=True, exist_ok=True)
+                np.save(path, flat[i].numpy().astype(np.float32))
+    boxes = None
+    labels = torch.tensor([item.label for item in batch.items], device=x.device)
+    for protocol in work.plan.protocols:
+        todo = [i for i, item in enumerate(batch.items) if protocol in work.pending(item, name)]
+        if not todo:
+            continue
+        boxes = boxes or localization(flat, batch.boxes)
+        result = insertion_deletion(work.checkpoint.model, x, flat, labels, protocol,
                                     mean=meta["mean"], std=meta["std"], step=config.step,
                                     block=config.block,
                                     batch_size=max(config.batch_size, MIN_FRAME_BATCH))
-        work.store.add(_record(work.checkpoint, item, name, protocol, config.channels, base, pred,
-                               result, 0, boxes[0], sums))
+        for i in todo:
+            work.store.add(_record(work.checkpoint, batch.items[i], name, protocol, config.channels,
+                                   base, preds[i], result, i, boxes[i], sums))
+            progress.update(1)
 
 
 def _attribute(method: Any, x: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor] | None]:
@@ -425,18 +605,20 @@ def _map_names(items: Sequence[Any]) -> dict[str, str]:
 
 
 def _write_summary(out: Path, summary: dict[str, Any], records: Sequence[dict[str, Any]],
-                   plan: Plan) -> None:
-    from relprop.evaluation.results import mean_curves
+                   plan: Plan, baseline: str | None = None) -> None:
+    from relprop.evaluation.results import mean_curves, statistics_markdown
     from relprop.viz import plot_curves
 
     (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
-    (out / "summary.md").write_text(summary_markdown(summary, plan.protocols))
+    text = summary_markdown(summary, plan.protocols) + "\n" + statistics_markdown(summary, plan.protocols)
+    if baseline is not None:
+        from relprop.evaluation.compare import compare_markdown, paired_differences
+
+        text += "\n" + compare_markdown(paired_differences(records, baseline), baseline)
+    (out / "summary.md").write_text(text)
     curves = mean_curves(records)
     for protocol in plan.protocols:
         if protocol in curves:
             aucs = {m: {k: s["protocols"][protocol][k] for k in ("insertion", "deletion")}
                     for m, s in summary.items() if protocol in s["protocols"]}
             plot_curves(curves[protocol], aucs, protocol, out / f"curves_{protocol}.png")
-
-
-

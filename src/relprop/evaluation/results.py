@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import platform
 import sys
 from collections.abc import Callable, Sequence
@@ -24,22 +25,26 @@ from relprop.evaluation.metrics import LOCALIZATION, METRICS
 
 UNORDERED_SETTINGS = ("methods", "protocols")  # listing them in another order changes no number
 CURVE_POINTS = 101
+BOOTSTRAP_RESAMPLES, BOOTSTRAP_SEED = 10000, 0  # every CI relprop prints
 
 
 # ---------------------------------------------------------------- files
 
 
-def read_jsonl(path: Path, *, repair: bool = False) -> list[dict[str, Any]]:
+def read_jsonl(path: Path, *, repair: bool = False,
+               on_partial: Callable[[Path], None] | None = None) -> list[dict[str, Any]]:
     """The JSON objects of a .jsonl file, one a line.
 
-    A last line cut by a kill (no newline, or not JSON) is dropped, and with `repair` cut from the
-    file so that appending goes on cleanly; a bad line in the middle is one clear error.
+    A last line cut by a kill (no newline, or not JSON) is dropped (and `on_partial` told), and
+    with `repair` cut from the file so that appending goes on cleanly; a bad line in the middle is
+    one clear error.
     """
     if not path.is_file():
         return []
     raw = path.read_bytes()
     lines = raw.split(b"\n")
     complete = lines[:-1]  # the part after the last newline is unfinished (or empty)
+    partial = bool(lines[-1].strip())
     records: list[dict[str, Any]] = []
     for number, line in enumerate(complete, start=1):
         if not line.strip():
@@ -49,10 +54,13 @@ def read_jsonl(path: Path, *, repair: bool = False) -> list[dict[str, Any]]:
         except (json.JSONDecodeError, UnicodeDecodeError):
             if number == len(complete):  # the last line, written by a run that was killed
                 complete = complete[:-1]
+                partial = True
                 break
             raise InputError(f"{path}:{number}: not a JSON line") from None
         if isinstance(record, dict):
             records.append(record)
+    if partial and on_partial is not None:
+        on_partial(path)
     kept = b"".join(line + b"\n" for line in complete)
     if repair and kept != raw:
         path.write_bytes(kept)
@@ -60,9 +68,56 @@ def read_jsonl(path: Path, *, repair: bool = False) -> list[dict[str, Any]]:
 
 
 def append_jsonl(path: Path, record: dict[str, Any]) -> None:
-    """One line, flushed at once: a killed run loses nothing it finished."""
-    with open(path, "a", encoding="utf-8") as handle:
-        handle.write(json.dumps(record) + "\n")
+    """One whole line in one write, flushed and synced: a kill -9 at any moment leaves either the
+    full line or none of it on disk (a reader still drops a cut last line, see `read_jsonl`)."""
+    data = (json.dumps(record) + "\n").encode("utf-8")
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    try:
+        written = os.write(fd, data)
+        while written < len(data):  # a short write (full disk, signal): finish the line
+            written += os.write(fd, data[written:])
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+# ---------------------------------------------------------------- several writers (ranks)
+
+
+def rank_file(out: Path, stem: str, rank: int, world: int) -> Path:
+    """The file one process appends to: `results.jsonl` alone, `results.rank{r}.jsonl` when
+    sharded. Readers take the union of all of them, so a resumed run may use another world
+    size: no file is ever written by two processes at once."""
+    return out / (f"{stem}.jsonl" if world == 1 else f"{stem}.rank{rank}.jsonl")
+
+
+def shard_files(out: Path, stem: str) -> list[Path]:
+    """Every file of `stem` in OUT: the single-process one, then the ranks' in rank order."""
+    ranked = [p for p in out.glob(f"{stem}.rank*.jsonl") if p.name[len(stem) + 5:-6].isdigit()]
+    ranked.sort(key=lambda p: int(p.name[len(stem) + 5:-6]))
+    single = out / f"{stem}.jsonl"
+    return ([single] if single.is_file() else []) + ranked
+
+
+def read_union(out: Path, stem: str, key: Callable[[dict[str, Any]], Any], *,
+               repair: Path | None = None) -> list[dict[str, Any]]:
+    """The records of every shard file of `stem` (first of each `key` kept), a cut last line of
+    any of them named on stderr and ignored; only the file `repair` (this process's own) is cut
+    back, as no other process appends to it."""
+    seen: set[Any] = set()
+    records: list[dict[str, Any]] = []
+    for path in shard_files(out, stem):
+        for record in read_jsonl(path, repair=path == repair, on_partial=_report_partial):
+            k = key(record)
+            if k not in seen:
+                seen.add(k)
+                records.append(record)
+    return records
+
+
+def _report_partial(path: Path) -> None:
+    print(f"relprop: {path}: ignored a partial last line (a run killed while writing it); "
+          "that row is computed again on resume", file=sys.stderr)
 
 
 def read_run_info(path: Path) -> dict[str, Any]:
@@ -144,7 +199,10 @@ def summarize(records: Sequence[dict[str, Any]], methods: Sequence[str],
     """{method: {insertion, deletion, id (first protocol), *_std, n, ..., protocols: {p: {...}}}}.
 
     One checkpoint: mean and std over images. Several: mean and std over per-checkpoint means.
+    Rows are taken in (checkpoint, image) order, so the numbers (the bootstrap CIs included) do
+    not depend on which process wrote which row, or in what order.
     """
+    records = sorted(records, key=lambda r: (str(r["checkpoint_sha256"]), str(r["image"])))
     summary: dict[str, Any] = {}
     for method in methods:
         per_protocol = {}
@@ -165,6 +223,7 @@ def _aggregate(rows: Sequence[dict[str, Any]]) -> dict[str, Any]:
     means = [_means(group) for group in by_checkpoint.values()]
     if len(means) == 1:
         stats = _means(rows, with_std=True)
+        stats.update(_uncertainty({key: [r[key] for r in rows] for key in METRICS}, bootstrap=True))
     else:  # the paper's seed table: spread of the per-checkpoint means
         stats = {}
         for key in means[0]:
@@ -172,9 +231,23 @@ def _aggregate(rows: Sequence[dict[str, Any]]) -> dict[str, Any]:
             stats[key] = float(np.mean(values)) if values else None
             if key in METRICS:
                 stats[key], stats[f"{key}_std"] = mean_std(values)
+        stats.update(_uncertainty({key: [m[key] for m in means] for key in METRICS}, bootstrap=False))
     stats["n"] = len(rows) if len(means) == 1 else min(len(g) for g in by_checkpoint.values())
     stats["checkpoints"] = len(means)
     return stats
+
+
+def _uncertainty(values: dict[str, list[float]], bootstrap: bool) -> dict[str, float]:
+    """`<metric>_sem`, `_ci_low`, `_ci_high`: the standard error and the 95 % bootstrap CI of the
+    mean over images; over a few checkpoints only the SE (a bootstrap of 3 to 5 seeds says little)."""
+    from relprop.evaluation.statistics import mean_sem_ci
+
+    found: dict[str, float] = {}
+    for key, column in values.items():
+        _, sem, low, high = mean_sem_ci(column, n_boot=BOOTSTRAP_RESAMPLES, seed=BOOTSTRAP_SEED)
+        found[f"{key}_sem"] = sem
+        found[f"{key}_ci_low"], found[f"{key}_ci_high"] = (low, high) if bootstrap else (math.nan, math.nan)
+    return found
 
 
 def _means(rows: Sequence[dict[str, Any]], with_std: bool = False) -> dict[str, Any]:
@@ -225,6 +298,36 @@ def format_mean_std(mean: float, std: float) -> str:
     if not math.isfinite(mean):
         return "–"
     return f"{mean:.3f} ± {std:.3f}" if math.isfinite(std) else f"{mean:.3f}"
+
+
+def statistics_markdown(summary: dict[str, Any], protocols: Sequence[str]) -> str:
+    """Per protocol and method: mean, standard error and 95 % bootstrap CI of each metric."""
+    lines = []
+    for protocol in protocols:
+        rows = {m: s["protocols"][protocol] for m, s in summary.items() if protocol in s["protocols"]}
+        if not rows:
+            continue
+        several = next(iter(rows.values()))["checkpoints"] > 1
+        over = ("over checkpoints (SE of the per-checkpoint means; no bootstrap over so few)"
+                if several else f"over images; 95 % percentile bootstrap CI of the mean, "
+                                f"{BOOTSTRAP_RESAMPLES} resamples, seed {BOOTSTRAP_SEED}")
+        lines += [f"## Protocol `{protocol}`: uncertainty ({over})", "",
+                  "| Method | n | " + " | ".join(f"{m.title} {m.arrow} mean | SE | 95 % CI"
+                                               for m in METRICS.values()) + " |",
+                  "|---|---|" + "---|---|---|" * len(METRICS)]
+        for method, s in rows.items():
+            cells = [f"{_fmt(s[k])} | {_fmt(s.get(k + '_sem'))} | "
+                     f"{format_ci(s.get(k + '_ci_low'), s.get(k + '_ci_high'))}" for k in METRICS]
+            lines.append(f"| {method} | {s['n']} | " + " | ".join(cells) + " |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def format_ci(low: float | None, high: float | None) -> str:
+    """`[0.480, 0.545]`, or `–` where no interval could be estimated."""
+    if low is None or high is None or not (math.isfinite(low) and math.isfinite(high)):
+        return "–"
+    return f"[{low:.3f}, {high:.3f}]"
 
 
 def _fmt(value: float | None) -> str:

@@ -29,8 +29,9 @@ from relprop.evaluation.results import (
     format_mean_std,
     mean_curves,
     mean_std,
-    read_jsonl,
     read_run_info,
+    read_union,
+    shard_files,
 )
 from relprop.methods import canonical_name
 from relprop.viz import plot_conservation, plot_curves
@@ -64,17 +65,22 @@ class SummaryRow:
 
 
 def read_run(root: str | Path) -> EvalRun:
-    """Read results.jsonl (required) and run.json (optional); one clear error if unusable."""
+    """Read the results (results.jsonl and, of a sharded run, every results.rank<r>.jsonl) and
+    run.json (optional); one clear error if unusable."""
     root = Path(root)
-    results = root / "results.jsonl"
     if not root.is_dir():
         raise InputError(f"{root}: no such folder (give the --out folder of `relprop evaluate`)")
-    if not results.is_file():
+    if not shard_files(root, "results"):
         raise InputError(f"{root}: no results.jsonl here; is this the --out folder of `relprop evaluate`?")
-    records = _one_spelling(read_jsonl(results))
+    records = _one_spelling(read_union(root, "results", _result_key))
     if not records:
-        raise InputError(f"{results}: no results yet (did `relprop evaluate` finish any image?)")
+        raise InputError(f"{root / 'results.jsonl'}: no results yet (did `relprop evaluate` finish any image?)")
     return EvalRun(root, records, read_run_info(root / "run.json"), _still_skipped(root, records))
+
+
+def _result_key(record: dict[str, Any]) -> tuple[Any, ...]:
+    return (record.get("checkpoint_sha256"), record.get("image"), record.get("method"),
+            record.get("protocol"))
 
 
 def _one_spelling(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -85,12 +91,9 @@ def _one_spelling(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 
 def _still_skipped(root: Path, records: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
-    """skipped.jsonl without the images a later run did evaluate (e.g. after a fix)."""
-    path = root / "skipped.jsonl"
-    if not path.is_file():
-        return []
+    """The skipped images (of every process) without those a later run did evaluate."""
     evaluated = {(r.get("checkpoint_sha256"), r.get("image")) for r in records}
-    return [s for s in read_jsonl(path)
+    return [s for s in read_union(root, "skipped", lambda s: (s.get("checkpoint_sha256"), s.get("image")))
             if (s.get("checkpoint_sha256"), s.get("image")) not in evaluated]
 
 
@@ -422,6 +425,39 @@ def summary_table(columns: Sequence[str], rows: Sequence[SummaryRow]) -> str:
             f'<tbody>{"".join(body)}</tbody></table></div>')
 
 
+def uncertainty_table(records: Sequence[dict[str, Any]]) -> str:
+    """Per (checkpoint, method, protocol): mean, standard error and 95 % bootstrap CI over images
+    of each metric (the numbers of summary.md's uncertainty section)."""
+    from relprop.evaluation.results import BOOTSTRAP_RESAMPLES, BOOTSTRAP_SEED, format_ci
+    from relprop.evaluation.statistics import mean_sem_ci
+
+    groups: OrderedDict[tuple[str, str, str], list[dict[str, Any]]] = OrderedDict()
+    for r in records:
+        key = (str(r.get("checkpoint", "")), str(r.get("method")), str(r.get("protocol", "")))
+        groups.setdefault(key, []).append(r)
+    several = len({k[0] for k in groups}) > 1
+    head = ("<th>checkpoint</th>" if several else "") + "<th>method</th><th>protocol</th><th>images</th>"
+    head += "".join(f"<th>{_esc(m.title)} {m.arrow}<br>mean (SE)</th><th>95 % CI</th>" for m in METRICS.values())
+    body = []
+    for (checkpoint, method, protocol), group in groups.items():
+        group = sorted(group, key=lambda r: str(r.get("image")))  # image order, as summary.md
+        cells = ([checkpoint] if several else []) + [method, protocol, str(len(group))]
+        tds = "".join(f"<td>{_esc(c)}</td>" for c in cells)
+        for key in METRICS:
+            mean, sem, low, high = mean_sem_ci([_number(r.get(key)) for r in group],
+                                               n_boot=BOOTSTRAP_RESAMPLES, seed=BOOTSTRAP_SEED)
+            text = "–" if not math.isfinite(mean) else (
+                f"{mean:.3f} ({sem:.3f})" if math.isfinite(sem) else f"{mean:.3f}")
+            tds += f"<td>{text}</td><td>{format_ci(low, high)}</td>"
+        body.append(f"<tr>{tds}</tr>")
+    return (f'<h3 id="uncertainty-h">Uncertainty over images</h3><p class="hint">Mean, standard '
+            f"error and 95 % percentile bootstrap confidence interval of the mean over images "
+            f"({BOOTSTRAP_RESAMPLES} resamples, seed {BOOTSTRAP_SEED}); for paired tests between "
+            f"methods run <code>relprop compare EVAL_OUT --baseline METHOD</code>.</p>"
+            f'<div class="scroll"><table id="uncertainty"><thead><tr>{head}</tr></thead>'
+            f'<tbody>{"".join(body)}</tbody></table></div>')
+
+
 def _breakable(name: str) -> str:
     """A heading that may wrap after `:` and `_` (`loc:centre_pointing`), escaped."""
     return re.sub(r"([:_])", r"\1<wbr>", _esc(name))
@@ -564,7 +600,7 @@ def render_page(run: EvalRun, columns: Sequence[str], rows: Sequence[SummaryRow]
         "HEADING": _esc(run.root.name),
         "PROVENANCE": provenance_list(run.info),
         "COUNT": _esc(len(gallery)),
-        "SUMMARY": summary_table(columns, rows),
+        "SUMMARY": summary_table(columns, rows) + uncertainty_table(run.records),
         "SKIPPED": skipped_section(run.skipped),
         "CURVES": curves,
         "CONSERVATION": conservation,

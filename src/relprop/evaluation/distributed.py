@@ -1,0 +1,106 @@
+"""Sharding `relprop evaluate` over processes with `torch.distributed` (launched by torchrun).
+
+torchrun sets RANK, WORLD_SIZE and LOCAL_RANK; without them the run is one process and nothing
+here starts a process group. The work is split without communication: the sorted image list is cut
+into fixed batches of `--batch-size` images (the same batches whatever the world size, so every
+image is computed in the same company and a sharded run gives the single process's numbers), and
+batch b goes to rank b mod world. Each rank appends to its own results file; the process group is
+used only to agree on the run's settings before the work and to gather the outcome after it (on
+a gloo group with a long timeout, as ranks may finish hours apart on an uneven resume).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import timedelta
+from typing import Any, TypeVar
+
+import torch
+
+from relprop.errors import InputError
+
+T = TypeVar("T")
+WAIT = timedelta(days=7)  # a rank done early waits this long for the others at the end
+
+
+@dataclass(frozen=True)
+class Ranks:
+    """Where this process stands in the job: its rank, the world size, its rank on this node."""
+
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+
+    @classmethod
+    def from_env(cls) -> Ranks:
+        """torchrun's variables (one process when absent)."""
+        try:
+            world = int(os.environ.get("WORLD_SIZE", "1"))
+            rank = int(os.environ.get("RANK", "0"))
+            local = int(os.environ.get("LOCAL_RANK", str(rank)))
+        except ValueError:
+            raise InputError("RANK, WORLD_SIZE and LOCAL_RANK must be integers (as torchrun sets "
+                             "them); unset them to run one process") from None
+        if world < 1 or not 0 <= rank < world:
+            raise InputError(f"RANK {rank} with WORLD_SIZE {world}: rank must be in [0, world)")
+        return cls(rank, world, local)
+
+    def shard(self, batches: Sequence[T]) -> list[T]:
+        """This rank's batches: b mod world == rank (deterministic, balanced to one batch)."""
+        return [b for i, b in enumerate(batches) if i % self.world == self.rank]
+
+    def device(self, device: torch.device) -> torch.device:
+        """One device per local rank: `cuda` becomes cuda:LOCAL_RANK (mod the GPU count, so two
+        ranks may share one GPU); a CPU stays the CPU."""
+        if self.world == 1 or device.type != "cuda":
+            return device
+        if device.index is not None:
+            raise InputError(f"--device {device}: with torchrun each rank takes cuda:LOCAL_RANK; "
+                             "pass --device cuda (or set CUDA_VISIBLE_DEVICES)")
+        count = torch.cuda.device_count()
+        if count == 0:
+            raise InputError("--device cuda: no GPU visible to this rank; use --device cpu")
+        torch.cuda.set_device(self.local_rank % count)  # more ranks than GPUs: they share them
+        return torch.device("cuda", self.local_rank % count)
+
+    def shares_gpus(self) -> bool:
+        """More ranks on this node than GPUs (NCCL refuses two ranks on one GPU: use gloo)."""
+        return torch.cuda.device_count() < int(os.environ.get("LOCAL_WORLD_SIZE", self.world))
+
+
+class Group:
+    """The process group of a sharded run (nothing when world == 1): nccl on GPUs (gloo where ranks
+    share a GPU), gloo on the CPU, plus a gloo group for the small Python objects the ranks agree
+    on (no tensor is ever exchanged: the results meet in the files)."""
+
+    def __init__(self, ranks: Ranks, device: torch.device) -> None:
+        import torch.distributed as dist
+
+        self.ranks, self._objects = ranks, None
+        if ranks.world == 1:
+            return
+        if not dist.is_available():
+            raise InputError("this torch has no torch.distributed: run one process")
+        if not dist.is_initialized():
+            backend = "nccl" if device.type == "cuda" and not ranks.shares_gpus() else "gloo"
+            dist.init_process_group(backend, timeout=WAIT)
+        self._objects = (dist.new_group(backend="gloo", timeout=WAIT)
+                         if dist.get_backend() != "gloo" else None)
+
+    def gather(self, value: Any) -> list[Any]:
+        """Every rank's `value`, in rank order, on every rank."""
+        import torch.distributed as dist
+
+        if self.ranks.world == 1:
+            return [value]
+        found: list[Any] = [None] * self.ranks.world
+        dist.all_gather_object(found, value, group=self._objects)
+        return found
+
+    def close(self) -> None:
+        import torch.distributed as dist
+
+        if self.ranks.world > 1 and dist.is_initialized():
+            dist.destroy_process_group()
