@@ -60,18 +60,11 @@ class MapLayout:
         return activation
 
 
-def _is_grid(size: tuple[int, int], h: int, w: int, exact: bool = False) -> bool:
-    """Is h×w the input `size` seen at some integer stride (floor or ceil; `exact`: divisible)?"""
+def _is_grid(size: tuple[int, int], h: int, w: int) -> bool:
+    """Is h×w the input `size` seen at one integer stride (each side rounded down or up)?"""
     height, width = size
-    for stride in range(1, max(height, width) + 1):
-        if exact:
-            if height % stride == 0 and width % stride == 0 and (h, w) == (height // stride,
-                                                                            width // stride):
-                return True
-        elif h in (height // stride, -(-height // stride)) and w in (width // stride,
-                                                                      -(-width // stride)):
-            return True
-    return False
+    return any(h in (height // s, -(-height // s)) and w in (width // s, -(-width // s))
+               for s in range(1, max(height, width) + 1))
 
 
 def _token_grid(size: tuple[int, int], tokens: int) -> tuple[int, int] | None:
@@ -132,9 +125,9 @@ def find_cam_layer(model: nn.Module, inputs: Tensor) -> str:
     One forward and backward on `inputs[:1]` with every module's output recorded: the last output
     (in the order modules finish) that holds a map (`map_layout`: N×C×h×w, channels-last, or patch
     tokens), has as many channels as the last such output, and whose spatial cells get a non-zero
-    gradient of the top logit. That skips VGG's adaptive `avgpool` (it only resizes), and in a ViT
-    that pools its class token it skips the last block's outputs, whose patch tokens no longer
-    reach the class token: the map is the last block's `norm1` (what pytorch-grad-cam's ViT
+    gradient of the top logit. Adaptive pooling is passed over (VGG's `avgpool(7)` only resizes).
+    In a ViT that pools its class token the gradient skips the last block's outputs, whose patch
+    tokens no longer reach the class token: the map is the last block's `norm1` (what pytorch-grad-cam's ViT
     example uses). Of modules returning the same tensor the innermost is named (`features.norm5`,
     not `features`). ResNets keep `layer4[-1]` (`default_cam_layer`), as the paper ran them.
     """
