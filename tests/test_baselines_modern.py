@@ -115,7 +115,8 @@ def test_layouts_of_shapes():
     assert map_layout((1, 17, 192), (64, 64)) == MapLayout("tokens", (4, 4), 1)  # fewest prefix
     assert map_layout((1, 18, 192), (64, 64), prefix=2) == MapLayout("tokens", (4, 4), 2)
     assert map_layout((1, 3, 17, 17), (64, 64)) is None  # attention scores: no map
-    assert map_layout((1, 768, 1, 1), (64, 64)) is None  # a pooled vector
+    assert map_layout((1, 768, 1, 1), (64, 64)) is None  # a pooled vector, for the layer search
+    assert map_layout((1, 768, 1, 1), (32, 32), min_cells=1) == MapLayout("nchw", (1, 1))
     assert map_layout((1, 768), (64, 64)) is None
 
 
@@ -150,6 +151,16 @@ def test_layout_puts_each_patch_where_it_is_in_the_image(name, layer):
     expected = torch.zeros_like(diff, dtype=torch.bool)
     expected[16 // cell_size:32 // cell_size, 32 // cell_size:48 // cell_size] = True
     assert bool((diff[expected] > 0).all()) and float(diff[~expected].abs().max()) < 1e-5
+
+
+def test_gradcam_of_a_one_cell_layer_is_accepted():
+    """ResNet-18 at 32 px: the paper's layer4[-1] is 1×1, a degenerate map but no refusal (the
+    layer search passes such maps over; a layer it is given is used)."""
+    torch.manual_seed(0)
+    model = torchvision.models.resnet18(num_classes=2).eval()
+    cam = get_method("gradcam", model).attribute(torch.randn(2, 3, 32, 32))
+    assert cam.shape == (2, 1, 32, 32) and bool(torch.isfinite(cam).all())
+    assert float(cam.min()) >= 0 and float(cam.max()) <= 1
 
 
 class _PlantedTokens(nn.Module):

@@ -86,10 +86,12 @@ def prefix_tokens(model: nn.Module) -> int | None:
     return None
 
 
-def map_layout(shape: Sequence[int], size: tuple[int, int], prefix: int | None = None
-               ) -> MapLayout | None:
+def map_layout(shape: Sequence[int], size: tuple[int, int], prefix: int | None = None,
+               min_cells: int = 2) -> MapLayout | None:
     """The layout of an activation of `shape` for an input of spatial `size`, None if it holds no
-    spatial map of more than one cell (a pooled vector, attention scores, a 1×1 map).
+    spatial map of `min_cells` cells or more (a pooled vector, attention scores; by default a
+    1×1 map, which a layer search passes over, but Grad-CAM of a named layer accepts: it is what
+    the paper's `layer4[-1]` gives at 32 px).
 
     4-D: N×C×h×w when (h, w) is the input at some stride, else N×h×w×C when that matches (both:
     N×C×h×w). 3-D: tokens when N minus `prefix` (default: the fewest, up to 8, that fit) leading
@@ -97,13 +99,14 @@ def map_layout(shape: Sequence[int], size: tuple[int, int], prefix: int | None =
     """
     if len(shape) == 4:
         for kind, (h, w) in (("nchw", shape[2:4]), ("nhwc", shape[1:3])):
-            if h * w > 1 and _is_grid(size, int(h), int(w)):
+            if h * w >= min_cells and _is_grid(size, int(h), int(w)):
                 return MapLayout(kind, (int(h), int(w)))
         return None
     if len(shape) == 3:
         counts = [prefix] if prefix is not None else range(MAX_PREFIX_TOKENS + 1)
         for count in counts:
-            grid = _token_grid(size, int(shape[1]) - count) if shape[1] - count > 1 else None
+            cells = int(shape[1]) - count
+            grid = _token_grid(size, cells) if cells >= min_cells else None
             if grid is not None:
                 return MapLayout("tokens", grid, count)
     return None
@@ -231,7 +234,7 @@ class CAMMethod(Method):
             raise InputError(f"{self.name}: the CAM layer {type(self.layer).__name__} returns "
                              f"{type(activation).__name__}, not a tensor; pick another with --cam-layer")
         layout = map_layout(activation.shape, (int(inputs.shape[-2]), int(inputs.shape[-1])),
-                            prefix_tokens(self.model))
+                            prefix_tokens(self.model), min_cells=1)
         if layout is None:
             raise InputError(f"{self.name}: the CAM layer {type(self.layer).__name__} gives shape "
                              f"{tuple(activation.shape)}, not a spatial map (N×C×h×w, N×h×w×C or "
