@@ -1,6 +1,11 @@
 """Time `LRP(model).attribute` against the input gradient and full backpropagation.
 
     python benchmarks/bench_lrp.py --arch resnet50 --size 224 --batch 1 16 --repeats 5 --threads 1
+    python benchmarks/bench_lrp.py --arch convnext_tiny vit_b_16 --batch 1 16 --device cuda
+
+Any torchvision classifier or timm model name (`timm/NAME` for timm's where both have one), random
+weights (seed 0). A method that relprop cannot run on a network (e.g. LRP through attention before
+relprop supports it) is reported as `unsupported` with relprop's one-line reason; the others run.
 
 (a) input gradient: forward + `torch.autograd.grad` of the explained logit w.r.t. the input;
 (b) full backprop: forward + `.backward()` of the explained logit with parameter gradients
@@ -21,16 +26,32 @@ import time
 from collections.abc import Callable
 
 import torch
-import torchvision
 
 from relprop import LRP
+from relprop.errors import RelpropError
+from relprop.models import build_arch
 
 METHODS = ("lrp", "lrp-reference", "input-gradient", "backprop")
 
 
 def build(arch: str, device: str) -> torch.nn.Module:
     torch.manual_seed(0)
-    return torchvision.models.get_model(arch, num_classes=1000).eval().to(device)
+    return build_arch(arch, 1000).eval().to(device)
+
+
+def supported(names: list[str], model: torch.nn.Module, x: torch.Tensor
+              ) -> tuple[dict[str, Callable], dict[str, str]]:
+    """The methods that run on this network (one call each, also the warm-up), and why the
+    others do not (relprop's one-line error)."""
+    ok, reasons = {}, {}
+    for name in names:
+        try:
+            run = method_runner(name, model)
+            run(x)
+            ok[name] = run
+        except RelpropError as error:
+            reasons[name] = str(error).splitlines()[0]
+    return ok, reasons
 
 
 def method_runner(name: str, model: torch.nn.Module) -> Callable[[torch.Tensor], object]:
@@ -64,8 +85,6 @@ def synchronize(device: str) -> None:
 def time_methods(runs: dict[str, Callable], x: torch.Tensor, repeats: int, device: str) -> dict[str, float]:
     """Median seconds per method; the methods take turns in every round, so a load that comes
     and goes on a shared machine hits them all alike and the ratios stay meaningful."""
-    for run in runs.values():
-        run(x)  # warm-up
     times: dict[str, list[float]] = {name: [] for name in runs}
     for _ in range(repeats):
         for name, run in runs.items():
@@ -77,9 +96,9 @@ def time_methods(runs: dict[str, Callable], x: torch.Tensor, repeats: int, devic
     return {name: statistics.median(values) for name, values in times.items()}
 
 
-def peak_memory_child(args: argparse.Namespace, name: str, batch: int) -> None:
+def peak_memory_child(args: argparse.Namespace, arch: str, name: str, batch: int) -> None:
     """Run one method once in this (fresh) process and print its peak memory in MiB."""
-    model = build(args.arch, args.device)
+    model = build(arch, args.device)
     x = torch.randn(batch, 3, args.size, args.size, device=args.device)
     run = method_runner(name, model)
     if args.device.startswith("cuda"):
@@ -109,8 +128,8 @@ def _reset_peak_rss() -> None:
         clear_refs.write("5")
 
 
-def peak_memory(args: argparse.Namespace, name: str, batch: int) -> float:
-    command = [sys.executable, __file__, "--arch", args.arch, "--size", str(args.size), "--device",
+def peak_memory(args: argparse.Namespace, arch: str, name: str, batch: int) -> float:
+    command = [sys.executable, __file__, "--arch", arch, "--size", str(args.size), "--device",
                args.device, "--threads", str(args.threads), "--memory-child", name, "--batch", str(batch)]
     output = subprocess.run(command, check=True, capture_output=True, text=True).stdout
     return json.loads(output.strip().splitlines()[-1])["peak_mib"]
@@ -118,7 +137,8 @@ def peak_memory(args: argparse.Namespace, name: str, batch: int) -> float:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--arch", default="resnet50")
+    parser.add_argument("--arch", nargs="+", default=["resnet50"],
+                        help="torchvision or timm names (timm/NAME), each benchmarked in turn")
     parser.add_argument("--size", type=int, default=224)
     parser.add_argument("--batch", type=int, nargs="+", default=[1, 16])
     parser.add_argument("--repeats", type=int, default=7)
@@ -131,24 +151,30 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.memory_child:
-        peak_memory_child(args, args.memory_child, args.batch[0])
+        peak_memory_child(args, args.arch[0], args.memory_child, args.batch[0])
         return
-    model = build(args.arch, args.device)
-    print(f"# {args.arch} at {args.size} px on {args.device} ({torch.get_num_threads()} threads), "
+    for arch in args.arch:
+        bench_arch(args, arch)
+
+
+def bench_arch(args: argparse.Namespace, arch: str) -> None:
+    model = build(arch, args.device)
+    print(f"# {arch} at {args.size} px on {args.device} ({torch.get_num_threads()} threads), "
           f"torch {torch.__version__}, medians of {args.repeats}")
     print("| batch | method | median s | per image ms | × input gradient | × backprop | peak MiB |")
     print("|---|---|---|---|---|---|---|")
     for batch in args.batch:
         x = torch.randn(batch, 3, args.size, args.size, device=args.device)
-        medians = time_methods({name: method_runner(name, model) for name in args.methods}, x,
-                               args.repeats, args.device)
+        runs, reasons = supported(args.methods, model, x)
+        medians = time_methods(runs, x, args.repeats, args.device)
         for name, median in medians.items():
-            memory = "" if args.no_memory else f"{peak_memory(args, name, batch):.0f}"
+            memory = "" if args.no_memory else f"{peak_memory(args, arch, name, batch):.0f}"
             vs_gradient = median / medians["input-gradient"] if "input-gradient" in medians else float("nan")
             vs_backprop = median / medians["backprop"] if "backprop" in medians else float("nan")
             print(f"| {batch} | {name} | {median:.3f} | {1000 * median / batch:.1f} | {vs_gradient:.2f} | "
                   f"{vs_backprop:.2f} | {memory} |", flush=True)
-
+        for name, reason in reasons.items():
+            print(f"| {batch} | {name} | unsupported: {reason} | | | | |", flush=True)
 
 if __name__ == "__main__":
     main()

@@ -214,12 +214,34 @@ def _meta(path: Path, stored: dict[str, Any], given: dict[str, Any],
 def _build(path: Path, meta: dict[str, Any], model_def: str | None) -> nn.Module:
     if model_def is not None:
         return _from_model_def(model_def, meta)
+    return build_arch(str(meta["arch"]), int(meta["num_classes"]), source=str(path))
+
+
+TIMM_PREFIX = "timm/"
+
+
+def build_arch(arch: str, num_classes: int, source: str = "--arch") -> nn.Module:
+    """A randomly initialised classifier named `arch`: torchvision's, else timm's.
+
+    `timm/NAME` always means timm's NAME (`timm/efficientnet_b0`: both libraries have an
+    `efficientnet_b0`, and they differ); a bare name torchvision does not know is looked up in timm.
+    Pretrained timm weights are never fetched (`pretrained=False`): the weights come from the file.
+    """
+    if not arch.startswith(TIMM_PREFIX) and arch in _classifiers():
+        return torchvision.models.get_model(arch, num_classes=num_classes)
+    name = arch.removeprefix(TIMM_PREFIX)
     try:
-        return torchvision.models.get_model(meta["arch"], num_classes=meta["num_classes"])
-    except (ValueError, KeyError, TypeError) as error:
-        raise CheckpointError(
-            f"{path}: cannot build architecture {meta['arch']!r} with torchvision ({error})"
-        ) from None
+        import timm
+    except ImportError:
+        raise CheckpointError(f"{source}: architecture {arch!r} is neither torchvision's nor "
+                              "buildable without timm (pip install timm)") from None
+    if not timm.is_model(name):
+        raise CheckpointError(f"{source}: unknown architecture {arch!r} (neither a torchvision "
+                              "classifier nor a timm model; e.g. resnet50, convnext_atto)")
+    try:
+        return timm.create_model(name, pretrained=False, num_classes=num_classes)
+    except (ValueError, KeyError, TypeError, RuntimeError) as error:
+        raise CheckpointError(f"{source}: cannot build timm architecture {name!r} ({error})") from None
 
 
 def _from_model_def(model_def: str, meta: dict[str, Any]) -> nn.Module:

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -33,6 +34,82 @@ def last_block(model: nn.Module) -> nn.Module:
 
 
 _RESHAPING_POOLS = (nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d)  # VGG's avgpool(7): not a feature
+MAX_PREFIX_TOKENS = 8  # class, distillation and register tokens that precede the patch tokens
+
+
+@dataclass(frozen=True)
+class MapLayout:
+    """How a layer's activation holds its spatial map, and how it becomes B×C×h×w.
+
+    `nchw`: convolutional maps as they are; `nhwc`: channels-last maps (Swin, ConvNeXt blocks'
+    inner layers), permuted; `tokens`: B×N×C sequences of `prefix` leading tokens (class,
+    distillation, registers: dropped) then the h×w patch tokens in row-major order (ViT, DeiT), so
+    token `prefix + i*w + j` lands at row i, column j.
+    """
+
+    kind: str
+    grid: tuple[int, int]
+    prefix: int = 0
+
+    def to_nchw(self, activation: Tensor) -> Tensor:
+        if self.kind == "nhwc":
+            return activation.permute(0, 3, 1, 2)
+        if self.kind == "tokens":
+            patches = activation[:, self.prefix:]
+            return patches.transpose(1, 2).reshape(activation.shape[0], -1, *self.grid)
+        return activation
+
+
+def _is_grid(size: tuple[int, int], h: int, w: int) -> bool:
+    """Is h×w the input `size` seen at one integer stride (each side rounded down or up)?"""
+    height, width = size
+    return any(h in (height // s, -(-height // s)) and w in (width // s, -(-width // s))
+               for s in range(1, max(height, width) + 1))
+
+
+def _token_grid(size: tuple[int, int], tokens: int) -> tuple[int, int] | None:
+    for stride in range(1, max(size) + 1):
+        if size[0] % stride == 0 and size[1] % stride == 0 and \
+                (size[0] // stride) * (size[1] // stride) == tokens:
+            return size[0] // stride, size[1] // stride
+    return None
+
+
+def prefix_tokens(model: nn.Module) -> int | None:
+    """Leading non-patch tokens a transformer declares (timm `num_prefix_tokens`; torchvision's
+    ViT has one class token); None: not declared, inferred from the shape instead."""
+    count = getattr(model, "num_prefix_tokens", None)
+    if isinstance(count, int):
+        return count
+    if isinstance(getattr(model, "class_token", None), torch.Tensor):
+        return 1
+    return None
+
+
+def map_layout(shape: Sequence[int], size: tuple[int, int], prefix: int | None = None,
+               min_cells: int = 2) -> MapLayout | None:
+    """The layout of an activation of `shape` for an input of spatial `size`, None if it holds no
+    spatial map of `min_cells` cells or more (a pooled vector, attention scores; by default a
+    1×1 map, which a layer search passes over, but Grad-CAM of a named layer accepts: it is what
+    the paper's `layer4[-1]` gives at 32 px).
+
+    4-D: N×C×h×w when (h, w) is the input at some stride, else N×h×w×C when that matches (both:
+    N×C×h×w). 3-D: tokens when N minus `prefix` (default: the fewest, up to 8, that fit) leading
+    tokens is an exact h×w patch grid of the input.
+    """
+    if len(shape) == 4:
+        for kind, (h, w) in (("nchw", shape[2:4]), ("nhwc", shape[1:3])):
+            if h * w >= min_cells and _is_grid(size, int(h), int(w)):
+                return MapLayout(kind, (int(h), int(w)))
+        return None
+    if len(shape) == 3:
+        counts = [prefix] if prefix is not None else range(MAX_PREFIX_TOKENS + 1)
+        for count in counts:
+            cells = int(shape[1]) - count
+            grid = _token_grid(size, cells) if cells >= min_cells else None
+            if grid is not None:
+                return MapLayout("tokens", grid, count)
+    return None
 
 
 def cam_layer_by_name(model: nn.Module, name: str) -> nn.Module:
@@ -46,51 +123,67 @@ def cam_layer_by_name(model: nn.Module, name: str) -> nn.Module:
 
 
 def find_cam_layer(model: nn.Module, inputs: Tensor) -> str:
-    """Name of the module giving the last spatial feature map before global pooling.
+    """Name of the module giving the last spatial feature map that the output depends on.
 
-    Traced with torch.fx and run once on `inputs[:1]` for shapes: the last node whose output is
-    (N, C, H, W) with H*W > 1, passing over adaptive pooling (which only resizes, as VGG's
-    `avgpool`) and back over functional steps to the module that made the map (DenseNet's
-    `F.relu(features)` -> `features.norm5`). ResNets keep `layer4[-1]`, as the paper ran them.
+    One forward and backward on `inputs[:1]` with every module's output recorded: the last output
+    (in the order modules finish) that holds a map (`map_layout`: N×C×h×w, channels-last, or patch
+    tokens), has as many channels as the last such output, and whose spatial cells get a non-zero
+    gradient of the top logit. Adaptive pooling is passed over (VGG's `avgpool(7)` only resizes).
+    In a ViT that pools its class token the gradient skips the last block's outputs, whose patch
+    tokens no longer reach the class token: the map is the last block's `norm1` (what pytorch-grad-cam's ViT
+    example uses). Of modules returning the same tensor the innermost is named (`features.norm5`,
+    not `features`). ResNets keep `layer4[-1]` (`default_cam_layer`), as the paper ran them.
     """
-    from torch.fx.passes.shape_prop import ShapeProp
+    x = inputs[:1].detach().clone().requires_grad_(True)
+    size = (int(x.shape[-2]), int(x.shape[-1]))
+    prefix = prefix_tokens(model)
+    records: list[tuple[str, Tensor, MapLayout]] = []
+    last_call: dict[str, int] = {}
+    owner: dict[tuple[int, int], str] = {}
 
-    from relprop.core.graph import trace
-    from relprop.errors import RelpropError
+    def keep(name: str):
+        def hook(module, args, output):
+            if isinstance(module, _RESHAPING_POOLS) or not isinstance(output, Tensor):
+                return
+            layout = map_layout(output.shape, size, prefix)
+            if layout is not None and output.requires_grad:
+                # children finish first: the innermost; an in-place op (ReLU(inplace=True)) makes a
+                # new version of the same tensor, which belongs to that op's module
+                inner = owner.setdefault((id(output), output._version), name)
+                last_call[inner] = len(records)
+                records.append((inner, output, layout))
+        return hook
 
+    handles = [m.register_forward_hook(keep(n)) for n, m in model.named_modules() if n]
     try:
-        graph = trace(model)
-        module = torch.fx.GraphModule(model, graph)
-        with torch.no_grad():
-            ShapeProp(module).propagate(inputs[:1])
-    except (RelpropError, RuntimeError, TypeError, ValueError) as error:
+        with torch.enable_grad():
+            logits = model(x)
+            top = logits.flatten(1).max(1).values.sum()
+            grads = torch.autograd.grad(top, [r[1] for r in records], allow_unused=True) \
+                if records else []
+    except (RuntimeError, TypeError, ValueError) as error:
         first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         raise InputError(f"cannot find the CAM layer of {type(model).__name__} automatically "
                          f"({first}); name one with --cam-layer") from None
-    modules = dict(model.named_modules())
-    for node in reversed(list(graph.nodes)):
-        if not _spatial(node) or (node.op == "call_module" and
-                                  isinstance(modules.get(str(node.target)), _RESHAPING_POOLS)):
+    finally:
+        for handle in handles:
+            handle.remove()
+    channels = None
+    for index in reversed(range(len(records))):
+        name, output, layout = records[index]
+        features = layout.to_nchw(output)
+        channels = features.shape[1] if channels is None else channels
+        grad = grads[index]
+        if features.shape[1] != channels or grad is None or last_call.get(name) != index:
             continue
-        while node.op != "call_module":
-            parents = [p for p in node.all_input_nodes if _shape(p) == _shape(node)]
-            if not parents:
-                break
-            node = parents[0]
-        if node.op == "call_module":
-            return str(node.target)
+        if bool(layout.to_nchw(grad).abs().sum() > 0):
+            return name
+    if records and not any(g is not None and bool(g.abs().sum() > 0) for g in grads):
+        raise InputError(f"cannot find the CAM layer of {type(model).__name__}: its top logit has "
+                         "a zero gradient at every feature map (e.g. a zero-initialised head); name "
+                         "one with --cam-layer")
     raise InputError(f"{type(model).__name__} has no spatial feature map for a CAM; name a layer "
                      "with --cam-layer")
-
-
-def _shape(node: torch.fx.Node) -> tuple[int, ...] | None:
-    meta = node.meta.get("tensor_meta")
-    return tuple(meta.shape) if meta is not None and hasattr(meta, "shape") else None
-
-
-def _spatial(node: torch.fx.Node) -> bool:
-    shape = _shape(node)
-    return shape is not None and len(shape) == 4 and shape[2] * shape[3] > 1
 
 
 def default_cam_layer(model: nn.Module, inputs: Tensor) -> nn.Module:
@@ -118,7 +211,11 @@ class _LayerHook:
 
 
 class CAMMethod(Method):
-    """A method on one layer's activations: given (a module or its name), or found on first use."""
+    """A method on one layer's activations: given (a module or its name), or found on first use.
+
+    The activation is read as a B×C×h×w map whatever its layout (`map_layout`: channels-last maps
+    are permuted, token sequences lose their prefix tokens and are laid on their patch grid).
+    """
 
     channels = 1
 
@@ -130,6 +227,19 @@ class CAMMethod(Method):
         if self.layer is None:
             self.layer = default_cam_layer(self.model, inputs)
         return self.layer
+
+    def feature_map(self, activation: Tensor, inputs: Tensor) -> Tensor:
+        """The hooked activation as B×C×h×w; a layer that holds no map is refused in one line."""
+        if not isinstance(activation, Tensor):
+            raise InputError(f"{self.name}: the CAM layer {type(self.layer).__name__} returns "
+                             f"{type(activation).__name__}, not a tensor; pick another with --cam-layer")
+        layout = map_layout(activation.shape, (int(inputs.shape[-2]), int(inputs.shape[-1])),
+                            prefix_tokens(self.model), min_cells=1)
+        if layout is None:
+            raise InputError(f"{self.name}: the CAM layer {type(self.layer).__name__} gives shape "
+                             f"{tuple(activation.shape)}, not a spatial map (N×C×h×w, N×h×w×C or "
+                             "patch tokens); pick another with --cam-layer")
+        return layout.to_nchw(activation)
 
 
 class GradCAM(CAMMethod):
@@ -144,8 +254,8 @@ class GradCAM(CAMMethod):
         with torch.enable_grad(), _LayerHook(self.cam_layer(inputs)) as hook:
             logits = self.model(x)
             classes = resolve_target(self.model, x, target, logits)
-            activation = hook.output
-            (grad,) = torch.autograd.grad(logits.gather(1, classes[:, None]).sum(), activation)
+            (grad,) = torch.autograd.grad(logits.gather(1, classes[:, None]).sum(), hook.output)
+        activation, grad = self.feature_map(hook.output, x), self.feature_map(grad, x)
         weights = grad.mean(dim=(2, 3), keepdim=True)
         cam = F.relu((weights * activation.detach()).sum(dim=1, keepdim=True))
         return minmax(upsample(cam, x.shape[-2:]))
@@ -175,7 +285,7 @@ class ScoreCAM(CAMMethod):
         with _LayerHook(self.cam_layer(inputs)) as hook:
             logits = self.model(inputs)
         classes = resolve_target(self.model, inputs, target, logits)
-        activations = hook.output
+        activations = self.feature_map(hook.output, inputs)
         maps = [self._one(inputs[n:n + 1], activations[n], int(classes[n])) for n in range(len(inputs))]
         return torch.cat(maps)
 

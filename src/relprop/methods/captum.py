@@ -8,6 +8,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from relprop.errors import InputError
 from relprop.methods.base import Method
 from relprop.methods.registry import register
 from relprop.targets import resolve_target
@@ -42,5 +43,20 @@ def _captum(class_name: str) -> Callable[[nn.Module], Any]:
 
 register("ig", lambda model, name, options: CaptumMethod(
     model, name, _captum("IntegratedGradients"), internal_batch_size=max(options.batch_size, 50)))
-register("gbp", lambda model, name, options: CaptumMethod(model, name, _captum("GuidedBackprop")))
+def guided_backprop(model: nn.Module, name: str) -> CaptumMethod:
+    """Captum's GuidedBackprop, which changes only the backward pass of `nn.ReLU` modules: on a
+    model with none (ViT, Swin, ConvNeXt: GELU; EfficientNet: SiLU) it would silently be the plain
+    gradient, so it is refused there. Other activations beside ReLUs (MobileNetV3's Hardswish)
+    pass their ordinary gradient."""
+    if not any(isinstance(module, nn.ReLU) for module in model.modules()):
+        kinds = sorted({type(m).__name__ for m in model.modules()
+                        if "activation" in type(m).__module__})
+        raise InputError(f"{name}: guided backprop changes the backward pass of nn.ReLU modules "
+                         f"only, and {type(model).__name__} has none (activations: "
+                         f"{', '.join(kinds) or 'none as modules'}); it would be the plain "
+                         "gradient: use the method 'gradient'")
+    return CaptumMethod(model, name, _captum("GuidedBackprop"))
+
+
+register("gbp", lambda model, name, options: guided_backprop(model, name))
 register("lrp-captum", lambda model, name, options: CaptumMethod(model, name, _captum("LRP")))
