@@ -1,12 +1,14 @@
 """Does a map explain *this* class? Top-1 vs runner-up map correlation, and Insertion/Deletion.
 
-    nice python benchmarks/class_sensitivity.py --limit 40 --out bench_out/class_sensitivity.md \\
-        --methods ours lrp-contrastive "lrp-contrastive:head=rules" gradcam
+    nice python benchmarks/class_sensitivity.py --per-class 2 --out bench_out/class_sensitivity.md \\
+        --methods ours lrp-contrastive "lrp-contrastive:seed=clrp" gradcam gradient
+    python benchmarks/class_sensitivity.py --device cuda --out bench_out/class_sensitivity250.md  # all 250
 
 For each tin10 val image (shared ResNet-18, 112 px) and each method, the maps of the predicted
 class and of the runner-up class are computed; the table gives the median (and quartiles) of their
 Pearson correlation (2-D channel sums; goal for a class-discriminative method: <= 0.3) and the
 paper-protocol Insertion, Deletion and ID of the top-1 map, scored on the explained (top-1) class.
+Images come in class order (`--limit 20` is 20 goldfish: use `--per-class`).
 A method spec is `name[:key=value,...]` (keywords go to `get_method`, e.g. `seed=sglrp`).
 Rows are kept in `--cache` (jsonl) so an interrupted run resumes; a bad image is skipped.
 """

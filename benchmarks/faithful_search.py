@@ -1,7 +1,7 @@
 """The faithful-LRP search (issue #14, section 1): every candidate against the paper's method as its
 authors compute it (`ours-ref+hq`), image by image, with paired statistics.
 
-    nice python benchmarks/faithful_search.py --out bench_out/faithful --limit 20          # CPU check
+    nice python benchmarks/faithful_search.py --out bench_out/faithful --per-class 2      # CPU check
     python benchmarks/faithful_search.py --out bench_out/faithful --device cuda             # 250 images
     python benchmarks/faithful_search.py --out bench_out/faithful_rise --device cuda --protocol rise
 

@@ -79,6 +79,8 @@ def test_unknown_options_are_refused():
         ContrastiveLRP(tiny(), seed="nope")
     with pytest.raises(InputError, match="unknown head"):
         ContrastiveLRP(tiny(), head="nope")
+    with pytest.raises(InputError, match="head='rules' only"):
+        ContrastiveLRP(tiny(), seed="clrp", head="contribution")
 
 
 def test_registered_default_equals_difference_of_per_class_lrp_on_a_resnet():

@@ -98,7 +98,8 @@ class ContrastiveLRP(Method):
         if head not in HEADS:
             raise InputError(f"lrp-contrastive: unknown head {head!r}; choose one of: {', '.join(HEADS)}")
         if seed == "clrp" and head != "rules":
-            head = "rules"  # CLRP normalizes two positive maps: it is defined with the rules' head
+            raise InputError("lrp-contrastive: seed='clrp' normalizes two z+ maps and is defined with "
+                             "head='rules' only")
         self.seed, self.head, self.composite_name = seed, head, composite
         self.mean, self.std, self.lrp_kwargs = mean, std, lrp_kwargs
         self._lrp = None
