@@ -45,7 +45,7 @@ def test_lrp_faithful_is_its_composite_then_hq():
     mean, std = [0.5] * 3, [0.25] * 3
     maps = get_method("lrp-faithful", model, mean=mean, std=std).attribute(x)
     rules = stage_rules(model, FAITHFUL.lower, FAITHFUL.upper, FAITHFUL.head)
-    R = LRP(model, rules=rules, input_rule="zb", split="ratio", bn="fold", mean=mean, std=std).attribute(x)
+    R = LRP(model, rules=rules, input_rule="wplus", split="ratio", bn="fold").attribute(x)
     assert maps.shape == (1, 1, 32, 32)
     assert torch.equal(maps[:, 0], heat_quantize(R.sum(1), levels=8))
 

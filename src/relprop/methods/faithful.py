@@ -13,7 +13,7 @@ model: the stages are torchvision's `layer1`..`layerN` (lower half: γ, upper ha
 without them is refused for such candidates.
 
 `lrp-faithful` is PROVISIONAL until the 250-image dev-set run: chosen by principle (the
-literature's composite, with Relevance Splitting and the 8-level HQ that lifted every method).
+literature's γ/ε composite, with the paper's w⁺ input, Relevance Splitting and 8-level HQ).
 """
 
 from __future__ import annotations
@@ -154,10 +154,12 @@ def quantize(heat: Tensor, levels: int, bins: str = "image",
 
 
 # PROVISIONAL (docs/results.md, "Beyond the paper"): the literature's composite for deep
-# networks — γ in the lower stages, ε in the upper stages and at the classifier, zB at the input,
-# BatchNorm folded — with Relevance Splitting at every add (the paper's ratio split) and the
-# paper's 8-level HQ per image. Replace by the 250-image dev-set winner of faithful_search.py.
-FAITHFUL = Candidate(lower="gamma", upper="epsilon", head="epsilon", input_rule="zb", split="ratio",
+# networks — γ in the lower stages, ε in the upper stages and at the classifier, BatchNorm folded —
+# with what the paper's method keeps: w⁺ at the input (the authors' "ones input"; it needs no
+# input normalization, so the method runs wherever `ours` runs), Relevance Splitting at every add
+# (ratio split) and 8-level HQ per image. Replace by the 250-image dev-set winner of
+# benchmarks/faithful_search.py (the zB input is candidate gez-zb-hq).
+FAITHFUL = Candidate(lower="gamma", upper="epsilon", head="epsilon", input_rule="wplus", split="ratio",
                      bn="fold", hq_levels=8)
 
 
