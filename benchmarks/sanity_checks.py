@@ -27,12 +27,17 @@ METHODS = ["ours", "lrp-contrastive", "lrp-faithful", "gradcam", "gradient"]
 STAGES = {"fc": "fc", "layer4": "layer4.0.conv1", "layer3": "layer3.0.conv1", "all": "conv1"}
 
 
-def explainer(name: str, mean, std):
-    """Quantus' explain_func: the method built on the (randomized) model it is given, 2-D maps."""
+def explainer(spec: str, mean, std):
+    """Quantus' explain_func: the method (`name[:key=value,...]`) built on the (randomized) model
+    it is given, 2-D maps."""
+    from class_sensitivity import parse_spec
+
     from relprop.methods import get_method
 
+    name, options = parse_spec(spec)
+
     def explain(model, inputs, targets, **_):
-        method = get_method(name, model, mean=mean, std=std)
+        method = get_method(name, model, mean=mean, std=std, **options)
         device = next(model.parameters()).device
         x = torch.as_tensor(inputs, dtype=torch.float32, device=device)
         maps = method.to_2d(method.attribute(x, target=torch.as_tensor(targets).long().tolist()))
@@ -52,7 +57,7 @@ def mprt(name: str, model, x: torch.Tensor, y: np.ndarray, mean, std, device: st
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--methods", nargs="+", default=METHODS)
+    parser.add_argument("--methods", nargs="+", default=METHODS, help="names or name:key=value,... specs")
     parser.add_argument("--limit", type=int, default=4, help="tin10 val images (spread over classes)")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--out", type=Path, default=Path("bench_out/sanity_checks.md"))
