@@ -21,7 +21,8 @@ def method_list(indent: str = "  ") -> str:
 
     names = method_names()
     aliases = [a for a in method_names(include_aliases=True) if a not in names]
-    lines = textwrap.wrap(", ".join(names), width=92, initial_indent=indent, subsequent_indent=indent)
+    lines = textwrap.wrap(", ".join(names), width=92, initial_indent=indent, subsequent_indent=indent,
+                          break_on_hyphens=False)  # a name split at its hyphen is no name
     if aliases:
         lines += textwrap.wrap("aliases: " + ", ".join(aliases), width=92, initial_indent=indent,
                                subsequent_indent=indent + "  ")

@@ -62,7 +62,7 @@ run on the model is reported on one line and the other methods still run.
 explained class. On 20 tin10 images (ResNet-18), the `ours` map of each of the 9 other classes
 correlates with the map of the predicted class at a median of 0.984 (Grad-CAM: -0.085): read
 such a map as "what the model looked at", not as evidence for that class. relprop has no
-class-discriminative LRP method yet.
+class-discriminative LRP method other than lrp-contrastive: use --methods lrp-contrastive.
 """
 
 EPILOG = """\

@@ -23,6 +23,8 @@ from relprop.methods import cams as _cams
 from relprop.methods import captum as _captum
 from relprop.methods import gradients as _gradients
 from relprop.methods import bow as _bow
+from relprop.methods import contrastive as _contrastive
+from relprop.methods import faithful as _faithful
 # isort: on
 from relprop.methods.base import HQ_SUFFIX, Method, MethodOptions
 from relprop.methods.bow import BOW_METHODS
@@ -54,7 +56,7 @@ from relprop.targets import resolve_target
 # Every accepted name: the registry's names, then their aliases (`ours*`).
 METHOD_NAMES = method_names(include_aliases=True)
 
-del _lrp, _cams, _captum, _gradients, _bow
+del _lrp, _cams, _captum, _gradients, _bow, _contrastive, _faithful
 
 __all__ = [
     "ALIASES", "BOW_METHODS", "CAMMethod", "CaptumMethod", "GradCAM", "Gradient", "HQ_SUFFIX", "HeatQuantized",

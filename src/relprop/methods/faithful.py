@@ -1,0 +1,170 @@
+"""`lrp-faithful`: the LRP configuration the faithfulness search picked, and the space it searched.
+
+A `Candidate` is one point of the space the LRP literature recommends for residual networks
+(Montavon et al. 2019; Kohlbrenner et al. 2020): γ in the lower stages and ε in the upper ones,
+zB, w², flat or w⁺ ("ones input") at the input, αβ, the ratio / symmetric / signed split with and
+without identity skips, BatchNorm folded, followed by optional positive-part clipping and Heat
+Quantization (any number of levels, bins per image or fixed in units of the map's total).
+`benchmarks/faithful_search.py` evaluates a list of candidates against the paper's method as
+its authors compute it (`ours-ref+hq`).
+
+Stage rules need to know which convolution sits in which stage, so a candidate is built with the
+model: the stages are torchvision's `layer1`..`layerN` (lower half: γ, upper half: ε); a model
+without them is refused for such candidates.
+
+`lrp-faithful` is PROVISIONAL until the 250-image dev-set run: chosen by principle (the
+literature's γ/ε composite, with the paper's w⁺ input, Relevance Splitting and 8-level HQ).
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor, nn
+
+from relprop.core.composites import Composite, get_composite
+from relprop.errors import InputError
+from relprop.methods.base import Method, MethodOptions
+from relprop.methods.registry import register
+
+_STAGE = re.compile(r"^layer(\d+)\.")
+BINS = ("image", "total")
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """One LRP configuration: a composite (by name, or stage rules) and what follows the map.
+
+    base: a registered composite used as is (then lower/upper/input_rule/... are ignored).
+    lower, upper: rule of every conv/linear in the lower / upper half of the stages (None: z+).
+    head: rule of the classifier (the last nn.Linear); None: z+.
+    hq_levels: Heat Quantization levels (None: no HQ). hq_bins: "image" (linspace(min, max) of each
+    map, the paper's) or "total" (fixed bins from `hq_range`, in units of the map's total relevance,
+    which conservation makes comparable between images). positive: keep R > 0 only.
+    """
+
+    base: str | None = None
+    lower: str | None = None
+    upper: str | None = None
+    head: str | None = None
+    input_rule: str | None = None
+    split: str = "ratio"
+    identity_skips: bool = True
+    bn: str | None = None
+    positive: bool = False
+    hq_levels: int | None = None
+    hq_bins: str = "image"
+    hq_range: tuple[float, float] | None = None
+    notes: str = field(default="", compare=False)
+
+    def __post_init__(self) -> None:
+        if self.hq_bins not in BINS:
+            raise InputError(f"Candidate: hq_bins must be one of {', '.join(BINS)}, got {self.hq_bins!r}")
+        if self.hq_bins == "total" and self.hq_levels and self.hq_range is None:
+            raise InputError("Candidate: hq_bins='total' needs hq_range=(low, high) in units of the map's total")
+
+
+def stage_rules(model: nn.Module, lower: str | None, upper: str | None,
+                head: str | None) -> dict[str, str]:
+    """Rules by qualified name: convs and linears of stages layer1..layerN (lower half: `lower`,
+    upper half: `upper`), and `head` at the last nn.Linear."""
+    layers = [(name, m) for name, m in model.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
+    stages = {int(match.group(1)) for name, _ in layers if (match := _STAGE.match(name))}
+    if (lower or upper) and not stages:
+        raise InputError("lrp-faithful: stage rules need a torchvision-style ResNet (modules layer1..layerN); "
+                         "use a registered composite for this model")
+    ordered = sorted(stages)
+    lower_stages = set(ordered[: (len(ordered) + 1) // 2])
+    rules: dict[str, str] = {}
+    for name, _ in layers:
+        match = _STAGE.match(name)
+        if match:
+            rule = lower if int(match.group(1)) in lower_stages else upper
+            if rule:
+                rules[name] = rule
+    linears = [name for name, m in layers if isinstance(m, nn.Linear)]
+    if head and linears:
+        rules[linears[-1]] = head
+    return rules
+
+
+def candidate_composite(candidate: Candidate, model: nn.Module, mean: Sequence[float] | None,
+                        std: Sequence[float] | None) -> Composite:
+    """The composite of a candidate for this model."""
+    if candidate.base is not None:
+        return get_composite(candidate.base, mean=mean, std=std)
+    rules = stage_rules(model, candidate.lower, candidate.upper, candidate.head)
+    if candidate.input_rule == "zb" and (mean is None or std is None):
+        raise InputError("lrp-faithful: the zB input rule needs the input normalization (mean=..., std=...)")
+    return Composite(rules=rules, input_rule=candidate.input_rule, split=candidate.split,
+                     identity_skips=candidate.identity_skips, bn=candidate.bn, mean=mean, std=std)
+
+
+class CandidateMethod(Method):
+    """relprop LRP with a candidate's composite, then positive part and Heat Quantization."""
+
+    def __init__(self, model: nn.Module, name: str, candidate: Candidate,
+                 mean: Sequence[float] | None = None, std: Sequence[float] | None = None, **lrp_kwargs) -> None:
+        from relprop import LRP
+
+        super().__init__(model, name)
+        self.candidate = candidate
+        self.lrp = LRP(model, composite=candidate_composite(candidate, model, mean, std), **lrp_kwargs)
+        self.is_lrp = True
+        self.channels = 1 if candidate.hq_levels or candidate.positive else 3
+
+    def attribute(self, inputs: Tensor, target=None, return_layer_sums: bool = False):
+        """Maps (N, 3, H, W), or (N, 1, H, W) once clipped or quantized (the 2-D channel sum)."""
+        R, sums = self.lrp.attribute(inputs, target=target, return_layer_sums=True)
+        maps = self.finish(R)
+        return (maps, sums) if return_layer_sums else maps
+
+    def finish(self, R: Tensor) -> Tensor:
+        """Positive part and Heat Quantization of the 2-D map, as the candidate says."""
+        c = self.candidate
+        if not (c.hq_levels or c.positive):
+            return R
+        heat = R.sum(1)
+        if c.positive:
+            heat = heat.clamp(min=0)
+        if c.hq_levels:
+            heat = quantize(heat, c.hq_levels, c.hq_bins, c.hq_range)
+        return heat[:, None]
+
+
+def quantize(heat: Tensor, levels: int, bins: str = "image",
+             value_range: tuple[float, float] | None = None) -> Tensor:
+    """Heat Quantization with bins per image (the paper's) or fixed bins in units of each map's
+    total relevance (``bins="total"``: the map divided by its sum, bins linspace(low, high))."""
+    from relprop import heat_quantize
+
+    if bins == "image":
+        return heat_quantize(heat, levels=levels)
+    totals = heat.flatten(1).sum(1)
+    if bool((totals <= 0).any()):
+        raise InputError("Heat Quantization with bins='total' needs maps with a positive total relevance")
+    share = heat / totals[:, None, None]
+    low, high = value_range
+    edges = torch.linspace(low, high, levels, dtype=torch.float64, device=heat.device)
+    index = (torch.searchsorted(edges, share.double().contiguous(), right=True) - 1).clamp(0, levels - 1)
+    return edges[index].to(heat.dtype)
+
+
+# PROVISIONAL (docs/results.md, "Beyond the paper"): the literature's composite for deep
+# networks — γ in the lower stages, ε in the upper stages and at the classifier, BatchNorm folded —
+# with what the paper's method keeps: w⁺ at the input (the authors' "ones input"; it needs no
+# input normalization, so the method runs wherever `ours` runs), Relevance Splitting at every add
+# (ratio split) and 8-level HQ per image. Replace by the 250-image dev-set winner of
+# benchmarks/faithful_search.py (the zB input is candidate gez-zb-hq).
+FAITHFUL = Candidate(lower="gamma", upper="epsilon", head="epsilon", input_rule="wplus", split="ratio",
+                     bn="fold", hq_levels=8)
+
+
+def _build(model: nn.Module, name: str, options: MethodOptions) -> CandidateMethod:
+    return CandidateMethod(model, name, FAITHFUL, options.mean, options.std, **options.lrp)
+
+
+register("lrp-faithful", _build, takes_lrp_options=True)
