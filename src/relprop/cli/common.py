@@ -115,8 +115,9 @@ def add_model_options(parser: Any, *, default_weights: str | None = None, severa
                        + ("; with only --arch: that architecture's DEFAULT weights" if default else ""))
     parser.set_defaults(default_weights=default_weights)
     group.add_argument("--arch", metavar="NAME", choices=arch_choices,
-                       help="torchvision architecture of a plain state dict or of IMAGENET1K_V1/DEFAULT "
-                            "(e.g. resnet50)" if arch_choices is None else
+                       help="architecture of a plain state dict (torchvision's, or timm's: convnext_atto, "
+                            "timm/efficientnet_b0) or of IMAGENET1K_V1/DEFAULT (e.g. resnet50)"
+                       if arch_choices is None else
                             f"torchvision detector of a plain state dict: {', '.join(arch_choices)}")
     group.add_argument("--num-classes", type=int, metavar="N",
                        help="classes of a plain state dict (default: read from the weights)")

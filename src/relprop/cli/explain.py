@@ -54,8 +54,9 @@ would be more than 200,704 pixels (four 224x224 inputs) or more than 8 times as 
 to 112 pixels high would be 186666 pixels wide).
 
 Grad-CAM and Score-CAM use layer4[-1] of a ResNet (as the paper did) and, on other networks, the
-last spatial feature map before global pooling, found from the traced graph (e.g. VGG-11's
-features.20, DenseNet's features.norm5); --cam-layer NAME picks another. A method that cannot
+last feature map the top logit depends on, found from one forward and backward pass (e.g.
+VGG-11's features.20, DenseNet's features.norm5; ViT/DeiT: the last block's norm1 with the patch
+tokens laid on their grid; Swin: its channels-last map); --cam-layer NAME picks another. A method that cannot
 run on the model is reported on one line and the other methods still run.
 
 --target and relprop's LRP: the map of the paper's method (ours) hardly depends on the
