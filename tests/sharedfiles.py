@@ -27,3 +27,18 @@ def load_torchvision_checkpoint(path: Path) -> torch.nn.Module:
                                          num_classes=checkpoint.get("num_classes", 1000))
     model.load_state_dict({key: value.float() for key, value in state.items()})
     return model.eval()
+
+
+def copy_tin10_val(root: Path, images: dict[str, list[str]], boxes: bool = True) -> Path:
+    """A small tin10-layout folder under `root`: the named val images of each class (wnid), with
+    their lines of boxes.txt when `boxes`."""
+    source = shared_path("data", "tin10", "val")
+    for wnid, names in images.items():
+        (root / wnid).mkdir()
+        for name in names:
+            (root / wnid / name).write_bytes((source / wnid / name).read_bytes())
+        if boxes:
+            lines = [line for line in (source / wnid / "boxes.txt").read_text().splitlines()
+                     if line.split()[0] in names]
+            (root / wnid / "boxes.txt").write_text("\n".join(lines) + "\n")
+    return root

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import signal
 import socket
 import subprocess
@@ -20,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from sharedfiles import shared_path
+from sharedfiles import copy_tin10_val, shared_path
 
 SRC = Path(__file__).resolve().parents[1] / "src"
 IMAGES = {"n01443537": ["val_1230.JPEG", "val_1284.JPEG"], "n01882714": ["val_1083.JPEG"]}
@@ -29,15 +28,7 @@ KEY = ("image", "method", "protocol")
 
 @pytest.fixture(scope="module")
 def dataset(tmp_path_factory):
-    source = shared_path("data", "tin10", "val")
-    root = tmp_path_factory.mktemp("data")
-    for wnid, names in IMAGES.items():
-        (root / wnid).mkdir()
-        for name in names:
-            shutil.copy(source / wnid / name, root / wnid / name)
-        boxes = [line for line in (source / wnid / "boxes.txt").read_text().splitlines()
-                 if line.split()[0] in names]
-        (root / wnid / "boxes.txt").write_text("\n".join(boxes) + "\n")
+    root = copy_tin10_val(tmp_path_factory.mktemp("data"), IMAGES)
     return root
 
 

@@ -13,7 +13,7 @@ import torch
 from relprop.cli.main import main
 from relprop.evaluation.classification import summarize
 
-from sharedfiles import shared_path
+from sharedfiles import copy_tin10_val, shared_path
 
 IMAGES = {"n01443537": ["val_1230.JPEG", "val_1284.JPEG"], "n01882714": ["val_1083.JPEG"]}
 METHODS, PROTOCOLS = ["gradcam", "ours+hq"], ["paper", "rise"]
@@ -22,15 +22,7 @@ METHODS, PROTOCOLS = ["gradcam", "ours+hq"], ["paper", "rise"]
 @pytest.fixture(scope="module")
 def dataset(tmp_path_factory):
     """Three tin10 val images with their boxes, and one corrupt file beside them."""
-    source = shared_path("data", "tin10", "val")
-    root = tmp_path_factory.mktemp("data")
-    for wnid, names in IMAGES.items():
-        (root / wnid).mkdir()
-        for name in names:
-            shutil.copy(source / wnid / name, root / wnid / name)
-        boxes = [line for line in (source / wnid / "boxes.txt").read_text().splitlines()
-                 if line.split()[0] in names]
-        (root / wnid / "boxes.txt").write_text("\n".join(boxes) + "\n")
+    root = copy_tin10_val(tmp_path_factory.mktemp("data"), IMAGES)
     (root / "n01882714" / "val_broken.JPEG").write_bytes(b"\xff\xd8\xff\xe0 truncated")
     return root
 

@@ -6,7 +6,6 @@ name) a cut last line."""
 from __future__ import annotations
 
 import json
-import shutil
 
 import numpy as np
 import pytest
@@ -15,7 +14,7 @@ from scipy import stats
 from relprop.cli.main import main
 from relprop.evaluation.results import read_union, shard_files
 
-from sharedfiles import shared_path
+from sharedfiles import copy_tin10_val, shared_path
 
 IMAGES = {"n01443537": ["val_1230.JPEG", "val_1284.JPEG"], "n01882714": ["val_1083.JPEG"]}
 METHODS = "ours,ours+hq,gradcam"  # Score-CAM at --batch-size 1: 512 forwards per image
@@ -23,12 +22,7 @@ METHODS = "ours,ours+hq,gradcam"  # Score-CAM at --batch-size 1: 512 forwards pe
 
 @pytest.fixture(scope="module")
 def dataset(tmp_path_factory):
-    source = shared_path("data", "tin10", "val")
-    root = tmp_path_factory.mktemp("data")
-    for wnid, names in IMAGES.items():
-        (root / wnid).mkdir()
-        for name in names:
-            shutil.copy(source / wnid / name, root / wnid / name)
+    root = copy_tin10_val(tmp_path_factory.mktemp("data"), IMAGES, boxes=False)
     return root
 
 
