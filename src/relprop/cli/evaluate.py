@@ -102,8 +102,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
                         help="cpu, cuda, cuda:1, mps, ... (default: auto, a GPU when there is one)")
     parser.add_argument("--cam-layer", metavar="NAME",
                         help="module of Grad-CAM and Score-CAM, e.g. layer4.1 or features.29 "
-                             "(default: layer4[-1] of a ResNet, else the last spatial feature map "
-                             "before global pooling)")
+                             "(default: layer4[-1] of a ResNet, else the last feature map the top "
+                             "logit depends on; ViT tokens laid on their grid)")
     parser.add_argument("--task", choices=("classification", "detection"), default="classification",
                         help="detection: evaluate an SSD detector's explanations "
                              "(relprop.evaluation.detection; one --weights, with --model-def)")

@@ -1,5 +1,5 @@
 """Class activation maps: Grad-CAM and Score-CAM as the paper ran them, and where their layer is
-(`layer4[-1]` of a ResNet, else the last spatial feature map before global pooling)."""
+(`layer4[-1]` of a ResNet, else the last feature map the top logit depends on)."""
 
 from __future__ import annotations
 

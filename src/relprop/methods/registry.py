@@ -85,7 +85,7 @@ def get_method(name: str, model: nn.Module, *, layer: nn.Module | str | None = N
     """Build a method by its registry name or alias (see `method_names`; any name may end in `+hq`).
 
     `layer`: CAM layer, a module or its qualified name (default `layer4[-1]` of a ResNet, else
-    the last spatial feature map before global pooling, see `find_cam_layer`); `batch_size`:
+    the last feature map the top logit depends on, see `find_cam_layer`); `batch_size`:
     Score-CAM masked inputs and Integrated Gradients' internal batch per forward; `channels`: 2-D
     reduction before `+hq`; `mean`/`std` and other keywords go to `relprop.LRP`. The method
     keeps the name it was asked by (`get_method("ours").name == "ours"`).
