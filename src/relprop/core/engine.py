@@ -8,7 +8,7 @@ back. Residual adds are where relevance is split between skip and branch.
 from __future__ import annotations
 
 from collections import OrderedDict
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -99,6 +99,10 @@ class RuleSet:
             path = g.module_path(node)
             if path:
                 candidates.append(type(model.get_submodule(path)))
+        return self.by_type(*candidates)
+
+    def by_type(self, *candidates: type) -> Rule | None:
+        """The first type rule whose key is one of `candidates` or a base class of one."""
         for layer_type, rule in self.types.items():
             if any(issubclass(candidate, layer_type) for candidate in candidates):
                 return rule
@@ -401,9 +405,7 @@ class RelevanceEngine:
         if step.module is None:  # F.scaled_dot_product_attention
             args, kwargs = _load(node.args, values), _load(node.kwargs, values)
             q, k, v, core = sdpa_core(*args, **kwargs)
-            parts = core.relevance(q, k, v, R, self.attention)
-            return [(arg, R_arg) for arg, R_arg in zip(node.args[:3], parts, strict=True)
-                    if isinstance(arg, fx.Node) and arg in step.inputs and bool(R_arg.any())]
+            return _to_query_key_value(step, core.relevance(q, k, v, R, self.attention))
         R = R[0] if isinstance(R, list) else R
         rule = self._inner_linear_rule()
         if isinstance(step.module, nn.MultiheadAttention):
@@ -413,7 +415,7 @@ class RelevanceEngine:
     def _inner_linear_rule(self) -> Rule:
         """The rule of the projections inside an attention module: the user's rule for
         nn.Linear if any, else the default."""
-        rule = next((r for t, r in self._rules.types.items() if issubclass(nn.Linear, t)), None)
+        rule = self._rules.by_type(nn.Linear)
         return rule if rule is not None else self._default_rule
 
     def _multihead_attention(self, step: g.Step, values: dict[fx.Node, Any], R: Tensor, rule: Rule
@@ -421,9 +423,7 @@ class RelevanceEngine:
         node = step.node
         parts = MultiheadParts.of(step.module, *_load(node.args, values), **_load(node.kwargs, values))
         _check_recomputed(parts.output(), values[node][0], node)
-        R_inputs = parts.relevance(R, rule, self.attention)
-        return [(arg, R_arg) for arg, R_arg in zip(node.args[:3], R_inputs, strict=True)
-                if isinstance(arg, fx.Node) and arg in step.inputs and bool(R_arg.any())]
+        return _to_query_key_value(step, parts.relevance(R, rule, self.attention))
 
     def _window_attention(self, step: g.Step, values: dict[fx.Node, Any], R: Tensor, rule: Rule
                           ) -> list[tuple[fx.Node, Tensor]]:
@@ -453,7 +453,7 @@ class RelevanceEngine:
         a subclass with its own forward) also covers `F.layer_norm` calls."""
         path = g.module_path(step.node)
         candidates = [nn.LayerNorm, *([type(self.module.get_submodule(path))] if path else [])]
-        rule = next((r for t, r in self._rules.types.items() if any(issubclass(c, t) for c in candidates)), None)
+        rule = self._rules.by_type(*candidates)
         if rule is None:
             return None, None
         bound = dict(zip(("input", "normalized_shape", "weight", "bias", "eps"),
@@ -638,6 +638,13 @@ def _absorb(R: Tensor, pieces: list[Tensor]) -> list[Tensor]:
         spread = piece.abs() * torch.nan_to_num((target - kept) / magnitude).reshape(shape)
         out.append(torch.where(usable.reshape(shape), scaled, piece + spread))
     return out
+
+
+def _to_query_key_value(step: g.Step, parts: Sequence[Tensor]) -> list[tuple[fx.Node, Tensor]]:
+    """An attention call's relevance for its query, key and value arguments, for those that
+    depend on the input and received any."""
+    return [(arg, R_arg) for arg, R_arg in zip(step.node.args[:3], parts, strict=True)
+            if isinstance(arg, fx.Node) and arg in step.inputs and bool(R_arg.any())]
 
 
 def _softmax_dim(step: g.Step) -> int:

@@ -385,10 +385,7 @@ def _plan_batchnorm_folds(steps: list[Step]) -> None:
     """conv→BN and BN→conv pairs with nothing else reading the value between them: the rule of
     the layer then sees the effective (folded) layer, as the LRP literature canonizes."""
     by_node = {step.node: step for step in steps}
-    consumers: dict[fx.Node, list[fx.Node]] = {}
-    for step in steps:
-        for parent in step.inputs:
-            consumers.setdefault(parent, []).append(step.node)
+    consumers = _consumers(steps)
     for step in steps:
         if step.kind != LINEAR or len(step.inputs) != 1:
             continue
@@ -450,10 +447,7 @@ def _normalizes(step: Step) -> bool:
 
 def _keep_cut_groups(steps: list[Step]) -> None:
     """Report only groups that all relevance must cross (a parallel branch is not a cut)."""
-    consumers: dict[fx.Node, list[fx.Node]] = {}
-    for step in steps:
-        for parent in step.inputs:
-            consumers.setdefault(parent, []).append(step.node)
+    consumers = _consumers(steps)
     group_of = {step.node: step.group for step in steps}
     start, end = steps[0].node, steps[-1].node
     for group in {step.group for step in steps if step.group is not None}:
@@ -461,6 +455,15 @@ def _keep_cut_groups(steps: list[Step]) -> None:
             for step in steps:
                 if step.group == group:
                     step.group = None
+
+
+def _consumers(steps: list[Step]) -> dict[fx.Node, list[fx.Node]]:
+    """node -> the nodes that read it (as an input that depends on the model's input)."""
+    consumers: dict[fx.Node, list[fx.Node]] = {}
+    for step in steps:
+        for parent in step.inputs:
+            consumers.setdefault(parent, []).append(step.node)
+    return consumers
 
 
 def _reachable_avoiding(start: fx.Node, end: fx.Node, group: str, group_of: dict, consumers: dict) -> bool:
@@ -623,14 +626,12 @@ def _mark_attention_weights(steps: list[Step]) -> None:
     """A softmax is attention when everything that reads it (through dropout and other
     pass-throughs) is the first factor of a product `A @ V`; that product then knows its
     weights operand (`gate` = 0). Any other softmax (at the output: probabilities) is refused."""
-    consumers: dict[fx.Node, list[Step]] = {}
-    for step in steps:
-        for parent in step.inputs:
-            consumers.setdefault(parent, []).append(step)
+    by_node = {step.node: step for step in steps}
+    consumers = _consumers(steps)
     for step in steps:
         if step.kind != SOFTMAX:
             continue
-        products = _attention_products(step.node, consumers)
+        products = _attention_products(step.node, consumers, by_node)
         if products is None:
             step.kind = UNSUPPORTED
             continue
@@ -638,11 +639,12 @@ def _mark_attention_weights(steps: list[Step]) -> None:
             product.gate = 0
 
 
-def _attention_products(node: fx.Node, consumers: dict[fx.Node, list[Step]]) -> list[Step] | None:
+def _attention_products(node: fx.Node, consumers: dict[fx.Node, list[fx.Node]],
+                        by_node: dict[fx.Node, Step]) -> list[Step] | None:
     found, todo = [], [node]
     while todo:
         current = todo.pop()
-        readers = consumers.get(current, [])
+        readers = [by_node[reader] for reader in consumers.get(current, [])]
         if not readers:
             return None
         for reader in readers:
