@@ -40,14 +40,14 @@ def parse_spec(spec: str) -> tuple[str, dict[str, object]]:
     return name, options
 
 
-def tin10_val(meta: dict, limit: int | None, per_class: int | None):
-    """(item, normalized input) of the tin10 val images, in the evaluation's order."""
+def tin10_images(meta: dict, limit: int | None, per_class: int | None, split: str = "val"):
+    """(item, normalized input) of tin10's `split` images, in the evaluation's order."""
     from relprop.data import discover, load_item, select
     from relprop.errors import ImageError
     from relprop.images import BoundedTransform
     from relprop.models import preprocessing
 
-    root = SHARED / "data" / "tin10" / "val"
+    root = SHARED / "data" / "tin10" / split
     dataset = discover(root, meta["classes"], meta.get("class_names"))
     transform = BoundedTransform(preprocessing(meta), meta["resize"])
     for item in select(dataset.items, per_class, limit):
@@ -118,7 +118,7 @@ def main(argv: list[str] | None = None) -> None:
     for spec in args.methods:
         name, options = parse_spec(spec)
         methods[spec] = get_method(name, model, mean=meta["mean"], std=meta["std"], **options)
-    images = list(tin10_val(meta, args.limit, args.per_class))
+    images = list(tin10_images(meta, args.limit, args.per_class))
     with cache.open("a") as sink:
         for item, x in tqdm(images, desc="class sensitivity", unit="image"):
             for spec, method in methods.items():

@@ -24,27 +24,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-
-try:
-    from relprop.evaluation.statistics import mean_sem_ci, paired_comparison
-except ImportError:  # until issue #13's module is merged (the lead removes this fallback)
-    from scipy.stats import wilcoxon
-
-    def _bootstrap_means(values: np.ndarray, n_boot: int, seed: int) -> np.ndarray:
-        rng = np.random.default_rng(seed)
-        return values[rng.integers(0, len(values), (n_boot, len(values)))].mean(1)
-
-    def mean_sem_ci(values, *, n_boot: int = 10000, seed: int = 0):
-        v = np.asarray(values, dtype=np.float64)
-        sem = float(v.std(ddof=1) / np.sqrt(len(v))) if len(v) > 1 else float("nan")
-        lo, hi = np.percentile(_bootstrap_means(v, n_boot, seed), [2.5, 97.5])
-        return float(v.mean()), sem, float(lo), float(hi)
-
-    def paired_comparison(a, b, *, n_boot: int = 10000, seed: int = 0):
-        d = np.asarray(a, dtype=np.float64) - np.asarray(b, dtype=np.float64)
-        lo, hi = np.percentile(_bootstrap_means(d, n_boot, seed), [2.5, 97.5])
-        p = float(wilcoxon(d).pvalue) if np.any(d != 0) else 1.0
-        return {"mean_diff": float(d.mean()), "lo": float(lo), "hi": float(hi), "wilcoxon_p": p, "n": len(d)}
+from class_sensitivity import tin10_images
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared"
 REFERENCE = "ours-ref+hq"
@@ -89,15 +69,9 @@ def candidates(total_range: tuple[float, float] | None) -> dict[str, object]:
 
 def calibrate_total_range(model, meta, count: int) -> tuple[float, float]:
     """1st and 99th percentile of `lrp-split` maps in units of their total, on tin10 *train*."""
-    from relprop.data import discover, load_item, select
-    from relprop.images import BoundedTransform
     from relprop.methods import get_method
-    from relprop.models import preprocessing
 
-    root = SHARED / "data" / "tin10" / "train"
-    items = select(discover(root, meta["classes"], meta.get("class_names")).items, per_class=max(1, count // 10))
-    transform = BoundedTransform(preprocessing(meta), meta["resize"])
-    x = torch.stack([load_item(root, item, transform, meta)[0] for item in items[:count]])
+    x = torch.stack([image for _, image in tin10_images(meta, count, max(1, count // 10), "train")])
     heat = get_method("lrp-split", model, mean=meta["mean"], std=meta["std"]).attribute(x).sum(1)
     share = heat / heat.flatten(1).sum(1)[:, None, None]
     low, high = np.percentile(share.numpy(), [1, 99])
@@ -120,11 +94,14 @@ def register_candidates(found: dict[str, object]) -> list[str]:
 
 def paired_table(records: list[dict], methods: list[str], protocol: str, metric: str = "id") -> str:
     """Markdown: mean [95 % CI] of each method, paired difference to the reference."""
-    by_method: dict[str, dict[str, float]] = {}
+    from relprop.evaluation.compare import paired_differences
+    from relprop.evaluation.statistics import mean_sem_ci
+
+    by_method: dict[str, list[float]] = {}
     for r in records:
         if r["protocol"] == protocol:
-            by_method.setdefault(r["method"], {})[r["image"]] = float(r[metric])
-    reference = by_method.get(REFERENCE, {})
+            by_method.setdefault(r["method"], []).append(float(r[metric]))
+    paired = paired_differences(records, REFERENCE, metric).get(protocol, {})
     lines = [f"| method | n | {metric} mean [95 % CI] | diff to {REFERENCE} [95 % CI] | Wilcoxon p |",
              "|---|---|---|---|---|"]
     rows = []
@@ -132,10 +109,9 @@ def paired_table(records: list[dict], methods: list[str], protocol: str, metric:
         scores = by_method.get(name)
         if not scores:
             continue
-        mean, _, lo, hi = mean_sem_ci(list(scores.values()))
-        shared = sorted(set(scores) & set(reference))
-        if name != REFERENCE and len(shared) > 1:
-            c = paired_comparison([scores[i] for i in shared], [reference[i] for i in shared])
+        mean, _, lo, hi = mean_sem_ci(scores)
+        c = paired.get(name)
+        if c is not None and c["n"] > 1:
             diff = f"{c['mean_diff']:+.4f} [{c['lo']:+.4f}, {c['hi']:+.4f}]"
             p = f"{c['wilcoxon_p']:.3g}"
         else:

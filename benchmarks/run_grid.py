@@ -55,9 +55,10 @@ def run(args: argparse.Namespace) -> int:
 
 
 def tables(args: argparse.Namespace) -> int:
+    from relprop.evaluation.compare import format_p
     from relprop.evaluation.metrics import METRICS
     from relprop.evaluation.results import format_ci, read_union
-    from relprop.evaluation.statistics import mean_sem_ci, paired_comparison
+    from relprop.evaluation.statistics import finite_mean, mean_sem_ci, paired_comparison
 
     out = Path(args.out)
     records = read_union(out, "results", lambda r: (r["checkpoint_sha256"], r["image"], r["method"],
@@ -81,7 +82,7 @@ def tables(args: argparse.Namespace) -> int:
                   "|---|---|---|---|---|---|---|"]
         for m in methods:
             per = scores[protocol, m]
-            ins, dele = (mean_sem_ci([v[k] for v in per.values()])[0] for k in ("insertion", "deletion"))
+            ins, dele = (finite_mean([v[k] for v in per.values()]) for k in ("insertion", "deletion"))
             mean, sem, low, high = mean_sem_ci([v["id"] for v in per.values()])
             lines.append(f"| {m} | {len(per)} | {ins:.3f} | {dele:.3f} | {mean:.3f} | {sem:.3f} | "
                          f"{format_ci(low, high)} |")
@@ -104,7 +105,7 @@ def tables(args: argparse.Namespace) -> int:
                        "reversed" if significant and r["hi"] < 0 else "not resolved")
             lines.append(f"| {label} | `{protocol}` | {method} | {reference} | {r['n']} | "
                          f"{r['mean_diff']:+.4f} | {format_ci(r['lo'], r['hi'])} | "
-                         f"{'–' if p != p else f'{p:.2e}' if p < 1e-3 else f'{p:.3f}'} | {verdict} |")
+                         f"{format_p(p)} | {verdict} |")
     print("\n".join(lines))
     return 0
 

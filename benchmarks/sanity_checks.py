@@ -62,14 +62,14 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--out", type=Path, default=Path("bench_out/sanity_checks.md"))
     args = parser.parse_args(argv)
-    from class_sensitivity import tin10_val
+    from class_sensitivity import tin10_images
 
     from relprop.models import load_model
 
     model, meta = load_model(SHARED / "models" / "resnet18_tin10.pt")
     model = model.to(args.device)
     per_class = max(1, -(-args.limit // 10))
-    x = torch.stack([image for _, image in tin10_val(meta, None, per_class)][: args.limit])
+    x = torch.stack([image for _, image in tin10_images(meta, None, per_class)][: args.limit])
     with torch.no_grad():
         y = model(x.to(args.device)).argmax(1).cpu().numpy()
     args.out.parent.mkdir(parents=True, exist_ok=True)

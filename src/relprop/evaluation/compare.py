@@ -68,12 +68,13 @@ def compare_markdown(table: dict[str, dict[str, dict[str, Any]]], baseline: str,
                   "| Method | n | Mean difference | 95 % CI | Wilcoxon p |", "|---|---|---|---|---|"]
         for method, r in rows.items():
             lines.append(f"| {method} | {r['n']} | {r['mean_diff']:+.4f} | "
-                         f"{format_ci(r['lo'], r['hi'])} | {_p(r['wilcoxon_p'])} |")
+                         f"{format_ci(r['lo'], r['hi'])} | {format_p(r['wilcoxon_p'])} |")
         lines.append("")
     return "\n".join(lines)
 
 
-def _p(value: float) -> str:
+def format_p(value: float) -> str:
+    """A p-value for a table: `–` where the test is undefined (NaN), else 3 significant places."""
     if value != value:  # NaN: every difference zero
         return "–"
     return f"{value:.2e}" if value < 1e-3 else f"{value:.3f}"

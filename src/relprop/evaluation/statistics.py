@@ -24,6 +24,12 @@ def _finite(values: Sequence[float] | np.ndarray) -> np.ndarray:
     return array[np.isfinite(array)]
 
 
+def finite_mean(values: Sequence[float] | np.ndarray) -> float:
+    """The mean over the finite values (NaN if there are none), without the bootstrap."""
+    finite = _finite(values)
+    return float(finite.mean()) if finite.size else math.nan
+
+
 def _bootstrap_mean(values: np.ndarray, n_boot: int, seed: int) -> tuple[float, float]:
     """95 % percentile bootstrap interval of the mean; a constant sample is its own interval."""
     from scipy import stats
@@ -48,7 +54,7 @@ def mean_sem_ci(values: Sequence[float] | np.ndarray, *, n_boot: int = 10000,
     finite = _finite(values)
     if finite.size == 0:
         return math.nan, math.nan, math.nan, math.nan
-    mean = float(finite.mean())
+    mean = finite_mean(finite)
     sem = float(stats.sem(finite)) if finite.size > 1 else math.nan
     low, high = _bootstrap_mean(finite, n_boot, seed)
     return mean, sem, low, high
