@@ -441,9 +441,8 @@ def _evaluate(work: _Work, ranks: Any, device: torch.device, progress: _Progress
     model, meta, plan = work.checkpoint.model.to(device), work.checkpoint.meta, work.plan
     methods = _build_methods(work, model, meta)
     for chunk in ranks.shard(work.batches):
-        todo = [it for it in chunk if any(work.needs(it, name) for name in plan.methods)]
-        if not todo:
-            continue
+        if not any(work.needs(it, name) for it in chunk for name in plan.methods):
+            continue  # a finished batch
         for batch, failures in _batches(work.root, chunk, meta):
             for item, message in failures:
                 if any(work.needs(item, n) for n in plan.methods):
