@@ -34,3 +34,12 @@ class CheckpointError(RelpropError, ValueError):
 class FidelityError(RelpropError, RuntimeError):
     """The engine's forward pass differs from the model's own: its relevance would explain
     another function, so none is returned."""
+
+
+def first_line(error: BaseException, default: str | None = None) -> str:
+    """The first non-empty line of an error's message (tracebacks of torch and fx run long);
+    `default` (the error's type name unless given) when the message is empty."""
+    text = str(error).strip()
+    if text:
+        return text.splitlines()[0]
+    return type(error).__name__ if default is None else default
