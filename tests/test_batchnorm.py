@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from relprop import LRP
-from relprop.core.rules import BatchNormStats, as_linear_op, fold_batchnorm
+from relprop.core.linear_op import BatchNormStats, as_linear_op, fold_batchnorm
 
 from sharedfiles import SHARED, load_torchvision_checkpoint, shared_path
 
@@ -76,7 +76,7 @@ def test_pre_activation_bn_before_a_conv_is_folded_and_conserves_with_zplus():
                           nn.Conv2d(6, 6, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
                           nn.Linear(6, 3)).eval()
     lrp = LRP(model, bn="fold")
-    assert next(s for s in lrp.engine.steps if s.node.target == "3").fold_before is not None
+    assert next(s for s in lrp.engine.steps if s.node.target == "3").info.fold_before is not None
     x = torch.randn(2, 3, 10, 10)
     R = lrp.attribute(x)
     with torch.no_grad():

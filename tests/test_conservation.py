@@ -120,10 +120,10 @@ def test_zero_activations_fall_back_without_loss():
 
 
 def test_ratio_split_with_both_operands_zero_is_symmetric():
-    from relprop.core.splitting import Splitter
+    from relprop.core.splitting import split_strategy
 
     R = torch.tensor([1.0, 2.0])
     a, b = torch.tensor([0.0, 3.0]), torch.tensor([0.0, 1.0])
-    R_a, R_b = Splitter("ratio")(R, a, b, skip=None)
+    R_a, R_b = split_strategy("ratio")(R, a, b, skip=None)
     torch.testing.assert_close(R_a, torch.tensor([0.5, 1.5]))
     torch.testing.assert_close(R_b, torch.tensor([0.5, 0.5]))

@@ -25,7 +25,7 @@ def conv_net() -> nn.Module:
 
 
 def first_conv_rule(lrp: LRP):
-    step = next(step for step in lrp.engine.steps if step.is_input_layer)
+    step = next(step for step in lrp.engine.steps if getattr(step.info, "is_input_layer", False))
     return lrp.engine.rule_for(step)
 
 

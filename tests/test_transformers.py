@@ -16,7 +16,9 @@ import torchvision
 from torch import nn
 
 from relprop import LRP, Composite
-from relprop.core.attention import AttentionCore, bilinear_relevance, softmax_relevance
+from relprop.core.ops.attention import AttentionCore
+from relprop.core.ops.matmul import bilinear_relevance
+from relprop.core.ops.softmax import softmax_relevance
 from relprop.errors import UnsupportedLayerError
 
 timm = pytest.importorskip("timm")

@@ -19,7 +19,7 @@ _EXPORTS = {
     "get_method": "relprop.methods",
     "method_names": "relprop.methods",
     "CRP": "relprop.detection.crp",
-    "RelevanceEngine": "relprop.core.engine",
+    "RelevanceEngine": "relprop.core.interpreter",
     "Rule": "relprop.core.rules",
     "get_rule": "relprop.core.rules",
     "heat_quantize": "relprop.core.quantize",
@@ -29,7 +29,7 @@ __all__ = ["LRP", "Composite", "get_composite", "composite_names", "RelevanceEng
 
 if TYPE_CHECKING:
     from relprop.core.composites import Composite, composite_names, get_composite
-    from relprop.core.engine import RelevanceEngine
+    from relprop.core.interpreter import RelevanceEngine
     from relprop.core.lrp import LRP
     from relprop.core.quantize import heat_quantize
     from relprop.core.rules import Rule, get_rule

@@ -23,6 +23,10 @@ class InputError(RelpropError, ValueError):
     """An input tensor has the wrong shape or type."""
 
 
+class ConfigError(RelpropError, ValueError):
+    """An option, rule, composite or strategy name is unknown or does not fit the others."""
+
+
 class ImageError(RelpropError, ValueError):
     """An image file is missing, corrupt, unsupported or too large."""
 

@@ -1,7 +1,11 @@
 """`Composite`: which rule where, how residual adds split, and the numerics, as one object.
 
 `LRP`, `RelevanceEngine` and `CRP` take a composite (``composite=``) or its fields as keyword
-arguments (a shortcut that builds one). Named composites live in a registry:
+arguments (a shortcut that builds one). Its policies are strategy objects (``split=RatioSplit()``,
+``maxpool=WinnerTakesAll()``, ``attention=ConservativeAttention()``, ``constants=KeepOnInput()``)
+or their names (``"ratio"``, ``"wta"``, ``"cp"``, ``"input"``); `strategies()` resolves them, with
+the reference code's numerics where ``reference=True``, into the `Strategies` the engine uses.
+Named composites live in a registry:
 
     >>> from relprop import get_composite, composite_names
     >>> get_composite("lrp-split-sym").split
@@ -22,16 +26,43 @@ from typing import Any
 
 from torch import nn
 
-from relprop.core.attention import ATTENTION_RULES
-from relprop.core.rules import Rule
-from relprop.core.splitting import SPLITS
-from relprop.errors import InputError
+from relprop.core.canonize import BN_MODES, Canonizer
+from relprop.core.constants import ConstantsPolicy, constants_policy
+from relprop.core.ops.attention import AttentionStrategy, attention_strategy
+from relprop.core.ops.maxpool import MaxPoolStrategy, maxpool_strategy
+from relprop.core.rules import (
+    ProportionalRule,
+    ReferenceZPlusRule,
+    Rule,
+    WPlusRule,
+    ZPlusRule,
+    get_rule,
+)
+from relprop.core.ruleset import RuleSet, RuleSpec
+from relprop.core.splitting import SplitStrategy, split_strategy
+from relprop.errors import ConfigError, InputError
 
-RuleSpec = str | Rule
-MAXPOOL_RULES = ("avg", "wta")
-BN_MODES = ("pass", "fold")
-CONSTANT_POLICIES = ("input", "leak")
 _CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
+
+
+@dataclass(frozen=True)
+class Strategies:
+    """A composite resolved for one model: every choice the ops and the engine act on."""
+
+    split: SplitStrategy
+    identity_skips: bool
+    maxpool: MaxPoolStrategy
+    pooling: Rule  # positive linear maps (pooling, upsampling, the max pool's stand-in)
+    attention: AttentionStrategy
+    constants: ConstantsPolicy
+    default_rule: Rule  # linear layers without a rule of their own
+    default_input_rule: Rule  # the layer that sees the image, without a rule of its own
+    input_rule: Rule | None  # the user's rule for that layer (wins over type rules)
+    bn: str  # "pass" or "fold": which canonizers run
+
+    @property
+    def canonizers(self) -> tuple[Canonizer, ...]:
+        return BN_MODES[self.bn]
 
 
 @dataclass(frozen=True)
@@ -44,29 +75,36 @@ class Composite:
             tuple of pairs so the composite stays immutable (`rule_map()` gives the dict).
         input_rule: rule of the layer that sees the input (None: a type rule if one matches
             there, else w⁺).
-        split: ``"ratio"`` (the paper), ``"symmetric"`` or ``"signed"`` (plain LRP).
+        split: ``"ratio"`` (the paper), ``"symmetric"`` or ``"signed"`` (plain LRP), or a split
+            strategy (`relprop.core.splitting`).
         identity_skips: split at identity skips too (False: the paper's ablation).
-        maxpool: ``"avg"`` (proportional, the pool's geometry) or ``"wta"`` (winner takes all).
-        bn: ``"fold"``, ``"pass"`` or None (pass for the paper's z+/w⁺, fold for any other rule).
-        reference: the authors' code's numerics (reproduces their numbers; leaks a few percent).
+        maxpool: ``"avg"`` (proportional, the pool's geometry) or ``"wta"`` (winner takes all),
+            or a max-pool strategy (`relprop.core.ops.maxpool`).
+        bn: ``"fold"``, ``"pass"`` or None (pass for rules that declare `bn_invariant`, such as
+            the paper's z+/w⁺; fold for any other rule).
+        reference: the authors' code's numerics (reproduces their numbers; leaks a few percent):
+            the reference twin of every named strategy (their split arithmetic, a 2×2 average for
+            max pooling, +1e-5 in pooling and z+, ones at the input layer).
         attention: ``"cp"`` (attention weights held constant, Ali et al. 2022: conserves) or
-            ``"attnlrp"`` (AttnLRP's softmax and bilinear rules, Achtibat et al. 2024).
+            ``"attnlrp"`` (AttnLRP's softmax and bilinear rules, Achtibat et al. 2024), or an
+            attention strategy (`relprop.core.ops.attention`).
         constants: where the relevance of a constant operand (ViT's class token and position
             embedding, a bias added by a function) goes: ``"input"`` (kept by the input-dependent
             operand: all of it at an add, the cat's constant slices rescale the others) or
-            ``"leak"`` (the constant takes its share and the relevance is lost there).
+            ``"leak"`` (the constant takes its share and the relevance is lost there), or a
+            policy (`relprop.core.constants`).
         mean, std: the input normalization, which the zB rule needs.
     """
 
     rules: Mapping[Any, RuleSpec] | tuple[tuple[Any, RuleSpec], ...] = ()
     input_rule: RuleSpec | None = None
-    split: str = "ratio"
+    split: str | SplitStrategy = "ratio"
     identity_skips: bool = True
-    maxpool: str = "avg"
+    maxpool: str | MaxPoolStrategy = "avg"
     bn: str | None = None
     reference: bool = False
-    attention: str = "cp"
-    constants: str = "input"
+    attention: str | AttentionStrategy = "cp"
+    constants: str | ConstantsPolicy = "input"
     mean: tuple[float, ...] | None = None
     std: tuple[float, ...] | None = None
 
@@ -76,19 +114,35 @@ class Composite:
         for name in ("mean", "std"):
             value = getattr(self, name)
             object.__setattr__(self, name, None if value is None else tuple(float(v) for v in value))
-        if self.split not in SPLITS:
-            raise ValueError(f"unknown split {self.split!r}; choose one of: {', '.join(SPLITS)}")
-        if self.maxpool not in MAXPOOL_RULES:
-            raise ValueError(f"unknown maxpool rule {self.maxpool!r}; choose one of: {', '.join(MAXPOOL_RULES)}")
-        if self.attention not in ATTENTION_RULES:
-            raise ValueError(f"unknown attention rule {self.attention!r}; choose one of: {', '.join(ATTENTION_RULES)}")
-        if self.constants not in CONSTANT_POLICIES:
-            raise ValueError(f"unknown constants policy {self.constants!r}; choose one of: "
-                             f"{', '.join(CONSTANT_POLICIES)}")
         if self.bn is not None and self.bn not in BN_MODES:
-            raise ValueError(f"unknown bn mode {self.bn!r}; choose one of: {', '.join(BN_MODES)}")
+            raise ConfigError(f"unknown bn mode {self.bn!r}; choose one of: {', '.join(BN_MODES)}")
         if self.bn == "fold" and self.reference:
-            raise ValueError("the reference preset passes BatchNorm through, as the paper does; use bn='pass'")
+            raise ConfigError("the reference preset passes BatchNorm through, as the paper does; use bn='pass'")
+        self._policies()  # unknown names are refused here, not when a model is explained
+
+    def _policies(self) -> tuple[SplitStrategy, MaxPoolStrategy, AttentionStrategy, ConstantsPolicy]:
+        return (split_strategy(self.split, self.reference), maxpool_strategy(self.maxpool, self.reference),
+                attention_strategy(self.attention), constants_policy(self.constants))
+
+    def normalization(self) -> tuple[list[float] | None, list[float] | None]:
+        """(mean, std) as lists, for rules built by name (zB)."""
+        return (None if self.mean is None else list(self.mean), None if self.std is None else list(self.std))
+
+    def strategies(self, rules: RuleSet) -> Strategies:
+        """Every choice resolved for a model whose rules are `rules` (they decide `bn=None`)."""
+        split, maxpool, attention, constants = self._policies()
+        if self.reference:
+            default_rule, default_input_rule = ReferenceZPlusRule(), ReferenceZPlusRule(ones_input=True)
+            pooling, input_rule = ProportionalRule(epsilon=1e-5), None
+        else:
+            default_rule, default_input_rule, pooling = ZPlusRule(), WPlusRule(), ProportionalRule()
+            input_rule = None if self.input_rule is None else get_rule(self.input_rule, *self.normalization())
+        bn = self.bn
+        if bn is None:  # fold as soon as any rule divides by a z that BatchNorm changes
+            invariant = all(rule.bn_invariant for rule in [*rules.all(), *([input_rule] if input_rule else [])])
+            bn = "pass" if invariant or self.reference else "fold"
+        return Strategies(split, self.identity_skips, maxpool, pooling, attention, constants, default_rule,
+                          default_input_rule, input_rule, bn)
 
     def rule_map(self) -> dict[Any, RuleSpec]:
         """The rules as the dict the engine sorts by key kind."""
@@ -109,10 +163,10 @@ def resolve_composite(composite: Composite | None, base: Composite | None = None
     given = {key: value for key, value in options.items() if value is not None}
     if composite is not None:
         if given:
-            raise ValueError(f"give either composite= or its keyword arguments ({', '.join(sorted(given))}), "
-                             "not both")
+            raise ConfigError(f"give either composite= or its keyword arguments ({', '.join(sorted(given))}), "
+                              "not both")
         if not isinstance(composite, Composite):
-            raise TypeError(f"composite must be a relprop.Composite, got {type(composite).__name__}")
+            raise ConfigError(f"composite must be a relprop.Composite, got {type(composite).__name__}")
         return composite
     return (base or Composite()).replace(**given)
 
@@ -125,7 +179,7 @@ _REGISTRY: dict[str, Factory] = {}
 def register_composite(name: str, factory: Factory) -> None:
     """Register `factory(mean, std) -> Composite` under `name` (what `get_composite` builds)."""
     if name in _REGISTRY:
-        raise ValueError(f"composite {name!r} is already registered")
+        raise ConfigError(f"composite {name!r} is already registered")
     _REGISTRY[name] = factory
 
 
@@ -171,5 +225,5 @@ register_composite("epsilon-gamma-box", _epsilon_gamma_box)
 register_composite("alpha2beta1", lambda mean, std: Composite(
     rules=dict.fromkeys(_CONVS, "alpha2beta1"), bn="fold", mean=mean, std=std))
 
-__all__ = ["Composite", "get_composite", "composite_names", "register_composite", "resolve_composite",
-           "COMPOSITE_FIELDS"]
+__all__ = ["Composite", "Strategies", "get_composite", "composite_names", "register_composite",
+           "resolve_composite", "COMPOSITE_FIELDS", "RuleSpec"]

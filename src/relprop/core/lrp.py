@@ -10,7 +10,7 @@ import torch
 from torch import Tensor, nn
 
 from relprop.core.composites import Composite, RuleSpec, resolve_composite
-from relprop.core.engine import Backward, Record, RelevanceEngine
+from relprop.core.interpreter import Backward, Record, RelevanceEngine
 from relprop.errors import InputError
 from relprop.targets import Target, check_target, initial_relevance, slice_target
 
@@ -142,7 +142,7 @@ class LRP:
             shape = tuple(logits.shape) if isinstance(logits, Tensor) else type(logits).__name__
             raise InputError(
                 f"LRP explains classifiers with (N, num_classes) outputs; this model returns {shape}. "
-                "Use relprop.core.engine.RelevanceEngine with a seed of the output's structure."
+                "Use relprop.core.interpreter.RelevanceEngine with a seed of the output's structure."
             )
         seed = initial_relevance(logits, target)
         backward = self.engine.backward(record, seed, layer_sums=layer_sums, layers=layers)

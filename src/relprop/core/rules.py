@@ -10,235 +10,27 @@ no autograd graph is built for the expensive layers.
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, replace
-from functools import cached_property
-from typing import Any, NamedTuple
+from typing import ClassVar, NamedTuple
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
-from relprop.errors import UnsupportedLayerError
-
-# Below this a denominator counts as zero: relevance there takes a fallback path instead.
-TINY = 1e-30
-
-
-CONV_TYPES: tuple[type[nn.Module], ...] = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
-CONV_TRANSPOSE_TYPES: tuple[type[nn.Module], ...] = (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
-LINEAR_TYPES: tuple[type[nn.Module], ...] = (nn.Linear, *CONV_TYPES, *CONV_TRANSPOSE_TYPES)
-_CONV = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
-_CONV_T = {1: F.conv_transpose1d, 2: F.conv_transpose2d, 3: F.conv_transpose3d}
-
-
-@dataclass(frozen=True, eq=False)
-class LinearOp:
-    """A linear map `y = W x (+ b)`, the thing every linear rule normalises, evaluable with
-    any weight: a dense layer, an N-d convolution or a transposed convolution.
-
-    Built from a module (`as_linear_op`) or from the arguments of a functional call, and with
-    BatchNorm folded in (`fold_batchnorm`), so rules never see which of these it came from.
-    `bias` is per output channel or, after folding a BatchNorm *before* a padded conv, a map of
-    the output's shape (the padding sees zeros, not the shifted values).
-    """
-
-    weight: Tensor
-    bias: Tensor | None = None
-    kind: str = "linear"  # "linear", "conv" or "conv_transpose"
-    stride: tuple[int, ...] = ()
-    padding: tuple[int, ...] = ()
-    dilation: tuple[int, ...] = ()
-    groups: int = 1
-    output_padding: tuple[int, ...] = ()
-
-    @property
-    def dims(self) -> int:
-        return self.weight.dim() - 2
-
-    def forward(self, x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
-        if self.kind == "linear":
-            y = F.linear(x, weight)
-        elif self.kind == "conv":
-            y = _CONV[self.dims](x, weight, None, self.stride, self.padding, self.dilation, self.groups)
-        else:
-            y = _CONV_T[self.dims](x, weight, None, self.stride, self.padding, self.output_padding,
-                                   self.groups, self.dilation)
-        return y if bias is None else y + self._broadcast_bias(bias, y)
-
-    def _broadcast_bias(self, bias: Tensor, y: Tensor) -> Tensor:
-        if bias.dim() == 1 and self.kind != "linear":
-            return bias.reshape(-1, *([1] * self.dims))
-        return bias
-
-    def transpose(self, s: Tensor, weight: Tensor, input_shape: torch.Size) -> Tensor:
-        if self.kind == "linear":
-            return s @ weight
-        if self.kind == "conv":
-            return _CONV_T[self.dims](s, weight, None, self.stride, self.padding,
-                                      self._dropped(s.shape, input_shape), self.groups, self.dilation)
-        return _CONV[self.dims](s, weight, None, self.stride, self.padding, self.dilation, self.groups)
-
-    def _dropped(self, output_shape: torch.Size, input_shape: torch.Size) -> tuple[int, ...]:
-        """The rows/columns a strided convolution dropped, which its transpose must restore."""
-        kernel = self.weight.shape[2:]
-        return tuple(
-            input_shape[2 + d] - ((output_shape[2 + d] - 1) * self.stride[d] - 2 * self.padding[d]
-                                  + self.dilation[d] * (kernel[d] - 1) + 1)
-            for d in range(self.dims)
-        )
-
-    def with_params(self, weight: Tensor, bias: Tensor | None) -> LinearOp:
-        return replace(self, weight=weight, bias=bias)
-
-    @cached_property
-    def positive_weight(self) -> Tensor:
-        return self.weight.clamp(min=0)
-
-
-def as_linear_op(layer: nn.Module | LinearOp) -> LinearOp:
-    """The linear map of a Linear, ConvNd or ConvTransposeNd module (or an op as it is)."""
-    if isinstance(layer, LinearOp):
-        return layer
-    weight = layer.weight.detach().float() if isinstance(layer, LINEAR_TYPES) else None
-    bias = None if getattr(layer, "bias", None) is None else layer.bias.detach().float()
-    if isinstance(layer, nn.Linear):
-        return LinearOp(weight, bias)
-    if isinstance(layer, (*CONV_TYPES, *CONV_TRANSPOSE_TYPES)):
-        if layer.padding_mode != "zeros":
-            raise UnsupportedLayerError(
-                f"{type(layer).__name__} with padding_mode={layer.padding_mode!r} is not supported "
-                "(only 'zeros')"
-            )
-        transposed = isinstance(layer, CONV_TRANSPOSE_TYPES)
-        padding = layer.padding
-        if isinstance(padding, str):
-            padding = conv_padding(padding, layer.kernel_size, layer.dilation)
-        return LinearOp(weight, bias, "conv_transpose" if transposed else "conv", tuple(layer.stride),
-                        tuple(padding), tuple(layer.dilation), layer.groups,
-                        tuple(layer.output_padding) if transposed else ())
-    raise UnsupportedLayerError(
-        f"{type(layer).__name__} is not a linear layer; linear rules take Linear, ConvNd or ConvTransposeNd"
-    )
-
-
-def conv_padding(padding: str, kernel_size: tuple[int, ...], dilation: tuple[int, ...]) -> tuple[int, ...]:
-    """Numeric padding for 'valid' and symmetric 'same' (transposes need numbers)."""
-    if padding == "valid":
-        return tuple(0 for _ in kernel_size)
-    total = [d * (k - 1) for k, d in zip(kernel_size, dilation, strict=True)]
-    if any(t % 2 for t in total):
-        raise UnsupportedLayerError(
-            f"padding='same' with kernel {tuple(kernel_size)} pads asymmetrically; relprop supports "
-            "symmetric padding only"
-        )
-    return tuple(t // 2 for t in total)
-
-
-def functional_linear_op(function: Callable, args: tuple, kwargs: dict) -> LinearOp:
-    """The op of a functional call `F.linear(x, w, b)` or `F.convNd(x, w, b, stride, ...)`, with
-    the argument values of this forward pass (timm's weight-standardised convs compute `w`)."""
-    names = ("input", "weight", "bias", "stride", "padding", "dilation", "groups")
-    bound = dict(zip(names, args, strict=False)) | dict(kwargs)
-    weight = bound["weight"].detach().float()
-    bias = bound.get("bias")
-    bias = None if bias is None else bias.detach().float()
-    if function is F.linear:
-        return LinearOp(weight, bias)
-    dims = weight.dim() - 2
-
-    def tup(value: Any, default: int) -> tuple[int, ...]:
-        value = default if value is None else value
-        return tuple(value) if isinstance(value, (tuple, list)) else (int(value),) * dims
-
-    dilation = tup(bound.get("dilation"), 1)
-    padding = bound.get("padding", 0)
-    if isinstance(padding, str):
-        padding = conv_padding(padding, tuple(weight.shape[2:]), dilation)
-    return LinearOp(weight, bias, "conv", tup(bound.get("stride"), 1), tup(padding, 0), dilation,
-                    int(bound.get("groups") or 1))
-
-
-class BatchNormStats(NamedTuple):
-    """What an eval-mode BatchNorm computes: `y = (x − mean)/√(var + eps)·weight + bias`."""
-
-    mean: Tensor
-    var: Tensor
-    weight: Tensor | None
-    bias: Tensor | None
-    eps: float
-
-    @classmethod
-    def of(cls, bn: nn.modules.batchnorm._BatchNorm) -> BatchNormStats:
-        return cls(bn.running_mean, bn.running_var, bn.weight, bn.bias, bn.eps)
-
-    def scale_shift(self) -> tuple[Tensor, Tensor]:
-        """`y = s·x + t`."""
-        scale = (self.var.detach().float() + self.eps).rsqrt()
-        if self.weight is not None:
-            scale = scale * self.weight.detach().float()
-        shift = -self.mean.detach().float() * scale
-        if self.bias is not None:
-            shift = shift + self.bias.detach().float()
-        return scale, shift
-
-
-def fold_batchnorm(op: LinearOp, bn: BatchNormStats, before: bool = False,
-                   input_shape: torch.Size | None = None) -> LinearOp:
-    """The effective layer of `BN(op(x))` (or of `op(BN(x))` with `before=True`), as the LRP
-    literature canonizes it: `W' = W·s`, `b' = (b − μ)·s + β` with `s = γ/√(σ²+ε)`."""
-    scale, shift = bn.scale_shift()
-    if before:
-        return _fold_before(op, scale, shift, input_shape)
-    if op.kind == "conv_transpose" and op.groups > 1:
-        raise UnsupportedLayerError("folding a BatchNorm into a grouped transposed conv is not supported")
-    channel_axis = 1 if op.kind == "conv_transpose" else 0
-    shape = [1] * op.weight.dim()
-    shape[channel_axis] = -1
-    bias = shift if op.bias is None else op.bias * scale + shift
-    return op.with_params(op.weight * scale.reshape(shape), bias)
-
-
-def _fold_before(op: LinearOp, scale: Tensor, shift: Tensor, input_shape: torch.Size | None) -> LinearOp:
-    """`op(s·x + t) = op'(x) + op(t)`. The constant `op(t)` is evaluated exactly: per channel
-    without padding, as a map of the output's shape where padding sees zeros instead of t."""
-    if op.kind == "conv_transpose":
-        raise UnsupportedLayerError("folding a BatchNorm into a following transposed conv is not supported")
-    if input_shape is None:
-        raise ValueError("folding a BatchNorm into the layer after it needs the input shape")
-    if op.kind == "linear":
-        weight = op.weight * scale
-        constant = op.forward(shift.reshape(1, -1), op.weight, op.bias)[0]
-        return op.with_params(weight, constant)
-    per_group = [op.groups, 1, op.weight.shape[1]] + [1] * op.dims
-    grouped = op.weight.reshape(op.groups, -1, *op.weight.shape[1:])
-    weight = (grouped * scale.reshape(per_group)).reshape(op.weight.shape)
-    t = shift.reshape(1, -1, *([1] * op.dims)).expand(1, *input_shape[1:])
-    constant = op.forward(t, op.weight, op.bias)[0]  # (C_out, *spatial)
-    if not any(op.padding):
-        constant = constant.flatten(1)[:, 0]
-    return op.with_params(weight, constant)
-
-
-def _total(tensors) -> Tensor:
-    """Sum of tensors without the extra copy `sum()` makes by starting from 0."""
-    iterator = iter(tensors)
-    total = next(iterator)
-    for tensor in iterator:
-        total = total + tensor
-    return total
-
-
-def _safe_divide(numerator: Tensor, denominator: Tensor) -> tuple[Tensor, Tensor]:
-    """`numerator / denominator` where |denominator| > TINY, else 0; also the mask of zeros."""
-    zero = denominator.abs() <= TINY
-    ratio = numerator / torch.where(zero, torch.ones_like(denominator), denominator)
-    return ratio.masked_fill(zero, 0.0), zero
+from relprop.core.linear_op import LinearOp, as_linear_op
+from relprop.core.numerics import TINY, safe_divide, stabilize, total, vjp
+from relprop.errors import ConfigError, UnsupportedLayerError
 
 
 class Rule:
-    """Base class. `relevance(layer, a, R_out)` returns the relevance of the layer's input `a`."""
+    """Base class. `relevance(layer, a, R_out)` returns the relevance of the layer's input `a`.
+
+    A rule declares what the engine may rely on: `bn_invariant` (its result does not change when
+    a BatchNorm with positive scales is folded into the layer, so BatchNorm can be passed
+    through) and `wants_nonnegative` (its `relevance` takes `nonnegative=True`, the engine's
+    promise that `a >= 0`, and skips checking)."""
 
     name = "rule"
+    bn_invariant: ClassVar[bool] = False
+    wants_nonnegative: ClassVar[bool] = False
 
     def relevance(self, layer: nn.Module, a: Tensor, R: Tensor) -> Tensor:
         raise NotImplementedError
@@ -251,6 +43,7 @@ class PassRule(Rule):
     """Relevance goes through unchanged (ReLU, BatchNorm, Dropout, Identity, L2Norm...)."""
 
     name = "pass"
+    bn_invariant = True
 
     def relevance(self, layer: nn.Module, a: Tensor, R: Tensor) -> Tensor:
         return R.reshape(a.shape)
@@ -260,7 +53,7 @@ def _uniform_fallback(op: LinearOp, R: Tensor, shape: torch.Size, weight: Tensor
     """Distribute R uniformly over each output's receptive field (positions and channels)."""
     ones_weight = torch.ones_like(weight)
     count = op.forward(torch.ones(shape, dtype=R.dtype, device=R.device), ones_weight)
-    s, _ = _safe_divide(R, count)
+    s, _ = safe_divide(R, count)
     return op.transpose(s, ones_weight, shape)
 
 
@@ -268,7 +61,7 @@ def _weight_proportional(op: LinearOp, R: Tensor, shape: torch.Size, weight: Ten
     """Distribute R in proportion to `weight` alone (as if every input were 1); uniform where
     an output has no such weight at all, so nothing is lost."""
     z = op.forward(torch.ones(shape, dtype=R.dtype, device=R.device), weight)
-    s, zero = _safe_divide(R, z)
+    s, zero = safe_divide(R, z)
     R_in = op.transpose(s, weight, shape)
     leftover = R.masked_fill(~zero, 0.0)
     if bool(leftover.any()):
@@ -286,12 +79,12 @@ def _distribute(op: LinearOp, terms: list[tuple[Tensor, Tensor]], R: Tensor, sha
     """
     R = R.detach()
     terms = [(x.detach(), wt) for x, wt in terms]
-    z = _total(op.forward(x, wt) for x, wt in terms)
+    z = total(op.forward(x, wt) for x, wt in terms)
     if bool(z.min() > TINY):  # the usual case: every output has a positive contribution
         s = torch.div(R, z, out=z)  # z is ours: reuse its memory (large temporaries are slow)
-        return _total(op.transpose(s, wt, shape).mul_(x) for x, wt in terms)
+        return total(op.transpose(s, wt, shape).mul_(x) for x, wt in terms)
     zero = z <= TINY
-    R_in = _total(x * op.transpose(R / z.masked_fill(zero, 1.0), wt, shape) for x, wt in terms)
+    R_in = total(x * op.transpose(R / z.masked_fill(zero, 1.0), wt, shape) for x, wt in terms)
     leftover = R.masked_fill(~zero, 0.0)
     if bool(leftover.any()):
         R_in = R_in + _weight_proportional(op, leftover, shape, fallback_weight)
@@ -306,6 +99,8 @@ class ZPlusRule(Rule):
     """
 
     name = "zplus"
+    bn_invariant = True
+    wants_nonnegative = True
 
     def __init__(self) -> None:
         self._positive_weights: dict[int, tuple[tuple, Tensor]] = {}
@@ -338,6 +133,7 @@ class WPlusRule(Rule):
     distributed by w⁺ alone (uniform where an output sees no positive weight)."""
 
     name = "wplus"
+    bn_invariant = True
 
     def relevance(self, layer: nn.Module, a: Tensor, R: Tensor) -> Tensor:
         op = as_linear_op(layer)
@@ -364,11 +160,6 @@ class FlatRule(Rule):
         return _uniform_fallback(op, R, a.shape, op.weight)
 
 
-def _stabilize(z: Tensor, epsilon: float) -> Tensor:
-    """z + ε·sign(z), with sign(0) = +1."""
-    return z + epsilon * torch.where(z >= 0, torch.ones_like(z), -torch.ones_like(z))
-
-
 class EpsilonRule(Rule):
     """ε: plain z-rule with a stabilizer; relevance absorbed by ε and biases is lost."""
 
@@ -383,7 +174,7 @@ class EpsilonRule(Rule):
     def relevance(self, layer: nn.Module, a: Tensor, R: Tensor) -> Tensor:
         op = as_linear_op(layer)
         w, b = self._weights(op)
-        z = _stabilize(op.forward(a, w, b), self.epsilon)
+        z = stabilize(op.forward(a, w, b), self.epsilon)
         return a * op.transpose(R / z, w, a.shape)
 
     def __repr__(self) -> str:
@@ -416,7 +207,7 @@ class GammaRule(EpsilonRule):
             w_same, w_other = self._favour(w, sign), self._favour(w, not sign)
             bias = None if b is None else self._favour(b, sign)
             denominator = op.forward(a_pos, w_same, bias) + op.forward(a_neg, w_other)
-            s = R.masked_fill(~mask, 0.0) / _stabilize(denominator, self.epsilon)
+            s = R.masked_fill(~mask, 0.0) / stabilize(denominator, self.epsilon)
             R_in = R_in + a_pos * op.transpose(s, w_same, a.shape) + a_neg * op.transpose(s, w_other, a.shape)
         return R_in
 
@@ -430,7 +221,7 @@ class AlphaBetaRule(Rule):
 
     def __init__(self, alpha: float = 1.0, beta: float = 0.0) -> None:
         if abs(alpha - beta - 1.0) > 1e-9:
-            raise ValueError(f"alpha - beta must be 1 (got alpha={alpha}, beta={beta})")
+            raise ConfigError(f"alpha - beta must be 1 (got alpha={alpha}, beta={beta})")
         self.alpha, self.beta = alpha, beta
         self.name = f"alpha{alpha:g}beta{beta:g}"
 
@@ -439,9 +230,9 @@ class AlphaBetaRule(Rule):
         w_pos, w_neg = w.clamp(min=0), w.clamp(max=0)
         a_pos, a_neg = a.clamp(min=0), a.clamp(max=0)
         terms = [(a_pos, w_pos), (a_neg, w_neg)] if positive else [(a_pos, w_neg), (a_neg, w_pos)]
-        z = _total(op.forward(x, wt) for x, wt in terms)
-        s, _ = _safe_divide(R, z)
-        return _total(x * op.transpose(s, wt, a.shape) for x, wt in terms)
+        z = total(op.forward(x, wt) for x, wt in terms)
+        s, _ = safe_divide(R, z)
+        return total(x * op.transpose(s, wt, a.shape) for x, wt in terms)
 
     def relevance(self, layer: nn.Module, a: Tensor, R: Tensor) -> Tensor:
         op = as_linear_op(layer)
@@ -510,26 +301,18 @@ class ReferenceZPlusRule(Rule):
 # --- pooling and other positive linear maps ---------------------------------------------
 
 
-def vjp(fn: Callable[[Tensor], Tensor], a: Tensor, v: Tensor) -> Tensor:
-    """Transpose of a (linear) map applied to v. Used only for cheap ops (pooling, reshapes)."""
-    with torch.enable_grad():
-        x = a.detach().requires_grad_(True)
-        (grad,) = torch.autograd.grad(fn(x), x, v)
-    return grad
-
-
 def proportional(fn: Callable[[Tensor], Tensor], a: Tensor, R: Tensor, epsilon: float = 0.0) -> Tensor:
     """z-rule for a linear map with non-negative weights (sum or average pooling): relevance
     in proportion to each input's share. With epsilon=0 it conserves exactly: outputs whose
     inputs sum to zero spread their relevance uniformly over their window."""
     if epsilon:
         return a * vjp(fn, a, R / (fn(a) + epsilon))
-    s, zero = _safe_divide(R, fn(a))
+    s, zero = safe_divide(R, fn(a))
     R_in = a * vjp(fn, a, s)
     leftover = R.masked_fill(~zero, 0.0)
     if bool(leftover.any()):
         ones = torch.ones_like(a)
-        s_uniform, _ = _safe_divide(leftover, fn(ones))
+        s_uniform, _ = safe_divide(leftover, fn(ones))
         R_in = R_in + vjp(fn, ones, s_uniform)
     return R_in
 
@@ -539,9 +322,16 @@ class ProportionalRule(Rule):
     aggregation): relevance in proportion to each input's share of each output (the z-rule)."""
 
     name = "proportional"
+    bn_invariant = True
+
+    def __init__(self, epsilon: float = 0.0) -> None:
+        self.epsilon = epsilon  # 0: exact; the reference code's pooling adds 1e-5 (and leaks)
 
     def relevance(self, layer: Callable[[Tensor], Tensor], a: Tensor, R: Tensor) -> Tensor:
-        return proportional(layer, a, R)
+        return proportional(layer, a, R, self.epsilon)
+
+    def __repr__(self) -> str:
+        return f"ProportionalRule(epsilon={self.epsilon})" if self.epsilon else "ProportionalRule()"
 
 
 class LayerNormParams(NamedTuple):
@@ -575,7 +365,7 @@ class NormEpsilonRule(Rule):
             return (t - t.mean(dims, keepdim=True)) / std * weight
 
         z = normalize(a) + bias
-        return a * vjp(normalize, a, R / _stabilize(z, self.epsilon))
+        return a * vjp(normalize, a, R / stabilize(z, self.epsilon))
 
 
 RULES: dict[str, Callable[[], Rule]] = {
@@ -600,10 +390,10 @@ def get_rule(rule: str | Rule, mean: list[float] | None = None, std: list[float]
         return rule
     if rule == "zb":
         if mean is None or std is None:
-            raise ValueError("the zB rule needs the input normalization: pass mean=... and std=...")
+            raise ConfigError("the zB rule needs the input normalization: pass mean=... and std=...")
         return ZBRule.from_normalization(mean, std)
     try:
         return RULES[rule]()
     except KeyError:
         names = ", ".join(sorted([*RULES, "zb"]))
-        raise ValueError(f"unknown rule {rule!r}; choose one of: {names}") from None
+        raise ConfigError(f"unknown rule {rule!r}; choose one of: {names}") from None

@@ -12,7 +12,7 @@ the classification layer and the localization layer. CRP explains one output at 
   positive part (pushing t_j up: centre right / down, box wider / taller) and negative part, each
   normalized to relevance 1; the map is ``R+ - R-`` (so it also sums to zero).
 
-Below the heads, the backbone is explained by :class:`relprop.core.engine.RelevanceEngine`: z+ in
+Below the heads, the backbone is explained by :class:`relprop.core.interpreter.RelevanceEngine`: z+ in
 feature layers, zB at the input (bounds from the detector's normalization), Relevance Splitting at
 residual adds, L2Norm passed through, and fan-out (a map feeding a head and the next stage) summed.
 Everything happens in the detector's own input space (after its transform); :func:`to_image`
@@ -31,7 +31,7 @@ from torch import Tensor, nn
 from tqdm import tqdm
 
 from relprop.core.composites import Composite, resolve_composite
-from relprop.core.engine import RelevanceEngine
+from relprop.core.interpreter import RelevanceEngine
 from relprop.core.rules import get_rule
 from relprop.detection.ssd import (
     BOX_OUTPUTS,

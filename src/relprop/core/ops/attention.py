@@ -1,15 +1,18 @@
-"""Relevance through attention: `softmax(s·QKᵀ + bias)·V`.
+"""Attention as one node: `F.scaled_dot_product_attention`, `nn.MultiheadAttention` (packed
+in-projection) and torchvision's Swin (v1) window attention, each decomposed into projections
+around `softmax(s·QKᵀ + bias)·V` and recomputed from its parameters (checked against the
+recorded output).
 
-Two treatments (`Composite.attention`):
-- ``"cp"`` (default): the attention weights are held constant, as Ali et al. (ICML 2022,
-  "XAI for Transformers: better explanations through conservative propagation") do; `A·V` is
-  then linear in V and the ε-rule sends all relevance to V. Nothing is lost: relevance is
-  conserved up to ε.
-- ``"attnlrp"`` (Achtibat et al., ICML 2024; their code: LXT): the two matmuls `QKᵀ` and `A·V`
-  take the uniform rule for bilinear products (the ε-rule's decomposition, half to each
-  operand), softmax takes their Taylor-derived rule `R_x = x ⊙ (R_s − s ⊙ Σ R_s)`. The softmax
-  rule does not conserve: the difference is the relevance of the logits' shift (reported
-  in docs/rules.md as the attention leak).
+Strategies (``attention=`` of a `Composite`, by object or name):
+- `ConservativeAttention` (``"cp"``, the default): the attention weights are held constant, as
+  Ali et al. (ICML 2022, "XAI for Transformers: better explanations through conservative
+  propagation") do; `A·V` is then linear in V and the ε-rule sends all relevance to V. Nothing
+  is lost: relevance is conserved up to ε.
+- `AttnLRP` (``"attnlrp"``, Achtibat et al., ICML 2024; their code: LXT): the two matmuls `QKᵀ`
+  and `A·V` take the uniform rule for bilinear products (the ε-rule's decomposition, half to
+  each operand), softmax takes their Taylor-derived rule `R_x = x ⊙ (R_s − s ⊙ Σ R_s)`. The
+  softmax rule does not conserve: the difference is the relevance of the logits' shift
+  (reported in docs/rules.md as the attention leak).
 A constant additive bias in the logits (relative position bias, masks) gets no relevance: the
 input-dependent scores keep it (the policy for every constant operand, see docs/rules.md).
 """
@@ -18,47 +21,136 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 import torch
+import torch.fx as fx
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from relprop.core.rules import LinearOp
-from relprop.errors import UnsupportedLayerError
-
-ATTENTION_RULES = ("cp", "attnlrp")
-EPSILON = 1e-6  # LXT's stabilizer for the bilinear and linear ε-rules
-
-
-def stabilize(z: Tensor, epsilon: float = EPSILON) -> Tensor:
-    """z + ε·sign(z), sign(0) = +1."""
-    return z + epsilon * torch.where(z >= 0, torch.ones_like(z), -torch.ones_like(z))
+from relprop.core.linear_op import LinearOp
+from relprop.core.numerics import largest_gap, vjp
+from relprop.core.ops.base import Context, Op, Parents, describe
+from relprop.core.ops.matmul import EPSILON, bilinear_relevance
+from relprop.core.ops.softmax import softmax_relevance
+from relprop.core.rules import Rule
+from relprop.errors import ConfigError, FidelityError, UnsupportedLayerError
 
 
-def bilinear_relevance(fn: Callable[[Tensor, Tensor], Tensor], a: Tensor, b: Tensor, R: Tensor,
-                       share_a: float = 0.5, epsilon: float = EPSILON) -> tuple[Tensor, Tensor]:
-    """ε-LRP of a bilinear map z = fn(a, b): each contribution a_i b_j of z goes to its two
-    factors, `share_a` of it to a and the rest to b (AttnLRP's uniform rule: 0.5). With
-    `share_a=0` the map is linear in b (a held constant: the ε-rule on b)."""
-    with torch.enable_grad():
-        a_ = a.detach().requires_grad_(share_a > 0)
-        b_ = b.detach().requires_grad_(share_a < 1)
-        z = fn(a_, b_)
-        s = (R / stabilize(z.detach(), epsilon)).detach()
-        wanted = [t for t in (a_, b_) if t.requires_grad]
-        grads = torch.autograd.grad(z, wanted, s)
-    grad = dict(zip([id(t) for t in wanted], grads, strict=True))
-    R_a = share_a * a * grad[id(a_)] if share_a > 0 else torch.zeros_like(a)
-    R_b = (1 - share_a) * b * grad[id(b_)] if share_a < 1 else torch.zeros_like(b)
-    return R_a, R_b
+class AttentionStrategy(Protocol):
+    def weights_and_values(self, product: Callable[[Tensor, Tensor], Tensor], weights: Tensor, values: Tensor,
+                           R: Tensor, epsilon: float = EPSILON) -> tuple[Tensor | None, Tensor]:
+        """Relevance of `A` (None: it gets none) and of `V` in `A·V`."""
+        ...
+
+    def scores(self, scores: Tensor, weights: Tensor, R_weights: Tensor, dim: int) -> Tensor:
+        """Relevance of the attention logits from the relevance of the softmax weights."""
+        ...
 
 
-def softmax_relevance(x: Tensor, s: Tensor, R: Tensor, dim: int) -> Tensor:
-    """AttnLRP's softmax rule `R_x = x ⊙ (R − s ⊙ Σ_dim R)`; masked logits (−inf, where s = 0)
-    get nothing."""
-    R_x = x * (R - s * R.sum(dim, keepdim=True))
-    return torch.where(torch.isfinite(x), R_x, torch.zeros_like(R_x))
+class _SoftmaxTaylor:
+    def scores(self, scores: Tensor, weights: Tensor, R_weights: Tensor, dim: int) -> Tensor:
+        return softmax_relevance(scores, weights, R_weights, dim)
+
+
+@dataclass(frozen=True)
+class ConservativeAttention(_SoftmaxTaylor):
+    """The attention weights held constant: all relevance of `A·V` to V (conserves)."""
+
+    def weights_and_values(self, product, weights, values, R, epsilon=EPSILON):
+        return None, bilinear_relevance(product, weights, values, R, share_a=0.0, epsilon=epsilon)[1]
+
+
+@dataclass(frozen=True)
+class AttnLRP(_SoftmaxTaylor):
+    """AttnLRP's uniform bilinear rule at `A·V` and its softmax rule for the scores."""
+
+    def weights_and_values(self, product, weights, values, R, epsilon=EPSILON):
+        return bilinear_relevance(product, weights, values, R, share_a=0.5, epsilon=epsilon)
+
+
+ATTENTION_STRATEGIES: dict[str, AttentionStrategy] = {"cp": ConservativeAttention(), "attnlrp": AttnLRP()}
+
+
+def attention_strategy(attention: str | AttentionStrategy) -> AttentionStrategy:
+    if not isinstance(attention, str):
+        return attention
+    if attention not in ATTENTION_STRATEGIES:
+        raise ConfigError(f"unknown attention rule {attention!r}; choose one of: {', '.join(ATTENTION_STRATEGIES)}")
+    return ATTENTION_STRATEGIES[attention]
+
+
+def _swin_attention_types() -> tuple[type[nn.Module], ...]:
+    """torchvision's Swin (v1) window attention: a leaf whose function is reproduced here."""
+    try:
+        from torchvision.models.swin_transformer import ShiftedWindowAttention
+    except ImportError:  # pragma: no cover - torchvision is a dependency
+        return ()
+    return (ShiftedWindowAttention,)
+
+
+class Attention(Op):
+    name = "attention"
+    modules = (nn.MultiheadAttention, *_swin_attention_types())
+
+    def claim(self, node: fx.Node) -> bool:
+        return node.op == "call_function" and node.target is F.scaled_dot_product_attention
+
+    def check_module(self, node: fx.Node, module: nn.Module) -> None:
+        """The packed in-projection without extra key/value biases or zero-attention rows
+        (torchvision's ViT) is what MultiheadParts reproduces; refuse the other variants."""
+        if isinstance(module, nn.MultiheadAttention) and (
+                module.bias_k is not None or module.add_zero_attn or not module._qkv_same_embed_dim):
+            raise UnsupportedLayerError(
+                f"relprop supports {describe(node, module)} only with kdim = vdim = embed_dim, add_bias_kv=False "
+                "and add_zero_attn=False; give it a rule (rules={nn.MultiheadAttention: rule}) or use that form"
+            )
+
+    def forward(self, step, args: tuple, kwargs: dict, model: nn.Module) -> Any:
+        if step.module is not None:
+            return attention_module_forward(step.module, args, kwargs)
+        return super().forward(step, args, kwargs, model)
+
+    def relevance(self, step, values, R, context: Context) -> Parents:
+        node, strategy = step.node, context.strategies.attention
+        args, kwargs = step.arguments(values)
+        if step.module is None:  # F.scaled_dot_product_attention
+            q, k, v, core = sdpa_core(*args, **kwargs)
+            return _to_query_key_value(step, core.relevance(q, k, v, R, strategy))
+        R = R[0] if isinstance(R, list) else R
+        rule = _projection_rule(context)
+        if isinstance(step.module, nn.MultiheadAttention):
+            parts = MultiheadParts.of(step.module, *args, **kwargs)
+            _check_recomputed(parts.output(), values[node][0], node)
+            return _to_query_key_value(step, parts.relevance(R, rule, strategy))
+        x = values[node.args[0]]
+        window_parts = WindowParts.of(step.module, x)
+        _check_recomputed(window_parts.output(), values[node], node)
+        return [(node.args[0], window_parts.relevance(x, R, rule, strategy))]
+
+
+def _projection_rule(context: Context) -> Rule:
+    """The rule of the projections inside an attention module: the user's rule for nn.Linear
+    if any, else the default."""
+    rule = context.rules.by_type(nn.Linear)
+    return rule if rule is not None else context.strategies.default_rule
+
+
+def _to_query_key_value(step, parts) -> Parents:
+    """An attention call's relevance for its query, key and value arguments, for those that
+    depend on the input and received any."""
+    return [(arg, R_arg) for arg, R_arg in zip(step.node.args[:3], parts, strict=True)
+            if isinstance(arg, fx.Node) and arg in step.inputs and bool(R_arg.any())]
+
+
+def _check_recomputed(ours: Tensor, recorded: Tensor, node: fx.Node) -> None:
+    """The attention module recomputed from its parts must give what the forward recorded."""
+    gap = largest_gap(ours, recorded, 1e-4)
+    if gap is not None:
+        raise FidelityError(
+            f"relprop's decomposition of '{node.target}' differs from its output (max |Δ| = {gap:.3g}); "
+            "give that module a rule (rules={ItsType: rule})"
+        )
 
 
 @dataclass(frozen=True)
@@ -83,16 +175,16 @@ class AttentionCore:
     def forward(self, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
         return torch.softmax(self.biased(self.logits(q, k)), -1) @ v
 
-    def relevance(self, q: Tensor, k: Tensor, v: Tensor, R: Tensor, mode: str
+    def relevance(self, q: Tensor, k: Tensor, v: Tensor, R: Tensor, strategy: str | AttentionStrategy
                   ) -> tuple[Tensor, Tensor, Tensor]:
-        """Relevance of (q, k, v) for the output relevance R."""
+        """Relevance of (q, k, v) for the output relevance R (`strategy` by object or name)."""
+        strategy = attention_strategy(strategy)
         scores = self.biased(self.logits(q, k))
         weights = torch.softmax(scores, -1)
-        if mode == "cp":
-            _, R_v = bilinear_relevance(torch.matmul, weights, v, R, share_a=0.0, epsilon=self.epsilon)
+        R_weights, R_v = strategy.weights_and_values(torch.matmul, weights, v, R, self.epsilon)
+        if R_weights is None:
             return torch.zeros_like(q), torch.zeros_like(k), R_v
-        R_weights, R_v = bilinear_relevance(torch.matmul, weights, v, R, epsilon=self.epsilon)
-        R_scores = softmax_relevance(scores, weights, R_weights, -1)
+        R_scores = strategy.scores(scores, weights, R_weights, -1)
         R_q, R_k = bilinear_relevance(lambda a, b: (a * self.scale) @ b.transpose(-2, -1), q, k, R_scores,
                                       epsilon=self.epsilon)
         return R_q, R_k, R_v
@@ -176,11 +268,11 @@ class MultiheadParts:
         y = self.out_op.forward(self.context, self.out_op.weight, self.out_op.bias)
         return y if self.batch_first else y.transpose(0, 1)
 
-    def relevance(self, R: Tensor, rule: Any, mode: str) -> tuple[Tensor, Tensor, Tensor]:
+    def relevance(self, R: Tensor, rule: Rule, strategy: AttentionStrategy) -> tuple[Tensor, Tensor, Tensor]:
         """Relevance of (query, key, value) in the caller's layout; `rule` for the projections."""
         R = R if self.batch_first else R.transpose(0, 1)
         R_context = rule.relevance(self.out_op, self.context, R)
-        R_heads = self.core.relevance(*self.heads, split_heads(R_context, self.heads[0].shape[-3]), mode)
+        R_heads = self.core.relevance(*self.heads, split_heads(R_context, self.heads[0].shape[-3]), strategy)
         out = []
         for op, x, R_h in zip(self.in_ops, self.inputs, R_heads, strict=True):
             R_x = rule.relevance(op, x, merge_heads(R_h)) if bool(R_h.any()) else torch.zeros_like(x)
@@ -286,10 +378,10 @@ class WindowParts:
     def output(self) -> Tensor:
         return self.unpartition(self.projected)
 
-    def relevance(self, x: Tensor, R: Tensor, rule: Any, mode: str, vjp: Callable) -> Tensor:
+    def relevance(self, x: Tensor, R: Tensor, rule: Rule, strategy: AttentionStrategy) -> Tensor:
         R_projected = vjp(self.unpartition, self.projected, R)
         R_context = rule.relevance(self.proj_op, self.context, R_projected)
-        R_q, R_k, R_v = self.core.relevance(*self.heads, split_heads(R_context, self.heads_count), mode)
+        R_q, R_k, R_v = self.core.relevance(*self.heads, split_heads(R_context, self.heads_count), strategy)
         R_qkv = torch.stack([R_q, R_k, R_v]).permute(1, 3, 0, 2, 4).reshape(*self.windows.shape[:2], -1)
         R_windows = rule.relevance(self.qkv_op, self.windows, R_qkv)
         return vjp(self.partition, x, R_windows)

@@ -1,0 +1,261 @@
+"""The graph interpreter: one forward pass that keeps every node's output, then one walk over
+the nodes in reverse in which each node's op sends its relevance to its inputs.
+
+Relevance of a node used several times (fan-out) is the sum of what each consumer sends back.
+Everything that decides the relevance comes from the composite's strategies and the ops; the
+interpreter itself knows no node kind."""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.fx as fx
+from torch import Tensor, nn
+
+from relprop.core.composites import Composite, RuleSpec, resolve_composite
+from relprop.core.numerics import largest_gap
+from relprop.core.ops import INPUT, builtin_op, builtin_types
+from relprop.core.ops.linear import Linear
+from relprop.core.plan import Step, build_plan, layer_output, load
+from relprop.core.rules import PassRule, Rule
+from relprop.core.ruleset import RuleSet
+from relprop.core.trace import LeafPolicy, eval_mode, trace
+from relprop.errors import FidelityError, InputError, first_line
+
+
+@dataclass
+class Record:
+    """What the forward pass kept: every node's value; `output` as the model returns it."""
+
+    values: dict[fx.Node, Any]
+    output: Any
+
+
+@dataclass
+class Backward:
+    """Relevance at the input and, per report group, the relevance that left the group."""
+
+    input: Tensor
+    layer_sums: OrderedDict[str, Tensor] = field(default_factory=OrderedDict)
+    layers: dict[str, Tensor] = field(default_factory=dict)  # relevance of requested layers' outputs
+
+
+class RelevanceEngine:
+    """LRP over any traceable module (tensor, tuple, list or dict outputs).
+
+    `rules` maps keys to rule names or `Rule` objects. Keys: module types (also how to support
+    custom layers, `{MyLayer: "pass"}`), qualified module names (`"layer4.1.conv2"`), functions
+    (`F.interpolate`) and tensor-method names (`"softmax"`). Precedence: a rule by module name,
+    then `input_rule` for the layer that sees the input, then rules by type, function or method,
+    then the composite's defaults (z+; w⁺ at the input layer). All of these, the split, max-pool,
+    attention and constants strategies and `bn` are the fields of a `Composite`: pass one as
+    `composite=` or its fields as keywords (a shortcut that builds one; not both).
+    """
+
+    def __init__(
+        self,
+        module: nn.Module,
+        split: Any = None,
+        identity_skips: bool | None = None,
+        rules: Mapping[Any, RuleSpec] | None = None,
+        input_rule: RuleSpec | None = None,
+        maxpool: Any = None,
+        mean: list[float] | None = None,
+        std: list[float] | None = None,
+        reference: bool | None = None,
+        bn: str | None = None,
+        *,
+        attention: Any = None,
+        constants: Any = None,
+        composite: Composite | None = None,
+    ) -> None:
+        self.composite = resolve_composite(
+            composite, split=split, identity_skips=identity_skips, rules=rules, input_rule=input_rule,
+            maxpool=maxpool, mean=mean, std=std, reference=reference, bn=bn, attention=attention,
+            constants=constants,
+        )
+        self.module = self.model = module
+        self.rules = RuleSet.sort(module, self.composite.rule_map(), *self.composite.normalization())
+        self.strategies = self.composite.strategies(self.rules)
+        self.bn = self.strategies.bn
+        policy = LeafPolicy(lambda m: builtin_op(m) is not None, builtin_types(), tuple(self.rules.types),
+                            frozenset(self.rules.names))
+        self.graph = trace(module, policy)
+        self.plan = build_plan(module, self.graph, self.rules, policy, self.strategies.canonizers)
+        self.steps = self.plan.steps
+        self.step_of = self.plan.step_of
+        inputs = [step for step in self.steps if step.op is INPUT]
+        if len(inputs) != 1:
+            raise InputError(f"the model must take exactly one input tensor (it takes {len(inputs)})")
+        self._input_node = inputs[0].node
+        self.cache: dict[Any, Any] = {}  # per-op caches (folded linear maps), keyed by node
+
+    def rule_for(self, step: Step) -> Rule:
+        """By module name, then `input_rule` at the input layer, then by type, function or
+        method, then the composite's defaults."""
+        rule = self.rules.by_name(step.node)
+        if rule is not None:
+            return rule
+        is_input_layer = isinstance(step.op, Linear) and step.info.is_input_layer
+        if is_input_layer and self.strategies.input_rule is not None:
+            return self.strategies.input_rule
+        rule = self.rules.by_kind(step, self.module)
+        if rule is not None:
+            return rule
+        if isinstance(step.op, Linear):
+            return self.strategies.default_input_rule if is_input_layer else self.strategies.default_rule
+        return PassRule()
+
+    # ---------------------------------------------------------------- forward
+
+    @torch.no_grad()
+    def forward(self, x: Tensor) -> Record:
+        """Run the model in eval semantics and fp32, keeping every node's output."""
+        x = x.float()
+        values: dict[fx.Node, Any] = {}
+        output = None
+        for step in self.steps:
+            if step.node.op == "output":
+                output = load(step.node.args[0], values)
+            elif step.op is INPUT:
+                values[step.node] = x
+            else:
+                values[step.node] = self._run(step, values, x)
+        return Record(values, output)
+
+    def _run(self, step: Step, values: dict[fx.Node, Any], x: Tensor) -> Any:
+        args, kwargs = step.arguments(values)
+        try:
+            return step.op.forward(step, args, kwargs, self.module)
+        except RuntimeError as error:  # shape and dtype mismatches: say where, in one line
+            where = step.node.target if step.node.op == "call_module" else step.node.name
+            raise InputError(
+                f"the model cannot run on inputs of shape {tuple(x.shape)}: at '{where}': {first_line(error)}"
+            ) from error
+
+    # ---------------------------------------------------------------- backward
+
+    @torch.no_grad()
+    def backward(self, record: Record, seed: Any, layer_sums: bool = False,
+                 layers: Mapping[str, fx.Node] | None = None) -> Backward:
+        """Propagate `seed` (same structure as `record.output`; None = no relevance) to the input;
+        with `layer_sums`, also total the relevance that crosses each reported cut; `layers`
+        (name -> node, see `layer_nodes`) keeps the relevance of those nodes' outputs."""
+        keep: dict[fx.Node, list[str]] = {}
+        for name, node in (layers or {}).items():
+            keep.setdefault(node, []).append(name)
+        kept: dict[str, Tensor] = {}
+        relevance: dict[fx.Node, Any] = {}
+        sums: OrderedDict[str, Tensor] = OrderedDict()
+        for node, R in _match_seed(self.steps[-1].node.args[0], seed):
+            _accumulate(relevance, node, R)
+        for step in reversed(self.steps):
+            R = relevance.pop(step.node, None)
+            for name in keep.get(step.node, ()):
+                kept[name] = R.clone() if R is not None else torch.zeros_like(record.values[step.node])
+            if R is None or not step.op.carries_relevance:
+                if step.op is INPUT and R is not None:
+                    relevance[step.node] = R
+                continue
+            for parent, R_in in step.op.relevance(step, record.values, R, self):
+                if layer_sums and step.group is not None and self.step_of[parent].group != step.group:
+                    total = sum(r.reshape(r.shape[0], -1).sum(1) for r in _slots(R_in) if r is not None)
+                    sums[step.group] = sums[step.group] + total if step.group in sums else total
+                _accumulate(relevance, parent, R_in)
+        x = record.values[self._input_node]
+        return Backward(relevance.get(self._input_node, torch.zeros_like(x)), sums,
+                        {name: kept[name] for name in (layers or {})})
+
+    def layer_nodes(self, names: Iterable[str]) -> dict[str, fx.Node]:
+        """The graph nodes whose outputs are the named modules' outputs (for `backward(layers=)`)."""
+        return {name: layer_output(self.plan, name) for name in names}
+
+    # ---------------------------------------------------------------- fidelity
+
+    @torch.no_grad()
+    def verify(self, x: Tensor, record: Record) -> None:
+        """Raise FidelityError unless the model's own forward (eval mode, its own dtype, its
+        hooks) gives the output the engine computed: otherwise the relevance would explain a
+        different function, however well it conserves."""
+        dtype = next((p.dtype for p in self.module.parameters() if p.is_floating_point()), torch.float32)
+        tolerance = 1e-4 if dtype in (torch.float32, torch.float64) else 3e-2
+        with eval_mode(self.module):
+            reference = self.module(x.to(dtype))
+        gap = largest_gap(record.output, reference, tolerance)
+        if gap is None:
+            return
+        raise FidelityError(
+            f"the model's own output differs from what relprop computes for it (max |Δ| = {gap:.3g}, "
+            f"{self._first_divergence(x, dtype, record, tolerance)}), so its relevance would explain "
+            "another function; give that module a rule (rules={ItsType: rule}) or explain a model "
+            "without hooks or per-instance forwards there"
+        )
+
+    def _first_divergence(self, x: Tensor, dtype: torch.dtype, record: Record, tolerance: float) -> str:
+        """Re-run the model with hooks on every leaf module and name the first that disagrees."""
+        outputs: dict[int, list[Any]] = {}
+        leaves = [step for step in self.steps if step.node.op == "call_module"]
+        modules = {id(step.module): step.module for step in leaves}
+        handles = [m.register_forward_hook(lambda mod, args, out: outputs.setdefault(id(mod), []).append(out))
+                   for m in modules.values()]
+        try:
+            with eval_mode(self.module):
+                self.module(x.to(dtype))
+        finally:
+            for handle in handles:
+                handle.remove()
+        calls: dict[int, int] = {}
+        for step in leaves:
+            index = calls[id(step.module)] = calls.get(id(step.module), -1) + 1
+            seen = outputs.get(id(step.module), [])
+            if index < len(seen) and largest_gap(record.values[step.node], seen[index], tolerance) is not None:
+                return f"first at module '{step.node.target}' ({type(step.module).__name__})"
+        return "every leaf module agrees; the difference arises between them"
+
+
+def _accumulate(relevance: dict[fx.Node, Any], node: fx.Node, R: Tensor | list[Tensor | None]) -> None:
+    """Fan-in: add in place (per slot for tuple-valued nodes such as chunk). Every tensor held
+    here belongs to the backward pass (seeds are copied on entry), so nothing the caller holds
+    is changed."""
+    if node not in relevance:
+        relevance[node] = R
+    elif isinstance(R, list):
+        for held, new in zip(relevance[node], R, strict=True):
+            if held is not None:
+                held.add_(new)
+    else:
+        relevance[node].add_(R)
+
+
+def _slots(R: Tensor | list[Tensor]) -> list[Tensor]:
+    """The relevance tensors of a node: one, or one per element of a tuple-valued node."""
+    return R if isinstance(R, list) else [R]
+
+
+def _match_seed(structure: Any, seed: Any) -> list[tuple[fx.Node, Tensor]]:
+    """Pairs (output node, seed tensor) for an output of any nesting of tuples/lists/dicts."""
+    if seed is None:
+        return []
+    if isinstance(structure, fx.Node):
+        if not isinstance(seed, Tensor):
+            raise InputError(f"seed for output '{structure.name}' must be a tensor, got {type(seed).__name__}")
+        return [(structure, seed.float().clone())]
+    if isinstance(structure, (tuple, list)):
+        if not isinstance(seed, (tuple, list)) or len(seed) != len(structure):
+            raise InputError(f"seed must be a sequence of {len(structure)} tensors (or None), like the output")
+        return [pair for s, r in zip(structure, seed, strict=True) for pair in _match_seed(s, r)]
+    if isinstance(structure, Mapping):
+        if not isinstance(seed, Mapping):
+            raise InputError("seed must be a dict keyed like the model's output")
+        unknown = set(seed) - set(structure)
+        if unknown:
+            raise InputError(f"seed has keys the output lacks: {sorted(unknown)}")
+        return [pair for key, s in structure.items() for pair in _match_seed(s, seed.get(key))]
+    return []
+
+
+__all__ = ["RelevanceEngine", "Record", "Backward"]

@@ -1,0 +1,64 @@
+"""The numerics every rule shares: one stabilizer, one safe divide, one comparison of outputs."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import torch
+from torch import Tensor
+from torch.utils._pytree import tree_flatten
+
+# Below this a denominator counts as zero: relevance there takes a fallback path instead.
+TINY = 1e-30
+
+
+def stabilize(z: Tensor, epsilon: float) -> Tensor:
+    """z + ε·sign(z), with sign(0) = +1 (a zero denominator moves away from zero, never onto it)."""
+    return z + epsilon * torch.where(z >= 0, torch.ones_like(z), -torch.ones_like(z))
+
+
+def safe_divide(numerator: Tensor, denominator: Tensor) -> tuple[Tensor, Tensor]:
+    """`numerator / denominator` where |denominator| > TINY, else 0; also the mask of zeros, so
+    the caller can send that relevance by a fallback instead of losing it."""
+    zero = denominator.abs() <= TINY
+    ratio = numerator / torch.where(zero, torch.ones_like(denominator), denominator)
+    return ratio.masked_fill(zero, 0.0), zero
+
+
+def total(tensors: Iterable[Tensor]) -> Tensor:
+    """Sum of tensors without the extra copy `sum()` makes by starting from 0."""
+    iterator = iter(tensors)
+    result = next(iterator)
+    for tensor in iterator:
+        result = result + tensor
+    return result
+
+
+def largest_gap(computed: Any, reference: Any, tolerance: float) -> float | None:
+    """The largest absolute difference between two outputs of the same structure, if any
+    tensor differs by more than `tolerance` relative to its scale; None when they agree."""
+    ours, _ = tree_flatten(computed)
+    theirs, _ = tree_flatten(reference)
+    if len(ours) != len(theirs):
+        return float("inf")
+    worst = None
+    for a, b in zip(ours, theirs, strict=True):
+        if not (isinstance(a, Tensor) and isinstance(b, Tensor)) or not b.is_floating_point():
+            continue
+        if a.shape != b.shape:
+            return float("inf")
+        b = b.detach().to(device=a.device, dtype=torch.float32)
+        gap = float((a - b).abs().max()) if a.numel() else 0.0
+        scale = max(1.0, float(b.abs().max())) if b.numel() else 1.0
+        if not gap <= tolerance * scale:  # NaN counts as a difference
+            worst = gap if worst is None else max(worst, gap)
+    return worst
+
+
+def vjp(fn: Callable[[Tensor], Tensor], a: Tensor, v: Tensor) -> Tensor:
+    """Transpose of a (linear) map applied to v. Used only for cheap ops (pooling, reshapes)."""
+    with torch.enable_grad():
+        x = a.detach().requires_grad_(True)
+        (grad,) = torch.autograd.grad(fn(x), x, v)
+    return grad

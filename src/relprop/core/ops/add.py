@@ -1,0 +1,53 @@
+"""Residual adds (`operator.add`, `torch.add`, `.add`): where Relevance Splitting happens. Two
+input-dependent operands share the relevance by the composite's split strategy (an identity
+skip gets nothing when `identity_skips=False`); `x + constant` follows the constants policy."""
+
+from __future__ import annotations
+
+import operator
+from dataclasses import dataclass
+
+import torch
+import torch.fx as fx
+
+from relprop.core.ops.base import Context, KeepsSign, Op, Parents
+
+FUNCTIONS = {operator.add, operator.iadd, torch.add}
+METHODS = {"add", "add_"}
+
+
+@dataclass
+class AddInfo:
+    skip: int | None = None  # the operand that is an identity skip (computed from the other one)
+
+
+class Add(KeepsSign, Op):
+    name = "add"
+
+    def claim(self, node: fx.Node) -> bool:
+        return node.target in (METHODS if node.op == "call_method" else FUNCTIONS)
+
+    def make_info(self) -> AddInfo:
+        return AddInfo()
+
+    def annotate(self, step, plan) -> None:
+        step.info.skip = plan.computed_from_the_other(step)
+
+    def output_nonnegative(self, step, parents: list[bool]) -> bool:
+        return len(step.inputs) == 2 and super().output_nonnegative(step, parents)
+
+    def relevance(self, step, values, R, context: Context) -> Parents:
+        strategies = context.strategies
+        first, second = step.node.args[0], step.node.args[1]
+        a, b = step.operand(first, values), step.operand(second, values)
+        dependent = [arg for arg in (first, second) if isinstance(arg, fx.Node) and arg in step.inputs]
+        if len(dependent) == 1:
+            index = 0 if first is dependent[0] else 1
+            R_dependent = strategies.constants.at_add(R, a, b, index, strategies.split)
+            return [(dependent[0], R_dependent.sum_to_size(values[dependent[0]].shape))]
+        skip = step.info.skip
+        if skip is not None and not strategies.identity_skips:  # the paper's ablation
+            R_a, R_b = (torch.zeros_like(R), R) if skip == 0 else (R, torch.zeros_like(R))
+        else:
+            R_a, R_b = strategies.split(R, a, b, skip)
+        return [(first, R_a.sum_to_size(a.shape)), (second, R_b.sum_to_size(b.shape))]

@@ -1,0 +1,171 @@
+"""What an op is: the node kind that claims graph nodes and says how relevance crosses them.
+
+An op answers four questions, each a method with a default:
+- which nodes are mine? `modules` lists the module classes it reproduces (their exact
+  computation: such modules stay graph leaves), `check_module` may refuse a variant of them,
+  `claim(node)` takes function and method calls, `claim_module` other modules. A claim may raise
+  `UnsupportedLayerError` to refuse a node with its reason, which is raised only if relevance
+  ever reaches that node;
+- `forward(step, args, kwargs, model)`: the node's output in fp32 and eval semantics;
+- `relevance(step, values, R, context)`: the relevance of the node's inputs;
+- the graph facts the planner collects: `annotate` (operand roles and the like, in `info`),
+  `output_nonnegative`, `relevance_parents`.
+Ops are stateless singletons in the registry (`relprop.core.ops.OPS`); what varies per
+explainer (rules, strategies, caches) comes in through `context`.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any, ClassVar, Protocol
+
+import torch.fx as fx
+from torch import Tensor, nn
+
+from relprop.core.trace import in_module
+from relprop.errors import UnsupportedLayerError
+
+if TYPE_CHECKING:  # types only: the planner imports the ops, not the other way round
+    from relprop.core.composites import Strategies
+    from relprop.core.plan import Plan, Step
+    from relprop.core.rules import Rule
+    from relprop.core.ruleset import RuleSet
+
+Relevance = Tensor | list[Tensor | None]  # one tensor, or one per element of a tuple-valued node
+Parents = list[tuple[fx.Node, Relevance]]
+
+
+class Context(Protocol):
+    """What an op may ask of the interpreter that runs it."""
+
+    model: nn.Module
+    strategies: Strategies
+    rules: RuleSet
+    step_of: dict[fx.Node, Step]
+    cache: dict[Any, Any]
+
+    def rule_for(self, step: Step) -> Rule: ...
+
+
+class Op:
+    """Base class of every node kind. Subclasses set `name` and override what differs."""
+
+    name: ClassVar[str] = "op"
+    # the modules whose computation this op reproduces (exact classes and subclasses that keep
+    # their forward): such modules stay graph leaves and are claimed here
+    modules: ClassVar[tuple[type[nn.Module], ...]] = ()
+    # a linear layer behind nodes of this kind still sees the image (reshapes, pass-throughs)
+    keeps_the_input_layer: ClassVar[bool] = False
+    carries_relevance: ClassVar[bool] = True
+
+    def claim(self, node: fx.Node) -> bool:
+        """A `call_function` or `call_method` node of this kind?"""
+        return False
+
+    def check_module(self, node: fx.Node, module: nn.Module) -> None:
+        """Refuse a module of `modules` that this op cannot reproduce in this configuration."""
+
+    def claim_module(self, node: fx.Node, module: nn.Module) -> bool:
+        """A module outside every op's `modules` that is of this kind all the same?"""
+        return False
+
+    def make_info(self) -> Any:
+        """The op's own facts about one step (operand roles, folds...), filled by the planner."""
+        return None
+
+    def forward(self, step: Step, args: tuple, kwargs: dict, model: nn.Module) -> Any:
+        node = step.node
+        if node.op == "call_module":
+            return step.module(*args, **kwargs)
+        if node.op == "call_function":
+            return node.target(*args, **kwargs)
+        if node.op == "call_method":
+            obj, *rest = args
+            return getattr(obj, node.target)(*rest, **kwargs)
+        raise AssertionError(f"{self.name} cannot run a {node.op} node")
+
+    def relevance(self, step: Step, values: dict[fx.Node, Any], R: Relevance, context: Context) -> Parents:
+        raise NotImplementedError
+
+    def annotate(self, step: Step, plan: Plan) -> None:
+        """Record graph facts in `step.info` once every node is claimed."""
+
+    def output_nonnegative(self, step: Step, parents: list[bool]) -> bool:
+        """Whether the output is >= 0 by construction, given which inputs are."""
+        return False
+
+    def relevance_parents(self, step: Step) -> list[fx.Node]:
+        """The inputs relevance flows to (not a gate's)."""
+        return step.inputs
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}()"
+
+
+class KeepsSign:
+    """Mixin: non-negative inputs give a non-negative output (pooling, routing, concatenation)."""
+
+    def output_nonnegative(self, step: Step, parents: list[bool]) -> bool:
+        return bool(parents) and all(parents)
+
+
+def reproduces(module: nn.Module, types: tuple[type[nn.Module], ...]) -> bool | None:
+    """Whether a module computes exactly what its torch class in `types` computes: the class
+    itself, or a subclass that overrides neither `forward` nor `_conv_forward` (True); a subclass
+    with its own forward (timm's StdConv2d, BatchNormAct2d) computes something else (False) and
+    is traced into instead; None when no class of `types` is among its bases."""
+    if "forward" in vars(module):  # a forward replaced on the instance
+        return False
+    base = next((t for t in type(module).__mro__ if t in types), None)
+    if base is None:
+        return None
+    return all(getattr(type(module), attr, None) is getattr(base, attr, None)
+               for attr in ("forward", "_conv_forward"))
+
+
+def function_key(function: Any) -> str:
+    """The importable name of a function (what a user writes as a rule key)."""
+    module = getattr(function, "__module__", None) or "torch"
+    name = getattr(function, "__name__", repr(function))
+    if module == "_operator":
+        module = "operator"
+    return f"{module}.{name}"
+
+
+def type_key(layer_type: type) -> str:
+    """The importable name of a module type."""
+    module = layer_type.__module__
+    if module.startswith("torch.nn.modules"):
+        return f"torch.nn.{layer_type.__name__}"
+    return f"{module}.{layer_type.__qualname__}"
+
+
+def describe(node: fx.Node, module: nn.Module | None) -> str:
+    """How an error names a node: the module, function or tensor method, and where it sits."""
+    if node.op == "call_module":
+        return f"module '{node.target}' ({type(module).__name__})"
+    if node.op == "call_function":
+        return f"function '{function_key(node.target)}' (node '{node.name}'{in_module(node)})"
+    return f"tensor method '.{node.target}()' (node '{node.name}'{in_module(node)})"
+
+
+def rule_key(node: fx.Node, module: nn.Module | None) -> str:
+    """The key of `rules={key: rule}` that would give this node a rule."""
+    if node.op == "call_module":
+        return type_key(type(module))
+    if node.op == "call_function":
+        return function_key(node.target)
+    return repr(node.target)
+
+
+def unsupported(what: str, key: str) -> UnsupportedLayerError:
+    """The one refusal text: what has no rule, and the importable key that gives it one."""
+    return UnsupportedLayerError(
+        f"relprop has no relevance rule for {what}; pass rules={{{key}: rule}} to LRP(...) "
+        "with a rule name ('pass' for elementwise maps, 'proportional' for positive linear maps "
+        "such as pooling, 'zplus', ...) or a relprop.core.rules.Rule"
+    )
+
+
+def positional(node: fx.Node, index: int, name: str, default: Any = None) -> Any:
+    """An argument of a call by keyword or position, as fx recorded it."""
+    return node.kwargs.get(name, node.args[index] if len(node.args) > index else default)

@@ -1,0 +1,69 @@
+"""Products of two tensors (`@`, `torch.matmul`, `torch.bmm`): attention's `QKᵀ` and `A·V`.
+
+Two input-dependent factors take the uniform bilinear rule (half of the ε-rule's decomposition
+to each, AttnLRP); one input-dependent factor takes the ε-rule. `A·V` whose `A` is attention
+weights (a softmax the planner found) follows the composite's attention strategy."""
+
+from __future__ import annotations
+
+import operator
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+import torch.fx as fx
+from torch import Tensor
+
+from relprop.core.numerics import stabilize
+from relprop.core.ops.base import Context, Op, Parents
+
+FUNCTIONS = {torch.matmul, operator.matmul, torch.bmm}
+METHODS = {"matmul", "bmm"}
+EPSILON = 1e-6  # LXT's stabilizer for the bilinear and linear ε-rules
+
+
+@dataclass
+class MatmulInfo:
+    attention_weights: bool = False  # the first factor is softmax attention weights (A in A·V)
+
+
+class Matmul(Op):
+    name = "matmul"
+
+    def claim(self, node: fx.Node) -> bool:
+        return node.target in (METHODS if node.op == "call_method" else FUNCTIONS)
+
+    def make_info(self) -> MatmulInfo:
+        return MatmulInfo()
+
+    def relevance(self, step, values, R, context: Context) -> Parents:
+        first, second = step.node.args[0], step.node.args[1]
+        a, b = values[first], values[second]
+        product = torch.bmm if step.node.target in (torch.bmm, "bmm") else torch.matmul
+        dependent = [arg in step.inputs for arg in (first, second)]
+        if dependent == [True, True] and step.info.attention_weights:
+            R_a, R_b = context.strategies.attention.weights_and_values(product, a, b, R)
+            return [(arg, R_arg) for arg, R_arg in ((first, R_a), (second, R_b)) if R_arg is not None]
+        share = 0.5 if dependent == [True, True] else 1.0 if dependent[0] else 0.0
+        R_a, R_b = bilinear_relevance(product, a, b, R, share_a=share)
+        return [(arg, R_arg) for arg, R_arg, keep, part in ((first, R_a, dependent[0], share),
+                                                            (second, R_b, dependent[1], 1 - share))
+                if keep and part > 0]
+
+
+def bilinear_relevance(fn: Callable[[Tensor, Tensor], Tensor], a: Tensor, b: Tensor, R: Tensor,
+                       share_a: float = 0.5, epsilon: float = EPSILON) -> tuple[Tensor, Tensor]:
+    """ε-LRP of a bilinear map z = fn(a, b): each contribution a_i b_j of z goes to its two
+    factors, `share_a` of it to a and the rest to b (AttnLRP's uniform rule: 0.5). With
+    `share_a=0` the map is linear in b (a held constant: the ε-rule on b)."""
+    with torch.enable_grad():
+        a_ = a.detach().requires_grad_(share_a > 0)
+        b_ = b.detach().requires_grad_(share_a < 1)
+        z = fn(a_, b_)
+        s = (R / stabilize(z.detach(), epsilon)).detach()
+        wanted = [t for t in (a_, b_) if t.requires_grad]
+        grads = torch.autograd.grad(z, wanted, s)
+    grad = dict(zip([id(t) for t in wanted], grads, strict=True))
+    R_a = share_a * a * grad[id(a_)] if share_a > 0 else torch.zeros_like(a)
+    R_b = (1 - share_a) * b * grad[id(b_)] if share_a < 1 else torch.zeros_like(b)
+    return R_a, R_b

@@ -1,0 +1,113 @@
+"""Max pooling: the composite's max-pool strategy says which linear map stands in for the max,
+and the pooling rule distributes relevance over it.
+
+Strategies (``maxpool=`` of a `Composite`, by object or name):
+- `AverageWindows` (``"avg"``): the pool's own windows, summed: relevance in proportion to the
+  activations in each window (the z-rule's per-window divisor cancels, so an average serves);
+- `WinnerTakesAll` (``"wta"``): all relevance of a window to its maximum;
+- `ReferenceAverage2x2`: the reference code's stand-in, a 2×2 average whatever the pool.
+A strategy of your own: any object with `function(geometry, dims, where) -> (Tensor -> Tensor)`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, NamedTuple, Protocol
+
+import torch.fx as fx
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from relprop.core.ops.base import Context, KeepsSign, Op, Parents
+from relprop.errors import ConfigError, UnsupportedLayerError
+
+MODULES = (nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d)
+FUNCTIONS = {F.max_pool1d, F.max_pool2d, F.max_pool3d}
+# what F.max_poolNd dispatch to when traced (boolean-dispatched private functions)
+PRIVATE_NAMES = ("_max_pool1d", "_max_pool2d", "_max_pool3d")
+
+
+class Geometry(NamedTuple):
+    kernel: Any
+    stride: Any
+    padding: Any
+    dilation: Any
+    ceil_mode: bool
+
+
+class MaxPoolStrategy(Protocol):
+    def function(self, geometry: Geometry, dims: int, where: str) -> Callable[[Tensor], Tensor]: ...
+
+
+@dataclass(frozen=True)
+class AverageWindows:
+    """Relevance in proportion to the activations in each of the pool's windows."""
+
+    def function(self, geometry: Geometry, dims: int, where: str) -> Callable[[Tensor], Tensor]:
+        if any(d != 1 for d in _as_tuple(geometry.dilation)):
+            raise UnsupportedLayerError(f"max pooling with dilation {geometry.dilation} at '{where}': use maxpool='wta'")
+        avg_pool = (F.avg_pool1d, F.avg_pool2d, F.avg_pool3d)[dims - 1]
+        return lambda t: avg_pool(t, geometry.kernel, geometry.stride, geometry.padding, geometry.ceil_mode, True)
+
+
+@dataclass(frozen=True)
+class WinnerTakesAll:
+    """All relevance of a window to its maximum."""
+
+    def function(self, geometry: Geometry, dims: int, where: str) -> Callable[[Tensor], Tensor]:
+        max_pool = (F.max_pool1d, F.max_pool2d, F.max_pool3d)[dims - 1]
+        return lambda t: max_pool(t, *geometry)
+
+
+@dataclass(frozen=True)
+class ReferenceAverage2x2:
+    """The reference code's stand-in: `AvgPool2d(2)`, not the pool's own geometry."""
+
+    def function(self, geometry: Geometry, dims: int, where: str) -> Callable[[Tensor], Tensor]:
+        return lambda t: F.avg_pool2d(t, 2)
+
+
+# name -> (strategy, its reference-numerics twin); the names are the composite's aliases
+MAXPOOL_STRATEGIES: dict[str, tuple[MaxPoolStrategy, MaxPoolStrategy]] = {
+    "avg": (AverageWindows(), ReferenceAverage2x2()),
+    "wta": (WinnerTakesAll(), ReferenceAverage2x2()),
+}
+
+
+def maxpool_strategy(maxpool: str | MaxPoolStrategy, reference: bool = False) -> MaxPoolStrategy:
+    """The strategy of a name (the reference code's stand-in with its numerics), or a strategy as it is."""
+    if not isinstance(maxpool, str):
+        return maxpool
+    if maxpool not in MAXPOOL_STRATEGIES:
+        raise ConfigError(f"unknown maxpool rule {maxpool!r}; choose one of: {', '.join(MAXPOOL_STRATEGIES)}")
+    plain, reference_twin = MAXPOOL_STRATEGIES[maxpool]
+    return reference_twin if reference else plain
+
+
+class MaxPool(KeepsSign, Op):
+    name = "maxpool"
+    modules = MODULES
+
+    def claim(self, node: fx.Node) -> bool:
+        return node.op == "call_function" and (
+            node.target in FUNCTIONS or getattr(node.target, "__name__", "") in PRIVATE_NAMES)
+
+    def relevance(self, step, values, R, context: Context) -> Parents:
+        parent = step.inputs[0]
+        args, kwargs = step.arguments(values)
+        if step.module is not None:
+            pool = step.module
+            geometry = Geometry(pool.kernel_size, pool.stride, pool.padding, pool.dilation, pool.ceil_mode)
+        else:
+            geometry = _geometry(*args[1:], **kwargs)
+        fn = context.strategies.maxpool.function(geometry, args[0].dim() - 2, step.node.name)
+        return [(parent, context.strategies.pooling.relevance(fn, values[parent], R))]
+
+
+def _geometry(kernel_size, stride=None, padding=0, dilation=1, ceil_mode=False, return_indices=False) -> Geometry:
+    return Geometry(kernel_size, stride if stride not in (None, []) else kernel_size, padding, dilation, ceil_mode)
+
+
+def _as_tuple(value: int | tuple[int, ...]) -> tuple[int, ...]:
+    return tuple(value) if isinstance(value, (tuple, list)) else (value,)

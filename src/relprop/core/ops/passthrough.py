@@ -1,0 +1,151 @@
+"""Nodes relevance crosses unchanged: activations, normalizations, dropout, identity, and the
+libraries' helpers that are the identity in eval mode (timm's mask add, torchvision's stochastic
+depth). A rule the user gives such a layer (by name or type) is applied instead.
+
+Elementwise nonlinearities and normalizations take the identity rule (AttnLRP, Achtibat et al.
+2024, and its LXT code: elementwise activations; LayerNorm and GroupNorm with the divisor held
+constant, "identity on the normalization")."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.fx as fx
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from relprop.core.linear_op import BatchNormStats
+from relprop.core.ops.base import Context, KeepsSign, Op, Parents, function_key
+from relprop.core.rules import LayerNormParams, Rule
+from relprop.core.trace import module_path
+
+BATCHNORM_MODULES = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
+NORM_MODULES = (*BATCHNORM_MODULES, nn.LayerNorm, nn.GroupNorm)
+ACTIVATION_MODULES = (nn.ReLU, nn.ReLU6, nn.SiLU, nn.GELU, nn.Hardswish, nn.Hardsigmoid, nn.LeakyReLU,
+                      nn.ELU, nn.Mish)
+IDENTITY_MODULES = (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.Identity)
+NORM_FUNCTIONS = {F.batch_norm, F.layer_norm, F.group_norm}
+DROPOUT_FUNCTIONS = {F.dropout, F.dropout1d, F.dropout2d, F.dropout3d, torch.dropout}
+RELU_FUNCTIONS = {F.relu, torch.relu, F.relu6}
+FUNCTIONS = {*RELU_FUNCTIONS, F.silu, F.gelu, F.hardswish, F.hardsigmoid, F.leaky_relu, F.elu, F.mish,
+             *DROPOUT_FUNCTIONS, *NORM_FUNCTIONS}
+METHODS = {"relu", "relu_", "contiguous", "clone", "detach", "float", "to", "type"}
+# Library helpers that are the identity here, by importable name (no import of the library needed).
+LIBRARY_FUNCTIONS = {
+    "timm.layers.attention.maybe_add_mask",  # scores + a constant mask (or None): the scores keep it all
+    "torchvision.ops.stochastic_depth.stochastic_depth",  # traced in eval mode: training=False
+}
+
+
+@dataclass
+class PassInfo:
+    folded_into: fx.Node | None = None  # a BatchNorm folded into a linear layer, which accounts for it
+
+
+class Passthrough(KeepsSign, Op):
+    name = "passthrough"
+    modules = (*NORM_MODULES, *ACTIVATION_MODULES, *IDENTITY_MODULES)
+    keeps_the_input_layer = True
+
+    def claim(self, node: fx.Node) -> bool:
+        if node.op == "call_method":
+            return node.target in METHODS
+        return node.target in FUNCTIONS or function_key(node.target) in LIBRARY_FUNCTIONS
+
+    def make_info(self) -> PassInfo:
+        return PassInfo()
+
+    def forward(self, step, args: tuple, kwargs: dict, model: nn.Module) -> Any:
+        module, node = step.module, step.node
+        if isinstance(module, BATCHNORM_MODULES):
+            return _batch_norm(module, args[0])
+        if isinstance(module, IDENTITY_MODULES) or (node.op == "call_function" and node.target in DROPOUT_FUNCTIONS):
+            return args[0]
+        if isinstance(module, (nn.ReLU, nn.ReLU6)):
+            return F.relu(args[0]) if isinstance(module, nn.ReLU) else F.relu6(args[0])
+        return super().forward(step, args, kwargs, model)
+
+    def relevance(self, step, values, R, context: Context) -> Parents:
+        parent = step.inputs[0]
+        rule, layer = self._user_rule(step, values, context)
+        if rule is None or step.info.folded_into is not None:
+            return [(parent, R.reshape(values[parent].shape))]
+        return [(parent, rule.relevance(layer, values[parent], R))]
+
+    def _user_rule(self, step, values, context: Context) -> tuple[Rule | None, Any]:
+        """A rule by module name or type; for `F.layer_norm`, a rule for nn.LayerNorm or for the
+        module type the call sits in (timm's LayerNorm, a subclass with its own forward)."""
+        node = step.node
+        if step.module is not None:
+            rule = context.rules.by_name(node) or context.rules.by_kind(step, context.model)
+            return rule, step.module
+        if node.op != "call_function" or node.target is not F.layer_norm:
+            return None, None
+        path = module_path(node)
+        rule = context.rules.by_type(nn.LayerNorm, *([type(context.model.get_submodule(path))] if path else []))
+        if rule is None:
+            return None, None
+        args, kwargs = step.arguments(values)
+        bound = dict(zip(("input", "normalized_shape", "weight", "bias", "eps"), args, strict=False)) | kwargs
+        return rule, LayerNormParams(tuple(bound["normalized_shape"]), bound.get("weight"), bound.get("bias"),
+                                     float(bound.get("eps", 1e-5)))
+
+    def output_nonnegative(self, step, parents: list[bool]) -> bool:
+        node = step.node
+        if isinstance(step.module, (nn.ReLU, nn.ReLU6)) or (node.op == "call_function" and node.target in RELU_FUNCTIONS) \
+                or (node.op == "call_method" and node.target == "relu"):
+            return True
+        return not self.normalizes(step) and super().output_nonnegative(step, parents)
+
+    @staticmethod
+    def normalizes(step) -> bool:
+        """BatchNorm, LayerNorm, GroupNorm (modules or functional) shift and rescale: a
+        non-negative input can come out negative, unlike the other identity-rule nodes."""
+        node = step.node
+        return isinstance(step.module, NORM_MODULES) or (node.op == "call_function" and node.target in NORM_FUNCTIONS)
+
+
+BATCH_NORM_PARAMETERS = ("input", "running_mean", "running_var", "weight", "bias", "training", "momentum", "eps")
+
+
+def batch_norm_arguments(args: tuple, kwargs: dict) -> dict[str, Any]:
+    """`F.batch_norm`'s arguments by name, however the call spelled them."""
+    return dict(zip(BATCH_NORM_PARAMETERS, args, strict=False)) | dict(kwargs)
+
+
+def is_foldable_batchnorm(step) -> bool:
+    """A BatchNorm in eval mode with running statistics (module or `F.batch_norm` call)."""
+    if not isinstance(step.op, Passthrough):
+        return False
+    if isinstance(step.module, BATCHNORM_MODULES):
+        return step.module.running_mean is not None and step.module.running_var is not None
+    node = step.node
+    if node.op == "call_function" and node.target is F.batch_norm:
+        bound = batch_norm_arguments(node.args, node.kwargs)
+        return bound.get("training", False) is False and bound.get("running_mean") is not None \
+            and bound.get("running_var") is not None
+    return False
+
+
+def batchnorm_stats(step, values: dict[fx.Node, Any]) -> BatchNormStats:
+    """What a foldable BatchNorm step computes, from its module or its call's arguments."""
+    if step.module is not None:
+        return BatchNormStats.of(step.module)
+    args, kwargs = step.arguments(values)
+    bound = batch_norm_arguments(args, kwargs)
+    return BatchNormStats(bound["running_mean"], bound["running_var"], bound.get("weight"),
+                          bound.get("bias"), float(bound.get("eps", 1e-5)))
+
+
+def _batch_norm(module: nn.modules.batchnorm._BatchNorm, x: Tensor) -> Tensor:
+    """Eval-mode BatchNorm in fp32 (batch statistics only where the module keeps none)."""
+    def as_float(t: Tensor | None) -> Tensor | None:
+        return None if t is None else t.float()
+
+    use_batch_stats = module.running_mean is None
+    return F.batch_norm(
+        x, as_float(module.running_mean), as_float(module.running_var), as_float(module.weight),
+        as_float(module.bias), use_batch_stats, 0.0, module.eps,
+    )

@@ -1,0 +1,278 @@
+"""The plan: every graph node with the op that claimed it, in execution order, and the graph
+facts the ops need (which inputs depend on the image, operand roles, non-negativity, report
+groups). Planned once, when an explainer is built, so an unsupported layer is reported before
+any image is processed."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.fx as fx
+from torch import Tensor, nn
+
+from relprop.core.canonize import Canonizer
+from relprop.core.ops import (
+    CONSTANT,
+    CUSTOM,
+    INPUT,
+    OPS,
+    OUTPUT,
+    UNSUPPORTED,
+    builtin_op,
+    builtin_types,
+)
+from relprop.core.ops.base import Op, describe, rule_key, unsupported
+from relprop.core.ops.meta import Meta
+from relprop.core.ruleset import RuleSet
+from relprop.core.trace import LeafPolicy, module_path
+from relprop.errors import ConfigError, UnsupportedLayerError
+
+
+@dataclass
+class Step:
+    """One graph node, the op that claimed it, its input-dependent arguments, and the op's own
+    facts about it (`info`: operand roles, folds, a refusal)."""
+
+    node: fx.Node
+    op: Op
+    inputs: list[fx.Node] = field(default_factory=list)
+    info: Any = None
+    module: nn.Module | None = None
+    group: str | None = None  # the report entry (top-level layer or residual block) it belongs to
+    nonnegative: bool = False  # the output is >= 0 by construction (after a ReLU, pooled...)
+
+    @property
+    def is_input(self) -> bool:
+        return self.op is INPUT
+
+    def arguments(self, values: dict[fx.Node, Any]) -> tuple[tuple, dict]:
+        """The call's positional and keyword arguments with this forward pass's values."""
+        return load(self.node.args, values), load(self.node.kwargs, values)
+
+    def operand(self, arg: Any, values: dict[fx.Node, Any]) -> Tensor:
+        """An argument as a tensor (a Python number becomes a 0-d tensor)."""
+        value = values[arg] if isinstance(arg, fx.Node) else arg
+        return value if isinstance(value, Tensor) else torch.tensor(float(value))
+
+    def as_function_of_first_input(self, values: dict[fx.Node, Any]) -> Callable[[Tensor], Tensor]:
+        """The node as a function of its first tensor argument, everything else fixed."""
+        node = self.node
+        args, kwargs = self.arguments(values)
+        if node.op == "call_module":
+            return self.module
+        if node.op == "call_method":
+            return lambda t: getattr(t, node.target)(*args[1:], **kwargs)
+        return lambda t: node.target(t, *args[1:], **kwargs)
+
+
+def load(arg: Any, values: dict[fx.Node, Any]) -> Any:
+    return fx.node.map_arg(arg, lambda n: values[n])
+
+
+class Plan:
+    """The steps with their lookups: by node, and who reads each input-dependent value."""
+
+    def __init__(self, steps: list[Step]) -> None:
+        self.steps = steps
+        self.step_of = {step.node: step for step in steps}
+        self.consumers: dict[fx.Node, list[fx.Node]] = {}
+        for step in steps:
+            for parent in step.inputs:
+                self.consumers.setdefault(parent, []).append(step.node)
+        self._order = {step.node: index for index, step in enumerate(steps)}
+
+    def refuse(self, step: Step, error: UnsupportedLayerError) -> None:
+        """Turn a claimed step into a refusal (raised if relevance reaches it)."""
+        step.op, step.info = UNSUPPORTED, error
+
+    def computed_from_the_other(self, step: Step) -> int | None:
+        """For a binary op on two input-dependent nodes: the index of the operand the other
+        one is computed from (an identity skip in `f(x) + x`, the gated value in `x * g(x)`)."""
+        if len(step.inputs) != 2:
+            return None
+        first, second = step.node.args[0], step.node.args[1]
+        if not (isinstance(first, fx.Node) and isinstance(second, fx.Node)):
+            return None
+        if self._is_ancestor(first, second):
+            return 0
+        return 1 if self._is_ancestor(second, first) else None
+
+    def _is_ancestor(self, candidate: fx.Node, node: fx.Node) -> bool:
+        floor = self._order[candidate]
+        seen, todo = set(), [node]
+        while todo:
+            current = todo.pop()
+            for parent in current.all_input_nodes:
+                if parent is candidate:
+                    return True
+                if parent not in seen and self._order[parent] > floor:
+                    seen.add(parent)
+                    todo.append(parent)
+        return False
+
+
+def build_plan(model: nn.Module, graph: fx.Graph, rules: RuleSet, policy: LeafPolicy,
+               canonizers: Iterable[Canonizer] = ()) -> Plan:
+    """Claim every node, let the ops annotate, raise UnsupportedLayerError for the first node
+    without a rule on a path that relevance takes, then run the canonizers."""
+    plan = Plan(_claim_all(model, graph, rules, policy))
+    for step in plan.steps:
+        step.op.annotate(step, plan)
+    _raise_for_unsupported_on_relevance_paths(plan)
+    _keep_cut_groups(plan)
+    for step in plan.steps:
+        step.nonnegative = step.op.output_nonnegative(step, [plan.step_of[p].nonnegative for p in step.inputs])
+    for canonizer in canonizers:
+        canonizer.apply(plan)
+    return plan
+
+
+def _claim_all(model: nn.Module, graph: fx.Graph, rules: RuleSet, policy: LeafPolicy) -> list[Step]:
+    groups = report_groups(model)
+    dependent: set[fx.Node] = set()
+    shapes: set[fx.Node] = set()  # shapes and sizes computed from the input: no relevance
+    steps = []
+    for node in graph.nodes:
+        module = model.get_submodule(node.target) if node.op == "call_module" else None
+        inputs = [arg for arg in node.all_input_nodes if arg in dependent and arg not in shapes]
+        if node.op == "placeholder" and node.args:  # an optional argument: its default, a constant
+            steps.append(Step(node, CONSTANT))
+            continue
+        if node.op == "placeholder":
+            dependent.add(node)
+            steps.append(Step(node, INPUT))
+            continue
+        if node.op == "output":
+            steps.append(Step(node, OUTPUT, inputs))
+            continue
+        if node.all_input_nodes and all(arg in shapes for arg in node.all_input_nodes) and module is None:
+            dependent.add(node)  # arithmetic on shapes (n_h = h // p): a shape too
+            shapes.add(node)
+            steps.append(Step(node, META_OP))
+            continue
+        if not inputs:
+            steps.append(Step(node, CONSTANT, module=module))
+            continue
+        dependent.add(node)
+        try:
+            op = _claim(node, module, rules, policy)
+            step = Step(node, op, inputs, op.make_info(), module)
+        except UnsupportedLayerError as error:
+            step = Step(node, UNSUPPORTED, inputs, error, module)
+        step.group = _group_of(node, groups)
+        if isinstance(step.op, Meta):
+            shapes.add(node)
+        steps.append(step)
+    return steps
+
+
+META_OP = next(op for op in OPS if isinstance(op, Meta))
+
+
+def _claim(node: fx.Node, module: nn.Module | None, rules: RuleSet, policy: LeafPolicy) -> Op:
+    """User rules first, then the op that reproduces a module, then the first op that claims
+    the node; else the refusal that names the key a rule would need."""
+    if node.op == "call_module":
+        op = builtin_op(module)
+        if op is not None:
+            op.check_module(node, module)
+            return op
+    if node.op == "get_attr":
+        return CONSTANT
+    if node.op not in ("call_module", "call_function", "call_method"):
+        raise UnsupportedLayerError(f"graph node '{node.name}' ({node.op}) is not supported")
+    if CUSTOM.covers(node, module, rules, policy):
+        return CUSTOM
+    for op in OPS:
+        if op.claim_module(node, module) if module is not None else op.claim(node):
+            return op
+    raise unsupported(describe(node, module) + _subclass_hint(module), rule_key(node, module))
+
+
+def _subclass_hint(module: nn.Module | None) -> str:
+    if module is None:
+        return ""
+    base = next((t for t in type(module).__mro__ if t in builtin_types()), None)
+    return f" (a {base.__name__} subclass that computes its own forward)" if base else ""
+
+
+def _raise_for_unsupported_on_relevance_paths(plan: Plan) -> None:
+    """Layers without a rule matter only where relevance flows (not inside a gate branch)."""
+    todo, seen = [plan.steps[-1].node], set()
+    while todo:
+        step = plan.step_of[todo.pop()]
+        if step.op is UNSUPPORTED:
+            raise step.info
+        for parent in step.op.relevance_parents(step):
+            if parent not in seen:
+                seen.add(parent)
+                todo.append(parent)
+
+
+def report_groups(model: nn.Module) -> set[str]:
+    """Candidate entries of the layer-sum report: top-level layers, with containers (layer1,
+    features...) opened one level, so residual blocks are listed. Only those that turn out
+    to be cuts of the graph are kept (see `_keep_cut_groups`)."""
+    groups: set[str] = set()
+    for name, child in model.named_children():
+        if isinstance(child, (nn.Sequential, nn.ModuleList, nn.ModuleDict)):
+            for sub_name, _ in child.named_children():
+                groups.add(f"{name}.{sub_name}")
+        else:
+            groups.add(name)
+    return groups
+
+
+def _group_of(node: fx.Node, groups: set[str]) -> str | None:
+    for _, (qualified_name, _) in node.meta.get("nn_module_stack", {}).items():
+        if qualified_name in groups:
+            return qualified_name
+    if node.op == "call_module" and node.target in groups:
+        return node.target
+    return None
+
+
+def _keep_cut_groups(plan: Plan) -> None:
+    """Report only groups that all relevance must cross (a parallel branch is not a cut)."""
+    steps = plan.steps
+    group_of = {step.node: step.group for step in steps}
+    start, end = steps[0].node, steps[-1].node
+    for group in {step.group for step in steps if step.group is not None}:
+        if _reachable_avoiding(start, end, group, group_of, plan.consumers):
+            for step in steps:
+                if step.group == group:
+                    step.group = None
+
+
+def _reachable_avoiding(start: fx.Node, end: fx.Node, group: str, group_of: dict, consumers: dict) -> bool:
+    seen, todo = {start}, [start]
+    while todo:
+        for child in consumers.get(todo.pop(), []):
+            if child is end:
+                return True
+            if child not in seen and group_of.get(child) != group:
+                seen.add(child)
+                todo.append(child)
+    return False
+
+
+def layer_output(plan: Plan, name: str) -> fx.Node:
+    """The node whose value a module (leaf or container) returns: the one node of its scope
+    that is read outside it."""
+    def inside(node: fx.Node) -> bool:
+        path = node.target if node.op == "call_module" else module_path(node)
+        return isinstance(path, str) and (path == name or path.startswith(name + "."))
+
+    for step in plan.steps:
+        if step.node.op == "call_module" and step.node.target == name:
+            return step.node
+    scope = [step for step in plan.steps if step.op not in (INPUT, OUTPUT) and inside(step.node)]
+    read_outside = {parent for step in plan.steps if not inside(step.node) for parent in step.inputs
+                    if inside(parent)}
+    if len(read_outside) != 1 or not scope:
+        found = "no operation" if not scope else f"{len(read_outside)} outputs"
+        raise ConfigError(f"layers: '{name}' is not a module with one output in the traced graph ({found})")
+    return read_outside.pop()

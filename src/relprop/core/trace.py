@@ -1,0 +1,121 @@
+"""Tracing a model into a `torch.fx` graph: the leaf policy, eval mode, in-place ops made
+out-of-place, and where a failure happened."""
+
+from __future__ import annotations
+
+import operator
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import torch.fx as fx
+from torch import nn
+
+from relprop.errors import TraceError, first_line
+
+# In-place variants would overwrite activations that relevance rules still need.
+OUT_OF_PLACE = {operator.iadd: operator.add, operator.imul: operator.mul,
+                operator.itruediv: operator.truediv}
+OUT_OF_PLACE_METHODS = {"relu_": "relu", "add_": "add", "mul_": "mul", "div_": "div"}
+
+
+@dataclass(frozen=True)
+class LeafPolicy:
+    """Which modules stay graph leaves: those an op reproduces (`is_builtin`), and those the
+    user gave a rule, by type or by name, unless they are layer classes the ops run themselves
+    (`builtin_types`: their subclasses are traced into, so the rule meets their operations)."""
+
+    is_builtin: Callable[[nn.Module], bool]
+    builtin_types: tuple[type, ...] = ()
+    ruled_types: tuple[type, ...] = ()
+    ruled_names: frozenset[str] = frozenset()
+
+    def user_leaf_types(self) -> tuple[type, ...]:
+        return tuple(t for t in self.ruled_types if not issubclass(t, self.builtin_types))
+
+    def is_user_leaf(self, module: nn.Module, name: str) -> bool:
+        if isinstance(module, self.user_leaf_types()):
+            return True
+        return name in self.ruled_names and not isinstance(module, self.builtin_types)
+
+    def is_leaf(self, module: nn.Module, name: str) -> bool:
+        return self.is_builtin(module) or self.is_user_leaf(module, name)
+
+
+class _Tracer(fx.Tracer):
+    """fx tracer that keeps the policy's modules as leaves and remembers where it is, so a
+    failure can name the module it happened in."""
+
+    def __init__(self, policy: LeafPolicy) -> None:
+        super().__init__()
+        self.policy = policy
+        self.relprop_path: list[tuple[str, nn.Module]] = []
+        self.failed_in: tuple[str, nn.Module] | None = None  # innermost module of a failure
+
+    def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
+        return self.policy.is_leaf(m, module_qualified_name) or super().is_leaf_module(m, module_qualified_name)
+
+    def call_module(self, m, forward, args, kwargs):
+        self.relprop_path.append((self.path_of_module(m), m))
+        try:
+            return super().call_module(m, forward, args, kwargs)
+        except Exception:
+            if self.failed_in is None:
+                self.failed_in = self.relprop_path[-1]
+            raise
+        finally:
+            self.relprop_path.pop()
+
+
+@contextmanager
+def eval_mode(model: nn.Module) -> Iterator[None]:
+    """Eval semantics for the duration, every submodule's own mode restored afterwards (the
+    user's model is never modified; traced code may branch on `self.training`)."""
+    modes = [(module, module.training) for module in model.modules()]
+    model.eval()
+    try:
+        yield
+    finally:
+        for module, training in modes:
+            module.training = training
+
+
+def trace(model: nn.Module, policy: LeafPolicy) -> fx.Graph:
+    """The model's graph, traced in eval mode, with in-place ops replaced by their out-of-place
+    twins."""
+    tracer = _Tracer(policy)
+    try:
+        with eval_mode(model):
+            graph = tracer.trace(model)
+    except Exception as error:  # fx raises many types; all mean "not traceable as written"
+        raise TraceError(
+            f"cannot trace {type(model).__name__}{_describe_module(tracer.failed_in)} with torch.fx: "
+            f"{first_line(error)}. Make that module a leaf with a rule (rules={{ThatModuleType: rule}}) "
+            "or explain a traceable sub-module."
+        ) from error
+    for node in graph.nodes:
+        if node.op == "call_function" and node.target in OUT_OF_PLACE:
+            node.target = OUT_OF_PLACE[node.target]
+        elif node.op == "call_method" and node.target in OUT_OF_PLACE_METHODS:
+            node.target = OUT_OF_PLACE_METHODS[node.target]
+        if node.kwargs.get("inplace"):
+            node.kwargs = {**node.kwargs, "inplace": False}
+    return graph
+
+
+def _describe_module(failed_in: tuple[str, nn.Module] | None) -> str:
+    if failed_in is None:
+        return ""
+    name, module = failed_in
+    return f" in module '{name}' ({type(module).__name__})"
+
+
+def module_path(node: fx.Node) -> str:
+    """The qualified name of the innermost module a node was traced in ("" at the top)."""
+    stack = node.meta.get("nn_module_stack", {})
+    return next(reversed(stack.values()))[0] if stack else ""
+
+
+def in_module(node: fx.Node) -> str:
+    path = module_path(node)
+    return f" in module '{path}'" if path else ""
