@@ -19,9 +19,8 @@ from torch import Tensor, nn
 from relprop.core.composites import Composite, RuleSpec, resolve_composite
 from relprop.core.numerics import largest_gap
 from relprop.core.ops import INPUT, builtin_op, builtin_types
-from relprop.core.ops.linear import Linear
 from relprop.core.plan import Step, build_plan, layer_output, load
-from relprop.core.rules import PassRule, Rule
+from relprop.core.rules import Rule
 from relprop.core.ruleset import RuleSet
 from relprop.core.trace import LeafPolicy, eval_mode, trace
 from relprop.errors import FidelityError, InputError, first_line
@@ -100,15 +99,12 @@ class RelevanceEngine:
         rule = self.rules.by_name(step.node)
         if rule is not None:
             return rule
-        is_input_layer = isinstance(step.op, Linear) and step.info.is_input_layer
-        if is_input_layer and self.strategies.input_rule is not None:
+        if step.op.sees_the_input(step) and self.strategies.input_rule is not None:
             return self.strategies.input_rule
         rule = self.rules.by_kind(step, self.module)
         if rule is not None:
             return rule
-        if isinstance(step.op, Linear):
-            return self.strategies.default_input_rule if is_input_layer else self.strategies.default_rule
-        return PassRule()
+        return step.op.default_rule(step, self.strategies)
 
     # ---------------------------------------------------------------- forward
 

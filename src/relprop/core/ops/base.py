@@ -21,13 +21,13 @@ from typing import TYPE_CHECKING, Any, ClassVar, Protocol
 import torch.fx as fx
 from torch import Tensor, nn
 
+from relprop.core.rules import PassRule, Rule
 from relprop.core.trace import in_module
 from relprop.errors import UnsupportedLayerError
 
 if TYPE_CHECKING:  # types only: the planner imports the ops, not the other way round
     from relprop.core.composites import Strategies
     from relprop.core.plan import Plan, Step
-    from relprop.core.rules import Rule
     from relprop.core.ruleset import RuleSet
 
 Relevance = Tensor | list[Tensor | None]  # one tensor, or one per element of a tuple-valued node
@@ -96,6 +96,14 @@ class Op:
     def relevance_parents(self, step: Step) -> list[fx.Node]:
         """The inputs relevance flows to (not a gate's)."""
         return step.inputs
+
+    def sees_the_input(self, step: Step) -> bool:
+        """A layer that consumes the image itself (where `input_rule` applies)."""
+        return False
+
+    def default_rule(self, step: Step, strategies: Strategies) -> Rule:
+        """The rule of a step no user rule names: relevance passes unchanged."""
+        return PassRule()
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}()"

@@ -44,6 +44,12 @@ class Linear(Op):
             return module_forward(step.module, args, kwargs)
         return super().forward(step, args, kwargs, model)
 
+    def sees_the_input(self, step) -> bool:
+        return step.info.is_input_layer
+
+    def default_rule(self, step, strategies):
+        return strategies.default_input_rule if step.info.is_input_layer else strategies.default_rule
+
     def annotate(self, step, plan) -> None:
         current = step.inputs[0]
         while plan.step_of[current].op.keeps_the_input_layer and plan.step_of[current].inputs:
