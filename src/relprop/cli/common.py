@@ -8,9 +8,12 @@ import sys
 import textwrap
 from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 from relprop.errors import RelpropError
+
+if TYPE_CHECKING:
+    from relprop.modelinfo import ModelInfo
 
 METHODS_PLACEHOLDER = "@@METHODS@@"
 
@@ -122,7 +125,7 @@ def add_model_options(parser: Any, *, default_weights: str | None = None, severa
     group.add_argument("--num-classes", type=int, metavar="N",
                        help="classes of a plain state dict (default: read from the weights)")
     group.add_argument("--model-def", metavar="FILE.py:FUNCTION",
-                       help="build the model with FUNCTION(meta) from FILE.py (models torchvision lacks)")
+                       help="build the model with FUNCTION(metadata) from FILE.py (models torchvision lacks)")
     group.add_argument("--classes", metavar="FILE",
                        help="class ids of a plain state dict, in index order: a file with one "
                             "'ID' or 'ID<TAB>NAME' line each, or 'imagenet' (torchvision's 1,000 wnids)")
@@ -140,8 +143,8 @@ def add_model_options(parser: Any, *, default_weights: str | None = None, severa
 
 
 def load_model_from_args(args: Any, command: str, *, weights: str | None = None,
-                         model_def: str | None = None) -> tuple[Any, dict[str, Any]]:
-    """The model and its metadata (preprocessing included) from the shared model options.
+                         model_def: str | None = None) -> tuple[Any, ModelInfo]:
+    """The model and its `ModelInfo` (preprocessing included) from the shared model options.
 
     Prints on stderr which torchvision weights are used, or which preprocessing was assumed for a
     plain state dict that does not say.
@@ -153,21 +156,22 @@ def load_model_from_args(args: Any, command: str, *, weights: str | None = None,
             raise RelpropError("--model-def needs --weights FILE")
         weights = "DEFAULT" if args.arch else args.default_weights
     classes, names = read_classes(args.classes)
-    model, meta = load_model(
+    model, info = load_model(
         weights if weights is not None else args.weights, arch=args.arch,
         num_classes=args.num_classes, model_def=model_def or args.model_def,
         resize=getattr(args, "resize", None), crop=getattr(args, "crop", None),
         mean=getattr(args, "mean", None), std=getattr(args, "std", None),
         classes=classes, class_names=names, offline=args.offline,
     )
-    if meta.get("weights"):
-        print(f"relprop {command}: model: torchvision {meta['arch']} with {meta['weights']} "
-              f"({describe_preprocessing(meta)})", file=sys.stderr)
-    elif meta["assumed"] and hasattr(args, "resize"):
-        given = ", ".join(f"--{k}" for k in meta["assumed"])
-        print(f"relprop {command}: note: {meta['path']} does not say how to preprocess; assumed "
-              f"{describe_preprocessing(meta)} (set {given} to change it)", file=sys.stderr)
-    return model, meta
+    assert info.source is not None  # load_model always says where the weights came from
+    if info.source.name:
+        print(f"relprop {command}: model: torchvision {info.arch} with {info.source.name} "
+              f"({describe_preprocessing(info)})", file=sys.stderr)
+    elif info.assumed and hasattr(args, "resize"):
+        given = ", ".join(f"--{k}" for k in info.assumed)
+        print(f"relprop {command}: note: {info.source.path} does not say how to preprocess; assumed "
+              f"{describe_preprocessing(info)} (set {given} to change it)", file=sys.stderr)
+    return model, info
 
 
 def read_classes(text: str | None) -> tuple[list[str] | None, list[str] | None]:

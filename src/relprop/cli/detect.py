@@ -7,13 +7,16 @@ import json
 import sys
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from relprop.cli.common import add_model_options, plan_jobs, read_classes
 from relprop.cli.outputs import Manifest, prepare_out
 from relprop.defaults import TORCHVISION_DETECTORS
 from relprop.devices import resolve_device
 from relprop.errors import ImageError, RelpropError, TargetError
+
+if TYPE_CHECKING:
+    from relprop.modelinfo import ModelInfo
 
 DESCRIPTION = """\
 Detect objects with a torchvision SSD (SSD300-VGG16, or any torchvision SSD built with
@@ -116,11 +119,11 @@ def run(args: argparse.Namespace) -> int:
     device = resolve_device(args.device)
     out = prepare_out(args.out)
     classes, class_names = read_classes(args.classes)
-    model, meta = load_detector(args.weights, args.model_def, args.arch, args.num_classes,
+    model, info = load_detector(args.weights, args.model_def, args.arch, args.num_classes,
                                 classes=classes, class_names=class_names, offline=args.offline)
     model.to(device)
-    names = class_names_of(meta, num_classes_of(model), detector=True)
-    target = parse_class(args.target_class, meta, names)
+    names = class_names_of(info, num_classes_of(model), detector=True)
+    target = parse_class(args.target_class, info, names)
     crp = CRP(model, contrast=not args.no_contrast, include_background=args.include_background,
               box_contrast=args.box_contrast, split=args.split, rules=_activations_passed_through())
     jobs, failures = plan_jobs(args.inputs, "detect", exclude=out)
@@ -171,7 +174,7 @@ def _activations_passed_through() -> dict:
     return {torch.nn.Hardswish: "pass"}
 
 
-def parse_class(text: str | None, meta: dict[str, Any], names: Sequence[str]) -> int | None:
+def parse_class(text: str | None, info: ModelInfo, names: Sequence[str]) -> int | None:
     """`--target-class` as an index, a class id (e.g. a wnid) or a class name."""
     if text is None:
         return None
@@ -181,7 +184,7 @@ def parse_class(text: str | None, meta: dict[str, Any], names: Sequence[str]) ->
             raise TargetError(f"--target-class {index}: the detector has classes 0..{len(names) - 1}")
         return index
     wanted = text.strip().lower()
-    for labels in (meta.get("classes") or [], meta.get("class_names") or [], names):
+    for labels in (info.classes or [], info.class_names or [], names):
         lowered = [str(label).lower() for label in labels]
         if wanted in lowered and len(lowered) == len(names):
             return lowered.index(wanted)

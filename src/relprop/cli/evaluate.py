@@ -189,9 +189,9 @@ def _run_detection(args: argparse.Namespace, device: Any) -> int:
         step=args.step or STEP, command=command,
     )
     classes, names = read_classes(args.classes)
-    model, meta = load_detector(weights[0], args.model_def, args.arch, args.num_classes,
+    model, info = load_detector(weights[0], args.model_def, args.arch, args.num_classes,
                                 classes=classes, class_names=names, offline=args.offline)
-    summary = evaluate_detection(model.to(device), meta["classes"], config)
+    summary = evaluate_detection(model.to(device), info.classes, config)
     print(summary_markdown(summary, command))
     return 0
 

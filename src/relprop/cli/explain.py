@@ -8,7 +8,7 @@ import sys
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from relprop.cli.common import (
     Job,
@@ -22,6 +22,9 @@ from relprop.cli.outputs import Manifest, prepare_out
 from relprop.defaults import DEFAULT_WEIGHTS
 from relprop.devices import resolve_device
 from relprop.errors import ImageError, RelpropError, TargetError
+
+if TYPE_CHECKING:
+    from relprop.modelinfo import ModelInfo
 
 DESCRIPTION = """\
 Explain what a classifier bases its prediction on, for each image given (files, or folders
@@ -138,15 +141,15 @@ def run(args: argparse.Namespace) -> int:
         raise RelpropError(f"--batch-size {args.batch_size}: must be at least 1")
     device = resolve_device(args.device)
     out = prepare_out(args.out)
-    model, meta = load_model_from_args(args, "explain")
+    model, info = load_model_from_args(args, "explain")
     model.to(device)
-    target = parse_target(args.target, meta)
+    target = parse_target(args.target, info)
     method_failures: list[str] = []
-    explainers = build_methods(methods, model, meta, args.hq, args.cam_layer, method_failures)
+    explainers = build_methods(methods, model, info, args.hq, args.cam_layer, method_failures)
     jobs, failures = plan_jobs(args.inputs, "explain", exclude=out)
     total = len(jobs) + len(failures)  # an empty folder counts as one failed input
-    transform = BoundedTransform(preprocessing(meta), meta["resize"])
-    context = Context(model, meta, transform, explainers, class_names_of(meta), target,
+    transform = BoundedTransform(preprocessing(info), info.preprocessing.resize)
+    context = Context(model, info, transform, explainers, class_names_of(info), target,
                       device, args.sign, out, Manifest(out, "explain"), method_failures)
     overview = explain_all(context, jobs, args.batch_size, failures)
     if len(overview) > 1:
@@ -218,7 +221,7 @@ def method_failed(context_failures: list[str], name: str, error: Exception) -> N
     context_failures.append(name)
 
 
-def build_methods(names: Sequence[str], model: Any, meta: dict[str, Any], hq: bool,
+def build_methods(names: Sequence[str], model: Any, info: ModelInfo, hq: bool,
                   cam_layer: str | None = None, failures: list[str] | None = None) -> dict[str, Any]:
     """One explainer per name, from the registry, with the model's normalization.
 
@@ -230,7 +233,7 @@ def build_methods(names: Sequence[str], model: Any, meta: dict[str, Any], hq: bo
     from relprop.methods import get_method
 
     def make(name: str) -> Any:
-        return get_method(name, model, mean=meta["mean"], std=meta["std"], layer=cam_layer)
+        return get_method(name, model, mean=info.mean, std=info.std, layer=cam_layer)
 
     methods = {}
     failures = [] if failures is None else failures
@@ -251,18 +254,18 @@ def build_methods(names: Sequence[str], model: Any, meta: dict[str, Any], hq: bo
     return methods
 
 
-def parse_target(text: str | None, meta: dict[str, Any]) -> int | None:
+def parse_target(text: str | None, info: ModelInfo) -> int | None:
     """`--target` as an index, a class id (e.g. a wnid) or a class name, case-insensitively."""
     if text is None:
         return None
-    count = int(meta["num_classes"])
+    count = info.num_classes
     if text.strip().lstrip("-").isdigit():
         index = int(text)
         if not 0 <= index < count:
             raise TargetError(f"--target {index}: the model has classes 0..{count - 1}")
         return index
-    for key in ("classes", "class_names"):
-        labels = [str(label).lower() for label in meta.get(key) or []]
+    for known in (info.classes, info.class_names):
+        labels = [str(label).lower() for label in known or []]
         if text.strip().lower() in labels:
             return labels.index(text.strip().lower())
     raise TargetError(f"--target {text!r}: not a class index, id or name of this model")
@@ -273,7 +276,7 @@ class Context:
     """What every batch needs: the model, its preprocessing and explainers, where to write."""
 
     model: Any
-    meta: dict[str, Any]
+    info: ModelInfo
     transform: Any
     explainers: dict[str, Any]
     names: list[str]
@@ -336,7 +339,7 @@ def write_image_outputs(context: Context, job: Job, x: Any, probs: Any,
     folder = context.out / job.name
     folder.mkdir(parents=True, exist_ok=True)
     add = context.manifest.add
-    image = denormalize(x, context.meta["mean"], context.meta["std"])
+    image = denormalize(x, context.info.mean, context.info.std)
     save_png(add(folder / "original.png"), image)
     pred = int(probs.argmax())
     explained = pred if context.target is None else context.target

@@ -32,6 +32,7 @@ from relprop.evaluation.results import (
     summary_markdown,
     write_run_info,
 )
+from relprop.modelinfo import PREPROCESSING_KEYS, ModelInfo
 
 
 @dataclass(frozen=True)
@@ -79,15 +80,15 @@ class Checkpoint:
     path: str
     sha256: str
     model: torch.nn.Module
-    meta: dict[str, Any]
+    info: ModelInfo
 
     @classmethod
-    def of(cls, model: torch.nn.Module, meta: dict[str, Any], given: str | None = None) -> Checkpoint:
-        """A model and its meta as `relprop.models.load_model` returns them."""
-        from relprop.models import file_sha256
-
-        return cls(meta.get("weights") or str(given or meta["path"]), file_sha256(meta["path"]),
-                   model, meta)
+    def of(cls, model: torch.nn.Module, info: ModelInfo, given: str | None = None) -> Checkpoint:
+        """A model and its `ModelInfo` as `relprop.models.load_model` returns them."""
+        if info.source is None:
+            raise InputError(f"{info.arch}: a checkpoint to evaluate needs the file of its weights")
+        return cls(info.source.name or str(given or info.source.path), info.source.sha256,
+                   model, info)
 
 
 @dataclass
@@ -136,7 +137,7 @@ def _evaluate_all(config: EvalConfig, checkpoints: Sequence[Checkpoint], ranks: 
     if ranks.rank == 0:  # one writer of run.json; the others learn its verdict
         try:
             check_resume(out / "run.json", _settings(config, plan, checkpoints), canonical_name)
-            _record_labels(out / "run.json", checkpoints[0].meta)
+            _record_labels(out / "run.json", checkpoints[0].info)
         except RelpropError as error:
             refusal = error
     verdict = group.gather(None if refusal is None else str(refusal))[0]
@@ -204,7 +205,8 @@ def _settings(config: EvalConfig, plan: Plan, checkpoints: Sequence[Checkpoint])
 
     return {
         "checkpoints": [{"path": c.path, "sha256": c.sha256} for c in checkpoints],
-        "preprocessing": [{k: c.meta[k] for k in ("resize", "crop", "mean", "std")} for c in checkpoints],
+        "preprocessing": [{k: v for k, v in c.info.preprocessing.to_dict().items()
+                           if k in PREPROCESSING_KEYS} for c in checkpoints],
         "data": str(Path(config.data).resolve()),
         "methods": plan.methods,
         "protocols": plan.protocols,
@@ -218,10 +220,10 @@ def _settings(config: EvalConfig, plan: Plan, checkpoints: Sequence[Checkpoint])
     }
 
 
-def _record_labels(path: Path, meta: dict[str, Any]) -> None:
+def _record_labels(path: Path, info: ModelInfo) -> None:
     """The model's class ids and names, by which the labels were given (the report shows them)."""
     run_info = read_run_info(path)
-    run_info["labels"] = {"classes": list(meta["classes"]), "class_names": meta.get("class_names")}
+    run_info["labels"] = {"classes": list(info.classes), "class_names": info.class_names}
     write_run_info(path, run_info)
 
 
@@ -416,8 +418,8 @@ def _job(checkpoint: Checkpoint, config: EvalConfig, plan: Plan, store: _Store,
     --batch-size: the same batches whatever the number of processes or how often it resumed."""
     from relprop.data import discover, select
 
-    meta = checkpoint.meta
-    dataset = discover(config.data, meta["classes"], meta.get("class_names"))
+    info = checkpoint.info
+    dataset = discover(config.data, info.classes, info.class_names)
     if dataset.unknown and primary:
         listed = ", ".join(f"{name} ({n})" for name, n in sorted(dataset.unknown.items()))
         print(f"relprop evaluate: left out {sum(dataset.unknown.values())} images of "
@@ -438,12 +440,12 @@ def _evaluate(work: _Work, ranks: Any, device: torch.device, progress: _Progress
     """
     from tqdm import tqdm
 
-    model, meta, plan = work.checkpoint.model.to(device), work.checkpoint.meta, work.plan
-    methods = _build_methods(work, model, meta)
+    model, info, plan = work.checkpoint.model.to(device), work.checkpoint.info, work.plan
+    methods = _build_methods(work, model, info)
     for chunk in ranks.shard(work.batches):
         if not any(work.needs(it, name) for it in chunk for name in plan.methods):
             continue  # a finished batch
-        for batch, failures in _batches(work.root, chunk, meta):
+        for batch, failures in _batches(work.root, chunk, info):
             for item, message in failures:
                 if any(work.needs(item, n) for n in plan.methods):
                     tqdm.write(f"relprop evaluate: skipping {item.path}: {message}", file=sys.stderr)
@@ -456,32 +458,32 @@ def _evaluate(work: _Work, ranks: Any, device: torch.device, progress: _Progress
     return work.failed
 
 
-def _build_methods(work: _Work, model: torch.nn.Module, meta: dict[str, Any]) -> dict[str, Any]:
+def _build_methods(work: _Work, model: torch.nn.Module, info: ModelInfo) -> dict[str, Any]:
     from relprop.methods import get_method
 
     methods = {}
     for base in work.plan.bases:
         try:
             methods[base] = get_method(base, model, batch_size=work.config.batch_size,
-                                       mean=meta["mean"], std=meta["std"], layer=work.config.cam_layer)
+                                       mean=info.mean, std=info.std, layer=work.config.cam_layer)
         except Exception as error:  # any model a method cannot handle: report it, go on
             work.fail(base, error)
     return methods
 
 
 def _batches(root: Path, items: Sequence[Any],
-             meta: dict[str, Any]) -> Iterator[tuple[_Batch | None, list[tuple[Any, str]]]]:
+             info: ModelInfo) -> Iterator[tuple[_Batch | None, list[tuple[Any, str]]]]:
     """One fixed batch preprocessed, split by input size (uncropped sizes may differ), with the
     images that could not be read."""
     from relprop.data import load_item
     from relprop.images import BoundedTransform
     from relprop.models import preprocessing
 
-    transform = BoundedTransform(preprocessing(meta), meta["resize"])
+    transform = BoundedTransform(preprocessing(info), info.preprocessing.resize)
     loaded, failures = [], []
     for item in items:
         try:
-            loaded.append((item, *load_item(root, item, transform, meta)))
+            loaded.append((item, *load_item(root, item, transform, info)))
         except ImageError as error:
             failures.append((item, str(error)))
     if not loaded:
@@ -528,7 +530,7 @@ def _score_batch(work: _Work, batch: _Batch, x: torch.Tensor, preds: torch.Tenso
     from relprop.evaluation.metrics import insertion_deletion, localization
     from relprop.methods import HQ_SUFFIX, HeatQuantized
 
-    config, meta = work.config, work.checkpoint.meta
+    config, info = work.config, work.checkpoint.info
     flat = (HeatQuantized(base, config.channels).quantize(maps)[:, 0] if name.endswith(HQ_SUFFIX)
             else base.to_2d(maps, config.channels))
     flat = flat.float().cpu()
@@ -546,7 +548,7 @@ def _score_batch(work: _Work, batch: _Batch, x: torch.Tensor, preds: torch.Tenso
             continue
         boxes = boxes or localization(flat, batch.boxes)
         result = insertion_deletion(work.checkpoint.model, x, flat, labels, protocol,
-                                    mean=meta["mean"], std=meta["std"], step=config.step,
+                                    mean=info.mean, std=info.std, step=config.step,
                                     block=config.block,
                                     batch_size=max(config.batch_size, MIN_FRAME_BATCH))
         for i in todo:

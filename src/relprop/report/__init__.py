@@ -115,7 +115,7 @@ def find_key(tree: Any, key: str) -> Any:
 
 
 def class_names(run: EvalRun) -> list[str] | None:
-    """Readable class names: from run.json, else from the (first) checkpoint's meta, else None."""
+    """Readable class names: from run.json, else from the (first) checkpoint's file, else None."""
     for key in ("class_names", "classes"):
         names = find_key(run.info, key)
         if isinstance(names, list) and names:
@@ -128,10 +128,10 @@ def class_names(run: EvalRun) -> list[str] | None:
     from relprop.models import class_names_of, load_model
 
     try:
-        _, meta = load_model(path)
+        _, info = load_model(path)
     except RelpropError:  # e.g. a plain state dict, which needs --arch: fall back to indices
         return None
-    return class_names_of(meta)
+    return class_names_of(info)
 
 
 def _label(names: Sequence[str] | None, index: Any, given: Any = None) -> str:
@@ -293,9 +293,12 @@ def original_picture(context: GalleryContext, image: str, shape: tuple[int, int]
     except ImageError:
         return None
     if context.geometry is not None:
+        from relprop.modelinfo import Preprocessing
         from relprop.models import preprocessing
 
-        tensor = preprocessing({**context.geometry, "mean": [0.0] * 3, "std": [1.0] * 3})(img)
+        geometry = Preprocessing(context.geometry["resize"], context.geometry["crop"],
+                                 mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0))
+        tensor = preprocessing(geometry)(img)
         picture = np.clip(np.rint(tensor.numpy().transpose(1, 2, 0) * 255), 0, 255).astype(np.uint8)
         if shape is None or picture.shape[:2] == shape:
             return picture
