@@ -11,7 +11,7 @@ import math
 import sys
 import time
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -19,12 +19,15 @@ import numpy as np
 import torch
 
 from relprop.defaults import MIN_FRAME_BATCH
-from relprop.errors import ImageError, InputError, RelpropError
+from relprop.errors import ImageError, InputError, RelpropError, first_line
 from relprop.evaluation.metrics import METRICS, PROTOCOLS, Channels
 from relprop.evaluation.results import (
+    Conservation,
+    ResultRow,
     append_jsonl,
     check_resume,
     rank_file,
+    read_rows,
     read_run_info,
     read_union,
     shard_files,
@@ -178,7 +181,7 @@ def _report_failure(ranks: Any, store: _Store, jobs: Sequence[_Work], error: Bas
         return
     current = next((job.current for job in jobs if job.current), "before its first image")
     print(f"relprop evaluate: rank {ranks.rank} of {ranks.world} failed on {current} "
-          f"({type(error).__name__}: {str(error).strip().splitlines()[0] if str(error).strip() else ''}); "
+          f"({type(error).__name__}: {first_line(error, default='')}); "
           f"its finished rows are in {store.results_path}: rerun the same command (any "
           "--nproc-per-node) to resume", file=sys.stderr)
 
@@ -249,24 +252,24 @@ class _Store:
         """Read the union of all processes' files (each keeps its own cut last line repaired)."""
         from relprop.methods import canonical_name
 
-        records = read_union(self.out, "results", _key, repair=self.results_path)
-        self._records = [{**r, "method": self._spelling.get(canonical_name(r["method"]), r["method"])}
-                         for r in records]
-        self.done = {_key(r) for r in self._records}
+        rows = read_rows(self.out, repair=self.results_path)
+        self._records = [replace(r, method=self._spelling.get(canonical_name(r.method), r.method))
+                         for r in rows]
+        self.done = {r.key for r in self._records}
         self._skipped = read_union(self.out, "skipped",
                                    lambda r: (r["checkpoint_sha256"], r["image"]),
                                    repair=self.skipped_path)
 
-    def records(self) -> list[dict[str, Any]]:
+    def records(self) -> list[ResultRow]:
         return self._records
 
     def skipped_keys(self) -> set[tuple[str, str]]:
         return {(s["checkpoint_sha256"], s["image"]) for s in self._skipped}
 
-    def add(self, record: dict[str, Any]) -> None:
-        append_jsonl(self.results_path, record)
-        self._records.append(record)
-        self.done.add(_key(record))
+    def add(self, row: ResultRow) -> None:
+        append_jsonl(self.results_path, row.to_dict())
+        self._records.append(row)
+        self.done.add(row.key)
 
     def skip(self, record: dict[str, str]) -> None:
         if (record["checkpoint_sha256"], record["image"]) in self.skipped_keys():
@@ -354,10 +357,6 @@ class _Progress:
             self.bar.close()
 
 
-def _key(record: dict[str, Any]) -> tuple[str, str, str, str]:
-    return record["checkpoint_sha256"], record["image"], record["method"], record["protocol"]
-
-
 @dataclass
 class _Batch:
     items: list[Any]
@@ -404,7 +403,7 @@ class _Work:
         """Report a method that cannot run on this model; the other methods go on."""
         from tqdm import tqdm
 
-        first = str(error).strip().splitlines()[0] if str(error).strip() else ""
+        first = first_line(error, default="")
         reason = first if isinstance(error, RelpropError) else f"{type(error).__name__}: {first}"
         tqdm.write(f"relprop evaluate: error: method {base} cannot run on "
                    f"{Path(self.checkpoint.path).name}: {reason}; the other methods go on",
@@ -566,35 +565,34 @@ def _attribute(method: Any, x: torch.Tensor) -> tuple[torch.Tensor, dict[str, to
 
 def _record(checkpoint: Checkpoint, item: Any, method: str, protocol: str, channels: str, base: Any,
             pred: torch.Tensor, result: Any, i: int, box_scores: dict[str, Any] | None,
-            sums: dict[str, torch.Tensor] | None) -> dict[str, Any]:
-    return {
-        "checkpoint": checkpoint.path,
-        "checkpoint_sha256": checkpoint.sha256,
-        "image": item.path,
-        "label": int(item.label),
-        "pred": int(pred),
-        "method": method,
-        "protocol": protocol,
-        "channels": "sum" if base.is_lrp else channels,
-        **{key: metric.score(result, i) for key, metric in METRICS.items()},
-        "insertion_curve": [float(v) for v in result.insertion_curves[i]],
-        "deletion_curve": [float(v) for v in result.deletion_curves[i]],
-        "localization": box_scores,
-        "conservation": _conservation(sums, i),
-    }
+            sums: dict[str, torch.Tensor] | None) -> ResultRow:
+    return ResultRow(
+        checkpoint=checkpoint.path,
+        checkpoint_sha256=checkpoint.sha256,
+        image=item.path,
+        label=int(item.label),
+        pred=int(pred),
+        method=method,
+        protocol=protocol,
+        channels="sum" if base.is_lrp else channels,
+        scores={key: metric.score(result, i) for key, metric in METRICS.items()},
+        insertion_curve=[float(v) for v in result.insertion_curves[i]],
+        deletion_curve=[float(v) for v in result.deletion_curves[i]],
+        localization=box_scores,
+        conservation=_conservation(sums, i),
+    )
 
 
-def _conservation(sums: dict[str, torch.Tensor] | None, i: int) -> dict[str, Any] | None:
+def _conservation(sums: dict[str, torch.Tensor] | None, i: int) -> Conservation | None:
     """Relevance totals at the output, the last and the first residual block, and the input."""
     if sums is None:
         return None
     blocks = [k for k in sums if "." in k]  # residual blocks, e.g. "layer4.1", output to input
-    report: dict[str, Any] = {"output": float(sums["output"][i]), "input": float(sums["input"][i])}
-    if blocks:
-        report.update({"last_block": float(sums[blocks[0]][i]), "last_block_name": blocks[0],
-                       "first_block": float(sums[blocks[-1]][i]), "first_block_name": blocks[-1]})
-    report["input_over_output"] = report["input"] / report["output"] if report["output"] else None
-    return report
+    output, input_ = float(sums["output"][i]), float(sums["input"][i])
+    if not blocks:
+        return Conservation(output, input_)
+    return Conservation(output, input_, float(sums[blocks[0]][i]), blocks[0],
+                        float(sums[blocks[-1]][i]), blocks[-1])
 
 
 def _map_names(items: Sequence[Any]) -> dict[str, str]:
@@ -605,7 +603,7 @@ def _map_names(items: Sequence[Any]) -> dict[str, str]:
             for it in items}
 
 
-def _write_summary(out: Path, summary: dict[str, Any], records: Sequence[dict[str, Any]],
+def _write_summary(out: Path, summary: dict[str, Any], records: Sequence[ResultRow],
                    plan: Plan, baseline: str | None = None) -> None:
     from relprop.evaluation.results import mean_curves, statistics_markdown
     from relprop.viz import plot_curves
