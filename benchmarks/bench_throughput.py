@@ -29,6 +29,7 @@ import platform
 import statistics
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -53,26 +54,26 @@ def parse() -> argparse.Namespace:
 
 
 def load(args: argparse.Namespace) -> tuple[torch.nn.Module, dict, torch.Tensor, torch.Tensor, str]:
-    """The model, its metadata, the preprocessed images and their labels, and a description."""
+    """The model, its ModelInfo, the preprocessed images and their labels, and a description."""
     import torchvision
 
     from relprop.data import discover, load_item
     from relprop.images import BoundedTransform
     from relprop.models import load_model, preprocessing
 
-    model, meta = load_model(SHARED / "models" / "resnet18_tin10.pt")
+    model, info = load_model(SHARED / "models" / "resnet18_tin10.pt")
     source = "resnet18_tin10.pt"
-    if args.arch != "resnet18" or args.size != meta["resize"]:
+    if args.arch != "resnet18" or args.size != info.preprocessing.resize:
         torch.manual_seed(0)
-        model = torchvision.models.get_model(args.arch, num_classes=len(meta["classes"])).eval()
-        meta = {**meta, "resize": args.size}
-        source = f"{args.arch} (random weights, {len(meta['classes'])} classes)"
-    dataset = discover(SHARED / "data" / "tin10" / "val", meta["classes"], meta.get("class_names"))
+        model = torchvision.models.get_model(args.arch, num_classes=len(info.classes)).eval()
+        info = replace(info, preprocessing=replace(info.preprocessing, resize=args.size))
+        source = f"{args.arch} (random weights, {len(info.classes)} classes)"
+    dataset = discover(SHARED / "data" / "tin10" / "val", info.classes, info.class_names)
     items = sorted(dataset.items, key=lambda it: it.path)[:: max(1, len(dataset.items) // args.images)]
-    transform = BoundedTransform(preprocessing(meta), meta["resize"])
-    inputs = torch.stack([load_item(dataset.root, it, transform, meta)[0] for it in items[:args.images]])
+    transform = BoundedTransform(preprocessing(info), info.preprocessing.resize)
+    inputs = torch.stack([load_item(dataset.root, it, transform, info)[0] for it in items[:args.images]])
     labels = torch.tensor([it.label for it in items[:args.images]])
-    return model.to(args.device), meta, inputs.to(args.device), labels.to(args.device), source
+    return model.to(args.device), info, inputs.to(args.device), labels.to(args.device), source
 
 
 def timed(run, repeats: int, device: str) -> float:
@@ -102,7 +103,7 @@ def main() -> int:
     args = parse()
     if args.threads:
         torch.set_num_threads(args.threads)
-    model, meta, x, labels, source = load(args)
+    model, info, x, labels, source = load(args)
     n = len(x)
     names = (args.methods.split(",") if args.methods else
              [m for m in method_names() if m not in NOT_FOR_IMAGES])
@@ -111,7 +112,7 @@ def main() -> int:
     maps = None
     for name in names:
         try:
-            method = get_method(name, model, batch_size=args.batch_size, mean=meta["mean"], std=meta["std"])
+            method = get_method(name, model, batch_size=args.batch_size, mean=info.mean, std=info.std)
             seconds = timed(lambda m=method: attribute_all(m, x, args.batch_size), args.repeats, args.device)
         except Exception as error:  # a method this model cannot run: say so, go on
             rows.append(f"| {name} | – | – | {type(error).__name__}: {str(error).splitlines()[0][:80]} |")
@@ -119,10 +120,10 @@ def main() -> int:
         per_image[name] = seconds / n
         rows.append(f"| {name} | {n / seconds:.2f} | {1000 * seconds / n:.1f} | measured |")
         print(rows[-1], file=sys.stderr)
-    maps = get_method("gradcam", model, mean=meta["mean"], std=meta["std"]).attribute(x)[:, 0].cpu()
+    maps = get_method("gradcam", model, mean=info.mean, std=info.std).attribute(x)[:, 0].cpu()
     for protocol in PROTOCOLS:
         seconds = timed(lambda p=protocol: insertion_deletion(
-            model, x, maps, labels, p, mean=meta["mean"], std=meta["std"],
+            model, x, maps, labels, p, mean=info.mean, std=info.std,
             batch_size=max(args.batch_size, MIN_FRAME_BATCH)), args.repeats, args.device)
         per_image[f"protocol:{protocol}"] = seconds / n
         rows.append(f"| protocol `{protocol}` (insertion + deletion) | {n / seconds:.2f} | "

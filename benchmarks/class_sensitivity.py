@@ -40,7 +40,7 @@ def parse_spec(spec: str) -> tuple[str, dict[str, object]]:
     return name, options
 
 
-def tin10_images(meta: dict, limit: int | None, per_class: int | None, split: str = "val"):
+def tin10_images(info, limit: int | None, per_class: int | None, split: str = "val"):
     """(item, normalized input) of tin10's `split` images, in the evaluation's order."""
     from relprop.data import discover, load_item, select
     from relprop.errors import ImageError
@@ -48,11 +48,11 @@ def tin10_images(meta: dict, limit: int | None, per_class: int | None, split: st
     from relprop.models import preprocessing
 
     root = SHARED / "data" / "tin10" / split
-    dataset = discover(root, meta["classes"], meta.get("class_names"))
-    transform = BoundedTransform(preprocessing(meta), meta["resize"])
+    dataset = discover(root, info.classes, info.class_names)
+    transform = BoundedTransform(preprocessing(info), info.preprocessing.resize)
     for item in select(dataset.items, per_class, limit):
         try:
-            yield item, load_item(root, item, transform, meta)[0]
+            yield item, load_item(root, item, transform, info)[0]
         except ImageError as error:
             tqdm.write(f"skipping {item.path}: {error}", file=sys.stderr)
 
@@ -64,7 +64,7 @@ def pearson(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a * b).sum()) / denominator if denominator > 0 else float("nan")
 
 
-def measure(method, model, x: torch.Tensor, meta: dict) -> dict[str, float]:
+def measure(method, model, x: torch.Tensor, info) -> dict[str, float]:
     """Correlation of the top-1 and runner-up maps, and ID of the top-1 map (its own class)."""
     from relprop.evaluation.metrics import insertion_deletion
 
@@ -72,8 +72,8 @@ def measure(method, model, x: torch.Tensor, meta: dict) -> dict[str, float]:
         top2 = model(x).topk(2, dim=1).indices[0]
     maps = method.attribute(x.expand(2, -1, -1, -1).contiguous(), target=top2.tolist())
     flat = method.to_2d(maps).float().cpu()
-    scores = insertion_deletion(model, x, flat[:1], top2[:1].cpu(), "paper", mean=meta["mean"],
-                                std=meta["std"])
+    scores = insertion_deletion(model, x, flat[:1], top2[:1].cpu(), "paper", mean=info.mean,
+                                std=info.std)
     return {"corr": pearson(flat[0], flat[1]), "ins": float(scores.insertion[0]),
             "del": float(scores.deletion[0]), "id": float(scores.id[0])}
 
@@ -108,7 +108,7 @@ def main(argv: list[str] | None = None) -> None:
     from relprop.methods import get_method
     from relprop.models import load_model
 
-    model, meta = load_model(SHARED / "models" / "resnet18_tin10.pt")
+    model, info = load_model(SHARED / "models" / "resnet18_tin10.pt")
     model = model.to(args.device)
     cache = args.cache or args.out.with_suffix(".jsonl")
     cache.parent.mkdir(parents=True, exist_ok=True)
@@ -117,15 +117,15 @@ def main(argv: list[str] | None = None) -> None:
     methods = {}
     for spec in args.methods:
         name, options = parse_spec(spec)
-        methods[spec] = get_method(name, model, mean=meta["mean"], std=meta["std"], **options)
-    images = list(tin10_images(meta, args.limit, args.per_class))
+        methods[spec] = get_method(name, model, mean=info.mean, std=info.std, **options)
+    images = list(tin10_images(info, args.limit, args.per_class))
     with cache.open("a") as sink:
         for item, x in tqdm(images, desc="class sensitivity", unit="image"):
             for spec, method in methods.items():
                 if (spec, item.path) in done:
                     continue
                 row = {"method": spec, "image": item.path,
-                       **measure(method, model, x[None].to(args.device), meta)}
+                       **measure(method, model, x[None].to(args.device), info)}
                 rows.append(row)
                 sink.write(json.dumps(row) + "\n")
                 sink.flush()

@@ -47,19 +47,19 @@ def parse_args() -> argparse.Namespace:
     return parser.parse_args()
 
 
-def label(meta: dict) -> str:
+def label(info) -> str:
     """`ResNet-18` for the shared checkpoint, else the architecture name (`convnext_atto`)."""
-    arch = str(meta["arch"]).removeprefix("timm/")
+    arch = str(info.arch).removeprefix("timm/")
     return {"resnet18": "ResNet-18"}.get(arch, arch)
 
 
-def explain(model, meta, x: torch.Tensor, device: str, failures: set[str]) -> dict[str, torch.Tensor]:
+def explain(model, info, x: torch.Tensor, device: str, failures: set[str]) -> dict[str, torch.Tensor]:
     """Each method's 2-D map of the predicted class, keyed by column title."""
     maps = {}
     for method, title in METHODS:
-        column = f"{label(meta)}\n{title}"
+        column = f"{label(info)}\n{title}"
         try:
-            maps[column] = get_method(method, model, mean=meta["mean"], std=meta["std"]
+            maps[column] = get_method(method, model, mean=info.mean, std=info.std
                                       ).attribute(x.to(device))[0].sum(0).cpu()
         except RelpropError as error:
             if column not in failures:
@@ -71,9 +71,9 @@ def explain(model, meta, x: torch.Tensor, device: str, failures: set[str]) -> di
 def main() -> None:
     args = parse_args()
     models = [load_model(path) for path in (args.base, args.other)]
-    models = [(model.to(args.device), meta) for model, meta in models]
-    base_meta = models[0][1]
-    data = discover(args.data, base_meta["classes"], base_meta.get("class_names"))
+    models = [(model.to(args.device), info) for model, info in models]
+    base_info = models[0][1]
+    data = discover(args.data, base_info.classes, base_info.class_names)
     items = [item for item in select(data.items, per_class=args.per_class)
              if item.label < args.classes]
     failures: set[str] = set()
@@ -85,16 +85,16 @@ def main() -> None:
             tqdm.write(str(error))
             continue
         maps, predictions = {}, []
-        for model, meta in models:
-            x = preprocessing(meta)(image)[None]
+        for model, info in models:
+            x = preprocessing(info)(image)[None]
             with torch.no_grad():
                 predicted = int(model(x.to(args.device)).argmax())
-            predictions.append(f"{label(meta)}: {class_names_of(meta)[predicted]}")
-            maps.update(explain(model, meta, x, args.device, failures))
-        shown = denormalize(preprocessing(base_meta)(image).numpy(), base_meta["mean"], base_meta["std"])
-        caption = f"{class_names_of(base_meta)[item.label]}\n" + "\n".join(predictions)
+            predictions.append(f"{label(info)}: {class_names_of(info)[predicted]}")
+            maps.update(explain(model, info, x, args.device, failures))
+        shown = denormalize(preprocessing(base_info)(image).numpy(), base_info.mean, base_info.std)
+        caption = f"{class_names_of(base_info)[item.label]}\n" + "\n".join(predictions)
         rows.append(PanelRow(shown, caption, {k: v.numpy() for k, v in maps.items()}))
-    order = [f"{label(meta)}\n{title}" for _, title in METHODS for _, meta in models]
+    order = [f"{label(info)}\n{title}" for _, title in METHODS for _, info in models]
     for row in rows:
         row.maps = {k: row.maps[k] for k in order if k in row.maps}
     print(f"compare_models_panel: wrote {save_panel(args.out, rows)} ({len(rows)} images)")

@@ -67,12 +67,12 @@ def candidates(total_range: tuple[float, float] | None) -> dict[str, object]:
     return found
 
 
-def calibrate_total_range(model, meta, count: int) -> tuple[float, float]:
+def calibrate_total_range(model, info, count: int) -> tuple[float, float]:
     """1st and 99th percentile of `lrp-split` maps in units of their total, on tin10 *train*."""
     from relprop.methods import get_method
 
-    x = torch.stack([image for _, image in tin10_images(meta, count, max(1, count // 10), "train")])
-    heat = get_method("lrp-split", model, mean=meta["mean"], std=meta["std"]).attribute(x).sum(1)
+    x = torch.stack([image for _, image in tin10_images(info, count, max(1, count // 10), "train")])
+    heat = get_method("lrp-split", model, mean=info.mean, std=info.std).attribute(x).sum(1)
     share = heat / heat.flatten(1).sum(1)[:, None, None]
     low, high = np.percentile(share.numpy(), [1, 99])
     return float(low), float(high)
@@ -139,13 +139,13 @@ def main(argv: list[str] | None = None) -> None:
     from relprop.models import load_model
 
     path = SHARED / "models" / "resnet18_tin10.pt"
-    model, meta = load_model(path)
+    model, info = load_model(path)
     args.out.mkdir(parents=True, exist_ok=True)
     range_file = args.out / "hq_total_range.json"
     if range_file.is_file():  # resumed runs keep the range their first run used
         total_range = tuple(json.loads(range_file.read_text()))
     else:
-        total_range = calibrate_total_range(model, meta, args.calibrate)
+        total_range = calibrate_total_range(model, info, args.calibrate)
         range_file.write_text(json.dumps(total_range))
     found = candidates(total_range)
     if args.only is not None:
@@ -154,7 +154,7 @@ def main(argv: list[str] | None = None) -> None:
     config = EvalConfig(data=SHARED / "data" / "tin10" / "val", out=args.out, methods=tuple(methods),
                         protocols=(args.protocol,), limit=args.limit, per_class=args.per_class,
                         device=torch.device(args.device))
-    outcome = evaluate(config, [Checkpoint.of(model, meta, str(path))])
+    outcome = evaluate(config, [Checkpoint.of(model, info, str(path))])
     if outcome.failed_methods:
         print(f"faithful_search: could not run {', '.join(outcome.failed_methods)}", file=sys.stderr)
     records = read_jsonl(args.out / "results.jsonl")

@@ -40,15 +40,15 @@ def composites(mean: list[float], std: list[float]) -> dict[str, dict]:
     }
 
 
-def zennit_maps(model: nn.Module, x: torch.Tensor, meta: dict) -> dict[str, torch.Tensor]:
+def zennit_maps(model: nn.Module, x: torch.Tensor, info) -> dict[str, torch.Tensor]:
     from zennit.attribution import Gradient
     from zennit.composites import EpsilonGammaBox, EpsilonPlusFlat
     from zennit.rules import ZPlus
     from zennit.torchvision import ResNetCanonizer
     from zennit.types import Convolution
 
-    mean = torch.tensor(meta["mean"]).view(1, -1, 1, 1)
-    std = torch.tensor(meta["std"]).view(1, -1, 1, 1)
+    mean = torch.tensor(info.mean).view(1, -1, 1, 1)
+    std = torch.tensor(info.std).view(1, -1, 1, 1)
     with torch.no_grad():
         p = torch.softmax(model(x), 1)
     seed = torch.zeros_like(p)
@@ -76,15 +76,15 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--images", type=int, default=8)
     args = parser.parse_args()
-    model, meta = load_model(SHARED / "models" / "resnet18_tin10.pt")
-    steps = transforms.Compose([transforms.Resize(meta["resize"]), transforms.ToTensor(),
-                                transforms.Normalize(meta["mean"], meta["std"])])
+    model, info = load_model(SHARED / "models" / "resnet18_tin10.pt")
+    steps = transforms.Compose([transforms.Resize(info.preprocessing.resize), transforms.ToTensor(),
+                                transforms.Normalize(info.mean, info.std)])
     files = sorted((SHARED / "data" / "tin10" / "val").glob("*/*.JPEG"))
     files = files[:: max(1, len(files) // args.images)][: args.images]
     x = torch.stack([steps(Image.open(f).convert("RGB")) for f in files])
-    zennit = zennit_maps(model, x, meta)
+    zennit = zennit_maps(model, x, info)
     rows, columns = [], None
-    for name, kwargs in composites(meta["mean"], meta["std"]).items():
+    for name, kwargs in composites(info.mean, info.std).items():
         R, sums = LRP(model, **kwargs).attribute(x, return_layer_sums=True)
         ratios = {k: float((v / sums["output"]).median()) for k, v in sums.items()}
         columns = columns or list(ratios)
@@ -92,7 +92,7 @@ def main() -> None:
         r = pearson(R, zennit[name]) if name in zennit else None
         agreement = "—" if r is None else f"{float(r.min()):.4f} / {float(r.median()):.4f}"
         rows.append((name, ratios, spread, agreement))
-    print(f"{len(files)} tin10 val images, ResNet-18 at {meta['resize']} px; totals / explained probability (median)\n")
+    print(f"{len(files)} tin10 val images, ResNet-18 at {info.preprocessing.resize} px; totals / explained probability (median)\n")
     print("| composite | " + " | ".join(columns) + " | Σ|R|/|ΣR| |")
     print("|---|" + "---|" * (len(columns) + 1))
     for name, ratios, spread, _ in rows:

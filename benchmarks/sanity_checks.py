@@ -66,10 +66,10 @@ def main(argv: list[str] | None = None) -> None:
 
     from relprop.models import load_model
 
-    model, meta = load_model(SHARED / "models" / "resnet18_tin10.pt")
+    model, info = load_model(SHARED / "models" / "resnet18_tin10.pt")
     model = model.to(args.device)
     per_class = max(1, -(-args.limit // 10))
-    x = torch.stack([image for _, image in tin10_images(meta, None, per_class)][: args.limit])
+    x = torch.stack([image for _, image in tin10_images(info, None, per_class)][: args.limit])
     with torch.no_grad():
         y = model(x.to(args.device)).argmax(1).cpu().numpy()
     args.out.parent.mkdir(parents=True, exist_ok=True)
@@ -77,7 +77,7 @@ def main(argv: list[str] | None = None) -> None:
     raw = json.loads(raw_file.read_text()) if raw_file.is_file() else {}
     for name in args.methods:
         if name not in raw:  # resumable per method
-            scores = mprt(name, model, x, y, meta["mean"], meta["std"], args.device)
+            scores = mprt(name, model, x, y, info.mean, info.std, args.device)
             raw[name] = {layer: [float(v) for v in values] for layer, values in scores.items()}
             raw_file.write_text(json.dumps(raw))
     lines = ["| method | images | original | " + " | ".join(f"{k} random" for k in STAGES) + " |",

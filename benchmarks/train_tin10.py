@@ -41,7 +41,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 
 from relprop.images import load_image  # noqa: E402
-from relprop.models import IMAGENET_MEAN, IMAGENET_STD, preprocessing  # noqa: E402
+from relprop.models import IMAGENET_MEAN, IMAGENET_STD, Preprocessing, preprocessing  # noqa: E402
 
 SHARED = ROOT.parent / "shared"
 SOURCE_SIZE = 64
@@ -236,7 +236,7 @@ def main(argv: list[str] | None = None) -> None:
     train_x, train_y = load_split(image_files(args.data / "train", wnids, args.limit, args.seed),
                                   to_uint8, args.threads, "decode train")
     val_x, val_y = load_split(image_files(args.data / "val", wnids, args.limit, args.seed),
-                              preprocessing(meta), args.threads, "decode val")
+                              preprocessing(Preprocessing.from_dict(meta)), args.threads, "decode val")
     train_x, train_y = train_x.to(args.device), train_y.to(args.device)
 
     model, arch = build_model(args, len(wnids))

@@ -266,8 +266,8 @@ def test_save_load_round_trip_and_refusals(data, tmp_path):
     loaded = load(path)
     assert loaded.config == model.config and loaded.classes == model.classes
     np.testing.assert_array_equal(loaded.decision_images(data[0][:4]), model.decision_images(data[0][:4]))
-    module, meta = load_model(path)
-    assert isinstance(module, BoWModel) and meta["classes"] == ["plain", "signal"] and meta["resize"] == 64
+    module, info = load_model(path)
+    assert isinstance(module, BoWModel) and info.classes == ["plain", "signal"] and info.preprocessing.resize == 64
     with np.load(path, allow_pickle=False) as archive:
         arrays = {name: archive[name] for name in archive.files}
     arrays["coef"] = arrays["coef"] * 1.001  # tampered numbers, old header

@@ -145,8 +145,8 @@ def test_default_methods_run_on_a_mobilenet(mobilenet, tmp_path):
     from relprop.methods import get_method
     from relprop.models import load_model, preprocessing
 
-    model, meta = load_model(mobilenet)
-    x = preprocessing(meta)(Image.open(image).convert("RGB"))[None]
+    model, info = load_model(mobilenet)
+    x = preprocessing(info)(Image.open(image).convert("RGB"))[None]
     expected = get_method("gradcam", model, layer=model.features[-1]).attribute(x)[0, 0]
     assert cam.shape == (32, 40)
     np.testing.assert_allclose(cam, expected.numpy(), atol=1e-5)
@@ -190,8 +190,8 @@ def test_cam_layer_option_and_a_wrong_name(mobilenet, tmp_path):
     from relprop.methods import get_method
     from relprop.models import load_model, preprocessing
 
-    model, meta = load_model(mobilenet)
-    x = preprocessing(meta)(Image.open(image).convert("RGB"))[None]
+    model, info = load_model(mobilenet)
+    x = preprocessing(info)(Image.open(image).convert("RGB"))[None]
     expected = get_method("gradcam", model, layer=model.features[9]).attribute(x)[0, 0]
     np.testing.assert_allclose(np.load(tmp_path / "out" / "x" / "gradcam.npy"), expected.numpy(),
                                atol=1e-5)
@@ -226,12 +226,12 @@ def test_save_maps_on_resume_adds_the_maps_without_scoring_again(resnet, data, t
     from relprop.evaluation.metrics import insertion_deletion
     from relprop.models import load_model, preprocessing
 
-    model, meta = load_model(resnet)
+    model, info = load_model(resnet)
     for record in map(json.loads, scores.decode().splitlines()):
         heat = np.load(out / "maps" / record["method"] / f"{Path(record['image']).stem}.npy")
-        x, _ = load_item(data, Item(record["image"], record["label"]), preprocessing(meta), meta)
+        x, _ = load_item(data, Item(record["image"], record["label"]), preprocessing(info), info)
         again = insertion_deletion(model, x[None], torch.from_numpy(heat)[None], [record["label"]],
-                                   "paper", mean=meta["mean"], std=meta["std"], step=300)
+                                   "paper", mean=info.mean, std=info.std, step=300)
         assert again.insertion[0] == pytest.approx(record["insertion"], abs=1e-6)
 
 
@@ -358,8 +358,8 @@ def test_target_caveat_is_in_help_and_holds(capsys):
     from relprop.methods import get_method
     from relprop.models import load_model, preprocessing
 
-    model, meta = load_model(weights)
-    x = torch.stack([preprocessing(meta)(Image.open(p).convert("RGB")) for p in images])
+    model, info = load_model(weights)
+    x = torch.stack([preprocessing(info)(Image.open(p).convert("RGB")) for p in images])
     ours = get_method("ours", model)
     pred = model(x).argmax(1)
     base = ours.to_2d(ours.attribute(x, target=pred)).flatten(1).numpy()

@@ -13,7 +13,7 @@ from PIL import Image
 
 from relprop.cli.main import main
 from relprop.data import discover, load_item
-from relprop.models import preprocessing
+from relprop.models import Preprocessing, preprocessing
 
 CLASSES = ["001.Black_footed_Albatross", "002.Laysan_Albatross"]
 # id, image, class id, is_training, box (x, y, width, height)
@@ -61,9 +61,9 @@ def test_test_split_boxes_and_labels_from_the_models_classes(cub):
 
 
 def test_boxes_land_on_the_bird_in_the_model_input(cub):
-    meta = {"resize": 40, "crop": 32, "mean": [0.0] * 3, "std": [1.0] * 3}
+    spec = Preprocessing(resize=40, crop=32, mean=[0.0] * 3, std=[1.0] * 3)
     for item in discover(cub, CLASSES).items:
-        x, box = load_item(cub, item, preprocessing(meta), meta)
+        x, box = load_item(cub, item, preprocessing(spec), spec)
         bright = np.argwhere(x[0].numpy() > 0.5)
         (y0, x0), (y1, x1) = bright.min(0), bright.max(0) + 1
         assert box == pytest.approx((x0, y0, x1, y1), abs=1.5)

@@ -8,7 +8,7 @@ from PIL import Image
 
 from relprop.data import Item, discover, load_item, select
 from relprop.errors import InputError
-from relprop.models import preprocessing
+from relprop.models import Preprocessing, preprocessing
 
 from sharedfiles import shared_path
 
@@ -28,9 +28,9 @@ def test_tin10_val_layout_with_boxes():
 
 def test_boxes_are_scaled_to_the_model_input():
     root = shared_path("data", "tin10", "val")
-    meta = {"resize": 112, "crop": None, "mean": [0.0] * 3, "std": [1.0] * 3}
+    spec = Preprocessing(resize=112, crop=None, mean=[0.0] * 3, std=[1.0] * 3)
     _, box = load_item(root, Item("n01443537/val_1230.JPEG", 0, (0.0, 3.0, 64.0, 64.0)),
-                       preprocessing(meta), meta)
+                       preprocessing(spec), spec)
     assert box == pytest.approx((0.0, 5.25, 112.0, 112.0))
 
 
@@ -44,10 +44,10 @@ def _write(path, size, box=None):
 
 
 def test_scale_box_follows_resize_and_center_crop(tmp_path):
-    meta = {"resize": 256, "crop": 224, "mean": [0.0] * 3, "std": [1.0] * 3}
+    spec = Preprocessing(resize=256, crop=224, mean=[0.0] * 3, std=[1.0] * 3)
     box = (300, 100, 420, 250)
     _write(tmp_path / "a.png", (500, 375), box)
-    x, scaled = load_item(tmp_path, Item("a.png", 0, box), preprocessing(meta), meta)
+    x, scaled = load_item(tmp_path, Item("a.png", 0, box), preprocessing(spec), spec)
     bright = np.argwhere(x[0].numpy() > 0.5)  # where the white rectangle landed
     (y0, x0), (y1, x1) = bright.min(0), bright.max(0) + 1
     assert scaled == pytest.approx((x0, y0, x1, y1), abs=1.0)

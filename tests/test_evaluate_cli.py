@@ -82,13 +82,13 @@ def test_saved_maps_are_the_maps_that_were_ranked(full_run, dataset):
     from relprop.models import load_model, preprocessing
 
     _, out = full_run
-    model, meta = load_model(shared_path("models", "resnet18_tin10.pt"))
+    model, info = load_model(shared_path("models", "resnet18_tin10.pt"))
     record = next(r for r in _records(out) if r["method"] == "ours+hq" and r["protocol"] == "paper")
     heat = np.load(out / "maps" / "ours+hq" / (record["image"].split("/")[1][:-5] + ".npy"))
     assert heat.shape == (112, 112) and len(np.unique(heat)) <= 8
-    x, _ = load_item(dataset, Item(record["image"], record["label"]), preprocessing(meta), meta)
+    x, _ = load_item(dataset, Item(record["image"], record["label"]), preprocessing(info), info)
     again = insertion_deletion(model, x[None], torch.from_numpy(heat)[None], [record["label"]],
-                               "paper", mean=meta["mean"], std=meta["std"], step=6000)
+                               "paper", mean=info.mean, std=info.std, step=6000)
     assert again.insertion[0] == pytest.approx(record["insertion"], abs=1e-6)
 
 
@@ -190,8 +190,9 @@ def test_detection_task_is_handed_to_the_detection_evaluation(monkeypatch, tmp_p
 
     seen = []
     model = torch.nn.Identity()
-    monkeypatch.setattr(relprop.models, "load_detector",
-                        lambda *a, **k: (model, {"classes": ["__background__", "cat"]}))
+    info = relprop.models.ModelInfo("ssd300_vgg16", 2, ["__background__", "cat"],
+                                    relprop.models.Preprocessing(300))
+    monkeypatch.setattr(relprop.models, "load_detector", lambda *a, **k: (model, info))
     monkeypatch.setattr(relprop.evaluation.detection, "evaluate_detection",
                         lambda m, classes, config: seen.append((m, classes, config)) or
                         {"images": 0, "true_positives": 0})

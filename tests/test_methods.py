@@ -37,12 +37,12 @@ def tiny() -> nn.Module:
 def tin10():
     from relprop.models import load_model, preprocessing
 
-    model, meta = load_model(shared_path("models", "resnet18_tin10.pt"))
+    model, info = load_model(shared_path("models", "resnet18_tin10.pt"))
     root = shared_path("data", "tin10", "val")
     from relprop.images import load_image
 
     files = [root / "n01882714" / "val_3202.JPEG", root / "n04146614" / "val_1815.JPEG"]
-    x = torch.stack([preprocessing(meta)(load_image(f)) for f in files])
+    x = torch.stack([preprocessing(info)(load_image(f)) for f in files])
     return model, x
 
 

@@ -210,15 +210,15 @@ def test_paper_protocol_reproduces_the_authors_pipeline(authors_name):
     from relprop.models import load_model, preprocessing
 
     golden = json.loads(shared_path("golden", "authors_pipeline_tin10_val.json").read_text())
-    model, meta = load_model(shared_path("models", "resnet18_tin10.pt"))
-    root, transform = shared_path("data", "tin10", "val"), preprocessing(meta)
+    model, info = load_model(shared_path("models", "resnet18_tin10.pt"))
+    root, transform = shared_path("data", "tin10", "val"), preprocessing(info)
     name, channels, tolerance = GOLDEN_METHODS[authors_name]
     records = golden["per_image"][authors_name][::13][:3]  # three images of different classes
-    x = torch.cat([load_item(root, Item(r["image"], r["label"]), transform, meta)[0][None]
+    x = torch.cat([load_item(root, Item(r["image"], r["label"]), transform, info)[0][None]
                    for r in records])
     method = get_method(name, model)
     maps = torch.cat([method.attribute(x[i:i + 1]) for i in range(len(x))])  # batch 1, as they ran
     result = insertion_deletion(model, x, method.to_2d(maps, channels), [r["label"] for r in records],
-                                "paper", mean=meta["mean"], std=meta["std"], batch_size=32)
+                                "paper", mean=info.mean, std=info.std, batch_size=32)
     np.testing.assert_allclose(result.insertion, [r["insertion"] for r in records], atol=tolerance)
     np.testing.assert_allclose(result.deletion, [r["deletion"] for r in records], atol=tolerance)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import pickle
+from dataclasses import replace
 
 import pytest
 import torch
@@ -12,7 +13,7 @@ import torchvision
 from PIL import Image
 
 from relprop.errors import CheckpointError
-from relprop.models import load_model, preprocessing
+from relprop.models import Preprocessing, load_model, preprocessing
 
 from sharedfiles import shared_path
 
@@ -25,12 +26,12 @@ def small_state() -> dict[str, torch.Tensor]:
 
 def test_shared_checkpoint_loads_with_its_metadata():
     path = shared_path("models", "resnet18_tin10.pt")
-    model, meta = load_model(path)
+    model, info = load_model(path)
     assert not model.training
     assert all(p.dtype == torch.float32 for p in model.parameters())
-    assert meta["arch"] == "resnet18" and meta["num_classes"] == 10 and len(meta["classes"]) == 10
-    assert meta["class_names"][0] == "goldfish"
-    assert (meta["resize"], meta["crop"], meta["input_size"]) == (112, None, 112)
+    assert info.arch == "resnet18" and info.num_classes == 10 and len(info.classes) == 10
+    assert info.class_names[0] == "goldfish"
+    assert (info.preprocessing.resize, info.preprocessing.crop, info.input_size) == (112, None, 112)
     reference = torchvision.models.resnet18(num_classes=10)
     reference.load_state_dict(torch.load(path, weights_only=True)["state_dict"])
     x = torch.randn(2, 3, 112, 112)
@@ -44,18 +45,18 @@ def test_fp16_checkpoint_is_cast_to_fp32(tmp_path, small_state):
                 "mean": [0.5] * 3, "std": [0.25] * 3,
                 "state_dict": {k: v.half() if v.is_floating_point() else v for k, v in small_state.items()}},
                path)
-    model, meta = load_model(path)
+    model, info = load_model(path)
     assert model.conv1.weight.dtype == torch.float32
     torch.testing.assert_close(model.conv1.weight, small_state["conv1.weight"].half().float())
-    assert meta["classes"] == ["0", "1", "2"] and meta["class_names"] is None
+    assert info.classes == ["0", "1", "2"] and info.class_names is None
 
 
 def test_plain_state_dict_with_flags(tmp_path, small_state):
     path = tmp_path / "plain.pth"
     torch.save({f"module.{k}": v for k, v in small_state.items()}, path)  # DataParallel prefix
-    model, meta = load_model(path, arch="resnet18", resize=80, crop=64)
-    assert meta["num_classes"] == 3  # read from fc.weight
-    assert (meta["resize"], meta["crop"], meta["input_size"]) == (80, 64, 64)
+    model, info = load_model(path, arch="resnet18", resize=80, crop=64)
+    assert info.num_classes == 3  # read from fc.weight
+    assert (info.preprocessing.resize, info.preprocessing.crop, info.input_size) == (80, 64, 64)
     torch.testing.assert_close(model.fc.weight, small_state["fc.weight"])
     with pytest.raises(CheckpointError, match="needs --arch"):
         load_model(path)
@@ -105,20 +106,20 @@ def test_pickled_code_is_refused(tmp_path, capsys):
 
 def test_model_definition_file_builds_the_shared_detector():
     source = shared_path("models", "ssd_resnet18_tin10.py")
-    model, meta = load_model(shared_path("models", "ssd_resnet18_tin10.pt"),
+    model, info = load_model(shared_path("models", "ssd_resnet18_tin10.pt"),
                              model_def=f"{source}:from_metadata")
     assert type(model).__name__ == "SSD" and not model.training
-    assert meta["num_classes"] == 11 and meta["resize"] == 112
+    assert info.num_classes == 11 and info.preprocessing.resize == 112
     with pytest.raises(CheckpointError, match="has no function 'nope'"):
         load_model(shared_path("models", "ssd_resnet18_tin10.pt"), model_def=f"{source}:nope")
 
 
 def test_preprocessing_resizes_crops_and_normalizes():
-    meta = {"resize": 256, "crop": 224, "mean": [0.5] * 3, "std": [0.5] * 3}
-    x = preprocessing(meta)(Image.new("RGB", (500, 375), (255, 0, 0)))
+    spec = Preprocessing(resize=256, crop=224, mean=[0.5] * 3, std=[0.5] * 3)
+    x = preprocessing(spec)(Image.new("RGB", (500, 375), (255, 0, 0)))
     assert x.shape == (3, 224, 224)
     torch.testing.assert_close(x[:, 0, 0], torch.tensor([1.0, -1.0, -1.0]))
-    x = preprocessing({**meta, "crop": None, "resize": 112})(Image.new("RGB", (64, 64)))
+    x = preprocessing(replace(spec, crop=None, resize=112))(Image.new("RGB", (64, 64)))
     assert x.shape == (3, 112, 112)
 
 
@@ -173,8 +174,8 @@ def test_classes_file_names_the_classes_of_a_plain_state_dict(tmp_path, small_st
     path = tmp_path / "plain.pth"
     torch.save(small_state, path)
     ids, names = read_classes(str(listing))
-    _, meta = load_model(path, arch="resnet18", classes=ids, class_names=names)
-    assert (meta["classes"], meta["class_names"]) == (["n01", "n02", "n03"], ["ant", "bee", "cow"])
+    _, info = load_model(path, arch="resnet18", classes=ids, class_names=names)
+    assert (info.classes, info.class_names) == (["n01", "n02", "n03"], ["ant", "bee", "cow"])
     with pytest.raises(CheckpointError, match="2 class ids for a model with 3 classes"):
         load_model(path, arch="resnet18", classes=["a", "b"])
     assert read_classes("imagenet")[1][:2] == ["tench", "goldfish"]

@@ -22,8 +22,8 @@ def _save(tmp_path, model, arch, name="m.pt"):
 def test_timm_checkpoint_round_trip(tmp_path, arch):
     torch.manual_seed(0)
     source = timm.create_model("convnext_atto", num_classes=10).eval()
-    model, meta = load_model(_save(tmp_path, source, arch))
-    assert type(model) is type(source) and meta["arch"] == arch and meta["resize"] == 64
+    model, info = load_model(_save(tmp_path, source, arch))
+    assert type(model) is type(source) and info.arch == arch and info.preprocessing.resize == 64
     x = torch.randn(2, 3, 64, 64)
     with torch.no_grad():
         assert torch.equal(model(x), source(x))
@@ -39,8 +39,8 @@ def test_plain_state_dict_with_timm_arch(tmp_path):
     source = timm.create_model("regnety_008", num_classes=4).eval()
     path = tmp_path / "plain.pt"
     torch.save(source.state_dict(), path)
-    model, meta = load_model(path, arch="regnety_008", resize=64)
-    assert meta["num_classes"] == 4 and isinstance(model, timm.models.RegNet)
+    model, info = load_model(path, arch="regnety_008", resize=64)
+    assert info.num_classes == 4 and isinstance(model, timm.models.RegNet)
 
 
 def test_unknown_arch_is_one_line(tmp_path):

@@ -71,8 +71,8 @@ def make_eval_out(root: Path, n: int = 24, maps: bool = True, seed: int = 0) -> 
     skipped = [{"checkpoint_sha256": "abc", "image": f"c0/{SKIPPED_FILE}", "error": SKIPPED_REASON},
                {"image": "c0/img_000.png", "error": "unreadable in an earlier run, evaluated since"}]
     (out / "skipped.jsonl").write_text("".join(json.dumps(s) + "\n" for s in skipped), encoding="utf-8")
-    run = {"settings": {"data": str(data), "class_names": CLASS_NAMES,
-                        "preprocessing": [{"resize": 32, "crop": None}]},
+    run = {"settings": {"data": str(data), "preprocessing": [{"resize": 32, "crop": None}]},
+           "labels": {"classes": ["c0", "c1", "c2"], "class_names": CLASS_NAMES},
            "command": ["relprop", "evaluate", "--data", str(data)]}
     (out / "run.json").write_text(json.dumps(run), encoding="utf-8")
     return out

@@ -65,9 +65,9 @@ def test_other_names_resolve_through_torchvision(imagenet_torch_home, monkeypatc
     assert torchvision_weights("ResNet50_Weights.DEFAULT").weights is ResNet50_Weights.IMAGENET1K_V2
     assert torchvision_weights("DEFAULT", "resnet101").cache_path.name == "resnet101-cd907fc2.pth"
     assert torchvision_weights("model.pt") is None
-    _, meta = load_model("IMAGENET1K_V1", arch="resnet50", offline=True)
-    assert (meta["resize"], meta["crop"], meta["weights"]) == (256, 224, "ResNet50_Weights.IMAGENET1K_V1")
-    assert meta["classes"][:2] == ["n01440764", "n01443537"] and meta["class_names"][1] == "goldfish"
+    _, info = load_model("IMAGENET1K_V1", arch="resnet50", offline=True)
+    assert (info.preprocessing.resize, info.preprocessing.crop, info.source.name) == (256, 224, "ResNet50_Weights.IMAGENET1K_V1")
+    assert info.classes[:2] == ["n01440764", "n01443537"] and info.class_names[1] == "goldfish"
     with pytest.raises(CheckpointError, match="are resnet50's weights, not --arch resnet18's"):
         load_model("ResNet50_Weights.IMAGENET1K_V2", arch="resnet18")
     with pytest.raises(CheckpointError, match="name the architecture too"):

@@ -22,14 +22,14 @@ from __future__ import annotations
 
 import csv
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import torch
 
 from relprop.errors import InputError
+from relprop.modelinfo import ModelInfo, Preprocessing, as_preprocessing
 
 Box = tuple[float, float, float, float]
 
@@ -93,14 +93,15 @@ def select(items: Sequence[Item], per_class: int | None = None, limit: int | Non
     return chosen[:limit] if limit is not None else chosen
 
 
-def scale_box(box: Box, source_size: tuple[int, int], meta: Mapping[str, Any]) -> Box:
+def scale_box(box: Box, source_size: tuple[int, int], spec: Preprocessing | ModelInfo) -> Box:
     """Map a box from the source image (width, height) to the input the preprocessing produces."""
+    steps = as_preprocessing(spec)
     width, height = source_size
-    new_w, new_h = _resized_size(width, height, meta["resize"])
+    new_w, new_h = _resized_size(width, height, steps.resize)
     sx, sy = new_w / width, new_h / height
     x0, y0, x1, y1 = box[0] * sx, box[1] * sy, box[2] * sx, box[3] * sy
-    if meta.get("crop"):
-        crop_h, crop_w = _pair(meta["crop"])
+    if steps.crop:
+        crop_h, crop_w = _pair(steps.crop)
         # torchvision's CenterCrop offsets
         top, left = int(round((new_h - crop_h) / 2.0)), int(round((new_w - crop_w) / 2.0))
         x0, x1 = min(max(x0 - left, 0.0), crop_w), min(max(x1 - left, 0.0), crop_w)
@@ -108,12 +109,13 @@ def scale_box(box: Box, source_size: tuple[int, int], meta: Mapping[str, Any]) -
     return (x0, y0, x1, y1)
 
 
-def load_item(root: Path, item: Item, transform, meta: Mapping[str, Any]) -> tuple[torch.Tensor, Box | None]:
+def load_item(root: Path, item: Item, transform,
+              spec: Preprocessing | ModelInfo) -> tuple[torch.Tensor, Box | None]:
     """Read, preprocess; the box comes back in input coordinates. Raises ImageError if unreadable."""
     from relprop.images import load_image
 
     image = load_image(root / item.path)
-    box = scale_box(item.box, image.size, meta) if item.box is not None else None
+    box = scale_box(item.box, image.size, spec) if item.box is not None else None
     return transform(image), box
 
 

@@ -32,12 +32,20 @@ from torchvision import transforms
 
 from relprop.defaults import DEFAULT_WEIGHTS, TORCHVISION_DETECTORS
 from relprop.errors import CheckpointError, RelpropError
+from relprop.modelinfo import (
+    PREPROCESSING_KEYS,
+    ModelInfo,
+    Preprocessing,
+    WeightsSource,
+    as_preprocessing,
+)
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
-_META_KEYS = ("arch", "num_classes", "classes", "class_names", "input_size", "resize", "crop",
-              "mean", "std", "interpolation")
-PREPROCESSING_KEYS = ("resize", "crop", "mean", "std")
+_STORED_KEYS = ("arch", "num_classes", "classes", "class_names", "input_size", "resize", "crop",
+                "mean", "std", "interpolation")
+__all__ = ["PREPROCESSING_KEYS", "ModelInfo", "Preprocessing", "WeightsSource", "load_model",
+           "load_detector", "preprocessing", "describe_preprocessing", "class_names_of"]
 
 
 def load_model(
@@ -53,24 +61,24 @@ def load_model(
     classes: Sequence[str] | None = None,
     class_names: Sequence[str] | None = None,
     offline: bool = False,
-) -> tuple[nn.Module, dict[str, Any]]:
-    """Build the model `weights` describes, load the weights, return `(eval fp32 model, meta)`.
+) -> tuple[nn.Module, ModelInfo]:
+    """Build the model `weights` describes, load the weights, return `(eval fp32 model, info)`.
 
     `weights` is a file or a torchvision weights name (`None`: `DEFAULT_WEIGHTS`, or the `DEFAULT`
     weights of `arch`). Arguments other than `weights` override what a checkpoint says (and are
     required for a plain state dict, except `num_classes`, which is read from the last layer).
-    `meta["assumed"]` names the preprocessing settings that nothing gave (plain state dicts).
+    `info.assumed` names the preprocessing settings that nothing gave (plain state dicts).
     """
-    path, stored = _source(weights, arch, offline)
+    path, stored, named = _source(weights, arch, offline)
     from relprop.bow.storage import is_bow_file, load_bow_model
 
     if is_bow_file(path):  # a BoW kernel classifier from `relprop fit-bow` (relprop.bow)
-        model, meta = load_bow_model(path)
-        return model, {**meta, "path": str(path), "assumed": []}
+        model, fields = load_bow_model(path)
+        return model, ModelInfo.from_dict({**fields, "path": str(path), "assumed": []})
     content = _read(path)
     if isinstance(content, Mapping) and isinstance(content.get("state_dict"), Mapping):
         state_dict = content["state_dict"]
-        stored = {**{k: content.get(k) for k in _META_KEYS}, **stored}
+        stored = {**{k: content.get(k) for k in _STORED_KEYS}, **stored}
     elif isinstance(content, Mapping) and content and all(
         isinstance(v, torch.Tensor) for v in content.values()
     ):
@@ -83,35 +91,41 @@ def load_model(
     given = {"arch": arch, "num_classes": num_classes, "resize": resize, "crop": crop,
              "mean": mean, "std": std, "classes": list(classes) if classes else None,
              "class_names": list(class_names) if class_names else None}
-    meta = _meta(path, stored, given, state_dict, model_def)
-    model = _build(path, meta, model_def)
-    _load_state(path, model, state_dict, str(meta["arch"]))
-    meta["path"] = str(path)
-    return model.float().eval(), meta
+    source = WeightsSource(str(path), named.name if named else None, named.url if named else None)
+    info = _info(path, stored, given, state_dict, model_def, source)
+    model = _build(path, info, model_def)
+    _load_state(path, model, state_dict, info.arch)
+    return model.float().eval(), info
 
 
-def describe_preprocessing(meta: Mapping[str, Any]) -> str:
-    """`Resize 256 -> CenterCrop 224, mean (...), std (...)`: what `preprocessing(meta)` does."""
-    text = f"Resize {meta['resize']}"
-    if meta.get("crop"):
-        text += f" -> CenterCrop {meta['crop']}"
-    if meta.get("interpolation", "bilinear") != "bilinear":
-        text += f" ({meta['interpolation']})"
-    mean = tuple(round(float(v), 4) for v in meta["mean"])
-    std = tuple(round(float(v), 4) for v in meta["std"])
+def describe_preprocessing(spec: Preprocessing | ModelInfo) -> str:
+    """`Resize 256 -> CenterCrop 224, mean (...), std (...)`: what `preprocessing(spec)` does."""
+    p = as_preprocessing(spec)
+    text = f"Resize {_plain_size(p.resize)}"
+    if p.crop:
+        text += f" -> CenterCrop {_plain_size(p.crop)}"
+    if p.interpolation != "bilinear":
+        text += f" ({p.interpolation})"
+    mean = tuple(round(v, 4) for v in p.mean)
+    std = tuple(round(v, 4) for v in p.std)
     if mean == IMAGENET_MEAN and std == IMAGENET_STD:
         return text + ", ImageNet mean/std"
     return text + f", mean {mean}, std {std}"
 
 
-def preprocessing(meta: Mapping[str, Any]) -> transforms.Compose:
+def preprocessing(spec: Preprocessing | ModelInfo) -> transforms.Compose:
     """`Resize(resize)` -> `CenterCrop(crop)` if any -> `ToTensor` -> `Normalize(mean, std)`."""
-    interpolation = transforms.InterpolationMode(meta.get("interpolation") or "bilinear")
-    steps: list[Any] = [transforms.Resize(_size_arg(meta["resize"]), interpolation=interpolation)]
-    if meta.get("crop"):
-        steps.append(transforms.CenterCrop(_size_arg(meta["crop"])))
-    steps += [transforms.ToTensor(), transforms.Normalize(list(meta["mean"]), list(meta["std"]))]
+    p = as_preprocessing(spec)
+    interpolation = transforms.InterpolationMode(p.interpolation)
+    steps: list[Any] = [transforms.Resize(_size_arg(p.resize), interpolation=interpolation)]
+    if p.crop:
+        steps.append(transforms.CenterCrop(_size_arg(p.crop)))
+    steps += [transforms.ToTensor(), transforms.Normalize(list(p.mean), list(p.std))]
     return transforms.Compose(steps)
+
+
+def _plain_size(size: int | Sequence[int]) -> int | list[int]:
+    return size if isinstance(size, int) else list(size)
 
 
 def file_sha256(path: str | Path) -> str:
@@ -176,45 +190,50 @@ def _classes_from_state(state_dict: Mapping[str, torch.Tensor]) -> int | None:
     return int(matrices[-1].shape[0]) if matrices else None
 
 
-def _meta(path: Path, stored: dict[str, Any], given: dict[str, Any],
-          state_dict: Mapping[str, torch.Tensor], model_def: str | None) -> dict[str, Any]:
-    meta = {k: v for k, v in stored.items() if v is not None}
+def _info(path: Path, stored: dict[str, Any], given: dict[str, Any],
+          state_dict: Mapping[str, torch.Tensor], model_def: str | None,
+          source: WeightsSource) -> ModelInfo:
+    """What the file stores (a checkpoint's keys, a torchvision weights' metadata), overridden by
+    what the caller gives, completed by relprop's defaults (named in `assumed`)."""
+    found = {k: v for k, v in stored.items() if v is not None}
     if given["classes"] is not None:  # the stored names belong to the stored ids
-        meta.pop("class_names", None)
-    meta.update({k: v for k, v in given.items() if v is not None})
-    meta["assumed"] = [k for k in PREPROCESSING_KEYS if k not in meta
-                       and not (k in ("resize", "crop") and "input_size" in meta)]
-    if "arch" not in meta and model_def is None:
+        found.pop("class_names", None)
+    found.update({k: v for k, v in given.items() if v is not None})
+    assumed = tuple(k for k in PREPROCESSING_KEYS if k not in found
+                    and not (k in ("resize", "crop") and "input_size" in found))
+    if "arch" not in found and model_def is None:
         raise CheckpointError(f"{path}: a plain state dict needs --arch (e.g. resnet50) or --model-def")
-    meta.setdefault("arch", model_def)
-    if "num_classes" not in meta:
-        meta["num_classes"] = _classes_from_state(state_dict)
-        if meta["num_classes"] is None:
+    count = found.get("num_classes")
+    if count is None:
+        count = _classes_from_state(state_dict)
+        if count is None:
             raise CheckpointError(f"{path}: cannot tell the number of classes; pass --num-classes")
-    meta["num_classes"] = int(meta["num_classes"])
-    meta.setdefault("classes", [str(i) for i in range(meta["num_classes"])])
-    if len(meta["classes"]) != meta["num_classes"]:
-        raise CheckpointError(f"{path}: {len(meta['classes'])} class ids for a model with "
-                              f"{meta['num_classes']} classes")
-    meta.setdefault("class_names", None)
-    if "resize" not in meta:
-        meta["resize"] = meta.get("input_size") or 256
-        if "input_size" not in meta and "crop" not in meta:
-            meta["crop"] = 224
-    meta.setdefault("crop", None)
-    meta.setdefault("input_size", meta["crop"] or meta["resize"])
-    meta.setdefault("mean", list(IMAGENET_MEAN))
-    meta.setdefault("std", list(IMAGENET_STD))
-    meta["mean"], meta["std"] = [float(m) for m in meta["mean"]], [float(s) for s in meta["std"]]
-    if len(meta["mean"]) != 3 or len(meta["std"]) != 3:
+    count = int(count)
+    classes = list(found["classes"]) if "classes" in found else [str(i) for i in range(count)]
+    if len(classes) != count:
+        raise CheckpointError(f"{path}: {len(classes)} class ids for a model with {count} classes")
+    if "resize" in found:
+        resize, crop = found["resize"], found.get("crop")
+    else:
+        resize = found.get("input_size") or 256
+        crop = found.get("crop", 224 if "input_size" not in found else None)
+    mean = [float(m) for m in found.get("mean", IMAGENET_MEAN)]
+    std = [float(s) for s in found.get("std", IMAGENET_STD)]
+    if len(mean) != 3 or len(std) != 3:
         raise CheckpointError(f"{path}: mean and std need 3 values (one per RGB channel)")
-    return meta
+    interpolation = found.get("interpolation") or "bilinear"
+    return ModelInfo(
+        arch=str(found.get("arch", model_def)), num_classes=count, classes=classes,
+        preprocessing=Preprocessing(resize, crop, tuple(mean), tuple(std), interpolation),
+        class_names=found.get("class_names"), input_size=found.get("input_size"),
+        source=source, assumed=assumed,
+    )
 
 
-def _build(path: Path, meta: dict[str, Any], model_def: str | None) -> nn.Module:
+def _build(path: Path, info: ModelInfo, model_def: str | None) -> nn.Module:
     if model_def is not None:
-        return _from_model_def(model_def, meta)
-    return build_arch(str(meta["arch"]), int(meta["num_classes"]), source=str(path))
+        return _from_model_def(model_def, info)
+    return build_arch(info.arch, info.num_classes, source=str(path))
 
 
 TIMM_PREFIX = "timm/"
@@ -244,8 +263,12 @@ def build_arch(arch: str, num_classes: int, source: str = "--arch") -> nn.Module
         raise CheckpointError(f"{source}: cannot build timm architecture {name!r} ({error})") from None
 
 
-def _from_model_def(model_def: str, meta: dict[str, Any]) -> nn.Module:
-    """`FILE.py:FUNCTION` -> FUNCTION(meta), for models torchvision does not know."""
+def _from_model_def(model_def: str, info: ModelInfo) -> nn.Module:
+    """`FILE.py:FUNCTION` -> FUNCTION(metadata), for models torchvision does not know.
+
+    FUNCTION gets `info.to_dict()`: a plain dict with the checkpoint's keys (`num_classes`,
+    `input_size`, `classes`, `resize`, ...), so that the file needs no relprop import.
+    """
     file, sep, function = model_def.rpartition(":")
     if not sep or not file or not function:
         raise CheckpointError(f"--model-def {model_def!r}: expected FILE.py:FUNCTION")
@@ -261,9 +284,10 @@ def _from_model_def(model_def: str, meta: dict[str, Any]) -> nn.Module:
     builder = getattr(module, function, None)
     if not callable(builder):
         raise CheckpointError(f"--model-def {model_def!r}: {source} has no function {function!r}")
-    model = builder(meta)
+    model = builder(info.to_dict())
     if not isinstance(model, nn.Module):
-        raise CheckpointError(f"--model-def {model_def!r}: {function}(meta) did not return an nn.Module")
+        raise CheckpointError(f"--model-def {model_def!r}: {function}(metadata) did not return an "
+                              "nn.Module")
     return model
 
 
@@ -312,8 +336,9 @@ class TorchvisionWeights:
         """Where torchvision's `load_state_dict_from_url` keeps the file: `$TORCH_HOME/hub/checkpoints/`."""
         return Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(self.url.split("?")[0])
 
-    def meta(self) -> dict[str, Any]:
-        """Architecture, classes and preprocessing, all from the weights' own `meta` and `transforms()`."""
+    def stored(self) -> dict[str, Any]:
+        """Architecture, classes and preprocessing (a checkpoint's keys), all from the weights' own
+        `meta` and `transforms()`."""
         categories = list(self.weights.meta["categories"])
         imagenet = "IMAGENET1K" in self.weights.name and len(categories) == 1000
         transform = self.weights.transforms()
@@ -323,7 +348,7 @@ class TorchvisionWeights:
             "classes": imagenet_wnids() if imagenet else categories, "class_names": categories,
             "resize": _single(transform.resize_size), "crop": _single(transform.crop_size),
             "mean": list(transform.mean), "std": list(transform.std),
-            "interpolation": interpolation.value, "weights": self.name, "url": self.url,
+            "interpolation": interpolation.value,
         }
 
 
@@ -402,13 +427,14 @@ def imagenet_wnids() -> list[str]:
     return [wnid for wnid, _ in imagenet_classes()]
 
 
-def _source(weights: str | Path | None, arch: str | None, offline: bool) -> tuple[Path, dict[str, Any]]:
-    """The file to read, and the metadata a torchvision weights name brings with it."""
+def _source(weights: str | Path | None, arch: str | None,
+            offline: bool) -> tuple[Path, dict[str, Any], TorchvisionWeights | None]:
+    """The file to read, the metadata a torchvision weights name brings with it, and that name."""
     if weights is None:
         weights = "DEFAULT" if arch is not None else DEFAULT_WEIGHTS
     text = str(weights)
     if Path(text).is_file():
-        return Path(text), {}
+        return Path(text), {}, None
     named = torchvision_weights(text, arch)
     if named is None:
         if arch is None and re.fullmatch(r"[A-Z0-9_]+", text):
@@ -419,7 +445,7 @@ def _source(weights: str | Path | None, arch: str | None, offline: bool) -> tupl
                                   "give --weights FILE")
         raise CheckpointError(f"{text}: no such weights file (nor a torchvision weights name "
                               "such as ResNet50_Weights.IMAGENET1K_V2)")
-    return fetch(named, offline), named.meta()
+    return fetch(named, offline), named.stored(), named
 
 
 @cache
@@ -444,21 +470,21 @@ def _single(size: Sequence[int]) -> int | list[int]:
 def load_detector(weights: str | Path | None, model_def: str | None = None, arch: str | None = None,
                   num_classes: int | None = None, *, classes: Sequence[str] | None = None,
                   class_names: Sequence[str] | None = None,
-                  offline: bool = True) -> tuple[nn.Module, dict[str, Any]]:
-    """An SSD detector and its metadata; torchvision SSDs are built without downloading anything."""
+                  offline: bool = True) -> tuple[nn.Module, ModelInfo]:
+    """An SSD detector and its `ModelInfo`; torchvision SSDs are built without downloading anything."""
     from relprop.detection.ssd import check_ssd
 
     if weights is None:
         raise RelpropError("a detector needs --weights FILE")
     if model_def is None and (arch is not None or _stored_detector_arch(weights)):
         model_def = f"{Path(__file__).resolve()}:torchvision_detector"
-    model, meta = load_model(weights, arch=arch, num_classes=num_classes, model_def=model_def,
+    model, info = load_model(weights, arch=arch, num_classes=num_classes, model_def=model_def,
                              classes=classes, class_names=class_names, offline=offline)
     try:
         check_ssd(model)
     except RelpropError as error:
         raise RelpropError(f"{weights}: {error}") from None
-    return model.eval(), meta
+    return model.eval(), info
 
 
 def _stored_detector_arch(weights: str | Path) -> bool:
@@ -470,27 +496,27 @@ def _stored_detector_arch(weights: str | Path) -> bool:
     return isinstance(content, dict) and content.get("arch") in TORCHVISION_DETECTORS
 
 
-def torchvision_detector(meta: dict[str, Any]) -> nn.Module:
-    """`--model-def` builder of torchvision's SSDs with no weight downloads."""
-    arch = meta.get("arch")
-    if arch not in TORCHVISION_DETECTORS:
-        raise RelpropError(f"--arch {arch!r}: choose one of {', '.join(TORCHVISION_DETECTORS)}")
-    return torchvision.models.get_model(arch, weights=None, weights_backbone=None,
-                                        num_classes=int(meta["num_classes"]))
+def torchvision_detector(metadata: Mapping[str, Any]) -> nn.Module:
+    """`--model-def` builder of torchvision's SSDs with no weight downloads (it gets
+    `ModelInfo.to_dict()`, as every --model-def builder does)."""
+    info = ModelInfo.from_dict(metadata)
+    if info.arch not in TORCHVISION_DETECTORS:
+        raise RelpropError(f"--arch {info.arch!r}: choose one of {', '.join(TORCHVISION_DETECTORS)}")
+    return torchvision.models.get_model(info.arch, weights=None, weights_backbone=None,
+                                        num_classes=info.num_classes)
 
 
-def class_names_of(meta: Mapping[str, Any], count: int | None = None, *,
+def class_names_of(info: ModelInfo, count: int | None = None, *,
                    detector: bool = False) -> list[str]:
-    """Readable names of a model's `count` classes (default: meta's `num_classes`), the one
-    resolver: meta's `class_names`, else its `classes` (unless they are only the indices), else
+    """Readable names of a model's `count` classes (default: its `num_classes`), the one
+    resolver: its `class_names`, else its `classes` (unless they are only the indices), else
     COCO's for a 91-class torchvision SSD, else numbers (`background`, `class 1`, ... for a
     detector, whose class 0 is the background)."""
-    count = int(meta["num_classes"]) if count is None else count
-    for key in ("class_names", "classes"):
-        names = meta.get(key)
+    count = info.num_classes if count is None else count
+    for names in (info.class_names, info.classes):
         if names and len(names) == count and not all(str(n) == str(i) for i, n in enumerate(names)):
             return [str(name) for name in names]
-    if detector and meta.get("arch") in TORCHVISION_DETECTORS and count == 91:
+    if detector and info.arch in TORCHVISION_DETECTORS and count == 91:
         from torchvision.models.detection import SSD300_VGG16_Weights
 
         return list(SSD300_VGG16_Weights.COCO_V1.meta["categories"])

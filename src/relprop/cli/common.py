@@ -6,11 +6,14 @@ from __future__ import annotations
 import argparse
 import sys
 import textwrap
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import TYPE_CHECKING, Any
 
 from relprop.errors import RelpropError
+
+if TYPE_CHECKING:
+    from relprop.modelinfo import ModelInfo
 
 METHODS_PLACEHOLDER = "@@METHODS@@"
 
@@ -53,48 +56,6 @@ def check_method_names(text: str) -> list[str]:
     return requested_methods(text.split(","))
 
 
-class Job(NamedTuple):
-    """One input image and the folder its outputs go to."""
-
-    path: Path
-    name: str  # output folder, relative to OUT
-
-
-def plan_jobs(inputs: Iterable[str], command: str,
-              exclude: Path | None = None) -> tuple[list[Job], list[str]]:
-    """Expand the inputs into images with unique output folders; empty folders are failures.
-    Folders are searched without `exclude` (the run's own output folder)."""
-    from relprop.images import find_images
-
-    jobs: list[Job] = []
-    failures: list[str] = []
-    taken: set[str] = set()
-    for raw in inputs:
-        found = list(find_images([raw], exclude=exclude))
-        if not found:
-            failures.append(f"{raw}: no image files in this folder")
-            print(f"relprop {command}: error: {failures[-1]}", file=sys.stderr)
-        for path, root in found:
-            jobs.append(Job(path, _unique(_output_name(path, root), taken)))
-    return jobs, failures
-
-
-def _output_name(path: Path, root: Path | None) -> str:
-    """`ROOT/a/b.jpg` -> `a/b`; a file named directly -> its stem."""
-    relative = path.relative_to(root) if root is not None else Path(path.name)
-    return relative.with_suffix("").as_posix()
-
-
-def _unique(name: str, taken: set[str]) -> str:
-    """`a.jpg` and `a.png` in one folder must not overwrite each other's outputs."""
-    candidate, n = name, 1
-    while candidate.lower() in taken:
-        n += 1
-        candidate = f"{name}-{n}"
-    taken.add(candidate.lower())
-    return candidate
-
-
 MODEL_OPTIONS_HELP = """\
 --weights takes a relprop checkpoint (it carries the architecture, classes and preprocessing), a
 plain state dict (with --arch; preprocessing from the options below, or a stated assumption), or a
@@ -122,7 +83,7 @@ def add_model_options(parser: Any, *, default_weights: str | None = None, severa
     group.add_argument("--num-classes", type=int, metavar="N",
                        help="classes of a plain state dict (default: read from the weights)")
     group.add_argument("--model-def", metavar="FILE.py:FUNCTION",
-                       help="build the model with FUNCTION(meta) from FILE.py (models torchvision lacks)")
+                       help="build the model with FUNCTION(metadata) from FILE.py (models torchvision lacks)")
     group.add_argument("--classes", metavar="FILE",
                        help="class ids of a plain state dict, in index order: a file with one "
                             "'ID' or 'ID<TAB>NAME' line each, or 'imagenet' (torchvision's 1,000 wnids)")
@@ -140,8 +101,8 @@ def add_model_options(parser: Any, *, default_weights: str | None = None, severa
 
 
 def load_model_from_args(args: Any, command: str, *, weights: str | None = None,
-                         model_def: str | None = None) -> tuple[Any, dict[str, Any]]:
-    """The model and its metadata (preprocessing included) from the shared model options.
+                         model_def: str | None = None) -> tuple[Any, ModelInfo]:
+    """The model and its `ModelInfo` (preprocessing included) from the shared model options.
 
     Prints on stderr which torchvision weights are used, or which preprocessing was assumed for a
     plain state dict that does not say.
@@ -153,21 +114,22 @@ def load_model_from_args(args: Any, command: str, *, weights: str | None = None,
             raise RelpropError("--model-def needs --weights FILE")
         weights = "DEFAULT" if args.arch else args.default_weights
     classes, names = read_classes(args.classes)
-    model, meta = load_model(
+    model, info = load_model(
         weights if weights is not None else args.weights, arch=args.arch,
         num_classes=args.num_classes, model_def=model_def or args.model_def,
         resize=getattr(args, "resize", None), crop=getattr(args, "crop", None),
         mean=getattr(args, "mean", None), std=getattr(args, "std", None),
         classes=classes, class_names=names, offline=args.offline,
     )
-    if meta.get("weights"):
-        print(f"relprop {command}: model: torchvision {meta['arch']} with {meta['weights']} "
-              f"({describe_preprocessing(meta)})", file=sys.stderr)
-    elif meta["assumed"] and hasattr(args, "resize"):
-        given = ", ".join(f"--{k}" for k in meta["assumed"])
-        print(f"relprop {command}: note: {meta['path']} does not say how to preprocess; assumed "
-              f"{describe_preprocessing(meta)} (set {given} to change it)", file=sys.stderr)
-    return model, meta
+    assert info.source is not None  # load_model always says where the weights came from
+    if info.source.name:
+        print(f"relprop {command}: model: torchvision {info.arch} with {info.source.name} "
+              f"({describe_preprocessing(info)})", file=sys.stderr)
+    elif info.assumed and hasattr(args, "resize"):
+        given = ", ".join(f"--{k}" for k in info.assumed)
+        print(f"relprop {command}: note: {info.source.path} does not say how to preprocess; assumed "
+              f"{describe_preprocessing(info)} (set {given} to change it)", file=sys.stderr)
+    return model, info
 
 
 def read_classes(text: str | None) -> tuple[list[str] | None, list[str] | None]:

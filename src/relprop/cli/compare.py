@@ -45,14 +45,12 @@ def run(args: argparse.Namespace) -> int:
 
     from relprop.errors import InputError
     from relprop.evaluation.compare import compare_markdown, paired_differences
-    from relprop.evaluation.results import read_union, shard_files
+    from relprop.evaluation.results import read_rows, shard_files
 
     out = Path(args.eval_out)
     if not shard_files(out, "results"):
         raise InputError(f"{out}: no results.jsonl here; is this the --out folder of `relprop evaluate`?")
-    records = read_union(out, "results", lambda r: (r["checkpoint_sha256"], r["image"], r["method"],
-                                                    r["protocol"]))
-    table = paired_differences(records, args.baseline, args.metric)
+    table = paired_differences(read_rows(out), args.baseline, args.metric)
     if not table:
         raise InputError(f"{out}: no image was scored by both {args.baseline} and another method")
     text = compare_markdown(table, args.baseline, args.metric)

@@ -3,17 +3,17 @@
 from __future__ import annotations
 
 import argparse
-import json
 import sys
-from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING
 
-from relprop.cli.common import add_model_options, plan_jobs, read_classes
-from relprop.cli.outputs import Manifest, prepare_out
+from relprop.cli.common import add_model_options, read_classes
 from relprop.defaults import TORCHVISION_DETECTORS
 from relprop.devices import resolve_device
-from relprop.errors import ImageError, RelpropError, TargetError
+from relprop.pipelines.outputs import prepare_out
+
+if TYPE_CHECKING:
+    from relprop.pipelines.detect import DetectionRecord
 
 DESCRIPTION = """\
 Detect objects with a torchvision SSD (SSD300-VGG16, or any torchvision SSD built with
@@ -105,139 +105,39 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
 
 def run(args: argparse.Namespace) -> int:
     """Detect and explain every image; return 1 if any input failed, after all the others."""
-    from tqdm import tqdm
+    from relprop.models import load_detector
+    from relprop.pipelines.detect import DetectConfig, detect_images
 
-    from relprop.detection.crp import CRP, OUTPUTS, Request
-    from relprop.detection.ssd import num_classes_of
-    from relprop.images import load_image
-    from relprop.models import class_names_of, load_detector
-
-    _check_options(args)
-    device = resolve_device(args.device)
-    out = prepare_out(args.out)
+    config = DetectConfig(
+        inputs=tuple(args.inputs), out=Path(args.out), score_threshold=args.score_threshold,
+        max_detections=args.max_detections, target=args.target_class,
+        contrast=not args.no_contrast, include_background=args.include_background,
+        box_contrast=args.box_contrast, split=args.split, save_maps=args.save_maps,
+        device=resolve_device(args.device),
+    )
+    prepare_out(args.out)  # before the model loads: a bad --out fails at once
     classes, class_names = read_classes(args.classes)
-    model, meta = load_detector(args.weights, args.model_def, args.arch, args.num_classes,
+    model, info = load_detector(args.weights, args.model_def, args.arch, args.num_classes,
                                 classes=classes, class_names=class_names, offline=args.offline)
-    model.to(device)
-    names = class_names_of(meta, num_classes_of(model), detector=True)
-    target = parse_class(args.target_class, meta, names)
-    crp = CRP(model, contrast=not args.no_contrast, include_background=args.include_background,
-              box_contrast=args.box_contrast, split=args.split, rules=_activations_passed_through())
-    jobs, failures = plan_jobs(args.inputs, "detect", exclude=out)
-    total = len(jobs) + len(failures)  # empty folders count as failed inputs
-    manifest = Manifest(out, "detect")
-    with open(manifest.add(out / "detections.jsonl"), "w", encoding="utf-8") as log:
-        for path, name in tqdm(jobs, unit="image", desc="detect", file=sys.stderr):
-            try:
-                image = _to_tensor(load_image(path))
-            except ImageError as error:
-                failures.append(str(error))
-                tqdm.write(f"relprop detect: error: {error}", file=sys.stderr)
-                continue
-            result = crp.detect([image.to(device)])
-            det = result.detections[0]
-            chosen = _chosen(det["scores"], args.score_threshold, args.max_detections)
-            requests = [Request(0, d, o, target) for d in chosen for o in OUTPUTS]
-            maps = crp.explain(result, requests).cpu() if requests else None
-            folder = out / name
-            folder.mkdir(parents=True, exist_ok=True)
-            records = _write_image(folder, name, path, image, det, chosen, maps, names, target,
-                                   args.save_maps, manifest)
-            for record in records:
-                log.write(json.dumps(record, ensure_ascii=False) + "\n")
-                tqdm.write(_summary(record), file=sys.stdout)
-            if not records:
-                tqdm.write(f"{path}: no detection scores at least {args.score_threshold}",
-                           file=sys.stdout)
-    manifest.finish()
-    if failures:
-        print(f"relprop detect: {len(failures)} of {total} inputs failed (named above)",
-              file=sys.stderr)
+    threshold = config.score_threshold
+
+    def print_image(path: Path, records: list[DetectionRecord]) -> None:
+        from tqdm import tqdm
+
+        for record in records:
+            tqdm.write(_summary(record), file=sys.stdout)
+        if not records:
+            tqdm.write(f"{path}: no detection scores at least {threshold}", file=sys.stdout)
+
+    summary = detect_images(config, model, info, on_image=print_image)
+    if summary.failures:
+        print(f"relprop detect: {len(summary.failures)} of {summary.inputs} inputs failed "
+              "(named above)", file=sys.stderr)
         return 1
     return 0
 
 
-def _check_options(args: argparse.Namespace) -> None:
-    if args.max_detections < 1:
-        raise RelpropError(f"--max-detections {args.max_detections}: must be at least 1")
-    if not 0.0 <= args.score_threshold <= 1.0:
-        raise RelpropError(f"--score-threshold {args.score_threshold}: must be in [0, 1]")
-
-
-def _activations_passed_through() -> dict:
-    """Relevance passes these unchanged, as it passes ReLU (SSDLite's MobileNetV3 uses Hardswish)."""
-    import torch
-
-    return {torch.nn.Hardswish: "pass"}
-
-
-def parse_class(text: str | None, meta: dict[str, Any], names: Sequence[str]) -> int | None:
-    """`--target-class` as an index, a class id (e.g. a wnid) or a class name."""
-    if text is None:
-        return None
-    if text.strip().isdigit():
-        index = int(text)
-        if not 0 <= index < len(names):
-            raise TargetError(f"--target-class {index}: the detector has classes 0..{len(names) - 1}")
-        return index
-    wanted = text.strip().lower()
-    for labels in (meta.get("classes") or [], meta.get("class_names") or [], names):
-        lowered = [str(label).lower() for label in labels]
-        if wanted in lowered and len(lowered) == len(names):
-            return lowered.index(wanted)
-    raise TargetError(f"--target-class {text!r}: not a class index, id or name of this detector")
-
-
-def _to_tensor(image: Any) -> Any:
-    from torchvision.transforms.functional import to_tensor
-
-    return to_tensor(image)
-
-
-def _chosen(scores: Any, threshold: float, cap: int) -> list[int]:
-    return [int(d) for d in (scores >= threshold).nonzero().flatten()[:cap]]
-
-
-def _write_image(folder: Path, name: str, path: Path, image: Any, det: dict, chosen: Sequence[int],
-                 maps: Any, names: Sequence[str], target: int | None,
-                 save_maps: bool, manifest: Manifest) -> list[dict[str, Any]]:
-    """Drawings, panels and (optionally) raw maps of one image; its detections.jsonl records."""
-    import numpy as np
-
-    from relprop.detection.crp import OUTPUTS, to_image
-    from relprop.viz import draw_detections, save_detection_panel
-
-    rgb = (image.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
-    size = tuple(image.shape[-2:])
-    boxes = [det["boxes"][d].tolist() for d in chosen]
-    labels = [int(det["labels"][d]) for d in chosen]
-    scores = [float(det["scores"][d]) for d in chosen]
-    captions = [f"{i}: {names[k]} {s:.0%}" for i, (k, s) in enumerate(zip(labels, scores, strict=True))]
-    draw_detections(manifest.add(folder / "detections.png"), rgb, boxes, captions)
-    records = []
-    for i, d in enumerate(chosen):
-        heats = {o: to_image(maps[i * len(OUTPUTS) + j], size).numpy()
-                 for j, o in enumerate(OUTPUTS)}
-        explained = labels[i] if target is None else target
-        title = f"{path.name} · detection {d}: {names[labels[i]]} {scores[i]:.0%}"
-        if explained != labels[i]:
-            title += f" · explaining {names[explained]}"
-        panel = folder / f"det{d}.png"
-        save_detection_panel(manifest.add(panel), rgb, boxes[i], heats, title, names[explained])
-        if save_maps:
-            for o, heat in heats.items():
-                np.save(manifest.add(folder / f"det{d}_{o}.npy"), heat.astype(np.float32))
-        records.append({
-            "image": str(path), "output": name, "detection": d, "label": labels[i],
-            "class_name": names[labels[i]], "score": round(scores[i], 6),
-            "box": [round(v, 2) for v in boxes[i]], "anchor": int(det["anchors"][d]),
-            "level": int(det["levels"][d]), "explained_class": explained,
-            "panel": panel.relative_to(folder.parent).as_posix(),
-        })
-    return records
-
-
-def _summary(record: dict[str, Any]) -> str:
-    x0, y0, x1, y1 = record["box"]
-    return (f"{record['image']}: #{record['detection']} {record['class_name']} "
-            f"{record['score']:.1%} [{x0:.0f},{y0:.0f},{x1:.0f},{y1:.0f}] -> {record['panel']}")
+def _summary(record: DetectionRecord) -> str:
+    x0, y0, x1, y1 = record.box
+    return (f"{record.image}: #{record.detection} {record.class_name} "
+            f"{record.score:.1%} [{x0:.0f},{y0:.0f},{x1:.0f},{y1:.0f}] -> {record.panel}")

@@ -130,8 +130,8 @@ def run(args: argparse.Namespace) -> int:
     if args.task == "detection":
         return _run_detection(args, resolve_device(args.device))
     from relprop.cli.common import load_model_from_args
-    from relprop.cli.outputs import prepare_out
     from relprop.evaluation.classification import Checkpoint, EvalConfig, evaluate
+    from relprop.pipelines.outputs import prepare_out
 
     config = EvalConfig(
         data=Path(args.data), out=Path(args.out), methods=tuple(_split(args.methods or DEFAULT_METHODS)),
@@ -164,7 +164,6 @@ def run(args: argparse.Namespace) -> int:
 def _run_detection(args: argparse.Namespace, device: Any) -> int:
     """`--task detection`: one detector, its config, the tables on stdout."""
     from relprop.cli.common import read_classes
-    from relprop.cli.outputs import prepare_out
     from relprop.errors import InputError
     from relprop.evaluation.detection import (
         METHODS,
@@ -175,6 +174,7 @@ def _run_detection(args: argparse.Namespace, device: Any) -> int:
         summary_markdown,
     )
     from relprop.models import load_detector
+    from relprop.pipelines.outputs import prepare_out
 
     weights = args.weights or []
     if len(weights) != 1:
@@ -189,9 +189,9 @@ def _run_detection(args: argparse.Namespace, device: Any) -> int:
         step=args.step or STEP, command=command,
     )
     classes, names = read_classes(args.classes)
-    model, meta = load_detector(weights[0], args.model_def, args.arch, args.num_classes,
+    model, info = load_detector(weights[0], args.model_def, args.arch, args.num_classes,
                                 classes=classes, class_names=names, offline=args.offline)
-    summary = evaluate_detection(model.to(device), meta["classes"], config)
+    summary = evaluate_detection(model.to(device), info.classes, config)
     print(summary_markdown(summary, command))
     return 0
 

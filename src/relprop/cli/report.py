@@ -65,8 +65,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
 
 def run(args: argparse.Namespace) -> int:
     """Write the report and print where it is."""
-    from relprop.cli.outputs import prepare_out
     from relprop.errors import InputError
+    from relprop.pipelines.outputs import prepare_out
     from relprop.report import build_report
 
     if args.page_size < 1:

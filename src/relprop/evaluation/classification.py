@@ -11,7 +11,7 @@ import math
 import sys
 import time
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -19,12 +19,15 @@ import numpy as np
 import torch
 
 from relprop.defaults import MIN_FRAME_BATCH
-from relprop.errors import ImageError, InputError, RelpropError
+from relprop.errors import ImageError, InputError, RelpropError, first_line
 from relprop.evaluation.metrics import METRICS, PROTOCOLS, Channels
 from relprop.evaluation.results import (
+    Conservation,
+    ResultRow,
     append_jsonl,
     check_resume,
     rank_file,
+    read_rows,
     read_run_info,
     read_union,
     shard_files,
@@ -32,6 +35,7 @@ from relprop.evaluation.results import (
     summary_markdown,
     write_run_info,
 )
+from relprop.modelinfo import PREPROCESSING_KEYS, ModelInfo
 
 
 @dataclass(frozen=True)
@@ -79,15 +83,15 @@ class Checkpoint:
     path: str
     sha256: str
     model: torch.nn.Module
-    meta: dict[str, Any]
+    info: ModelInfo
 
     @classmethod
-    def of(cls, model: torch.nn.Module, meta: dict[str, Any], given: str | None = None) -> Checkpoint:
-        """A model and its meta as `relprop.models.load_model` returns them."""
-        from relprop.models import file_sha256
-
-        return cls(meta.get("weights") or str(given or meta["path"]), file_sha256(meta["path"]),
-                   model, meta)
+    def of(cls, model: torch.nn.Module, info: ModelInfo, given: str | None = None) -> Checkpoint:
+        """A model and its `ModelInfo` as `relprop.models.load_model` returns them."""
+        if info.source is None:
+            raise InputError(f"{info.arch}: a checkpoint to evaluate needs the file of its weights")
+        return cls(info.source.name or str(given or info.source.path), info.source.sha256,
+                   model, info)
 
 
 @dataclass
@@ -136,7 +140,7 @@ def _evaluate_all(config: EvalConfig, checkpoints: Sequence[Checkpoint], ranks: 
     if ranks.rank == 0:  # one writer of run.json; the others learn its verdict
         try:
             check_resume(out / "run.json", _settings(config, plan, checkpoints), canonical_name)
-            _record_labels(out / "run.json", checkpoints[0].meta)
+            _record_labels(out / "run.json", checkpoints[0].info)
         except RelpropError as error:
             refusal = error
     verdict = group.gather(None if refusal is None else str(refusal))[0]
@@ -177,7 +181,7 @@ def _report_failure(ranks: Any, store: _Store, jobs: Sequence[_Work], error: Bas
         return
     current = next((job.current for job in jobs if job.current), "before its first image")
     print(f"relprop evaluate: rank {ranks.rank} of {ranks.world} failed on {current} "
-          f"({type(error).__name__}: {str(error).strip().splitlines()[0] if str(error).strip() else ''}); "
+          f"({type(error).__name__}: {first_line(error, default='')}); "
           f"its finished rows are in {store.results_path}: rerun the same command (any "
           "--nproc-per-node) to resume", file=sys.stderr)
 
@@ -204,7 +208,8 @@ def _settings(config: EvalConfig, plan: Plan, checkpoints: Sequence[Checkpoint])
 
     return {
         "checkpoints": [{"path": c.path, "sha256": c.sha256} for c in checkpoints],
-        "preprocessing": [{k: c.meta[k] for k in ("resize", "crop", "mean", "std")} for c in checkpoints],
+        "preprocessing": [{k: v for k, v in c.info.preprocessing.to_dict().items()
+                           if k in PREPROCESSING_KEYS} for c in checkpoints],
         "data": str(Path(config.data).resolve()),
         "methods": plan.methods,
         "protocols": plan.protocols,
@@ -218,10 +223,10 @@ def _settings(config: EvalConfig, plan: Plan, checkpoints: Sequence[Checkpoint])
     }
 
 
-def _record_labels(path: Path, meta: dict[str, Any]) -> None:
+def _record_labels(path: Path, info: ModelInfo) -> None:
     """The model's class ids and names, by which the labels were given (the report shows them)."""
     run_info = read_run_info(path)
-    run_info["labels"] = {"classes": list(meta["classes"]), "class_names": meta.get("class_names")}
+    run_info["labels"] = {"classes": list(info.classes), "class_names": info.class_names}
     write_run_info(path, run_info)
 
 
@@ -247,24 +252,24 @@ class _Store:
         """Read the union of all processes' files (each keeps its own cut last line repaired)."""
         from relprop.methods import canonical_name
 
-        records = read_union(self.out, "results", _key, repair=self.results_path)
-        self._records = [{**r, "method": self._spelling.get(canonical_name(r["method"]), r["method"])}
-                         for r in records]
-        self.done = {_key(r) for r in self._records}
+        rows = read_rows(self.out, repair=self.results_path)
+        self._records = [replace(r, method=self._spelling.get(canonical_name(r.method), r.method))
+                         for r in rows]
+        self.done = {r.key for r in self._records}
         self._skipped = read_union(self.out, "skipped",
                                    lambda r: (r["checkpoint_sha256"], r["image"]),
                                    repair=self.skipped_path)
 
-    def records(self) -> list[dict[str, Any]]:
+    def records(self) -> list[ResultRow]:
         return self._records
 
     def skipped_keys(self) -> set[tuple[str, str]]:
         return {(s["checkpoint_sha256"], s["image"]) for s in self._skipped}
 
-    def add(self, record: dict[str, Any]) -> None:
-        append_jsonl(self.results_path, record)
-        self._records.append(record)
-        self.done.add(_key(record))
+    def add(self, row: ResultRow) -> None:
+        append_jsonl(self.results_path, row.to_dict())
+        self._records.append(row)
+        self.done.add(row.key)
 
     def skip(self, record: dict[str, str]) -> None:
         if (record["checkpoint_sha256"], record["image"]) in self.skipped_keys():
@@ -352,10 +357,6 @@ class _Progress:
             self.bar.close()
 
 
-def _key(record: dict[str, Any]) -> tuple[str, str, str, str]:
-    return record["checkpoint_sha256"], record["image"], record["method"], record["protocol"]
-
-
 @dataclass
 class _Batch:
     items: list[Any]
@@ -402,7 +403,7 @@ class _Work:
         """Report a method that cannot run on this model; the other methods go on."""
         from tqdm import tqdm
 
-        first = str(error).strip().splitlines()[0] if str(error).strip() else ""
+        first = first_line(error, default="")
         reason = first if isinstance(error, RelpropError) else f"{type(error).__name__}: {first}"
         tqdm.write(f"relprop evaluate: error: method {base} cannot run on "
                    f"{Path(self.checkpoint.path).name}: {reason}; the other methods go on",
@@ -416,8 +417,8 @@ def _job(checkpoint: Checkpoint, config: EvalConfig, plan: Plan, store: _Store,
     --batch-size: the same batches whatever the number of processes or how often it resumed."""
     from relprop.data import discover, select
 
-    meta = checkpoint.meta
-    dataset = discover(config.data, meta["classes"], meta.get("class_names"))
+    info = checkpoint.info
+    dataset = discover(config.data, info.classes, info.class_names)
     if dataset.unknown and primary:
         listed = ", ".join(f"{name} ({n})" for name, n in sorted(dataset.unknown.items()))
         print(f"relprop evaluate: left out {sum(dataset.unknown.values())} images of "
@@ -438,12 +439,12 @@ def _evaluate(work: _Work, ranks: Any, device: torch.device, progress: _Progress
     """
     from tqdm import tqdm
 
-    model, meta, plan = work.checkpoint.model.to(device), work.checkpoint.meta, work.plan
-    methods = _build_methods(work, model, meta)
+    model, info, plan = work.checkpoint.model.to(device), work.checkpoint.info, work.plan
+    methods = _build_methods(work, model, info)
     for chunk in ranks.shard(work.batches):
         if not any(work.needs(it, name) for it in chunk for name in plan.methods):
             continue  # a finished batch
-        for batch, failures in _batches(work.root, chunk, meta):
+        for batch, failures in _batches(work.root, chunk, info):
             for item, message in failures:
                 if any(work.needs(item, n) for n in plan.methods):
                     tqdm.write(f"relprop evaluate: skipping {item.path}: {message}", file=sys.stderr)
@@ -456,32 +457,32 @@ def _evaluate(work: _Work, ranks: Any, device: torch.device, progress: _Progress
     return work.failed
 
 
-def _build_methods(work: _Work, model: torch.nn.Module, meta: dict[str, Any]) -> dict[str, Any]:
+def _build_methods(work: _Work, model: torch.nn.Module, info: ModelInfo) -> dict[str, Any]:
     from relprop.methods import get_method
 
     methods = {}
     for base in work.plan.bases:
         try:
             methods[base] = get_method(base, model, batch_size=work.config.batch_size,
-                                       mean=meta["mean"], std=meta["std"], layer=work.config.cam_layer)
+                                       mean=info.mean, std=info.std, layer=work.config.cam_layer)
         except Exception as error:  # any model a method cannot handle: report it, go on
             work.fail(base, error)
     return methods
 
 
 def _batches(root: Path, items: Sequence[Any],
-             meta: dict[str, Any]) -> Iterator[tuple[_Batch | None, list[tuple[Any, str]]]]:
+             info: ModelInfo) -> Iterator[tuple[_Batch | None, list[tuple[Any, str]]]]:
     """One fixed batch preprocessed, split by input size (uncropped sizes may differ), with the
     images that could not be read."""
     from relprop.data import load_item
     from relprop.images import BoundedTransform
     from relprop.models import preprocessing
 
-    transform = BoundedTransform(preprocessing(meta), meta["resize"])
+    transform = BoundedTransform(preprocessing(info), info.preprocessing.resize)
     loaded, failures = [], []
     for item in items:
         try:
-            loaded.append((item, *load_item(root, item, transform, meta)))
+            loaded.append((item, *load_item(root, item, transform, info)))
         except ImageError as error:
             failures.append((item, str(error)))
     if not loaded:
@@ -528,7 +529,7 @@ def _score_batch(work: _Work, batch: _Batch, x: torch.Tensor, preds: torch.Tenso
     from relprop.evaluation.metrics import insertion_deletion, localization
     from relprop.methods import HQ_SUFFIX, HeatQuantized
 
-    config, meta = work.config, work.checkpoint.meta
+    config, info = work.config, work.checkpoint.info
     flat = (HeatQuantized(base, config.channels).quantize(maps)[:, 0] if name.endswith(HQ_SUFFIX)
             else base.to_2d(maps, config.channels))
     flat = flat.float().cpu()
@@ -546,7 +547,7 @@ def _score_batch(work: _Work, batch: _Batch, x: torch.Tensor, preds: torch.Tenso
             continue
         boxes = boxes or localization(flat, batch.boxes)
         result = insertion_deletion(work.checkpoint.model, x, flat, labels, protocol,
-                                    mean=meta["mean"], std=meta["std"], step=config.step,
+                                    mean=info.mean, std=info.std, step=config.step,
                                     block=config.block,
                                     batch_size=max(config.batch_size, MIN_FRAME_BATCH))
         for i in todo:
@@ -564,35 +565,34 @@ def _attribute(method: Any, x: torch.Tensor) -> tuple[torch.Tensor, dict[str, to
 
 def _record(checkpoint: Checkpoint, item: Any, method: str, protocol: str, channels: str, base: Any,
             pred: torch.Tensor, result: Any, i: int, box_scores: dict[str, Any] | None,
-            sums: dict[str, torch.Tensor] | None) -> dict[str, Any]:
-    return {
-        "checkpoint": checkpoint.path,
-        "checkpoint_sha256": checkpoint.sha256,
-        "image": item.path,
-        "label": int(item.label),
-        "pred": int(pred),
-        "method": method,
-        "protocol": protocol,
-        "channels": "sum" if base.is_lrp else channels,
-        **{key: metric.score(result, i) for key, metric in METRICS.items()},
-        "insertion_curve": [float(v) for v in result.insertion_curves[i]],
-        "deletion_curve": [float(v) for v in result.deletion_curves[i]],
-        "localization": box_scores,
-        "conservation": _conservation(sums, i),
-    }
+            sums: dict[str, torch.Tensor] | None) -> ResultRow:
+    return ResultRow(
+        checkpoint=checkpoint.path,
+        checkpoint_sha256=checkpoint.sha256,
+        image=item.path,
+        label=int(item.label),
+        pred=int(pred),
+        method=method,
+        protocol=protocol,
+        channels="sum" if base.is_lrp else channels,
+        scores={key: metric.score(result, i) for key, metric in METRICS.items()},
+        insertion_curve=[float(v) for v in result.insertion_curves[i]],
+        deletion_curve=[float(v) for v in result.deletion_curves[i]],
+        localization=box_scores,
+        conservation=_conservation(sums, i),
+    )
 
 
-def _conservation(sums: dict[str, torch.Tensor] | None, i: int) -> dict[str, Any] | None:
+def _conservation(sums: dict[str, torch.Tensor] | None, i: int) -> Conservation | None:
     """Relevance totals at the output, the last and the first residual block, and the input."""
     if sums is None:
         return None
     blocks = [k for k in sums if "." in k]  # residual blocks, e.g. "layer4.1", output to input
-    report: dict[str, Any] = {"output": float(sums["output"][i]), "input": float(sums["input"][i])}
-    if blocks:
-        report.update({"last_block": float(sums[blocks[0]][i]), "last_block_name": blocks[0],
-                       "first_block": float(sums[blocks[-1]][i]), "first_block_name": blocks[-1]})
-    report["input_over_output"] = report["input"] / report["output"] if report["output"] else None
-    return report
+    output, input_ = float(sums["output"][i]), float(sums["input"][i])
+    if not blocks:
+        return Conservation(output, input_)
+    return Conservation(output, input_, float(sums[blocks[0]][i]), blocks[0],
+                        float(sums[blocks[-1]][i]), blocks[-1])
 
 
 def _map_names(items: Sequence[Any]) -> dict[str, str]:
@@ -603,7 +603,7 @@ def _map_names(items: Sequence[Any]) -> dict[str, str]:
             for it in items}
 
 
-def _write_summary(out: Path, summary: dict[str, Any], records: Sequence[dict[str, Any]],
+def _write_summary(out: Path, summary: dict[str, Any], records: Sequence[ResultRow],
                    plan: Plan, baseline: str | None = None) -> None:
     from relprop.evaluation.results import mean_curves, statistics_markdown
     from relprop.viz import plot_curves

@@ -8,29 +8,36 @@ lower is better: the sign is printed as is and the arrow says which way is bette
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 from relprop.errors import InputError
 from relprop.evaluation.metrics import METRICS
-from relprop.evaluation.results import BOOTSTRAP_RESAMPLES, BOOTSTRAP_SEED, format_ci
+from relprop.evaluation.results import (
+    BOOTSTRAP_RESAMPLES,
+    BOOTSTRAP_SEED,
+    ResultRow,
+    as_rows,
+    format_ci,
+)
 
 
-def paired_differences(records: Sequence[dict[str, Any]], baseline: str, metric: str = "id",
-                       ) -> dict[str, dict[str, dict[str, Any]]]:
+def paired_differences(records: Sequence[ResultRow | Mapping[str, Any]], baseline: str,
+                       metric: str = "id") -> dict[str, dict[str, dict[str, Any]]]:
     """protocol -> method -> `paired_comparison` of (method - baseline) over the shared images."""
     from relprop.evaluation.statistics import paired_comparison
     from relprop.methods import canonical_name
 
     if metric not in METRICS:
         raise InputError(f"--metric {metric!r}: choose from {', '.join(METRICS)}")
-    reference = _resolve(records, baseline, canonical_name)
+    rows = as_rows(records)
+    reference = _resolve(rows, baseline, canonical_name)
     table: dict[str, dict[str, dict[str, Any]]] = {}
-    for protocol in dict.fromkeys(str(r["protocol"]) for r in records):
-        scores: dict[str, dict[tuple[str, str], float]] = {}
-        for r in records:
-            if r["protocol"] == protocol:
-                scores.setdefault(str(r["method"]), {})[(r["checkpoint_sha256"], r["image"])] = r[metric]
+    for protocol in dict.fromkeys(r.protocol for r in rows):
+        scores: dict[str, dict[tuple[str, str], Any]] = {}
+        for r in rows:
+            if r.protocol == protocol:
+                scores.setdefault(r.method, {})[(r.checkpoint_sha256, r.image)] = r.scores[metric]
         base = scores.get(reference)
         if not base:
             continue
@@ -44,9 +51,9 @@ def paired_differences(records: Sequence[dict[str, Any]], baseline: str, metric:
     return table
 
 
-def _resolve(records: Sequence[dict[str, Any]], baseline: str, canonical: Any) -> str:
-    """The baseline's spelling in the records (an alias such as `ours` finds `lrp-split`)."""
-    methods = list(dict.fromkeys(str(r["method"]) for r in records))
+def _resolve(rows: Sequence[ResultRow], baseline: str, canonical: Any) -> str:
+    """The baseline's spelling in the rows (an alias such as `ours` finds `lrp-split`)."""
+    methods = list(dict.fromkeys(r.method for r in rows))
     for method in methods:
         if method == baseline or canonical(method) == canonical(baseline):
             return method

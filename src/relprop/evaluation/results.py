@@ -1,9 +1,11 @@
-"""The results of `relprop evaluate`: results.jsonl, skipped.jsonl and run.json read and written,
-the one `summarize` (mean ± std, ddof = 1) and the markdown table.
+"""The results of `relprop evaluate`: results.jsonl (one `ResultRow` a line), skipped.jsonl and
+run.json read and written, the one `summarize` (mean ± std, ddof = 1) and the markdown table.
 
 The evaluation, the report and detection all go through here, so that the same run prints the same
-numbers wherever it is shown. Scores are read generically from `metrics.METRICS`: a metric added
-there appears in the summary, the markdown and the report without an edit here.
+numbers wherever it is shown. `ResultRow` is the one spelling of a row: the evaluation writes
+`ResultRow.to_dict()`, and everything that reads results.jsonl (resume, summary, report, compare)
+reads `ResultRow`s through `read_rows`. Scores are read generically from `metrics.METRICS`: a metric
+added there appears in the summary, the markdown and the report without an edit here.
 """
 
 from __future__ import annotations
@@ -13,7 +15,8 @@ import math
 import os
 import platform
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -26,6 +29,134 @@ from relprop.evaluation.metrics import LOCALIZATION, METRICS
 UNORDERED_SETTINGS = ("methods", "protocols")  # listing them in another order changes no number
 CURVE_POINTS = 101
 BOOTSTRAP_RESAMPLES, BOOTSTRAP_SEED = 10000, 0  # every CI relprop prints
+
+
+# ---------------------------------------------------------------- rows
+
+
+@dataclass(frozen=True)
+class Conservation:
+    """Relevance totals of one LRP map: at the output (the explained probability), at the last and
+    the first residual block (where the network has them) and at the input."""
+
+    output: float
+    input: float
+    last_block: float | None = None
+    last_block_name: str | None = None
+    first_block: float | None = None
+    first_block_name: str | None = None
+
+    @property
+    def input_over_output(self) -> float | None:
+        return self.input / self.output if self.output else None
+
+    @property
+    def error(self) -> float | None:
+        """|input sum − explained output| / |explained output|: 0 means nothing leaked."""
+        return abs(self.input - self.output) / abs(self.output) if self.output else None
+
+    def to_dict(self) -> dict[str, Any]:
+        data: dict[str, Any] = {"output": self.output, "input": self.input}
+        if self.last_block is not None:
+            data.update(last_block=self.last_block, last_block_name=self.last_block_name,
+                        first_block=self.first_block, first_block_name=self.first_block_name)
+        data["input_over_output"] = self.input_over_output
+        return data
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> Conservation:
+        return cls(float(data["output"]), float(data["input"]), _float(data.get("last_block")),
+                   data.get("last_block_name"), _float(data.get("first_block")),
+                   data.get("first_block_name"))
+
+
+_ROW_FIELDS = ("checkpoint", "checkpoint_sha256", "image", "label", "pred", "method", "protocol",
+               "channels", "insertion_curve", "deletion_curve", "localization", "conservation")
+
+
+@dataclass(frozen=True)
+class ResultRow:
+    """One (checkpoint, image, method, protocol) of `relprop evaluate`: one line of results.jsonl.
+
+    `scores` holds one value per metric of `metrics.METRICS` (insertion, deletion, id, ...), written
+    at the top level of the line; `localization` the box scores (pointing, energy, and the centre
+    baselines) where the data has boxes; `conservation` the relevance totals of the LRP methods.
+    """
+
+    image: str
+    method: str
+    protocol: str
+    scores: dict[str, float | None] = field(default_factory=dict)
+    checkpoint: str = ""
+    checkpoint_sha256: str = ""
+    label: int | None = None
+    pred: int | None = None
+    channels: str = "sum"
+    insertion_curve: list[float] = field(default_factory=list)
+    deletion_curve: list[float] = field(default_factory=list)
+    localization: dict[str, float | None] | None = None
+    conservation: Conservation | None = None
+
+    @property
+    def key(self) -> tuple[str, str, str, str]:
+        """What identifies a row: a resumed run computes only the keys not yet in the files."""
+        return self.checkpoint_sha256, self.image, self.method, self.protocol
+
+    def score(self, metric: str) -> float:
+        """The metric's value, NaN where the row has none."""
+        value = self.scores.get(metric)
+        return float(value) if isinstance(value, int | float) and not isinstance(value, bool) else math.nan
+
+    def to_dict(self) -> dict[str, Any]:
+        """The line of results.jsonl (this layout is the results format; see docs/results.md)."""
+        return {
+            "checkpoint": self.checkpoint, "checkpoint_sha256": self.checkpoint_sha256,
+            "image": self.image, "label": self.label, "pred": self.pred, "method": self.method,
+            "protocol": self.protocol, "channels": self.channels, **self.scores,
+            "insertion_curve": list(self.insertion_curve),
+            "deletion_curve": list(self.deletion_curve), "localization": self.localization,
+            "conservation": None if self.conservation is None else self.conservation.to_dict(),
+        }
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> ResultRow:
+        """A line of results.jsonl; every key that is not a field of the row is a score."""
+        try:
+            conservation = data.get("conservation")
+            return cls(
+                image=str(data["image"]), method=str(data["method"]), protocol=str(data["protocol"]),
+                scores={k: v for k, v in data.items() if k not in _ROW_FIELDS},
+                checkpoint=str(data.get("checkpoint") or ""),
+                checkpoint_sha256=str(data.get("checkpoint_sha256") or ""),
+                label=data.get("label"), pred=data.get("pred"),
+                channels=str(data.get("channels") or "sum"),
+                insertion_curve=list(data.get("insertion_curve") or []),
+                deletion_curve=list(data.get("deletion_curve") or []),
+                localization=data.get("localization"),
+                conservation=None if not conservation else Conservation.from_dict(conservation),
+            )
+        except (KeyError, TypeError, ValueError) as error:
+            raise InputError(f"not a result row of `relprop evaluate` ({type(error).__name__}: "
+                             f"{error})") from None
+
+
+def as_rows(records: Iterable[ResultRow | Mapping[str, Any]]) -> list[ResultRow]:
+    """Rows, from rows or from their dict form (results.jsonl's lines)."""
+    return [r if isinstance(r, ResultRow) else ResultRow.from_dict(r) for r in records]
+
+
+def read_rows(out: Path, *, repair: Path | None = None) -> list[ResultRow]:
+    """The rows of every results file in OUT (of every rank; the first of each key kept)."""
+    return as_rows(read_union(out, "results", _row_key, repair=repair))
+
+
+def _row_key(record: Mapping[str, Any]) -> tuple[Any, ...]:
+    return (record.get("checkpoint_sha256") or "", record.get("image"), record.get("method"),
+            record.get("protocol"))
+
+
+def _float(value: Any) -> float | None:
+    return None if value is None else float(value)
 
 
 # ---------------------------------------------------------------- files
@@ -194,7 +325,7 @@ def mean_std(values: Sequence[float]) -> tuple[float, float]:
     return float(finite.mean()), float(finite.std(ddof=1)) if finite.size > 1 else 0.0
 
 
-def summarize(records: Sequence[dict[str, Any]], methods: Sequence[str],
+def summarize(records: Sequence[ResultRow | Mapping[str, Any]], methods: Sequence[str],
               protocols: Sequence[str]) -> dict[str, Any]:
     """{method: {insertion, deletion, id (first protocol), *_std, n, ..., protocols: {p: {...}}}}.
 
@@ -202,12 +333,12 @@ def summarize(records: Sequence[dict[str, Any]], methods: Sequence[str],
     Rows are taken in (checkpoint, image) order, so the numbers (the bootstrap CIs included) do
     not depend on which process wrote which row, or in what order.
     """
-    records = sorted(records, key=lambda r: (str(r["checkpoint_sha256"]), str(r["image"])))
+    rows_in_order = sorted(as_rows(records), key=lambda r: (r.checkpoint_sha256, r.image))
     summary: dict[str, Any] = {}
     for method in methods:
         per_protocol = {}
         for protocol in protocols:
-            rows = [r for r in records if r["method"] == method and r["protocol"] == protocol]
+            rows = [r for r in rows_in_order if r.method == method and r.protocol == protocol]
             if rows:
                 per_protocol[protocol] = _aggregate(rows)
         if per_protocol:
@@ -216,14 +347,15 @@ def summarize(records: Sequence[dict[str, Any]], methods: Sequence[str],
     return summary
 
 
-def _aggregate(rows: Sequence[dict[str, Any]]) -> dict[str, Any]:
-    by_checkpoint: dict[str, list[dict[str, Any]]] = {}
+def _aggregate(rows: Sequence[ResultRow]) -> dict[str, Any]:
+    by_checkpoint: dict[str, list[ResultRow]] = {}
     for row in rows:
-        by_checkpoint.setdefault(row["checkpoint_sha256"], []).append(row)
+        by_checkpoint.setdefault(row.checkpoint_sha256, []).append(row)
     means = [_means(group) for group in by_checkpoint.values()]
     if len(means) == 1:
         stats = _means(rows, with_std=True)
-        stats.update(_uncertainty({key: [r[key] for r in rows] for key in METRICS}, bootstrap=True))
+        stats.update(_uncertainty({key: [r.scores[key] for r in rows] for key in METRICS},
+                                  bootstrap=True))
     else:  # the paper's seed table: spread of the per-checkpoint means
         stats = {}
         for key in means[0]:
@@ -250,19 +382,19 @@ def _uncertainty(values: dict[str, list[float]], bootstrap: bool) -> dict[str, f
     return found
 
 
-def _means(rows: Sequence[dict[str, Any]], with_std: bool = False) -> dict[str, Any]:
+def _means(rows: Sequence[ResultRow], with_std: bool = False) -> dict[str, Any]:
     stats: dict[str, Any] = {}
     for key in METRICS:
-        mean, std = mean_std([r[key] for r in rows])
+        mean, std = mean_std([r.scores[key] for r in rows])
         stats[key] = mean
         if with_std:
             stats[f"{key}_std"] = std
     for key in LOCALIZATION:
-        values = [r["localization"][key] for r in rows
-                  if r.get("localization") and r["localization"].get(key) is not None]
+        values = [r.localization[key] for r in rows
+                  if r.localization and r.localization.get(key) is not None]
         stats[key] = float(np.mean(values)) if values else None
-    ratios = [r["conservation"]["input_over_output"] for r in rows
-              if r.get("conservation") and r["conservation"].get("input_over_output") is not None]
+    ratios = [r.conservation.input_over_output for r in rows
+              if r.conservation is not None and r.conservation.input_over_output is not None]
     stats["conservation"] = float(np.mean(ratios)) if ratios else None
     return stats
 
@@ -345,14 +477,14 @@ def resample(curve: Sequence[float], points: int = CURVE_POINTS) -> np.ndarray:
     return np.interp(np.linspace(0, 1, points), np.linspace(0, 1, y.size), y)
 
 
-def mean_curves(records: Sequence[dict[str, Any]]) -> dict[str, dict[str, dict[str, np.ndarray]]]:
+def mean_curves(records: Sequence[ResultRow | Mapping[str, Any]],
+                ) -> dict[str, dict[str, dict[str, np.ndarray]]]:
     """protocol -> method -> {"insertion": mean curve, "deletion": mean curve}."""
     found: dict[str, dict[str, dict[str, list[np.ndarray]]]] = {}
-    for r in records:
-        for kind in ("insertion", "deletion"):
-            curve = r.get(f"{kind}_curve")
-            if isinstance(curve, list) and curve:
-                per_method = found.setdefault(str(r.get("protocol", "")), {})
-                per_method.setdefault(str(r.get("method")), {}).setdefault(kind, []).append(resample(curve))
+    for r in as_rows(records):
+        for kind, curve in (("insertion", r.insertion_curve), ("deletion", r.deletion_curve)):
+            if curve:
+                per_method = found.setdefault(r.protocol, {})
+                per_method.setdefault(r.method, {}).setdefault(kind, []).append(resample(curve))
     return {p: {m: {k: np.mean(v, axis=0) for k, v in kinds.items()} for m, kinds in methods.items()}
             for p, methods in found.items()}

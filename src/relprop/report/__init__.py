@@ -16,7 +16,7 @@ import re
 import shlex
 from collections import OrderedDict
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -26,18 +26,21 @@ import numpy as np
 from relprop.errors import ImageError, InputError
 from relprop.evaluation.metrics import METRICS
 from relprop.evaluation.results import (
+    ResultRow,
+    as_rows,
     format_mean_std,
     mean_curves,
     mean_std,
+    read_rows,
     read_run_info,
     read_union,
     shard_files,
 )
 from relprop.methods import canonical_name
+from relprop.modelinfo import Preprocessing
 from relprop.viz import plot_conservation, plot_curves
 
 PLACEHOLDER = re.compile(r"@@([A-Z_]+)@@")
-BLOCK_NAME = re.compile(r"^layer(\d+)\.(\d+)$")  # torchvision ResNet residual blocks
 
 
 @dataclass
@@ -45,7 +48,7 @@ class EvalRun:
     """What `relprop evaluate` left in its output folder."""
 
     root: Path
-    records: list[dict[str, Any]]
+    records: list[ResultRow]
     info: dict[str, Any] = field(default_factory=dict)  # run.json (provenance), may be empty
     skipped: list[dict[str, Any]] = field(default_factory=list)  # skipped.jsonl, still unread
 
@@ -72,66 +75,64 @@ def read_run(root: str | Path) -> EvalRun:
         raise InputError(f"{root}: no such folder (give the --out folder of `relprop evaluate`)")
     if not shard_files(root, "results"):
         raise InputError(f"{root}: no results.jsonl here; is this the --out folder of `relprop evaluate`?")
-    records = _one_spelling(read_union(root, "results", _result_key))
+    records = _one_spelling(read_rows(root))
     if not records:
         raise InputError(f"{root / 'results.jsonl'}: no results yet (did `relprop evaluate` finish any image?)")
     return EvalRun(root, records, read_run_info(root / "run.json"), _still_skipped(root, records))
 
 
-def _result_key(record: dict[str, Any]) -> tuple[Any, ...]:
-    return (record.get("checkpoint_sha256"), record.get("image"), record.get("method"),
-            record.get("protocol"))
-
-
-def _one_spelling(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
+def _one_spelling(records: list[ResultRow]) -> list[ResultRow]:
     """Each method under one name: the spelling of its latest record (a run resumed under the
     registry's name after `ours` shows one `lrp-split` row)."""
-    latest = {canonical_name(str(r.get("method"))): str(r.get("method")) for r in records}
-    return [{**r, "method": latest[canonical_name(str(r.get("method")))]} for r in records]
+    latest = {canonical_name(r.method): r.method for r in records}
+    return [replace(r, method=latest[canonical_name(r.method)]) for r in records]
 
 
-def _still_skipped(root: Path, records: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+def _still_skipped(root: Path, records: Sequence[ResultRow]) -> list[dict[str, Any]]:
     """The skipped images (of every process) without those a later run did evaluate."""
-    evaluated = {(r.get("checkpoint_sha256"), r.get("image")) for r in records}
-    return [s for s in read_union(root, "skipped", lambda s: (s.get("checkpoint_sha256"), s.get("image")))
-            if (s.get("checkpoint_sha256"), s.get("image")) not in evaluated]
+    evaluated = {(r.checkpoint_sha256, r.image) for r in records}
+    return [s for s in read_union(root, "skipped", _skipped_key)
+            if _skipped_key(s) not in evaluated]
 
 
-def find_key(tree: Any, key: str) -> Any:
-    """First value stored under `key` anywhere in nested dicts (run.json's layout may grow)."""
-    if isinstance(tree, Mapping):
-        if key in tree and tree[key] is not None:
-            return tree[key]
-        children: Iterable[Any] = tree.values()
-    elif isinstance(tree, list):
-        children = tree
-    else:
-        return None
-    for child in children:
-        found = find_key(child, key)
-        if found is not None:
-            return found
-    return None
+def _skipped_key(record: Mapping[str, Any]) -> tuple[str, Any]:
+    """A line of skipped.jsonl: {"checkpoint_sha256", "image", "error"}, as the evaluation writes it."""
+    return record.get("checkpoint_sha256") or "", record.get("image")
+
+
+def run_value(info: Mapping[str, Any], *path: str | int) -> Any:
+    """The value at `path` in run.json (`"settings", "data"`), None where the run has none.
+
+    run.json as `relprop evaluate` writes it: `settings` (checkpoints [{path, sha256}], preprocessing
+    [{resize, crop, mean, std}] per checkpoint, data, methods, ...), `labels` (classes,
+    class_names), and the provenance (versions, platform, started, command, resumed).
+    """
+    value: Any = info
+    for key in path:
+        if isinstance(key, int):
+            value = value[key] if isinstance(value, list) and len(value) > key else None
+        else:
+            value = value.get(key) if isinstance(value, Mapping) else None
+    return value
 
 
 def class_names(run: EvalRun) -> list[str] | None:
-    """Readable class names: from run.json, else from the (first) checkpoint's meta, else None."""
+    """Readable class names: from run.json, else from the (first) checkpoint's file, else None."""
     for key in ("class_names", "classes"):
-        names = find_key(run.info, key)
+        names = run_value(run.info, "labels", key)
         if isinstance(names, list) and names:
             return [str(name) for name in names]
-    checkpoint = find_key(run.info, "checkpoints") or [{}]
-    path = checkpoint[0].get("path") if isinstance(checkpoint[0], Mapping) else None
+    path = run_value(run.info, "settings", "checkpoints", 0, "path")
     if not isinstance(path, str) or not Path(path).is_file():
         return None
     from relprop.errors import RelpropError
     from relprop.models import class_names_of, load_model
 
     try:
-        _, meta = load_model(path)
+        _, info = load_model(path)
     except RelpropError:  # e.g. a plain state dict, which needs --arch: fall back to indices
         return None
-    return class_names_of(meta)
+    return class_names_of(info)
 
 
 def _label(names: Sequence[str] | None, index: Any, given: Any = None) -> str:
@@ -153,16 +154,16 @@ def _number(value: Any) -> float:
     return float(value) if isinstance(value, int | float) and not isinstance(value, bool) else math.nan
 
 
-def summarize(records: Sequence[dict[str, Any]]) -> tuple[list[str], list[SummaryRow]]:
+def summarize(records: Sequence[ResultRow | Mapping[str, Any]]) -> tuple[list[str], list[SummaryRow]]:
     """Columns and one row per (checkpoint, method, protocol), in the run's order."""
-    loc_keys = _ordered(k for r in records for k in (r.get("localization") or {}))
+    records = as_rows(records)
+    loc_keys = _ordered(k for r in records for k in (r.localization or {}))
     columns = list(METRICS) + [f"loc:{k}" for k in loc_keys]
     if any(conservation_error(r) is not None for r in records):
         columns.append("conservation error")
-    groups: OrderedDict[tuple[str, str, str], list[dict[str, Any]]] = OrderedDict()
+    groups: OrderedDict[tuple[str, str, str], list[ResultRow]] = OrderedDict()
     for r in records:
-        key = (str(r.get("checkpoint", "")), str(r.get("method")), str(r.get("protocol", "")))
-        groups.setdefault(key, []).append(r)
+        groups.setdefault((r.checkpoint, r.method, r.protocol), []).append(r)
     rows = []
     for (checkpoint, method, protocol), group in groups.items():
         scores = {c: mean_std([_column_value(r, c) for r in group]) for c in columns}
@@ -170,85 +171,53 @@ def summarize(records: Sequence[dict[str, Any]]) -> tuple[list[str], list[Summar
     return columns, rows
 
 
-def _column_value(record: dict[str, Any], column: str) -> float:
+def _column_value(record: ResultRow, column: str) -> float:
     if column.startswith("loc:"):
-        return _number((record.get("localization") or {}).get(column[4:]))
+        return _number((record.localization or {}).get(column[4:]))
     if column == "conservation error":
         error = conservation_error(record)
         return math.nan if error is None else error
-    return _number(record.get(column))
+    return record.score(column)
 
 
-def layer_sums(record: dict[str, Any]) -> OrderedDict[str, float]:
-    """The record's numeric conservation entries: "output", "input", blocks (any nesting)."""
-    cons = record.get("conservation")
-    if not isinstance(cons, Mapping):
-        return OrderedDict()
-    for nested in ("layer_sums", "sums"):
-        if isinstance(cons.get(nested), Mapping):
-            cons = {**cons, **cons[nested]}
-    return OrderedDict((str(k), float(v)) for k, v in cons.items()
-                       if isinstance(v, int | float) and not isinstance(v, bool))
-
-
-def block_sums(record: dict[str, Any]) -> dict[str, tuple[str, float]]:
-    """{"first": (name, sum), "last": (name, sum)} of the residual blocks a record reports.
-
-    `relprop evaluate` writes `first_block`/`last_block` with their `*_name`; a plain layer-sum
-    dict (LRP's `return_layer_sums`) is searched for torchvision block names instead.
-    """
-    sums = layer_sums(record)
-    cons = record.get("conservation") or {}
+def block_sums(record: ResultRow) -> dict[str, tuple[str, float]]:
+    """{"last": (name, sum), "first": (name, sum)} of the residual blocks a row reports."""
+    cons = record.conservation
     found = {}
-    for which in ("first", "last"):
-        if f"{which}_block" in sums:
-            found[which] = (str(cons.get(f"{which}_block_name") or f"{which} block"), sums[f"{which}_block"])
-    first, last = block_layers(sums)
-    for which, name in (("first", first), ("last", last)):
-        if which not in found and name is not None:
-            found[which] = (name, sums[name])
+    if cons is not None and cons.last_block is not None:
+        found["last"] = (cons.last_block_name or "last block", cons.last_block)
+    if cons is not None and cons.first_block is not None:
+        found["first"] = (cons.first_block_name or "first block", cons.first_block)
     return found
 
 
-def conservation_error(record: dict[str, Any]) -> float | None:
+def conservation_error(record: ResultRow) -> float | None:
     """|input sum − explained output| / |explained output|: 0 means nothing leaked."""
-    sums = layer_sums(record)
-    if "input" not in sums or "output" not in sums or sums["output"] == 0:
-        return None
-    return abs(sums["input"] - sums["output"]) / abs(sums["output"])
-
-
-def block_layers(names: Iterable[str]) -> tuple[str | None, str | None]:
-    """(first, last) residual block among layer names like `layer1.0` ... `layer4.1`."""
-    blocks = sorted((int(m[1]), int(m[2]), n) for n in names if (m := BLOCK_NAME.match(n)))
-    if not blocks:
-        return None, None
-    return blocks[0][2], blocks[-1][2]
+    return None if record.conservation is None else record.conservation.error
 
 
 # ---------------------------------------------------------------- figures
 
 
-def conservation_points(records: Sequence[dict[str, Any]]) -> dict[str, dict[str, list[tuple[float, float]]]]:
+def conservation_points(records: Sequence[ResultRow | Mapping[str, Any]],
+                        ) -> dict[str, dict[str, list[tuple[float, float]]]]:
     """panel title -> method -> [(explained output, relevance sum)], one point per image.
 
     Panels: the last residual block, the first residual block (as in the paper) and the input.
     """
     panels: dict[str, dict[str, list[tuple[float, float]]]] = {}
     seen: set[tuple[str, str]] = set()
-    for r in records:
-        sums = layer_sums(r)
-        key = (str(r.get("method")), str(r.get("image")))
-        if "output" not in sums or key in seen:  # one point per image, whatever the protocols
+    for r in as_rows(records):
+        key = (r.method, r.image)
+        if r.conservation is None or key in seen:  # one point per image, whatever the protocols
             continue
         seen.add(key)
         blocks = block_sums(r)
-        points = [(f"{where} residual block ({blocks[which][0]})", blocks[which][1])
-                  for which, where in (("last", "last"), ("first", "first")) if which in blocks]
-        if "input" in sums:
-            points.append(("input", sums["input"]))
+        points = [(f"{which} residual block ({blocks[which][0]})", blocks[which][1])
+                  for which in ("last", "first") if which in blocks]
+        points.append(("input", r.conservation.input))
         for title, value in points:
-            panels.setdefault(title, {}).setdefault(key[0], []).append((sums["output"], value))
+            panels.setdefault(title, {}).setdefault(key[0], []).append((r.conservation.output, value))
     return panels
 
 
@@ -262,7 +231,7 @@ class GalleryContext:
     run: EvalRun
     out: Path
     data_root: Path | None
-    geometry: dict[str, Any] | None
+    geometry: Preprocessing | None
     sign: str
     names: list[str] | None
 
@@ -295,7 +264,7 @@ def original_picture(context: GalleryContext, image: str, shape: tuple[int, int]
     if context.geometry is not None:
         from relprop.models import preprocessing
 
-        tensor = preprocessing({**context.geometry, "mean": [0.0] * 3, "std": [1.0] * 3})(img)
+        tensor = preprocessing(context.geometry)(img)
         picture = np.clip(np.rint(tensor.numpy().transpose(1, 2, 0) * 255), 0, 255).astype(np.uint8)
         if shape is None or picture.shape[:2] == shape:
             return picture
@@ -309,7 +278,7 @@ def build_gallery(context: GalleryContext) -> tuple[list[dict[str, Any]], list[s
     from tqdm import tqdm
 
     records = _gallery_records(context.run.records)
-    methods = _ordered(r["method"] for per in records.values() for r in per)
+    methods = _ordered(r.method for per in records.values() for r in per)
     rows = [_gallery_row(context, index, image, per_method) for index, (image, per_method)
             in enumerate(tqdm(records.items(), desc="gallery", unit="image", disable=None))]
     found = sum(cell["src"] is not None for row in rows for cell in row["cells"].values())
@@ -317,20 +286,19 @@ def build_gallery(context: GalleryContext) -> tuple[list[dict[str, Any]], list[s
 
 
 def _gallery_row(context: GalleryContext, index: int, image: str,
-                 per_method: Sequence[dict[str, Any]]) -> dict[str, Any]:
+                 per_method: Sequence[ResultRow]) -> dict[str, Any]:
     """One image: its picture, labels, and per method a map thumbnail and the scores."""
     from relprop.viz import render_map, save_png
 
     folder = context.out / "img" / f"{index:06d}"
-    maps = [_load_map(map_path(context.run.root, r["method"], image, r.get("checkpoint")))
-            for r in per_method]
+    maps = [_load_map(map_path(context.run.root, r.method, image, r.checkpoint)) for r in per_method]
     shape = next((m.shape for m in maps if m is not None), None)
     picture = original_picture(context, image, shape)
     first = per_method[0]
     row: dict[str, Any] = {
         "image": image,
-        "label": _label(context.names, first.get("label"), first.get("label_name")),
-        "pred": _label(context.names, first.get("pred"), first.get("pred_name")),
+        "label": _label(context.names, first.label),
+        "pred": _label(context.names, first.pred),
         "orig": None if picture is None else _relative(save_png(folder / "orig.png", picture), context.out),
         "cells": {},
     }
@@ -341,10 +309,10 @@ def _gallery_row(context: GalleryContext, index: int, image: str,
                 np.full((*heat.shape, 3), 200, np.uint8)  # no original: the map on flat grey
             src = _relative(save_png(folder / f"m{number}.png", render_map(base, heat, context.sign)),
                             context.out)
-        scores = {"id": record.get("id"), "ins": record.get("insertion"), "del": record.get("deletion")}
-        row["cells"][record["method"]] = {
-            "src": src, **{k: (v if math.isfinite(v) else None) for k, v in
-                           ((k, _number(v)) for k, v in scores.items())},
+        scores = {"id": record.score("id"), "ins": record.score("insertion"),
+                  "del": record.score("deletion")}
+        row["cells"][record.method] = {
+            "src": src, **{k: (v if math.isfinite(v) else None) for k, v in scores.items()},
         }
     return row
 
@@ -353,17 +321,16 @@ def _relative(path: Path, root: Path) -> str:
     return path.relative_to(root).as_posix()
 
 
-def _gallery_records(records: Sequence[dict[str, Any]]) -> OrderedDict[str, list[dict[str, Any]]]:
-    """image -> one record per method: the first checkpoint and the first protocol of the run."""
-    checkpoint = records[0].get("checkpoint")
-    protocol = records[0].get("protocol")
-    chosen: OrderedDict[str, list[dict[str, Any]]] = OrderedDict()
+def _gallery_records(records: Sequence[ResultRow]) -> OrderedDict[str, list[ResultRow]]:
+    """image -> one row per method: the first checkpoint and the first protocol of the run."""
+    checkpoint, protocol = records[0].checkpoint, records[0].protocol
+    chosen: OrderedDict[str, list[ResultRow]] = OrderedDict()
     for r in records:
-        if r.get("checkpoint") != checkpoint or r.get("protocol") != protocol or "image" not in r:
+        if r.checkpoint != checkpoint or r.protocol != protocol:
             continue
-        per = chosen.setdefault(str(r["image"]), [])
-        if all(other["method"] != r.get("method") for other in per):
-            per.append({**r, "method": str(r.get("method"))})
+        per = chosen.setdefault(r.image, [])
+        if all(other.method != r.method for other in per):
+            per.append(r)
     return chosen
 
 
@@ -425,26 +392,25 @@ def summary_table(columns: Sequence[str], rows: Sequence[SummaryRow]) -> str:
             f'<tbody>{"".join(body)}</tbody></table></div>')
 
 
-def uncertainty_table(records: Sequence[dict[str, Any]]) -> str:
+def uncertainty_table(records: Sequence[ResultRow]) -> str:
     """Per (checkpoint, method, protocol): mean, standard error and 95 % bootstrap CI over images
     of each metric (the numbers of summary.md's uncertainty section)."""
     from relprop.evaluation.results import BOOTSTRAP_RESAMPLES, BOOTSTRAP_SEED, format_ci
     from relprop.evaluation.statistics import mean_sem_ci
 
-    groups: OrderedDict[tuple[str, str, str], list[dict[str, Any]]] = OrderedDict()
+    groups: OrderedDict[tuple[str, str, str], list[ResultRow]] = OrderedDict()
     for r in records:
-        key = (str(r.get("checkpoint", "")), str(r.get("method")), str(r.get("protocol", "")))
-        groups.setdefault(key, []).append(r)
+        groups.setdefault((r.checkpoint, r.method, r.protocol), []).append(r)
     several = len({k[0] for k in groups}) > 1
     head = ("<th>checkpoint</th>" if several else "") + "<th>method</th><th>protocol</th><th>images</th>"
     head += "".join(f"<th>{_esc(m.title)} {m.arrow}<br>mean (SE)</th><th>95 % CI</th>" for m in METRICS.values())
     body = []
     for (checkpoint, method, protocol), group in groups.items():
-        group = sorted(group, key=lambda r: str(r.get("image")))  # image order, as summary.md
+        group = sorted(group, key=lambda r: r.image)  # image order, as summary.md
         cells = ([checkpoint] if several else []) + [method, protocol, str(len(group))]
         tds = "".join(f"<td>{_esc(c)}</td>" for c in cells)
         for key in METRICS:
-            mean, sem, low, high = mean_sem_ci([_number(r.get(key)) for r in group],
+            mean, sem, low, high = mean_sem_ci([r.score(key) for r in group],
                                                n_boot=BOOTSTRAP_RESAMPLES, seed=BOOTSTRAP_SEED)
             text = "–" if not math.isfinite(mean) else (
                 f"{mean:.3f} ({sem:.3f})" if math.isfinite(sem) else f"{mean:.3f}")
@@ -552,18 +518,20 @@ def _mean_aucs(rows: Sequence[SummaryRow], protocol: str) -> dict[str, dict[str,
 def _data_root(run: EvalRun, data: str | Path | None) -> Path | None:
     if data is not None:
         return Path(data)
-    found = find_key(run.info, "data")
+    found = run_value(run.info, "settings", "data")
     if isinstance(found, str) and found:
         path = Path(found)
         return path if path.is_absolute() or path.is_dir() else run.root / path
     return None
 
 
-def _geometry(run: EvalRun) -> dict[str, Any] | None:
-    resize = find_key(run.info, "resize")
+def _geometry(run: EvalRun) -> Preprocessing | None:
+    """The first checkpoint's resize and crop (no normalization: the picture as the model saw it)."""
+    resize = run_value(run.info, "settings", "preprocessing", 0, "resize")
     if resize is None:
         return None
-    return {"resize": resize, "crop": find_key(run.info, "crop")}
+    crop = run_value(run.info, "settings", "preprocessing", 0, "crop")
+    return Preprocessing(resize, crop, mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0))
 
 
 def render_page(run: EvalRun, columns: Sequence[str], rows: Sequence[SummaryRow],
