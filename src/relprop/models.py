@@ -30,11 +30,10 @@ import torchvision
 from torch import nn
 from torchvision import transforms
 
-from relprop.defaults import DEFAULT_WEIGHTS, TORCHVISION_DETECTORS
+from relprop.bow.storage import is_bow_file, load_bow_model
+from relprop.defaults import DEFAULT_WEIGHTS, IMAGENET_MEAN, IMAGENET_STD, TORCHVISION_DETECTORS
 from relprop.errors import CheckpointError, RelpropError
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 _META_KEYS = ("arch", "num_classes", "classes", "class_names", "input_size", "resize", "crop",
               "mean", "std", "interpolation")
 PREPROCESSING_KEYS = ("resize", "crop", "mean", "std")
@@ -62,8 +61,6 @@ def load_model(
     `meta["assumed"]` names the preprocessing settings that nothing gave (plain state dicts).
     """
     path, stored = _source(weights, arch, offline)
-    from relprop.bow.storage import is_bow_file, load_bow_model
-
     if is_bow_file(path):  # a BoW kernel classifier from `relprop fit-bow` (relprop.bow)
         model, meta = load_bow_model(path)
         return model, {**meta, "path": str(path), "assumed": []}

@@ -18,6 +18,8 @@ from typing import Any
 
 import numpy as np
 
+from relprop.bow.model import BoWModel
+from relprop.defaults import IMAGENET_MEAN, IMAGENET_STD
 from relprop.errors import CheckpointError
 
 MAGIC = "relprop-bow"
@@ -95,9 +97,6 @@ def load(path: str | Path) -> Any:
 
 def load_bow_model(path: str | Path) -> tuple[Any, dict[str, Any]]:
     """(`BoWModel`, meta) in the form of `relprop.models.load_model`, for the CLI's --weights."""
-    from relprop.bow.explainer import BoWModel
-    from relprop.models import IMAGENET_MEAN, IMAGENET_STD
-
     pipeline = load(path)
     size = int(pipeline.config.size)
     meta = {"arch": "bow", "num_classes": len(pipeline.classes), "classes": list(pipeline.classes),

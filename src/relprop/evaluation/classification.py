@@ -20,7 +20,7 @@ import torch
 
 from relprop.defaults import MIN_FRAME_BATCH
 from relprop.errors import ImageError, InputError, RelpropError
-from relprop.evaluation.metrics import METRICS, PROTOCOLS, Channels
+from relprop.evaluation.metrics import METRICS, PROTOCOLS
 from relprop.evaluation.results import (
     append_jsonl,
     check_resume,
@@ -32,6 +32,7 @@ from relprop.evaluation.results import (
     summary_markdown,
     write_run_info,
 )
+from relprop.heatmaps import Channels
 
 
 @dataclass(frozen=True)
