@@ -240,6 +240,30 @@ def test_the_library_never_imports_the_cli_even_relatively() -> None:
     assert ("relprop.cli", "relprop.evaluation") in edges  # the walk saw the CLI's own imports
 
 
+def test_every_function_local_import_says_why() -> None:
+    """An import inside a function is kept only where it keeps `relprop --help` (or `import relprop`)
+    fast or its module is optional, and a comment on its line, or above its group of imports,
+    says so."""
+    silent = []
+    for path in sorted(PACKAGE.rglob("*.py")):
+        text = path.read_text(encoding="utf-8")
+        lines = text.splitlines()
+        tree = ast.parse(text)
+        for function in ast.walk(tree):
+            if not isinstance(function, ast.FunctionDef | ast.AsyncFunctionDef):
+                continue
+            for node in ast.walk(function):
+                if not isinstance(node, ast.Import | ast.ImportFrom):
+                    continue
+                row = node.lineno - 1
+                while row > 0 and "#" not in lines[row] and lines[row - 1].strip().startswith(("from ", "import ")):
+                    row -= 1  # up through the imports just above it
+                said = "#" in lines[row] or (row > 0 and "#" in lines[row - 1])
+                if not said and not any("#" in line for line in lines[node.lineno - 1:node.end_lineno]):
+                    silent.append(f"{path.relative_to(SRC)}:{node.lineno}")
+    assert silent == [], "function-local imports with no comment saying why: " + ", ".join(silent)
+
+
 def test_evaluation_leaves_the_matplotlib_backend_alone(tiny_run: tuple[Path, str]) -> None:
     _, stdout = tiny_run
     assert "BACKEND pdf CODE 0" in stdout

@@ -30,6 +30,7 @@ from typing import Any
 import torch
 
 from relprop.errors import InputError
+from relprop.images import IMAGE_SUFFIXES, load_image
 
 Box = tuple[float, float, float, float]
 
@@ -110,8 +111,6 @@ def scale_box(box: Box, source_size: tuple[int, int], meta: Mapping[str, Any]) -
 
 def load_item(root: Path, item: Item, transform, meta: Mapping[str, Any]) -> tuple[torch.Tensor, Box | None]:
     """Read, preprocess; the box comes back in input coordinates. Raises ImageError if unreadable."""
-    from relprop.images import load_image
-
     image = load_image(root / item.path)
     box = scale_box(item.box, image.size, meta) if item.box is not None else None
     return transform(image), box
@@ -135,8 +134,6 @@ def _resized_size(width: int, height: int, resize: int | Sequence[int]) -> tuple
 
 
 def _is_image(path: Path) -> bool:
-    from relprop.images import IMAGE_SUFFIXES
-
     return path.is_file() and path.suffix.lower() in IMAGE_SUFFIXES
 
 

@@ -28,10 +28,14 @@ from typing import Any
 import torch
 import torchvision
 from torch import nn
+from torch.hub import HASH_REGEX, download_url_to_file
 from torchvision import transforms
+from torchvision.models import get_model_weights, get_weight
+from torchvision.models.detection import SSD300_VGG16_Weights
 
 from relprop.bow.storage import is_bow_file, load_bow_model
 from relprop.defaults import DEFAULT_WEIGHTS, IMAGENET_MEAN, IMAGENET_STD, TORCHVISION_DETECTORS
+from relprop.detection.ssd import check_ssd
 from relprop.errors import CheckpointError, RelpropError
 
 _META_KEYS = ("arch", "num_classes", "classes", "class_names", "input_size", "resize", "crop",
@@ -228,7 +232,7 @@ def build_arch(arch: str, num_classes: int, source: str = "--arch") -> nn.Module
         return torchvision.models.get_model(arch, num_classes=num_classes)
     name = arch.removeprefix(TIMM_PREFIX)
     try:
-        import timm
+        import timm  # deferred: optional and slow to import; only timm: architectures need it
     except ImportError:
         raise CheckpointError(f"{source}: architecture {arch!r} is neither torchvision's nor "
                               "buildable without timm (pip install timm)") from None
@@ -330,8 +334,6 @@ def torchvision_weights(text: str, arch: str | None = None) -> TorchvisionWeight
     A name that belongs to another architecture than `arch`, or to a non-classification model, is
     a `CheckpointError`.
     """
-    from torchvision.models import get_model_weights, get_weight
-
     if "." in text:
         if not re.fullmatch(r"[A-Za-z0-9_]+_Weights\.[A-Za-z0-9_]+", text):
             return None
@@ -368,8 +370,6 @@ def fetch(weights: TorchvisionWeights, offline: bool = False) -> Path:
     if offline:
         raise CheckpointError(f"{weights.name}: not in the torch hub cache and --offline forbids "
                               f"downloading it; download {weights.url} to {path}")
-    from torch.hub import HASH_REGEX, download_url_to_file
-
     match = HASH_REGEX.search(path.name)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -426,8 +426,6 @@ def _classifiers() -> tuple[str, ...]:
 
 def _classifier_of(enum: type) -> str | None:
     """The torchvision classification model whose weights enum is `enum`."""
-    from torchvision.models import get_model_weights
-
     return next((name for name in _classifiers() if get_model_weights(name) is enum), None)
 
 
@@ -443,8 +441,6 @@ def load_detector(weights: str | Path | None, model_def: str | None = None, arch
                   class_names: Sequence[str] | None = None,
                   offline: bool = True) -> tuple[nn.Module, dict[str, Any]]:
     """An SSD detector and its metadata; torchvision SSDs are built without downloading anything."""
-    from relprop.detection.ssd import check_ssd
-
     if weights is None:
         raise RelpropError("a detector needs --weights FILE")
     if model_def is None and (arch is not None or _stored_detector_arch(weights)):
@@ -488,8 +484,6 @@ def class_names_of(meta: Mapping[str, Any], count: int | None = None, *,
         if names and len(names) == count and not all(str(n) == str(i) for i, n in enumerate(names)):
             return [str(name) for name in names]
     if detector and meta.get("arch") in TORCHVISION_DETECTORS and count == 91:
-        from torchvision.models.detection import SSD300_VGG16_Weights
-
         return list(SSD300_VGG16_Weights.COCO_V1.meta["categories"])
     if detector:
         return ["background"] + [f"class {k}" for k in range(1, count)]

@@ -41,7 +41,7 @@ def _digest(arrays: dict[str, np.ndarray], header: dict[str, Any]) -> str:
 
 def save(pipeline: Any, path: str | Path) -> Path:
     """Write `pipeline` (a `BoWPipeline`) to `path` (the `.bow.npz` suffix is recommended)."""
-    from relprop.bow.pipeline import config_dict
+    from relprop.bow.pipeline import config_dict  # deferred: scikit-learn, OpenCV (see load)
 
     arrays = {"centres": pipeline.centres, "support": pipeline.support, "coef": pipeline.coef,
               "intercept": pipeline.intercept, "classes": np.array(pipeline.classes, dtype=str)}
@@ -69,6 +69,7 @@ def is_bow_file(path: str | Path) -> bool:
 
 def load(path: str | Path) -> Any:
     """The `BoWPipeline` saved at `path`; anything not written by `save` is a `CheckpointError`."""
+    # deferred: models asks is_bow_file of every checkpoint; scikit-learn and OpenCV load for BoW files only
     from relprop.bow.pipeline import BoWPipeline, config_from_dict
 
     path = Path(path)

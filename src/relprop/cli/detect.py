@@ -105,12 +105,12 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
 
 def run(args: argparse.Namespace) -> int:
     """Detect and explain every image; return 1 if any input failed, after all the others."""
-    from tqdm import tqdm
+    from tqdm import tqdm  # deferred: keeps relprop --help fast
 
-    from relprop.detection.crp import CRP, OUTPUTS, Request
-    from relprop.detection.ssd import num_classes_of
-    from relprop.images import load_image
-    from relprop.models import class_names_of, load_detector
+    from relprop.detection.crp import CRP, OUTPUTS, Request  # deferred: keeps relprop --help fast
+    from relprop.detection.ssd import num_classes_of  # deferred: keeps relprop --help fast
+    from relprop.images import load_image  # deferred: keeps relprop --help fast
+    from relprop.models import class_names_of, load_detector  # deferred: keeps relprop --help fast
 
     _check_options(args)
     device = resolve_device(args.device)
@@ -166,7 +166,7 @@ def _check_options(args: argparse.Namespace) -> None:
 
 def _activations_passed_through() -> dict:
     """Relevance passes these unchanged, as it passes ReLU (SSDLite's MobileNetV3 uses Hardswish)."""
-    import torch
+    import torch  # deferred: keeps relprop --help fast
 
     return {torch.nn.Hardswish: "pass"}
 
@@ -189,7 +189,7 @@ def parse_class(text: str | None, meta: dict[str, Any], names: Sequence[str]) ->
 
 
 def _to_tensor(image: Any) -> Any:
-    from torchvision.transforms.functional import to_tensor
+    from torchvision.transforms.functional import to_tensor  # deferred: keeps relprop --help fast
 
     return to_tensor(image)
 
@@ -202,9 +202,11 @@ def _write_image(folder: Path, name: str, path: Path, image: Any, det: dict, cho
                  maps: Any, names: Sequence[str], target: int | None,
                  save_maps: bool, manifest: Manifest) -> list[dict[str, Any]]:
     """Drawings, panels and (optionally) raw maps of one image; its detections.jsonl records."""
-    import numpy as np
+    import numpy as np  # deferred: keeps relprop --help fast
 
-    from relprop.detection.crp import OUTPUTS, to_image
+    from relprop.detection.crp import OUTPUTS, to_image  # deferred: keeps relprop --help fast
+
+    # deferred: keeps relprop --help fast
     from relprop.viz import draw_detections, save_detection_panel
 
     rgb = (image.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)

@@ -130,8 +130,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
 
 def run(args: argparse.Namespace) -> int:
     """Explain every image; return 1 if any input or method failed, after all the others."""
-    from relprop.images import BoundedTransform
-    from relprop.models import class_names_of, preprocessing
+    from relprop.images import BoundedTransform  # deferred: keeps relprop --help fast
+    from relprop.models import class_names_of, preprocessing  # deferred: keeps relprop --help fast
 
     methods = check_method_names(args.methods)
     if args.batch_size < 1:
@@ -150,7 +150,7 @@ def run(args: argparse.Namespace) -> int:
                       device, args.sign, out, Manifest(out, "explain"), method_failures)
     overview = explain_all(context, jobs, args.batch_size, failures)
     if len(overview) > 1:
-        from relprop.viz import save_panel
+        from relprop.viz import save_panel  # deferred: keeps relprop --help fast
 
         save_panel(context.manifest.add(out / "overview.png"), overview, sign=args.sign)
     removed = context.manifest.finish()
@@ -172,7 +172,7 @@ def explain_all(context: Context, jobs: Sequence[Job], batch_size: int,
 
     Appends to `failures`; returns the panel rows of the first images for the overview.
     """
-    from tqdm import tqdm
+    from tqdm import tqdm  # deferred: keeps relprop --help fast
 
     overview: list[Any] = []
     log_path = context.manifest.add(context.out / "predictions.jsonl")
@@ -198,7 +198,7 @@ def explain_all(context: Context, jobs: Sequence[Job], batch_size: int,
 
 def _load(job: Job, transform: Any) -> Any:
     """The model input of one image; a refused size names the file like a refused file."""
-    from relprop.images import load_image
+    from relprop.images import load_image  # deferred: keeps relprop --help fast
 
     image = load_image(job.path)
     try:
@@ -209,7 +209,7 @@ def _load(job: Job, transform: Any) -> Any:
 
 def method_failed(context_failures: list[str], name: str, error: Exception) -> None:
     """One line for a method that cannot run on this model; the run goes on without it."""
-    from tqdm import tqdm
+    from tqdm import tqdm  # deferred: keeps relprop --help fast
 
     first = str(error).strip().splitlines()[0] if str(error).strip() else ""
     reason = first if isinstance(error, RelpropError) else f"{type(error).__name__}: {first}"
@@ -227,7 +227,7 @@ def build_methods(names: Sequence[str], model: Any, meta: dict[str, Any], hq: bo
     cannot be built for this model is reported and left out (into `failures`); with no method
     left, the run stops.
     """
-    from relprop.methods import get_method
+    from relprop.methods import get_method  # deferred: keeps relprop --help fast
 
     def make(name: str) -> Any:
         return get_method(name, model, mean=meta["mean"], std=meta["std"], layer=cam_layer)
@@ -303,7 +303,7 @@ def _same_shape_groups(loaded: Sequence[tuple[Job, Any]]) -> Iterator[list[tuple
 
 
 def _explain_group(context: Context, group: Sequence[tuple[Job, Any]]) -> Iterator[tuple[dict, Any]]:
-    import torch
+    import torch  # deferred: keeps relprop --help fast
 
     x = torch.stack([tensor for _, tensor in group]).to(context.device)
     with torch.no_grad():
@@ -329,8 +329,9 @@ def _as_numpy(maps: Any) -> Any:
 def write_image_outputs(context: Context, job: Job, x: Any, probs: Any,
                         maps: dict[str, Any]) -> tuple[dict, Any]:
     """Overlays, raw maps, original and panel for one image, plus its predictions.jsonl record."""
-    import numpy as np
+    import numpy as np  # deferred: keeps relprop --help fast
 
+    # deferred: keeps relprop --help fast
     from relprop.viz import PanelRow, denormalize, heat_2d, save_overlay, save_panel, save_png
 
     folder = context.out / job.name

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import math
 import sys
+import threading
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
@@ -17,22 +18,40 @@ from typing import Any
 
 import numpy as np
 import torch
+from tqdm import tqdm
 
+from relprop.data import discover, load_item, select
 from relprop.defaults import MIN_FRAME_BATCH
 from relprop.errors import ImageError, InputError, RelpropError
-from relprop.evaluation.metrics import METRICS, PROTOCOLS
+from relprop.evaluation.compare import compare_markdown, paired_differences
+from relprop.evaluation.distributed import Group, Ranks
+from relprop.evaluation.metrics import (
+    METRICS,
+    PAPER_STEP,
+    PROTOCOLS,
+    RISE_BLUR_SIGMA,
+    RISE_BLUR_SIZE,
+    insertion_deletion,
+    localization,
+)
 from relprop.evaluation.results import (
     append_jsonl,
     check_resume,
+    mean_curves,
     rank_file,
     read_run_info,
     read_union,
     shard_files,
+    statistics_markdown,
     summarize,
     summary_markdown,
     write_run_info,
 )
 from relprop.heatmaps import Channels
+from relprop.images import BoundedTransform
+from relprop.methods import HQ_SUFFIX, HeatQuantized, canonical_name, get_method, requested_methods
+from relprop.models import file_sha256, preprocessing
+from relprop.viz import plot_curves
 
 
 @dataclass(frozen=True)
@@ -85,8 +104,6 @@ class Checkpoint:
     @classmethod
     def of(cls, model: torch.nn.Module, meta: dict[str, Any], given: str | None = None) -> Checkpoint:
         """A model and its meta as `relprop.models.load_model` returns them."""
-        from relprop.models import file_sha256
-
         return cls(meta.get("weights") or str(given or meta["path"]), file_sha256(meta["path"]),
                    model, meta)
 
@@ -109,8 +126,6 @@ def evaluate(config: EvalConfig, checkpoints: Sequence[Checkpoint]) -> EvalOutco
     Under torchrun (RANK/WORLD_SIZE set) each process takes its share of the images, appends to
     its own results.rank{r}.jsonl, and rank 0 writes the summary of the union at the end.
     """
-    from relprop.evaluation.distributed import Group, Ranks
-
     if not checkpoints:
         raise InputError("no checkpoint to evaluate")
     ranks = Ranks.from_env()
@@ -124,8 +139,6 @@ def evaluate(config: EvalConfig, checkpoints: Sequence[Checkpoint]) -> EvalOutco
 
 def _evaluate_all(config: EvalConfig, checkpoints: Sequence[Checkpoint], ranks: Any, group: Any,
                   device: torch.device) -> EvalOutcome:
-    from relprop.methods import canonical_name
-
     out = Path(config.out)
     out.mkdir(parents=True, exist_ok=True)
     plan = make_plan(config.methods, config.protocols)
@@ -187,8 +200,6 @@ def make_plan(methods: Sequence[str], protocols: Sequence[str]) -> Plan:
     """The requested methods, spelled as requested (`ours` or `lrp-split`: aliases are equal
     names, so a method asked for twice under two spellings runs once) and the protocols; an
     unknown name is one line that lists the valid ones."""
-    from relprop.methods import HQ_SUFFIX, requested_methods
-
     names = requested_methods(methods)
     for p in protocols:
         if p not in PROTOCOLS:
@@ -201,8 +212,6 @@ def make_plan(methods: Sequence[str], protocols: Sequence[str]) -> Plan:
 
 def _settings(config: EvalConfig, plan: Plan, checkpoints: Sequence[Checkpoint]) -> dict[str, Any]:
     """Everything that changes the numbers; a resumed run must match it exactly."""
-    from relprop.evaluation.metrics import PAPER_STEP, RISE_BLUR_SIGMA, RISE_BLUR_SIZE
-
     return {
         "checkpoints": [{"path": c.path, "sha256": c.sha256} for c in checkpoints],
         "preprocessing": [{k: c.meta[k] for k in ("resize", "crop", "mean", "std")} for c in checkpoints],
@@ -236,8 +245,6 @@ class _Store:
     """
 
     def __init__(self, out: Path, methods: Sequence[str] = (), ranks: Any = None) -> None:
-        from relprop.methods import canonical_name
-
         self.out, self._spelling = out, {canonical_name(name): name for name in methods}
         rank, world = (ranks.rank, ranks.world) if ranks is not None else (0, 1)
         self.results_path = rank_file(out, "results", rank, world)
@@ -246,8 +253,6 @@ class _Store:
 
     def reload(self) -> None:
         """Read the union of all processes' files (each keeps its own cut last line repaired)."""
-        from relprop.methods import canonical_name
-
         records = read_union(self.out, "results", _key, repair=self.results_path)
         self._records = [{**r, "method": self._spelling.get(canonical_name(r["method"]), r["method"])}
                          for r in records]
@@ -280,8 +285,6 @@ class _Progress:
     from their files (a thread reads the new bytes each second); no messages are sent."""
 
     def __init__(self, out: Path, ranks: Any, rows: int, methods: int, protocols: int) -> None:
-        from tqdm import tqdm
-
         self.out, self.ranks, self._stop = out, ranks, None
         self.bar, self.rows, self.protocols, self.methods = None, 0, protocols, methods
         self.total_rows, self.started, self._note = rows, time.monotonic(), ""
@@ -290,8 +293,6 @@ class _Progress:
         self.bar = tqdm(total=math.ceil(rows / protocols), desc="evaluate", unit="map",
                         dynamic_ncols=True, smoothing=0.1, miniters=1)
         if ranks.world > 1:
-            import threading
-
             self._offsets = {p: p.stat().st_size for p in shard_files(out, "results")}
             self._stop = threading.Event()
             self._thread = threading.Thread(target=self._poll, daemon=True)
@@ -401,8 +402,6 @@ class _Work:
 
     def fail(self, base: str, error: Exception) -> None:
         """Report a method that cannot run on this model; the other methods go on."""
-        from tqdm import tqdm
-
         first = str(error).strip().splitlines()[0] if str(error).strip() else ""
         reason = first if isinstance(error, RelpropError) else f"{type(error).__name__}: {first}"
         tqdm.write(f"relprop evaluate: error: method {base} cannot run on "
@@ -415,8 +414,6 @@ def _job(checkpoint: Checkpoint, config: EvalConfig, plan: Plan, store: _Store,
          several: bool, primary: bool = True) -> _Work:
     """The checkpoint's images, selected, sorted by path and cut into fixed batches of
     --batch-size: the same batches whatever the number of processes or how often it resumed."""
-    from relprop.data import discover, select
-
     meta = checkpoint.meta
     dataset = discover(config.data, meta["classes"], meta.get("class_names"))
     if dataset.unknown and primary:
@@ -437,8 +434,6 @@ def _evaluate(work: _Work, ranks: Any, device: torch.device, progress: _Progress
     size or on where a run was resumed. With --save-maps, images whose scores exist but whose maps
     do not get their maps written. Returns the methods that could not run on this model.
     """
-    from tqdm import tqdm
-
     model, meta, plan = work.checkpoint.model.to(device), work.checkpoint.meta, work.plan
     methods = _build_methods(work, model, meta)
     for chunk in ranks.shard(work.batches):
@@ -458,8 +453,6 @@ def _evaluate(work: _Work, ranks: Any, device: torch.device, progress: _Progress
 
 
 def _build_methods(work: _Work, model: torch.nn.Module, meta: dict[str, Any]) -> dict[str, Any]:
-    from relprop.methods import get_method
-
     methods = {}
     for base in work.plan.bases:
         try:
@@ -474,10 +467,6 @@ def _batches(root: Path, items: Sequence[Any],
              meta: dict[str, Any]) -> Iterator[tuple[_Batch | None, list[tuple[Any, str]]]]:
     """One fixed batch preprocessed, split by input size (uncropped sizes may differ), with the
     images that could not be read."""
-    from relprop.data import load_item
-    from relprop.images import BoundedTransform
-    from relprop.models import preprocessing
-
     transform = BoundedTransform(preprocessing(meta), meta["resize"])
     loaded, failures = [], []
     for item in items:
@@ -498,8 +487,6 @@ def _batches(root: Path, items: Sequence[Any],
 def _evaluate_batch(work: _Work, batch: _Batch, methods: dict[str, Any], device: torch.device,
                     progress: _Progress) -> None:
     """Method by method, the whole batch at once on the device: maps, then each protocol's frames."""
-    from relprop.methods import HQ_SUFFIX
-
     model = work.checkpoint.model
     x = batch.inputs.to(device)
     with torch.no_grad():
@@ -526,9 +513,6 @@ def _score_batch(work: _Work, batch: _Batch, x: torch.Tensor, preds: torch.Tenso
                  progress: _Progress) -> None:
     """Save the maps (with --save-maps) and score the protocols still pending, one row per image
     written as soon as its batch is scored."""
-    from relprop.evaluation.metrics import insertion_deletion, localization
-    from relprop.methods import HQ_SUFFIX, HeatQuantized
-
     config, meta = work.config, work.checkpoint.meta
     flat = (HeatQuantized(base, config.channels).quantize(maps)[:, 0] if name.endswith(HQ_SUFFIX)
             else base.to_2d(maps, config.channels))
@@ -606,14 +590,9 @@ def _map_names(items: Sequence[Any]) -> dict[str, str]:
 
 def _write_summary(out: Path, summary: dict[str, Any], records: Sequence[dict[str, Any]],
                    plan: Plan, baseline: str | None = None) -> None:
-    from relprop.evaluation.results import mean_curves, statistics_markdown
-    from relprop.viz import plot_curves
-
     (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     text = summary_markdown(summary, plan.protocols) + "\n" + statistics_markdown(summary, plan.protocols)
     if baseline is not None:
-        from relprop.evaluation.compare import compare_markdown, paired_differences
-
         text += "\n" + compare_markdown(paired_differences(records, baseline), baseline)
     (out / "summary.md").write_text(text)
     curves = mean_curves(records)

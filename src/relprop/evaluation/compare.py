@@ -14,14 +14,13 @@ from typing import Any
 from relprop.errors import InputError
 from relprop.evaluation.metrics import METRICS
 from relprop.evaluation.results import BOOTSTRAP_RESAMPLES, BOOTSTRAP_SEED, format_ci
+from relprop.evaluation.statistics import paired_comparison
+from relprop.methods import canonical_name
 
 
 def paired_differences(records: Sequence[dict[str, Any]], baseline: str, metric: str = "id",
                        ) -> dict[str, dict[str, dict[str, Any]]]:
     """protocol -> method -> `paired_comparison` of (method - baseline) over the shared images."""
-    from relprop.evaluation.statistics import paired_comparison
-    from relprop.methods import canonical_name
-
     if metric not in METRICS:
         raise InputError(f"--metric {metric!r}: choose from {', '.join(METRICS)}")
     reference = _resolve(records, baseline, canonical_name)

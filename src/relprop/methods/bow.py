@@ -41,9 +41,8 @@ class BoWExplainer(Method):
 
     def __init__(self, model: BoWModel | BoWPipeline, name: str = "bow-lrp", bias: str = "none",
                  mean: Sequence[float] | None = None, std: Sequence[float] | None = None) -> None:
-        from relprop.bow.pipeline import (
-            BoWPipeline,  # deferred: scikit-learn, OpenCV (BoW models only)
-        )
+        # deferred: scikit-learn and OpenCV load when a BoW model is explained, not with relprop.methods
+        from relprop.bow.pipeline import BoWPipeline
 
         if isinstance(model, BoWPipeline):
             model = BoWModel(model, mean or IMAGENET_MEAN, std or IMAGENET_STD)

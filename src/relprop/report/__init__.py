@@ -22,10 +22,14 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from tqdm import tqdm
 
-from relprop.errors import ImageError, InputError
+from relprop.errors import ImageError, InputError, RelpropError
 from relprop.evaluation.metrics import METRICS
 from relprop.evaluation.results import (
+    BOOTSTRAP_RESAMPLES,
+    BOOTSTRAP_SEED,
+    format_ci,
     format_mean_std,
     mean_curves,
     mean_std,
@@ -33,8 +37,11 @@ from relprop.evaluation.results import (
     read_union,
     shard_files,
 )
+from relprop.evaluation.statistics import mean_sem_ci
+from relprop.images import load_image
 from relprop.methods import canonical_name
-from relprop.viz import plot_conservation, plot_curves
+from relprop.models import class_names_of, load_model, preprocessing
+from relprop.viz import heat_2d, plot_conservation, plot_curves, render_map, save_png
 
 PLACEHOLDER = re.compile(r"@@([A-Z_]+)@@")
 BLOCK_NAME = re.compile(r"^layer(\d+)\.(\d+)$")  # torchvision ResNet residual blocks
@@ -124,9 +131,6 @@ def class_names(run: EvalRun) -> list[str] | None:
     path = checkpoint[0].get("path") if isinstance(checkpoint[0], Mapping) else None
     if not isinstance(path, str) or not Path(path).is_file():
         return None
-    from relprop.errors import RelpropError
-    from relprop.models import class_names_of, load_model
-
     try:
         _, meta = load_model(path)
     except RelpropError:  # e.g. a plain state dict, which needs --arch: fall back to indices
@@ -286,15 +290,11 @@ def original_picture(context: GalleryContext, image: str, shape: tuple[int, int]
     """The image as the model saw it (the run's resize/crop), or None if the file is not there."""
     if context.data_root is None:
         return None
-    from relprop.images import load_image
-
     try:
         img = load_image(context.data_root / image)
     except ImageError:
         return None
     if context.geometry is not None:
-        from relprop.models import preprocessing
-
         tensor = preprocessing({**context.geometry, "mean": [0.0] * 3, "std": [1.0] * 3})(img)
         picture = np.clip(np.rint(tensor.numpy().transpose(1, 2, 0) * 255), 0, 255).astype(np.uint8)
         if shape is None or picture.shape[:2] == shape:
@@ -306,8 +306,6 @@ def original_picture(context: GalleryContext, image: str, shape: tuple[int, int]
 
 def build_gallery(context: GalleryContext) -> tuple[list[dict[str, Any]], list[str], int]:
     """Write thumbnails; return (rows for the page's JSON, methods, number of maps found)."""
-    from tqdm import tqdm
-
     records = _gallery_records(context.run.records)
     methods = _ordered(r["method"] for per in records.values() for r in per)
     rows = [_gallery_row(context, index, image, per_method) for index, (image, per_method)
@@ -319,8 +317,6 @@ def build_gallery(context: GalleryContext) -> tuple[list[dict[str, Any]], list[s
 def _gallery_row(context: GalleryContext, index: int, image: str,
                  per_method: Sequence[dict[str, Any]]) -> dict[str, Any]:
     """One image: its picture, labels, and per method a map thumbnail and the scores."""
-    from relprop.viz import render_map, save_png
-
     folder = context.out / "img" / f"{index:06d}"
     maps = [_load_map(map_path(context.run.root, r["method"], image, r.get("checkpoint")))
             for r in per_method]
@@ -370,8 +366,6 @@ def _gallery_records(records: Sequence[dict[str, Any]]) -> OrderedDict[str, list
 def _load_map(path: Path | None) -> np.ndarray | None:
     if path is None:
         return None
-    from relprop.viz import heat_2d
-
     try:
         return heat_2d(np.load(path, allow_pickle=False))
     except (OSError, ValueError):
@@ -428,9 +422,6 @@ def summary_table(columns: Sequence[str], rows: Sequence[SummaryRow]) -> str:
 def uncertainty_table(records: Sequence[dict[str, Any]]) -> str:
     """Per (checkpoint, method, protocol): mean, standard error and 95 % bootstrap CI over images
     of each metric (the numbers of summary.md's uncertainty section)."""
-    from relprop.evaluation.results import BOOTSTRAP_RESAMPLES, BOOTSTRAP_SEED, format_ci
-    from relprop.evaluation.statistics import mean_sem_ci
-
     groups: OrderedDict[tuple[str, str, str], list[dict[str, Any]]] = OrderedDict()
     for r in records:
         key = (str(r.get("checkpoint", "")), str(r.get("method")), str(r.get("protocol", "")))
