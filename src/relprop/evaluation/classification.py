@@ -22,7 +22,7 @@ from tqdm import tqdm
 
 from relprop.data import discover, load_item, select
 from relprop.defaults import MIN_FRAME_BATCH
-from relprop.errors import ImageError, InputError, RelpropError
+from relprop.errors import ImageError, InputError, RelpropError, first_line
 from relprop.evaluation.compare import compare_markdown, paired_differences
 from relprop.evaluation.distributed import Group, Ranks
 from relprop.evaluation.metrics import (
@@ -191,7 +191,7 @@ def _report_failure(ranks: Any, store: _Store, jobs: Sequence[_Work], error: Bas
         return
     current = next((job.current for job in jobs if job.current), "before its first image")
     print(f"relprop evaluate: rank {ranks.rank} of {ranks.world} failed on {current} "
-          f"({type(error).__name__}: {str(error).strip().splitlines()[0] if str(error).strip() else ''}); "
+          f"({type(error).__name__}: {first_line(error, '')}); "
           f"its finished rows are in {store.results_path}: rerun the same command (any "
           "--nproc-per-node) to resume", file=sys.stderr)
 
@@ -402,7 +402,7 @@ class _Work:
 
     def fail(self, base: str, error: Exception) -> None:
         """Report a method that cannot run on this model; the other methods go on."""
-        first = str(error).strip().splitlines()[0] if str(error).strip() else ""
+        first = first_line(error, "")
         reason = first if isinstance(error, RelpropError) else f"{type(error).__name__}: {first}"
         tqdm.write(f"relprop evaluate: error: method {base} cannot run on "
                    f"{Path(self.checkpoint.path).name}: {reason}; the other methods go on",

@@ -12,7 +12,7 @@ from typing import Any
 
 from torch import nn
 
-from relprop.errors import InputError
+from relprop.errors import ConfigError, InputError
 from relprop.heatmaps import Channels
 from relprop.methods.base import HQ_SUFFIX, Method, MethodOptions
 from relprop.methods.hq import HeatQuantized
@@ -39,7 +39,7 @@ def register(name: str, build: Builder, *, aliases: Sequence[str] = (), takes_lr
              explains_bow: bool = False) -> None:
     """Register `build(model, name, options)` under `name` (and its aliases)."""
     if name in _REGISTRY or name in ALIASES:
-        raise ValueError(f"method {name!r} is already registered")
+        raise ConfigError(f"method {name!r} is already registered")
     _REGISTRY[name] = Entry(build, takes_lrp_options, explains_bow)
     for alias in aliases:
         ALIASES[alias] = name

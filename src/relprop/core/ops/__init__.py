@@ -21,6 +21,7 @@ from relprop.core.ops.pool import Pool
 from relprop.core.ops.route import Route
 from relprop.core.ops.scale import Scale
 from relprop.core.ops.softmax import Softmax
+from relprop.errors import ConfigError
 
 OPS: list[Op] = [Linear(), MaxPool(), Passthrough(), Pool(), Route(), Attention(), Softmax(), Matmul(), Add(),
                  Cat(), Scale(), Meta()]
@@ -32,7 +33,7 @@ CUSTOM, INPUT, OUTPUT, CONSTANT, UNSUPPORTED = Custom(), GraphInput(), GraphOutp
 def register_op(op: Op) -> Op:
     """Add a node kind; it is asked after the built-in ones (whose claims do not overlap)."""
     if any(existing.name == op.name for existing in all_ops()):
-        raise ValueError(f"an op named {op.name!r} is already registered")
+        raise ConfigError(f"an op named {op.name!r} is already registered")
     OPS.append(op)
     return op
 
