@@ -23,6 +23,7 @@ from tqdm import tqdm
 from relprop.data import discover, load_item, select
 from relprop.defaults import MIN_FRAME_BATCH
 from relprop.errors import ImageError, InputError, RelpropError, first_line
+from relprop.evaluation import metrics
 from relprop.evaluation.compare import compare_markdown, paired_differences
 from relprop.evaluation.distributed import Group, Ranks
 from relprop.evaluation.metrics import (
@@ -31,7 +32,6 @@ from relprop.evaluation.metrics import (
     PROTOCOLS,
     RISE_BLUR_SIGMA,
     RISE_BLUR_SIZE,
-    insertion_deletion,
     localization,
 )
 from relprop.evaluation.results import (
@@ -530,10 +530,11 @@ def _score_batch(work: _Work, batch: _Batch, x: torch.Tensor, preds: torch.Tenso
         if not todo:
             continue
         boxes = boxes or localization(flat, batch.boxes)
-        result = insertion_deletion(work.checkpoint.model, x, flat, labels, protocol,
-                                    mean=meta["mean"], std=meta["std"], step=config.step,
-                                    block=config.block,
-                                    batch_size=max(config.batch_size, MIN_FRAME_BATCH))
+        # read from the module when called, so that it can be swapped (a test interrupts a run by it)
+        result = metrics.insertion_deletion(work.checkpoint.model, x, flat, labels, protocol,
+                                            mean=meta["mean"], std=meta["std"], step=config.step,
+                                            block=config.block,
+                                            batch_size=max(config.batch_size, MIN_FRAME_BATCH))
         for i in todo:
             work.store.add(_record(work.checkpoint, batch.items[i], name, protocol, config.channels,
                                    base, preds[i], result, i, boxes[i], sums))

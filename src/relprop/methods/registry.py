@@ -12,6 +12,7 @@ from typing import Any
 
 from torch import nn
 
+from relprop.bow.model import is_bow_model
 from relprop.errors import ConfigError, InputError
 from relprop.heatmaps import Channels
 from relprop.methods.base import HQ_SUFFIX, Method, MethodOptions
@@ -101,7 +102,7 @@ def get_method(name: str, model: nn.Module, *, layer: nn.Module | str | None = N
     entry = _REGISTRY.get(canonical_name(name))
     if entry is None:
         raise unknown_method(name)
-    if getattr(model, "is_bow", False) and not entry.explains_bow:  # BoW models: relprop.methods.bow
+    if is_bow_model(model) and not entry.explains_bow:  # BoW models: relprop.methods.bow
         bow = ", ".join(n for n, e in _REGISTRY.items() if e.explains_bow)
         raise InputError(f"method {name!r} needs a network; a BoW model is explained by {bow} "
                          f"(each also with {HQ_SUFFIX})")
