@@ -40,8 +40,9 @@ from tqdm import tqdm
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 
+from relprop.defaults import IMAGENET_MEAN, IMAGENET_STD  # noqa: E402
 from relprop.images import load_image  # noqa: E402
-from relprop.models import IMAGENET_MEAN, IMAGENET_STD, Preprocessing, preprocessing  # noqa: E402
+from relprop.models import Preprocessing, preprocessing  # noqa: E402
 
 SHARED = ROOT.parent / "shared"
 SOURCE_SIZE = 64

@@ -10,16 +10,18 @@ import numpy as np
 import pytest
 import torch
 
-from relprop.bow import BoWExplainer, BoWModel, BoWOcclusion, explain_image, load, save
+from relprop.bow import BoWModel, explain_image, load, save
 from relprop.bow.codebook import Mapping
 from relprop.bow.decomposition import bow_relevance
 from relprop.bow.features import Grid, local_features
 from relprop.bow.kernels import DECOMPOSABLE, dimension_terms, gradient, gram
 from relprop.bow.pipeline import BoWConfig, BoWPipeline, export_svm, fit_images, train_svm
 from relprop.bow.pooling import local_relevance, pooling_weights
+from relprop.defaults import IMAGENET_MEAN, IMAGENET_STD
 from relprop.errors import CheckpointError, InputError, TargetError
 from relprop.methods import get_method
-from relprop.models import IMAGENET_MEAN, IMAGENET_STD, load_model
+from relprop.methods.bow import BoWExplainer, BoWOcclusion
+from relprop.models import load_model
 
 TILE = 16
 

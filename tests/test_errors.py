@@ -1,6 +1,11 @@
-"""Unsupported layers and untraceable models fail at construction with one clear line."""
+"""Unsupported layers and untraceable models fail at construction with one clear line; every
+error relprop raises on purpose is a RelpropError."""
 
 from __future__ import annotations
+
+import ast
+import builtins
+from pathlib import Path
 
 import pytest
 import torch
@@ -71,3 +76,41 @@ def test_model_that_is_not_a_classifier_is_refused():
     model = nn.Sequential(nn.Conv2d(3, 2, 3))
     with pytest.raises(Exception, match=r"\(N, num_classes\) outputs"):
         LRP(model).attribute(torch.randn(1, 3, 8, 8))
+
+
+PACKAGE = Path(__file__).resolve().parents[1] / "src" / "relprop"
+BUILTIN_ERRORS = {name for name, value in vars(builtins).items()
+                  if isinstance(value, type) and issubclass(value, BaseException)}
+
+
+def _bare_builtin_raises(path: Path) -> list[str]:
+    """`raise <builtin exception>(...)` in a file, except the two idioms that must stay builtins:
+    a bare `raise NotImplementedError` (an abstract method) and `AttributeError` in a module's
+    `__getattr__` (Python's attribute protocol)."""
+    tree = ast.parse(path.read_text(encoding="utf-8"))
+    in_getattr = {id(node) for function in ast.walk(tree)
+                  if isinstance(function, ast.FunctionDef) and function.name == "__getattr__"
+                  for node in ast.walk(function)}
+    found = []
+    for node in ast.walk(tree):
+        if not isinstance(node, ast.Raise) or node.exc is None:
+            continue
+        called = isinstance(node.exc, ast.Call)
+        name = getattr(node.exc.func if called else node.exc, "id", None)
+        if name not in BUILTIN_ERRORS:
+            continue
+        if name == "NotImplementedError" and not (called and (node.exc.args or node.exc.keywords)):
+            continue
+        if name == "AttributeError" and id(node) in in_getattr:
+            continue
+        found.append(f"{path.relative_to(PACKAGE.parent)}:{node.lineno} raise {name}")
+    return found
+
+
+def test_every_deliberate_error_is_a_relprop_error():
+    """relprop.errors promises that every error relprop raises on purpose is a RelpropError (whose
+    subclasses also derive from the builtin a caller may catch, e.g. ConfigError from ValueError)."""
+    found = [hit for path in sorted(PACKAGE.rglob("*.py"))
+             for hit in sorted(_bare_builtin_raises(path), key=lambda h: int(h.split(":")[1].split()[0]))]
+    assert found == [], "builtin exceptions raised on purpose; raise a relprop.errors class:\n" + "\n".join(found)
+    assert _bare_builtin_raises(PACKAGE / "errors.py") == []  # the walk reads real files

@@ -118,6 +118,152 @@ def test_module_level_imports_have_no_cycle() -> None:
             visit(name, [])
 
 
+# A unit is a subpackage (relprop.methods) or a top-level module (relprop.models); the package root
+# only re-exports, lazily (its TYPE_CHECKING block never runs): `from relprop import LRP` counts as
+# an import of the module the root takes LRP from.
+def _module_name(path: Path) -> str:
+    parts = path.relative_to(SRC).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def _unit(module: str) -> str:
+    return ".".join(module.split(".")[:2])
+
+
+def _root_exports() -> dict[str, str]:
+    tree = ast.parse((PACKAGE / "__init__.py").read_text(encoding="utf-8"))
+    for node in tree.body:
+        if isinstance(node, ast.Assign) and any(getattr(t, "id", None) == "_EXPORTS" for t in node.targets):
+            return ast.literal_eval(node.value)
+    raise AssertionError("relprop/__init__.py has no _EXPORTS")
+
+
+def _all_imports(path: Path) -> list[tuple[str, int]]:
+    """(module, line) of every relprop import in a file: module level, inside functions and
+    TYPE_CHECKING blocks alike, relative imports resolved; names imported from a package that are
+    its submodules count as those submodules."""
+    name = _module_name(path)
+    package = name if path.name == "__init__.py" else name.rpartition(".")[0]
+    tree = ast.parse(path.read_text(encoding="utf-8"))
+    skipped = set()
+    if name == "relprop":  # the root's `if TYPE_CHECKING:` imports are for type checkers only
+        skipped = {id(n) for node in tree.body if isinstance(node, ast.If)
+                   and getattr(node.test, "id", None) == "TYPE_CHECKING" for n in ast.walk(node)}
+    exports = _root_exports()
+    found = []
+    for node in ast.walk(tree):
+        if id(node) in skipped:
+            continue
+        if isinstance(node, ast.Import):
+            found += [(alias.name, node.lineno) for alias in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            if node.level:
+                base = package.split(".")[: len(package.split(".")) - node.level + 1]
+                module = ".".join(base + ([node.module] if node.module else []))
+            else:
+                module = node.module or ""
+            for alias in node.names:
+                if module == "relprop" and alias.name in exports:
+                    found.append((exports[alias.name], node.lineno))
+                elif (PACKAGE.parent / module.replace(".", "/") / alias.name).with_suffix(".py").is_file() \
+                        or (PACKAGE.parent / module.replace(".", "/") / alias.name).is_dir():
+                    found.append((f"{module}.{alias.name}", node.lineno))
+                else:
+                    found.append((module, node.lineno))
+    return [(m, line) for m, line in found if m == "relprop" or m.startswith("relprop.")]
+
+
+def _unit_edges() -> dict[tuple[str, str], list[str]]:
+    """(importing unit, imported unit) -> the `file:line`s of the imports that make the edge."""
+    edges: dict[tuple[str, str], list[str]] = {}
+    for path in sorted(PACKAGE.rglob("*.py")):
+        source = _unit(_module_name(path))
+        for module, line in _all_imports(path):
+            where = f"{path.relative_to(SRC)}:{line}"
+            if _unit(module) != source and where not in edges.get((source, _unit(module)), []):
+                edges.setdefault((source, _unit(module)), []).append(where)
+    return edges
+
+
+def test_no_package_imports_one_that_imports_it_back() -> None:
+    """The strict import graph between relprop's units, counting the imports inside functions too,
+    has no strongly connected component of more than one unit."""
+    edges = _unit_edges()
+    graph: dict[str, set[str]] = {}
+    for a, b in edges:
+        graph.setdefault(a, set()).add(b)
+        graph.setdefault(b, set())
+
+    def reach(start: str) -> set[str]:
+        seen, todo = set(), [start]
+        while todo:
+            for nxt in graph[todo.pop()] - seen:
+                seen.add(nxt)
+                todo.append(nxt)
+        return seen
+
+    reachable = {unit: reach(unit) for unit in graph}
+    assert {"relprop.methods", "relprop.evaluation", "relprop.bow", "relprop.models"} <= set(graph)
+    problems = []
+    for unit in sorted(graph):
+        if unit not in reachable[unit]:
+            continue
+        component = sorted(u for u in reachable[unit] if unit in reachable[u])
+        if component[0] != unit:
+            continue  # each component once, from its first unit
+        # one shortest circle through `unit`, and where each of its edges is written
+        paths, todo = {unit: [unit]}, [unit]
+        while todo:
+            here = todo.pop(0)
+            for nxt in sorted(graph[here] & set(component)):
+                if nxt == unit:
+                    todo, circle = [], [*paths[here], unit]
+                    break
+                if nxt not in paths:
+                    paths[nxt] = [*paths[here], nxt]
+                    todo.append(nxt)
+        steps = list(zip(circle[:-1], circle[1:], strict=True))
+        others = sorted(e for e in edges if e[0] in component and e[1] in component and e not in steps)
+        lines = [f"{a} -> {b}: {', '.join(edges[a, b])}" for a, b in steps]
+        lines += ["other edges inside the component:"] * bool(others)
+        lines += [f"{a} -> {b}: {', '.join(edges[a, b])}" for a, b in others]
+        problems.append(f"import circle {' -> '.join(circle)} (component {', '.join(component)}):\n  "
+                        + "\n  ".join(lines))
+    assert not problems, "\n".join(problems)
+
+
+def test_the_library_never_imports_the_cli_even_relatively() -> None:
+    edges = _unit_edges()
+    into_cli = {a: where for (a, b), where in edges.items()
+                if b == "relprop.cli" and a != "relprop.__main__"}  # `python -m relprop` is the CLI
+    assert into_cli == {}
+    assert ("relprop.cli", "relprop.evaluation") in edges  # the walk saw the CLI's own imports
+
+
+def test_every_function_local_import_says_why() -> None:
+    """An import inside a function is kept only where it keeps `relprop --help` (or `import relprop`)
+    fast or its module is optional, and a comment on its line, or above its group of imports,
+    says so."""
+    silent = []
+    for path in sorted(PACKAGE.rglob("*.py")):
+        text = path.read_text(encoding="utf-8")
+        lines = text.splitlines()
+        tree = ast.parse(text)
+        for function in ast.walk(tree):
+            if not isinstance(function, ast.FunctionDef | ast.AsyncFunctionDef):
+                continue
+            for node in ast.walk(function):
+                if not isinstance(node, ast.Import | ast.ImportFrom):
+                    continue
+                row = node.lineno - 1
+                while row > 0 and "#" not in lines[row] and lines[row - 1].strip().startswith(("from ", "import ")):
+                    row -= 1  # up through the imports just above it
+                said = "#" in lines[row] or (row > 0 and "#" in lines[row - 1])
+                if not said and not any("#" in line for line in lines[node.lineno - 1:node.end_lineno]):
+                    silent.append(f"{path.relative_to(SRC)}:{node.lineno}")
+    assert silent == [], "function-local imports with no comment saying why: " + ", ".join(silent)
+
+
 def test_evaluation_leaves_the_matplotlib_backend_alone(tiny_run: tuple[Path, str]) -> None:
     _, stdout = tiny_run
     assert "BACKEND pdf CODE 0" in stdout

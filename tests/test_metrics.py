@@ -16,8 +16,8 @@ from relprop.evaluation.metrics import (
     localization,
     rise_blur,
     rise_kernel,
-    to_2d,
 )
+from relprop.heatmaps import to_2d
 
 from sharedfiles import shared_path
 

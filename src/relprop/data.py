@@ -29,6 +29,7 @@ from pathlib import Path
 import torch
 
 from relprop.errors import InputError
+from relprop.images import IMAGE_SUFFIXES, load_image
 from relprop.modelinfo import ModelInfo, Preprocessing, as_preprocessing
 
 Box = tuple[float, float, float, float]
@@ -112,8 +113,6 @@ def scale_box(box: Box, source_size: tuple[int, int], spec: Preprocessing | Mode
 def load_item(root: Path, item: Item, transform,
               spec: Preprocessing | ModelInfo) -> tuple[torch.Tensor, Box | None]:
     """Read, preprocess; the box comes back in input coordinates. Raises ImageError if unreadable."""
-    from relprop.images import load_image
-
     image = load_image(root / item.path)
     box = scale_box(item.box, image.size, spec) if item.box is not None else None
     return transform(image), box
@@ -137,8 +136,6 @@ def _resized_size(width: int, height: int, resize: int | Sequence[int]) -> tuple
 
 
 def _is_image(path: Path) -> bool:
-    from relprop.images import IMAGE_SUFFIXES
-
     return path.is_file() and path.suffix.lower() in IMAGE_SUFFIXES
 
 

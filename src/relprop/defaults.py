@@ -1,4 +1,5 @@
-"""Default models, in a module without torch so that `relprop --help` can name them quickly."""
+"""Default models and preprocessing, in a module without torch so that `relprop --help` can name
+them quickly and every package may import it."""
 
 from __future__ import annotations
 
@@ -9,3 +10,6 @@ DEFAULT_WEIGHTS = "ResNet50_Weights.IMAGENET1K_V2"
 PAPER_WEIGHTS = "ResNet50_Weights.IMAGENET1K_V1"
 TORCHVISION_DETECTORS = ("ssd300_vgg16", "ssdlite320_mobilenet_v3_large")  # built with no downloads
 MIN_FRAME_BATCH = 64  # evaluate: metric frames per forward, at least
+# ImageNet normalization (torchvision's): what a model whose file names none is preprocessed with.
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)

@@ -10,7 +10,7 @@ from relprop.errors import RelpropError
 def resolve_device(text: str | None) -> Any:
     """`auto` (or None) picks the GPU when one is there; a device this machine cannot run on is
     one clear error, raised before the model is loaded."""
-    import torch
+    import torch  # deferred: the CLI imports this module; keeps relprop --help fast
 
     if text is None or text == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")

@@ -111,7 +111,7 @@ def _cmyk_to_rgb(img: Image.Image) -> Image.Image:
     profile = img.info.get("icc_profile")
     if profile:
         try:
-            from PIL import ImageCms
+            from PIL import ImageCms  # optional: Pillow may be built without littlecms
 
             source = ImageCms.ImageCmsProfile(io.BytesIO(profile))
             return ImageCms.profileToProfile(img, source, ImageCms.createProfile("sRGB"),

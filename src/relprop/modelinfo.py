@@ -10,9 +10,11 @@ keys of a relprop checkpoint (../shared/README.md) plus where the weights came f
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from functools import cached_property
+from pathlib import Path
 from typing import Any
 
 PREPROCESSING_KEYS = ("resize", "crop", "mean", "std")
@@ -67,8 +69,6 @@ class WeightsSource:
     @cached_property
     def sha256(self) -> str:
         """The file's hash (computed on first use): results are keyed by it."""
-        from relprop.models import file_sha256
-
         return file_sha256(self.path)
 
     @property
@@ -152,3 +152,12 @@ def _size(size: Any) -> Size:
 
 def _plain(size: Size | None) -> int | list[int] | None:
     return list(size) if isinstance(size, tuple) else size
+
+
+def file_sha256(path: str | Path) -> str:
+    """Hash of a weights file, recorded in run provenance so that a resumed run uses the same model."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()

@@ -13,7 +13,6 @@ with `weights_only=True` only: a weights file must never run code. Every failure
 
 from __future__ import annotations
 
-import hashlib
 import importlib.util
 import os
 import re
@@ -28,9 +27,14 @@ from typing import Any
 import torch
 import torchvision
 from torch import nn
+from torch.hub import HASH_REGEX, download_url_to_file
 from torchvision import transforms
+from torchvision.models import get_model_weights, get_weight
+from torchvision.models.detection import SSD300_VGG16_Weights
 
-from relprop.defaults import DEFAULT_WEIGHTS, TORCHVISION_DETECTORS
+from relprop.bow.storage import is_bow_file, load_bow_model
+from relprop.defaults import DEFAULT_WEIGHTS, IMAGENET_MEAN, IMAGENET_STD, TORCHVISION_DETECTORS
+from relprop.detection.ssd import check_ssd
 from relprop.errors import CheckpointError, RelpropError
 from relprop.modelinfo import (
     PREPROCESSING_KEYS,
@@ -40,8 +44,6 @@ from relprop.modelinfo import (
     as_preprocessing,
 )
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 _STORED_KEYS = ("arch", "num_classes", "classes", "class_names", "input_size", "resize", "crop",
                 "mean", "std", "interpolation")
 __all__ = ["PREPROCESSING_KEYS", "ModelInfo", "Preprocessing", "WeightsSource", "load_model",
@@ -70,8 +72,6 @@ def load_model(
     `info.assumed` names the preprocessing settings that nothing gave (plain state dicts).
     """
     path, stored, named = _source(weights, arch, offline)
-    from relprop.bow.storage import is_bow_file, load_bow_model
-
     if is_bow_file(path):  # a BoW kernel classifier from `relprop fit-bow` (relprop.bow)
         model, fields = load_bow_model(path)
         return model, ModelInfo.from_dict({**fields, "path": str(path), "assumed": []})
@@ -126,15 +126,6 @@ def preprocessing(spec: Preprocessing | ModelInfo) -> transforms.Compose:
 
 def _plain_size(size: int | Sequence[int]) -> int | list[int]:
     return size if isinstance(size, int) else list(size)
-
-
-def file_sha256(path: str | Path) -> str:
-    """Hash of a weights file, recorded in run provenance so that a resumed run uses the same model."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def _size_arg(size: int | Sequence[int]) -> int | list[int]:
@@ -250,7 +241,7 @@ def build_arch(arch: str, num_classes: int, source: str = "--arch") -> nn.Module
         return torchvision.models.get_model(arch, num_classes=num_classes)
     name = arch.removeprefix(TIMM_PREFIX)
     try:
-        import timm
+        import timm  # deferred: optional and slow to import; only timm: architectures need it
     except ImportError:
         raise CheckpointError(f"{source}: architecture {arch!r} is neither torchvision's nor "
                               "buildable without timm (pip install timm)") from None
@@ -358,8 +349,6 @@ def torchvision_weights(text: str, arch: str | None = None) -> TorchvisionWeight
     A name that belongs to another architecture than `arch`, or to a non-classification model, is
     a `CheckpointError`.
     """
-    from torchvision.models import get_model_weights, get_weight
-
     if "." in text:
         if not re.fullmatch(r"[A-Za-z0-9_]+_Weights\.[A-Za-z0-9_]+", text):
             return None
@@ -396,8 +385,6 @@ def fetch(weights: TorchvisionWeights, offline: bool = False) -> Path:
     if offline:
         raise CheckpointError(f"{weights.name}: not in the torch hub cache and --offline forbids "
                               f"downloading it; download {weights.url} to {path}")
-    from torch.hub import HASH_REGEX, download_url_to_file
-
     match = HASH_REGEX.search(path.name)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -455,8 +442,6 @@ def _classifiers() -> tuple[str, ...]:
 
 def _classifier_of(enum: type) -> str | None:
     """The torchvision classification model whose weights enum is `enum`."""
-    from torchvision.models import get_model_weights
-
     return next((name for name in _classifiers() if get_model_weights(name) is enum), None)
 
 
@@ -472,8 +457,6 @@ def load_detector(weights: str | Path | None, model_def: str | None = None, arch
                   class_names: Sequence[str] | None = None,
                   offline: bool = True) -> tuple[nn.Module, ModelInfo]:
     """An SSD detector and its `ModelInfo`; torchvision SSDs are built without downloading anything."""
-    from relprop.detection.ssd import check_ssd
-
     if weights is None:
         raise RelpropError("a detector needs --weights FILE")
     if model_def is None and (arch is not None or _stored_detector_arch(weights)):
@@ -517,8 +500,6 @@ def class_names_of(info: ModelInfo, count: int | None = None, *,
         if names and len(names) == count and not all(str(n) == str(i) for i, n in enumerate(names)):
             return [str(name) for name in names]
     if detector and info.arch in TORCHVISION_DETECTORS and count == 91:
-        from torchvision.models.detection import SSD300_VGG16_Weights
-
         return list(SSD300_VGG16_Weights.COCO_V1.meta["categories"])
     if detector:
         return ["background"] + [f"class {k}" for k in range(1, count)]

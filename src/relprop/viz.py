@@ -24,6 +24,8 @@ from matplotlib.figure import Figure
 from matplotlib.patches import Rectangle
 from PIL import Image
 
+from relprop.errors import InputError
+
 Sign = Literal["all", "positive"]
 SIGNS: tuple[Sign, ...] = ("all", "positive")
 
@@ -58,7 +60,7 @@ def heat_2d(relevance: np.ndarray) -> np.ndarray:
     if arr.ndim == 3:
         arr = arr.sum(axis=0)
     if arr.ndim != 2:
-        raise ValueError(f"expected a map of shape (H,W) or (C,H,W), got {arr.shape}")
+        raise InputError(f"expected a map of shape (H,W) or (C,H,W), got {arr.shape}")
     return np.nan_to_num(arr, nan=0.0, posinf=0.0, neginf=0.0)
 
 

@@ -2,11 +2,13 @@
 
     pipeline = relprop.bow.fit("tin10/train")            # SIFT grid -> k-means words -> pooling -> SVM
     relprop.bow.save(pipeline, "model.bow.npz")
-    maps = relprop.bow.BoWExplainer(pipeline).attribute(images)   # (N, 1, H, W), normalized images
+    explanation = relprop.bow.explain_image(pipeline, image, c)   # (H, W, 3) RGB in [0, 1]
+    maps = relprop.methods.get_method("bow-lrp", relprop.bow.BoWModel(pipeline, mean, std)).attribute(x)
 
 See docs/bow.md. Modules: features (dense SIFT), codebook (words, mapping), pooling, kernels,
-pipeline (fit, decision), decomposition (the relevance rules), explainer (torch module, methods),
-storage (the pickle-free file format).
+pipeline (fit, decision), decomposition (the relevance rules, occlusion), model (the torch module),
+storage (the pickle-free file format). The methods that wrap them (`bow-lrp`, `bow-occlusion`) live
+in `relprop.methods.bow`; this package never imports `relprop.methods`.
 """
 
 from __future__ import annotations
@@ -18,8 +20,8 @@ from typing import Any
 # import OpenCV and scikit-learn for every network checkpoint.
 _EXPORTS = {
     "BoWConfig": "pipeline", "BoWPipeline": "pipeline", "fit": "pipeline",
-    "BoWExplainer": "explainer", "BoWModel": "explainer", "BoWOcclusion": "explainer",
-    "Explanation": "decomposition", "explain_image": "decomposition",
+    "BoWModel": "model", "is_bow_model": "model",
+    "Explanation": "decomposition", "explain_image": "decomposition", "occlusion_map": "decomposition",
     "load": "storage", "load_bow_model": "storage", "save": "storage",
 }
 __all__ = sorted(_EXPORTS)

@@ -111,3 +111,23 @@ def explain_image(model: BoWPipeline, image: np.ndarray, c: int, bias: str = "no
     local = local_relevance(encoded.mapped, bow, model.config.p)
     pixels = spread_to_pixels(encoded, local, model.config.patch, image.shape[:2])
     return Explanation(f, kept, bow, local, pixels, root)
+
+
+def occlusion_map(model: BoWPipeline, image: np.ndarray, c: int) -> np.ndarray:
+    """The model-agnostic check of `explain_image`: f_c(x) - f_c(x with one patch set to the
+    image's mean colour), per patch of the model's grid; a pixel gets the mean over the patches
+    that cover it. (H, W) for one (H, W, 3) float RGB image."""
+    patch = model.config.patch
+    corners = model.grid.positions(*image.shape[:2])
+    colour = image.reshape(-1, 3).mean(axis=0)
+    occluded = []
+    for top, left in corners:
+        copy = image.copy()
+        copy[top:top + patch, left:left + patch] = colour
+        occluded.append(copy)
+    drops = model.decision_images([image])[0, c] - model.decision_images(occluded)[:, c]
+    total, cover = np.zeros(image.shape[:2]), np.zeros(image.shape[:2])
+    for (top, left), drop in zip(corners, drops, strict=True):
+        total[top:top + patch, left:left + patch] += drop
+        cover[top:top + patch, left:left + patch] += 1
+    return np.divide(total, cover, out=np.zeros_like(total), where=cover > 0)

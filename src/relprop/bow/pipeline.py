@@ -15,12 +15,17 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from sklearn.multiclass import OneVsRestClassifier
+from sklearn.svm import SVC
+from torchvision import transforms
 
 from relprop.bow.codebook import Mapping, default_sigma, fit_codebook
 from relprop.bow.features import Grid, local_features
 from relprop.bow.kernels import check_kernel, default_gamma, gram
 from relprop.bow.pooling import check_p, normalize, pool
+from relprop.data import discover, select
 from relprop.errors import ImageError, InputError
+from relprop.images import load_image
 
 
 @dataclass
@@ -105,9 +110,6 @@ class BoWPipeline:
 
 def train_svm(x: np.ndarray, y: np.ndarray, kernel: str, C: float, gamma: float) -> Any:
     """sklearn's one-vs-rest SVC on the precomputed kernel of the training BoW vectors."""
-    from sklearn.multiclass import OneVsRestClassifier
-    from sklearn.svm import SVC
-
     return OneVsRestClassifier(SVC(kernel="precomputed", C=C)).fit(gram(kernel, x, x, gamma), y)
 
 
@@ -130,11 +132,6 @@ def export_svm(ovr: Any, x: np.ndarray, num_classes: int) -> tuple[np.ndarray, n
 def load_folder(folder: str | Path, size: int, per_class: int | None = None,
                 classes: Sequence[str] | None = None) -> tuple[list[np.ndarray], np.ndarray, list[str]]:
     """Images of a class-folder tree as (H, W, 3) floats in [0, 1], resized as the model sees them."""
-    from torchvision import transforms
-
-    from relprop.data import discover, select
-    from relprop.images import load_image
-
     dataset = discover(folder, classes)
     items = select(dataset.items, per_class)
     if not items:

@@ -18,6 +18,8 @@ from typing import Any
 
 import numpy as np
 
+from relprop.bow.model import BoWModel
+from relprop.defaults import IMAGENET_MEAN, IMAGENET_STD
 from relprop.errors import CheckpointError
 
 MAGIC = "relprop-bow"
@@ -39,7 +41,7 @@ def _digest(arrays: dict[str, np.ndarray], header: dict[str, Any]) -> str:
 
 def save(pipeline: Any, path: str | Path) -> Path:
     """Write `pipeline` (a `BoWPipeline`) to `path` (the `.bow.npz` suffix is recommended)."""
-    from relprop.bow.pipeline import config_dict
+    from relprop.bow.pipeline import config_dict  # deferred: scikit-learn, OpenCV (see load)
 
     arrays = {"centres": pipeline.centres, "support": pipeline.support, "coef": pipeline.coef,
               "intercept": pipeline.intercept, "classes": np.array(pipeline.classes, dtype=str)}
@@ -67,6 +69,7 @@ def is_bow_file(path: str | Path) -> bool:
 
 def load(path: str | Path) -> Any:
     """The `BoWPipeline` saved at `path`; anything not written by `save` is a `CheckpointError`."""
+    # deferred: models asks is_bow_file of every checkpoint; scikit-learn and OpenCV load for BoW files only
     from relprop.bow.pipeline import BoWPipeline, config_from_dict
 
     path = Path(path)
@@ -95,9 +98,6 @@ def load(path: str | Path) -> Any:
 
 def load_bow_model(path: str | Path) -> tuple[Any, dict[str, Any]]:
     """(`BoWModel`, meta) in the form of `relprop.models.load_model`, for the CLI's --weights."""
-    from relprop.bow.explainer import BoWModel
-    from relprop.models import IMAGENET_MEAN, IMAGENET_STD
-
     pipeline = load(path)
     size = int(pipeline.config.size)
     meta = {"arch": "bow", "num_classes": len(pipeline.classes), "classes": list(pipeline.classes),

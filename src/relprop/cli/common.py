@@ -4,9 +4,10 @@ go, which device."""
 from __future__ import annotations
 
 import argparse
+import importlib
 import sys
 import textwrap
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -20,7 +21,7 @@ METHODS_PLACEHOLDER = "@@METHODS@@"
 
 def method_list(indent: str = "  ") -> str:
     """The registry's method names (and aliases), wrapped, for an epilog: never copied by hand."""
-    from relprop.methods import HQ_SUFFIX, method_names
+    from relprop.methods import HQ_SUFFIX, method_names  # deferred: keeps relprop --help fast
 
     names = method_names()
     aliases = [a for a in method_names(include_aliases=True) if a not in names]
@@ -42,16 +43,38 @@ class RegistryHelpFormatter(argparse.RawDescriptionHelpFormatter):
         if METHODS_PLACEHOLDER in text:
             text = text.replace(METHODS_PLACEHOLDER, method_list())
         if "@@DETECTION_METHODS@@" in text:
-            from relprop.evaluation.detection import METHODS
+            from relprop.evaluation.detection import METHODS  # deferred: keeps relprop --help fast
 
             text = text.replace("@@DETECTION_METHODS@@", ", ".join(METHODS))
         return super()._fill_text(text, width, indent)
 
 
+class LazyChoices:
+    """argparse `choices` read from a library registry when first needed (a value is checked or a
+    command's help is printed), so building the parser, and `relprop --help`, imports no torch.
+    Give the argument a `metavar` (argparse lists the choices in the usage line otherwise, which
+    it builds when the argument is added) and name them in the help by `%(choices)s`."""
+
+    def __init__(self, module: str, name: str) -> None:
+        self.module, self.name = module, name
+
+    def _values(self) -> tuple[Any, ...]:
+        return tuple(getattr(importlib.import_module(self.module), self.name))
+
+    def __contains__(self, value: object) -> bool:
+        return value in self._values()
+
+    def __iter__(self) -> Iterator[Any]:
+        return iter(self._values())
+
+    def __len__(self) -> int:
+        return len(self._values())
+
+
 def check_method_names(text: str) -> list[str]:
     """`--methods` split and checked against the registry before anything is loaded (see
     `relprop.methods.requested_methods`)."""
-    from relprop.methods import requested_methods
+    from relprop.methods import requested_methods  # deferred: keeps relprop --help fast
 
     return requested_methods(text.split(","))
 
@@ -107,7 +130,10 @@ def load_model_from_args(args: Any, command: str, *, weights: str | None = None,
     Prints on stderr which torchvision weights are used, or which preprocessing was assumed for a
     plain state dict that does not say.
     """
-    from relprop.models import describe_preprocessing, load_model
+    from relprop.models import (  # deferred: keeps relprop --help fast
+        describe_preprocessing,
+        load_model,
+    )
 
     if weights is None and args.weights is None:
         if model_def or args.model_def:
@@ -140,7 +166,7 @@ def read_classes(text: str | None) -> tuple[list[str] | None, list[str] | None]:
     if text is None:
         return None, None
     if text == "imagenet":
-        from relprop.models import imagenet_classes
+        from relprop.models import imagenet_classes  # deferred: keeps relprop --help fast
 
         rows = [(wnid, lemmas) for wnid, lemmas in imagenet_classes()]
         return [r[0] for r in rows], [r[1].split(",")[0].strip() for r in rows]

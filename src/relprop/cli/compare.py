@@ -4,6 +4,10 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
+
+from relprop.cli.common import LazyChoices
+from relprop.errors import InputError
 
 DESCRIPTION = """\
 Compare every method of a `relprop evaluate` output folder with a baseline method on the same
@@ -24,8 +28,6 @@ exit status: 0 written; 1 not an evaluate folder, or the baseline was not evalua
 
 def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     """Register `relprop compare`."""
-    from relprop.evaluation.metrics import METRICS
-
     parser = subparsers.add_parser(
         "compare", help="paired differences vs a baseline method, with CI and Wilcoxon p",
         description=DESCRIPTION, epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -33,17 +35,16 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     parser.add_argument("eval_out", metavar="OUT", help="the --out folder of `relprop evaluate`")
     parser.add_argument("--baseline", required=True, metavar="METHOD",
                         help="the reference method (a name or alias evaluated in OUT)")
-    parser.add_argument("--metric", choices=tuple(METRICS), default="id",
-                        help="the per-image score compared (default id)")
+    parser.add_argument("--metric", choices=LazyChoices("relprop.evaluation.metrics", "METRICS"),
+                        default="id", metavar="METRIC",
+                        help="the per-image score compared: %(choices)s (default id)")
     parser.set_defaults(run=run)
     return parser
 
 
 def run(args: argparse.Namespace) -> int:
     """Print the comparison and write OUT/compare.md."""
-    from pathlib import Path
-
-    from relprop.errors import InputError
+    # deferred: keeps relprop --help fast (the evaluation imports torch)
     from relprop.evaluation.compare import compare_markdown, paired_differences
     from relprop.evaluation.results import read_rows, shard_files
 

@@ -105,8 +105,11 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
 
 def run(args: argparse.Namespace) -> int:
     """Detect and explain every image; return 1 if any input failed, after all the others."""
-    from relprop.models import load_detector
-    from relprop.pipelines.detect import DetectConfig, detect_images
+    from relprop.models import load_detector  # deferred: keeps relprop --help fast
+    from relprop.pipelines.detect import (  # deferred: keeps relprop --help fast
+        DetectConfig,
+        detect_images,
+    )
 
     config = DetectConfig(
         inputs=tuple(args.inputs), out=Path(args.out), score_threshold=args.score_threshold,
@@ -122,7 +125,7 @@ def run(args: argparse.Namespace) -> int:
     threshold = config.score_threshold
 
     def print_image(path: Path, records: list[DetectionRecord]) -> None:
-        from tqdm import tqdm
+        from tqdm import tqdm  # deferred: keeps relprop --help fast
 
         for record in records:
             tqdm.write(_summary(record), file=sys.stdout)

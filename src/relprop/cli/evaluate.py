@@ -7,12 +7,20 @@ Only the command line lives here (so `relprop --help` stays fast); the work is i
 from __future__ import annotations
 
 import argparse
+import subprocess
 import sys
 from pathlib import Path
 from typing import Any
 
-from relprop.cli.common import RegistryHelpFormatter, add_model_options
+from relprop.cli.common import (
+    RegistryHelpFormatter,
+    add_model_options,
+    load_model_from_args,
+    read_classes,
+)
 from relprop.defaults import MIN_FRAME_BATCH, PAPER_WEIGHTS
+from relprop.devices import resolve_device
+from relprop.errors import InputError
 
 DESCRIPTION = """\
 Compare explanation methods on a labelled image folder by Insertion, Deletion and ID score
@@ -123,15 +131,13 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
 
 def run(args: argparse.Namespace) -> int:
     """Parse into a typed config, load the model(s), call the library, report the outcome."""
-    from relprop.devices import resolve_device
-
     if args.launcher == "torchrun":
         return _launch(args)
     if args.task == "detection":
         return _run_detection(args, resolve_device(args.device))
-    from relprop.cli.common import load_model_from_args
-    from relprop.evaluation.classification import Checkpoint, EvalConfig, evaluate
-    from relprop.pipelines.outputs import prepare_out
+    # deferred: keeps relprop --help fast (the evaluation imports torch)
+    from relprop.evaluation.classification import Checkpoint, EvalConfig, evaluate, make_plan
+    from relprop.pipelines.outputs import prepare_out  # deferred: keeps relprop --help fast
 
     config = EvalConfig(
         data=Path(args.data), out=Path(args.out), methods=tuple(_split(args.methods or DEFAULT_METHODS)),
@@ -140,8 +146,6 @@ def run(args: argparse.Namespace) -> int:
         device=resolve_device(args.device), cam_layer=args.cam_layer, save_maps=args.save_maps,
         baseline=args.baseline,
     )
-    from relprop.evaluation.classification import make_plan
-
     make_plan(config.methods, config.protocols)  # a bad name fails before any model loads
     prepare_out(args.out)
     checkpoints = [Checkpoint.of(*load_model_from_args(args, "evaluate", weights=path), given=path)
@@ -163,8 +167,7 @@ def run(args: argparse.Namespace) -> int:
 
 def _run_detection(args: argparse.Namespace, device: Any) -> int:
     """`--task detection`: one detector, its config, the tables on stdout."""
-    from relprop.cli.common import read_classes
-    from relprop.errors import InputError
+    # deferred: keeps relprop --help fast (the evaluation imports torch)
     from relprop.evaluation.detection import (
         METHODS,
         STEP,
@@ -173,8 +176,8 @@ def _run_detection(args: argparse.Namespace, device: Any) -> int:
         evaluate_detection,
         summary_markdown,
     )
-    from relprop.models import load_detector
-    from relprop.pipelines.outputs import prepare_out
+    from relprop.models import load_detector  # deferred: keeps relprop --help fast
+    from relprop.pipelines.outputs import prepare_out  # deferred: keeps relprop --help fast
 
     weights = args.weights or []
     if len(weights) != 1:
@@ -198,10 +201,6 @@ def _run_detection(args: argparse.Namespace, device: Any) -> int:
 
 def _launch(args: argparse.Namespace) -> int:
     """`--launcher torchrun`: this same command under torchrun, minus the launcher options."""
-    import subprocess
-
-    from relprop.errors import InputError
-
     if args.nproc_per_node < 1:
         raise InputError(f"--nproc-per-node {args.nproc_per_node}: must be at least 1")
     if args.task != "classification":

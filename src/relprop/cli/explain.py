@@ -126,7 +126,10 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
 
 def run(args: argparse.Namespace) -> int:
     """Explain every image; return 1 if any input or method failed, after all the others."""
-    from relprop.pipelines.explain import ExplainConfig, explain_images
+    from relprop.pipelines.explain import (  # deferred: keeps relprop --help fast
+        ExplainConfig,
+        explain_images,
+    )
 
     config = ExplainConfig(
         inputs=tuple(args.inputs), out=Path(args.out), methods=tuple(check_method_names(args.methods)),
@@ -150,7 +153,7 @@ def run(args: argparse.Namespace) -> int:
 
 def _print_image(record: ExplainRecord) -> None:
     """One line per image on stdout (through tqdm, under the progress bar)."""
-    from tqdm import tqdm
+    from tqdm import tqdm  # deferred: keeps relprop --help fast
 
     line = f"{record.image}: {record.pred_name} ({record.prob:.1%})"
     if record.target != record.pred:

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 
+from relprop.cli.common import LazyChoices
+
 DESCRIPTION = """\
 Fit the classifier family that LRP was first defined for (Bach et al., PLOS ONE 2015, sec. 3):
 dense SIFT on a grid of patches -> k-means visual words (MiniBatchKMeans) -> hard or soft
@@ -27,8 +29,6 @@ exit status: 0 fitted and saved; 1 bad data or options (one line on stderr); 2 b
 
 def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     """Register `relprop fit-bow`."""
-    from relprop.bow.kernels import KERNELS
-
     parser = subparsers.add_parser(
         "fit-bow", help="fit a bag-of-words SVM (dense SIFT, k-means, pooling) to explain with bow-lrp",
         description=DESCRIPTION, epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -45,7 +45,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     parser.add_argument("--sigma", type=float, help="soft mapping width (default: median nearest-word distance)")
     parser.add_argument("--p", type=float, default=1.0, help="p-means pooling, >= 1 or inf (default 1)")
     parser.add_argument("--norm", choices=("none", "l1", "l2"), default="l1", help="default l1")
-    parser.add_argument("--kernel", choices=KERNELS, default="chi2", help="default chi2")
+    parser.add_argument("--kernel", choices=LazyChoices("relprop.bow.kernels", "KERNELS"), default="chi2",
+                        metavar="KERNEL", help="%(choices)s (default chi2)")
     parser.add_argument("--C", type=float, default=1.0, help="SVM C (default 1)")
     parser.add_argument("--gamma", type=float, help="rbf / exp-chi2 width (default: 1 / mean distance)")
     parser.add_argument("--seed", type=int, default=0)
@@ -54,6 +55,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
 
 
 def run(args: argparse.Namespace) -> int:
+    # deferred: keeps relprop --help fast (scikit-learn, OpenCV, torch)
     from relprop.bow.pipeline import BoWConfig, fit
     from relprop.bow.storage import save
 

@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import sys
 
+from relprop.errors import InputError
+
 DESCRIPTION = """\
 Turn the output folder of `relprop evaluate` into a report folder: REPORT_DIR/index.html and
 the picture files it shows. The page works offline (nothing is loaded from the network), so the
@@ -65,9 +67,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
 
 def run(args: argparse.Namespace) -> int:
     """Write the report and print where it is."""
-    from relprop.errors import InputError
-    from relprop.pipelines.outputs import prepare_out
-    from relprop.report import build_report
+    from relprop.pipelines.outputs import prepare_out  # deferred: keeps relprop --help fast
+    from relprop.report import build_report  # deferred: keeps relprop --help fast
 
     if args.page_size < 1:
         raise InputError(f"--page-size {args.page_size}: must be at least 1")

@@ -11,7 +11,7 @@ from torch import Tensor, nn
 
 from relprop.core.composites import Composite, RuleSpec, resolve_composite
 from relprop.core.interpreter import Backward, Record, RelevanceEngine
-from relprop.errors import InputError
+from relprop.errors import ConfigError, InputError
 from relprop.targets import Target, check_target, initial_relevance, slice_target
 
 PRESETS = ("default", "reference")
@@ -81,9 +81,9 @@ class LRP:
         composite: Composite | None = None,
     ) -> None:
         if chunk_size is not None and chunk_size < 1:
-            raise ValueError(f"chunk_size must be positive, got {chunk_size}")
+            raise ConfigError(f"chunk_size must be positive, got {chunk_size}")
         if verify not in VERIFY_MODES:
-            raise ValueError(f"unknown verify mode {verify!r}; choose one of: {', '.join(VERIFY_MODES)}")
+            raise ConfigError(f"unknown verify mode {verify!r}; choose one of: {', '.join(VERIFY_MODES)}")
         self.verify = verify
         self._verified: set[tuple] = set()
         self.model = model
@@ -164,7 +164,7 @@ def preset_reference(preset: str | None) -> bool | None:
     if preset is None:
         return None
     if preset not in PRESETS:
-        raise ValueError(f"unknown preset {preset!r}; choose one of: {', '.join(PRESETS)}")
+        raise ConfigError(f"unknown preset {preset!r}; choose one of: {', '.join(PRESETS)}")
     return preset == "reference"
 
 

@@ -7,6 +7,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from relprop.errors import ConfigError, InputError
+
 
 def heat_quantize(maps: Tensor | np.ndarray, levels: int = 8) -> Tensor | np.ndarray:
     """Quantize each 2-D map to `levels` values: `bins = linspace(min, max, levels)`, values in
@@ -14,11 +16,11 @@ def heat_quantize(maps: Tensor | np.ndarray, levels: int = 8) -> Tensor | np.nda
     torch; returns the same type, shape and dtype. Bins are computed in float64 like the
     reference (numpy's linspace of the float32 extremes), so boundary pixels land identically."""
     if levels < 2:
-        raise ValueError(f"levels must be at least 2, got {levels}")
+        raise ConfigError(f"levels must be at least 2, got {levels}")
     is_tensor = isinstance(maps, Tensor)
     array = maps.detach().cpu().numpy() if is_tensor else np.asarray(maps)
     if array.ndim not in (2, 3):
-        raise ValueError(f"heat_quantize takes (H, W) or (N, H, W) maps, got shape {tuple(array.shape)}")
+        raise InputError(f"heat_quantize takes (H, W) or (N, H, W) maps, got shape {tuple(array.shape)}")
     batch = array[None] if array.ndim == 2 else array
     out = np.stack([_quantize_one(m, levels) for m in batch]).astype(array.dtype, copy=False)
     out = out[0] if array.ndim == 2 else out

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import math
 import sys
+import threading
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field, replace
@@ -17,25 +18,44 @@ from typing import Any
 
 import numpy as np
 import torch
+from tqdm import tqdm
 
+from relprop.data import discover, load_item, select
 from relprop.defaults import MIN_FRAME_BATCH
 from relprop.errors import ImageError, InputError, RelpropError, first_line
-from relprop.evaluation.metrics import METRICS, PROTOCOLS, Channels
+from relprop.evaluation import metrics
+from relprop.evaluation.compare import compare_markdown, paired_differences
+from relprop.evaluation.distributed import Group, Ranks
+from relprop.evaluation.metrics import (
+    METRICS,
+    PAPER_STEP,
+    PROTOCOLS,
+    RISE_BLUR_SIGMA,
+    RISE_BLUR_SIZE,
+    localization,
+)
 from relprop.evaluation.results import (
     Conservation,
     ResultRow,
     append_jsonl,
     check_resume,
+    mean_curves,
     rank_file,
     read_rows,
     read_run_info,
     read_union,
     shard_files,
+    statistics_markdown,
     summarize,
     summary_markdown,
     write_run_info,
 )
+from relprop.heatmaps import Channels
+from relprop.images import BoundedTransform
+from relprop.methods import HQ_SUFFIX, HeatQuantized, canonical_name, get_method, requested_methods
 from relprop.modelinfo import PREPROCESSING_KEYS, ModelInfo
+from relprop.models import preprocessing
+from relprop.viz import plot_curves
 
 
 @dataclass(frozen=True)
@@ -112,8 +132,6 @@ def evaluate(config: EvalConfig, checkpoints: Sequence[Checkpoint]) -> EvalOutco
     Under torchrun (RANK/WORLD_SIZE set) each process takes its share of the images, appends to
     its own results.rank{r}.jsonl, and rank 0 writes the summary of the union at the end.
     """
-    from relprop.evaluation.distributed import Group, Ranks
-
     if not checkpoints:
         raise InputError("no checkpoint to evaluate")
     ranks = Ranks.from_env()
@@ -127,8 +145,6 @@ def evaluate(config: EvalConfig, checkpoints: Sequence[Checkpoint]) -> EvalOutco
 
 def _evaluate_all(config: EvalConfig, checkpoints: Sequence[Checkpoint], ranks: Any, group: Any,
                   device: torch.device) -> EvalOutcome:
-    from relprop.methods import canonical_name
-
     out = Path(config.out)
     out.mkdir(parents=True, exist_ok=True)
     plan = make_plan(config.methods, config.protocols)
@@ -190,8 +206,6 @@ def make_plan(methods: Sequence[str], protocols: Sequence[str]) -> Plan:
     """The requested methods, spelled as requested (`ours` or `lrp-split`: aliases are equal
     names, so a method asked for twice under two spellings runs once) and the protocols; an
     unknown name is one line that lists the valid ones."""
-    from relprop.methods import HQ_SUFFIX, requested_methods
-
     names = requested_methods(methods)
     for p in protocols:
         if p not in PROTOCOLS:
@@ -204,8 +218,6 @@ def make_plan(methods: Sequence[str], protocols: Sequence[str]) -> Plan:
 
 def _settings(config: EvalConfig, plan: Plan, checkpoints: Sequence[Checkpoint]) -> dict[str, Any]:
     """Everything that changes the numbers; a resumed run must match it exactly."""
-    from relprop.evaluation.metrics import PAPER_STEP, RISE_BLUR_SIGMA, RISE_BLUR_SIZE
-
     return {
         "checkpoints": [{"path": c.path, "sha256": c.sha256} for c in checkpoints],
         "preprocessing": [{k: v for k, v in c.info.preprocessing.to_dict().items()
@@ -240,8 +252,6 @@ class _Store:
     """
 
     def __init__(self, out: Path, methods: Sequence[str] = (), ranks: Any = None) -> None:
-        from relprop.methods import canonical_name
-
         self.out, self._spelling = out, {canonical_name(name): name for name in methods}
         rank, world = (ranks.rank, ranks.world) if ranks is not None else (0, 1)
         self.results_path = rank_file(out, "results", rank, world)
@@ -250,8 +260,6 @@ class _Store:
 
     def reload(self) -> None:
         """Read the union of all processes' files (each keeps its own cut last line repaired)."""
-        from relprop.methods import canonical_name
-
         rows = read_rows(self.out, repair=self.results_path)
         self._records = [replace(r, method=self._spelling.get(canonical_name(r.method), r.method))
                          for r in rows]
@@ -284,8 +292,6 @@ class _Progress:
     from their files (a thread reads the new bytes each second); no messages are sent."""
 
     def __init__(self, out: Path, ranks: Any, rows: int, methods: int, protocols: int) -> None:
-        from tqdm import tqdm
-
         self.out, self.ranks, self._stop = out, ranks, None
         self.bar, self.rows, self.protocols, self.methods = None, 0, protocols, methods
         self.total_rows, self.started, self._note = rows, time.monotonic(), ""
@@ -294,8 +300,6 @@ class _Progress:
         self.bar = tqdm(total=math.ceil(rows / protocols), desc="evaluate", unit="map",
                         dynamic_ncols=True, smoothing=0.1, miniters=1)
         if ranks.world > 1:
-            import threading
-
             self._offsets = {p: p.stat().st_size for p in shard_files(out, "results")}
             self._stop = threading.Event()
             self._thread = threading.Thread(target=self._poll, daemon=True)
@@ -401,8 +405,6 @@ class _Work:
 
     def fail(self, base: str, error: Exception) -> None:
         """Report a method that cannot run on this model; the other methods go on."""
-        from tqdm import tqdm
-
         first = first_line(error, default="")
         reason = first if isinstance(error, RelpropError) else f"{type(error).__name__}: {first}"
         tqdm.write(f"relprop evaluate: error: method {base} cannot run on "
@@ -415,8 +417,6 @@ def _job(checkpoint: Checkpoint, config: EvalConfig, plan: Plan, store: _Store,
          several: bool, primary: bool = True) -> _Work:
     """The checkpoint's images, selected, sorted by path and cut into fixed batches of
     --batch-size: the same batches whatever the number of processes or how often it resumed."""
-    from relprop.data import discover, select
-
     info = checkpoint.info
     dataset = discover(config.data, info.classes, info.class_names)
     if dataset.unknown and primary:
@@ -437,8 +437,6 @@ def _evaluate(work: _Work, ranks: Any, device: torch.device, progress: _Progress
     size or on where a run was resumed. With --save-maps, images whose scores exist but whose maps
     do not get their maps written. Returns the methods that could not run on this model.
     """
-    from tqdm import tqdm
-
     model, info, plan = work.checkpoint.model.to(device), work.checkpoint.info, work.plan
     methods = _build_methods(work, model, info)
     for chunk in ranks.shard(work.batches):
@@ -458,8 +456,6 @@ def _evaluate(work: _Work, ranks: Any, device: torch.device, progress: _Progress
 
 
 def _build_methods(work: _Work, model: torch.nn.Module, info: ModelInfo) -> dict[str, Any]:
-    from relprop.methods import get_method
-
     methods = {}
     for base in work.plan.bases:
         try:
@@ -474,10 +470,6 @@ def _batches(root: Path, items: Sequence[Any],
              info: ModelInfo) -> Iterator[tuple[_Batch | None, list[tuple[Any, str]]]]:
     """One fixed batch preprocessed, split by input size (uncropped sizes may differ), with the
     images that could not be read."""
-    from relprop.data import load_item
-    from relprop.images import BoundedTransform
-    from relprop.models import preprocessing
-
     transform = BoundedTransform(preprocessing(info), info.preprocessing.resize)
     loaded, failures = [], []
     for item in items:
@@ -498,8 +490,6 @@ def _batches(root: Path, items: Sequence[Any],
 def _evaluate_batch(work: _Work, batch: _Batch, methods: dict[str, Any], device: torch.device,
                     progress: _Progress) -> None:
     """Method by method, the whole batch at once on the device: maps, then each protocol's frames."""
-    from relprop.methods import HQ_SUFFIX
-
     model = work.checkpoint.model
     x = batch.inputs.to(device)
     with torch.no_grad():
@@ -526,9 +516,6 @@ def _score_batch(work: _Work, batch: _Batch, x: torch.Tensor, preds: torch.Tenso
                  progress: _Progress) -> None:
     """Save the maps (with --save-maps) and score the protocols still pending, one row per image
     written as soon as its batch is scored."""
-    from relprop.evaluation.metrics import insertion_deletion, localization
-    from relprop.methods import HQ_SUFFIX, HeatQuantized
-
     config, info = work.config, work.checkpoint.info
     flat = (HeatQuantized(base, config.channels).quantize(maps)[:, 0] if name.endswith(HQ_SUFFIX)
             else base.to_2d(maps, config.channels))
@@ -546,10 +533,11 @@ def _score_batch(work: _Work, batch: _Batch, x: torch.Tensor, preds: torch.Tenso
         if not todo:
             continue
         boxes = boxes or localization(flat, batch.boxes)
-        result = insertion_deletion(work.checkpoint.model, x, flat, labels, protocol,
-                                    mean=info.mean, std=info.std, step=config.step,
-                                    block=config.block,
-                                    batch_size=max(config.batch_size, MIN_FRAME_BATCH))
+        # read from the module when called, so that it can be swapped (a test interrupts a run by it)
+        result = metrics.insertion_deletion(work.checkpoint.model, x, flat, labels, protocol,
+                                            mean=info.mean, std=info.std, step=config.step,
+                                            block=config.block,
+                                            batch_size=max(config.batch_size, MIN_FRAME_BATCH))
         for i in todo:
             work.store.add(_record(work.checkpoint, batch.items[i], name, protocol, config.channels,
                                    base, preds[i], result, i, boxes[i], sums))
@@ -605,14 +593,9 @@ def _map_names(items: Sequence[Any]) -> dict[str, str]:
 
 def _write_summary(out: Path, summary: dict[str, Any], records: Sequence[ResultRow],
                    plan: Plan, baseline: str | None = None) -> None:
-    from relprop.evaluation.results import mean_curves, statistics_markdown
-    from relprop.viz import plot_curves
-
     (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     text = summary_markdown(summary, plan.protocols) + "\n" + statistics_markdown(summary, plan.protocols)
     if baseline is not None:
-        from relprop.evaluation.compare import compare_markdown, paired_differences
-
         text += "\n" + compare_markdown(paired_differences(records, baseline), baseline)
     (out / "summary.md").write_text(text)
     curves = mean_curves(records)

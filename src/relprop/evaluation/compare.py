@@ -20,14 +20,13 @@ from relprop.evaluation.results import (
     as_rows,
     format_ci,
 )
+from relprop.evaluation.statistics import paired_comparison
+from relprop.methods import canonical_name
 
 
 def paired_differences(records: Sequence[ResultRow | Mapping[str, Any]], baseline: str,
                        metric: str = "id") -> dict[str, dict[str, dict[str, Any]]]:
     """protocol -> method -> `paired_comparison` of (method - baseline) over the shared images."""
-    from relprop.evaluation.statistics import paired_comparison
-    from relprop.methods import canonical_name
-
     if metric not in METRICS:
         raise InputError(f"--metric {metric!r}: choose from {', '.join(METRICS)}")
     rows = as_rows(records)

@@ -39,6 +39,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+from torchvision.ops import box_iou
+from torchvision.transforms.functional import to_tensor
+from tqdm import tqdm
 
 from relprop.detection.crp import CRP, Request
 from relprop.detection.ssd import (
@@ -53,6 +56,8 @@ from relprop.detection.ssd import (
 from relprop.errors import InputError
 from relprop.evaluation.metrics import auc, frame_masks, localization
 from relprop.evaluation.results import append_jsonl, mean_std
+from relprop.images import load_image
+from relprop.methods import canonical_name
 
 METHODS = ("crp", "lrp-plain", "gradcam")  # the registry's names: lrp-plain is plain LRP everywhere
 DIRECTION_METHODS = ("crp", "gradxinput")
@@ -97,10 +102,6 @@ def read_samples(root: str | Path, classes: Sequence[str], per_class: int | None
 
 def load_tensor(path: Path) -> Tensor:
     """An image file as a float (3, H, W) tensor in [0, 1]."""
-    from torchvision.transforms.functional import to_tensor
-
-    from relprop.images import load_image
-
     return to_tensor(load_image(path))
 
 
@@ -160,8 +161,6 @@ def correlation(a: Tensor, b: Tensor) -> float:
 
 def detection_scores(crp: CRP, frames: Tensor, box: Tensor, k: int, batch: int = 32) -> list[float]:
     """Per frame: max over post-NMS detections of IoU with ``box`` x p(k) at the detection's anchor."""
-    from torchvision.ops import box_iou
-
     scores = []
     for start in range(0, frames.shape[0], batch):
         out = detect_input(crp.detector, frames[start : start + batch], backbone=crp.backbone)
@@ -266,8 +265,6 @@ def _random_mask(shape: Sequence[int], count: int, generator: torch.Generator) -
 
 def true_positive(out: DetectorOutput, sample: Sample, iou_threshold: float = 0.5) -> int | None:
     """Index of the highest-scoring detection of the right class with IoU >= threshold, or None."""
-    from torchvision.ops import box_iou
-
     det = out.detections[0]
     if len(det["scores"]) == 0:
         return None
@@ -429,8 +426,6 @@ class DetectionEvalConfig:
 def check_methods(names: Sequence[str]) -> tuple[str, ...]:
     """The registry's names of the requested detection methods; an unknown one is one clear line
     that lists the valid names (never silently dropped)."""
-    from relprop.methods import canonical_name
-
     resolved = tuple(dict.fromkeys(canonical_name(n) for n in names))
     unknown = [n for n in names if canonical_name(n) not in METHODS]
     if unknown or not resolved:
@@ -446,8 +441,6 @@ def evaluate_detection(model: torch.nn.Module, classes: Sequence[str],
 
     ``classes`` is the detector's class list, background first (a checkpoint's ``classes``).
     """
-    from tqdm import tqdm
-
     methods = check_methods(config.methods)
     samples = read_samples(config.data, list(classes), config.per_class)[: config.limit or None]
     crp = CRP(model.eval(), **config.crp_options)

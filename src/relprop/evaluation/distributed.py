@@ -18,6 +18,7 @@ from datetime import timedelta
 from typing import Any, TypeVar
 
 import torch
+import torch.distributed as dist
 
 from relprop.errors import InputError
 
@@ -76,8 +77,6 @@ class Group:
     on (no tensor is ever exchanged: the results meet in the files)."""
 
     def __init__(self, ranks: Ranks, device: torch.device) -> None:
-        import torch.distributed as dist
-
         self.ranks, self._objects = ranks, None
         if ranks.world == 1:
             return
@@ -91,8 +90,6 @@ class Group:
 
     def gather(self, value: Any) -> list[Any]:
         """Every rank's `value`, in rank order, on every rank."""
-        import torch.distributed as dist
-
         if self.ranks.world == 1:
             return [value]
         found: list[Any] = [None] * self.ranks.world
@@ -100,7 +97,5 @@ class Group:
         return found
 
     def close(self) -> None:
-        import torch.distributed as dist
-
         if self.ranks.world > 1 and dist.is_initialized():
             dist.destroy_process_group()

@@ -32,28 +32,9 @@ from torch import Tensor, nn
 from relprop.errors import InputError
 
 Protocol = Literal["paper", "rise"]
-Channels = Literal["sum", "channel0"]
 PROTOCOLS = ("paper", "rise")
 PAPER_STEP = 500
 RISE_BLUR_SIZE, RISE_BLUR_SIGMA = 11, 5.0
-
-
-def to_2d(maps: Tensor, channels: Channels = "sum") -> Tensor:
-    """(N,C,H,W) or (N,H,W) maps -> (N,H,W) float32 maps to rank.
-
-    `sum`: signed channel sum (the LRP heatmap). `channel0`: channel 0 only, the reference code's
-    quirk for 3-channel baselines (it resizes `attention[0]`), to reproduce its numbers.
-    """
-    maps = maps.detach()
-    if maps.ndim == 3:
-        return maps.float()
-    if maps.ndim != 4:
-        raise InputError(f"maps must be (N,C,H,W) or (N,H,W), got shape {tuple(maps.shape)}")
-    if channels == "sum":
-        return maps.sum(dim=1).float()
-    if channels == "channel0":
-        return maps[:, 0].float()
-    raise InputError(f"channels must be 'sum' or 'channel0', got {channels!r}")
 
 
 def auc(curve: np.ndarray | Sequence[float], dtype: Any = np.float32) -> float:

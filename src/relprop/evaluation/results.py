@@ -22,9 +22,13 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
+import torchvision
 
+from relprop import __version__
 from relprop.errors import InputError
 from relprop.evaluation.metrics import LOCALIZATION, METRICS
+from relprop.evaluation.statistics import mean_sem_ci
 
 UNORDERED_SETTINGS = ("methods", "protocols")  # listing them in another order changes no number
 CURVE_POINTS = 101
@@ -297,11 +301,7 @@ def _comparable(key: str, value: Any, canonical: Callable[[str], str]) -> Any:
 
 def provenance() -> dict[str, Any]:
     """Versions, platform, time and command line of this process."""
-    import captum
-    import torch
-    import torchvision
-
-    from relprop import __version__
+    import captum  # deferred: captum is slow to import; only its version is read here
 
     return {
         "versions": {"relprop": __version__, "torch": torch.__version__,
@@ -372,8 +372,6 @@ def _aggregate(rows: Sequence[ResultRow]) -> dict[str, Any]:
 def _uncertainty(values: dict[str, list[float]], bootstrap: bool) -> dict[str, float]:
     """`<metric>_sem`, `_ci_low`, `_ci_high`: the standard error and the 95 % bootstrap CI of the
     mean over images; over a few checkpoints only the SE (a bootstrap of 3 to 5 seeds says little)."""
-    from relprop.evaluation.statistics import mean_sem_ci
-
     found: dict[str, float] = {}
     for key, column in values.items():
         _, sem, low, high = mean_sem_ci(column, n_boot=BOOTSTRAP_RESAMPLES, seed=BOOTSTRAP_SEED)

@@ -32,7 +32,7 @@ def finite_mean(values: Sequence[float] | np.ndarray) -> float:
 
 def _bootstrap_mean(values: np.ndarray, n_boot: int, seed: int) -> tuple[float, float]:
     """95 % percentile bootstrap interval of the mean; a constant sample is its own interval."""
-    from scipy import stats
+    from scipy import stats  # deferred: scipy.stats is slow to import; only the statistics need it
 
     if values.size < 2:
         return math.nan, math.nan
@@ -49,7 +49,7 @@ def mean_sem_ci(values: Sequence[float] | np.ndarray, *, n_boot: int = 10000,
     """(mean, standard error, CI low, CI high) over the finite values: SE = std (ddof 1) / sqrt(n),
     the CI a 95 % percentile bootstrap of the mean over images (`n_boot` resamples, seeded so a
     table is reproducible). Fewer than two values: NaN for SE and CI (no spread to estimate)."""
-    from scipy import stats
+    from scipy import stats  # deferred: scipy.stats is slow to import; only the statistics need it
 
     finite = _finite(values)
     if finite.size == 0:
@@ -65,7 +65,7 @@ def paired_comparison(a: Sequence[float] | np.ndarray, b: Sequence[float] | np.n
     """a - b on the same images: the mean difference, its 95 % paired bootstrap CI (pairs are
     resampled together) and the two-sided Wilcoxon signed-rank p-value (scipy; NaN when every
     difference is zero, where the test is undefined). Pairs with a non-finite value are left out."""
-    from scipy import stats
+    from scipy import stats  # deferred: scipy.stats is slow to import; only the statistics need it
 
     a_arr = np.asarray([math.nan if v is None else v for v in a], dtype=np.float64)
     b_arr = np.asarray([math.nan if v is None else v for v in b], dtype=np.float64)

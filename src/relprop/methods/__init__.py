@@ -27,7 +27,7 @@ from relprop.methods import contrastive as _contrastive
 from relprop.methods import faithful as _faithful
 # isort: on
 from relprop.methods.base import HQ_SUFFIX, Method, MethodOptions
-from relprop.methods.bow import BOW_METHODS
+from relprop.methods.bow import BOW_METHODS, BoWExplainer, BoWOcclusion
 from relprop.methods.cams import (
     CAMMethod,
     GradCAM,
@@ -59,7 +59,7 @@ METHOD_NAMES = method_names(include_aliases=True)
 del _lrp, _cams, _captum, _gradients, _bow, _contrastive, _faithful
 
 __all__ = [
-    "ALIASES", "BOW_METHODS", "CAMMethod", "CaptumMethod", "GradCAM", "Gradient", "HQ_SUFFIX", "HeatQuantized",
+    "ALIASES", "BOW_METHODS", "BoWExplainer", "BoWOcclusion", "CAMMethod", "CaptumMethod", "GradCAM", "Gradient", "HQ_SUFFIX", "HeatQuantized",
     "LRPMethod", "LRP_VARIANTS", "METHOD_NAMES", "Method", "MethodOptions", "PAPER_ALIASES", "ScoreCAM",
     "cam_layer_by_name", "canonical_name", "requested_methods", "default_cam_layer", "find_cam_layer", "get_method", "last_block",
     "method_names", "minmax", "register", "resolve_target", "upsample",

@@ -8,7 +8,7 @@ from typing import Any
 
 from torch import Tensor, nn
 
-from relprop.evaluation.metrics import Channels, to_2d
+from relprop.heatmaps import Channels, to_2d
 
 HQ_SUFFIX = "+hq"
 

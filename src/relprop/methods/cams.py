@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from relprop.errors import InputError
+from relprop.errors import InputError, first_line
 from relprop.methods.base import Method
 from relprop.methods.registry import register
 from relprop.targets import resolve_target
@@ -162,7 +162,7 @@ def find_cam_layer(model: nn.Module, inputs: Tensor) -> str:
             grads = torch.autograd.grad(top, [r[1] for r in records], allow_unused=True) \
                 if records else []
     except (RuntimeError, TypeError, ValueError) as error:
-        first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        first = first_line(error)
         raise InputError(f"cannot find the CAM layer of {type(model).__name__} automatically "
                          f"({first}); name one with --cam-layer") from None
     finally:

@@ -34,7 +34,7 @@ def _captum(class_name: str) -> Callable[[nn.Module], Any]:
     """Captum's class, imported on first use (captum is slow to import)."""
 
     def factory(model: nn.Module) -> Any:
-        import captum.attr
+        import captum.attr  # deferred: captum is slow to import; only its methods need it
 
         return getattr(captum.attr, class_name)(model)
 

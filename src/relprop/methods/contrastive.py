@@ -37,6 +37,8 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor, nn
 
+from relprop.core.composites import get_composite
+from relprop.core.lrp import LRP
 from relprop.errors import InputError
 from relprop.methods.base import Method, MethodOptions
 from relprop.methods.registry import register
@@ -118,9 +120,6 @@ class ContrastiveLRP(Method):
         """relprop.LRP with the composite below, and ε (the exact z-rule) at the classifier for
         the contribution head; built on first use."""
         if self._lrp is None:
-            from relprop import LRP
-            from relprop.core.composites import get_composite
-
             composite = get_composite(self.composite_name, mean=self.mean, std=self.std)
             if self.head == "contribution":
                 rules = {**composite.rule_map(), classifier_layer(self.model): "epsilon"}

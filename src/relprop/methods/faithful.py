@@ -27,6 +27,8 @@ import torch
 from torch import Tensor, nn
 
 from relprop.core.composites import Composite, get_composite
+from relprop.core.lrp import LRP
+from relprop.core.quantize import heat_quantize
 from relprop.errors import InputError
 from relprop.methods.base import Method, MethodOptions
 from relprop.methods.registry import register
@@ -109,8 +111,6 @@ class CandidateMethod(Method):
 
     def __init__(self, model: nn.Module, name: str, candidate: Candidate,
                  mean: Sequence[float] | None = None, std: Sequence[float] | None = None, **lrp_kwargs) -> None:
-        from relprop import LRP
-
         super().__init__(model, name)
         self.candidate = candidate
         self.lrp = LRP(model, composite=candidate_composite(candidate, model, mean, std), **lrp_kwargs)
@@ -140,8 +140,6 @@ def quantize(heat: Tensor, levels: int, bins: str = "image",
              value_range: tuple[float, float] | None = None) -> Tensor:
     """Heat Quantization with bins per image (the paper's) or fixed bins in units of each map's
     total relevance (``bins="total"``: the map divided by its sum, bins linspace(low, high))."""
-    from relprop import heat_quantize
-
     if bins == "image":
         return heat_quantize(heat, levels=levels)
     totals = heat.flatten(1).sum(1)

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from torch import Tensor
 
-from relprop.evaluation.metrics import Channels
+from relprop.core.quantize import heat_quantize
+from relprop.heatmaps import Channels
 from relprop.methods.base import HQ_SUFFIX, Method
 
 
@@ -26,6 +27,4 @@ class HeatQuantized(Method):
 
     def quantize(self, base_maps: Tensor) -> Tensor:
         """HQ of maps the base method already made (lets a caller reuse one base map)."""
-        from relprop import heat_quantize
-
         return heat_quantize(self.base.to_2d(base_maps, self.reduction), levels=self.levels)[:, None]

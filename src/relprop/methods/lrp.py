@@ -7,6 +7,7 @@ from typing import Any
 from torch import nn
 
 from relprop.core.composites import COMPOSITE_FIELDS, Composite, get_composite
+from relprop.core.lrp import LRP, preset_reference
 from relprop.methods.base import Method, MethodOptions
 from relprop.methods.registry import register
 
@@ -29,8 +30,6 @@ class LRPMethod(Method):
     is_lrp = True
 
     def __init__(self, model: nn.Module, name: str, composite: Composite | None = None, **lrp_kwargs: Any) -> None:
-        from relprop import LRP
-
         super().__init__(model, name)
         self.lrp = LRP(model, composite=composite, **lrp_kwargs)
 
@@ -45,8 +44,6 @@ def composite_method(composite_name: str):
     (chunk_size, verify) go to `relprop.LRP`."""
 
     def build(model: nn.Module, name: str, options: MethodOptions) -> LRPMethod:
-        from relprop.core.lrp import preset_reference
-
         composite = get_composite(composite_name, mean=options.mean, std=options.std)
         lrp_kwargs = dict(options.lrp)
         if "preset" in lrp_kwargs:

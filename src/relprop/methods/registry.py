@@ -12,8 +12,9 @@ from typing import Any
 
 from torch import nn
 
-from relprop.errors import InputError
-from relprop.evaluation.metrics import Channels
+from relprop.bow.model import is_bow_model
+from relprop.errors import ConfigError, InputError
+from relprop.heatmaps import Channels
 from relprop.methods.base import HQ_SUFFIX, Method, MethodOptions
 from relprop.methods.hq import HeatQuantized
 
@@ -22,10 +23,12 @@ Builder = Callable[[nn.Module, str, MethodOptions], Method]
 
 @dataclass(frozen=True)
 class Entry:
-    """A registered method: its builder, and whether it takes keywords for `relprop.LRP`."""
+    """A registered method: its builder, whether it takes keywords for `relprop.LRP`, and whether
+    it explains BoW kernel classifiers (relprop.bow) instead of networks."""
 
     build: Builder
     takes_lrp_options: bool = False
+    explains_bow: bool = False
 
 
 _REGISTRY: dict[str, Entry] = {}
@@ -33,11 +36,12 @@ _REGISTRY: dict[str, Entry] = {}
 ALIASES: dict[str, str] = {}
 
 
-def register(name: str, build: Builder, *, aliases: Sequence[str] = (), takes_lrp_options: bool = False) -> None:
+def register(name: str, build: Builder, *, aliases: Sequence[str] = (), takes_lrp_options: bool = False,
+             explains_bow: bool = False) -> None:
     """Register `build(model, name, options)` under `name` (and its aliases)."""
     if name in _REGISTRY or name in ALIASES:
-        raise ValueError(f"method {name!r} is already registered")
-    _REGISTRY[name] = Entry(build, takes_lrp_options)
+        raise ConfigError(f"method {name!r} is already registered")
+    _REGISTRY[name] = Entry(build, takes_lrp_options, explains_bow)
     for alias in aliases:
         ALIASES[alias] = name
 
@@ -98,10 +102,10 @@ def get_method(name: str, model: nn.Module, *, layer: nn.Module | str | None = N
     entry = _REGISTRY.get(canonical_name(name))
     if entry is None:
         raise unknown_method(name)
-    if getattr(model, "is_bow", False):  # BoW models: relprop.bow (refuses network methods)
-        from relprop.bow.explainer import get_bow_method
-
-        return get_bow_method(name, model)
+    if is_bow_model(model) and not entry.explains_bow:  # BoW models: relprop.methods.bow
+        bow = ", ".join(n for n, e in _REGISTRY.items() if e.explains_bow)
+        raise InputError(f"method {name!r} needs a network; a BoW model is explained by {bow} "
+                         f"(each also with {HQ_SUFFIX})")
     if lrp_options and not entry.takes_lrp_options:
         raise InputError(f"method {name!r} takes no options {sorted(lrp_options)}")
     return entry.build(model, name, options)

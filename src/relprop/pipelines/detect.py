@@ -17,10 +17,20 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+import torch
+from torchvision.transforms.functional import to_tensor
+from tqdm import tqdm
+
+from relprop.detection.crp import CRP, OUTPUTS, Request, to_image
+from relprop.detection.ssd import num_classes_of
 from relprop.errors import ImageError, RelpropError, TargetError
+from relprop.images import load_image
 from relprop.modelinfo import ModelInfo
+from relprop.models import class_names_of
 from relprop.pipelines.inputs import plan_jobs
 from relprop.pipelines.outputs import Manifest
+from relprop.viz import draw_detections, save_detection_panel
 
 SPLITS = ("ratio", "symmetric", "signed")
 
@@ -92,12 +102,7 @@ def detect_images(config: DetectConfig, model: Any, info: ModelInfo,
                   ) -> DetectSummary:
     """Detect and explain every image of `config.inputs`; `on_image(path, records)` is told of
     each image once its files are written (the CLI prints its lines)."""
-    from tqdm import tqdm
 
-    from relprop.detection.crp import CRP, OUTPUTS, Request
-    from relprop.detection.ssd import num_classes_of
-    from relprop.images import load_image
-    from relprop.models import class_names_of
 
     out = Path(config.out)
     model.to(config.device)
@@ -154,13 +159,11 @@ def parse_class(text: str | None, info: ModelInfo, names: Sequence[str]) -> int 
 
 def _activations_passed_through() -> dict:
     """Relevance passes these unchanged, as it passes ReLU (SSDLite's MobileNetV3 uses Hardswish)."""
-    import torch
 
     return {torch.nn.Hardswish: "pass"}
 
 
 def _to_tensor(image: Any) -> Any:
-    from torchvision.transforms.functional import to_tensor
 
     return to_tensor(image)
 
@@ -173,10 +176,7 @@ def _write_image(folder: Path, name: str, path: Path, image: Any, det: dict, cho
                  maps: Any, names: Sequence[str], target: int | None,
                  save_maps: bool, manifest: Manifest) -> list[DetectionRecord]:
     """Drawings, panels and (optionally) raw maps of one image; its detections.jsonl records."""
-    import numpy as np
 
-    from relprop.detection.crp import OUTPUTS, to_image
-    from relprop.viz import draw_detections, save_detection_panel
 
     rgb = (image.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
     size = tuple(image.shape[-2:])

@@ -16,10 +16,18 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+import torch
+from tqdm import tqdm
+
 from relprop.errors import ImageError, RelpropError, TargetError, first_line
+from relprop.images import BoundedTransform, load_image
+from relprop.methods import get_method
 from relprop.modelinfo import ModelInfo
+from relprop.models import class_names_of, preprocessing
 from relprop.pipelines.inputs import Job, plan_jobs
 from relprop.pipelines.outputs import Manifest
+from relprop.viz import PanelRow, denormalize, heat_2d, save_overlay, save_panel, save_png
 
 DEFAULT_METHODS = ("ours", "gradcam", "ig")
 OVERVIEW_ROWS = 8
@@ -88,8 +96,6 @@ def explain_images(config: ExplainConfig, model: Any, info: ModelInfo,
                    on_image: Callable[[ExplainRecord], None] | None = None) -> ExplainSummary:
     """Explain every image of `config.inputs` with every method; `on_image` is told of each image
     as soon as its files are written (the CLI prints a line)."""
-    from relprop.images import BoundedTransform
-    from relprop.models import class_names_of, preprocessing
 
     out = Path(config.out)
     model.to(config.device)
@@ -105,7 +111,6 @@ def explain_images(config: ExplainConfig, model: Any, info: ModelInfo,
                        summary.failed_methods)
     overview = _explain_all(context, jobs, config.batch_size, summary, on_image)
     if len(overview) > 1:
-        from relprop.viz import save_panel
 
         save_panel(context.manifest.add(out / "overview.png"), overview, sign=config.sign)
     summary.removed = context.manifest.finish()
@@ -138,7 +143,6 @@ def build_methods(names: Sequence[str], model: Any, info: ModelInfo, hq: bool,
     cannot be built for this model is reported and left out (into `failures`); with no method
     left, the run stops.
     """
-    from relprop.methods import get_method
 
     def make(name: str) -> Any:
         return get_method(name, model, mean=info.mean, std=info.std, layer=cam_layer)
@@ -164,7 +168,6 @@ def build_methods(names: Sequence[str], model: Any, info: ModelInfo, hq: bool,
 
 def _method_failed(failures: list[str], name: str, error: Exception) -> None:
     """One line for a method that cannot run on this model; the run goes on without it."""
-    from tqdm import tqdm
 
     first = first_line(error, default="")
     reason = first if isinstance(error, RelpropError) else f"{type(error).__name__}: {first}"
@@ -196,7 +199,6 @@ def _explain_all(context: _Context, jobs: Sequence[Job], batch_size: int, summar
 
     Returns the panel rows of the first images for the overview.
     """
-    from tqdm import tqdm
 
     overview: list[Any] = []
     log_path = context.manifest.add(context.out / "predictions.jsonl")
@@ -224,7 +226,6 @@ def _explain_all(context: _Context, jobs: Sequence[Job], batch_size: int, summar
 
 def _load(job: Job, transform: Any) -> Any:
     """The model input of one image; a refused size names the file like a refused file."""
-    from relprop.images import load_image
 
     image = load_image(job.path)
     try:
@@ -253,7 +254,6 @@ def _same_shape_groups(loaded: Sequence[tuple[Job, Any]]) -> Iterator[list[tuple
 
 def _explain_group(context: _Context,
                    group: Sequence[tuple[Job, Any]]) -> Iterator[tuple[ExplainRecord, Any]]:
-    import torch
 
     x = torch.stack([tensor for _, tensor in group]).to(context.device)
     with torch.no_grad():
@@ -279,9 +279,7 @@ def _as_numpy(maps: Any) -> Any:
 def _write_image_outputs(context: _Context, job: Job, x: Any, probs: Any,
                          maps: dict[str, Any]) -> tuple[ExplainRecord, Any]:
     """Overlays, raw maps, original and panel for one image, plus its predictions.jsonl record."""
-    import numpy as np
 
-    from relprop.viz import PanelRow, denormalize, heat_2d, save_overlay, save_panel, save_png
 
     folder = context.out / job.name
     folder.mkdir(parents=True, exist_ok=True)

@@ -8,6 +8,8 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import NamedTuple
 
+from relprop.images import find_images
+
 
 class Job(NamedTuple):
     """One input image and the folder its outputs go to."""
@@ -20,7 +22,6 @@ def plan_jobs(inputs: Iterable[str], command: str,
               exclude: Path | None = None) -> tuple[list[Job], list[str]]:
     """Expand the inputs into images with unique output folders; empty folders are failures.
     Folders are searched without `exclude` (the run's own output folder)."""
-    from relprop.images import find_images
 
     jobs: list[Job] = []
     failures: list[str] = []

@@ -22,12 +22,16 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from tqdm import tqdm
 
-from relprop.errors import ImageError, InputError
+from relprop.errors import ImageError, InputError, RelpropError
 from relprop.evaluation.metrics import METRICS
 from relprop.evaluation.results import (
+    BOOTSTRAP_RESAMPLES,
+    BOOTSTRAP_SEED,
     ResultRow,
     as_rows,
+    format_ci,
     format_mean_std,
     mean_curves,
     mean_std,
@@ -36,9 +40,12 @@ from relprop.evaluation.results import (
     read_union,
     shard_files,
 )
+from relprop.evaluation.statistics import mean_sem_ci
+from relprop.images import load_image
 from relprop.methods import canonical_name
 from relprop.modelinfo import Preprocessing
-from relprop.viz import plot_conservation, plot_curves
+from relprop.models import class_names_of, load_model, preprocessing
+from relprop.viz import heat_2d, plot_conservation, plot_curves, render_map, save_png
 
 PLACEHOLDER = re.compile(r"@@([A-Z_]+)@@")
 
@@ -125,9 +132,6 @@ def class_names(run: EvalRun) -> list[str] | None:
     path = run_value(run.info, "settings", "checkpoints", 0, "path")
     if not isinstance(path, str) or not Path(path).is_file():
         return None
-    from relprop.errors import RelpropError
-    from relprop.models import class_names_of, load_model
-
     try:
         _, info = load_model(path)
     except RelpropError:  # e.g. a plain state dict, which needs --arch: fall back to indices
@@ -255,15 +259,11 @@ def original_picture(context: GalleryContext, image: str, shape: tuple[int, int]
     """The image as the model saw it (the run's resize/crop), or None if the file is not there."""
     if context.data_root is None:
         return None
-    from relprop.images import load_image
-
     try:
         img = load_image(context.data_root / image)
     except ImageError:
         return None
     if context.geometry is not None:
-        from relprop.models import preprocessing
-
         tensor = preprocessing(context.geometry)(img)
         picture = np.clip(np.rint(tensor.numpy().transpose(1, 2, 0) * 255), 0, 255).astype(np.uint8)
         if shape is None or picture.shape[:2] == shape:
@@ -275,8 +275,6 @@ def original_picture(context: GalleryContext, image: str, shape: tuple[int, int]
 
 def build_gallery(context: GalleryContext) -> tuple[list[dict[str, Any]], list[str], int]:
     """Write thumbnails; return (rows for the page's JSON, methods, number of maps found)."""
-    from tqdm import tqdm
-
     records = _gallery_records(context.run.records)
     methods = _ordered(r.method for per in records.values() for r in per)
     rows = [_gallery_row(context, index, image, per_method) for index, (image, per_method)
@@ -288,8 +286,6 @@ def build_gallery(context: GalleryContext) -> tuple[list[dict[str, Any]], list[s
 def _gallery_row(context: GalleryContext, index: int, image: str,
                  per_method: Sequence[ResultRow]) -> dict[str, Any]:
     """One image: its picture, labels, and per method a map thumbnail and the scores."""
-    from relprop.viz import render_map, save_png
-
     folder = context.out / "img" / f"{index:06d}"
     maps = [_load_map(map_path(context.run.root, r.method, image, r.checkpoint)) for r in per_method]
     shape = next((m.shape for m in maps if m is not None), None)
@@ -337,8 +333,6 @@ def _gallery_records(records: Sequence[ResultRow]) -> OrderedDict[str, list[Resu
 def _load_map(path: Path | None) -> np.ndarray | None:
     if path is None:
         return None
-    from relprop.viz import heat_2d
-
     try:
         return heat_2d(np.load(path, allow_pickle=False))
     except (OSError, ValueError):
@@ -395,9 +389,6 @@ def summary_table(columns: Sequence[str], rows: Sequence[SummaryRow]) -> str:
 def uncertainty_table(records: Sequence[ResultRow]) -> str:
     """Per (checkpoint, method, protocol): mean, standard error and 95 % bootstrap CI over images
     of each metric (the numbers of summary.md's uncertainty section)."""
-    from relprop.evaluation.results import BOOTSTRAP_RESAMPLES, BOOTSTRAP_SEED, format_ci
-    from relprop.evaluation.statistics import mean_sem_ci
-
     groups: OrderedDict[tuple[str, str, str], list[ResultRow]] = OrderedDict()
     for r in records:
         groups.setdefault((r.checkpoint, r.method, r.protocol), []).append(r)

@@ -82,7 +82,7 @@ def attention_strategy(attention: str | AttentionStrategy) -> AttentionStrategy:
 
 def _swin_attention_types() -> tuple[type[nn.Module], ...]:
     """torchvision's Swin (v1) window attention: a leaf whose function is reproduced here."""
-    try:
+    try:  # optional: torchvision before 0.14 has no Swin
         from torchvision.models.swin_transformer import ShiftedWindowAttention
     except ImportError:  # pragma: no cover - torchvision is a dependency
         return ()

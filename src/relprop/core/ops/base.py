@@ -23,7 +23,7 @@ from torch import Tensor, nn
 
 from relprop.core.rules import PassRule, Rule
 from relprop.core.trace import in_module
-from relprop.errors import UnsupportedLayerError
+from relprop.errors import TraceError, UnsupportedLayerError
 
 if TYPE_CHECKING:  # types only: the planner imports the ops, not the other way round
     from relprop.core.composites import Strategies
@@ -81,7 +81,7 @@ class Op:
         if node.op == "call_method":
             obj, *rest = args
             return getattr(obj, node.target)(*rest, **kwargs)
-        raise AssertionError(f"{self.name} cannot run a {node.op} node")
+        raise TraceError(f"{self.name} cannot run a {node.op} node")
 
     def relevance(self, step: Step, values: dict[fx.Node, Any], R: Relevance, context: Context) -> Parents:
         raise NotImplementedError
