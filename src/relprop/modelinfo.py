@@ -17,6 +17,8 @@ from functools import cached_property
 from pathlib import Path
 from typing import Any
 
+from relprop.defaults import IMAGENET_MEAN, IMAGENET_STD
+
 PREPROCESSING_KEYS = ("resize", "crop", "mean", "std")
 
 Size = int | tuple[int, ...]
@@ -32,8 +34,8 @@ class Preprocessing:
 
     resize: Size
     crop: Size | None = None
-    mean: tuple[float, ...] = (0.485, 0.456, 0.406)
-    std: tuple[float, ...] = (0.229, 0.224, 0.225)
+    mean: tuple[float, ...] = IMAGENET_MEAN
+    std: tuple[float, ...] = IMAGENET_STD
     interpolation: str = "bilinear"
 
     def __post_init__(self) -> None:
