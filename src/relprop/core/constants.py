@@ -17,7 +17,8 @@ import torch
 import torch.fx as fx
 from torch import Tensor
 
-from relprop.errors import ConfigError, UnsupportedLayerError
+from relprop.core.aliases import named
+from relprop.errors import UnsupportedLayerError
 
 Split = Callable[[Tensor, Tensor, Tensor, "int | None"], tuple[Tensor, Tensor]]
 
@@ -68,9 +69,7 @@ CONSTANTS_POLICIES: dict[str, ConstantsPolicy] = {"input": KeepOnInput(), "leak"
 def constants_policy(constants: str | ConstantsPolicy) -> ConstantsPolicy:
     if not isinstance(constants, str):
         return constants
-    if constants not in CONSTANTS_POLICIES:
-        raise ConfigError(f"unknown constants policy {constants!r}; choose one of: {', '.join(CONSTANTS_POLICIES)}")
-    return CONSTANTS_POLICIES[constants]
+    return named(constants, CONSTANTS_POLICIES, "constants policy")
 
 
 def absorb(R: Tensor, pieces: list[Tensor]) -> list[Tensor]:

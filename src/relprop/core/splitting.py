@@ -19,6 +19,7 @@ from typing import Protocol
 import torch
 from torch import Tensor
 
+from relprop.core.aliases import named
 from relprop.core.numerics import stabilize
 from relprop.errors import ConfigError
 
@@ -103,9 +104,7 @@ def split_strategy(split: str | SplitStrategy, reference: bool = False) -> Split
     """The strategy of a name (with the reference numerics when asked), or a strategy as it is."""
     if not isinstance(split, str):
         return split
-    if split not in SPLITS:
-        raise ConfigError(f"unknown split {split!r}; choose one of: {', '.join(SPLITS)}")
-    plain, reference_twin = SPLITS[split]
+    plain, reference_twin = named(split, SPLITS, "split")
     if reference and reference_twin is None:
         raise ConfigError(f"the reference preset has no {split!r} split (the authors' code splits by "
                           "ratio or symmetrically)")

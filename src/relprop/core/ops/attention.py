@@ -28,13 +28,14 @@ import torch.fx as fx
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from relprop.core.aliases import named
 from relprop.core.linear_op import LinearOp
 from relprop.core.numerics import largest_gap, vjp
 from relprop.core.ops.base import Context, Op, Parents, describe
 from relprop.core.ops.matmul import EPSILON, bilinear_relevance
 from relprop.core.ops.softmax import softmax_relevance
 from relprop.core.rules import Rule
-from relprop.errors import ConfigError, FidelityError, UnsupportedLayerError
+from relprop.errors import FidelityError, UnsupportedLayerError
 
 
 class AttentionStrategy(Protocol):
@@ -75,9 +76,7 @@ ATTENTION_STRATEGIES: dict[str, AttentionStrategy] = {"cp": ConservativeAttentio
 def attention_strategy(attention: str | AttentionStrategy) -> AttentionStrategy:
     if not isinstance(attention, str):
         return attention
-    if attention not in ATTENTION_STRATEGIES:
-        raise ConfigError(f"unknown attention rule {attention!r}; choose one of: {', '.join(ATTENTION_STRATEGIES)}")
-    return ATTENTION_STRATEGIES[attention]
+    return named(attention, ATTENTION_STRATEGIES, "attention rule")
 
 
 def _swin_attention_types() -> tuple[type[nn.Module], ...]:

@@ -19,8 +19,9 @@ import torch.fx as fx
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from relprop.core.aliases import named
 from relprop.core.ops.base import Context, KeepsSign, Op, Parents
-from relprop.errors import ConfigError, UnsupportedLayerError
+from relprop.errors import UnsupportedLayerError
 
 MODULES = (nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d)
 FUNCTIONS = {F.max_pool1d, F.max_pool2d, F.max_pool3d}
@@ -79,9 +80,7 @@ def maxpool_strategy(maxpool: str | MaxPoolStrategy, reference: bool = False) ->
     """The strategy of a name (the reference code's stand-in with its numerics), or a strategy as it is."""
     if not isinstance(maxpool, str):
         return maxpool
-    if maxpool not in MAXPOOL_STRATEGIES:
-        raise ConfigError(f"unknown maxpool rule {maxpool!r}; choose one of: {', '.join(MAXPOOL_STRATEGIES)}")
-    plain, reference_twin = MAXPOOL_STRATEGIES[maxpool]
+    plain, reference_twin = named(maxpool, MAXPOOL_STRATEGIES, "maxpool rule")
     return reference_twin if reference else plain
 
 
