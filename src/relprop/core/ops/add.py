@@ -23,9 +23,7 @@ class AddInfo:
 
 class Add(KeepsSign, Op):
     name = "add"
-
-    def claim(self, node: fx.Node) -> bool:
-        return node.target in (METHODS if node.op == "call_method" else FUNCTIONS)
+    functions, methods = FUNCTIONS, METHODS
 
     def make_info(self) -> AddInfo:
         return AddInfo()

@@ -92,8 +92,7 @@ class Attention(Op):
     name = "attention"
     modules = (nn.MultiheadAttention, *_swin_attention_types())
 
-    def claim(self, node: fx.Node) -> bool:
-        return node.op == "call_function" and node.target is F.scaled_dot_product_attention
+    functions = frozenset({F.scaled_dot_product_attention})
 
     def check_module(self, node: fx.Node, module: nn.Module) -> None:
         """The packed in-projection without extra key/value biases or zero-attention rows

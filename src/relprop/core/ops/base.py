@@ -16,6 +16,7 @@ explainer (rules, strategies, caches) comes in through `context`.
 
 from __future__ import annotations
 
+from collections.abc import Set as AbstractSet
 from typing import TYPE_CHECKING, Any, ClassVar, Protocol
 
 import torch.fx as fx
@@ -56,10 +57,19 @@ class Op:
     # a linear layer behind nodes of this kind still sees the image (reshapes, pass-throughs)
     keeps_the_input_layer: ClassVar[bool] = False
     carries_relevance: ClassVar[bool] = True
+    # the calls it claims: functions, tensor-method names, and library functions by importable
+    # name (matched without importing the library)
+    functions: ClassVar[AbstractSet[Any]] = frozenset()
+    methods: ClassVar[AbstractSet[str]] = frozenset()
+    library_functions: ClassVar[AbstractSet[str]] = frozenset()
 
     def claim(self, node: fx.Node) -> bool:
-        """A `call_function` or `call_method` node of this kind?"""
-        return False
+        """A `call_function` or `call_method` node of this kind? By default: one in the op's
+        `functions`, `methods` or `library_functions`."""
+        if node.op == "call_method":
+            return node.target in self.methods
+        return node.target in self.functions or (bool(self.library_functions)
+                                                 and function_key(node.target) in self.library_functions)
 
     def check_module(self, node: fx.Node, module: nn.Module) -> None:
         """Refuse a module of `modules` that this op cannot reproduce in this configuration."""

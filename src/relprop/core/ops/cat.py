@@ -12,9 +12,7 @@ from relprop.core.trace import in_module
 
 class Cat(KeepsSign, Op):
     name = "cat"
-
-    def claim(self, node: fx.Node) -> bool:
-        return node.op == "call_function" and node.target in (torch.cat, torch.concat)
+    functions = frozenset({torch.cat, torch.concat})
 
     def relevance(self, step, values, R, context: Context) -> Parents:
         node = step.node

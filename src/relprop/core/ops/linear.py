@@ -32,9 +32,7 @@ class LinearInfo:
 class Linear(Op):
     name = "linear"
     modules = LINEAR_TYPES
-
-    def claim(self, node: fx.Node) -> bool:
-        return node.op == "call_function" and node.target in LINEAR_FUNCTIONS
+    functions = LINEAR_FUNCTIONS.keys()
 
     def make_info(self) -> LinearInfo:
         return LinearInfo()

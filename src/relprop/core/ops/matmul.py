@@ -11,7 +11,6 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
-import torch.fx as fx
 from torch import Tensor
 
 from relprop.core.numerics import stabilize
@@ -29,9 +28,7 @@ class MatmulInfo:
 
 class Matmul(Op):
     name = "matmul"
-
-    def claim(self, node: fx.Node) -> bool:
-        return node.target in (METHODS if node.op == "call_method" else FUNCTIONS)
+    functions, methods = FUNCTIONS, METHODS
 
     def make_info(self) -> MatmulInfo:
         return MatmulInfo()

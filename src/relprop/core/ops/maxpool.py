@@ -88,9 +88,11 @@ class MaxPool(KeepsSign, Op):
     name = "maxpool"
     modules = MODULES
 
+    functions = FUNCTIONS
+
     def claim(self, node: fx.Node) -> bool:
-        return node.op == "call_function" and (
-            node.target in FUNCTIONS or getattr(node.target, "__name__", "") in PRIVATE_NAMES)
+        return super().claim(node) or (node.op == "call_function"
+                                       and getattr(node.target, "__name__", "") in PRIVATE_NAMES)
 
     def relevance(self, step, values, R, context: Context) -> Parents:
         parent = step.inputs[0]

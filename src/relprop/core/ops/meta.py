@@ -5,10 +5,9 @@ from __future__ import annotations
 
 import operator
 
-import torch.fx as fx
 from torch import Tensor
 
-from relprop.core.ops.base import Context, Op, Parents, function_key
+from relprop.core.ops.base import Context, Op, Parents
 from relprop.errors import UnsupportedLayerError
 
 FUNCTIONS = {getattr, operator.floordiv, operator.sub, len}
@@ -18,11 +17,7 @@ LIBRARY_FUNCTIONS = {"timm.layers.attention.resolve_self_attn_mask"}  # from the
 
 class Meta(Op):
     name = "meta"
-
-    def claim(self, node: fx.Node) -> bool:
-        if node.op == "call_method":
-            return node.target in METHODS
-        return node.target in FUNCTIONS or function_key(node.target) in LIBRARY_FUNCTIONS
+    functions, methods, library_functions = FUNCTIONS, METHODS, LIBRARY_FUNCTIONS
 
     def relevance(self, step, values, R, context: Context) -> Parents:
         if isinstance(values[step.node], Tensor):

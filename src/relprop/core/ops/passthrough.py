@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from relprop.core.linear_op import BatchNormStats
-from relprop.core.ops.base import Context, KeepsSign, Op, Parents, function_key
+from relprop.core.ops.base import Context, KeepsSign, Op, Parents
 from relprop.core.rules import LayerNormParams, Rule
 from relprop.core.trace import module_path
 
@@ -48,11 +48,7 @@ class Passthrough(KeepsSign, Op):
     name = "passthrough"
     modules = (*NORM_MODULES, *ACTIVATION_MODULES, *IDENTITY_MODULES)
     keeps_the_input_layer = True
-
-    def claim(self, node: fx.Node) -> bool:
-        if node.op == "call_method":
-            return node.target in METHODS
-        return node.target in FUNCTIONS or function_key(node.target) in LIBRARY_FUNCTIONS
+    functions, methods, library_functions = FUNCTIONS, METHODS, LIBRARY_FUNCTIONS
 
     def make_info(self) -> PassInfo:
         return PassInfo()

@@ -33,17 +33,16 @@ METHODS = {"mean", "sum"}
 class Pool(KeepsSign, Op):
     name = "pool"
     modules = MODULES
+    functions, methods = FUNCTIONS, METHODS
 
     def claim(self, node: fx.Node) -> bool:
-        if node.op == "call_method":
-            return node.target in METHODS
         if node.target is F.interpolate:
             mode = positional(node, 3, "mode", "nearest")
             if mode not in POSITIVE_INTERPOLATION:
                 raise unsupported(f"{describe(node, None)} in mode {mode!r} (its interpolation weights can be "
                                   "negative)", function_key(node.target))
             return True
-        return node.target in FUNCTIONS
+        return super().claim(node)
 
     def check_module(self, node: fx.Node, module: nn.Module) -> None:
         if isinstance(module, nn.Upsample) and module.mode not in POSITIVE_INTERPOLATION:

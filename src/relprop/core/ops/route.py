@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from relprop.core.numerics import vjp
-from relprop.core.ops.base import Context, KeepsSign, Op, Parents, function_key, positional
+from relprop.core.ops.base import Context, KeepsSign, Op, Parents, positional
 
 FUNCTIONS = {torch.flatten, torch.reshape, torch.squeeze, torch.unsqueeze, torch.permute, torch.transpose,
              operator.getitem, torch.roll, torch.chunk, torch.split, torch.unbind, torch.tensor_split}
@@ -29,15 +29,16 @@ class Route(KeepsSign, Op):
     name = "route"
     modules = (nn.Flatten, nn.Unflatten)
     keeps_the_input_layer = True
+    functions, methods, library_functions = FUNCTIONS, METHODS, LIBRARY_FUNCTIONS
 
     def claim(self, node: fx.Node) -> bool:
-        if node.op == "call_method":
-            # masking scores (−inf) or zeroing: the filled elements take nothing; another fill
-            # value would drop that relevance silently
-            return node.target in METHODS or (node.target == "masked_fill" and _fill_value(node) in (0.0, float("-inf")))
+        # masking scores (−inf) or zeroing: the filled elements take nothing; another fill value
+        # would drop that relevance silently
+        if node.op == "call_method" and node.target == "masked_fill":
+            return _fill_value(node) in (0.0, float("-inf"))
         if node.target is F.pad:  # zero padding: relevance follows the elements it keeps
             return positional(node, 2, "mode", "constant") == "constant" and not positional(node, 3, "value")
-        return node.target in FUNCTIONS or function_key(node.target) in LIBRARY_FUNCTIONS
+        return super().claim(node)
 
     def relevance(self, step, values, R, context: Context) -> Parents:
         parent = step.inputs[0]

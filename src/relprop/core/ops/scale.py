@@ -25,9 +25,7 @@ class ScaleInfo:
 
 class Scale(Op):
     name = "scale"
-
-    def claim(self, node: fx.Node) -> bool:
-        return node.target in (METHODS if node.op == "call_method" else FUNCTIONS)
+    functions, methods = FUNCTIONS, METHODS
 
     def make_info(self) -> ScaleInfo:
         return ScaleInfo()
