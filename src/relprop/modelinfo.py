@@ -51,7 +51,7 @@ class Preprocessing:
 
     def to_dict(self) -> dict[str, Any]:
         """resize, crop, mean, std (the checkpoint's keys, lists for sequences) and interpolation."""
-        return {"resize": _plain(self.resize), "crop": _plain(self.crop), "mean": list(self.mean),
+        return {"resize": plain_size(self.resize), "crop": plain_size(self.crop), "mean": list(self.mean),
                 "std": list(self.std), "interpolation": self.interpolation}
 
     @classmethod
@@ -116,7 +116,7 @@ class ModelInfo:
         data: dict[str, Any] = {"arch": self.arch, "num_classes": self.num_classes,
                                 "classes": list(self.classes),
                                 "class_names": None if self.class_names is None else list(self.class_names),
-                                "input_size": _plain(self.input_size), **self.preprocessing.to_dict()}
+                                "input_size": plain_size(self.input_size), **self.preprocessing.to_dict()}
         if self.source is not None:
             data.update(path=self.source.path, weights=self.source.name, url=self.source.url)
         data["assumed"] = list(self.assumed)
@@ -152,7 +152,8 @@ def _size(size: Any) -> Size:
     return tuple(int(s) for s in size)
 
 
-def _plain(size: Size | None) -> int | list[int] | None:
+def plain_size(size: Size | None) -> int | list[int] | None:
+    """A size as JSON and torchvision's transforms take it: an int, or a list."""
     return list(size) if isinstance(size, tuple) else size
 
 

@@ -42,6 +42,7 @@ from relprop.modelinfo import (
     Preprocessing,
     WeightsSource,
     as_preprocessing,
+    plain_size,
 )
 
 _STORED_KEYS = ("arch", "num_classes", "classes", "class_names", "input_size", "resize", "crop",
@@ -101,9 +102,9 @@ def load_model(
 def describe_preprocessing(spec: Preprocessing | ModelInfo) -> str:
     """`Resize 256 -> CenterCrop 224, mean (...), std (...)`: what `preprocessing(spec)` does."""
     p = as_preprocessing(spec)
-    text = f"Resize {_plain_size(p.resize)}"
+    text = f"Resize {plain_size(p.resize)}"
     if p.crop:
-        text += f" -> CenterCrop {_plain_size(p.crop)}"
+        text += f" -> CenterCrop {plain_size(p.crop)}"
     if p.interpolation != "bilinear":
         text += f" ({p.interpolation})"
     mean = tuple(round(v, 4) for v in p.mean)
@@ -117,19 +118,11 @@ def preprocessing(spec: Preprocessing | ModelInfo) -> transforms.Compose:
     """`Resize(resize)` -> `CenterCrop(crop)` if any -> `ToTensor` -> `Normalize(mean, std)`."""
     p = as_preprocessing(spec)
     interpolation = transforms.InterpolationMode(p.interpolation)
-    steps: list[Any] = [transforms.Resize(_size_arg(p.resize), interpolation=interpolation)]
+    steps: list[Any] = [transforms.Resize(plain_size(p.resize), interpolation=interpolation)]
     if p.crop:
-        steps.append(transforms.CenterCrop(_size_arg(p.crop)))
+        steps.append(transforms.CenterCrop(plain_size(p.crop)))
     steps += [transforms.ToTensor(), transforms.Normalize(list(p.mean), list(p.std))]
     return transforms.Compose(steps)
-
-
-def _plain_size(size: int | Sequence[int]) -> int | list[int]:
-    return size if isinstance(size, int) else list(size)
-
-
-def _size_arg(size: int | Sequence[int]) -> int | list[int]:
-    return int(size) if isinstance(size, int | float) else [int(s) for s in size]
 
 
 def _read(path: Path) -> Any:

@@ -22,6 +22,7 @@ import torch
 from torchvision.transforms.functional import to_tensor
 from tqdm import tqdm
 
+from relprop.core.splitting import SPLITS
 from relprop.detection.crp import CRP, OUTPUTS, Request, to_image
 from relprop.detection.ssd import num_classes_of
 from relprop.errors import ImageError, RelpropError, TargetError
@@ -32,7 +33,8 @@ from relprop.pipelines.inputs import plan_jobs
 from relprop.pipelines.outputs import Manifest
 from relprop.viz import draw_detections, save_detection_panel
 
-SPLITS = ("ratio", "symmetric", "signed")
+# Relevance passes these unchanged, as it passes ReLU (SSDLite's MobileNetV3 uses Hardswish).
+ACTIVATIONS_PASSED_THROUGH = {torch.nn.Hardswish: "pass"}
 
 
 @dataclass(frozen=True)
@@ -102,22 +104,20 @@ def detect_images(config: DetectConfig, model: Any, info: ModelInfo,
                   ) -> DetectSummary:
     """Detect and explain every image of `config.inputs`; `on_image(path, records)` is told of
     each image once its files are written (the CLI prints its lines)."""
-
-
     out = Path(config.out)
     model.to(config.device)
     names = class_names_of(info, num_classes_of(model), detector=True)
     target = parse_class(config.target, info, names)
     crp = CRP(model, contrast=config.contrast, include_background=config.include_background,
               box_contrast=config.box_contrast, split=config.split,
-              rules=_activations_passed_through())
+              rules=ACTIVATIONS_PASSED_THROUGH)
     jobs, failures = plan_jobs(config.inputs, "detect", exclude=out)
     summary = DetectSummary(out, inputs=len(jobs) + len(failures), failures=failures)
     manifest = Manifest(out, "detect")
     with open(manifest.add(out / "detections.jsonl"), "w", encoding="utf-8") as log:
         for path, name in tqdm(jobs, unit="image", desc="detect", file=sys.stderr):
             try:
-                image = _to_tensor(load_image(path))
+                image = to_tensor(load_image(path))
             except ImageError as error:
                 summary.failures.append(str(error))
                 tqdm.write(f"relprop detect: error: {error}", file=sys.stderr)
@@ -157,17 +157,6 @@ def parse_class(text: str | None, info: ModelInfo, names: Sequence[str]) -> int 
     raise TargetError(f"--target-class {text!r}: not a class index, id or name of this detector")
 
 
-def _activations_passed_through() -> dict:
-    """Relevance passes these unchanged, as it passes ReLU (SSDLite's MobileNetV3 uses Hardswish)."""
-
-    return {torch.nn.Hardswish: "pass"}
-
-
-def _to_tensor(image: Any) -> Any:
-
-    return to_tensor(image)
-
-
 def _chosen(scores: Any, threshold: float, cap: int) -> list[int]:
     return [int(d) for d in (scores >= threshold).nonzero().flatten()[:cap]]
 
@@ -176,8 +165,6 @@ def _write_image(folder: Path, name: str, path: Path, image: Any, det: dict, cho
                  maps: Any, names: Sequence[str], target: int | None,
                  save_maps: bool, manifest: Manifest) -> list[DetectionRecord]:
     """Drawings, panels and (optionally) raw maps of one image; its detections.jsonl records."""
-
-
     rgb = (image.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
     size = tuple(image.shape[-2:])
     boxes = [det["boxes"][d].tolist() for d in chosen]

@@ -96,7 +96,6 @@ def explain_images(config: ExplainConfig, model: Any, info: ModelInfo,
                    on_image: Callable[[ExplainRecord], None] | None = None) -> ExplainSummary:
     """Explain every image of `config.inputs` with every method; `on_image` is told of each image
     as soon as its files are written (the CLI prints a line)."""
-
     out = Path(config.out)
     model.to(config.device)
     target = parse_target(config.target, info)
@@ -111,7 +110,6 @@ def explain_images(config: ExplainConfig, model: Any, info: ModelInfo,
                        summary.failed_methods)
     overview = _explain_all(context, jobs, config.batch_size, summary, on_image)
     if len(overview) > 1:
-
         save_panel(context.manifest.add(out / "overview.png"), overview, sign=config.sign)
     summary.removed = context.manifest.finish()
     return summary
@@ -143,7 +141,6 @@ def build_methods(names: Sequence[str], model: Any, info: ModelInfo, hq: bool,
     cannot be built for this model is reported and left out (into `failures`); with no method
     left, the run stops.
     """
-
     def make(name: str) -> Any:
         return get_method(name, model, mean=info.mean, std=info.std, layer=cam_layer)
 
@@ -168,7 +165,6 @@ def build_methods(names: Sequence[str], model: Any, info: ModelInfo, hq: bool,
 
 def _method_failed(failures: list[str], name: str, error: Exception) -> None:
     """One line for a method that cannot run on this model; the run goes on without it."""
-
     first = first_line(error, default="")
     reason = first if isinstance(error, RelpropError) else f"{type(error).__name__}: {first}"
     tqdm.write(f"relprop explain: error: method {name} cannot run on this model: {reason}; "
@@ -199,7 +195,6 @@ def _explain_all(context: _Context, jobs: Sequence[Job], batch_size: int, summar
 
     Returns the panel rows of the first images for the overview.
     """
-
     overview: list[Any] = []
     log_path = context.manifest.add(context.out / "predictions.jsonl")
     with open(log_path, "w", encoding="utf-8") as log, \
@@ -226,7 +221,6 @@ def _explain_all(context: _Context, jobs: Sequence[Job], batch_size: int, summar
 
 def _load(job: Job, transform: Any) -> Any:
     """The model input of one image; a refused size names the file like a refused file."""
-
     image = load_image(job.path)
     try:
         return transform(image)
@@ -254,7 +248,6 @@ def _same_shape_groups(loaded: Sequence[tuple[Job, Any]]) -> Iterator[list[tuple
 
 def _explain_group(context: _Context,
                    group: Sequence[tuple[Job, Any]]) -> Iterator[tuple[ExplainRecord, Any]]:
-
     x = torch.stack([tensor for _, tensor in group]).to(context.device)
     with torch.no_grad():
         probs = torch.softmax(context.model(x).float(), dim=1).cpu()
@@ -279,8 +272,6 @@ def _as_numpy(maps: Any) -> Any:
 def _write_image_outputs(context: _Context, job: Job, x: Any, probs: Any,
                          maps: dict[str, Any]) -> tuple[ExplainRecord, Any]:
     """Overlays, raw maps, original and panel for one image, plus its predictions.jsonl record."""
-
-
     folder = context.out / job.name
     folder.mkdir(parents=True, exist_ok=True)
     add = context.manifest.add

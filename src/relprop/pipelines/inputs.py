@@ -22,7 +22,6 @@ def plan_jobs(inputs: Iterable[str], command: str,
               exclude: Path | None = None) -> tuple[list[Job], list[str]]:
     """Expand the inputs into images with unique output folders; empty folders are failures.
     Folders are searched without `exclude` (the run's own output folder)."""
-
     jobs: list[Job] = []
     failures: list[str] = []
     taken: set[str] = set()
