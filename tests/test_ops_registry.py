@@ -290,3 +290,36 @@ def test_real_models_have_every_node_claimed_by_the_expected_op(name):
         assert counts == expected
     R = LRP(engine.model).attribute(torch.randn(1, 3, 32, 32))
     assert torch.isfinite(R).all()
+
+
+class PoolMinusInput(nn.Module):
+    """PoolFormer's token mixer, `pool(x) - x`: tensor arithmetic, not a shape."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv, self.pool, self.head = nn.Conv2d(2, 4, 3, padding=1), nn.AvgPool2d(3, 1, 1), nn.Linear(4, 3)
+
+    def forward(self, x):
+        h = self.conv(x)
+        return self.head((h + (self.pool(h) - h)).mean((2, 3)))
+
+
+class DoubleTranspose(nn.Module):
+    """`x.mT` reads a tensor-valued attribute: its values, not a shape."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.body, self.head = nn.Linear(6, 6), nn.Linear(6, 3)
+
+    def forward(self, x):
+        return self.head(self.body(x).mT.mT)
+
+
+@pytest.mark.parametrize(("model", "inputs", "key"), [
+    (PoolMinusInput, _images, "operator.sub"), (DoubleTranspose, _vectors, "builtins.getattr")])
+def test_tensor_values_are_never_taken_for_a_shape(model, inputs, key):
+    """A shape carries no relevance, so a tensor taken for one would silently cut its branch while
+    conservation still held (PoolFormer's token mixer was); such nodes are refused instead."""
+    torch.manual_seed(0)
+    with pytest.raises(UnsupportedLayerError, match=f"rules={{{key}: rule}}"):
+        LRP(model().eval()).attribute(inputs(2, torch.Generator().manual_seed(0)))
