@@ -19,11 +19,12 @@ from torch import Tensor, nn
 from relprop.core.composites import Composite, RuleSpec, resolve_composite
 from relprop.core.numerics import largest_gap
 from relprop.core.ops import INPUT, builtin_op, builtin_types
-from relprop.core.plan import Step, build_plan, layer_output, load
+from relprop.core.capture import trace_on
+from relprop.core.plan import Plan, Step, build_plan, layer_output, load
 from relprop.core.rules import Rule
 from relprop.core.ruleset import RuleSet
 from relprop.core.trace import LeafPolicy, eval_mode, trace
-from relprop.errors import FidelityError, InputError, first_line
+from relprop.errors import FidelityError, InputError, TraceError, first_line
 
 
 @dataclass
@@ -83,15 +84,38 @@ class RelevanceEngine:
         self.bn = self.strategies.bn
         policy = LeafPolicy(lambda m: builtin_op(m) is not None, builtin_types(), tuple(self.rules.types),
                             frozenset(self.rules.names))
-        self.graph = trace(module, policy)
-        self.plan = build_plan(module, self.graph, self.rules, policy, self.strategies.canonizers)
-        self.steps = self.plan.steps
-        self.step_of = self.plan.step_of
-        inputs = [step for step in self.steps if step.op is INPUT]
-        if len(inputs) != 1:
-            raise InputError(f"the model must take exactly one input tensor (it takes {len(inputs)})")
-        self._input_node = inputs[0].node
         self.cache: dict[Any, Any] = {}  # per-op caches (folded linear maps), keyed by node
+        self._policy = policy
+        self._captures: dict[tuple, tuple[fx.Graph, Plan, fx.Node]] = {}  # per input shape
+        self._fx_error: TraceError | None = None
+        try:
+            self._use(trace(module, policy))
+            self.capture_path = "fx"  # traced once, symbolically: any input shape
+        except TraceError as error:  # shape-dependent Python: captured per input shape instead
+            self._fx_error, self.capture_path = error, "concrete"
+            self.graph, self.plan, self.steps, self.step_of = None, None, [], {}
+
+    def _use(self, graph: fx.Graph, plan: Plan | None = None, input_node: fx.Node | None = None) -> None:
+        """Make `graph` the one the engine runs (planned here unless `plan` is given)."""
+        if plan is None:
+            plan = build_plan(self.module, graph, self.rules, self._policy, self.strategies.canonizers)
+            inputs = [step for step in plan.steps if step.op is INPUT]
+            if len(inputs) != 1:
+                raise InputError(f"the model must take exactly one input tensor (it takes {len(inputs)})")
+            input_node = inputs[0].node
+        self.graph, self.plan, self.steps, self.step_of = graph, plan, plan.steps, plan.step_of
+        self._input_node = input_node
+
+    def prepare(self, x: Tensor) -> None:
+        """On the capture path, the graph for inputs shaped like `x` (captured once per shape and
+        device); on the fx path there is one graph for all shapes."""
+        if self.capture_path == "fx":
+            return
+        key = (tuple(x.shape), x.device.type)
+        if key not in self._captures:
+            self._use(trace_on(self.module, self._policy, x.float(), self._fx_error))
+            self._captures[key] = (self.graph, self.plan, self._input_node)
+        self._use(*self._captures[key])
 
     def rule_for(self, step: Step) -> Rule:
         """By module name, then `input_rule` at the input layer, then by type, function or
@@ -112,6 +136,7 @@ class RelevanceEngine:
     def forward(self, x: Tensor) -> Record:
         """Run the model in eval semantics and fp32, keeping every node's output."""
         x = x.float()
+        self.prepare(x)
         values: dict[fx.Node, Any] = {}
         output = None
         for step in self.steps:

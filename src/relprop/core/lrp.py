@@ -96,6 +96,12 @@ class LRP:
         self.preset = "reference" if self.composite.reference else "default"
         self.engine = RelevanceEngine(model, composite=self.composite)
 
+    @property
+    def capture_path(self) -> str:
+        """How the model became a graph: "fx" (symbolic tracing, one graph for every input
+        shape) or "concrete" (traced with the input's values, once per input shape)."""
+        return self.engine.capture_path
+
     def attribute(
         self, inputs: Tensor, target: Target = None, return_layer_sums: bool = False,
         layers: Sequence[str] | None = None,
@@ -112,7 +118,6 @@ class LRP:
         `(R, layer_sums, layer_relevance)` with both options.
         """
         x = _check_inputs(inputs)
-        nodes = self.engine.layer_nodes(layers) if layers else {}
         check_target(target, x.shape[0])
         device = _model_device(self.model, x.device)
         results, reports, kept = [], [], []
@@ -120,7 +125,7 @@ class LRP:
         for start in range(0, x.shape[0], chunk_size):
             chunk = x[start:start + chunk_size].to(device=device, dtype=torch.float32)
             backward, sums = self._attribute_chunk(chunk, slice_target(target, start, chunk_size),
-                                                   return_layer_sums, nodes)
+                                                   return_layer_sums, layers or ())
             results.append(backward.input.to(inputs.device))
             reports.append(sums)
             kept.append(backward.layers)
@@ -130,14 +135,15 @@ class LRP:
             outputs.append(OrderedDict((key, torch.cat([r[key] for r in reports]).to(inputs.device))
                                        for key in reports[0]))
         if layers:
-            outputs.append({name: torch.cat([k[name] for k in kept]).to(inputs.device) for name in nodes})
+            outputs.append({name: torch.cat([k[name] for k in kept]).to(inputs.device) for name in layers})
         return outputs[0] if len(outputs) == 1 else tuple(outputs)
 
     def _attribute_chunk(self, x: Tensor, target: Target, layer_sums: bool,
-                         layers: Mapping[str, Any]) -> tuple[Backward, OrderedDict[str, Tensor]]:
+                         layers: Sequence[str]) -> tuple[Backward, OrderedDict[str, Tensor]]:
         record = self.engine.forward(x)
         self._verify(x, record)
-        logits = record.output
+        nodes = self.engine.layer_nodes(layers)  # after forward: a captured graph is per shape
+        logits = classifier_logits(record.output)
         if not isinstance(logits, Tensor) or logits.dim() != 2 or logits.shape[0] != x.shape[0]:
             shape = tuple(logits.shape) if isinstance(logits, Tensor) else type(logits).__name__
             raise InputError(
@@ -145,7 +151,8 @@ class LRP:
                 "Use relprop.core.interpreter.RelevanceEngine with a seed of the output's structure."
             )
         seed = initial_relevance(logits, target)
-        backward = self.engine.backward(record, seed, layer_sums=layer_sums, layers=layers)
+        structured = {"logits": seed} if logits is not record.output else seed
+        backward = self.engine.backward(record, structured, layer_sums=layer_sums, layers=nodes)
         sums: OrderedDict[str, Tensor] = OrderedDict(output=seed.sum(1))
         sums.update(backward.layer_sums)
         sums["input"] = backward.input.reshape(x.shape[0], -1).sum(1)
@@ -157,6 +164,14 @@ class LRP:
         if self.verify == "always" or key not in self._verified:
             self.engine.verify(x, record)
             self._verified.add(key)
+
+
+def classifier_logits(output: Any) -> Any:
+    """The logits of a classifier's output: the tensor itself, or the `logits` entry of a
+    mapping (Hugging Face's `ImageClassifierOutput`, traced as a dict)."""
+    if isinstance(output, Mapping) and isinstance(output.get("logits"), Tensor):
+        return output["logits"]
+    return output
 
 
 def preset_reference(preset: str | None) -> bool | None:

@@ -1,0 +1,210 @@
+"""The capture path for models torch.fx cannot trace symbolically: the same fx tracer, run with
+the example input's values beside every proxy, so Python that reads a shape (`if H % 2`,
+`math.ceil(W / p)`, `len(x)`, `B, N, C = x.shape`) gets the example's numbers and the graph is
+specialized to that input shape (the engine re-captures per shape).
+
+Why fx with values and not torch.export or dynamo: they inline every module into aten (or
+torch-level) calls, rename parameters (`L__self___conv1_weight`) and carry symbolic sizes, so
+each op and each rule keyed by module type or name would need a translation back; a capture
+of timm's tf_efficientnetv2_b0 through `torch._dynamo.export` took 125 s here. This tracer
+keeps the leaf policy, `call_module` nodes named as in the user's model and `nn_module_stack`,
+so every op and rule applies unchanged, in about the time of two forward passes.
+
+Only shapes and metadata are specialized. A Python value read from the input's *values*
+(`.item()`, `if (x > 0).any()`, `int(x.sum())`) would make the graph right for the example only,
+so it is refused (TraceError) rather than baked in."""
+
+from __future__ import annotations
+
+import operator
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import torch
+import torch.fx as fx
+from torch import Tensor, nn
+from torch.utils._pytree import tree_flatten, tree_map
+
+from relprop.core.trace import (
+    OUT_OF_PLACE,
+    OUT_OF_PLACE_METHODS,
+    LeafPolicy,
+    describe_module,
+    LeafTracer,
+    eval_mode,
+    make_out_of_place,
+)
+from relprop.errors import TraceError, first_line
+
+# Calls on a tensor whose Python result describes the tensor, not its values: specialized.
+METADATA_METHODS = {"size", "dim", "ndimension", "numel", "nelement", "stride", "is_contiguous",
+                    "is_floating_point", "is_complex", "element_size", "get_device", "__len__"}
+METADATA_FUNCTIONS = {len, torch.numel, torch.is_floating_point, torch.is_complex, torch.is_tensor,
+                      getattr, isinstance}
+
+
+class Held:
+    """A tensor computed during capture from no input value (`torch.arange(H)`, a mask built
+    from the example's shape): a constant of this capture, held by the graph node rather than
+    set on the user's model as plain fx does."""
+
+    def __init__(self, value: Tensor) -> None:
+        self.value = value.float() if value.is_floating_point() else value
+        self.__name__ = "constant"
+
+    def __call__(self) -> Tensor:
+        return self.value
+
+    def __repr__(self) -> str:
+        return f"constant{tuple(self.value.shape)}"
+
+
+class _ValueProxy(fx.Proxy):
+    """A proxy that also holds its node's value on the example input."""
+
+    def __init__(self, node: fx.Node, tracer: _ConcreteTracer, value: Any) -> None:
+        super().__init__(node, tracer)
+        self.value = value
+
+    def __getattr__(self, name: str) -> Any:
+        value = getattr(self.value, name)  # AttributeError as the tensor itself would raise
+        if isinstance(value, Tensor):  # x.T, x.mT, x.real: a node
+            return self.tracer.create_proxy("call_function", getattr, (self, name), {})
+        if callable(value):  # a method: fx records the call
+            return fx.proxy.Attribute(self, name)
+        return value  # shape, dtype, device, ndim: metadata, specialized
+
+    def __len__(self) -> int:
+        return len(self.value)
+
+    def __setitem__(self, index: Any, value: Any) -> None:
+        raise TraceError(f"item assignment into '{self.node.name}' (x[...] = v) changes an input-dependent "
+                         "tensor in place, which relprop's graph cannot represent")
+
+
+def _value_of(item: Any) -> Any:
+    return item.value if isinstance(item, _ValueProxy) else item
+
+
+def _has_proxy(tree: Any) -> bool:
+    leaves, _ = tree_flatten(tree)
+    return any(isinstance(leaf, fx.Proxy) for leaf in leaves)
+
+
+def _holds_tensor(value: Any) -> bool:
+    leaves, _ = tree_flatten(value)
+    return any(isinstance(leaf, Tensor) for leaf in leaves)
+
+
+class _ConcreteTracer(LeafTracer):
+    """fx tracing with the example input's values beside the proxies (see the module doc)."""
+
+    def __init__(self, policy: LeafPolicy, example: Tensor) -> None:
+        super().__init__(policy)
+        self.example = example
+        self.eager = 0  # > 0 while computing a value: modules run, parameters are themselves
+
+    def create_args_for_root(self, root_fn: Callable, is_module: bool, concrete_args: Any = None) -> Any:
+        def one_input(module: nn.Module, x: Tensor) -> Any:  # the others keep their defaults
+            return root_fn(module, x)
+
+        return super().create_args_for_root(one_input, is_module, concrete_args)
+
+    def getattr(self, attr: str, attr_val: Any, parameter_proxy_cache: dict[str, Any]) -> Any:
+        if self.eager:
+            return attr_val
+        return super().getattr(attr, attr_val, parameter_proxy_cache)
+
+    def call_module(self, m: nn.Module, forward: Callable, args: tuple, kwargs: dict) -> Any:
+        if self.eager:
+            return forward(*args, **kwargs)
+        return super().call_module(m, forward, args, kwargs)
+
+    def create_arg(self, a: Any) -> Any:
+        if isinstance(a, Tensor) and not isinstance(a, nn.Parameter) and a not in self.tensor_attrs:
+            return self.create_node("call_function", Held(a), (), {})
+        return super().create_arg(a)
+
+    def create_proxy(self, kind: str, target: Any, args: tuple, kwargs: dict, name: str | None = None,
+                     type_expr: Any = None, proxy_factory_fn: Callable | None = None) -> Any:
+        value = self._evaluate(kind, target, args, kwargs)
+        proxy = super().create_proxy(kind, target, args, kwargs, name, type_expr, proxy_factory_fn)
+        if kind in ("placeholder", "get_attr") or _holds_tensor(value):
+            return _ValueProxy(proxy.node, self, value)
+        if _has_proxy((args, kwargs)) and not _is_metadata(kind, target):
+            raise TraceError(
+                f"'{proxy.node.format_node()}' reads a Python {type(value).__name__} from the input's "
+                "values; a graph specialized on it would be right for this input only"
+            )
+        self.graph.erase_node(proxy.node)  # a shape or other metadata: specialized
+        return value
+
+    def _evaluate(self, kind: str, target: Any, args: tuple, kwargs: dict) -> Any:
+        self.eager += 1
+        try:
+            return self._compute(kind, target, *tree_map(_value_of, (args, kwargs)))
+        finally:
+            self.eager -= 1
+
+    def _compute(self, kind: str, target: Any, args: tuple, kwargs: dict) -> Any:
+        if kind == "placeholder":
+            return self.example
+        if kind == "get_attr":
+            value: Any = self.root
+            for part in target.split("."):
+                value = getattr(value, part)
+            return value
+        if kwargs.get("inplace"):
+            kwargs = {**kwargs, "inplace": False}
+        if kind == "call_module":
+            return self.root.get_submodule(target)(*args, **kwargs)
+        if kind == "call_method":
+            obj, *rest = args
+            return getattr(obj, OUT_OF_PLACE_METHODS.get(target, target))(*rest, **kwargs)
+        return OUT_OF_PLACE.get(target, target)(*args, **kwargs)
+
+    def to_bool(self, obj: fx.Proxy) -> bool:
+        value = _value_of(obj)
+        if isinstance(value, Tensor):
+            raise TraceError(f"Python control flow on the input's values ('{obj.node.name}')")
+        return bool(value)
+
+    def iter(self, obj: fx.Proxy) -> Iterator:
+        return (obj[i] for i in range(len(_value_of(obj))))
+
+
+def _is_metadata(kind: str, target: Any) -> bool:
+    if kind == "call_method":
+        return target in METADATA_METHODS
+    return kind == "call_function" and target in METADATA_FUNCTIONS
+
+
+def trace_on(model: nn.Module, policy: LeafPolicy, example: Tensor, fx_error: TraceError | None = None) -> fx.Graph:
+    """The model's graph on inputs shaped like `example`, traced with its values (eval mode,
+    in-place ops made out-of-place). `fx_error`: why symbolic tracing failed, for the message."""
+    tracer = _ConcreteTracer(policy, example)
+    try:
+        with eval_mode(model), torch.no_grad():
+            graph = tracer.trace(model)
+    except Exception as error:  # user code raises anything; all mean "not capturable as written"
+        symbolic = f" (torch.fx: {first_line(fx_error.__cause__ or fx_error)})" if fx_error is not None else ""
+        raise TraceError(
+            f"cannot capture {type(model).__name__}{describe_module(tracer.failed_in)} on inputs of "
+            f"shape {tuple(example.shape)}{symbolic}: {first_line(error)}. Make that module a leaf with a "
+            "rule (rules={ThatModuleType: rule}) or explain a traceable sub-module."
+        ) from error
+    make_out_of_place(graph)
+    _drop_dead_metadata(graph)
+    return graph
+
+
+def _drop_dead_metadata(graph: fx.Graph) -> None:
+    """Remove nodes nothing reads that compute nothing the output needs (getattr or method
+    proxies created and then specialized away)."""
+    for node in reversed(list(graph.nodes)):
+        if node.op in ("call_function", "call_method", "get_attr") and not node.users and not _has_effect(node):
+            graph.erase_node(node)
+
+
+def _has_effect(node: fx.Node) -> bool:
+    return node.target in (operator.setitem,) or (isinstance(node.target, str) and node.target.endswith("_"))
