@@ -149,7 +149,8 @@ def load_model_from_args(args: Any, command: str, *, weights: str | None = None,
     )
     assert info.source is not None  # load_model always says where the weights came from
     if info.source.name:
-        print(f"relprop {command}: model: torchvision {info.arch} with {info.source.name} "
+        library = "Hugging Face" if info.arch == info.source.name else f"torchvision {info.arch} with"
+        print(f"relprop {command}: model: {library} {info.source.name} "
               f"({describe_preprocessing(info)})", file=sys.stderr)
     elif info.assumed and hasattr(args, "resize"):
         given = ", ".join(f"--{k}" for k in info.assumed)
