@@ -29,8 +29,8 @@ from relprop.core.trace import (
     OUT_OF_PLACE,
     OUT_OF_PLACE_METHODS,
     LeafPolicy,
-    describe_module,
     LeafTracer,
+    describe_module,
     eval_mode,
     make_out_of_place,
 )
@@ -103,6 +103,8 @@ class _ConcreteTracer(LeafTracer):
         super().__init__(policy)
         self.example = example
         self.eager = 0  # > 0 while computing a value: modules run, parameters are themselves
+        self.dependent: set[fx.Node] = set()  # nodes computed from the input
+        self.buffers: dict[int, str] | None = None  # the model's buffers by id, once tracing began
 
     def create_args_for_root(self, root_fn: Callable, is_module: bool, concrete_args: Any = None) -> Any:
         def one_input(module: nn.Module, x: Tensor) -> Any:  # the others keep their defaults
@@ -121,22 +123,31 @@ class _ConcreteTracer(LeafTracer):
         return super().call_module(m, forward, args, kwargs)
 
     def create_arg(self, a: Any) -> Any:
-        if isinstance(a, Tensor) and not isinstance(a, nn.Parameter) and a not in self.tensor_attrs:
-            return self.create_node("call_function", Held(a), (), {})
+        if isinstance(a, Tensor) and not isinstance(a, nn.Parameter):
+            if self.buffers is None:
+                self.buffers = {id(buffer): name for name, buffer in self.root.named_buffers()}
+            if id(a) in self.buffers:  # read live, as the model reads it
+                return self.create_node("get_attr", self.buffers[id(a)], (), {})
+            if a not in self.tensor_attrs:
+                return self.create_node("call_function", Held(a), (), {})
         return super().create_arg(a)
 
     def create_proxy(self, kind: str, target: Any, args: tuple, kwargs: dict, name: str | None = None,
                      type_expr: Any = None, proxy_factory_fn: Callable | None = None) -> Any:
         value = self._evaluate(kind, target, args, kwargs)
         proxy = super().create_proxy(kind, target, args, kwargs, name, type_expr, proxy_factory_fn)
+        node = proxy.node
+        if kind == "placeholder" or any(parent in self.dependent for parent in node.all_input_nodes):
+            self.dependent.add(node)
         if kind in ("placeholder", "get_attr") or _holds_tensor(value):
-            return _ValueProxy(proxy.node, self, value)
-        if _has_proxy((args, kwargs)) and not _is_metadata(kind, target):
+            return _ValueProxy(node, self, value)
+        if node in self.dependent and not _is_metadata(kind, target):
             raise TraceError(
-                f"'{proxy.node.format_node()}' reads a Python {type(value).__name__} from the input's "
+                f"{_call_name(kind, target)} (node '{node.name}') reads a Python {type(value).__name__} from the input's "
                 "values; a graph specialized on it would be right for this input only"
             )
-        self.graph.erase_node(proxy.node)  # a shape or other metadata: specialized
+        self.dependent.discard(node)
+        self.graph.erase_node(node)  # a shape, other metadata or a constant's value: specialized
         return value
 
     def _evaluate(self, kind: str, target: Any, args: tuple, kwargs: dict) -> Any:
@@ -165,12 +176,20 @@ class _ConcreteTracer(LeafTracer):
 
     def to_bool(self, obj: fx.Proxy) -> bool:
         value = _value_of(obj)
-        if isinstance(value, Tensor):
+        if isinstance(value, Tensor) and obj.node in self.dependent:
             raise TraceError(f"Python control flow on the input's values ('{obj.node.name}')")
         return bool(value)
 
     def iter(self, obj: fx.Proxy) -> Iterator:
         return (obj[i] for i in range(len(_value_of(obj))))
+
+
+def _call_name(kind: str, target: Any) -> str:
+    if kind == "call_method":
+        return f"'.{target}()'"
+    if kind == "call_module":
+        return f"module '{target}'"
+    return f"'{getattr(target, '__name__', target)}'"
 
 
 def _is_metadata(kind: str, target: Any) -> bool:

@@ -16,10 +16,10 @@ import torch
 import torch.fx as fx
 from torch import Tensor, nn
 
+from relprop.core.capture import trace_on
 from relprop.core.composites import Composite, RuleSpec, resolve_composite
 from relprop.core.numerics import largest_gap
 from relprop.core.ops import INPUT, builtin_op, builtin_types
-from relprop.core.capture import trace_on
 from relprop.core.plan import Plan, Step, build_plan, layer_output, load
 from relprop.core.rules import Rule
 from relprop.core.ruleset import RuleSet
