@@ -158,6 +158,27 @@ def test_the_fidelity_check_guards_the_capture_path():
         LRP(TensorCheck()).attribute(torch.randn(2, 4))
 
 
+class SingleImageBranch(nn.Module):
+    """One image takes another branch, which the capture (whose input is a proxy) misses."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b = nn.Linear(4, 3), nn.Linear(4, 3)
+
+    def forward(self, x):
+        if x.shape[0] == 1 and isinstance(x, torch.Tensor):
+            return self.a(x)
+        return self.b(x)
+
+
+def test_each_capture_is_checked_batch_size_included():
+    """Chunks of 2 and 1: the second chunk is a capture of its own, checked on its own."""
+    explainer = LRP(SingleImageBranch(), chunk_size=2)
+    explainer.attribute(torch.randn(2, 4))
+    with pytest.raises(FidelityError):
+        explainer.attribute(torch.randn(3, 4))
+
+
 class Ramp(nn.Module):
     """A constant built from the input's width (`torch.arange(W)`), as positional codes are."""
 

@@ -27,6 +27,9 @@ from relprop.core.trace import LeafPolicy, eval_mode, trace
 from relprop.errors import FidelityError, InputError, TraceError, first_line
 
 
+MAX_CAPTURES = 8  # graphs kept per engine on the capture path (one per input shape)
+
+
 @dataclass
 class Record:
     """What the forward pass kept: every node's value; `output` as the model returns it."""
@@ -113,6 +116,10 @@ class RelevanceEngine:
             return
         key = (tuple(x.shape), x.device.type)
         if key not in self._captures:
+            if len(self._captures) >= MAX_CAPTURES:  # the oldest goes, with its ops' caches
+                _, old, _ = self._captures.pop(next(iter(self._captures)))
+                for node in old.step_of:
+                    self.cache.pop(node, None)
             self._use(trace_on(self.module, self._policy, x.float(), self._fx_error))
             self._captures[key] = (self.graph, self.plan, self._input_node)
         self._use(*self._captures[key])
@@ -193,6 +200,8 @@ class RelevanceEngine:
 
     def layer_nodes(self, names: Iterable[str]) -> dict[str, fx.Node]:
         """The graph nodes whose outputs are the named modules' outputs (for `backward(layers=)`)."""
+        if self.plan is None:
+            raise InputError("this model is captured per input shape: call forward(x) before layer_nodes")
         return {name: layer_output(self.plan, name) for name in names}
 
     # ---------------------------------------------------------------- fidelity

@@ -159,8 +159,10 @@ class LRP:
         return backward, sums
 
     def _verify(self, x: Tensor, record: Record) -> None:
-        """The engine must compute the model's own function: checked per input shape."""
-        key = (tuple(x.shape[1:]), x.device.type)
+        """The engine must compute the model's own function: checked per input shape (per
+        capture, batch size included, on the capture path)."""
+        shape = x.shape if self.engine.capture_path != "fx" else x.shape[1:]
+        key = (tuple(shape), x.device.type)
         if self.verify == "always" or key not in self._verified:
             self.engine.verify(x, record)
             self._verified.add(key)
