@@ -26,7 +26,6 @@ from relprop.core.ruleset import RuleSet
 from relprop.core.trace import LeafPolicy, eval_mode, trace
 from relprop.errors import FidelityError, InputError, TraceError, first_line
 
-
 MAX_CAPTURES = 8  # graphs kept per engine on the capture path (one per input shape)
 
 
