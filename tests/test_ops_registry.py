@@ -129,6 +129,19 @@ class Shifted(nn.Module):
         return self.head(torch.relu(self.body(x) + self.offset))
 
 
+class Assigned(nn.Module):
+    """assign: item assignment into an activation (the capture path records it; fx cannot)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.body, self.branch, self.head = nn.Linear(6, 6), nn.Linear(6, 2), nn.Linear(6, 3)
+
+    def forward(self, x):
+        x = self.body(x)
+        x[:, 1:3] = self.branch(torch.relu(x))
+        return self.head(torch.relu(x))
+
+
 class Square(nn.Module):
     """A module relprop has no op for: claimed by `custom` once the user gives it a rule."""
 
@@ -184,6 +197,7 @@ EXAMPLES: dict[str, Example] = {
                       {"rules": {Square: "pass"}}),
     "input": Example(lambda: nn.Sequential(nn.Linear(6, 3)), _vectors),
     "output": Example(lambda: nn.Sequential(nn.Linear(6, 3)), _vectors),
+    "assign": Example(Assigned, _vectors),
 }
 # The one op that carries no relevance: it stands for a refusal (tested below).
 REFUSING = {"unsupported"}
@@ -208,6 +222,7 @@ def test_every_op_has_an_example():
 def test_the_example_is_claimed_by_its_op(name):
     example = EXAMPLES[name]
     engine = RelevanceEngine(_randomized(example, 0), **example.options)
+    engine.forward(example.inputs(2, torch.Generator().manual_seed(0)))  # a capture's steps come with an input
     assert name in {step.op.name for step in engine.steps}
 
 

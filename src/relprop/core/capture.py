@@ -25,6 +25,7 @@ import torch.fx as fx
 from torch import Tensor, nn
 from torch.utils._pytree import tree_flatten, tree_map
 
+from relprop.core.ops.assign import assign
 from relprop.core.trace import (
     OUT_OF_PLACE,
     OUT_OF_PLACE_METHODS,
@@ -78,8 +79,11 @@ class _ValueProxy(fx.Proxy):
         return len(self.value)
 
     def __setitem__(self, index: Any, value: Any) -> None:
-        raise TraceError(f"item assignment into '{self.node.name}' (x[...] = v) changes an input-dependent "
-                         "tensor in place, which relprop's graph cannot represent")
+        """`x[index] = value` becomes `x = assign(x, index, value)`: this proxy stands for the new
+        node from here on (a view of x taken before would not see the change; the fidelity
+        check would)."""
+        new = self.tracer.create_proxy("call_function", assign, (self, index, value), {})
+        self.node, self.value = new.node, new.value
 
 
 def _value_of(item: Any) -> Any:
