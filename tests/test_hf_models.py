@@ -146,7 +146,8 @@ def test_explain_and_evaluate_take_a_saved_folder(saved_vit, tmp_path, monkeypat
     image = tmp_path / "data" / "cat" / "0.png"
     assert main(["explain", "--arch", f"hf/{folder}", str(image), "--methods", "lrp-split",
                  "--device", "cpu", "--out", str(tmp_path / "explained")]) == 0
-    assert "model: Hugging Face hf/" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "model: Hugging Face hf/" in err and "captured it per input shape" in err
     row = json.loads((tmp_path / "explained" / "predictions.jsonl").read_text())
     assert row["pred_name"] in ["cat", "dog", "fish", "owl", "ant"]
     assert (tmp_path / "explained" / "0" / "lrp-split.npy").is_file()
