@@ -152,11 +152,14 @@ class ValueBranch(nn.Module):
             return x.mean((2, 3)) if x.mean() > 0 else -x.mean((2, 3))
         if self.read == "item":
             return x.mean((2, 3)) * x.max().item()
+        if self.read == "mask":  # the number of positive values: a shape the values decide
+            return x.mean((2, 3)) / len(x[x > 0])
         return x.mean((2, 3)).tolist()
 
 
 @pytest.mark.parametrize("read, words", [("if", "control flow on the input's values"),
-                                         ("item", "'.item()'"), ("tolist", "'.tolist()'")])
+                                         ("item", "'.item()'"), ("tolist", "'.tolist()'"),
+                                         ("mask", "'len' reads the shape of")])
 def test_reads_of_the_input_values_are_refused_in_one_line(read, words):
     """A graph specialized on a value of the example would be right for that input only."""
     with pytest.raises(TraceError) as caught:

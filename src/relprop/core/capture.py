@@ -73,9 +73,11 @@ class _ValueProxy(fx.Proxy):
             return self.tracer.create_proxy("call_function", getattr, (self, name), {})
         if callable(value):  # a method: fx records the call
             return fx.proxy.Attribute(self, name)
+        self.tracer.check_shape_read(self.node, f"'.{name}'")
         return value  # shape, dtype, device, ndim: metadata, specialized
 
     def __len__(self) -> int:
+        self.tracer.check_shape_read(self.node, "'len'")
         return len(self.value)
 
     def __setitem__(self, index: Any, value: Any) -> None:
@@ -108,6 +110,7 @@ class _ConcreteTracer(LeafTracer):
         self.example = example
         self.eager = 0  # > 0 while computing a value: modules run, parameters are themselves
         self.dependent: set[fx.Node] = set()  # nodes computed from the input
+        self.value_shaped: set[fx.Node] = set()  # ... whose shape depends on its values (x[x > 0])
         self.buffers: dict[int, str] | None = None  # the model's buffers by id, once tracing began
 
     def create_args_for_root(self, root_fn: Callable, is_module: bool, concrete_args: Any = None) -> Any:
@@ -143,9 +146,15 @@ class _ConcreteTracer(LeafTracer):
         node = proxy.node
         if kind == "placeholder" or any(parent in self.dependent for parent in node.all_input_nodes):
             self.dependent.add(node)
+            if _shaped_by_values(kind, target, args) or any(p in self.value_shaped for p in node.all_input_nodes):
+                self.value_shaped.add(node)
         if kind in ("placeholder", "get_attr") or _holds_tensor(value):
             return _ValueProxy(node, self, value)
-        if node in self.dependent and not _is_metadata(kind, target):
+        if node in self.dependent and _is_metadata(kind, target):
+            self.value_shaped.discard(node)
+            for parent in node.all_input_nodes:
+                self.check_shape_read(parent, _call_name(kind, target))
+        elif node in self.dependent:
             raise TraceError(
                 f"{_call_name(kind, target)} (node '{node.name}') reads a Python {type(value).__name__} from the input's "
                 "values; a graph specialized on it would be right for this input only"
@@ -153,6 +162,14 @@ class _ConcreteTracer(LeafTracer):
         self.dependent.discard(node)
         self.graph.erase_node(node)  # a shape, other metadata or a constant's value: specialized
         return value
+
+    def check_shape_read(self, node: fx.Node, what: str) -> None:
+        """A shape read is specialized; one of a tensor whose shape depends on the input's values
+        would be the example's only."""
+        if node in self.value_shaped:
+            raise TraceError(f"{what} reads the shape of '{node.name}', which depends on the input's values "
+                             "(a boolean mask, nonzero, unique); a graph specialized on it would be right "
+                             "for this input only")
 
     def _evaluate(self, kind: str, target: Any, args: tuple, kwargs: dict) -> Any:
         self.eager += 1
@@ -186,6 +203,27 @@ class _ConcreteTracer(LeafTracer):
 
     def iter(self, obj: fx.Proxy) -> Iterator:
         return (obj[i] for i in range(len(_value_of(obj))))
+
+
+VALUE_SHAPED = {torch.nonzero, torch.masked_select, torch.unique, torch.unique_consecutive, torch.argwhere,
+                "nonzero", "masked_select", "unique", "unique_consecutive", "argwhere"}
+
+
+def _shaped_by_values(kind: str, target: Any, args: tuple) -> bool:
+    """Does this call's output shape depend on its input's values (boolean-mask indexing too)?"""
+    if kind == "call_function" and target is operator.getitem and len(args) > 1:
+        index, _ = tree_flatten(args[1])
+        return any(isinstance(i, _ValueProxy) and isinstance(i.value, Tensor) and i.value.dtype == torch.bool
+                   for i in index)
+    return kind in ("call_function", "call_method") and _hashable(target) and target in VALUE_SHAPED
+
+
+def _hashable(target: Any) -> bool:
+    try:
+        hash(target)
+    except TypeError:
+        return False
+    return True
 
 
 def _call_name(kind: str, target: Any) -> str:
