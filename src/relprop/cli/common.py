@@ -100,7 +100,9 @@ def add_model_options(parser: Any, *, default_weights: str | None = None, severa
     parser.set_defaults(default_weights=default_weights)
     group.add_argument("--arch", metavar="NAME", choices=arch_choices,
                        help="architecture of a plain state dict (torchvision's, or timm's: convnext_atto, "
-                            "timm/efficientnet_b0) or of IMAGENET1K_V1/DEFAULT (e.g. resnet50)"
+                            "timm/efficientnet_b0) or of IMAGENET1K_V1/DEFAULT (e.g. resnet50); "
+                            "hf/<folder or hub id>: a Hugging Face image classifier with its weights "
+                            "and image processor (pip install 'relprop[hf]')"
                        if arch_choices is None else
                             f"torchvision detector of a plain state dict: {', '.join(arch_choices)}")
     group.add_argument("--num-classes", type=int, metavar="N",
