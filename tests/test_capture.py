@@ -255,3 +255,26 @@ def test_timm_models_torch_fx_cannot_trace(name, size, leak):
     assert explainer.capture_path == "concrete"
     torch.testing.assert_close(sums["output"], probability)
     assert torch.all((sums["input"] - probability).abs() <= leak * probability)
+
+
+class TupleOutput(nn.Module):
+    """A leaf module that returns (tensor, None), unpacked: structure, not a value read."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.attention, self.head = nn.MultiheadAttention(4, 2, batch_first=True), nn.Linear(4, 3)
+
+    def forward(self, x):
+        if x.shape[1] > 100:  # symbolic tracing fails here
+            x = x[:, :100]
+        out, weights = self.attention(x, x, x, need_weights=False)
+        assert weights is None
+        return self.head(out.mean(1))
+
+
+def test_none_in_a_modules_tuple_output_is_structure():
+    torch.manual_seed(0)
+    model = TupleOutput().eval()
+    x = torch.randn(2, 5, 4)
+    R, sums = LRP(model).attribute(x, return_layer_sums=True)
+    torch.testing.assert_close(sums["input"], sums["output"], rtol=2e-3, atol=0)

@@ -150,7 +150,7 @@ class _ConcreteTracer(LeafTracer):
                 self.value_shaped.add(node)
         if kind in ("placeholder", "get_attr") or _holds_tensor(value):
             return _ValueProxy(node, self, value)
-        if node in self.dependent and _is_metadata(kind, target):
+        if node in self.dependent and (_is_metadata(kind, target) or _is_structural(kind, target, args)):
             self.value_shaped.discard(node)
             for parent in node.all_input_nodes:
                 self.check_shape_read(parent, _call_name(kind, target))
@@ -196,7 +196,9 @@ class _ConcreteTracer(LeafTracer):
         return OUT_OF_PLACE.get(target, target)(*args, **kwargs)
 
     def to_bool(self, obj: fx.Proxy) -> bool:
-        value = _value_of(obj)
+        if not isinstance(obj, _ValueProxy):  # `if x.method:` (an fx Attribute): a bound method
+            return True
+        value = obj.value
         if isinstance(value, Tensor) and obj.node in self.dependent:
             raise TraceError(f"Python control flow on the input's values ('{obj.node.name}')")
         return bool(value)
@@ -232,6 +234,13 @@ def _call_name(kind: str, target: Any) -> str:
     if kind == "call_module":
         return f"module '{target}'"
     return f"'{getattr(target, '__name__', target)}'"
+
+
+def _is_structural(kind: str, target: Any, args: tuple) -> bool:
+    """An element of a tuple, list or dict a module returned (`out, weights = attn(x)` with
+    weights None): where things are, not what the input's values are."""
+    container = bool(args) and isinstance(args[0], _ValueProxy) and isinstance(args[0].value, (tuple, list, dict))
+    return container and (target is operator.getitem or target in ("keys", "values", "items", "get"))
 
 
 def _is_metadata(kind: str, target: Any) -> bool:
