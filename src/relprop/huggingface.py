@@ -34,7 +34,8 @@ def load_hf_model(spec: str, *, offline: bool = False) -> tuple[nn.Module, Model
     try:
         import transformers  # deferred: the optional `hf` extra, slow to import
     except ImportError:
-        raise CheckpointError(f"{spec}: Hugging Face models need transformers (pip install 'relprop[hf]')") from None
+        raise CheckpointError(f"{spec}: Hugging Face models need transformers "
+                              "(pip install 'relprop[hf]')") from None
     name = spec.removeprefix(HF_PREFIX)
     offline = offline or os.environ.get("HF_HUB_OFFLINE", "") not in ("", "0")
     bars = transformers.utils.logging.is_progress_bar_enabled()
@@ -80,7 +81,8 @@ def logits_only(model: nn.Module) -> nn.Module:
 
 def processor_preprocessing(processor: Any, spec: str = "model") -> Preprocessing:
     """The image processor's resize, crop and normalization as relprop's `Preprocessing`."""
-    if getattr(processor, "do_rescale", True) and abs(getattr(processor, "rescale_factor", 1 / 255) - 1 / 255) > 1e-9:
+    factor = getattr(processor, "rescale_factor", 1 / 255)
+    if getattr(processor, "do_rescale", True) and abs(factor - 1 / 255) > 1e-9:
         raise CheckpointError(f"{spec}: its image processor rescales by {processor.rescale_factor}, "
                               "relprop's preprocessing by 1/255 only")
     size = _size_dict(processor.size)

@@ -61,14 +61,15 @@ class Held:
 
 
 class _ValueProxy(fx.Proxy):
-    """A proxy that also holds its node's value on the example input."""
+    """A proxy that also holds its node's value on the example input (under a name no model
+    code reads: a model must never see the example's values)."""
 
     def __init__(self, node: fx.Node, tracer: _ConcreteTracer, value: Any) -> None:
         super().__init__(node, tracer)
-        self.value = value
+        self._example_value = value
 
     def __getattr__(self, name: str) -> Any:
-        value = getattr(self.value, name)  # AttributeError as the tensor itself would raise
+        value = getattr(self._example_value, name)  # AttributeError as the tensor itself would raise
         if isinstance(value, Tensor):  # x.T, x.mT, x.real: a node
             return self.tracer.create_proxy("call_function", getattr, (self, name), {})
         if callable(value):  # a method: fx records the call
@@ -78,18 +79,18 @@ class _ValueProxy(fx.Proxy):
 
     def __len__(self) -> int:
         self.tracer.check_shape_read(self.node, "'len'")
-        return len(self.value)
+        return len(self._example_value)
 
     def __setitem__(self, index: Any, value: Any) -> None:
         """`x[index] = value` becomes `x = assign(x, index, value)`: this proxy stands for the new
         node from here on (a view of x taken before would not see the change; the fidelity
         check would)."""
         new = self.tracer.create_proxy("call_function", assign, (self, index, value), {})
-        self.node, self.value = new.node, new.value
+        self.node, self._example_value = new.node, new._example_value
 
 
 def _value_of(item: Any) -> Any:
-    return item.value if isinstance(item, _ValueProxy) else item
+    return item._example_value if isinstance(item, _ValueProxy) else item
 
 
 def _has_proxy(tree: Any) -> bool:
@@ -146,7 +147,8 @@ class _ConcreteTracer(LeafTracer):
         node = proxy.node
         if kind == "placeholder" or any(parent in self.dependent for parent in node.all_input_nodes):
             self.dependent.add(node)
-            if _shaped_by_values(kind, target, args) or any(p in self.value_shaped for p in node.all_input_nodes):
+            parents_shaped = any(parent in self.value_shaped for parent in node.all_input_nodes)
+            if parents_shaped or _shaped_by_values(kind, target, args):
                 self.value_shaped.add(node)
         if kind in ("placeholder", "get_attr") or _holds_tensor(value):
             return _ValueProxy(node, self, value)
@@ -156,8 +158,8 @@ class _ConcreteTracer(LeafTracer):
                 self.check_shape_read(parent, _call_name(kind, target))
         elif node in self.dependent:
             raise TraceError(
-                f"{_call_name(kind, target)} (node '{node.name}') reads a Python {type(value).__name__} from the input's "
-                "values; a graph specialized on it would be right for this input only"
+                f"{_call_name(kind, target)} (node '{node.name}') reads a Python {type(value).__name__} "
+                "from the input's values; a graph specialized on it would be right for this input only"
             )
         self.dependent.discard(node)
         self.graph.erase_node(node)  # a shape, other metadata or a constant's value: specialized
@@ -198,7 +200,7 @@ class _ConcreteTracer(LeafTracer):
     def to_bool(self, obj: fx.Proxy) -> bool:
         if not isinstance(obj, _ValueProxy):  # `if x.method:` (an fx Attribute): a bound method
             return True
-        value = obj.value
+        value = obj._example_value
         if isinstance(value, Tensor) and obj.node in self.dependent:
             raise TraceError(f"Python control flow on the input's values ('{obj.node.name}')")
         return bool(value)
@@ -215,8 +217,8 @@ def _shaped_by_values(kind: str, target: Any, args: tuple) -> bool:
     """Does this call's output shape depend on its input's values (boolean-mask indexing too)?"""
     if kind == "call_function" and target is operator.getitem and len(args) > 1:
         index, _ = tree_flatten(args[1])
-        return any(isinstance(i, _ValueProxy) and isinstance(i.value, Tensor) and i.value.dtype == torch.bool
-                   for i in index)
+        values = [i._example_value for i in index if isinstance(i, _ValueProxy)]
+        return any(isinstance(v, Tensor) and v.dtype == torch.bool for v in values)
     return kind in ("call_function", "call_method") and _hashable(target) and target in VALUE_SHAPED
 
 
@@ -239,7 +241,8 @@ def _call_name(kind: str, target: Any) -> str:
 def _is_structural(kind: str, target: Any, args: tuple) -> bool:
     """An element of a tuple, list or dict a module returned (`out, weights = attn(x)` with
     weights None): where things are, not what the input's values are."""
-    container = bool(args) and isinstance(args[0], _ValueProxy) and isinstance(args[0].value, (tuple, list, dict))
+    first = args[0] if args else None
+    container = isinstance(first, _ValueProxy) and isinstance(first._example_value, (tuple, list, dict))
     return container and (target is operator.getitem or target in ("keys", "values", "items", "get"))
 
 
