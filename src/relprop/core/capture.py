@@ -8,11 +8,14 @@ torch-level) calls, rename parameters (`L__self___conv1_weight`) and carry symbo
 each op and each rule keyed by module type or name would need a translation back; a capture
 of timm's tf_efficientnetv2_b0 through `torch._dynamo.export` took 125 s here. This tracer
 keeps the leaf policy, `call_module` nodes named as in the user's model and `nn_module_stack`,
-so every op and rule applies unchanged, in about the time of two forward passes.
+so every op and rule applies unchanged, in about the time of one forward pass (ResNet-50, 4
+images of 224 px: 4.8 s against 5.9 s for the forward, on 2 busy cores).
 
 Only shapes and metadata are specialized. A Python value read from the input's *values*
 (`.item()`, `if (x > 0).any()`, `int(x.sum())`) would make the graph right for the example only,
-so it is refused (TraceError) rather than baked in."""
+so it is refused (TraceError) rather than baked in, as is a read of a shape that the values
+decide (`len(x[x > 0])`). Python values computed from parameters alone (`w.item()`) are
+specialized like shapes: a capture is for the weights it saw."""
 
 from __future__ import annotations
 
