@@ -39,7 +39,23 @@ def vgg_like() -> nn.Module:
                          nn.Dropout(), nn.Linear(16, 5))
 
 
-@pytest.mark.parametrize("build", [PlainResidual, vgg_like])
+class Subtractions(nn.Module):
+    """PoolFormer's token mixer `pool(x) - x` and a subtraction with `alpha=`: each a sum of scaled
+    terms that the split must see as such."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem, self.pool = nn.Conv2d(3, 6, 3, padding=1), nn.AvgPool2d(3, 1, 1)
+        self.mix, self.head = nn.Conv2d(6, 6, 1), nn.Linear(6, 5)
+
+    def forward(self, x):
+        h = self.stem(x)  # no ReLU before the mixer: exact zeros would make LRP-0's 0/0 there
+        h = h + (self.pool(h) - h)
+        h = torch.relu(torch.sub(h, self.mix(h), alpha=0.5))
+        return self.head(h.mean((2, 3)))
+
+
+@pytest.mark.parametrize("build", [PlainResidual, vgg_like, Subtractions])
 @pytest.mark.parametrize("seed", [0, 1, 2])
 def test_lrp0_is_gradient_times_input(build, seed):
     torch.manual_seed(seed)
