@@ -142,6 +142,32 @@ def test_a_module_applied_to_a_constant_table_is_a_proven_constant():
         torch.testing.assert_close(total, _probability(model, x))
 
 
+def noise(rows: int) -> torch.Tensor:
+    return torch.rand(rows, 4)
+
+
+torch.fx.wrap("noise")  # a graph node, run on every forward pass
+
+
+class Jitter(nn.Module):
+    """A constant that differs on every run (random, multiplied away): not an input dependence."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv, self.head = nn.Conv2d(3, 4, 3, padding=1), nn.Linear(4, 3)
+
+    def forward(self, x):
+        h = torch.relu(self.conv(x)).mean((2, 3))
+        return self.head(h + 0.0 * noise(h.shape[0]))
+
+
+def test_a_constant_that_changes_on_every_run_is_not_taken_for_an_input_dependence():
+    torch.manual_seed(0)
+    model, x = Jitter().eval(), torch.randn(2, 3, 8, 8)
+    R = LRP(model).attribute(x)
+    torch.testing.assert_close(R.sum((1, 2, 3)), _probability(model, x))
+
+
 # ------------------------------------------------------------------ a module applied several times
 
 

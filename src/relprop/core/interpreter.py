@@ -181,12 +181,19 @@ class RelevanceEngine:
     @torch.no_grad()
     def verify(self, x: Tensor, record: Record) -> None:
         """Raise FidelityError unless the model's own forward (eval mode, its own dtype, its
-        hooks) gives the output the engine computed: otherwise the relevance would explain a
-        different function, however well it conserves."""
+        hooks) gives the output the engine computed, and every value the walk holds constant is
+        independent of the input (`_audit_constants`): otherwise the relevance would explain a
+        different function, or drop a branch, however well it conserves."""
         dtype = next((p.dtype for p in self.module.parameters() if p.is_floating_point()), torch.float32)
         tolerance = 1e-4 if dtype in (torch.float32, torch.float64) else 3e-2
-        with eval_mode(self.module):
-            reference = self.module(x.to(dtype))
+        try:
+            with eval_mode(self.module):
+                reference = self.module(x.to(dtype))
+        except RelpropError:
+            raise
+        except Exception as error:  # the model's own forward: one line, not its traceback
+            raise InputError(f"the model's own forward fails on inputs of shape {tuple(x.shape)}: "
+                             f"{first_line(error)}") from error
         gap = largest_gap(record.output, reference, tolerance)
         if gap is None:
             self._audit_constants(x, record)
@@ -208,9 +215,13 @@ class RelevanceEngine:
         scale = float(x.float().std()) if x.numel() > 1 else 1.0
         other = torch.randn(x.shape, generator=generator, device=x.device) * (scale if scale > 0 else 1.0)
         values = self.forward(other + x.float().mean()).values
-        for step in self.plan.held_constant():
-            if not same_value(record.values[step.node], values[step.node]):
-                raise FidelityError(
+        changed = [step for step in self.plan.held_constant()
+                   if not same_value(record.values[step.node], values[step.node])]
+        if changed:  # rare: tell input dependence from values that differ on every run (torch.empty)
+            again = self.forward(x).values
+            changed = [step for step in changed if same_value(record.values[step.node], again[step.node])]
+        for step in changed[:1]:
+            raise FidelityError(
                     f"relprop holds {describe(step.node, step.module)} fixed as independent of the input, but "
                     "its value changes with the input, so the relevance through it would be lost while the "
                     f"totals still conserve; give it a rule (rules={{{rule_key(step.node, step.module)}: rule}}) "

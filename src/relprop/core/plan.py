@@ -250,7 +250,9 @@ def _raise_for_unsupported_on_relevance_paths(plan: Plan) -> None:
         step = plan.step_of[todo.pop()]
         if step.op is UNSUPPORTED:
             raise step.info
-        for parent in step.op.relevance_parents(step):
+        with failing_as_refusal(step, "plan"):
+            parents = step.op.relevance_parents(step)
+        for parent in parents:
             if parent not in seen:
                 seen.add(parent)
                 todo.append(parent)
