@@ -220,13 +220,14 @@ class RelevanceEngine:
         if changed:  # rare: tell input dependence from values that differ on every run (torch.empty)
             again = self.forward(x).values
             changed = [step for step in changed if same_value(record.values[step.node], again[step.node])]
-        for step in changed[:1]:
+        if changed:
+            node, module = changed[0].node, changed[0].module
             raise FidelityError(
-                    f"relprop holds {describe(step.node, step.module)} fixed as independent of the input, but "
-                    "its value changes with the input, so the relevance through it would be lost while the "
-                    f"totals still conserve; give it a rule (rules={{{rule_key(step.node, step.module)}: rule}}) "
-                    "or pass what it depends on as an argument instead of module state"
-                )
+                f"relprop holds {describe(node, module)} fixed as independent of the input, but its value "
+                "changes with the input, so the relevance through it would be lost while the totals still "
+                f"conserve; give it a rule (rules={{{rule_key(node, module)}: rule}}) or pass what it depends on "
+                "as an argument instead of module state"
+            )
 
     def _first_divergence(self, x: Tensor, dtype: torch.dtype, record: Record, tolerance: float) -> str:
         """Re-run the model with hooks on every leaf module and name the first that disagrees."""
