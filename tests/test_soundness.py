@@ -17,7 +17,13 @@ from relprop.core.ops import OPS
 from relprop.core.ops.base import Op
 from relprop.core.ops.meta import Meta
 from relprop.core.rules import Rule
-from relprop.errors import FidelityError, OpFailure, RelpropError, UnsupportedLayerError
+from relprop.errors import (
+    ConfigError,
+    FidelityError,
+    OpFailure,
+    RelpropError,
+    UnsupportedLayerError,
+)
 
 
 def _probability(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
@@ -197,6 +203,18 @@ def test_a_module_applied_three_times_reports_each_call_once():
     p = _probability(model, x)
     for name, total in sums.items():  # every cut carries the whole relevance, once (was 3p at 'drop')
         torch.testing.assert_close(total, p, msg=name)
+
+
+def test_the_relevance_of_one_call_of_a_reused_module_is_asked_for_by_its_report_name():
+    torch.manual_seed(0)
+    model, x = Reused().eval(), torch.rand(2, 3, 8, 8)
+    lrp = LRP(model)
+    with pytest.raises(ConfigError, match=r"'drop' is applied 3 times; name one call, 'drop#1' to 'drop#3'"):
+        lrp.attribute(x, layers=["drop"])  # was: the first call's relevance, silently
+    _, sums, kept = lrp.attribute(x, return_layer_sums=True, layers=["drop#1", "drop#3"])
+    for name in ("drop#1", "drop#3"):
+        torch.testing.assert_close(kept[name].flatten(1).sum(1), sums[name])
+    assert not torch.allclose(kept["drop#1"].sum((2, 3)), kept["drop#3"].sum((2, 3)))
 
 
 # ------------------------------------------------------------------ no traceback

@@ -330,9 +330,15 @@ def layer_output(plan: Plan, name: str) -> fx.Node:
         path = node.target if node.op == "call_module" else module_path(node)
         return isinstance(path, str) and (path == name or path.startswith(name + "."))
 
-    for step in plan.steps:
-        if step.node.op == "call_module" and step.node.target == name:
-            return step.node
+    base, _, call = name.partition("#")
+    calls = [step.node for step in plan.steps if step.node.op == "call_module" and step.node.target == base]
+    if len(calls) == 1 and not call:
+        return calls[0]
+    if calls:  # a module applied several times: its calls are named as in the layer sums
+        if call.isdigit() and 1 <= int(call) <= len(calls):
+            return calls[int(call) - 1]
+        raise ConfigError(f"layers: module '{base}' is applied {len(calls)} times; name one call, "
+                          f"'{base}#1' to '{base}#{len(calls)}'")
     scope = [step for step in plan.steps if step.op not in (INPUT, OUTPUT) and inside(step.node)]
     read_outside = {parent for step in plan.steps if not inside(step.node) for parent in step.inputs
                     if inside(parent)}
