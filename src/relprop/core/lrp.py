@@ -106,8 +106,10 @@ class LRP:
         tensor of output relevance to start from. The initial relevance is the softmax
         probability of the explained class. With `return_layer_sums=True` also returns the
         conservation report: (N,) relevance totals from "output" through every top-level
-        layer and residual block to "input". With `layers` (qualified module names, e.g.
-        ``["layer3", "layer4.1"]``) also returns a dict of the relevance of those modules'
+        layer and residual block to "input" (a module applied several times has one entry per
+        call that all relevance crosses, ``"pos_drop#1"``, ``"pos_drop#2"``...). With `layers`
+        (qualified module names, e.g. ``["layer3", "layer4.1"]``, or one call of a reused module,
+        ``"pos_drop#2"``) also returns a dict of the relevance of those modules'
         outputs, each shaped like the output: `(R, layer_relevance)`, or
         `(R, layer_sums, layer_relevance)` with both options.
         """
