@@ -50,7 +50,10 @@ class LRP:
             the paper's composite (z+, w⁺), ``"fold"`` as soon as another rule is used.
         verify: ``"first"`` checks, on the first call for each input shape, that the output
             the engine computes equals the model's own output (a `FidelityError` naming the
-            first module where they diverge otherwise); ``"always"`` checks every call.
+            first module where they diverge otherwise), and that every value the walk holds
+            constant (parameters, shapes, modules applied to constant tables) comes out the same
+            for another input (a `FidelityError` naming the first that does not); ``"always"``
+            checks every call.
         chunk_size: images propagated at once; larger batches are processed in chunks. None:
             4 on the CPU (activations of larger chunks exceed glibc's 32 MB mmap threshold,
             so every temporary is freshly page-faulted: measured 1.4x faster on ResNet-50),
