@@ -50,7 +50,10 @@ class LRP:
             the paper's composite (z+, w⁺), ``"fold"`` as soon as another rule is used.
         verify: ``"first"`` checks, on the first call for each input shape, that the output
             the engine computes equals the model's own output (a `FidelityError` naming the
-            first module where they diverge otherwise); ``"always"`` checks every call.
+            first module where they diverge otherwise), and that every value the walk holds
+            constant (parameters, shapes, modules applied to constant tables) comes out the same
+            for another input (a `FidelityError` naming the first that does not); ``"always"``
+            checks every call.
         chunk_size: images propagated at once; larger batches are processed in chunks. None:
             4 on the CPU (activations of larger chunks exceed glibc's 32 MB mmap threshold,
             so every temporary is freshly page-faulted: measured 1.4x faster on ResNet-50),
@@ -112,8 +115,10 @@ class LRP:
         tensor of output relevance to start from. The initial relevance is the softmax
         probability of the explained class. With `return_layer_sums=True` also returns the
         conservation report: (N,) relevance totals from "output" through every top-level
-        layer and residual block to "input". With `layers` (qualified module names, e.g.
-        ``["layer3", "layer4.1"]``) also returns a dict of the relevance of those modules'
+        layer and residual block to "input" (a module applied several times has one entry per
+        call that all relevance crosses, ``"pos_drop#1"``, ``"pos_drop#2"``...). With `layers`
+        (qualified module names, e.g. ``["layer3", "layer4.1"]``, or one call of a reused module,
+        ``"pos_drop#2"``) also returns a dict of the relevance of those modules'
         outputs, each shaped like the output: `(R, layer_relevance)`, or
         `(R, layer_sums, layer_relevance)` with both options.
         """

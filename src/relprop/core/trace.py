@@ -14,9 +14,9 @@ from torch import nn
 from relprop.errors import TraceError, first_line
 
 # In-place variants would overwrite activations that relevance rules still need.
-OUT_OF_PLACE = {operator.iadd: operator.add, operator.imul: operator.mul,
+OUT_OF_PLACE = {operator.iadd: operator.add, operator.isub: operator.sub, operator.imul: operator.mul,
                 operator.itruediv: operator.truediv}
-OUT_OF_PLACE_METHODS = {"relu_": "relu", "add_": "add", "mul_": "mul", "div_": "div"}
+OUT_OF_PLACE_METHODS = {"relu_": "relu", "add_": "add", "sub_": "sub", "mul_": "mul", "div_": "div"}
 
 
 @dataclass(frozen=True)
