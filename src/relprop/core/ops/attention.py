@@ -7,12 +7,13 @@ Strategies (``attention=`` of a `Composite`, by object or name):
 - `ConservativeAttention` (``"cp"``, the default): the attention weights are held constant, as
   Ali et al. (ICML 2022, "XAI for Transformers: better explanations through conservative
   propagation") do; `A·V` is then linear in V and the ε-rule sends all relevance to V. Nothing
-  is lost: relevance is conserved up to ε.
+  is lost: relevance is conserved up to ε. A gated product outside attention (scale.py) holds
+  its gate constant likewise (signal-take-all).
 - `AttnLRP` (``"attnlrp"``, Achtibat et al., ICML 2024; their code: LXT): the two matmuls `QKᵀ`
   and `A·V` take the uniform rule for bilinear products (the ε-rule's decomposition, half to
   each operand), softmax takes their Taylor-derived rule `R_x = x ⊙ (R_s − s ⊙ Σ R_s)`. The
   softmax rule does not conserve: the difference is the relevance of the logits' shift
-  (reported in docs/rules.md as the attention leak).
+  (reported in docs/rules.md as the attention leak). Gated products take the same uniform rule.
 A constant additive bias in the logits (relative position bias, masks) gets no relevance: the
 input-dependent scores keep it (the policy for every constant operand, see docs/rules.md).
 """
@@ -48,6 +49,13 @@ class AttentionStrategy(Protocol):
         """Relevance of the attention logits from the relevance of the softmax weights."""
         ...
 
+    def gated_product(self, a: Tensor, b: Tensor, R: Tensor, gate: int | None
+                      ) -> tuple[Tensor | None, Tensor | None]:
+        """Relevance of the factors of an elementwise `a * b` of two unrelated input-dependent
+        tensors, `gate` the index of the one the graph reads as the gate (None: unknown); (None,
+        None) when this strategy cannot decide."""
+        ...
+
 
 class _SoftmaxTaylor:
     def scores(self, scores: Tensor, weights: Tensor, R_weights: Tensor, dim: int) -> Tensor:
@@ -61,6 +69,12 @@ class ConservativeAttention(_SoftmaxTaylor):
     def weights_and_values(self, product, weights, values, R, epsilon=EPSILON):
         return None, bilinear_relevance(product, weights, values, R, share_a=0.0, epsilon=epsilon)[1]
 
+    def gated_product(self, a, b, R, gate):
+        """Signal-take-all (Arras et al. 2017): the gate held constant, as the attention weights."""
+        if gate is None:
+            return None, None
+        return (None, R) if gate == 0 else (R, None)
+
 
 @dataclass(frozen=True)
 class AttnLRP(_SoftmaxTaylor):
@@ -68,6 +82,10 @@ class AttnLRP(_SoftmaxTaylor):
 
     def weights_and_values(self, product, weights, values, R, epsilon=EPSILON):
         return bilinear_relevance(product, weights, values, R, share_a=0.5, epsilon=epsilon)
+
+    def gated_product(self, a, b, R, gate):
+        """The uniform rule: half of the ε-rule's decomposition of `a * b` to each factor."""
+        return bilinear_relevance(torch.mul, a, b, R, share_a=0.5)
 
 
 ATTENTION_STRATEGIES: dict[str, AttentionStrategy] = {"cp": ConservativeAttention(), "attnlrp": AttnLRP()}
