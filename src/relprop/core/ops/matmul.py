@@ -23,7 +23,7 @@ EPSILON = 1e-6  # LXT's stabilizer for the bilinear and linear ε-rules
 
 @dataclass
 class MatmulInfo:
-    attention_weights: bool = False  # the first factor is softmax attention weights (A in A·V)
+    attention_weights: int | None = None  # the factor that is softmax attention weights (A in A·V, V·Aᵀ)
 
 
 class Matmul(Op):
@@ -38,8 +38,13 @@ class Matmul(Op):
         a, b = values[first], values[second]
         product = torch.bmm if step.node.target in (torch.bmm, "bmm") else torch.matmul
         dependent = [arg in step.inputs for arg in (first, second)]
-        if dependent == [True, True] and step.info.attention_weights:
-            R_a, R_b = context.strategies.attention.weights_and_values(product, a, b, R)
+        weights = step.info.attention_weights
+        if dependent == [True, True] and weights is not None:
+            strategy = context.strategies.attention
+            if weights == 0:
+                R_a, R_b = strategy.weights_and_values(product, a, b, R)
+            else:  # V·Aᵀ: the same rule with the factors' roles swapped
+                R_b, R_a = strategy.weights_and_values(lambda w, v: product(v, w), b, a, R)
             return [(arg, R_arg) for arg, R_arg in ((first, R_a), (second, R_b)) if R_arg is not None]
         share = 0.5 if dependent == [True, True] else 1.0 if dependent[0] else 0.0
         R_a, R_b = bilinear_relevance(product, a, b, R, share_a=share)
