@@ -1,4 +1,5 @@
-"""Products of two tensors (`@`, `torch.matmul`, `torch.bmm`): attention's `QKᵀ` and `A·V`.
+"""Products of two tensors (`@`, `torch.matmul`, `torch.bmm`, and `torch.einsum` of two operands,
+as MaxViT writes them): attention's `QKᵀ` and `A·V`.
 
 Two input-dependent factors take the uniform bilinear rule (half of the ε-rule's decomposition
 to each, AttnLRP); one input-dependent factor takes the ε-rule. `A·V` whose `A` is attention
@@ -9,8 +10,10 @@ from __future__ import annotations
 import operator
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
+import torch.fx as fx
 from torch import Tensor
 
 from relprop.core.numerics import stabilize
@@ -30,13 +33,27 @@ class Matmul(Op):
     name = "matmul"
     functions, methods = FUNCTIONS, METHODS
 
+    def claim(self, node: fx.Node) -> bool:
+        if node.target is torch.einsum:  # einsum("...", a, b): a bilinear product of two operands
+            return len(node.args) == 3 and isinstance(node.args[0], str) and not node.kwargs
+        return super().claim(node)
+
+    @staticmethod
+    def factors(node: fx.Node) -> tuple[Any, Any]:
+        """The two factors of the product, as the call passes them."""
+        return (node.args[1], node.args[2]) if node.target is torch.einsum else (node.args[0], node.args[1])
+
     def make_info(self) -> MatmulInfo:
         return MatmulInfo()
 
     def relevance(self, step, values, R, context: Context) -> Parents:
-        first, second = step.node.args[0], step.node.args[1]
+        first, second = self.factors(step.node)
         a, b = values[first], values[second]
-        product = torch.bmm if step.node.target in (torch.bmm, "bmm") else torch.matmul
+        if step.node.target is torch.einsum:
+            equation = step.node.args[0]
+            product = lambda x, y: torch.einsum(equation, x, y)  # noqa: E731 - the product as a function
+        else:
+            product = torch.bmm if step.node.target in (torch.bmm, "bmm") else torch.matmul
         dependent = [arg in step.inputs for arg in (first, second)]
         weights = step.info.attention_weights
         if dependent == [True, True] and weights is not None:

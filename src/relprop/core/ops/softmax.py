@@ -93,8 +93,8 @@ def _attention_products(node: fx.Node, plan) -> tuple[list, object | None]:
         current = todo.pop()
         readers = [plan.step_of[reader] for reader in plan.consumers.get(current, [])]
         for reader in readers:
-            args = reader.node.args
-            if isinstance(reader.op, Matmul) and len(args) >= 2 and (args[0] is current) != (args[1] is current):
+            args = Matmul.factors(reader.node) if isinstance(reader.op, Matmul) else ()
+            if args and (args[0] is current) != (args[1] is current):
                 index = 0 if args[0] is current else 1
                 if args[1 - index] in reader.inputs:  # the values depend on the input too
                     found.append((reader, index))
