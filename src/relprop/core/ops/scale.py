@@ -86,9 +86,9 @@ class Scale(Op):
             R_a, R_b = context.strategies.attention.gated_product(a, b, R, info.gate)
             if R_a is None and R_b is None:
                 raise UnsupportedLayerError(
-                    f"'{node.name}'{in_module(node)} multiplies two input-dependent tensors and relprop cannot tell "
-                    "the gate from the signal (neither leaves a sigmoid or an activation the other does not); "
-                    "use attention='attnlrp' (the uniform rule) or give it a rule")
+                    f"'{node.name}'{in_module(node)} multiplies two unrelated input-dependent tensors and relprop "
+                    "cannot tell the gate from the signal (neither leaves a sigmoid or an activation the other does "
+                    "not); pass attention='attnlrp' for the uniform rule (half to each factor)")
             return [(arg, R_arg.sum_to_size(values[arg].shape)) for arg, R_arg in ((first, R_a), (second, R_b))
                     if R_arg is not None]
         parents = self.relevance_parents(step)
