@@ -101,7 +101,10 @@ def attention_strategy(attention: str | AttentionStrategy) -> AttentionStrategy:
 def _swin_attention_types() -> tuple[type[nn.Module], ...]:
     """torchvision's Swin window attention, v1 and v2: leaves whose function is reproduced here."""
     try:  # optional: torchvision before 0.14 has no Swin
-        from torchvision.models.swin_transformer import ShiftedWindowAttention, ShiftedWindowAttentionV2
+        from torchvision.models.swin_transformer import (
+            ShiftedWindowAttention,
+            ShiftedWindowAttentionV2,
+        )
     except ImportError:  # pragma: no cover - torchvision is a dependency
         return ()
     return (ShiftedWindowAttentionV2, ShiftedWindowAttention)
