@@ -23,6 +23,7 @@ from relprop import LRP
 from relprop.core.interpreter import RelevanceEngine
 from relprop.core.rules import EpsilonRule
 from relprop.core.splitting import SignedSplit
+from relprop.errors import UnsupportedLayerError
 
 Z_RULE = EpsilonRule(0.0)
 
@@ -217,7 +218,7 @@ def test_tanh_in_a_head_passes_relevance_unchanged():
 
 def test_a_softmax_read_by_a_linear_layer_is_refused_naming_its_reader():
     model = nn.Sequential(nn.Linear(6, 5), nn.Softmax(dim=-1), nn.Linear(5, 3)).eval()
-    with pytest.raises(Exception, match=r"softmax in module '1' \(Softmax\) .*output.*remove that softmax"):
+    with pytest.raises(UnsupportedLayerError, match=r"softmax in module '1' \(Softmax\) .*output.*remove that softmax"):
         LRP(model)
 
 
@@ -317,3 +318,21 @@ def test_newer_families_are_explained(name):
 @pytest.mark.parametrize("name", sorted(SLOW))
 def test_newer_families_are_explained_slow(name):
     _explain(*SLOW[name])
+
+
+class DividedByItsInput(nn.Module):
+    """`g(x) / x`: the input-dependent operand is the divisor, no signal a gate scales."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.body, self.head = nn.Linear(6, 6), nn.Linear(6, 3)
+
+    def forward(self, x):
+        h = self.body(x)
+        return self.head(torch.sigmoid(h) / h)
+
+
+def test_a_divisor_is_never_taken_for_the_signal():
+    """Before, `g(x) / x` sent all relevance to the divisor x as if it were `x · g(x)`."""
+    with pytest.raises(UnsupportedLayerError, match="divides by an input-dependent tensor"):
+        LRP(DividedByItsInput().eval()).attribute(torch.randn(2, 6))

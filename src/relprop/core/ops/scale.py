@@ -62,7 +62,8 @@ class Scale(Op):
             return
         source = plan.computed_from_the_other(step)
         if source is not None:
-            step.info.gate = 1 - source
+            if not (step.node.target in DIVISIONS and source == 1):  # g(x) / x: x, the divisor, is no signal
+                step.info.gate = 1 - source
             return
         if step.node.target in DIVISIONS:  # a / b: b is no gate we can read
             return
