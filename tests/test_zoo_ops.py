@@ -190,6 +190,21 @@ def test_the_uniform_rule_gives_each_factor_half():
     _assert_close(_lrp0(model, x, attention="attnlrp"), 0.5 * _gradient_times_input(model, x))
 
 
+def test_cosine_attention_is_the_plain_core_on_normalized_queries_and_keys():
+    """torchvision's Swin v2 leaf holds the norms constant inside its q·kᵀ rule; that must be
+    what the traced timm Swin v2 gets from the identity rule on `F.normalize` and the plain core."""
+    from relprop.core.ops.attention import AttentionCore, AttnLRP
+
+    torch.manual_seed(0)
+    q, k, v = torch.randn(3, 2, 2, 5, 4).unbind(0)
+    scale, bias = torch.tensor([10.0, 3.0]).reshape(2, 1, 1), 16 * torch.rand(1, 2, 5, 5)
+    R = torch.randn(2, 2, 5, 4)
+    cosine = AttentionCore(scale, bias, cosine=True).relevance(q, k, v, R, AttnLRP())
+    plain = AttentionCore(scale, bias).relevance(F.normalize(q, dim=-1), F.normalize(k, dim=-1), v, R, AttnLRP())
+    for ours, reference in zip(cosine, plain, strict=True):
+        torch.testing.assert_close(ours, reference, rtol=1e-4, atol=1e-5)
+
+
 def test_grn_holds_its_response_constant():
     """constants='leak': β takes its share of the add, as the ε-rule gives it; the rest is x's."""
     R, expected = _hold_and_reference(GRN, torch.randn(2, 2, 5, 5), constants="leak")
