@@ -351,3 +351,9 @@ def test_a_divisor_is_never_taken_for_the_signal():
     """Before, `g(x) / x` sent all relevance to the divisor x as if it were `x · g(x)`."""
     with pytest.raises(UnsupportedLayerError, match="divides by an input-dependent tensor"):
         LRP(DividedByItsInput().eval()).attribute(torch.randn(2, 6))
+
+
+def test_a_log_softmax_is_refused_with_both_fixes():
+    model = nn.Sequential(nn.Linear(6, 3), nn.LogSoftmax(dim=1)).eval()
+    with pytest.raises(UnsupportedLayerError, match=r"LogSoftmax.*output, remove it.*rules=\{torch.nn.LogSoftmax"):
+        LRP(model)

@@ -70,7 +70,12 @@ def softmax_error(node: fx.Node, module: nn.Module | None, reader=None) -> Unsup
     """The refusal: a softmax that reaches the output is explained by its logits; one inside the
     network that is not attention is named with what reads it."""
     what = describe(node, module)
-    if reader is None or isinstance(reader.op, GraphOutput):
+    if reader is None:  # log-softmax and the softmax variants, refused when claimed
+        return UnsupportedLayerError(
+            f"relprop has no relevance rule for the softmax in {what}: at the model's output, remove it (LRP "
+            f"starts from the probability itself: explain the logits); inside the network, give it one "
+            f"(rules={{{rule_key(node, module)}: rule}})")
+    if isinstance(reader.op, GraphOutput):
         return UnsupportedLayerError(
             f"the model applies softmax in {what} on the way to its output: LRP explains the scores "
             "before the softmax and starts from the probability itself; remove that softmax (explain the logits)")
