@@ -5,7 +5,8 @@ attention, MambaOut).
 - A constant factor or divisor takes no relevance: the product is linear in the other operand.
 - `x * g(x)`, a gate computed from the value it gates (SE blocks, SiLU written out): the gate
   gets none, all relevance stays with x (Arras et al. 2017's "signal-take-all").
-- `x * x`: an elementwise square, the identity rule of an elementwise map (as `x ** 2`).
+- `x * x` (one input-dependent operand, twice): an elementwise square, the identity rule of an
+  elementwise map (as `x ** 2`).
 - `a * b` of two factors neither computed from the other: which one is the gate is read from the
   graph (the factor that leaves a squashing activation, sigmoid/hard sigmoid/tanh, over one that
   leaves another activation, over one that leaves none; dropout and routes looked through), and
@@ -42,7 +43,6 @@ DIVISIONS = {operator.truediv, operator.itruediv, "div", "div_"}
 @dataclass
 class ScaleInfo:
     gate: int | None = None  # the operand that gates the other: it gets no relevance (signal-take-all)
-    square: bool = False  # x * x
     unrelated: bool = False  # two input-dependent factors, neither computed from the other
 
 
@@ -54,12 +54,9 @@ class Scale(Op):
         return ScaleInfo()
 
     def annotate(self, step, plan) -> None:
-        if len(step.inputs) != 2:
+        if len(step.inputs) != 2:  # one input-dependent operand (a constant factor, or x * x)
             return
         first, second = step.node.args[0], step.node.args[1]
-        if first is second:
-            step.info.square = True
-            return
         source = plan.computed_from_the_other(step)
         if source is not None:
             if not (step.node.target in DIVISIONS and source == 1):  # g(x) / x: x, the divisor, is no signal
@@ -73,8 +70,6 @@ class Scale(Op):
             step.info.gate = 0 if ranks[0] > ranks[1] else 1
 
     def relevance_parents(self, step) -> list[fx.Node]:
-        if step.info.square:
-            return [step.node.args[0]]
         if step.info.gate is not None:
             return [step.node.args[1 - step.info.gate]]
         return step.inputs
