@@ -357,3 +357,25 @@ def test_a_log_softmax_is_refused_with_both_fixes():
     model = nn.Sequential(nn.Linear(6, 3), nn.LogSoftmax(dim=1)).eval()
     with pytest.raises(UnsupportedLayerError, match=r"LogSoftmax.*output, remove it.*rules=\{torch.nn.LogSoftmax"):
         LRP(model)
+
+
+class SpatialGatingUnit(nn.Module):
+    """gMLP: GELU, then `u, v = chunk`, `u * proj(v)`: the GELU belongs to both halves, so the
+    graph does not say which factor gates; taking `u` (it 'leaves' the GELU through the chunk) for
+    the gate would send all relevance through the spatial projection."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc, self.proj, self.head = nn.Linear(6, 8), nn.Linear(4, 4), nn.Linear(4, 3)
+
+    def forward(self, x):
+        u, v = F.gelu(self.fc(x)).chunk(2, dim=-1)
+        return self.head(u * self.proj(v))
+
+
+def test_a_gate_the_graph_cannot_tell_is_refused_under_cp_and_split_under_attnlrp():
+    model = SpatialGatingUnit().eval()
+    with pytest.raises(UnsupportedLayerError, match="cannot tell the gate from the signal.*attention='attnlrp'"):
+        LRP(model).attribute(torch.randn(2, 6))
+    R, sums = LRP(model, attention="attnlrp").attribute(torch.randn(2, 6), return_layer_sums=True)
+    torch.testing.assert_close(R.sum(1), sums["output"], rtol=1e-4, atol=1e-6)

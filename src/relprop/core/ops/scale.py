@@ -9,7 +9,8 @@ attention, MambaOut).
   elementwise map (as `x ** 2`).
 - `a * b` of two factors neither computed from the other: which one is the gate is read from the
   graph (the factor that leaves a squashing activation, sigmoid/hard sigmoid/tanh, over one that
-  leaves another activation, over one that leaves none; dropout and routes looked through), and
+  leaves another activation, over one that leaves none; dropout, reshapes and upsampling looked
+  through, a chunk or slice not), and
   the composite's attention strategy decides, as it does for attention weights:
   `ConservativeAttention` (the default) holds the gate constant and gives the signal all
   relevance (signal-take-all: Arras et al., "Explaining recurrent neural network predictions in
@@ -38,6 +39,8 @@ from relprop.errors import UnsupportedLayerError
 FUNCTIONS = {operator.mul, operator.imul, operator.truediv, operator.itruediv, torch.mul}
 METHODS = {"mul", "mul_", "div", "div_"}
 DIVISIONS = {operator.truediv, operator.itruediv, "div", "div_"}
+SELECTIONS = {operator.getitem, torch.chunk, torch.split, torch.unbind, torch.tensor_split, "chunk", "split", "unbind",
+              "tensor_split"}
 
 
 @dataclass
@@ -95,14 +98,16 @@ class Scale(Op):
 
 
 def _gating_rank(plan, node: fx.Node) -> int:
-    """How gate-like a factor is (see `Passthrough.gating_rank`), looking through routes, pooling
-    and upsampling (GhostNetV2 upsamples its sigmoid gate), dropout and casts."""
+    """How gate-like a factor is (see `Passthrough.gating_rank`), looking through reshapes,
+    pooling and upsampling (GhostNetV2 upsamples its sigmoid gate), dropout and casts, but not
+    through a selection (`chunk`, `split`, indexing): an activation applied before a tensor is
+    split (gMLP's GELU before its spatial gating unit) belongs to both halves, not to one factor."""
     while True:
         step = plan.step_of[node]
         if isinstance(step.op, Passthrough):
             rank = Passthrough.gating_rank(step)
             if rank is not None:
                 return rank
-        elif not isinstance(step.op, (Route, Pool)) or not step.inputs:
+        elif not isinstance(step.op, (Route, Pool)) or not step.inputs or step.node.target in SELECTIONS:
             return 0
         node = step.inputs[0]
