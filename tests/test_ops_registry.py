@@ -142,6 +142,23 @@ class Assigned(nn.Module):
         return self.head(torch.relu(x))
 
 
+class GlobalResponseNorm(nn.Module):
+    """addcmul: ConvNeXt-V2's GRN, `x + addcmul(β, γ, x·N(x))` with N(x) computed from x, and an
+    affine `addcmul(β, α, x)` as ResMLP writes it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv, self.head = nn.Conv2d(2, 4, 3, padding=1), nn.Linear(4, 3)
+        self.gamma, self.beta = nn.Parameter(torch.rand(1, 4, 1, 1)), nn.Parameter(torch.randn(1, 4, 1, 1))
+        self.alpha = nn.Parameter(torch.rand(4))
+
+    def forward(self, x):
+        h = self.conv(x)
+        norm = h.norm(p=2, dim=(2, 3), keepdim=True)
+        h = h + torch.addcmul(self.beta, self.gamma, h * (norm / (norm.mean(dim=1, keepdim=True) + 1e-6)))
+        return self.head(torch.addcmul(self.beta.flatten(), self.alpha, h.mean((2, 3))))
+
+
 class Square(nn.Module):
     """A module relprop has no op for: claimed by `custom` once the user gives it a rule."""
 
@@ -189,6 +206,7 @@ EXAMPLES: dict[str, Example] = {
     "add": Example(Residual, _vectors),
     "cat": Example(TwoBranches, _vectors),
     "scale": Example(Gated, _vectors),
+    "addcmul": Example(GlobalResponseNorm, _images),
     "softmax": Example(SelfAttention, _tokens, rtol=EPSILON_RULE_RTOL),
     "matmul": Example(SelfAttention, _tokens, rtol=EPSILON_RULE_RTOL),
     "attention": Example(TorchAttention, _tokens, rtol=EPSILON_RULE_RTOL),
