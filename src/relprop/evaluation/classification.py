@@ -49,6 +49,7 @@ from relprop.evaluation.results import (
     rank_file,
     read_run_info,
     read_union,
+    remove_temporaries,
     save_map,
     shard_files,
     statistics_markdown,
@@ -174,6 +175,7 @@ def _evaluate_all(config: EvalConfig, checkpoints: Sequence[Checkpoint], ranks: 
     if ranks.rank == 0:  # one writer of run.json, holding the folder's lock for every rank
         try:
             lock = RunLock(out)
+            remove_temporaries(out)  # of writers killed before: none is alive, we hold the lock
             check_resume(out / "run.json", _settings(config, plan, checkpoints), canonical_name,
                          stamps, config.extend)
             _record_labels(out / "run.json", checkpoints[0].info)

@@ -13,6 +13,7 @@ from __future__ import annotations
 import errno
 import fcntl
 import hashlib
+import io
 import json
 import math
 import os
@@ -113,8 +114,8 @@ class ResultRow:
     label: int | None = None
     pred: int | None = None
     channels: str = "sum"
-    insertion_curve: list[float] = field(default_factory=list)
-    deletion_curve: list[float] = field(default_factory=list)
+    insertion_curve: Sequence[float] = field(default_factory=list)
+    deletion_curve: Sequence[float] = field(default_factory=list)
     localization: dict[str, float | None] | None = None
     conservation: Conservation | None = None
     failure: str | None = None
@@ -289,22 +290,29 @@ def read_rows(out: Path, *, repair: Path | None = None, canonical: Callable[[str
 
 @dataclass
 class RunRows:
-    """One streamed pass over a run's results: the scored rows without their curves (the curves
-    are summed on the way), and what was left out. Memory grows with a few numbers a row, not
-    with the curves or the file."""
+    """One streamed pass over a run's results: the rows without their curves (the curves are
+    summed on the way; failed rows are kept for their count), and what was left out. Memory grows
+    with a few numbers a row, not with the curves or the file."""
 
     rows: list[ResultRow]
     curves: CurveSums
     counts: ReadCounts
 
 
+_NO_CURVE: tuple[float, ...] = ()
+
+
 def load_rows(out: Path, **options: Any) -> RunRows:
-    """`iter_rows(out, **options)` in one pass: scored rows kept (curves dropped), curves summed."""
+    """`iter_rows(out, **options)` in one pass: rows kept without their curves (their repeated
+    names shared), curves summed."""
     counts, curves, rows = options.pop("counts", None) or ReadCounts(), CurveSums(), []
     for row in iter_rows(out, counts=counts, **options):
-        if row.problem is None:
-            curves.add(row)
-            rows.append(replace(row, insertion_curve=[], deletion_curve=[]))
+        curves.add(row)
+        rows.append(replace(
+            row, insertion_curve=_NO_CURVE, deletion_curve=_NO_CURVE,
+            checkpoint=sys.intern(row.checkpoint), checkpoint_sha256=sys.intern(row.checkpoint_sha256),
+            method=sys.intern(row.method), protocol=sys.intern(row.protocol),
+            channels=sys.intern(row.channels)))
     return RunRows(rows, curves, counts)
 
 
@@ -359,6 +367,18 @@ def write_atomic(path: Path, data: bytes | str | Callable[[Path], Any]) -> None:
         _sync_folder(path.parent)
 
 
+TEMPORARY = ".*.tmp*"  # the names `write_atomic` writes to before the rename
+
+
+def remove_temporaries(out: Path) -> int:
+    """Delete the temporary files that killed writers left in OUT and its maps (call it holding
+    the folder's lock, so that no live writer owns one); returns how many."""
+    found = [*Path(out).glob(TEMPORARY), *(Path(out) / "maps").rglob(TEMPORARY)]
+    for path in found:
+        path.unlink(missing_ok=True)
+    return len(found)
+
+
 def _sync_folder(folder: Path) -> None:
     """fsync a folder, so that a rename in it survives a power cut (where the OS allows it)."""
     try:
@@ -375,8 +395,11 @@ def _sync_folder(folder: Path) -> None:
 
 def save_map(path: Path, heat: np.ndarray) -> None:
     """A map as .npy, atomically: a map file that exists is complete."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    write_atomic(path, lambda target: np.save(target, heat.astype(np.float32)))
+    with writing(path.parent):
+        path.parent.mkdir(parents=True, exist_ok=True)
+    buffer = io.BytesIO()  # numpy's own file writes lose the errno of a full disk
+    np.save(buffer, heat.astype(np.float32))
+    write_atomic(path, buffer.getvalue())
 
 
 def map_is_whole(path: Path) -> bool:
