@@ -317,9 +317,8 @@ class _Store:
 
     def load(self) -> RunRows:
         """Every process's scored rows, streamed (curves summed, not kept), in this run's spelling."""
-        run = load_rows(self.out, canonical=canonical_name, inputs=self.inputs, counts=ReadCounts())
-        run.rows = [replace(r, method=self.spelled(r.method)) for r in run.rows]
-        return run
+        return load_rows(self.out, canonical=canonical_name, inputs=self.inputs, counts=ReadCounts(),
+                         rename=self.spelled)
 
     def skipped_keys(self) -> set[tuple[str, str]]:
         return set(self._skipped_keys)

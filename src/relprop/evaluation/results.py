@@ -302,11 +302,13 @@ class RunRows:
 _NO_CURVE: tuple[float, ...] = ()
 
 
-def load_rows(out: Path, **options: Any) -> RunRows:
+def load_rows(out: Path, *, rename: Callable[[str], str] | None = None, **options: Any) -> RunRows:
     """`iter_rows(out, **options)` in one pass: rows kept without their curves (their repeated
-    names shared), curves summed."""
+    names shared), curves summed; `rename` spells each method as the caller does."""
     counts, curves, rows = options.pop("counts", None) or ReadCounts(), CurveSums(), []
     for row in iter_rows(out, counts=counts, **options):
+        if rename is not None:
+            row = replace(row, method=rename(row.method))
         curves.add(row)
         rows.append(replace(
             row, insertion_curve=_NO_CURVE, deletion_curve=_NO_CURVE,
