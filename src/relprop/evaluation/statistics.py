@@ -19,7 +19,7 @@ from relprop.errors import InputError
 CONFIDENCE = 0.95
 # Resamples are drawn in batches of at most this many values (scipy's default draws all at once:
 # 10,000 resamples of 80,000 images took 6.4 GB); the draws, and so the CI, are the same.
-BOOTSTRAP_ELEMENTS = 1 << 22
+BOOTSTRAP_ELEMENTS = 1 << 20
 
 
 def _finite(values: Sequence[float] | np.ndarray) -> np.ndarray:
