@@ -55,7 +55,7 @@ from relprop.detection.ssd import (
 )
 from relprop.errors import InputError
 from relprop.evaluation.metrics import auc, frame_masks, localization
-from relprop.evaluation.results import append_jsonl, mean_std
+from relprop.evaluation.results import append_jsonl, mean_std, write_atomic
 from relprop.images import load_image
 from relprop.methods import canonical_name
 
@@ -449,7 +449,7 @@ def evaluate_detection(model: torch.nn.Module, classes: Sequence[str],
     folder = config.out
     if folder is not None:
         folder.mkdir(parents=True, exist_ok=True)
-        (folder / "results.jsonl").write_text("")
+        write_atomic(folder / "results.jsonl", b"")  # detection does not resume: a fresh file
     started = time.time()
     for sample in tqdm(samples, desc="evaluate detection", unit="image", disable=not config.progress,
                        file=sys.stderr):
@@ -461,6 +461,6 @@ def evaluate_detection(model: torch.nn.Module, classes: Sequence[str],
     summary = summarize(records, methods)
     summary["seconds"] = round(time.time() - started, 1)
     if folder is not None:
-        (folder / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
-        (folder / "summary.md").write_text(summary_markdown(summary, config.command))
+        write_atomic(folder / "summary.json", json.dumps(summary, indent=2) + "\n")
+        write_atomic(folder / "summary.md", summary_markdown(summary, config.command))
     return summary
