@@ -31,6 +31,7 @@ from relprop.modelinfo import ModelInfo
 from relprop.models import class_names_of
 from relprop.pipelines.inputs import plan_jobs
 from relprop.pipelines.outputs import Manifest
+from relprop.targets import as_index, show_option
 from relprop.viz import draw_detections, save_detection_panel
 
 # Relevance passes these unchanged, as it passes ReLU (SSDLite's MobileNetV3 uses Hardswish).
@@ -144,8 +145,8 @@ def parse_class(text: str | None, info: ModelInfo, names: Sequence[str]) -> int 
     """`--target-class` as an index, a class id (e.g. a wnid) or a class name."""
     if text is None:
         return None
-    if text.strip().isdigit():
-        index = int(text)
+    index = as_index(text)
+    if index is not None:
         if not 0 <= index < len(names):
             raise TargetError(f"--target-class {index}: the detector has classes 0..{len(names) - 1}")
         return index
@@ -154,7 +155,7 @@ def parse_class(text: str | None, info: ModelInfo, names: Sequence[str]) -> int 
         lowered = [str(label).lower() for label in labels]
         if wanted in lowered and len(lowered) == len(names):
             return lowered.index(wanted)
-    raise TargetError(f"--target-class {text!r}: not a class index, id or name of this detector")
+    raise TargetError(f"--target-class {show_option(text)}: not a class index, id or name of this detector")
 
 
 def _chosen(scores: Any, threshold: float, cap: int) -> list[int]:

@@ -27,6 +27,7 @@ from relprop.modelinfo import ModelInfo
 from relprop.models import class_names_of, preprocessing
 from relprop.pipelines.inputs import Job, plan_jobs
 from relprop.pipelines.outputs import Manifest
+from relprop.targets import as_index, show_option
 from relprop.viz import PanelRow, denormalize, heat_2d, save_overlay, save_panel, save_png
 
 DEFAULT_METHODS = ("ours", "gradcam", "ig")
@@ -120,8 +121,8 @@ def parse_target(text: str | None, info: ModelInfo) -> int | None:
     if text is None:
         return None
     count = info.num_classes
-    if text.strip().lstrip("-").isdigit():
-        index = int(text)
+    index = as_index(text)
+    if index is not None:
         if not 0 <= index < count:
             raise TargetError(f"--target {index}: the model has classes 0..{count - 1}")
         return index
@@ -129,7 +130,7 @@ def parse_target(text: str | None, info: ModelInfo) -> int | None:
         labels = [str(label).lower() for label in known or []]
         if text.strip().lower() in labels:
             return labels.index(text.strip().lower())
-    raise TargetError(f"--target {text!r}: not a class index, id or name of this model")
+    raise TargetError(f"--target {show_option(text)}: not a class index, id or name of this model")
 
 
 def build_methods(names: Sequence[str], model: Any, info: ModelInfo, hq: bool,
