@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 
 from relprop.cli.common import LazyChoices
+from relprop.pipelines.outputs import prepare_out_file
 
 DESCRIPTION = """\
 Fit the classifier family that LRP was first defined for (Bach et al., PLOS ONE 2015, sec. 3):
@@ -59,6 +60,7 @@ def run(args: argparse.Namespace) -> int:
     from relprop.bow.pipeline import BoWConfig, fit
     from relprop.bow.storage import save
 
+    prepare_out_file(args.out)  # before the fit: a bad --out fails at once, not after minutes
     config = BoWConfig(patch=args.patch, stride=args.stride, colour=args.colour, words=args.words,
                        mapping=args.mapping, sigma=args.sigma, p=args.p, norm=args.norm,
                        kernel=args.kernel, C=args.C, gamma=args.gamma, size=args.size, seed=args.seed)

@@ -26,7 +26,7 @@ from relprop.core.splitting import SPLITS
 from relprop.detection.crp import CRP, OUTPUTS, Request, to_image
 from relprop.detection.ssd import num_classes_of
 from relprop.errors import ImageError, RelpropError, TargetError
-from relprop.images import load_image
+from relprop.images import MAX_DECODED_PIXELS, load_image
 from relprop.modelinfo import ModelInfo
 from relprop.models import class_names_of
 from relprop.pipelines.inputs import plan_jobs
@@ -118,7 +118,7 @@ def detect_images(config: DetectConfig, model: Any, info: ModelInfo,
     with open(manifest.add(out / "detections.jsonl"), "w", encoding="utf-8") as log:
         for path, name in tqdm(jobs, unit="image", desc="detect", file=sys.stderr):
             try:
-                image = to_tensor(load_image(path))
+                image = to_tensor(load_image(path, MAX_DECODED_PIXELS))
             except ImageError as error:
                 summary.failures.append(str(error))
                 tqdm.write(f"relprop detect: error: {error}", file=sys.stderr)

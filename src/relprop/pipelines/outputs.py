@@ -34,6 +34,25 @@ def prepare_out(text: str, option: str = "--out") -> Path:
     return out
 
 
+def prepare_out_file(text: str, option: str = "--out") -> Path:
+    """A file to write at the end of a long run (fit-bow's model): refuse a folder, or a folder
+    that cannot be written, now rather than after the work."""
+    path = Path(text)
+    if path.is_dir():
+        raise RelpropError(f"{option} {path}: is a folder; give a file name")
+    if path.exists() and not path.is_file():
+        raise RelpropError(f"{option} {path}: exists and is not a regular file")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        probe = path.parent / f".relprop-write-test-{os.getpid()}"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as error:
+        reason = error.strerror or type(error).__name__
+        raise RelpropError(f"{option} {path}: cannot write there ({reason})") from None
+    return path
+
+
 class Manifest:
     """The files one run writes under OUT; `finish` removes the previous run's stale files."""
 
