@@ -20,6 +20,7 @@ import pytest
 import torch
 from PIL import Image
 
+import relprop
 from relprop.bow import storage
 from relprop.cli import main as cli_main
 from relprop.cli.main import main
@@ -32,7 +33,7 @@ from relprop.pipelines.explain import parse_target
 
 torch.set_num_threads(1)
 TESTS = Path(__file__).resolve().parent
-SRC = TESTS.parent / "src"
+SRC = Path(relprop.__file__).resolve().parents[1]  # the relprop under test, in the subprocess too
 
 # A tiny classifier whose output is NaN for dark images: sqrt of (mean pixel - 0.5).
 TINY_DEF = """\
@@ -152,6 +153,18 @@ def test_fifo_and_devices_are_refused_without_blocking(tmp_path):
         load_image("/dev/zero")
 
 
+def _release_after(fifo: Path, seconds: float) -> None:
+    """Open the FIFO's write end after `seconds` if someone is blocked reading it (then close it:
+    the reader sees an empty file and fails); nobody reading is the expected case."""
+    def release() -> None:
+        time.sleep(seconds)
+        try:
+            os.close(os.open(fifo, os.O_WRONLY | os.O_NONBLOCK))
+        except OSError:  # ENXIO: no reader, as it should be
+            pass
+    threading.Thread(target=release, daemon=True).start()
+
+
 @pytest.mark.parametrize("bad", [float("nan"), float("inf")])
 def test_float_tiff_with_a_non_finite_pixel_is_refused(tmp_path, bad):
     values = np.linspace(0, 1, 64, dtype=np.float32).reshape(8, 8)
@@ -175,11 +188,14 @@ def test_decoded_pixel_bound_is_checked_before_decoding(tmp_path, monkeypatch):
 def test_explain_goes_on_past_a_fifo_and_a_nan_tiff(tiny, tmp_path, capsys):
     good = _image(tmp_path / "in" / "good.png", 230)
     os.mkfifo(tmp_path / "in" / "pipe.png")
+    _release_after(tmp_path / "in" / "pipe.png", seconds=30)  # a reader stuck on it fails, not hangs
     values = np.full((16, 16), 0.9, dtype=np.float32)
     values[0, 0] = np.nan
     Image.fromarray(values, mode="F").save(tmp_path / "in" / "nan.tif")
     inputs = [tmp_path / "in" / "pipe.png", tmp_path / "in" / "nan.tif", good]
+    started = time.time()
     code = main(_explain(tiny, inputs, tmp_path / "out"))
+    assert time.time() - started < 25  # the FIFO is never opened (released after 30 s otherwise)
     err = capsys.readouterr().err
     assert code == 1 and "Traceback" not in err
     assert len(_error_lines(err)) == 2 and "2 of 3 inputs failed" in err
