@@ -40,7 +40,7 @@ BAD = {  # key changed -> words the refusal must contain
     "std": ([0.2, 0.0, 0.2], "std [0.2, 0.0, 0.2]: values must be above 0"),
     "resize": (0, "resize 0"),
     "interpolation": ("cubicish", "interpolation 'cubicish': choose one of"),
-    "classes": (["a", "b"], "classes: 2 entries for a model with 3 classes"),
+    "classes": (["a", "b"], "classes: 2 class ids for a model with 3 classes"),
     "mean": ([math.nan, 0.0, 0.0], "mean [nan, 0.0, 0.0]: values must be finite"),
     "crop": (32, "crop 32 is larger than resize 16"),  # CenterCrop would pad with black
     "class_names": ("abc", "class_names 'abc': must be a list of 3 names"),

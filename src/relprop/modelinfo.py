@@ -246,7 +246,8 @@ def _labels(values: Any, key: str, count: int) -> list[str]:
     if isinstance(values, str | bytes) or not isinstance(values, list | tuple):
         raise CheckpointError(f"{key} {_show(values)}: must be a list of {count} names")
     if len(values) != count:
-        raise CheckpointError(f"{key}: {len(values)} entries for a model with {count} classes")
+        what = "class ids" if key == "classes" else "class names"
+        raise CheckpointError(f"{key}: {len(values)} {what} for a model with {count} classes")
     bad = next((v for v in values if isinstance(v, bool) or not isinstance(v, str | int)), None)
     if bad is not None:
         raise CheckpointError(f"{key}: entry {_show(bad)} is not a name")
