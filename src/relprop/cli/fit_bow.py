@@ -24,7 +24,12 @@ examples:
   relprop fit-bow ../shared/data/tin10/train --val ../shared/data/tin10/val --out /tmp/tin10.bow.npz
   relprop fit-bow photos/ --words 100 --mapping soft --p inf --kernel rbf --out max.bow.npz
 
-exit status: 0 fitted and saved; 1 bad data or options (one line on stderr); 2 bad usage.
+Images are bounded as in explain: --size at most 448 (448x448 = 200,704 pixels), and an image more
+than 8 times as long as wide is skipped with one line. DATA needs two or more class folders,
+each with a readable image; --out is checked before the fit, and written whole or not at all.
+
+exit status: 0 fitted and saved; 1 bad data or options (one line on stderr); 2 bad usage;
+3 internal error (rerun with --debug for the traceback).
 """
 
 
