@@ -34,8 +34,9 @@ _BACKGROUND = (255, 255, 255)
 MAX_INPUT_PIXELS = 4 * 224 * 224
 MAX_ASPECT_RATIO = 8.0
 # Bound of the decoded image where a command keeps it at full size: `detect` resizes inside the
-# model but draws and upsamples every map onto the original (about 90 bytes per pixel: a 9000x9000
-# photo took 7.2 GB). 4096x4096 (16.8 megapixels, phone photos pass) keeps it near 1.5 GB.
+# model but draws and upsamples every map onto the original (a 9000x9000 photo took 7.2 GB).
+# 4096x4096 (16.8 megapixels) lets 12-megapixel phone photos pass; measured peak with the shared
+# SSD, 2 detections: 3.3 GB at 12 MP, 4.1 GB at 16.8 MP (most of it the full-size panels).
 MAX_DECODED_PIXELS = 4096 * 4096
 
 
