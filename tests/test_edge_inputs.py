@@ -165,6 +165,21 @@ def _release_after(fifo: Path, seconds: float) -> None:
     threading.Thread(target=release, daemon=True).start()
 
 
+def test_fifo_as_weights_or_classes_is_one_line(tmp_path, capsys):
+    fifo = tmp_path / "model.pt"
+    os.mkfifo(fifo)
+    _release_after(fifo, seconds=30)
+    image = _image(tmp_path / "img.png", 128)
+    started = time.time()
+    assert main(["detect", str(image), "--weights", str(fifo), "--out", str(tmp_path / "a")]) == 1
+    assert main(["explain", str(image), "--weights", str(fifo), "--classes", str(fifo),
+                 "--arch", "resnet18", "--out", str(tmp_path / "b")]) == 1
+    assert time.time() - started < 25
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert lines == [f"relprop detect: error: {fifo}: not a regular file, so not a weights file",
+                     f"relprop explain: error: --classes {fifo}: not a regular file"]
+
+
 @pytest.mark.parametrize("bad", [float("nan"), float("inf")])
 def test_float_tiff_with_a_non_finite_pixel_is_refused(tmp_path, bad):
     values = np.linspace(0, 1, 64, dtype=np.float32).reshape(8, 8)

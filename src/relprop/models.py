@@ -460,6 +460,8 @@ def _source(weights: str | Path | None, arch: str | None,
     text = str(weights)
     if Path(text).is_file():
         return Path(text), {}, None
+    if Path(text).exists():  # a FIFO or a device would block or never end; a folder is no weights
+        raise CheckpointError(f"{text}: not a regular file, so not a weights file")
     named = torchvision_weights(text, arch)
     if named is None:
         if arch is None and re.fullmatch(r"[A-Z0-9_]+", text):
@@ -510,6 +512,8 @@ def load_detector(weights: str | Path | None, model_def: str | None = None, arch
 
 def _stored_detector_arch(weights: str | Path) -> bool:
     """Does the checkpoint name a torchvision detector as its arch (then relprop builds it)."""
+    if not Path(weights).is_file():  # a FIFO would block open(); load_model names what it is
+        return False
     try:
         content = torch.load(weights, map_location="cpu", weights_only=True, mmap=True)
     except Exception:  # load_model reports unreadable files on one line
