@@ -56,7 +56,7 @@ from relprop.detection.ssd import (
 from relprop.errors import InputError
 from relprop.evaluation.metrics import auc, frame_masks, localization
 from relprop.evaluation.results import append_jsonl, mean_std, write_atomic
-from relprop.images import load_image
+from relprop.images import MAX_DECODED_PIXELS, load_image
 from relprop.methods import canonical_name
 
 METHODS = ("crp", "lrp-plain", "gradcam")  # the registry's names: lrp-plain is plain LRP everywhere
@@ -102,7 +102,7 @@ def read_samples(root: str | Path, classes: Sequence[str], per_class: int | None
 
 def load_tensor(path: Path) -> Tensor:
     """An image file as a float (3, H, W) tensor in [0, 1]."""
-    return to_tensor(load_image(path))
+    return to_tensor(load_image(path, MAX_DECODED_PIXELS))  # the bound `relprop detect` has
 
 
 # ------------------------------------------------------------------ maps
