@@ -304,7 +304,7 @@ def _wait_for_rows(out: Path, rows: int, process: subprocess.Popen) -> None:
     raise AssertionError("the sharded run wrote no rows")
 
 
-def test_a_killed_rank_says_rerun_and_exits_3_and_a_killed_launcher_leaves_no_rank(
+def test_a_killed_rank_says_rerun_and_exits_4_and_a_killed_launcher_leaves_no_rank(
         reference, dataset, tmp_path):
     out = tmp_path / "sharded"
     launcher = _launched(dataset, out)
@@ -315,7 +315,7 @@ def test_a_killed_rank_says_rerun_and_exits_3_and_a_killed_launcher_leaves_no_ra
     os.kill(rank, signal.SIGKILL)
     code = launcher.wait(timeout=120)
     err = launcher.stderr.read()
-    assert code == 3, err[-2000:]
+    assert code == 4, err[-2000:]
     assert err.strip().splitlines()[-1].startswith("relprop evaluate: a process of the sharded run died")
     assert "rerun the same command" in err
     _rows(out)

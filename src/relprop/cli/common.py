@@ -16,6 +16,9 @@ from relprop.errors import RelpropError
 if TYPE_CHECKING:
     from relprop.modelinfo import ModelInfo
 
+# Exit statuses of every command (`relprop --help` lists them).
+EXIT_FAILED, EXIT_USAGE, EXIT_INTERNAL, EXIT_RANK_DIED, EXIT_INTERRUPTED = 1, 2, 3, 4, 130
+
 METHODS_PLACEHOLDER = "@@METHODS@@"
 
 

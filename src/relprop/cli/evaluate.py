@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from relprop.cli.common import (
+    EXIT_RANK_DIED,
     RegistryHelpFormatter,
     add_model_options,
     load_model_from_args,
@@ -86,13 +87,12 @@ sharding (torch.distributed; gloo on the CPU, nccl on GPUs, one GPU per local ra
 
 exit status: 0 done; 1 some images unreadable (skipped and recorded), rows failed (NaN/Inf),
 a bad model/method, or an error (one line: a full disk, OUT in use, ...); 2 bad usage;
-3 a process of a sharded run died (--launcher torchrun): rerun the same command to resume;
-130 interrupted. Every file is written whole or appended line by line, so after any of these
+3 internal error; 4 a process of a sharded run died (--launcher torchrun): rerun the same
+command to resume; 130 interrupted. Every file is written whole or appended line by line, so after any of these
 the same command resumes without losing or doubling a row.
 """
 
 OUTCOME_ENV = "RELPROP_LAUNCH_OUTCOME"  # set by --launcher: the file rank 0 writes its status to
-RANK_DIED = 3
 
 DEFAULT_METHODS = "ours,gradcam,scorecam,ig,gbp,lrp-captum"
 
@@ -258,7 +258,7 @@ def _launch(args: argparse.Namespace) -> int:
     print(f"relprop evaluate: a process of the sharded run died (torchrun exit {code}; it named "
           "the rank above); finished rows are kept: rerun the same command, with any "
           "--nproc-per-node, to resume", file=sys.stderr)
-    return RANK_DIED
+    return EXIT_RANK_DIED
 
 
 def _die_with_parent(sig: int) -> None:

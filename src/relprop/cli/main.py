@@ -10,6 +10,7 @@ import traceback
 from collections.abc import Sequence
 
 from relprop import __version__
+from relprop.cli.common import EXIT_FAILED, EXIT_INTERNAL, EXIT_INTERRUPTED
 from relprop.errors import RelpropError, first_line
 
 # Each module defines `add_parser(subparsers)` and `run(args) -> int`.
@@ -40,11 +41,11 @@ exit status:
        error such as a full disk (the line names the file)
   2    bad usage (unknown option, missing argument)
   3    internal error: a bug in relprop (one line; rerun with --debug for the traceback)
+  4    evaluate --launcher torchrun: a process of the sharded run died; rerun the same command
   130  interrupted (Ctrl-C)
 No traceback is shown unless --debug is given or RELPROP_DEBUG=1 is set.
 """
 
-EXIT_FAILED, EXIT_USAGE, EXIT_INTERNAL, EXIT_INTERRUPTED = 1, 2, 3, 130
 
 
 def build_parser() -> argparse.ArgumentParser:
