@@ -371,3 +371,11 @@ def test_readers_stream_the_results_in_memory_far_below_the_file(tmp_path):
                      (tmp_path / "results.jsonl").read_text().splitlines()[::2]], axis=0)
     np.testing.assert_allclose(curves["paper"]["gradient"]["insertion"], curve, atol=1e-12)
     assert all(isinstance(r, ResultRow) and not r.insertion_curve for r in run.rows)
+
+
+def test_a_shard_file_named_with_a_non_ascii_digit_is_not_a_rank(tmp_path):
+    """'results.rank².jsonl' is no rank's file: `str.isdigit` took '²', and `int` then failed."""
+    for name in ("results.jsonl", "results.rank1.jsonl", "results.rank0.jsonl", "results.rank².jsonl"):
+        (tmp_path / name).write_text("")
+    assert [p.name for p in results.shard_files(tmp_path, "results")] == [
+        "results.jsonl", "results.rank0.jsonl", "results.rank1.jsonl"]

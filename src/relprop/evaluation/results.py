@@ -18,6 +18,7 @@ import json
 import math
 import os
 import platform
+import re
 import socket
 import sys
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
@@ -540,7 +541,8 @@ def rank_file(out: Path, stem: str, rank: int, world: int) -> Path:
 
 def shard_files(out: Path, stem: str) -> list[Path]:
     """Every file of `stem` in OUT: the single-process one, then the ranks' in rank order."""
-    ranked = [p for p in out.glob(f"{stem}.rank*.jsonl") if p.name[len(stem) + 5:-6].isdigit()]
+    # ASCII digits only: str.isdigit also takes '²', which int() refuses
+    ranked = [p for p in out.glob(f"{stem}.rank*.jsonl") if re.fullmatch(r"[0-9]+", p.name[len(stem) + 5:-6])]
     ranked.sort(key=lambda p: int(p.name[len(stem) + 5:-6]))
     single = out / f"{stem}.jsonl"
     return ([single] if single.is_file() else []) + ranked

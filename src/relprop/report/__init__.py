@@ -42,6 +42,7 @@ from relprop.evaluation.results import (
     run_inputs,
     scored,
     shard_files,
+    write_atomic,
 )
 from relprop.evaluation.statistics import mean_sem_ci
 from relprop.images import load_image
@@ -503,7 +504,7 @@ def build_report(eval_out: str | Path, out: str | Path, *, data: str | Path | No
     page = render_page(run, columns, rows, curve_figs, conservation_fig, gallery, methods, found,
                        context, page_size)
     index = out / "index.html"
-    index.write_text(page, encoding="utf-8")
+    write_atomic(index, page)  # whole or not at all: a full disk keeps the previous page
     return index
 
 
