@@ -1,0 +1,468 @@
+"""Every torchvision classification model and the smallest model of every timm family, explained with
+relprop's defaults, one child process per model; the table of docs/models.md and the README's.
+
+    OMP_NUM_THREADS=1 python benchmarks/zoo.py                  # resumable: skips models already done
+    python benchmarks/zoo.py --retry-failed                     # again: refused, crashed, timed out
+    python benchmarks/zoo.py --only timm/resnet18 'torchvision/vit_*'
+    python benchmarks/zoo.py --write-docs                       # docs/models.md and README's block
+
+Models: `torchvision.models.list_models(module=torchvision.models)`; for timm, a family is a module
+of `timm.models` (`timm.list_modules()`), and its smallest model is the one with the fewest
+parameters counted on the meta device (ties: name order; timm's `test_*` models are left out).
+That choice is cached in benchmarks/zoo_timm_families.json (`--refresh-families` redoes it).
+
+Each model: random weights (seed 0) with 10 classes, layer scales and zero-initialized gains
+redrawn and BatchNorm statistics calibrated on random data (`zoo_common.realistic`), at the
+smallest input size it runs at (64, 96, 112, ... px; `img_size`/`image_size` given where the
+constructor takes it). Two random images. `LRP(model)` with its defaults: the outcome, the input
+total / probability and the worst per-layer total / probability. On piecewise-linear models (ReLU,
+max/avg pooling, conv, linear, BatchNorm only), LRP-0 (z-rule, signed split with ε = 0,
+winner-takes-all max pooling, logit seed) against gradient × input, with `bn="fold"` and with
+`bn="pass"` (z-rule on BatchNorm). Time box: `--timeout` seconds per model (default 120), three
+times that for models over 100 M parameters. Results are appended to benchmarks/zoo_results.jsonl
+as each model finishes; the last record of a model wins.
+"""
+
+from __future__ import annotations
+
+import argparse
+import fnmatch
+import json
+import math
+import os
+import re
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections import defaultdict
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from zoo_common import SOURCES, build_model, parameter_count, pearson, realistic, verdict  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "benchmarks" / "zoo_results.jsonl"
+FAMILIES = ROOT / "benchmarks" / "zoo_timm_families.json"
+DOCS = ROOT / "docs" / "models.md"
+README = ROOT / "README.md"
+BEGIN, END = "<!-- zoo:begin -->", "<!-- zoo:end -->"
+SIZES = (64, 96, 112, 128, 160, 192, 224, 256, 288, 320, 384, 448, 512)
+SIZE_KEYWORD = {"timm": "img_size", "torchvision": "image_size"}
+IMAGES = 2
+BIG = 100_000_000  # parameters above which a model gets three time boxes
+TOLERANCE = 0.05  # input total within 5 % of the probability: "explained" in the counts
+FAILED = ("refused", "crash", "timeout", "killed")
+
+# leaf modules of a piecewise-linear, positively homogeneous network, where LRP-0 = gradient × input
+PIECEWISE_LINEAR = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear, nn.modules.batchnorm._BatchNorm, nn.ReLU,
+                    nn.LeakyReLU, nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d, nn.AvgPool1d, nn.AvgPool2d,
+                    nn.AvgPool3d, nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d, nn.AdaptiveAvgPool3d,
+                    nn.AdaptiveMaxPool2d, nn.Dropout, nn.Dropout2d, nn.Identity, nn.Flatten, nn.ZeroPad2d)
+PIECEWISE_LINEAR_NAMES = {"DropPath", "FastAdaptiveAvgPool", "FastAdaptiveAvgPool2d", "AdaptiveAvgMaxPool2d",
+                          "SelectAdaptivePool2d"}
+
+
+# ---------------------------------------------------------------- which models
+
+def torchvision_models() -> list[str]:
+    import torchvision  # deferred: --write-docs needs neither zoo
+    return sorted(torchvision.models.list_models(module=torchvision.models))
+
+
+def timm_families(refresh: bool = False) -> dict[str, dict[str, Any]]:
+    """family (timm module) -> its smallest model and its parameter count, cached in FAMILIES."""
+    if FAMILIES.exists() and not refresh:
+        return json.loads(FAMILIES.read_text())
+    import timm  # deferred: optional
+    families = {}
+    for module in timm.list_modules():
+        counts = {}
+        for name in timm.list_models(module=module):
+            if name.startswith("test_"):
+                continue
+            try:
+                counts[name] = parameter_count("timm", name)
+            except Exception as error:  # noqa: BLE001 - a model the meta device cannot build is left out, named
+                print(f"timm/{name}: not counted ({type(error).__name__})", file=sys.stderr)
+        if counts:
+            name = min(sorted(counts), key=counts.get)
+            families[module] = {"model": name, "parameters": counts[name], "models": len(counts)}
+    FAMILIES.write_text(json.dumps(families, indent=1) + "\n")
+    return families
+
+
+def all_models(zoo: str | None = None, refresh: bool = False) -> list[tuple[str, str, str]]:
+    """(zoo, model, family) in run order: torchvision, then timm's families."""
+    models = [("torchvision", name, "") for name in torchvision_models()] if zoo in (None, "torchvision") else []
+    if zoo in (None, "timm"):
+        models += [("timm", entry["model"], family) for family, entry in sorted(timm_families(refresh).items())]
+    return models
+
+
+# ---------------------------------------------------------------- one model (the child process)
+
+def runs_at(model: nn.Module, size: int) -> bool:
+    try:
+        with torch.no_grad():
+            model.eval()(torch.randn(1, 3, size, size))
+    except Exception:  # noqa: BLE001 - any failure means: not at this size
+        return False
+    return True
+
+
+def build_at_smallest_size(zoo: str, name: str) -> tuple[nn.Module, int, dict[str, int]]:
+    torch.manual_seed(0)
+    model = build_model(zoo, name)
+    takes_size = True
+    for size in SIZES:
+        if runs_at(model, size):
+            return model, size, {}
+        if takes_size:
+            keyword = {SIZE_KEYWORD[zoo]: size}
+            try:
+                torch.manual_seed(0)
+                sized = build_model(zoo, name, **keyword)
+            except TypeError:
+                takes_size = False
+                continue
+            except Exception:  # noqa: BLE001 - the constructor refuses this size: try the next
+                continue
+            if runs_at(sized, size):
+                return sized, size, keyword
+    raise RuntimeError(f"runs at none of the sizes {SIZES}")
+
+
+def piecewise_linear(model: nn.Module) -> bool:
+    """Only ReLU, pooling, conv, linear and BatchNorm among the leaf modules (and the modules that
+    hold parameters themselves)."""
+    for module in model.modules():
+        leaf = next(module.children(), None) is None
+        holds = any(True for _ in module.parameters(recurse=False))
+        if (leaf or holds) and not isinstance(module, PIECEWISE_LINEAR) \
+                and type(module).__name__ not in PIECEWISE_LINEAR_NAMES:
+            return False
+    return True
+
+
+def lrp0_against_gradient(model: nn.Module, x: torch.Tensor, bn: str) -> dict[str, Any]:
+    """LRP-0 as tests/test_lrp0_gradient.py configures it, against gradient × input (Ancona et al.
+    2018); with bn="pass" the z-rule also applies to each BatchNorm as the affine layer it is."""
+    from relprop import LRP  # deferred: the child imports relprop after its environment is set
+    from relprop.core.rules import EpsilonRule
+    from relprop.core.splitting import SignedSplit
+    inputs = x.clone().requires_grad_(True)
+    logits = model(inputs)
+    explained = logits.argmax(1, keepdim=True)
+    (gradient,) = torch.autograd.grad(logits.gather(1, explained).sum(), inputs)
+    seed = torch.zeros_like(logits).scatter(1, explained, logits.gather(1, explained)).detach()
+    z = EpsilonRule(0.0)
+    rules: dict[Any, Any] = {nn.Conv1d: z, nn.Conv2d: z, nn.Conv3d: z, nn.Linear: z}
+    if bn == "pass":
+        rules.update({nn.BatchNorm1d: z, nn.BatchNorm2d: z, nn.BatchNorm3d: z})
+    held: dict[str, torch.Tensor] = {}
+
+    def run() -> None:
+        held["R"] = LRP(model, rules=rules, input_rule=z, split=SignedSplit(epsilon=0.0), maxpool="wta",
+                        bn=bn).attribute(x, target=seed)
+
+    outcome, detail = verdict(run)
+    if outcome != "explained":
+        return {"outcome": outcome, "detail": detail}
+    expected = (gradient * x).detach()
+    R = held["R"]
+    r = min(pearson(R[i], expected[i]) for i in range(x.shape[0]))
+    error = float((R - expected).abs().max() / expected.abs().max())
+    return {"outcome": outcome, "r": r, "max_rel_error": error}
+
+
+def measure(zoo: str, name: str, out: Path) -> None:
+    """The record of one model, written to `out` after each stage (a timeout keeps what was done)."""
+    from relprop import LRP  # deferred: the child imports relprop after its environment is set
+    record: dict[str, Any] = {"zoo": zoo, "model": name}
+
+    def save() -> None:
+        out.write_text(json.dumps(record))
+
+    try:
+        model, size, keyword = build_at_smallest_size(zoo, name)
+    except Exception as error:  # noqa: BLE001 - the model's own failure, not relprop's
+        record.update(outcome="cannot run", detail=f"{type(error).__name__}: {str(error).strip()[:200]}")
+        save()
+        return
+    record.update(size=size, size_keyword=keyword, parameters=sum(p.numel() for p in model.parameters()))
+    record.update(realistic(model, (3, size, size)))
+    x = torch.randn(IMAGES, 3, size, size, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        probability = torch.softmax(model(x), 1).max(1).values
+    held: dict[str, Any] = {}
+
+    def run() -> None:
+        held["lrp"] = LRP(model)
+        held["R"], held["sums"] = held["lrp"].attribute(x, return_layer_sums=True)
+
+    start = time.perf_counter()
+    outcome, detail = verdict(run)
+    record.update(outcome=outcome, detail=detail, seconds=round(time.perf_counter() - start, 2))
+    if "lrp" in held:
+        record["capture_path"] = getattr(held["lrp"], "capture_path", "fx")
+    if outcome == "explained":
+        ratio = held["R"].flatten(1).sum(1) / probability
+        record["total_over_p"] = [float(v) for v in ratio]
+        cuts = {cut: float((total / probability - 1).abs().max()) for cut, total in held["sums"].items()}
+        worst = max(cuts, key=lambda cut: cuts[cut] if math.isfinite(cuts[cut]) else math.inf)
+        record.update(worst_layer=worst, worst_layer_deviation=cuts[worst], cuts=len(cuts))
+    record["piecewise_linear"] = piecewise_linear(model)
+    save()
+    if record["piecewise_linear"]:
+        has_bn = any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())
+        for bn in ("fold", "pass") if has_bn else ("fold",):
+            record[f"lrp0_{bn}"] = lrp0_against_gradient(model, x, bn)
+            save()
+        if not has_bn:
+            record["lrp0_pass"] = record["lrp0_fold"]
+            save()
+
+
+# ---------------------------------------------------------------- the run (the parent process)
+
+def read_results(path: Path = RESULTS) -> dict[str, dict[str, Any]]:
+    """zoo/model -> its last record."""
+    results: dict[str, dict[str, Any]] = {}
+    if path.exists():
+        for line in path.read_text().splitlines():
+            if line.strip():
+                record = json.loads(line)
+                results[f"{record['zoo']}/{record['model']}"] = record
+    return results
+
+
+def run_child(zoo: str, name: str, family: str, timeout: float) -> dict[str, Any]:
+    """One model in its own process: a crash, an OOM kill or a hang costs only this model."""
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT / "src"), env.get("PYTHONPATH")]))
+    with tempfile.TemporaryDirectory() as scratch:
+        out = Path(scratch) / "record.json"
+        start = time.perf_counter()
+        try:
+            completed = subprocess.run([sys.executable, __file__, "--child", f"{zoo}/{name}", "--record", str(out)],
+                                       env=env, capture_output=True, text=True, timeout=timeout)
+            status, tail = completed.returncode, completed.stderr.strip().splitlines()[-1:]
+        except subprocess.TimeoutExpired:
+            status, tail = None, []
+        record = json.loads(out.read_text()) if out.exists() else {"zoo": zoo, "model": name}
+    record.update(family=family, wall_seconds=round(time.perf_counter() - start, 1), timeout=timeout)
+    if status is None:
+        stage = "LRP-0" if "outcome" in record else "building or explaining"
+        record.setdefault("outcome", "timeout")
+        record["timed_out"] = f"{stage}, after {timeout:.0f} s"
+    elif status != 0 and "outcome" not in record:
+        record.update(outcome="killed", detail=f"exit status {status}: {' '.join(tail)[:200]}")
+    return record
+
+
+def time_box(zoo: str, name: str, base: float) -> float:
+    try:
+        return base * (3 if parameter_count(zoo, name) > BIG else 1)
+    except Exception:  # noqa: BLE001 - cannot count: the child will say why
+        return base
+
+
+def selected(models: list[tuple[str, str, str]], args: argparse.Namespace) -> list[tuple[str, str, str]]:
+    done = read_results(args.results)
+    chosen = []
+    for zoo, name, family in models:
+        key = f"{zoo}/{name}"
+        if args.zoo and zoo != args.zoo:
+            continue
+        if args.only:
+            if any(fnmatch.fnmatch(key, pattern) or pattern in (name, family, f"{zoo}/{family}")
+                   for pattern in args.only):
+                chosen.append((zoo, name, family))
+            continue
+        record = done.get(key)
+        if record is None or (args.retry_failed and record.get("outcome") in FAILED):
+            chosen.append((zoo, name, family))
+    return chosen
+
+
+def run(args: argparse.Namespace) -> None:
+    models = selected(all_models(args.zoo, args.refresh_families), args)
+    print(f"{len(models)} models to run", flush=True)
+    lock = threading.Lock()
+
+    def one(entry: tuple[str, str, str]) -> None:
+        zoo, name, family = entry
+        record = run_child(zoo, name, family, time_box(zoo, name, args.timeout))
+        with lock, args.results.open("a") as handle:
+            handle.write(json.dumps(record) + "\n")
+        print(f"{zoo}/{name}: {summary_cell(record)} ({record['wall_seconds']} s)", flush=True)
+
+    with ThreadPoolExecutor(args.jobs) as pool:
+        list(pool.map(one, models))
+
+
+# ---------------------------------------------------------------- the docs
+
+def total_ok(record: dict[str, Any]) -> bool:
+    totals = record.get("total_over_p") or []
+    return record.get("outcome") == "explained" and bool(totals) \
+        and all(math.isfinite(t) and abs(t - 1) <= TOLERANCE for t in totals)
+
+
+def summary_cell(record: dict[str, Any]) -> str:
+    outcome = record.get("outcome", "?")
+    if outcome == "explained":
+        totals = record.get("total_over_p", [])
+        worst = max(totals, key=lambda t: abs(t - 1)) if totals else float("nan")
+        return f"explained, total/p {worst:.5f}"
+    return f"{outcome}: {record.get('detail', record.get('timed_out', ''))}"
+
+
+def lrp0_cell(record: dict[str, Any]) -> str:
+    if not record.get("piecewise_linear"):
+        return ""
+    cells = []
+    for bn in ("fold", "pass"):
+        result = record.get(f"lrp0_{bn}")
+        if result is None:
+            cells.append(f"{bn}: not run")
+        elif result["outcome"] == "explained":
+            cells.append(f"{bn}: {result['r']:.5f}")
+        else:
+            cells.append(f"{bn}: {result['outcome']}")
+    return "; ".join(cells)
+
+
+def lrp0_rs(records: list[dict[str, Any]], bn: str) -> list[float]:
+    return [r[f"lrp0_{bn}"]["r"] for r in records
+            if r.get("piecewise_linear") and r.get(f"lrp0_{bn}", {}).get("outcome") == "explained"]
+
+
+def message_group(detail: str) -> str:
+    """A refusal's message with the model-specific parts (module paths, numbers, quoted names) elided,
+    so that one cause is one group."""
+    text = re.sub(r"`[^`]*`|'[^']*'|\"[^\"]*\"", "…", detail)
+    text = re.sub(r"\b[\w]+(\.[\w]+)+\b", "…", text)
+    return re.sub(r"\d+", "N", text)
+
+
+def counts(records: dict[str, dict[str, Any]], zoo: str) -> tuple[int, int]:
+    chosen = [r for r in records.values() if r["zoo"] == zoo]
+    return sum(total_ok(r) for r in chosen), len(chosen)
+
+
+def outcome_counts(records: list[dict[str, Any]]) -> str:
+    tally: dict[str, int] = defaultdict(int)
+    for record in records:
+        tally[record.get("outcome", "?")] += 1
+    return ", ".join(f"{n} {outcome}" for outcome, n in sorted(tally.items(), key=lambda kv: -kv[1]))
+
+
+def docs_text(records: dict[str, dict[str, Any]]) -> str:
+    lines = ["# Models: every torchvision classifier, the smallest model of every timm family", "",
+             "Generated by `python benchmarks/zoo.py --write-docs` from `benchmarks/zoo_results.jsonl`; how the",
+             "models are chosen, initialized and measured: the docstring of `benchmarks/zoo.py`. Random weights",
+             "(BatchNorm calibrated, layer scales redrawn), two random images at the smallest size each model",
+             "runs at, `LRP(model)` with its defaults. \"total/p\": the input relevance total over the explained",
+             f"probability, the worst of the images; counted as explained when within {TOLERANCE:.0%}. \"layers\":",
+             "the worst |total/p − 1| over every reported cut. \"LRP-0 r\": on piecewise-linear models, the",
+             "Pearson r (worst image) of LRP-0 and gradient × input, with `bn=\"fold\"` and `bn=\"pass\"`.", ""]
+    lines += summary_lines(records) + [""]
+    for zoo in SOURCES:
+        chosen = sorted((r for r in records.values() if r["zoo"] == zoo), key=lambda r: r["model"])
+        lines += [f"## {zoo}", "", outcome_counts(chosen), "",
+                  "| model | family | px | outcome | total/p | layers | LRP-0 r | path | s |",
+                  "|---|---|---|---|---|---|---|---|---|"]
+        for r in chosen:
+            totals = r.get("total_over_p") or []
+            worst = f"{max(totals, key=lambda t: abs(t - 1)):.5f}" if totals else ""
+            layers = f"{r['worst_layer_deviation']:.1e}" if "worst_layer_deviation" in r else ""
+            outcome = r.get("outcome", "?")
+            if outcome == "explained" and not total_ok(r):
+                outcome = "**explained, total off**"
+            elif outcome in ("crash", "killed"):
+                outcome = f"**{outcome}**"
+            lines.append(f"| {r['model']} | {r.get('family', '')} | {r.get('size', '')} | {outcome} | {worst} | "
+                         f"{layers} | {lrp0_cell(r)} | {r.get('capture_path', '')} | {r.get('seconds', '')} |")
+        lines.append("")
+    lines += ["## Refusals, crashes and time-outs by cause", ""]
+    groups: dict[tuple[str, str], list[dict[str, Any]]] = defaultdict(list)
+    for r in records.values():
+        if r.get("outcome") not in ("explained",):
+            detail = r.get("detail") or r.get("timed_out", "")
+            groups[(r.get("outcome", "?"), message_group(detail))].append(r)
+    for (outcome, _), members in sorted(groups.items(), key=lambda kv: (kv[0][0], -len(kv[1]), kv[0][1])):
+        names = ", ".join(f"{r['zoo']}/{r['model']}" for r in sorted(members, key=lambda r: r["model"]))
+        example = members[0].get("detail") or members[0].get("timed_out", "")
+        lines.append(f"- **{outcome}** ({len(members)}): {names}  ")
+        lines.append(f"  e.g. `{example.replace('`', chr(39))}`")
+    return "\n".join(lines) + "\n"
+
+
+def summary_lines(records: dict[str, dict[str, Any]]) -> list[str]:
+    tv, tv_n = counts(records, "torchvision")
+    tm, tm_n = counts(records, "timm")
+    pl = [r for r in records.values() if r.get("piecewise_linear")]
+    lines = ["| zoo | explained, total within 5 % | outcomes |", "|---|---|---|",
+             f"| torchvision classification models | {tv} of {tv_n} | "
+             f"{outcome_counts([r for r in records.values() if r['zoo'] == 'torchvision'])} |",
+             f"| timm families (smallest model each) | {tm} of {tm_n} | "
+             f"{outcome_counts([r for r in records.values() if r['zoo'] == 'timm'])} |", ""]
+    for bn in ("fold", "pass"):
+        rs = lrp0_rs(pl, bn)
+        low = min(rs) if rs else float("nan")
+        lines.append(f"LRP-0 = gradient × input, `bn=\"{bn}\"`: {len(rs)} of {len(pl)} piecewise-linear models "
+                     f"run, minimum r = {low:.5f}.  ")
+    return lines
+
+
+def readme_block(records: dict[str, dict[str, Any]]) -> str:
+    return "\n".join([BEGIN, "", *summary_lines(records), "",
+                      "Per model, and every refusal with its one line: [docs/models.md](docs/models.md)",
+                      "(`python benchmarks/zoo.py`, then `--write-docs`).", "", END])
+
+
+def with_readme_block(text: str, block: str) -> str:
+    start, end = text.index(BEGIN), text.index(END) + len(END)
+    return text[:start] + block + text[end:]
+
+
+def write_docs(results: Path = RESULTS) -> None:
+    records = read_results(results)
+    DOCS.write_text(docs_text(records))
+    README.write_text(with_readme_block(README.read_text(), readme_block(records)))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--only", nargs="+", help="zoo/model patterns, model or family names (run even if done)")
+    parser.add_argument("--zoo", choices=SOURCES)
+    parser.add_argument("--retry-failed", action="store_true", help="rerun refused, crashed, timed-out models")
+    parser.add_argument("--timeout", type=float, default=120.0, help="seconds per model (3x over 100 M parameters)")
+    parser.add_argument("--jobs", type=int, default=1, help="models at once (each its own process)")
+    parser.add_argument("--results", type=Path, default=RESULTS)
+    parser.add_argument("--refresh-families", action="store_true", help="recount timm's families' smallest models")
+    parser.add_argument("--write-docs", action="store_true", help="write docs/models.md and README's block; no run")
+    parser.add_argument("--child", help=argparse.SUPPRESS)
+    parser.add_argument("--record", type=Path, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:
+        import warnings
+        warnings.filterwarnings("ignore")
+        zoo, name = args.child.split("/", 1)
+        measure(zoo, name, args.record)
+    elif args.write_docs:
+        write_docs(args.results)
+    else:
+        run(args)
+
+
+if __name__ == "__main__":
+    main()
