@@ -38,6 +38,7 @@ import threading
 import time
 from collections import defaultdict
 from concurrent.futures import ThreadPoolExecutor
+from copy import deepcopy
 from pathlib import Path
 from typing import Any
 
@@ -151,9 +152,58 @@ def piecewise_linear(model: nn.Module) -> bool:
     return True
 
 
+def affine_conv(norm: nn.modules.batchnorm._BatchNorm) -> nn.Module:
+    """An eval-mode BatchNorm as the layer it is, `y = x·s + t` per channel: a 1×1 depthwise conv
+    (1-D BatchNorm on (N, C) inputs: a diagonal linear layer), which the z-rule takes like any other
+    (timm's BatchNormAct keeps its activation after it)."""
+    scale = norm.weight.detach() / torch.sqrt(norm.running_var + norm.eps) if norm.affine \
+        else 1 / torch.sqrt(norm.running_var + norm.eps)
+    shift = (norm.bias.detach() if norm.affine else 0) - norm.running_mean * scale
+    channels = scale.numel()
+    if isinstance(norm, nn.BatchNorm1d):
+        layer: nn.Module = nn.Linear(channels, channels)
+        layer.weight.data = torch.diag(scale)
+    else:
+        conv = nn.Conv3d if isinstance(norm, nn.BatchNorm3d) else nn.Conv2d
+        layer = conv(channels, channels, 1, groups=channels)
+        layer.weight.data = scale.reshape(channels, *[1] * (layer.weight.dim() - 1)).clone()
+    layer.bias.data = shift.clone()
+    tail = [getattr(norm, name) for name in ("drop", "act") if isinstance(getattr(norm, name, None), nn.Module)]
+    return nn.Sequential(layer, *tail).eval() if tail else layer.eval()
+
+
+def norms_as_layers(model: nn.Module, names: set[str] | None = None) -> nn.Module:
+    """A copy of `model` with its BatchNorms (or those named) replaced by `affine_conv`."""
+    copy = deepcopy(model)
+    for name, module in list(copy.named_modules()):
+        if isinstance(module, nn.modules.batchnorm._BatchNorm) and (names is None or name in names):
+            parent, _, child = name.rpartition(".")
+            setattr(copy.get_submodule(parent) if parent else copy, child, affine_conv(module))
+    return copy
+
+
+def unfolded_norms(lrp: Any) -> set[str]:
+    """The BatchNorm modules that relprop's bn="fold" did not fold (read from its plan): modules,
+    and `F.batch_norm` calls inside one (timm's BatchNormAct2d), named by their running mean."""
+    names = set()
+    for step in getattr(getattr(lrp, "engine", None), "steps", []):
+        if getattr(step.info, "folded_into", "") is not None:
+            continue
+        if isinstance(getattr(step, "module", None), nn.modules.batchnorm._BatchNorm):
+            names.add(step.node.target)
+        elif step.node.op == "call_function" and step.node.target is torch.nn.functional.batch_norm:
+            mean = step.node.args[1] if len(step.node.args) > 1 else step.node.kwargs.get("running_mean")
+            if getattr(mean, "op", None) == "get_attr":
+                names.add(mean.target.rpartition(".")[0])
+    return names
+
+
 def lrp0_against_gradient(model: nn.Module, x: torch.Tensor, bn: str) -> dict[str, Any]:
     """LRP-0 as tests/test_lrp0_gradient.py configures it, against gradient × input (Ancona et al.
-    2018); with bn="pass" the z-rule also applies to each BatchNorm as the affine layer it is."""
+    2018). LRP-0 treats a BatchNorm as the affine layer it is (its shift absorbs relevance, as a
+    bias does). bn="fold": relprop folds each BatchNorm into the conv/linear before or after it;
+    those it cannot fold are given as layers (`affine_conv`). bn="pass": every BatchNorm is a
+    z-rule layer: `rules={nn.BatchNorm2d: z}` where relprop takes it, else as `affine_conv`."""
     from relprop import LRP  # deferred: the child imports relprop after its environment is set
     from relprop.core.rules import EpsilonRule
     from relprop.core.splitting import SignedSplit
@@ -164,22 +214,34 @@ def lrp0_against_gradient(model: nn.Module, x: torch.Tensor, bn: str) -> dict[st
     seed = torch.zeros_like(logits).scatter(1, explained, logits.gather(1, explained)).detach()
     z = EpsilonRule(0.0)
     rules: dict[Any, Any] = {nn.Conv1d: z, nn.Conv2d: z, nn.Conv3d: z, nn.Linear: z}
-    if bn == "pass":
-        rules.update({nn.BatchNorm1d: z, nn.BatchNorm2d: z, nn.BatchNorm3d: z})
-    held: dict[str, torch.Tensor] = {}
+    norm_rules = {nn.BatchNorm1d: z, nn.BatchNorm2d: z, nn.BatchNorm3d: z} if bn == "pass" else {}
+    result: dict[str, Any] = {}
+    held: dict[str, Any] = {}
 
-    def run() -> None:
-        held["R"] = LRP(model, rules=rules, input_rule=z, split=SignedSplit(epsilon=0.0), maxpool="wta",
-                        bn=bn).attribute(x, target=seed)
+    def explain(net: nn.Module, extra: dict[Any, Any]) -> None:
+        held["lrp"] = LRP(net, rules=rules | extra, input_rule=z, split=SignedSplit(epsilon=0.0), maxpool="wta",
+                          bn=bn)
+        held["R"] = held["lrp"].attribute(x, target=seed)
 
-    outcome, detail = verdict(run)
+    exact = all(type(m) in (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d) for m in model.modules()
+                if isinstance(m, nn.modules.batchnorm._BatchNorm))  # subclasses (BatchNormAct2d) are traced into
+    outcome, detail = verdict(lambda: explain(model, norm_rules)) if bn == "fold" or exact else ("refused", "")
+    if bn == "pass" and outcome == "refused" and ("BatchNorm" in detail or not exact):
+        # relprop takes no rule on a BatchNorm: the same layer as a conv
+        result["via"] = "BatchNorm as a 1x1 depthwise conv" + (f" ({detail})" if detail else "")
+        outcome, detail = verdict(lambda: explain(norms_as_layers(model), {}))
+    elif bn == "fold" and outcome == "explained" and unfolded_norms(held["lrp"]):
+        unfolded = unfolded_norms(held["lrp"])
+        result["unfolded"] = len(unfolded)
+        outcome, detail = verdict(lambda: explain(norms_as_layers(model, unfolded), {}))
+    result.update(outcome=outcome, detail=detail)
     if outcome != "explained":
-        return {"outcome": outcome, "detail": detail}
+        return result
     expected = (gradient * x).detach()
     R = held["R"]
     r = min(pearson(R[i], expected[i]) for i in range(x.shape[0]))
     error = float((R - expected).abs().max() / expected.abs().max())
-    return {"outcome": outcome, "r": r, "max_rel_error": error}
+    return result | {"r": r, "max_rel_error": error}
 
 
 def measure(zoo: str, name: str, out: Path) -> None:

@@ -57,3 +57,24 @@ def test_lrp0_is_gradient_times_input(build, seed):
     # float32 rounding through z-rule divisions: worst 2.2e-5 of the largest value over 20 seeds;
     # a wrong rule or route is O(1) (z+ here: 0.99)
     torch.testing.assert_close(R, expected, rtol=0, atol=1e-4 * float(expected.abs().max()))
+
+
+def test_lrp0_at_dead_units_is_zero_not_nan():
+    """A bias-free conv reading an all-zero window (after a ReLU) outputs exactly 0 there: LRP-0's
+    R/z is then 0/0, where the gradient × input identity needs 0 (its relevance is 0 anyway)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(), nn.Conv2d(4, 4, 3, padding=1, bias=False),
+                          nn.ReLU(), nn.Flatten(), nn.Linear(4 * 8 * 8, 3)).eval()
+    with torch.no_grad():
+        model[0].bias.fill_(-5.0)  # most of the first layer's units are dead: zero windows downstream
+    x = torch.randn(2, 3, 8, 8)
+    inputs = x.clone().requires_grad_(True)
+    logits = model(inputs)
+    assert (model[:3](x) == 0).any()  # the case: exact zeros at the bias-free conv's output
+    explained = logits.argmax(1, keepdim=True)
+    (gradient,) = torch.autograd.grad(logits.gather(1, explained).sum(), inputs)
+    seed_relevance = torch.zeros_like(logits).scatter(1, explained, logits.gather(1, explained)).detach()
+    z_rule = EpsilonRule(0.0)
+    R = LRP(model, rules={nn.Conv2d: z_rule, nn.Linear: z_rule}, input_rule=z_rule).attribute(x, target=seed_relevance)
+    expected = gradient * x
+    torch.testing.assert_close(R, expected, rtol=0, atol=1e-4 * float(expected.abs().max()))
