@@ -182,20 +182,37 @@ def norms_as_layers(model: nn.Module, names: set[str] | None = None) -> nn.Modul
     return copy
 
 
-def unfolded_norms(lrp: Any) -> set[str]:
-    """The BatchNorm modules that relprop's bn="fold" did not fold (read from its plan): modules,
-    and `F.batch_norm` calls inside one (timm's BatchNormAct2d), named by their running mean."""
-    names = set()
+def norm_steps(lrp: Any) -> list[tuple[Any, str]]:
+    """relprop's plan's BatchNorm steps and their module names: modules, and `F.batch_norm` calls
+    inside one (timm's BatchNormAct2d), named by their running mean's module."""
+    found = []
     for step in getattr(getattr(lrp, "engine", None), "steps", []):
-        if getattr(step.info, "folded_into", "") is not None:
-            continue
         if isinstance(getattr(step, "module", None), nn.modules.batchnorm._BatchNorm):
-            names.add(step.node.target)
+            found.append((step, step.node.target))
         elif step.node.op == "call_function" and step.node.target is torch.nn.functional.batch_norm:
             mean = step.node.args[1] if len(step.node.args) > 1 else step.node.kwargs.get("running_mean")
             if getattr(mean, "op", None) == "get_attr":
-                names.add(mean.target.rpartition(".")[0])
-    return names
+                found.append((step, mean.target.rpartition(".")[0]))
+    return found
+
+
+def unfolded_norms(lrp: Any) -> set[str]:
+    """The BatchNorms that relprop's bn="fold" did not fold."""
+    return {name for step, name in norm_steps(lrp) if getattr(step.info, "folded_into", "") is None}
+
+
+def missed_folds(lrp: Any) -> list[str]:
+    """Unfolded BatchNorms that read a conv/linear output directly: bn="fold" should have folded them
+    (unless that output has another reader)."""
+    from relprop.core.ops.linear import Linear  # deferred: relprop is imported in the child
+    step_of = getattr(lrp.engine, "step_of", {})
+    missed = []
+    for step, name in norm_steps(lrp):
+        source = step.node.args[0] if step.node.args else None
+        if getattr(step.info, "folded_into", "") is None and isinstance(getattr(step_of.get(source), "op", None), Linear):
+            readers = [user for user in source.users if getattr(step_of.get(user), "op", None) is not None]
+            missed.append(f"{name} (conv output read by {len(readers)})")
+    return missed
 
 
 def lrp0_against_gradient(model: nn.Module, x: torch.Tensor, bn: str) -> dict[str, Any]:
@@ -282,6 +299,17 @@ def measure(zoo: str, name: str, out: Path) -> None:
         record.update(worst_layer=worst, worst_layer_deviation=cuts[worst], cuts=len(cuts))
     record["piecewise_linear"] = piecewise_linear(model)
     save()
+    if record.get("batchnorms") and outcome == "explained":
+        folding: dict[str, Any] = {}
+
+        def fold() -> None:
+            folding["lrp"] = LRP(model, rules={nn.Conv2d: "epsilon", nn.Linear: "epsilon"}, bn="fold")
+            folding["lrp"].attribute(x)
+
+        if verdict(fold)[0] == "explained":
+            missed = missed_folds(folding["lrp"])
+            record.update(bn_fold_missed=len(missed), bn_fold_missed_example=missed[:1])
+            save()
     if record["piecewise_linear"]:
         has_bn = any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())
         for bn in ("fold", "pass") if has_bn else ("fold",):
@@ -349,7 +377,8 @@ def selected(models: list[tuple[str, str, str]], args: argparse.Namespace) -> li
                 chosen.append((zoo, name, family))
             continue
         record = done.get(key)
-        if record is None or (args.retry_failed and record.get("outcome") in FAILED):
+        if record is None or (args.retry_failed and record.get("outcome") in FAILED) \
+                or (args.rerun_explained and record.get("outcome") == "explained"):
             chosen.append((zoo, name, family))
     return chosen
 
@@ -454,6 +483,14 @@ def docs_text(records: dict[str, dict[str, Any]]) -> str:
             lines.append(f"| {r['model']} | {r.get('family', '')} | {r.get('size', '')} | {outcome} | {worst} | "
                          f"{layers} | {lrp0_cell(r)} | {r.get('capture_path', '')} | {r.get('seconds', '')} |")
         lines.append("")
+    missed = sorted((r for r in records.values() if r.get("bn_fold_missed")), key=lambda r: r["model"])
+    if missed:
+        lines += ["## `bn=\"fold\"` leaves BatchNorms unfolded that read a conv's output", "",
+                  "BatchNorms right after a conv/linear layer that relprop's `bn=\"fold\"` did not fold (the",
+                  "ε, γ, αβ rules then see the unfolded layer); the LRP-0 check gives those as layers.", ""]
+        lines += [f"- {r['zoo']}/{r['model']}: {r['bn_fold_missed']}, e.g. {r['bn_fold_missed_example'][0]}"
+                  for r in missed]
+        lines.append("")
     lines += ["## Refusals, crashes and time-outs by cause", ""]
     groups: dict[tuple[str, str], list[dict[str, Any]]] = defaultdict(list)
     for r in records.values():
@@ -507,6 +544,7 @@ def main() -> None:
     parser.add_argument("--only", nargs="+", help="zoo/model patterns, model or family names (run even if done)")
     parser.add_argument("--zoo", choices=SOURCES)
     parser.add_argument("--retry-failed", action="store_true", help="rerun refused, crashed, timed-out models")
+    parser.add_argument("--rerun-explained", action="store_true", help="rerun explained models (after a change)")
     parser.add_argument("--timeout", type=float, default=120.0, help="seconds per model (3x over 100 M parameters)")
     parser.add_argument("--jobs", type=int, default=1, help="models at once (each its own process)")
     parser.add_argument("--results", type=Path, default=RESULTS)
