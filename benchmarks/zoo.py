@@ -60,6 +60,7 @@ IMAGES = 2
 BIG = 100_000_000  # parameters above which a model gets three time boxes
 TOLERANCE = 0.05  # input total within 5 % of the probability: "explained" in the counts
 FAILED = ("refused", "crash", "timeout", "killed")
+LRP0_R = 0.999  # LRP-0 vs gradient × input below this on a piecewise-linear model: a suspect
 
 # leaf modules of a piecewise-linear, positively homogeneous network, where LRP-0 = gradient × input
 PIECEWISE_LINEAR = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear, nn.modules.batchnorm._BatchNorm, nn.ReLU,
@@ -425,10 +426,25 @@ def lrp0_cell(record: dict[str, Any]) -> str:
         if result is None:
             cells.append(f"{bn}: not run")
         elif result["outcome"] == "explained":
-            cells.append(f"{bn}: {result['r']:.5f}")
+            low = not result["r"] >= LRP0_R
+            cells.append(f"{bn}: **{result['r']:.5f}**" if low else f"{bn}: {result['r']:.5f}")
         else:
             cells.append(f"{bn}: {result['outcome']}")
     return "; ".join(cells)
+
+
+def suspicion(record: dict[str, Any]) -> str:
+    """Why a record needs a look ('' if it does not): a crash, a total off, LRP-0 off."""
+    if record.get("outcome") in ("crash", "killed"):
+        return f"{record['outcome']}: {record.get('detail', '')}"
+    if record.get("outcome") == "explained" and not total_ok(record):
+        return f"input total / p = {record.get('total_over_p')}"
+    low = [f"{bn}: r = {result['r']:.5f}" for bn in ("fold", "pass")
+           for result in [record.get(f"lrp0_{bn}") or {}] if result.get("outcome") == "explained"
+           and not result["r"] >= LRP0_R]
+    failed = [f"{bn}: {result['outcome']} ({result.get('detail', '')})" for bn in ("fold", "pass")
+              for result in [record.get(f"lrp0_{bn}") or {}] if result.get("outcome") in ("crash", "refused")]
+    return "LRP-0 vs gradient × input " + "; ".join(low + failed) if low or failed else ""
 
 
 def lrp0_rs(records: list[dict[str, Any]], bn: str) -> list[float]:
@@ -466,11 +482,16 @@ def docs_text(records: dict[str, dict[str, Any]]) -> str:
              "the worst |total/p − 1| over every reported cut. \"LRP-0 r\": on piecewise-linear models, the",
              "Pearson r (worst image) of LRP-0 and gradient × input, with `bn=\"fold\"` and `bn=\"pass\"`.", ""]
     lines += summary_lines(records) + [""]
+    suspects = [(r, why) for r in sorted(records.values(), key=lambda r: (r["zoo"], r["model"]))
+                for why in [suspicion(r)] if why]
+    lines += ["## Suspects: crashes, totals off, LRP-0 ≠ gradient × input", ""]
+    lines += [f"- {r['zoo']}/{r['model']}: {why}" for r, why in suspects] or ["none"]
+    lines.append("")
     for zoo in SOURCES:
         chosen = sorted((r for r in records.values() if r["zoo"] == zoo), key=lambda r: r["model"])
         lines += [f"## {zoo}", "", outcome_counts(chosen), "",
-                  "| model | family | px | outcome | total/p | layers | LRP-0 r | path | s |",
-                  "|---|---|---|---|---|---|---|---|---|"]
+                  "| model | family | M params | px | outcome | total/p | layers | LRP-0 r | path | s |",
+                  "|---|---|---|---|---|---|---|---|---|---|"]
         for r in chosen:
             totals = r.get("total_over_p") or []
             worst = f"{max(totals, key=lambda t: abs(t - 1)):.5f}" if totals else ""
@@ -480,7 +501,8 @@ def docs_text(records: dict[str, dict[str, Any]]) -> str:
                 outcome = "**explained, total off**"
             elif outcome in ("crash", "killed"):
                 outcome = f"**{outcome}**"
-            lines.append(f"| {r['model']} | {r.get('family', '')} | {r.get('size', '')} | {outcome} | {worst} | "
+            millions = f"{r['parameters'] / 1e6:.1f}" if "parameters" in r else ""
+            lines.append(f"| {r['model']} | {r.get('family', '')} | {millions} | {r.get('size', '')} | {outcome} | {worst} | "
                          f"{layers} | {lrp0_cell(r)} | {r.get('capture_path', '')} | {r.get('seconds', '')} |")
         lines.append("")
     missed = sorted((r for r in records.values() if r.get("bn_fold_missed")), key=lambda r: r["model"])
@@ -516,9 +538,10 @@ def summary_lines(records: dict[str, dict[str, Any]]) -> list[str]:
              f"{outcome_counts([r for r in records.values() if r['zoo'] == 'timm'])} |", ""]
     for bn in ("fold", "pass"):
         rs = lrp0_rs(pl, bn)
-        low = min(rs) if rs else float("nan")
-        lines.append(f"LRP-0 = gradient × input, `bn=\"{bn}\"`: {len(rs)} of {len(pl)} piecewise-linear models "
-                     f"run, minimum r = {low:.5f}.  ")
+        low = min(rs, key=lambda r: r if math.isfinite(r) else -math.inf) if rs else float("nan")
+        agree = sum(r >= LRP0_R for r in rs)
+        lines.append(f"LRP-0 = gradient × input, `bn=\"{bn}\"`: r ≥ {LRP0_R} on {agree} of {len(pl)} "
+                     f"piecewise-linear models, minimum r = {low:.5f}.  ")
     return lines
 
 

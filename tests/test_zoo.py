@@ -86,7 +86,7 @@ def test_piecewise_linear_means_relu_pooling_linear_batchnorm_only():
         assert zoo.piecewise_linear(torchvision.models.resnet18())
         assert zoo.piecewise_linear(torchvision.models.vgg11())
         assert not zoo.piecewise_linear(torchvision.models.mobilenet_v2())  # ReLU6 is not homogeneous
-        assert not zoo.piecewise_linear(torchvision.models.vit_b_16())
+        assert not zoo.piecewise_linear(torchvision.models.efficientnet_b0())  # SiLU
 
 
 def test_redraw_touches_only_constant_tiny_parameters():
