@@ -66,7 +66,8 @@ LRP0_R = 0.999  # LRP-0 vs gradient × input below this on a piecewise-linear mo
 PIECEWISE_LINEAR = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear, nn.modules.batchnorm._BatchNorm, nn.ReLU,
                     nn.LeakyReLU, nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d, nn.AvgPool1d, nn.AvgPool2d,
                     nn.AvgPool3d, nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d, nn.AdaptiveAvgPool3d,
-                    nn.AdaptiveMaxPool2d, nn.Dropout, nn.Dropout2d, nn.Identity, nn.Flatten, nn.ZeroPad2d)
+                    nn.AdaptiveMaxPool2d, nn.Dropout, nn.Dropout2d, nn.Identity, nn.Flatten, nn.ZeroPad2d,
+                    nn.Sequential)  # an empty Sequential is a leaf
 PIECEWISE_LINEAR_NAMES = {"DropPath", "FastAdaptiveAvgPool", "FastAdaptiveAvgPool2d", "AdaptiveAvgMaxPool2d",
                           "SelectAdaptivePool2d"}
 
@@ -141,14 +142,39 @@ def build_at_smallest_size(zoo: str, name: str) -> tuple[nn.Module, int, dict[st
     raise RuntimeError(f"runs at none of the sizes {SIZES}")
 
 
+# functions and tensor methods of a piecewise-linear graph (mul/div only by a number)
+PIECEWISE_LINEAR_CALLS = {
+    "add", "iadd", "sub", "neg", "cat", "stack", "flatten", "reshape", "view", "permute", "transpose", "contiguous",
+    "size", "dim", "getattr", "getitem", "relu", "relu_", "leaky_relu", "max_pool1d", "max_pool2d", "max_pool3d",
+    "avg_pool1d", "avg_pool2d", "avg_pool3d", "adaptive_avg_pool1d", "adaptive_avg_pool2d", "adaptive_max_pool2d",
+    "mean", "sum", "batch_norm", "conv1d", "conv2d", "conv3d", "linear", "dropout", "chunk", "split", "pad",
+    "_assert", "eq", "floordiv", "channel_shuffle", "squeeze", "unsqueeze", "expand", "roll", "narrow", "clone",
+    "float", "to", "max_pool2d_with_indices", "mul", "truediv", "floor_divide", "type_as",
+    "GoogLeNetOutputs", "InceptionOutputs"}  # torchvision's output tuples
+SCALAR_ONLY = {"mul", "truediv"}
+
+
 def piecewise_linear(model: nn.Module) -> bool:
-    """Only ReLU, pooling, conv, linear and BatchNorm among the leaf modules (and the modules that
-    hold parameters themselves)."""
+    """Only ReLU, pooling, conv, linear and BatchNorm: among the leaf modules (and the modules that
+    hold parameters themselves), and, where torch.fx traces the model, among the functions and
+    methods its forward calls (a softmax inside an attention module's forward is not a module)."""
     for module in model.modules():
         leaf = next(module.children(), None) is None
         holds = any(True for _ in module.parameters(recurse=False))
         if (leaf or holds) and not isinstance(module, PIECEWISE_LINEAR) \
                 and type(module).__name__ not in PIECEWISE_LINEAR_NAMES:
+            return False
+    try:
+        graph = torch.fx.symbolic_trace(model).graph
+    except Exception:  # noqa: BLE001 - untraceable: the module types decide
+        return True
+    for node in graph.nodes:
+        if node.op not in ("call_function", "call_method"):
+            continue
+        name = node.target if node.op == "call_method" else getattr(node.target, "__name__", str(node.target))
+        if name not in PIECEWISE_LINEAR_CALLS:
+            return False
+        if name in SCALAR_ONLY and sum(isinstance(a, torch.fx.Node) for a in node.args) > 1:
             return False
     return True
 
@@ -298,7 +324,7 @@ def measure(zoo: str, name: str, out: Path) -> None:
         cuts = {cut: float((total / probability - 1).abs().max()) for cut, total in held["sums"].items()}
         worst = max(cuts, key=lambda cut: cuts[cut] if math.isfinite(cuts[cut]) else math.inf)
         record.update(worst_layer=worst, worst_layer_deviation=cuts[worst], cuts=len(cuts))
-    record["piecewise_linear"] = piecewise_linear(model)
+    record["piecewise_linear"] = outcome == "explained" and piecewise_linear(model)
     save()
     if record.get("batchnorms") and outcome == "explained":
         folding: dict[str, Any] = {}
