@@ -479,11 +479,13 @@ def lrp0_rs(records: list[dict[str, Any]], bn: str) -> list[float]:
 
 
 def message_group(detail: str) -> str:
-    """A refusal's message with the model-specific parts (module paths, numbers, quoted names) elided,
-    so that one cause is one group."""
-    text = re.sub(r"`[^`]*`|'[^']*'|\"[^\"]*\"", "…", detail)
-    text = re.sub(r"\b[\w]+(\.[\w]+)+\b", "…", text)
-    return re.sub(r"\d+", "N", text)
+    """A refusal's message with the model-specific parts (its class, node and module names, sizes)
+    elided, so that one cause (the op, the module type) is one group."""
+    text = re.sub(r"\(node '[^']*'( in module '[^']*')?\)", "", detail)
+    text = re.sub(r"(module|node) '[^']*'", r"\1 …", text)
+    text = re.sub(r"^cannot trace \w+", "cannot trace …", text)
+    text = re.sub(r"'(\w+)_\d+'", r"'\1'", text)
+    return re.sub(r"\d+(\.\d+)?(e-?\d+)?", "N", text)
 
 
 def counts(records: dict[str, dict[str, Any]], zoo: str) -> tuple[int, int]:
