@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from relprop import LRP
-from relprop.core.rules import EpsilonRule
+from relprop.core.rules import EpsilonRule, Rule
 from relprop.core.splitting import SignedSplit
 
 
@@ -39,7 +39,23 @@ def vgg_like() -> nn.Module:
                          nn.Dropout(), nn.Linear(16, 5))
 
 
-@pytest.mark.parametrize("build", [PlainResidual, vgg_like])
+class Subtractions(nn.Module):
+    """PoolFormer's token mixer `pool(x) - x` and a subtraction with `alpha=`: each a sum of scaled
+    terms that the split must see as such."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem, self.pool = nn.Conv2d(3, 6, 3, padding=1), nn.AvgPool2d(3, 1, 1)
+        self.mix, self.head = nn.Conv2d(6, 6, 1), nn.Linear(6, 5)
+
+    def forward(self, x):
+        h = self.stem(x)  # no ReLU before the mixer: exact zeros would make LRP-0's 0/0 there
+        h = h + (self.pool(h) - h)
+        h = torch.relu(torch.sub(h, self.mix(h), alpha=0.5))
+        return self.head(h.mean((2, 3)))
+
+
+@pytest.mark.parametrize("build", [PlainResidual, vgg_like, Subtractions])
 @pytest.mark.parametrize("seed", [0, 1, 2])
 def test_lrp0_is_gradient_times_input(build, seed):
     torch.manual_seed(seed)
@@ -59,6 +75,75 @@ def test_lrp0_is_gradient_times_input(build, seed):
     torch.testing.assert_close(R, expected, rtol=0, atol=1e-4 * float(expected.abs().max()))
 
 
+class BatchNormZ(Rule):
+    """The z-rule of an eval-mode BatchNorm, an elementwise affine map y = s·x + t: R_x = s·x / y · R
+    (written here from the definition, independently of relprop's folding)."""
+
+    def relevance(self, layer, a, R):
+        scale = layer.weight / torch.sqrt(layer.running_var + layer.eps)
+        scale = scale.reshape(1, -1, *([1] * (a.dim() - 2)))
+        y = nn.functional.batch_norm(a, layer.running_mean, layer.running_var, layer.weight, layer.bias, False, 0.0,
+                                     layer.eps)
+        return scale * a * R / y
+
+
+class BatchNormBothSides(nn.Module):
+    """BatchNorm after a conv (conv→BN), directly before a conv (ReLU→BN→conv, padded), inside a
+    residual block, and before the classifier (BN1d→linear): both folds of `bn="fold"`."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem, self.stem_bn, self.pool = nn.Conv2d(3, 6, 3, padding=1), nn.BatchNorm2d(6), nn.MaxPool2d(2)
+        self.pre_bn, self.a1 = nn.BatchNorm2d(6), nn.Conv2d(6, 6, 3, padding=1)
+        self.a2, self.a2_bn = nn.Conv2d(6, 6, 3, padding=1), nn.BatchNorm2d(6)
+        self.head_bn, self.head = nn.BatchNorm1d(6), nn.Linear(6, 5)
+
+    def forward(self, x):
+        x = self.pool(torch.relu(self.stem_bn(self.stem(x))))
+        x = torch.relu(x + self.a2_bn(self.a2(torch.relu(self.a1(self.pre_bn(x))))))
+        return self.head(self.head_bn(torch.flatten(nn.functional.adaptive_avg_pool2d(x, 1), 1)))
+
+
+def _randomize_batchnorms(model: nn.Module) -> nn.Module:
+    """Statistics and affine parameters away from the identity (scales of both signs), so a
+    BatchNorm handled wrongly changes the map."""
+    for module in model.modules():
+        if isinstance(module, nn.modules.batchnorm._BatchNorm):
+            channels = module.num_features
+            module.running_mean.uniform_(-0.5, 0.5)
+            module.running_var.uniform_(0.5, 2.0)
+            with torch.no_grad():
+                module.weight.copy_(torch.randn(channels))
+                module.bias.uniform_(-0.5, 0.5)
+    return model.eval()
+
+
+def _lrp0_and_gradient_times_input(model: nn.Module, x: torch.Tensor, bn: str) -> tuple[torch.Tensor, torch.Tensor]:
+    inputs = x.clone().requires_grad_(True)
+    logits = model(inputs)
+    explained = logits.argmax(1, keepdim=True)
+    (gradient,) = torch.autograd.grad(logits.gather(1, explained).sum(), inputs)
+    seed_relevance = torch.zeros_like(logits).scatter(1, explained, logits.gather(1, explained)).detach()
+    z_rule = EpsilonRule(0.0)
+    rules = {nn.Conv2d: z_rule, nn.Linear: z_rule}
+    if bn == "pass":  # relevance crosses BatchNorm by its own z-rule instead of being folded
+        rules.update({nn.BatchNorm1d: BatchNormZ(), nn.BatchNorm2d: BatchNormZ()})
+    R = LRP(model, rules=rules, input_rule=z_rule, split=SignedSplit(epsilon=0.0), maxpool="wta",
+            bn=bn).attribute(x, target=seed_relevance)
+    return R, gradient * x
+
+
+@pytest.mark.parametrize("bn", ["pass", "fold"])
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_lrp0_is_gradient_times_input_with_batchnorm_before_and_after(bn, seed):
+    torch.manual_seed(seed)
+    model = _randomize_batchnorms(BatchNormBothSides())
+    x = torch.randn(3, 3, 16, 16)
+    R, expected = _lrp0_and_gradient_times_input(model, x, bn)
+    # the BatchNorm before a layer read at its output instead of its input (the fold's old bug) is O(1)
+    torch.testing.assert_close(R, expected, rtol=0, atol=1e-4 * float(expected.abs().max()))
+
+
 def test_lrp0_at_dead_units_is_zero_not_nan():
     """A bias-free conv reading an all-zero window (after a ReLU) outputs exactly 0 there: LRP-0's
     R/z is then 0/0, where the gradient × input identity needs 0 (its relevance is 0 anyway)."""
@@ -68,13 +153,6 @@ def test_lrp0_at_dead_units_is_zero_not_nan():
     with torch.no_grad():
         model[0].bias.fill_(-5.0)  # most of the first layer's units are dead: zero windows downstream
     x = torch.randn(2, 3, 8, 8)
-    inputs = x.clone().requires_grad_(True)
-    logits = model(inputs)
     assert (model[:3](x) == 0).any()  # the case: exact zeros at the bias-free conv's output
-    explained = logits.argmax(1, keepdim=True)
-    (gradient,) = torch.autograd.grad(logits.gather(1, explained).sum(), inputs)
-    seed_relevance = torch.zeros_like(logits).scatter(1, explained, logits.gather(1, explained)).detach()
-    z_rule = EpsilonRule(0.0)
-    R = LRP(model, rules={nn.Conv2d: z_rule, nn.Linear: z_rule}, input_rule=z_rule).attribute(x, target=seed_relevance)
-    expected = gradient * x
+    R, expected = _lrp0_and_gradient_times_input(model, x, "fold")
     torch.testing.assert_close(R, expected, rtol=0, atol=1e-4 * float(expected.abs().max()))

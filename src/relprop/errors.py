@@ -11,6 +11,11 @@ class UnsupportedLayerError(RelpropError, TypeError):
     """A module or function has no relevance rule."""
 
 
+class OpFailure(UnsupportedLayerError):
+    """An op failed on a node it had claimed (a case it does not handle): the message names the
+    node and the op, the original error is the cause."""
+
+
 class TraceError(RelpropError, RuntimeError):
     """The model could not be traced into a graph."""
 

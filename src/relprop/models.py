@@ -8,7 +8,8 @@ whose architecture and preprocessing come from the caller (the CLI's `--arch`, `
 torchvision's own weights API: the file sits in the torch hub cache (`TORCH_HOME`) and is
 downloaded there on first use, with torchvision's progress bar, unless `offline`. Files are read
 with `weights_only=True` only: a weights file must never run code. Every failure is one
-`CheckpointError` line naming the file.
+`CheckpointError` line naming the file. Hugging Face image classifiers come as `hf/<folder or hub
+id>` (`--arch` or `--weights`), loaded with their image processor's preprocessing (relprop.huggingface).
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ import os
 import re
 import sys
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import cache
 from importlib.resources import files
 from pathlib import Path
@@ -36,6 +37,7 @@ from relprop.bow.storage import is_bow_file, load_bow_model
 from relprop.defaults import DEFAULT_WEIGHTS, IMAGENET_MEAN, IMAGENET_STD, TORCHVISION_DETECTORS
 from relprop.detection.ssd import check_ssd
 from relprop.errors import CheckpointError, RelpropError
+from relprop.huggingface import is_hf, load_hf_model
 from relprop.modelinfo import (
     PREPROCESSING_KEYS,
     ModelInfo,
@@ -72,6 +74,14 @@ def load_model(
     required for a plain state dict, except `num_classes`, which is read from the last layer).
     `info.assumed` names the preprocessing settings that nothing gave (plain state dicts).
     """
+    hf = arch if is_hf(arch) else str(weights) if is_hf(str(weights)) else None
+    if hf is not None:  # a Hugging Face model: weights and preprocessing from its folder or hub id
+        if weights not in (None, "DEFAULT", hf):
+            raise CheckpointError(f"--arch {hf} loads its weights from there; drop --weights {weights}")
+        model, info = load_hf_model(hf, offline=offline)
+        given = {k: v for k, v in (("resize", resize), ("crop", crop), ("mean", mean), ("std", std))
+                 if v is not None}
+        return model, replace(info, preprocessing=replace(info.preprocessing, **given)) if given else info
     path, stored, named = _source(weights, arch, offline)
     if is_bow_file(path):  # a BoW kernel classifier from `relprop fit-bow` (relprop.bow)
         model, fields = load_bow_model(path)

@@ -100,7 +100,9 @@ def add_model_options(parser: Any, *, default_weights: str | None = None, severa
     parser.set_defaults(default_weights=default_weights)
     group.add_argument("--arch", metavar="NAME", choices=arch_choices,
                        help="architecture of a plain state dict (torchvision's, or timm's: convnext_atto, "
-                            "timm/efficientnet_b0) or of IMAGENET1K_V1/DEFAULT (e.g. resnet50)"
+                            "timm/efficientnet_b0) or of IMAGENET1K_V1/DEFAULT (e.g. resnet50); "
+                            "hf/<folder or hub id>: a Hugging Face image classifier with its weights "
+                            "and image processor (pip install 'relprop[hf]')"
                        if arch_choices is None else
                             f"torchvision detector of a plain state dict: {', '.join(arch_choices)}")
     group.add_argument("--num-classes", type=int, metavar="N",
@@ -149,7 +151,8 @@ def load_model_from_args(args: Any, command: str, *, weights: str | None = None,
     )
     assert info.source is not None  # load_model always says where the weights came from
     if info.source.name:
-        print(f"relprop {command}: model: torchvision {info.arch} with {info.source.name} "
+        library = "Hugging Face" if info.arch == info.source.name else f"torchvision {info.arch} with"
+        print(f"relprop {command}: model: {library} {info.source.name} "
               f"({describe_preprocessing(info)})", file=sys.stderr)
     elif info.assumed and hasattr(args, "resize"):
         given = ", ".join(f"--{k}" for k in info.assumed)

@@ -139,6 +139,9 @@ def run(args: argparse.Namespace) -> int:
     prepare_out(args.out)  # before the model loads: a bad --out fails at once
     model, info = load_model_from_args(args, "explain")
     summary = explain_images(config, model, info, on_image=_print_image)
+    if summary.capture_path == "concrete":
+        print("relprop explain: torch.fx cannot trace this model symbolically; LRP captured it per input "
+              "shape, each capture checked against the model's output", file=sys.stderr)
     if summary.removed:
         print(f"relprop explain: removed {len(summary.removed)} file(s) of the previous run in "
               f"{summary.out} that this run did not write again", file=sys.stderr)

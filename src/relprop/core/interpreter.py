@@ -16,14 +16,18 @@ import torch
 import torch.fx as fx
 from torch import Tensor, nn
 
+from relprop.core.capture import trace_on
 from relprop.core.composites import Composite, RuleSpec, resolve_composite
-from relprop.core.numerics import largest_gap
+from relprop.core.numerics import largest_gap, same_value
 from relprop.core.ops import INPUT, builtin_op, builtin_types
-from relprop.core.plan import Step, build_plan, layer_output, load
+from relprop.core.ops.base import describe, op_failure, rule_key
+from relprop.core.plan import Plan, Step, build_plan, failing_as_refusal, layer_output, load
 from relprop.core.rules import Rule
 from relprop.core.ruleset import RuleSet
 from relprop.core.trace import LeafPolicy, eval_mode, trace
-from relprop.errors import FidelityError, InputError, first_line
+from relprop.errors import FidelityError, InputError, RelpropError, TraceError, first_line
+
+MAX_CAPTURES = 8  # graphs kept per engine on the capture path (one per input shape)
 
 
 @dataclass
@@ -83,15 +87,42 @@ class RelevanceEngine:
         self.bn = self.strategies.bn
         policy = LeafPolicy(lambda m: builtin_op(m) is not None, builtin_types(), tuple(self.rules.types),
                             frozenset(self.rules.names))
-        self.graph = trace(module, policy)
-        self.plan = build_plan(module, self.graph, self.rules, policy, self.strategies.canonizers)
-        self.steps = self.plan.steps
-        self.step_of = self.plan.step_of
-        inputs = [step for step in self.steps if step.op is INPUT]
-        if len(inputs) != 1:
-            raise InputError(f"the model must take exactly one input tensor (it takes {len(inputs)})")
-        self._input_node = inputs[0].node
         self.cache: dict[Any, Any] = {}  # per-op caches (folded linear maps), keyed by node
+        self._policy = policy
+        self._captures: dict[tuple, tuple[fx.Graph, Plan, fx.Node]] = {}  # per input shape
+        self._fx_error: TraceError | None = None
+        try:
+            self._use(trace(module, policy))
+            self.capture_path = "fx"  # traced once, symbolically: any input shape
+        except TraceError as error:  # shape-dependent Python: captured per input shape instead
+            self._fx_error, self.capture_path = error, "concrete"
+            self.graph, self.plan, self.steps, self.step_of = None, None, [], {}
+
+    def _use(self, graph: fx.Graph, plan: Plan | None = None, input_node: fx.Node | None = None) -> None:
+        """Make `graph` the one the engine runs (planned here unless `plan` is given)."""
+        if plan is None:
+            plan = build_plan(self.module, graph, self.rules, self._policy, self.strategies.canonizers)
+            inputs = [step for step in plan.steps if step.op is INPUT]
+            if len(inputs) != 1:
+                raise InputError(f"the model must take exactly one input tensor (it takes {len(inputs)})")
+            input_node = inputs[0].node
+        self.graph, self.plan, self.steps, self.step_of = graph, plan, plan.steps, plan.step_of
+        self._input_node = input_node
+
+    def prepare(self, x: Tensor) -> None:
+        """On the capture path, the graph for inputs shaped like `x` (captured once per shape and
+        device); on the fx path there is one graph for all shapes."""
+        if self.capture_path == "fx":
+            return
+        key = (tuple(x.shape), x.device.type)
+        if key not in self._captures:
+            if len(self._captures) >= MAX_CAPTURES:  # the oldest goes, with its ops' caches
+                _, old, _ = self._captures.pop(next(iter(self._captures)))
+                for node in old.step_of:
+                    self.cache.pop(node, None)
+            self._use(trace_on(self.module, self._policy, x.float(), self._fx_error))
+            self._captures[key] = (self.graph, self.plan, self._input_node)
+        self._use(*self._captures[key])
 
     def rule_for(self, step: Step) -> Rule:
         """By module name, then `input_rule` at the input layer, then by type, function or
@@ -112,6 +143,7 @@ class RelevanceEngine:
     def forward(self, x: Tensor) -> Record:
         """Run the model in eval semantics and fp32, keeping every node's output."""
         x = x.float()
+        self.prepare(x)
         values: dict[fx.Node, Any] = {}
         output = None
         for step in self.steps:
@@ -127,11 +159,15 @@ class RelevanceEngine:
         args, kwargs = step.arguments(values)
         try:
             return step.op.forward(step, args, kwargs, self.module)
+        except RelpropError:
+            raise
         except RuntimeError as error:  # shape and dtype mismatches: say where, in one line
             where = step.node.target if step.node.op == "call_module" else step.node.name
             raise InputError(
                 f"the model cannot run on inputs of shape {tuple(x.shape)}: at '{where}': {first_line(error)}"
             ) from error
+        except Exception as error:  # any other failure: one line naming the node and op
+            raise op_failure(step.node, step.module, step.op.name, "compute", error) from error
 
     # ---------------------------------------------------------------- backward
 
@@ -157,17 +193,20 @@ class RelevanceEngine:
                 if step.op is INPUT and R is not None:
                     relevance[step.node] = R
                 continue
-            for parent, R_in in step.op.relevance(step, record.values, R, self):
-                if layer_sums and step.group is not None and self.step_of[parent].group != step.group:
-                    total = sum(r.reshape(r.shape[0], -1).sum(1) for r in _slots(R_in) if r is not None)
-                    sums[step.group] = sums[step.group] + total if step.group in sums else total
-                _accumulate(relevance, parent, R_in)
+            with failing_as_refusal(step, "propagate relevance through"):
+                for parent, R_in in step.op.relevance(step, record.values, R, self):
+                    if layer_sums and step.group is not None and self.step_of[parent].group != step.group:
+                        total = sum(r.reshape(r.shape[0], -1).sum(1) for r in _slots(R_in) if r is not None)
+                        sums[step.group] = sums[step.group] + total if step.group in sums else total
+                    _accumulate(relevance, parent, R_in)
         x = record.values[self._input_node]
         return Backward(relevance.get(self._input_node, torch.zeros_like(x)), sums,
                         {name: kept[name] for name in (layers or {})})
 
     def layer_nodes(self, names: Iterable[str]) -> dict[str, fx.Node]:
         """The graph nodes whose outputs are the named modules' outputs (for `backward(layers=)`)."""
+        if self.plan is None:
+            raise InputError("this model is captured per input shape: call forward(x) before layer_nodes")
         return {name: layer_output(self.plan, name) for name in names}
 
     # ---------------------------------------------------------------- fidelity
@@ -175,14 +214,22 @@ class RelevanceEngine:
     @torch.no_grad()
     def verify(self, x: Tensor, record: Record) -> None:
         """Raise FidelityError unless the model's own forward (eval mode, its own dtype, its
-        hooks) gives the output the engine computed: otherwise the relevance would explain a
-        different function, however well it conserves."""
+        hooks) gives the output the engine computed, and every value the walk holds constant is
+        independent of the input (`_audit_constants`): otherwise the relevance would explain a
+        different function, or drop a branch, however well it conserves."""
         dtype = next((p.dtype for p in self.module.parameters() if p.is_floating_point()), torch.float32)
         tolerance = 1e-4 if dtype in (torch.float32, torch.float64) else 3e-2
-        with eval_mode(self.module):
-            reference = self.module(x.to(dtype))
+        try:
+            with eval_mode(self.module):
+                reference = self.module(x.to(dtype))
+        except RelpropError:
+            raise
+        except Exception as error:  # the model's own forward: one line, not its traceback
+            raise InputError(f"the model's own forward fails on inputs of shape {tuple(x.shape)}: "
+                             f"{first_line(error)}") from error
         gap = largest_gap(record.output, reference, tolerance)
         if gap is None:
+            self._audit_constants(x, record)
             return
         raise FidelityError(
             f"the model's own output differs from what relprop computes for it (max |Δ| = {gap:.3g}, "
@@ -190,6 +237,30 @@ class RelevanceEngine:
             "another function; give that module a rule (rules={ItsType: rule}) or explain a model "
             "without hooks or per-instance forwards there"
         )
+
+    def _audit_constants(self, x: Tensor, record: Record) -> None:
+        """Every value the walk holds fixed (`Plan.held_constant`: constants, parameters, shapes,
+        modules applied to constant tables) must be independent of the input: the forward pass
+        is run again on another input of the same shape, and each must come out the same.
+        A dependence the graph does not show (module state, a global, an op taken for a shape)
+        would otherwise drop its branch's relevance while the totals still conserve."""
+        generator = torch.Generator(device=x.device).manual_seed(0)
+        scale = float(x.float().std()) if x.numel() > 1 else 1.0
+        other = torch.randn(x.shape, generator=generator, device=x.device) * (scale if scale > 0 else 1.0)
+        values = self.forward(other + x.float().mean()).values
+        changed = [step for step in self.plan.held_constant()
+                   if not same_value(record.values[step.node], values[step.node])]
+        if changed:  # rare: tell input dependence from values that differ on every run (torch.empty)
+            again = self.forward(x).values
+            changed = [step for step in changed if same_value(record.values[step.node], again[step.node])]
+        if changed:
+            node, module = changed[0].node, changed[0].module
+            raise FidelityError(
+                f"relprop holds {describe(node, module)} fixed as independent of the input, but its value "
+                "changes with the input, so the relevance through it would be lost while the totals still "
+                f"conserve; give it a rule (rules={{{rule_key(node, module)}: rule}}) or pass what it depends on "
+                "as an argument instead of module state"
+            )
 
     def _first_divergence(self, x: Tensor, dtype: torch.dtype, record: Record, tolerance: float) -> str:
         """Re-run the model with hooks on every leaf module and name the first that disagrees."""

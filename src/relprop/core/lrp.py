@@ -50,7 +50,10 @@ class LRP:
             the paper's composite (z+, w⁺), ``"fold"`` as soon as another rule is used.
         verify: ``"first"`` checks, on the first call for each input shape, that the output
             the engine computes equals the model's own output (a `FidelityError` naming the
-            first module where they diverge otherwise); ``"always"`` checks every call.
+            first module where they diverge otherwise), and that every value the walk holds
+            constant (parameters, shapes, modules applied to constant tables) comes out the same
+            for another input (a `FidelityError` naming the first that does not); ``"always"``
+            checks every call.
         chunk_size: images propagated at once; larger batches are processed in chunks. None:
             4 on the CPU (activations of larger chunks exceed glibc's 32 MB mmap threshold,
             so every temporary is freshly page-faulted: measured 1.4x faster on ResNet-50),
@@ -96,6 +99,12 @@ class LRP:
         self.preset = "reference" if self.composite.reference else "default"
         self.engine = RelevanceEngine(model, composite=self.composite)
 
+    @property
+    def capture_path(self) -> str:
+        """How the model became a graph: "fx" (symbolic tracing, one graph for every input
+        shape) or "concrete" (traced with the input's values, once per input shape)."""
+        return self.engine.capture_path
+
     def attribute(
         self, inputs: Tensor, target: Target = None, return_layer_sums: bool = False,
         layers: Sequence[str] | None = None,
@@ -106,13 +115,14 @@ class LRP:
         tensor of output relevance to start from. The initial relevance is the softmax
         probability of the explained class. With `return_layer_sums=True` also returns the
         conservation report: (N,) relevance totals from "output" through every top-level
-        layer and residual block to "input". With `layers` (qualified module names, e.g.
-        ``["layer3", "layer4.1"]``) also returns a dict of the relevance of those modules'
+        layer and residual block to "input" (a module applied several times has one entry per
+        call that all relevance crosses, ``"pos_drop#1"``, ``"pos_drop#2"``...). With `layers`
+        (qualified module names, e.g. ``["layer3", "layer4.1"]``, or one call of a reused module,
+        ``"pos_drop#2"``) also returns a dict of the relevance of those modules'
         outputs, each shaped like the output: `(R, layer_relevance)`, or
         `(R, layer_sums, layer_relevance)` with both options.
         """
         x = _check_inputs(inputs)
-        nodes = self.engine.layer_nodes(layers) if layers else {}
         check_target(target, x.shape[0])
         device = _model_device(self.model, x.device)
         results, reports, kept = [], [], []
@@ -120,7 +130,7 @@ class LRP:
         for start in range(0, x.shape[0], chunk_size):
             chunk = x[start:start + chunk_size].to(device=device, dtype=torch.float32)
             backward, sums = self._attribute_chunk(chunk, slice_target(target, start, chunk_size),
-                                                   return_layer_sums, nodes)
+                                                   return_layer_sums, layers or ())
             results.append(backward.input.to(inputs.device))
             reports.append(sums)
             kept.append(backward.layers)
@@ -130,14 +140,15 @@ class LRP:
             outputs.append(OrderedDict((key, torch.cat([r[key] for r in reports]).to(inputs.device))
                                        for key in reports[0]))
         if layers:
-            outputs.append({name: torch.cat([k[name] for k in kept]).to(inputs.device) for name in nodes})
+            outputs.append({name: torch.cat([k[name] for k in kept]).to(inputs.device) for name in layers})
         return outputs[0] if len(outputs) == 1 else tuple(outputs)
 
     def _attribute_chunk(self, x: Tensor, target: Target, layer_sums: bool,
-                         layers: Mapping[str, Any]) -> tuple[Backward, OrderedDict[str, Tensor]]:
+                         layers: Sequence[str]) -> tuple[Backward, OrderedDict[str, Tensor]]:
         record = self.engine.forward(x)
         self._verify(x, record)
-        logits = record.output
+        nodes = self.engine.layer_nodes(layers)  # after forward: a captured graph is per shape
+        logits = classifier_logits(record.output)
         if not isinstance(logits, Tensor) or logits.dim() != 2 or logits.shape[0] != x.shape[0]:
             shape = tuple(logits.shape) if isinstance(logits, Tensor) else type(logits).__name__
             raise InputError(
@@ -145,18 +156,29 @@ class LRP:
                 "Use relprop.core.interpreter.RelevanceEngine with a seed of the output's structure."
             )
         seed = initial_relevance(logits, target)
-        backward = self.engine.backward(record, seed, layer_sums=layer_sums, layers=layers)
+        structured = {"logits": seed} if logits is not record.output else seed
+        backward = self.engine.backward(record, structured, layer_sums=layer_sums, layers=nodes)
         sums: OrderedDict[str, Tensor] = OrderedDict(output=seed.sum(1))
         sums.update(backward.layer_sums)
         sums["input"] = backward.input.reshape(x.shape[0], -1).sum(1)
         return backward, sums
 
     def _verify(self, x: Tensor, record: Record) -> None:
-        """The engine must compute the model's own function: checked per input shape."""
-        key = (tuple(x.shape[1:]), x.device.type)
+        """The engine must compute the model's own function: checked per input shape (per
+        capture, batch size included, on the capture path)."""
+        shape = x.shape if self.engine.capture_path != "fx" else x.shape[1:]
+        key = (tuple(shape), x.device.type)
         if self.verify == "always" or key not in self._verified:
             self.engine.verify(x, record)
             self._verified.add(key)
+
+
+def classifier_logits(output: Any) -> Any:
+    """The logits of a classifier's output: the tensor itself, or the `logits` entry of a
+    mapping (Hugging Face's `ImageClassifierOutput`, traced as a dict)."""
+    if isinstance(output, Mapping) and isinstance(output.get("logits"), Tensor):
+        return output["logits"]
+    return output
 
 
 def preset_reference(preset: str | None) -> bool | None:

@@ -56,6 +56,33 @@ def largest_gap(computed: Any, reference: Any, tolerance: float) -> float | None
     return worst
 
 
+def same_value(a: Any, b: Any) -> bool:
+    """Whether two values of one node from two forward passes agree: tensors to float32
+    rounding (NaN equal to NaN), everything else (shapes, numbers, None) by equality."""
+    ours, structure = tree_flatten(a)
+    theirs, other_structure = tree_flatten(b)
+    if structure != other_structure or len(ours) != len(theirs):
+        return False
+    for u, v in zip(ours, theirs, strict=True):
+        if isinstance(u, Tensor) and isinstance(v, Tensor):
+            if u.shape != v.shape or u.dtype != v.dtype:
+                return False
+            if u.is_floating_point() or u.is_complex():
+                if not torch.allclose(u, v, rtol=1e-5, atol=1e-6, equal_nan=True):
+                    return False
+            elif not torch.equal(u, v):
+                return False
+        elif isinstance(u, Tensor) or isinstance(v, Tensor):
+            return False
+        else:
+            try:
+                if bool(u != v):
+                    return False
+            except Exception:  # values without a usable comparison count as the same
+                continue
+    return True
+
+
 def vjp(fn: Callable[[Tensor], Tensor], a: Tensor, v: Tensor) -> Tensor:
     """Transpose of a (linear) map applied to v. Used only for cheap ops (pooling, reshapes)."""
     with torch.enable_grad():

@@ -5,7 +5,8 @@ any image is processed."""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -24,11 +25,11 @@ from relprop.core.ops import (
     builtin_op,
     builtin_types,
 )
-from relprop.core.ops.base import Op, describe, rule_key, unsupported
+from relprop.core.ops.base import Op, describe, op_failure, rule_key, unsupported
 from relprop.core.ops.meta import Meta
 from relprop.core.ruleset import RuleSet
 from relprop.core.trace import LeafPolicy, module_path
-from relprop.errors import ConfigError, UnsupportedLayerError
+from relprop.errors import ConfigError, OpFailure, RelpropError, UnsupportedLayerError, first_line
 
 
 @dataclass
@@ -84,6 +85,21 @@ class Plan:
                 self.consumers.setdefault(parent, []).append(step.node)
         self._order = {step.node: index for index, step in enumerate(steps)}
 
+    def held_constant(self) -> list[Step]:
+        """The steps whose values the walk holds fixed as independent of the input: every node the
+        input does not reach through the steps' inputs (constants, parameters, shape arithmetic,
+        modules applied to constant tables) and the shape reads where relevance stops. A wrong
+        one (an op taken for a shape) would cut its branch while the totals still conserve:
+        `RelevanceEngine.verify` checks that none changes when the input does."""
+        reached, todo = set(), [step.node for step in self.steps if step.is_input]
+        while todo:
+            for child in self.consumers.get(todo.pop(), []):
+                if child not in reached:
+                    reached.add(child)
+                    todo.append(child)
+        return [step for step in self.steps if not step.is_input and step.node.op != "output"
+                and (step.node not in reached or isinstance(step.op, Meta))]
+
     def refuse(self, step: Step, error: UnsupportedLayerError) -> None:
         """Turn a claimed step into a refusal (raised if relevance reaches it)."""
         step.op, step.info = UNSUPPORTED, error
@@ -120,14 +136,34 @@ def build_plan(model: nn.Module, graph: fx.Graph, rules: RuleSet, policy: LeafPo
     without a rule on a path that relevance takes, then run the canonizers."""
     plan = Plan(_claim_all(model, graph, rules, policy))
     for step in plan.steps:
-        step.op.annotate(step, plan)
+        with failing_as_refusal(step, "annotate"):
+            step.op.annotate(step, plan)
     _raise_for_unsupported_on_relevance_paths(plan)
     _keep_cut_groups(plan)
     for step in plan.steps:
-        step.nonnegative = step.op.output_nonnegative(step, [plan.step_of[p].nonnegative for p in step.inputs])
+        with failing_as_refusal(step, "plan"):
+            step.nonnegative = step.op.output_nonnegative(step, [plan.step_of[p].nonnegative for p in step.inputs])
     for canonizer in canonizers:
-        canonizer.apply(plan)
+        try:
+            canonizer.apply(plan)
+        except RelpropError:
+            raise
+        except Exception as error:  # any failure becomes one line naming the pass
+            raise OpFailure(f"relprop's canonizer {type(canonizer).__name__} failed on this model: "
+                            f"{first_line(error)}; use bn='pass' and report this") from error
     return plan
+
+
+@contextmanager
+def failing_as_refusal(step: Step, action: str) -> Iterator[None]:
+    """Any unexpected exception of an op on a step becomes one line naming the node and the op
+    (the original kept as the cause): a model gets an explanation or a refusal, no traceback."""
+    try:
+        yield
+    except RelpropError:
+        raise
+    except Exception as error:  # every op's failure, whatever its type
+        raise op_failure(step.node, step.module, step.op.name, action, error) from error
 
 
 def _claim_all(model: nn.Module, graph: fx.Graph, rules: RuleSet, policy: LeafPolicy) -> list[Step]:
@@ -158,23 +194,31 @@ def _claim_all(model: nn.Module, graph: fx.Graph, rules: RuleSet, policy: LeafPo
             continue
         dependent.add(node)
         try:
-            op = _claim(node, module, rules, policy)
+            op = _claim(node, module, rules, policy, len(inputs))
             step = Step(node, op, inputs, op.make_info(), module)
         except UnsupportedLayerError as error:
             step = Step(node, UNSUPPORTED, inputs, error, module)
+        except RelpropError:
+            raise
+        except Exception as error:  # an op's claim failing: refused if relevance comes
+            failure = op_failure(node, module, "planner", "claim", error)
+            failure.__cause__ = error
+            step = Step(node, UNSUPPORTED, inputs, failure, module)
         step.group = _group_of(node, groups)
         if isinstance(step.op, Meta):
             shapes.add(node)
         steps.append(step)
+    _name_calls(steps)
     return steps
 
 
 META_OP = next(op for op in OPS if isinstance(op, Meta))
 
 
-def _claim(node: fx.Node, module: nn.Module | None, rules: RuleSet, policy: LeafPolicy) -> Op:
+def _claim(node: fx.Node, module: nn.Module | None, rules: RuleSet, policy: LeafPolicy, inputs: int = 1) -> Op:
     """User rules first, then the op that reproduces a module, then the first op that claims
-    the node; else the refusal that names the key a rule would need."""
+    the node; else the refusal that names the key a rule would need (`inputs`: how many of its
+    arguments depend on the input; a rule sends relevance to the first only)."""
     if node.op == "call_module":
         op = builtin_op(module)
         if op is not None:
@@ -189,7 +233,7 @@ def _claim(node: fx.Node, module: nn.Module | None, rules: RuleSet, policy: Leaf
     for op in OPS:
         if op.claim_module(node, module) if module is not None else op.claim(node):
             return op
-    raise unsupported(describe(node, module) + _subclass_hint(module), rule_key(node, module))
+    raise unsupported(describe(node, module) + _subclass_hint(module), rule_key(node, module), inputs)
 
 
 def _subclass_hint(module: nn.Module | None) -> str:
@@ -206,7 +250,9 @@ def _raise_for_unsupported_on_relevance_paths(plan: Plan) -> None:
         step = plan.step_of[todo.pop()]
         if step.op is UNSUPPORTED:
             raise step.info
-        for parent in step.op.relevance_parents(step):
+        with failing_as_refusal(step, "plan"):
+            parents = step.op.relevance_parents(step)
+        for parent in parents:
             if parent not in seen:
                 seen.add(parent)
                 todo.append(parent)
@@ -227,12 +273,30 @@ def report_groups(model: nn.Module) -> set[str]:
 
 
 def _group_of(node: fx.Node, groups: set[str]) -> str | None:
-    for _, (qualified_name, _) in node.meta.get("nn_module_stack", {}).items():
+    """The report group of a node, per call of its module: `name@k` for the k-th call (fx keys
+    a module's later calls `name@1`, `name@2`...); `_name_calls` turns these into report names."""
+    for key, (qualified_name, _) in node.meta.get("nn_module_stack", {}).items():
         if qualified_name in groups:
-            return qualified_name
+            _, _, call = key.rpartition("@")
+            return f"{qualified_name}@{call if call.isdigit() else 0}"
     if node.op == "call_module" and node.target in groups:
-        return node.target
+        return f"{node.target}@0"
     return None
+
+
+def _name_calls(steps: list[Step]) -> None:
+    """Report names: a module's name, or `name#1`, `name#2`... for a module applied several times.
+    Each call is its own entry, kept only if it is a cut: summing the calls would count the same
+    relevance once per call (timm's visformer applies `pos_drop` three times in sequence)."""
+    calls: dict[str, set[str]] = {}
+    for step in steps:
+        if step.group is not None:
+            name, _, call = step.group.rpartition("@")
+            calls.setdefault(name, set()).add(call)
+    for step in steps:
+        if step.group is not None:
+            name, _, call = step.group.rpartition("@")
+            step.group = name if len(calls[name]) == 1 else f"{name}#{int(call) + 1}"
 
 
 def _keep_cut_groups(plan: Plan) -> None:
@@ -266,9 +330,15 @@ def layer_output(plan: Plan, name: str) -> fx.Node:
         path = node.target if node.op == "call_module" else module_path(node)
         return isinstance(path, str) and (path == name or path.startswith(name + "."))
 
-    for step in plan.steps:
-        if step.node.op == "call_module" and step.node.target == name:
-            return step.node
+    base, _, call = name.partition("#")
+    calls = [step.node for step in plan.steps if step.node.op == "call_module" and step.node.target == base]
+    if len(calls) == 1 and not call:
+        return calls[0]
+    if calls:  # a module applied several times: its calls are named as in the layer sums
+        if call.isdigit() and 1 <= int(call) <= len(calls):
+            return calls[int(call) - 1]
+        raise ConfigError(f"layers: module '{base}' is applied {len(calls)} times; name one call, "
+                          f"'{base}#1' to '{base}#{len(calls)}'")
     scope = [step for step in plan.steps if step.op not in (INPUT, OUTPUT) and inside(step.node)]
     read_outside = {parent for step in plan.steps if not inside(step.node) for parent in step.inputs
                     if inside(parent)}

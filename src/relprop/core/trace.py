@@ -14,9 +14,9 @@ from torch import nn
 from relprop.errors import TraceError, first_line
 
 # In-place variants would overwrite activations that relevance rules still need.
-OUT_OF_PLACE = {operator.iadd: operator.add, operator.imul: operator.mul,
+OUT_OF_PLACE = {operator.iadd: operator.add, operator.isub: operator.sub, operator.imul: operator.mul,
                 operator.itruediv: operator.truediv}
-OUT_OF_PLACE_METHODS = {"relu_": "relu", "add_": "add", "mul_": "mul", "div_": "div"}
+OUT_OF_PLACE_METHODS = {"relu_": "relu", "add_": "add", "sub_": "sub", "mul_": "mul", "div_": "div"}
 
 
 @dataclass(frozen=True)
@@ -42,7 +42,7 @@ class LeafPolicy:
         return self.is_builtin(module) or self.is_user_leaf(module, name)
 
 
-class _Tracer(fx.Tracer):
+class LeafTracer(fx.Tracer):
     """fx tracer that keeps the policy's modules as leaves and remembers where it is, so a
     failure can name the module it happened in."""
 
@@ -83,16 +83,22 @@ def eval_mode(model: nn.Module) -> Iterator[None]:
 def trace(model: nn.Module, policy: LeafPolicy) -> fx.Graph:
     """The model's graph, traced in eval mode, with in-place ops replaced by their out-of-place
     twins."""
-    tracer = _Tracer(policy)
+    tracer = LeafTracer(policy)
     try:
         with eval_mode(model):
             graph = tracer.trace(model)
     except Exception as error:  # fx raises many types; all mean "not traceable as written"
         raise TraceError(
-            f"cannot trace {type(model).__name__}{_describe_module(tracer.failed_in)} with torch.fx: "
+            f"cannot trace {type(model).__name__}{describe_module(tracer.failed_in)} with torch.fx: "
             f"{first_line(error)}. Make that module a leaf with a rule (rules={{ThatModuleType: rule}}) "
             "or explain a traceable sub-module."
         ) from error
+    make_out_of_place(graph)
+    return graph
+
+
+def make_out_of_place(graph: fx.Graph) -> None:
+    """Replace in-place ops by their out-of-place twins, in place."""
     for node in graph.nodes:
         if node.op == "call_function" and node.target in OUT_OF_PLACE:
             node.target = OUT_OF_PLACE[node.target]
@@ -100,10 +106,9 @@ def trace(model: nn.Module, policy: LeafPolicy) -> fx.Graph:
             node.target = OUT_OF_PLACE_METHODS[node.target]
         if node.kwargs.get("inplace"):
             node.kwargs = {**node.kwargs, "inplace": False}
-    return graph
 
 
-def _describe_module(failed_in: tuple[str, nn.Module] | None) -> str:
+def describe_module(failed_in: tuple[str, nn.Module] | None) -> str:
     if failed_in is None:
         return ""
     name, module = failed_in

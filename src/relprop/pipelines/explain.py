@@ -86,6 +86,7 @@ class ExplainSummary:
     failures: list[str] = field(default_factory=list)  # one line per failed input
     failed_methods: list[str] = field(default_factory=list)
     removed: list[str] = field(default_factory=list)  # files of the previous run, removed
+    capture_path: str | None = None  # how LRP made the model a graph: "fx" or "concrete" (per shape)
 
     @property
     def ok(self) -> bool:
@@ -112,7 +113,14 @@ def explain_images(config: ExplainConfig, model: Any, info: ModelInfo,
     if len(overview) > 1:
         save_panel(context.manifest.add(out / "overview.png"), overview, sign=config.sign)
     summary.removed = context.manifest.finish()
+    summary.capture_path = next((path for path in map(_capture_path, explainers.values()) if path), None)
     return summary
+
+
+def _capture_path(method: Any) -> str | None:
+    """`LRP.capture_path` of an LRP method (or of the one a +hq wrapper holds)."""
+    lrp = getattr(method, "lrp", None) or getattr(getattr(method, "base", None), "lrp", None)
+    return getattr(lrp, "capture_path", None)
 
 
 def parse_target(text: str | None, info: ModelInfo) -> int | None:

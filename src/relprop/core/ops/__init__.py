@@ -7,6 +7,8 @@ from __future__ import annotations
 from torch import nn
 
 from relprop.core.ops.add import Add
+from relprop.core.ops.addcmul import AddCMul
+from relprop.core.ops.assign import Assign
 from relprop.core.ops.attention import Attention
 from relprop.core.ops.base import Op, reproduces
 from relprop.core.ops.cat import Cat
@@ -24,7 +26,7 @@ from relprop.core.ops.softmax import Softmax
 from relprop.errors import ConfigError
 
 OPS: list[Op] = [Linear(), MaxPool(), Passthrough(), Pool(), Route(), Attention(), Softmax(), Matmul(), Add(),
-                 Cat(), Scale(), Meta()]
+                 Cat(), Scale(), AddCMul(), Meta(), Assign()]
 # Kinds the planner assigns itself, not by claim: user-ruled nodes (before every claim), the
 # graph's input and output, constants, and refusals.
 CUSTOM, INPUT, OUTPUT, CONSTANT, UNSUPPORTED = Custom(), GraphInput(), GraphOutput(), Constant(), Unsupported()

@@ -7,18 +7,20 @@ Strategies (``attention=`` of a `Composite`, by object or name):
 - `ConservativeAttention` (``"cp"``, the default): the attention weights are held constant, as
   Ali et al. (ICML 2022, "XAI for Transformers: better explanations through conservative
   propagation") do; `A·V` is then linear in V and the ε-rule sends all relevance to V. Nothing
-  is lost: relevance is conserved up to ε.
+  is lost: relevance is conserved up to ε. A gated product outside attention (scale.py) holds
+  its gate constant likewise (signal-take-all).
 - `AttnLRP` (``"attnlrp"``, Achtibat et al., ICML 2024; their code: LXT): the two matmuls `QKᵀ`
   and `A·V` take the uniform rule for bilinear products (the ε-rule's decomposition, half to
   each operand), softmax takes their Taylor-derived rule `R_x = x ⊙ (R_s − s ⊙ Σ R_s)`. The
   softmax rule does not conserve: the difference is the relevance of the logits' shift
-  (reported in docs/rules.md as the attention leak).
+  (reported in docs/rules.md as the attention leak). Gated products take the same uniform rule.
 A constant additive bias in the logits (relative position bias, masks) gets no relevance: the
 input-dependent scores keep it (the policy for every constant operand, see docs/rules.md).
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -48,6 +50,13 @@ class AttentionStrategy(Protocol):
         """Relevance of the attention logits from the relevance of the softmax weights."""
         ...
 
+    def gated_product(self, a: Tensor, b: Tensor, R: Tensor, gate: int | None
+                      ) -> tuple[Tensor | None, Tensor | None]:
+        """Relevance of the factors of an elementwise `a * b` of two unrelated input-dependent
+        tensors, `gate` the index of the one the graph reads as the gate (None: unknown); (None,
+        None) when this strategy cannot decide."""
+        ...
+
 
 class _SoftmaxTaylor:
     def scores(self, scores: Tensor, weights: Tensor, R_weights: Tensor, dim: int) -> Tensor:
@@ -61,6 +70,12 @@ class ConservativeAttention(_SoftmaxTaylor):
     def weights_and_values(self, product, weights, values, R, epsilon=EPSILON):
         return None, bilinear_relevance(product, weights, values, R, share_a=0.0, epsilon=epsilon)[1]
 
+    def gated_product(self, a, b, R, gate):
+        """Signal-take-all (Arras et al. 2017): the gate held constant, as the attention weights."""
+        if gate is None:
+            return None, None
+        return (None, R) if gate == 0 else (R, None)
+
 
 @dataclass(frozen=True)
 class AttnLRP(_SoftmaxTaylor):
@@ -68,6 +83,10 @@ class AttnLRP(_SoftmaxTaylor):
 
     def weights_and_values(self, product, weights, values, R, epsilon=EPSILON):
         return bilinear_relevance(product, weights, values, R, share_a=0.5, epsilon=epsilon)
+
+    def gated_product(self, a, b, R, gate):
+        """The uniform rule: half of the ε-rule's decomposition of `a * b` to each factor."""
+        return bilinear_relevance(torch.mul, a, b, R, share_a=0.5)
 
 
 ATTENTION_STRATEGIES: dict[str, AttentionStrategy] = {"cp": ConservativeAttention(), "attnlrp": AttnLRP()}
@@ -80,12 +99,15 @@ def attention_strategy(attention: str | AttentionStrategy) -> AttentionStrategy:
 
 
 def _swin_attention_types() -> tuple[type[nn.Module], ...]:
-    """torchvision's Swin (v1) window attention: a leaf whose function is reproduced here."""
+    """torchvision's Swin window attention, v1 and v2: leaves whose function is reproduced here."""
     try:  # optional: torchvision before 0.14 has no Swin
-        from torchvision.models.swin_transformer import ShiftedWindowAttention
+        from torchvision.models.swin_transformer import (
+            ShiftedWindowAttention,
+            ShiftedWindowAttentionV2,
+        )
     except ImportError:  # pragma: no cover - torchvision is a dependency
         return ()
-    return (ShiftedWindowAttention,)
+    return (ShiftedWindowAttentionV2, ShiftedWindowAttention)
 
 
 class Attention(Op):
@@ -154,14 +176,27 @@ def _check_recomputed(ours: Tensor, recorded: Tensor, node: fx.Node) -> None:
 @dataclass(frozen=True)
 class AttentionCore:
     """`softmax(scale·q kᵀ + bias) v` on (..., tokens, dim) tensors; `bias` is additive
-    (float) or a boolean keep-mask, as `F.scaled_dot_product_attention` takes it."""
+    (float) or a boolean keep-mask, as `F.scaled_dot_product_attention` takes it. `cosine`:
+    Swin v2's cosine attention, `scale·(q/‖q‖)(k/‖k‖)ᵀ` with a per-head scale; its rule holds the
+    norms constant (as LXT holds LayerNorm's std), so the logits stay bilinear in q and k."""
 
-    scale: float
+    scale: float | Tensor
     bias: Tensor | None = None
     epsilon: float = EPSILON  # of the bilinear ε-rules
+    cosine: bool = False
 
     def logits(self, q: Tensor, k: Tensor) -> Tensor:
+        if self.cosine:
+            return (F.normalize(q, dim=-1) @ F.normalize(k, dim=-1).transpose(-2, -1)) * self.scale
         return (q * self.scale) @ k.transpose(-2, -1)
+
+    def _bilinear_logits(self, q: Tensor, k: Tensor) -> Callable[[Tensor, Tensor], Tensor]:
+        """The logits as a bilinear function of (q, k), cosine norms held at this pass's values."""
+        if not self.cosine:
+            return lambda a, b: (a * self.scale) @ b.transpose(-2, -1)
+        q_norm = q.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+        k_norm = k.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+        return lambda a, b: ((a / q_norm) @ (b / k_norm).transpose(-2, -1)) * self.scale
 
     def biased(self, scores: Tensor) -> Tensor:
         if self.bias is None:
@@ -183,8 +218,7 @@ class AttentionCore:
         if R_weights is None:
             return torch.zeros_like(q), torch.zeros_like(k), R_v
         R_scores = strategy.scores(scores, weights, R_weights, -1)
-        R_q, R_k = bilinear_relevance(lambda a, b: (a * self.scale) @ b.transpose(-2, -1), q, k, R_scores,
-                                      epsilon=self.epsilon)
+        R_q, R_k = bilinear_relevance(self._bilinear_logits(q, k), q, k, R_scores, epsilon=self.epsilon)
         return R_q, R_k, R_v
 
 
@@ -300,9 +334,11 @@ def _multihead_mask(attn_mask: Tensor | None, key_padding_mask: Tensor | None, i
 
 @dataclass
 class WindowParts:
-    """torchvision's Swin (v1) `shifted_window_attention`: the element routing (pad, cyclic
-    shift, window partition and their inverses), the qkv and output projections and an
-    AttentionCore whose bias is the relative position bias plus the shift mask (constants)."""
+    """torchvision's Swin `shifted_window_attention`: the element routing (pad, cyclic shift,
+    window partition and their inverses), the qkv and output projections and an AttentionCore
+    whose bias is the relative position bias plus the shift mask (constants). Swin v2 (a
+    `logit_scale`): cosine attention, its key bias zeroed as torchvision does, and the bias
+    `16·sigmoid(cpb_mlp(table))` of a constant coordinate table: a constant too."""
 
     x_shape: torch.Size
     window: tuple[int, int]
@@ -324,7 +360,13 @@ class WindowParts:
         pad_H, pad_W = H + (window[0] - H % window[0]) % window[0], W + (window[1] - W % window[1]) % window[1]
         shift = tuple(0 if window[i] >= (pad_H, pad_W)[i] else int(module.shift_size[i]) for i in range(2))
         heads = module.num_heads
-        parts = cls(x.shape, window, shift, (pad_H, pad_W), heads, _linear_op(module.qkv),
+        logit_scale = getattr(module, "logit_scale", None)  # Swin v2
+        qkv_op = _linear_op(module.qkv)
+        if logit_scale is not None and qkv_op.bias is not None:  # v2 zeroes the key bias in every call
+            bias = qkv_op.bias.clone()  # never the module's own parameter
+            bias[bias.numel() // 3:2 * bias.numel() // 3] = 0
+            qkv_op = LinearOp(qkv_op.weight, bias)
+        parts = cls(x.shape, window, shift, (pad_H, pad_W), heads, qkv_op,
                     _linear_op(module.proj), None, None, None, None, None)  # type: ignore[arg-type]
         parts.windows = parts.partition(x)
         qkv = parts.qkv_op.forward(parts.windows, parts.qkv_op.weight, parts.qkv_op.bias)
@@ -334,7 +376,11 @@ class WindowParts:
         if sum(shift) > 0:
             bias = (bias.unsqueeze(0) + parts._shift_mask(x).unsqueeze(1).unsqueeze(0)
                     ).expand(B, -1, heads, tokens, tokens).reshape(-1, heads, tokens, tokens)
-        parts.core = AttentionCore(float((C // heads) ** -0.5), bias)
+        if logit_scale is None:
+            parts.core = AttentionCore(float((C // heads) ** -0.5), bias)
+        else:
+            scale = torch.clamp(logit_scale.detach().float(), max=math.log(100.0)).exp()
+            parts.core = AttentionCore(scale, bias, cosine=True)
         parts.heads = (q, k, v)
         parts.context = merge_heads(parts.core.forward(q, k, v))
         parts.projected = parts.proj_op.forward(parts.context, parts.proj_op.weight, parts.proj_op.bias)

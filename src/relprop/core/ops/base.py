@@ -24,7 +24,7 @@ from torch import Tensor, nn
 
 from relprop.core.rules import PassRule, Rule
 from relprop.core.trace import in_module
-from relprop.errors import TraceError, UnsupportedLayerError
+from relprop.errors import OpFailure, TraceError, UnsupportedLayerError, first_line
 
 if TYPE_CHECKING:  # types only: the planner imports the ops, not the other way round
     from relprop.core.composites import Strategies
@@ -175,8 +175,16 @@ def rule_key(node: fx.Node, module: nn.Module | None) -> str:
     return repr(node.target)
 
 
-def unsupported(what: str, key: str) -> UnsupportedLayerError:
-    """The one refusal text: what has no rule, and the importable key that gives it one."""
+def unsupported(what: str, key: str, inputs: int = 1) -> UnsupportedLayerError:
+    """The one refusal text: what has no rule, and the importable key that gives it one. A call
+    that combines several input-dependent tensors needs an op: a rule sends all relevance to
+    its first input, so that advice would lead into a wrong map or a failure."""
+    if inputs > 1:
+        return UnsupportedLayerError(
+            f"relprop has no relevance rule for {what}, which combines {inputs} input-dependent tensors; "
+            f"a rule (rules={{{key}: rule}}) would send all relevance to the first of them, so it needs an op "
+            "of its own (docs/architecture.md, 'Adding an op')"
+        )
     return UnsupportedLayerError(
         f"relprop has no relevance rule for {what}; pass rules={{{key}: rule}} to LRP(...) "
         "with a rule name ('pass' for elementwise maps, 'proportional' for positive linear maps "
@@ -187,3 +195,11 @@ def unsupported(what: str, key: str) -> UnsupportedLayerError:
 def positional(node: fx.Node, index: int, name: str, default: Any = None) -> Any:
     """An argument of a call by keyword or position, as fx recorded it."""
     return node.kwargs.get(name, node.args[index] if len(node.args) > index else default)
+
+
+def op_failure(node: fx.Node, module: nn.Module | None, op: str, action: str, error: BaseException) -> OpFailure:
+    """The one line for an op that failed on a node it claimed (its cause is `error`)."""
+    return OpFailure(
+        f"relprop's {op} op failed to {action} {describe(node, module)}: {first_line(error)}; please report "
+        f"this (a rule, rules={{{rule_key(node, module)}: rule}}, may work around it)"
+    )

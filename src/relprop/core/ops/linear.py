@@ -58,7 +58,8 @@ class Linear(Op):
         """With a BatchNorm folded in before the layer, the op reads the BatchNorm's input, and
         the relevance passes through the BatchNorm unchanged."""
         rule = context.rule_for(step)
-        source = step.info.fold_before if step.info.fold_before is not None else step.inputs[0]
+        folded = step.info.fold_before
+        source = step.inputs[0] if folded is None else context.step_of[folded].inputs[0]  # the BatchNorm's input
         op = self.effective_op(step, values, context)
         if rule.wants_nonnegative and context.step_of[source].nonnegative:
             return [(step.inputs[0], rule.relevance(op, values[source], R, nonnegative=True))]

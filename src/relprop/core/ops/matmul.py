@@ -1,4 +1,5 @@
-"""Products of two tensors (`@`, `torch.matmul`, `torch.bmm`): attention's `QKᵀ` and `A·V`.
+"""Products of two tensors (`@`, `torch.matmul`, `torch.bmm`, and `torch.einsum` of two operands,
+as MaxViT writes them): attention's `QKᵀ` and `A·V`.
 
 Two input-dependent factors take the uniform bilinear rule (half of the ε-rule's decomposition
 to each, AttnLRP); one input-dependent factor takes the ε-rule. `A·V` whose `A` is attention
@@ -9,8 +10,10 @@ from __future__ import annotations
 import operator
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
+import torch.fx as fx
 from torch import Tensor
 
 from relprop.core.numerics import stabilize
@@ -23,23 +26,42 @@ EPSILON = 1e-6  # LXT's stabilizer for the bilinear and linear ε-rules
 
 @dataclass
 class MatmulInfo:
-    attention_weights: bool = False  # the first factor is softmax attention weights (A in A·V)
+    attention_weights: int | None = None  # the factor that is softmax attention weights (A in A·V, V·Aᵀ)
 
 
 class Matmul(Op):
     name = "matmul"
     functions, methods = FUNCTIONS, METHODS
 
+    def claim(self, node: fx.Node) -> bool:
+        if node.target is torch.einsum:  # einsum("...", a, b): a bilinear product of two operands
+            return len(node.args) == 3 and isinstance(node.args[0], str) and not node.kwargs
+        return super().claim(node)
+
+    @staticmethod
+    def factors(node: fx.Node) -> tuple[Any, Any]:
+        """The two factors of the product, as the call passes them."""
+        return (node.args[1], node.args[2]) if node.target is torch.einsum else (node.args[0], node.args[1])
+
     def make_info(self) -> MatmulInfo:
         return MatmulInfo()
 
     def relevance(self, step, values, R, context: Context) -> Parents:
-        first, second = step.node.args[0], step.node.args[1]
+        first, second = self.factors(step.node)
         a, b = values[first], values[second]
-        product = torch.bmm if step.node.target in (torch.bmm, "bmm") else torch.matmul
+        if step.node.target is torch.einsum:
+            equation = step.node.args[0]
+            product = lambda x, y: torch.einsum(equation, x, y)  # noqa: E731 - the product as a function
+        else:
+            product = torch.bmm if step.node.target in (torch.bmm, "bmm") else torch.matmul
         dependent = [arg in step.inputs for arg in (first, second)]
-        if dependent == [True, True] and step.info.attention_weights:
-            R_a, R_b = context.strategies.attention.weights_and_values(product, a, b, R)
+        weights = step.info.attention_weights
+        if dependent == [True, True] and weights is not None:
+            strategy = context.strategies.attention
+            if weights == 0:
+                R_a, R_b = strategy.weights_and_values(product, a, b, R)
+            else:  # V·Aᵀ: the same rule with the factors' roles swapped
+                R_b, R_a = strategy.weights_and_values(lambda w, v: product(v, w), b, a, R)
             return [(arg, R_arg) for arg, R_arg in ((first, R_a), (second, R_b)) if R_arg is not None]
         share = 0.5 if dependent == [True, True] else 1.0 if dependent[0] else 0.0
         R_a, R_b = bilinear_relevance(product, a, b, R, share_a=share)

@@ -4,10 +4,21 @@ depth). A rule the user gives such a layer (by name or type) is applied instead.
 
 Elementwise nonlinearities and normalizations take the identity rule (AttnLRP, Achtibat et al.
 2024, and its LXT code: elementwise activations; LayerNorm and GroupNorm with the divisor held
-constant, "identity on the normalization")."""
+constant, "identity on the normalization"). The same two reasons cover:
+- Tanh and Sigmoid (a head's Tanh, a sigmoid whose output is read as a value): elementwise and
+  monotone, each output depends on one input only, so the identity rule is the one conserving
+  choice (a sigmoid that gates a product is the product's business: see scale.py);
+- a power with a constant exponent (`x ** 2`, squared ReLU, `.square()`): elementwise, so the
+  identity rule (after a ReLU it is monotone, as the other activations);
+- `F.normalize` (cosine attention in Swin v2, XCiT, EdgeNeXt): `x / ‖x‖` with the norm held
+  constant, as LayerNorm's std in LXT, is a positive diagonal scaling: identity;
+- `neg` (rotary embeddings' `rotate_half`): `−x` sends relevance back unchanged (the z-rule of
+  a one-input linear map);
+- `type_as`: a dtype cast."""
 
 from __future__ import annotations
 
+import operator
 from dataclasses import dataclass
 from typing import Any
 
@@ -17,21 +28,30 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from relprop.core.linear_op import BatchNormStats
-from relprop.core.ops.base import Context, KeepsSign, Op, Parents
+from relprop.core.ops.base import Context, KeepsSign, Op, Parents, positional
+from relprop.core.ops.route import first_operand
 from relprop.core.rules import LayerNormParams, Rule
 from relprop.core.trace import module_path
 
 BATCHNORM_MODULES = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
 NORM_MODULES = (*BATCHNORM_MODULES, nn.LayerNorm, nn.GroupNorm)
 ACTIVATION_MODULES = (nn.ReLU, nn.ReLU6, nn.SiLU, nn.GELU, nn.Hardswish, nn.Hardsigmoid, nn.LeakyReLU,
-                      nn.ELU, nn.Mish)
+                      nn.ELU, nn.Mish, nn.Tanh, nn.Sigmoid)
+# activations whose output lies in [0, 1] (or [−1, 1]): what gates a product (see scale.py)
+SQUASHING_MODULES = (nn.Sigmoid, nn.Hardsigmoid, nn.Tanh)
+SQUASHING_FUNCTIONS = {torch.sigmoid, F.sigmoid, F.hardsigmoid, torch.tanh, F.tanh}
+SQUASHING_METHODS = {"sigmoid", "sigmoid_", "tanh", "tanh_"}
+POWER_FUNCTIONS = {operator.pow, torch.pow, torch.square}
 IDENTITY_MODULES = (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.Identity)
 NORM_FUNCTIONS = {F.batch_norm, F.layer_norm, F.group_norm}
 DROPOUT_FUNCTIONS = {F.dropout, F.dropout1d, F.dropout2d, F.dropout3d, torch.dropout}
 RELU_FUNCTIONS = {F.relu, torch.relu, F.relu6}
-FUNCTIONS = {*RELU_FUNCTIONS, F.silu, F.gelu, F.hardswish, F.hardsigmoid, F.leaky_relu, F.elu, F.mish,
-             *DROPOUT_FUNCTIONS, *NORM_FUNCTIONS}
-METHODS = {"relu", "relu_", "contiguous", "clone", "detach", "float", "to", "type"}
+ACTIVATION_FUNCTIONS = {*RELU_FUNCTIONS, F.silu, F.gelu, F.hardswish, F.hardsigmoid, F.leaky_relu, F.elu, F.mish,
+                        *SQUASHING_FUNCTIONS}
+ACTIVATION_METHODS = {"relu", "relu_", *SQUASHING_METHODS}
+FUNCTIONS = {*ACTIVATION_FUNCTIONS, *DROPOUT_FUNCTIONS, *NORM_FUNCTIONS, F.normalize, operator.neg, torch.neg}
+METHODS = {*ACTIVATION_METHODS, "contiguous", "clone", "detach", "float", "to", "type", "type_as", "neg"}
+POWER_METHODS = {"pow", "square"}
 # Library helpers that are the identity here, by importable name (no import of the library needed).
 LIBRARY_FUNCTIONS = {
     "timm.layers.attention.maybe_add_mask",  # scores + a constant mask (or None): the scores keep it all
@@ -50,6 +70,11 @@ class Passthrough(KeepsSign, Op):
     keeps_the_input_layer = True
     functions, methods, library_functions = FUNCTIONS, METHODS, LIBRARY_FUNCTIONS
 
+    def claim(self, node: fx.Node) -> bool:
+        if node.target in POWER_FUNCTIONS or (node.op == "call_method" and node.target in POWER_METHODS):
+            return _constant_exponent(node)
+        return super().claim(node)
+
     def make_info(self) -> PassInfo:
         return PassInfo()
 
@@ -64,7 +89,7 @@ class Passthrough(KeepsSign, Op):
         return super().forward(step, args, kwargs, model)
 
     def relevance(self, step, values, R, context: Context) -> Parents:
-        parent = step.inputs[0]
+        parent = first_operand(step) if step.module is None else step.inputs[0]
         rule, layer = self._user_rule(step, values, context)
         if rule is None or step.info.folded_into is not None:
             return [(parent, R.reshape(values[parent].shape))]
@@ -90,10 +115,34 @@ class Passthrough(KeepsSign, Op):
 
     def output_nonnegative(self, step, parents: list[bool]) -> bool:
         node = step.node
-        if isinstance(step.module, (nn.ReLU, nn.ReLU6)) or (node.op == "call_function" and node.target in RELU_FUNCTIONS) \
-                or (node.op == "call_method" and node.target == "relu"):
+        if isinstance(step.module, (nn.ReLU, nn.ReLU6, nn.Sigmoid, nn.Hardsigmoid)) \
+                or (node.op == "call_function" and node.target in {*RELU_FUNCTIONS, torch.sigmoid, F.sigmoid,
+                                                                   F.hardsigmoid}) \
+                or (node.op == "call_method" and node.target in {"relu", "relu_", "sigmoid", "sigmoid_"}):
             return True
+        if node.target in {operator.neg, torch.neg, "neg"}:
+            return False
+        if node.target in POWER_FUNCTIONS or (node.op == "call_method" and node.target in POWER_METHODS):
+            exponent = 2 if node.target in (torch.square, "square") else node.args[1]
+            return float(exponent) % 2 == 0 or super().output_nonnegative(step, parents)
         return not self.normalizes(step) and super().output_nonnegative(step, parents)
+
+    @staticmethod
+    def gating_rank(step) -> int | None:
+        """How gate-like this node's output is, for a product of two unrelated factors (scale.py):
+        2 for a squashing activation (sigmoid, hard sigmoid, tanh), 1 for another activation, 0
+        for a normalization or a power; None for the identity (dropout, casts): look further back."""
+        node, module = step.node, step.module
+        if isinstance(module, SQUASHING_MODULES) or node.target in SQUASHING_FUNCTIONS \
+                or (node.op == "call_method" and node.target in SQUASHING_METHODS):
+            return 2
+        if isinstance(module, ACTIVATION_MODULES) or node.target in ACTIVATION_FUNCTIONS \
+                or (node.op == "call_method" and node.target in ACTIVATION_METHODS):
+            return 1
+        if isinstance(module, IDENTITY_MODULES) or node.target in DROPOUT_FUNCTIONS \
+                or node.op == "call_method" and node.target in METHODS - ACTIVATION_METHODS - {"neg"}:
+            return None
+        return 0
 
     @staticmethod
     def normalizes(step) -> bool:
@@ -101,6 +150,15 @@ class Passthrough(KeepsSign, Op):
         non-negative input can come out negative, unlike the other identity-rule nodes."""
         node = step.node
         return isinstance(step.module, NORM_MODULES) or (node.op == "call_function" and node.target in NORM_FUNCTIONS)
+
+
+def _constant_exponent(node: fx.Node) -> bool:
+    """`x ** p`, `torch.pow(x, p)`, `x.pow(p)`, `x.square()` with a number p and a tensor x: an
+    elementwise power (a constant raised to the input, `2 ** x`, is left unclaimed)."""
+    if node.target in (torch.square, "square"):
+        return True
+    base, exponent = node.args[0], positional(node, 1, "exponent")
+    return isinstance(base, fx.Node) and isinstance(exponent, (int, float))
 
 
 BATCH_NORM_PARAMETERS = ("input", "running_mean", "running_var", "weight", "bias", "training", "momentum", "eps")

@@ -1,6 +1,25 @@
-"""Products with a constant or a gate: `x * c`, `x / c`, `x * gate(x)`. All relevance stays with
-the input-dependent operand (the gate, computed from the other operand, gets none); a product of
-two unrelated input-dependent tensors has no rule here."""
+"""Products with a constant or a gate: `x * c`, `x / c`, `x * gate(x)`, `x * x`, and gated products
+of two input-dependent factors (gated MLPs, SwiGLU, StarNet's star operation, GhostNetV2's
+attention, MambaOut).
+
+- A constant factor or divisor takes no relevance: the product is linear in the other operand.
+- `x * g(x)`, a gate computed from the value it gates (SE blocks, SiLU written out): the gate
+  gets none, all relevance stays with x (Arras et al. 2017's "signal-take-all").
+- `x * x` (one input-dependent operand, twice): an elementwise square, the identity rule of an
+  elementwise map (as `x ** 2`).
+- `a * b` of two factors neither computed from the other: which one is the gate is read from the
+  graph (the factor that leaves a squashing activation, sigmoid/hard sigmoid/tanh, over one that
+  leaves another activation, over one that leaves none; dropout, reshapes and upsampling looked
+  through, a chunk or slice not), and
+  the composite's attention strategy decides, as it does for attention weights:
+  `ConservativeAttention` (the default) holds the gate constant and gives the signal all
+  relevance (signal-take-all: Arras et al., "Explaining recurrent neural network predictions in
+  sentiment analysis", WASSA 2017, for LSTM gates; the same choice as CP's constant attention
+  weights, Ali et al. 2022; it conserves); `AttnLRP` takes the uniform rule, half of the ε-rule's
+  decomposition to each factor (Achtibat et al., ICML 2024, Prop. 3.3; what LXT does in gated
+  MLPs), so relevance also flows into the gate's branch. A product whose gate the graph cannot
+  tell is refused under signal-take-all.
+"""
 
 from __future__ import annotations
 
@@ -11,16 +30,23 @@ import torch
 import torch.fx as fx
 
 from relprop.core.ops.base import Context, Op, Parents
+from relprop.core.ops.passthrough import Passthrough
+from relprop.core.ops.pool import Pool
+from relprop.core.ops.route import Route
 from relprop.core.trace import in_module
 from relprop.errors import UnsupportedLayerError
 
 FUNCTIONS = {operator.mul, operator.imul, operator.truediv, operator.itruediv, torch.mul}
 METHODS = {"mul", "mul_", "div", "div_"}
+DIVISIONS = {operator.truediv, operator.itruediv, "div", "div_"}
+SELECTIONS = {operator.getitem, torch.chunk, torch.split, torch.unbind, torch.tensor_split, "chunk", "split", "unbind",
+              "tensor_split"}
 
 
 @dataclass
 class ScaleInfo:
-    gate: int | None = None  # the operand computed from the other one: it gets no relevance
+    gate: int | None = None  # the operand that gates the other: it gets no relevance (signal-take-all)
+    unrelated: bool = False  # two input-dependent factors, neither computed from the other
 
 
 class Scale(Op):
@@ -31,8 +57,20 @@ class Scale(Op):
         return ScaleInfo()
 
     def annotate(self, step, plan) -> None:
+        if len(step.inputs) != 2:  # one input-dependent operand (a constant factor, or x * x)
+            return
+        first, second = step.node.args[0], step.node.args[1]
         source = plan.computed_from_the_other(step)
-        step.info.gate = None if source is None else 1 - source
+        if source is not None:
+            if not (step.node.target in DIVISIONS and source == 1):  # g(x) / x: x, the divisor, is no signal
+                step.info.gate = 1 - source
+            return
+        if step.node.target in DIVISIONS:  # a / b: b is no gate we can read
+            return
+        step.info.unrelated = True
+        ranks = [_gating_rank(plan, arg) for arg in (first, second)]
+        if ranks[0] != ranks[1]:
+            step.info.gate = 0 if ranks[0] > ranks[1] else 1
 
     def relevance_parents(self, step) -> list[fx.Node]:
         if step.info.gate is not None:
@@ -40,10 +78,36 @@ class Scale(Op):
         return step.inputs
 
     def relevance(self, step, values, R, context: Context) -> Parents:
+        node, info = step.node, step.info
+        if info.unrelated:
+            first, second = node.args[0], node.args[1]
+            a, b = values[first], values[second]
+            R_a, R_b = context.strategies.attention.gated_product(a, b, R, info.gate)
+            if R_a is None and R_b is None:
+                raise UnsupportedLayerError(
+                    f"'{node.name}'{in_module(node)} multiplies two unrelated input-dependent tensors and relprop "
+                    "cannot tell the gate from the signal (neither leaves a sigmoid or an activation the other does "
+                    "not); pass attention='attnlrp' for the uniform rule (half to each factor)")
+            return [(arg, R_arg.sum_to_size(values[arg].shape)) for arg, R_arg in ((first, R_a), (second, R_b))
+                    if R_arg is not None]
         parents = self.relevance_parents(step)
         if len(parents) != 1:
             raise UnsupportedLayerError(
-                f"'{step.node.name}'{in_module(step.node)} multiplies two unrelated input-dependent "
-                "tensors; relprop has no rule for that"
-            )
+                f"'{node.name}'{in_module(node)} divides by an input-dependent tensor; relprop has no rule for that")
         return [(parents[0], R.sum_to_size(values[parents[0]].shape))]
+
+
+def _gating_rank(plan, node: fx.Node) -> int:
+    """How gate-like a factor is (see `Passthrough.gating_rank`), looking through reshapes,
+    pooling and upsampling (GhostNetV2 upsamples its sigmoid gate), dropout and casts, but not
+    through a selection (`chunk`, `split`, indexing): an activation applied before a tensor is
+    split (gMLP's GELU before its spatial gating unit) belongs to both halves, not to one factor."""
+    while True:
+        step = plan.step_of[node]
+        if isinstance(step.op, Passthrough):
+            rank = Passthrough.gating_rank(step)
+            if rank is not None:
+                return rank
+        elif not isinstance(step.op, (Route, Pool)) or not step.inputs or step.node.target in SELECTIONS:
+            return 0
+        node = step.inputs[0]

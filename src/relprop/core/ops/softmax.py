@@ -1,6 +1,10 @@
-"""Softmax inside attention (its output feeds `A·V`): the attention strategy's rule for the
-scores. Any other softmax (probabilities at the output, log-softmax) is refused: LRP explains the
-scores before the softmax and starts from the probability itself."""
+"""Softmax inside attention: the attention strategy's rule for the scores. A softmax is attention
+when every path from it (through routes, dropout, pass-throughs and linear maps such as the
+talking-heads projections of CaiT and EfficientFormerV2) ends as one factor of a product with
+another input-dependent tensor, `A·V` or `V·Aᵀ` (LeViT, SHViT): the product then knows its weights
+operand, and the strategy holds it constant (CP) or splits it (AttnLRP). A softmax at the output
+is refused: LRP explains the scores before the softmax and starts from the probability itself;
+any other softmax and log-softmax have no rule."""
 
 from __future__ import annotations
 
@@ -9,9 +13,12 @@ import torch.fx as fx
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from relprop.core.ops.base import Context, Op, Parents, describe, positional
+from relprop.core.ops.base import Context, Op, Parents, describe, positional, rule_key
+from relprop.core.ops.graph_io import GraphOutput
+from relprop.core.ops.linear import Linear
 from relprop.core.ops.matmul import Matmul
 from relprop.core.ops.passthrough import Passthrough
+from relprop.core.ops.route import Route
 from relprop.errors import UnsupportedLayerError
 
 ATTENTION_SOFTMAX = {F.softmax, torch.softmax, "softmax"}  # log_softmax is never attention
@@ -26,26 +33,26 @@ class Softmax(Op):
         if node.target in ATTENTION_SOFTMAX:
             return True
         if node.target in (SOFTMAX_FUNCTIONS if node.op == "call_function" else {"log_softmax"}):
-            raise softmax_error(describe(node, None))
+            raise softmax_error(node, None)
         return False
 
     def claim_module(self, node: fx.Node, module: nn.Module) -> bool:
         if type(module) is nn.Softmax:
             return True
         if isinstance(module, SOFTMAX_MODULES):
-            raise softmax_error(describe(node, module))
+            raise softmax_error(node, module)
         return False
 
     def annotate(self, step, plan) -> None:
-        """A softmax is attention when everything that reads it (through dropout and other
-        pass-throughs) is the first factor of a product `A @ V`; that product then knows its
-        weights operand. Any other softmax is refused."""
-        products = _attention_products(step.node, plan)
-        if products is None:
-            plan.refuse(step, softmax_error(describe(step.node, step.module)))
+        """A softmax is attention when every path from it ends as one factor of a product with
+        another input-dependent tensor; that product then knows its weights operand. Any other
+        softmax is refused."""
+        products, reader = _attention_products(step.node, plan)
+        if reader is not None:
+            plan.refuse(step, softmax_error(step.node, step.module, reader))
             return
-        for product in products:
-            product.info.attention_weights = True
+        for product, index in products:
+            product.info.attention_weights = index
 
     def relevance(self, step, values, R, context: Context) -> Parents:
         parent = step.inputs[0]
@@ -59,29 +66,53 @@ def softmax_relevance(x: Tensor, s: Tensor, R: Tensor, dim: int) -> Tensor:
     return torch.where(torch.isfinite(x), R_x, torch.zeros_like(R_x))
 
 
-def softmax_error(what: str) -> UnsupportedLayerError:
+def softmax_error(node: fx.Node, module: nn.Module | None, reader=None) -> UnsupportedLayerError:
+    """The refusal: a softmax that reaches the output is explained by its logits; one inside the
+    network that is not attention is named with what reads it."""
+    what = describe(node, module)
+    if reader is None:  # log-softmax and the softmax variants, refused when claimed
+        return UnsupportedLayerError(
+            f"relprop has no relevance rule for the softmax in {what}: at the model's output, remove it (LRP "
+            f"starts from the probability itself: explain the logits); inside the network, give it one "
+            f"(rules={{{rule_key(node, module)}: rule}})")
+    if isinstance(reader.op, GraphOutput):
+        return UnsupportedLayerError(
+            f"the model applies softmax in {what} on the way to its output: LRP explains the scores "
+            "before the softmax and starts from the probability itself; remove that softmax (explain the logits)")
     return UnsupportedLayerError(
-        f"the model applies softmax in {what}: LRP explains the scores before the softmax and "
-        "starts from the probability itself; remove the softmax from the model (explain the "
-        "logits), or give it a rule if it sits inside the network"
-    )
+        f"the softmax in {what} is read by {describe(reader.node, reader.module)}, not as attention weights "
+        "(one factor of a product with input-dependent values); relprop has no rule for such a softmax: "
+        f"give it one (rules={{{rule_key(node, module)}: rule}})")
 
 
-def _attention_products(node: fx.Node, plan) -> list | None:
-    found, todo = [], [node]
+# what attention weights may pass through on their way to A·V: routes, dropout and other
+# pass-throughs (not normalizations), linear maps over heads (talking heads)
+_ON_THE_WAY = (Route, Passthrough, Linear)
+
+
+def _attention_products(node: fx.Node, plan) -> tuple[list, object | None]:
+    """The products that read this softmax as attention weights, with the weights' operand
+    index; or the first reader that is not on such a path."""
+    found, todo, seen = [], [node], {node}
     while todo:
         current = todo.pop()
         readers = [plan.step_of[reader] for reader in plan.consumers.get(current, [])]
-        if not readers:
-            return None
         for reader in readers:
-            if isinstance(reader.op, Passthrough) and not Passthrough.normalizes(reader):
-                todo.append(reader.node)
-            elif isinstance(reader.op, Matmul) and reader.node.args[0] is current and reader.node.args[1] is not current:
-                found.append(reader)
-            else:
-                return None
-    return found
+            args = Matmul.factors(reader.node) if isinstance(reader.op, Matmul) else ()
+            if args and (args[0] is current) != (args[1] is current):
+                index = 0 if args[0] is current else 1
+                if args[1 - index] in reader.inputs:  # the values depend on the input too
+                    found.append((reader, index))
+                    continue
+                return [], reader
+            if isinstance(reader.op, _ON_THE_WAY) and not (isinstance(reader.op, Passthrough)
+                                                           and Passthrough.normalizes(reader)):
+                if reader.node not in seen:
+                    seen.add(reader.node)
+                    todo.append(reader.node)
+                continue
+            return [], reader
+    return found, None
 
 
 def _dim(step) -> int:
