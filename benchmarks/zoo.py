@@ -38,7 +38,6 @@ import threading
 import time
 from collections import defaultdict
 from concurrent.futures import ThreadPoolExecutor
-from copy import deepcopy
 from pathlib import Path
 from typing import Any
 
@@ -179,34 +178,27 @@ def piecewise_linear(model: nn.Module) -> bool:
     return True
 
 
-def affine_conv(norm: nn.modules.batchnorm._BatchNorm) -> nn.Module:
-    """An eval-mode BatchNorm as the layer it is, `y = x·s + t` per channel: a 1×1 depthwise conv
-    (1-D BatchNorm on (N, C) inputs: a diagonal linear layer), which the z-rule takes like any other
-    (timm's BatchNormAct keeps its activation after it)."""
-    scale = norm.weight.detach() / torch.sqrt(norm.running_var + norm.eps) if norm.affine \
-        else 1 / torch.sqrt(norm.running_var + norm.eps)
-    shift = (norm.bias.detach() if norm.affine else 0) - norm.running_mean * scale
-    channels = scale.numel()
-    if isinstance(norm, nn.BatchNorm1d):
-        layer: nn.Module = nn.Linear(channels, channels)
-        layer.weight.data = torch.diag(scale)
-    else:
-        conv = nn.Conv3d if isinstance(norm, nn.BatchNorm3d) else nn.Conv2d
-        layer = conv(channels, channels, 1, groups=channels)
-        layer.weight.data = scale.reshape(channels, *[1] * (layer.weight.dim() - 1)).clone()
-    layer.bias.data = shift.clone()
-    tail = [getattr(norm, name) for name in ("drop", "act") if isinstance(getattr(norm, name, None), nn.Module)]
-    return nn.Sequential(layer, *tail).eval() if tail else layer.eval()
+def batchnorm_z_rule() -> Any:
+    """LRP-0 on an eval-mode BatchNorm, the affine map y = s·x + t it is: R_x = s·x / y · R (0 where
+    y = 0). Keyed by module name it also takes timm's BatchNormAct2d whole (BatchNorm, then a ReLU
+    or identity, whose relevance passes)."""
+    from relprop.core.numerics import safe_divide  # deferred: relprop is imported in the child
+    from relprop.core.rules import Rule
 
+    class BatchNormZ(Rule):
+        name = "batchnorm-z"
 
-def norms_as_layers(model: nn.Module, names: set[str] | None = None) -> nn.Module:
-    """A copy of `model` with its BatchNorms (or those named) replaced by `affine_conv`."""
-    copy = deepcopy(model)
-    for name, module in list(copy.named_modules()):
-        if isinstance(module, nn.modules.batchnorm._BatchNorm) and (names is None or name in names):
-            parent, _, child = name.rpartition(".")
-            setattr(copy.get_submodule(parent) if parent else copy, child, affine_conv(module))
-    return copy
+        def relevance(self, layer: nn.Module, a: torch.Tensor, R: torch.Tensor) -> torch.Tensor:
+            scale = torch.rsqrt(layer.running_var + layer.eps)
+            if layer.weight is not None:
+                scale = scale * layer.weight
+            scale = scale.reshape(1, -1, *[1] * (a.dim() - 2))
+            y = nn.functional.batch_norm(a, layer.running_mean, layer.running_var, layer.weight, layer.bias,
+                                         False, 0.0, layer.eps)
+            ratio, _ = safe_divide(R, y)
+            return scale * a * ratio
+
+    return BatchNormZ()
 
 
 def norm_steps(lrp: Any) -> list[tuple[Any, str]]:
@@ -246,8 +238,7 @@ def lrp0_against_gradient(model: nn.Module, x: torch.Tensor, bn: str) -> dict[st
     """LRP-0 as tests/test_lrp0_gradient.py configures it, against gradient × input (Ancona et al.
     2018). LRP-0 treats a BatchNorm as the affine layer it is (its shift absorbs relevance, as a
     bias does). bn="fold": relprop folds each BatchNorm into the conv/linear before or after it;
-    those it cannot fold are given as layers (`affine_conv`). bn="pass": every BatchNorm is a
-    z-rule layer: `rules={nn.BatchNorm2d: z}` where relprop takes it, else as `affine_conv`."""
+    those it does not fold get `batchnorm_z_rule` by name. bn="pass": every BatchNorm gets it."""
     from relprop import LRP  # deferred: the child imports relprop after its environment is set
     from relprop.core.rules import EpsilonRule
     from relprop.core.splitting import SignedSplit
@@ -258,26 +249,21 @@ def lrp0_against_gradient(model: nn.Module, x: torch.Tensor, bn: str) -> dict[st
     seed = torch.zeros_like(logits).scatter(1, explained, logits.gather(1, explained)).detach()
     z = EpsilonRule(0.0)
     rules: dict[Any, Any] = {nn.Conv1d: z, nn.Conv2d: z, nn.Conv3d: z, nn.Linear: z}
-    norm_rules = {nn.BatchNorm1d: z, nn.BatchNorm2d: z, nn.BatchNorm3d: z} if bn == "pass" else {}
+    norm_z = batchnorm_z_rule()
+    norms = {name for name, m in model.named_modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)}
     result: dict[str, Any] = {}
     held: dict[str, Any] = {}
 
-    def explain(net: nn.Module, extra: dict[Any, Any]) -> None:
-        held["lrp"] = LRP(net, rules=rules | extra, input_rule=z, split=SignedSplit(epsilon=0.0), maxpool="wta",
-                          bn=bn)
+    def explain(names: set[str]) -> None:
+        held["lrp"] = LRP(model, rules=rules | dict.fromkeys(names, norm_z), input_rule=z,
+                          split=SignedSplit(epsilon=0.0), maxpool="wta", bn=bn)
         held["R"] = held["lrp"].attribute(x, target=seed)
 
-    exact = all(type(m) in (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d) for m in model.modules()
-                if isinstance(m, nn.modules.batchnorm._BatchNorm))  # subclasses (BatchNormAct2d) are traced into
-    outcome, detail = verdict(lambda: explain(model, norm_rules)) if bn == "fold" or exact else ("refused", "")
-    if bn == "pass" and outcome == "refused" and ("BatchNorm" in detail or not exact):
-        # relprop takes no rule on a BatchNorm: the same layer as a conv
-        result["via"] = "BatchNorm as a 1x1 depthwise conv" + (f" ({detail})" if detail else "")
-        outcome, detail = verdict(lambda: explain(norms_as_layers(model), {}))
-    elif bn == "fold" and outcome == "explained" and unfolded_norms(held["lrp"]):
+    outcome, detail = verdict(lambda: explain(norms if bn == "pass" else set()))
+    if bn == "fold" and outcome == "explained" and unfolded_norms(held["lrp"]):
         unfolded = unfolded_norms(held["lrp"])
         result["unfolded"] = len(unfolded)
-        outcome, detail = verdict(lambda: explain(norms_as_layers(model, unfolded), {}))
+        outcome, detail = verdict(lambda: explain(unfolded))
     result.update(outcome=outcome, detail=detail)
     if outcome != "explained":
         return result
