@@ -17,9 +17,10 @@ smallest input size it runs at (64, 96, 112, ... px; `img_size`/`image_size` giv
 constructor takes it). Two random images. `LRP(model)` with its defaults: the outcome, the input
 total / probability and the worst per-layer total / probability. On piecewise-linear models (ReLU,
 max/avg pooling, conv, linear, BatchNorm only), LRP-0 (z-rule, signed split with ε = 0,
-winner-takes-all max pooling, logit seed) against gradient × input, with `bn="fold"` and with
-`bn="pass"` (z-rule on BatchNorm). Time box: `--timeout` seconds per model (default 120), three
-times that for models over 100 M parameters. Results are appended to benchmarks/zoo_results.jsonl
+winner-takes-all max pooling, logit seed) against gradient × input, with `bn="fold"` (BatchNorms
+relprop does not fold get their own z-rule) and with `bn="pass"` (every BatchNorm its z-rule).
+Time box: `--timeout` seconds per model (default 120), three times that for models over 100 M
+parameters. Results are appended to benchmarks/zoo_results.jsonl
 as each model finishes; the last record of a model wins.
 """
 
@@ -494,7 +495,9 @@ def docs_text(records: dict[str, dict[str, Any]]) -> str:
              "runs at, `LRP(model)` with its defaults. \"total/p\": the input relevance total over the explained",
              f"probability, the worst of the images; counted as explained when within {TOLERANCE:.0%}. \"layers\":",
              "the worst |total/p − 1| over every reported cut. \"LRP-0 r\": on piecewise-linear models, the",
-             "Pearson r (worst image) of LRP-0 and gradient × input, with `bn=\"fold\"` and `bn=\"pass\"`.", ""]
+             "Pearson r (worst image) of LRP-0 and gradient × input, with `bn=\"fold\"` and `bn=\"pass\"`.",
+             "\"path\": how relprop captured the model (`fx`: symbolic tracing; `concrete`: traced with the",
+             "example input's values, per input shape). Time box per model: 120–150 s, 3× over 100 M parameters.", ""]
     lines += summary_lines(records) + [""]
     suspects = [(r, why) for r in sorted(records.values(), key=lambda r: (r["zoo"], r["model"]))
                 for why in [suspicion(r)] if why]
