@@ -361,7 +361,8 @@ def run_child(zoo: str, name: str, family: str, timeout: float) -> dict[str, Any
         except subprocess.TimeoutExpired:
             status, tail = None, []
         record = json.loads(out.read_text()) if out.exists() else {"zoo": zoo, "model": name}
-    record.update(family=family, wall_seconds=round(time.perf_counter() - start, 1), timeout=timeout)
+    record.update(family=family, wall_seconds=round(time.perf_counter() - start, 1), timeout=timeout,
+                  commit=source_commit())
     if status is None:
         stage = "LRP-0" if "outcome" in record else "building or explaining"
         record.setdefault("outcome", "timeout")
@@ -369,6 +370,13 @@ def run_child(zoo: str, name: str, family: str, timeout: float) -> dict[str, Any
     elif status != 0 and "outcome" not in record:
         record.update(outcome="killed", detail=f"exit status {status}: {' '.join(tail)[:200]}")
     return record
+
+
+def source_commit() -> str:
+    """The commit the measured tree is at ('+' when it has uncommitted changes)."""
+    def git(*args: str) -> str:
+        return subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True).stdout.strip()
+    return git("rev-parse", "--short", "HEAD") + ("+" if git("status", "--porcelain", "--", "src") else "")
 
 
 def time_box(zoo: str, name: str, base: float) -> float:
