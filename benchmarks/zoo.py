@@ -39,6 +39,7 @@ import threading
 import time
 from collections import defaultdict
 from concurrent.futures import ThreadPoolExecutor
+from copy import deepcopy
 from pathlib import Path
 from typing import Any
 
@@ -202,6 +203,25 @@ def batchnorm_z_rule() -> Any:
     return BatchNormZ()
 
 
+def plain_norms(model: nn.Module) -> nn.Module:
+    """A copy with each BatchNorm subclass that adds its own steps (timm's BatchNormAct2d: BatchNorm,
+    dropout, activation in one forward) split into a plain BatchNorm and those steps, the same
+    function. relprop traces into such subclasses, and a rule given by their name does not reach
+    the `F.batch_norm` inside (found here: it passes relevance as the identity)."""
+    copy = deepcopy(model)
+    for name, module in list(copy.named_modules()):
+        plain = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
+        if not isinstance(module, nn.modules.batchnorm._BatchNorm) or type(module) in plain:
+            continue
+        base = next(t for t in plain if isinstance(module, t))
+        norm = base(module.num_features, module.eps, module.momentum, module.affine, module.track_running_stats)
+        norm.load_state_dict({k: v for k, v in module.state_dict().items() if k in norm.state_dict()})
+        tail = [getattr(module, part) for part in ("drop", "act") if isinstance(getattr(module, part, None), nn.Module)]
+        parent, _, child = name.rpartition(".")
+        setattr(copy.get_submodule(parent) if parent else copy, child, nn.Sequential(norm, *tail).eval())
+    return copy
+
+
 def norm_steps(lrp: Any) -> list[tuple[Any, str]]:
     """relprop's plan's BatchNorm steps and their module names: modules, and `F.batch_norm` calls
     inside one (timm's BatchNormAct2d), named by their running mean's module."""
@@ -243,6 +263,10 @@ def lrp0_against_gradient(model: nn.Module, x: torch.Tensor, bn: str) -> dict[st
     from relprop import LRP  # deferred: the child imports relprop after its environment is set
     from relprop.core.rules import EpsilonRule
     from relprop.core.splitting import SignedSplit
+    result: dict[str, Any] = {}
+    if any(isinstance(m, nn.modules.batchnorm._BatchNorm) and type(m) not in (nn.BatchNorm1d, nn.BatchNorm2d,
+                                                                              nn.BatchNorm3d) for m in model.modules()):
+        model, result["norms"] = plain_norms(model), "BatchNorm subclasses split into BatchNorm + activation"
     inputs = x.clone().requires_grad_(True)
     logits = model(inputs)
     explained = logits.argmax(1, keepdim=True)
@@ -252,7 +276,6 @@ def lrp0_against_gradient(model: nn.Module, x: torch.Tensor, bn: str) -> dict[st
     rules: dict[Any, Any] = {nn.Conv1d: z, nn.Conv2d: z, nn.Conv3d: z, nn.Linear: z}
     norm_z = batchnorm_z_rule()
     norms = {name for name, m in model.named_modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)}
-    result: dict[str, Any] = {}
     held: dict[str, Any] = {}
 
     def explain(names: set[str]) -> None:
