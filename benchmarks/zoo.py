@@ -557,7 +557,8 @@ def docs_text(records: dict[str, dict[str, Any]]) -> str:
     if missed:
         lines += ["## `bn=\"fold\"` leaves BatchNorms unfolded that read a conv's output", "",
                   "BatchNorms right after a conv/linear layer that relprop's `bn=\"fold\"` did not fold (the",
-                  "ε, γ, αβ rules then see the unfolded layer); the LRP-0 check gives those as layers.", ""]
+                  "ε, γ, αβ rules then see the unfolded layer). \"read by 3\": the conv's output is also read by",
+                  "the `_assert(x.ndim == 4)` of timm's BatchNormAct2d, so the fold's one-reader test fails.", ""]
         lines += [f"- {r['zoo']}/{r['model']}: {r['bn_fold_missed']}, e.g. {r['bn_fold_missed_example'][0]}"
                   for r in missed]
         lines.append("")
