@@ -52,3 +52,12 @@ def first_line(error: BaseException, default: str | None = None) -> str:
     if text:
         return text.splitlines()[0]
     return type(error).__name__ if default is None else default
+
+
+class DiskFullError(RelpropError, OSError):
+    """A file of a run could not be written for want of space (ENOSPC, EFBIG, EDQUOT); what was
+    written before is intact and the same command resumes."""
+
+
+class BusyError(RelpropError, RuntimeError):
+    """An output folder is in use by another run (its lock is held)."""

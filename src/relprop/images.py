@@ -9,6 +9,8 @@ under transparent pixels, and black would look like the "removed" pixels of the 
 from __future__ import annotations
 
 import io
+import os
+import stat
 import warnings
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
@@ -31,23 +33,38 @@ _BACKGROUND = (255, 255, 255)
 # about 24 kB per input pixel (Integrated Gradients runs 50 copies at once), so a few GB at most.
 MAX_INPUT_PIXELS = 4 * 224 * 224
 MAX_ASPECT_RATIO = 8.0
+# Bound of the decoded image where a command keeps it at full size: `detect` resizes inside the
+# model but draws and upsamples every map onto the original (a 9000x9000 photo took 7.2 GB).
+# 4096x4096 (16.8 megapixels) lets 12-megapixel phone photos pass; measured peak with the shared
+# SSD, 2 detections: 3.3 GB at 12 MP, 4.1 GB at 16.8 MP (most of it the full-size panels).
+MAX_DECODED_PIXELS = 4096 * 4096
 
 
-def load_image(path: str | Path) -> Image.Image:
+def load_image(path: str | Path, max_pixels: int | None = None) -> Image.Image:
     """Decode `path` fully into an upright 8-bit RGB image.
 
     Raises ImageError (one line naming the file) for a missing, non-image, corrupt or
-    truncated file, and for decompression bombs (more pixels than Pillow's
-    `Image.MAX_IMAGE_PIXELS`, about 89 megapixels by default).
+    truncated file, for anything but a regular file (a FIFO would block the reader forever, a
+    device never ends), for decompression bombs (more pixels than Pillow's
+    `Image.MAX_IMAGE_PIXELS`, about 89 megapixels by default) and, where given, for more than
+    `max_pixels` pixels (read from the header, before decoding).
     """
     path = Path(path)
+    _check_regular(path)
     try:
         with warnings.catch_warnings():
             # Pillow only warns between 1x and 2x its limit; refuse the whole range.
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             with Image.open(path) as img:
+                width, height = img.size
+                if max_pixels is not None and width * height > max_pixels:
+                    raise ImageError(f"{path}: {width}x{height} = {width * height:,} pixels, above "
+                                     f"this command's limit of {max_pixels:,}; scale the image down")
                 img.load()  # decode now, so a truncated file fails here and not in a worker
                 return to_rgb(_upright(img))
+    except ImageError as error:
+        text = str(error)
+        raise ImageError(text if text.startswith(f"{path}:") else f"{path}: {text}") from None
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as error:
         raise ImageError(f"{path}: refused as a possible decompression bomb ({error})") from None
     except FileNotFoundError:
@@ -61,6 +78,25 @@ def load_image(path: str | Path) -> Image.Image:
     except (OSError, SyntaxError, ValueError, EOFError, IndexError, TypeError) as error:
         reason = " ".join(str(error).split()) or type(error).__name__
         raise ImageError(f"{path}: corrupt or truncated image ({reason})") from None
+
+
+def _check_regular(path: Path) -> None:
+    """Refuse, without opening it, anything that is not a regular file (after symlinks)."""
+    try:
+        mode = os.stat(path).st_mode
+    except FileNotFoundError:
+        raise ImageError(f"{path}: no such file") from None
+    except PermissionError:
+        raise ImageError(f"{path}: permission denied") from None
+    except (OSError, ValueError) as error:  # a name too long, a NUL byte in it, a loop of links
+        raise ImageError(f"{path}: cannot read it ({type(error).__name__})") from None
+    if stat.S_ISDIR(mode):
+        raise ImageError(f"{path}: is a directory, not an image")
+    if not stat.S_ISREG(mode):
+        kind = ("a FIFO (named pipe)" if stat.S_ISFIFO(mode) else "a device" if
+                stat.S_ISCHR(mode) or stat.S_ISBLK(mode) else "a socket" if stat.S_ISSOCK(mode)
+                else "not a regular file")
+        raise ImageError(f"{path}: {kind}, not an image file; refused (reading it could block forever)")
 
 
 def _upright(img: Image.Image) -> Image.Image:
@@ -91,6 +127,10 @@ def to_rgb(img: Image.Image) -> Image.Image:
 def _to_uint8(img: Image.Image) -> np.ndarray:
     """Scale a 16-bit, 32-bit integer or float single-channel image to 0..255."""
     values = np.asarray(img, dtype=np.float64)
+    if not np.isfinite(values).all():  # NaN breaks min/max below and casts to 0: a black image
+        bad = int((~np.isfinite(values)).sum())
+        raise ImageError(f"{bad:,} pixel(s) are NaN or infinite (a float image); refused rather "
+                         "than shown as black")
     if img.mode.startswith("I;16"):
         scaled = values / 257.0  # 65535 -> 255 exactly
     else:

@@ -18,6 +18,7 @@ import importlib.util
 import os
 import re
 import sys
+import traceback
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
 from functools import cache
@@ -36,7 +37,7 @@ from torchvision.models.detection import SSD300_VGG16_Weights
 from relprop.bow.storage import is_bow_file, load_bow_model
 from relprop.defaults import DEFAULT_WEIGHTS, IMAGENET_MEAN, IMAGENET_STD, TORCHVISION_DETECTORS
 from relprop.detection.ssd import check_ssd
-from relprop.errors import CheckpointError, RelpropError
+from relprop.errors import CheckpointError, RelpropError, first_line
 from relprop.huggingface import is_hf, load_hf_model
 from relprop.modelinfo import (
     PREPROCESSING_KEYS,
@@ -44,6 +45,7 @@ from relprop.modelinfo import (
     Preprocessing,
     WeightsSource,
     as_preprocessing,
+    class_count,
     plain_size,
 )
 
@@ -89,7 +91,8 @@ def load_model(
     content = _read(path)
     if isinstance(content, Mapping) and isinstance(content.get("state_dict"), Mapping):
         state_dict = content["state_dict"]
-        stored = {**{k: content.get(k) for k in _STORED_KEYS}, **stored}
+        stored = {**{k: _plain(content.get(k)) for k in _STORED_KEYS}, **stored}
+        _check_state_dict(path, state_dict)
     elif isinstance(content, Mapping) and content and all(
         isinstance(v, torch.Tensor) for v in content.values()
     ):
@@ -166,6 +169,24 @@ def _why_unloadable(path: Path, error: Exception) -> str:
     return "not a PyTorch weights file (torch.save writes a zip archive; this is something else)"
 
 
+def _plain(value: Any) -> Any:
+    """A tensor stored as metadata (a mean as torch.tensor([...])) as the list it stands for."""
+    return value.tolist() if isinstance(value, torch.Tensor) else value
+
+
+def _check_state_dict(path: Path, state_dict: Mapping[Any, Any]) -> None:
+    """A checkpoint's `state_dict` must map names to tensors (anything else fails later, deep
+    inside torch, with a traceback)."""
+    if not state_dict:
+        raise CheckpointError(f"{path}: its state_dict is empty")
+    for key, value in state_dict.items():
+        if not isinstance(key, str):
+            raise CheckpointError(f"{path}: state_dict key {key!r} is not a parameter name")
+        if not isinstance(value, torch.Tensor):
+            raise CheckpointError(f"{path}: state_dict entry {key!r} is a {type(value).__name__}, "
+                                  "not a tensor")
+
+
 def _strip_prefix(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Drop the `module.` prefix that DataParallel / DistributedDataParallel checkpoints carry."""
     if state_dict and all(k.startswith("module.") for k in state_dict):
@@ -202,26 +223,24 @@ def _info(path: Path, stored: dict[str, Any], given: dict[str, Any],
         count = _classes_from_state(state_dict)
         if count is None:
             raise CheckpointError(f"{path}: cannot tell the number of classes; pass --num-classes")
-    count = int(count)
-    classes = list(found["classes"]) if "classes" in found else [str(i) for i in range(count)]
-    if len(classes) != count:
-        raise CheckpointError(f"{path}: {len(classes)} class ids for a model with {count} classes")
     if "resize" in found:
         resize, crop = found["resize"], found.get("crop")
     else:
         resize = found.get("input_size") or 256
         crop = found.get("crop", 224 if "input_size" not in found else None)
-    mean = [float(m) for m in found.get("mean", IMAGENET_MEAN)]
-    std = [float(s) for s in found.get("std", IMAGENET_STD)]
-    if len(mean) != 3 or len(std) != 3:
-        raise CheckpointError(f"{path}: mean and std need 3 values (one per RGB channel)")
-    interpolation = found.get("interpolation") or "bilinear"
-    return ModelInfo(
-        arch=str(found.get("arch", model_def)), num_classes=count, classes=classes,
-        preprocessing=Preprocessing(resize, crop, tuple(mean), tuple(std), interpolation),
-        class_names=found.get("class_names"), input_size=found.get("input_size"),
-        source=source, assumed=assumed,
-    )
+    try:  # ModelInfo and Preprocessing check every value; the line gets the file's name
+        count = class_count(count)
+        return ModelInfo(
+            arch=found.get("arch", model_def), num_classes=count,
+            classes=found.get("classes", [str(i) for i in range(count)]),
+            preprocessing=Preprocessing(resize, crop, found.get("mean", IMAGENET_MEAN),
+                                        found.get("std", IMAGENET_STD),
+                                        found.get("interpolation") or "bilinear"),
+            class_names=found.get("class_names"), input_size=found.get("input_size"),
+            source=source, assumed=assumed,
+        )
+    except CheckpointError as error:
+        raise CheckpointError(f"{path}: {error}") from None
 
 
 def _build(path: Path, info: ModelInfo, model_def: str | None) -> nn.Module:
@@ -273,16 +292,42 @@ def _from_model_def(model_def: str, info: ModelInfo) -> nn.Module:
         module: Any = sys.modules[__name__]
     else:
         spec = importlib.util.spec_from_file_location(f"relprop_model_def_{source.stem}", source)
-        module = importlib.util.module_from_spec(spec)  # type: ignore[arg-type]
-        spec.loader.exec_module(module)  # type: ignore[union-attr]
+        if spec is None or spec.loader is None:
+            raise CheckpointError(f"--model-def {model_def!r}: {source} is not a Python file")
+        module = importlib.util.module_from_spec(spec)
+        try:
+            spec.loader.exec_module(module)
+        except (Exception, SystemExit) as error:  # the user's code: any error, named by file and line
+            raise CheckpointError(f"--model-def {model_def!r}: importing it failed: "
+                                  f"{_where(error, source)}") from None
     builder = getattr(module, function, None)
     if not callable(builder):
         raise CheckpointError(f"--model-def {model_def!r}: {source} has no function {function!r}")
-    model = builder(info.to_dict())
+    try:
+        model = builder(info.to_dict())
+    except RelpropError:
+        raise
+    except (Exception, SystemExit) as error:  # the user's code: any error, named by file and line
+        raise CheckpointError(f"--model-def {model_def!r}: {function}(metadata) failed: "
+                              f"{_where(error, source)}") from None
     if not isinstance(model, nn.Module):
         raise CheckpointError(f"--model-def {model_def!r}: {function}(metadata) did not return an "
                               "nn.Module")
     return model
+
+
+def _where(error: BaseException, source: Path) -> str:
+    """`FILE line N: Type: message` for an error raised by a --model-def file: the line of that
+    file nearest the error (a syntax error's own line; else the last traceback frame in the file)."""
+    reason = f"{type(error).__name__}: {first_line(error, default='')}".rstrip(": ")
+    if isinstance(error, SyntaxError) and error.lineno is not None:
+        return f"{error.filename or source} line {error.lineno}: {type(error).__name__}: {error.msg}"
+    target = source.resolve()
+    frames = [frame for frame in traceback.extract_tb(error.__traceback__)
+              if frame.filename and Path(frame.filename).resolve() == target]
+    if frames:
+        return f"{source} line {frames[-1].lineno}: {reason}"
+    return f"{source}: {reason}"
 
 
 def _load_state(path: Path, model: nn.Module, state_dict: Mapping[str, torch.Tensor], arch: str) -> None:
@@ -425,6 +470,8 @@ def _source(weights: str | Path | None, arch: str | None,
     text = str(weights)
     if Path(text).is_file():
         return Path(text), {}, None
+    if Path(text).exists():  # a FIFO or a device would block or never end; a folder is no weights
+        raise CheckpointError(f"{text}: not a regular file, so not a weights file")
     named = torchvision_weights(text, arch)
     if named is None:
         if arch is None and re.fullmatch(r"[A-Z0-9_]+", text):
@@ -475,6 +522,8 @@ def load_detector(weights: str | Path | None, model_def: str | None = None, arch
 
 def _stored_detector_arch(weights: str | Path) -> bool:
     """Does the checkpoint name a torchvision detector as its arch (then relprop builds it)."""
+    if not Path(weights).is_file():  # a FIFO would block open(); load_model names what it is
+        return False
     try:
         content = torch.load(weights, map_location="cpu", weights_only=True, mmap=True)
     except Exception:  # load_model reports unreadable files on one line

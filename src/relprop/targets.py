@@ -4,6 +4,7 @@ method of `relprop.methods`, so each refuses a bad target with the same line."""
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
 
 import torch
@@ -12,6 +13,19 @@ from torch import Tensor, nn
 from relprop.errors import TargetError
 
 Target = int | Sequence[int] | Tensor | None
+
+
+def as_index(text: str) -> int | None:
+    """A `--target` text as a class index when it is an optional minus and ASCII digits, else None
+    (a name or id). `str.isdigit` is not the test: it accepts '²', which `int` refuses."""
+    stripped = text.strip()
+    return int(stripped) if re.fullmatch(r"-?[0-9]{1,18}", stripped) else None
+
+
+def show_option(text: str) -> str:
+    """A user's option value for an error line: its repr (newlines, NULs escaped), cut short."""
+    shown = repr(text)
+    return shown if len(shown) <= 60 else shown[:57] + "..."
 
 
 def is_seed(target: Target) -> bool:

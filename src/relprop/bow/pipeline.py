@@ -8,6 +8,7 @@ kernel="precomputed"))`) and exports those arrays.
 
 from __future__ import annotations
 
+import math
 import sys
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
@@ -25,7 +26,7 @@ from relprop.bow.kernels import check_kernel, default_gamma, gram
 from relprop.bow.pooling import check_p, normalize, pool
 from relprop.data import discover, select
 from relprop.errors import ImageError, InputError
-from relprop.images import load_image
+from relprop.images import MAX_INPUT_PIXELS, BoundedTransform, load_image
 
 
 @dataclass
@@ -53,9 +54,18 @@ class BoWConfig:
         check_kernel(self.kernel)
         self.p = check_p(self.p)
         normalize(np.zeros((1, 1)), self.norm)
-        if self.words < 2 or self.C <= 0 or self.size < self.patch:
-            raise InputError(f"words {self.words} must be >= 2, C {self.C} > 0, size {self.size} "
-                             f">= patch {self.patch}")
+        if self.words < 2 or self.size < self.patch:
+            raise InputError(f"words {self.words} must be >= 2, size {self.size} >= patch {self.patch}")
+        if not (math.isfinite(self.C) and self.C > 0):
+            raise InputError(f"--C {self.C}: must be a finite number above 0")
+        if self.size * self.size > MAX_INPUT_PIXELS:
+            raise InputError(f"--size {self.size}: every image would be at least {self.size}x{self.size} "
+                             f"pixels, above the input limit of {MAX_INPUT_PIXELS:,} (--size <= "
+                             f"{math.isqrt(MAX_INPUT_PIXELS)})")
+        for name in ("sigma", "gamma"):
+            value = getattr(self, name)
+            if value is not None and not (math.isfinite(value) and value > 0):
+                raise InputError(f"--{name} {value}: must be a finite number above 0 (or left out)")
         return self
 
 
@@ -137,14 +147,18 @@ def load_folder(folder: str | Path, size: int, per_class: int | None = None,
     if not items:
         raise InputError(f"{folder}: no labelled images (expected one folder per class)")
     names = list(classes) if classes is not None else sorted({Path(it.path).parts[0] for it in items})
-    transform = transforms.Compose([transforms.Resize(size), transforms.ToTensor()])
+    transform = BoundedTransform(transforms.Compose([transforms.Resize(size), transforms.ToTensor()]),
+                                 size)  # the input bound of explain and evaluate
     images, labels = [], []
-    for item in items:  # an unreadable file is named and skipped; the others are still used
+    for item in items:  # an unreadable or oversized file is named and skipped; the others are used
+        path = dataset.root / item.path
         try:
-            images.append(transform(load_image(dataset.root / item.path)).permute(1, 2, 0).numpy())
+            images.append(transform(load_image(path)).permute(1, 2, 0).numpy())
             labels.append(item.label)
         except ImageError as error:
-            print(f"relprop fit-bow: skipping {error}", file=sys.stderr)
+            text = str(error)
+            print(f"relprop fit-bow: skipping {text if text.startswith(str(path)) else f'{path}: {text}'}",
+                  file=sys.stderr)
     return images, np.array(labels, dtype=np.int64), names
 
 
@@ -153,13 +167,30 @@ def fit(image_folder: str | Path, config: BoWConfig | None = None, *, per_class:
     """Fit the whole pipeline on a class-folder tree (e.g. tin10/train); optionally score `val_folder`."""
     config = (config or BoWConfig()).check()
     images, labels, classes = load_folder(image_folder, config.size, per_class)
+    _check_training_set(image_folder, labels, classes)
     model = fit_images(images, labels, classes, config, verbose=verbose)
     if val_folder is not None:
         val_images, val_labels, _ = load_folder(val_folder, config.size, classes=classes)
+        if not val_images:
+            raise InputError(f"--val {val_folder}: no readable image (each named above)")
         model.info["val_acc"] = float((model.decision_images(val_images).argmax(1) == val_labels).mean())
         model.info["val_images"] = len(val_images)
     _say(verbose, ", ".join(f"{k} {v:.3f}" for k, v in model.info.items() if k.endswith("acc")))
     return model
+
+
+def _check_training_set(folder: str | Path, labels: np.ndarray, classes: Sequence[str]) -> None:
+    """An SVM per class needs images of at least two classes, and every class's own images: a class
+    with none would shift every later class's coefficients onto the wrong name."""
+    if len(labels) == 0:
+        raise InputError(f"{folder}: no readable training image (each named above)")
+    missing = [name for index, name in enumerate(classes) if not (labels == index).any()]
+    if missing:
+        raise InputError(f"{folder}: class {missing[0]!r} has no readable training image"
+                         + (f" (nor {len(missing) - 1} other(s))" if len(missing) > 1 else ""))
+    if len(classes) < 2:
+        raise InputError(f"{folder}: one class ({classes[0]!r}); a classifier needs at least two "
+                         "class folders")
 
 
 def fit_images(images: Sequence[np.ndarray], labels: np.ndarray, classes: Sequence[str],
@@ -167,6 +198,7 @@ def fit_images(images: Sequence[np.ndarray], labels: np.ndarray, classes: Sequen
     """Fit on (H, W, 3) float RGB images in [0, 1] with class indices `labels`."""
     config = (config or BoWConfig()).check()
     labels = np.asarray(labels)
+    _check_training_set("training images", labels, classes)
     _say(verbose, f"{len(images)} images, {len(classes)} classes; local features ...")
     grid = Grid(config.patch, config.stride)
     descriptors = [local_features(image, grid, config.colour)[0] for image in images]

@@ -16,6 +16,9 @@ from relprop.errors import RelpropError
 if TYPE_CHECKING:
     from relprop.modelinfo import ModelInfo
 
+# Exit statuses of every command (`relprop --help` lists them).
+EXIT_FAILED, EXIT_USAGE, EXIT_INTERNAL, EXIT_RANK_DIED, EXIT_INTERRUPTED = 1, 2, 3, 4, 130
+
 METHODS_PLACEHOLDER = "@@METHODS@@"
 
 
@@ -173,6 +176,8 @@ def read_classes(text: str | None) -> tuple[list[str] | None, list[str] | None]:
 
         rows = [(wnid, lemmas) for wnid, lemmas in imagenet_classes()]
         return [r[0] for r in rows], [r[1].split(",")[0].strip() for r in rows]
+    if Path(text).exists() and not Path(text).is_file():  # a FIFO would block the read forever
+        raise RelpropError(f"--classes {text}: not a regular file")
     try:
         lines = Path(text).read_text(encoding="utf-8").splitlines()
     except (OSError, UnicodeDecodeError) as error:

@@ -46,15 +46,28 @@ def run(args: argparse.Namespace) -> int:
     """Print the comparison and write OUT/compare.md."""
     # deferred: keeps relprop --help fast (the evaluation imports torch)
     from relprop.evaluation.compare import compare_markdown, paired_differences
-    from relprop.evaluation.results import read_rows, shard_files
+    from relprop.evaluation.results import (  # deferred: keeps relprop --help fast
+        ReadCounts,
+        load_rows,
+        read_run_info,
+        run_inputs,
+        shard_files,
+        write_atomic,
+    )
+    from relprop.methods import canonical_name  # deferred: keeps relprop --help fast
 
     out = Path(args.eval_out)
     if not shard_files(out, "results"):
         raise InputError(f"{out}: no results.jsonl here; is this the --out folder of `relprop evaluate`?")
-    table = paired_differences(read_rows(out), args.baseline, args.metric)
+    counts = ReadCounts()
+    run = load_rows(out, canonical=canonical_name, inputs=run_inputs(read_run_info(out / "run.json")),
+                    counts=counts)
+    for note in counts.notes():
+        print(f"relprop compare: {note}", file=sys.stderr)
+    table = paired_differences(run.rows, args.baseline, args.metric)
     if not table:
         raise InputError(f"{out}: no image was scored by both {args.baseline} and another method")
     text = compare_markdown(table, args.baseline, args.metric)
-    (out / "compare.md").write_text(text)
+    write_atomic(out / "compare.md", "".join(f"*{note}.*\n\n" for note in counts.notes()) + text)
     print(text, file=sys.stdout)
     return 0

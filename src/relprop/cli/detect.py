@@ -40,7 +40,9 @@ What the maps say (red = positive relevance, blue = negative; each map sums to z
   w, h    red: what makes the box wider / taller; blue: narrower / shorter
 
 Maps are computed in the detector's own input space (after its resize and normalization) and
-resized onto the original image for display.
+resized onto the original image for display; so an image of more than 4096x4096 pixels
+(16.8 megapixels) is refused on one line (scale it down first), as are files that are not
+regular files and images whose detector output or maps are NaN or infinite. The other images go on.
 """
 
 EPILOG = """\
@@ -61,6 +63,7 @@ exit status:
   0  every image was processed
   1  some inputs failed (each named on stderr), or a bad model or option
   2  bad usage (unknown option, missing argument)
+  3  internal error (a bug: one line; rerun with --debug for the traceback)
 """
 
 

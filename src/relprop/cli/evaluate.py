@@ -7,12 +7,16 @@ Only the command line lives here (so `relprop --help` stays fast); the work is i
 from __future__ import annotations
 
 import argparse
+import os
+import signal
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 from typing import Any
 
 from relprop.cli.common import (
+    EXIT_RANK_DIED,
     RegistryHelpFormatter,
     add_model_options,
     load_model_from_args,
@@ -20,7 +24,7 @@ from relprop.cli.common import (
 )
 from relprop.defaults import MIN_FRAME_BATCH, PAPER_WEIGHTS
 from relprop.devices import resolve_device
-from relprop.errors import InputError
+from relprop.errors import InputError, RelpropError
 
 DESCRIPTION = """\
 Compare explanation methods on a labelled image folder by Insertion, Deletion and ID score
@@ -39,8 +43,12 @@ Writes under OUT:
 
   results.jsonl   one JSON line per (checkpoint, image, method, protocol), appended as it goes:
                   a killed run resumes where it stopped (same command, same OUT); sharded runs
-                  write results.rank<r>.jsonl, one per process, and everything reads the union
-  run.json        provenance: versions, checkpoint hashes, data, protocol parameters
+                  write results.rank<r>.jsonl, one per process, and everything reads the union,
+                  each key once; a row whose model output, map or score is NaN/Inf is recorded
+                  with its "failure" and no numbers (in no mean and no n)
+  run.json        provenance: versions, checkpoint hashes, data, protocol parameters, and the
+                  images (name, size, time): a resume on other images is refused unless --extend
+  evaluate.lock   held (flock) while a run writes OUT: a second run on it is refused on one line
   summary.json    {method: {insertion, deletion, id, n, ...}} (mean and std over images; over
                   per-checkpoint means when several --weights are given)
   summary.md      the paper's table layout, then mean, standard error and 95 % bootstrap CI per
@@ -77,9 +85,14 @@ sharding (torch.distributed; gloo on the CPU, nccl on GPUs, one GPU per local ra
   of processes: finished rows are neither redone nor lost. A rank that dies loses only the batch
   in progress; the job names the rank and the command to rerun.
 
-exit status: 0 done; 1 some images unreadable (skipped and recorded) or a bad model/method;
-2 bad usage.
+exit status: 0 done; 1 some images unreadable (skipped and recorded), rows failed (NaN/Inf),
+a bad model/method, or an error (one line: a full disk, OUT in use, ...); 2 bad usage;
+3 internal error; 4 a process of a sharded run died (--launcher torchrun): rerun the same
+command to resume; 130 interrupted. Every file is written whole or appended line by line, so after any of these
+the same command resumes without losing or doubling a row.
 """
+
+OUTCOME_ENV = "RELPROP_LAUNCH_OUTCOME"  # set by --launcher: the file rank 0 writes its status to
 
 DEFAULT_METHODS = "ours,gradcam,scorecam,ig,gbp,lrp-captum"
 
@@ -116,6 +129,10 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
                         help="detection: evaluate an SSD detector's explanations "
                              "(relprop.evaluation.detection; one --weights, with --model-def)")
     parser.add_argument("--save-maps", action="store_true", help="write OUT/maps/<method>/<stem>.npy")
+    parser.add_argument("--extend", action="store_true",
+                        help="resume on other images (--data, --limit, --per-class or the files "
+                             "changed): the run takes the new image set; rows of removed or "
+                             "replaced images count no more")
     parser.add_argument("--baseline", metavar="METHOD",
                         help="summary.md also compares every method with this one, paired over "
                              "images (as `relprop compare OUT --baseline METHOD`)")
@@ -135,16 +152,35 @@ def run(args: argparse.Namespace) -> int:
         return _launch(args)
     if args.task == "detection":
         return _run_detection(args, resolve_device(args.device))
+    outcome = os.environ.get(OUTCOME_ENV)
+    if outcome is None:
+        return _run_classification(args)
+    _die_with_parent(signal.SIGKILL)  # a rank of --launcher: never outlive torchrun
+    try:
+        code = _run_classification(args)
+    except RelpropError:
+        Path(outcome).write_text("1")  # an error said on one line: no "rank died" after it
+        raise
+    if code != 0 or os.environ.get("RANK", "0") == "0":
+        Path(outcome).write_text(str(code))
+    return 0  # the status goes through the file: torchrun reports no failure for skipped images
+
+
+def _run_classification(args: argparse.Namespace) -> int:
+    """Parse into a typed config, load the model(s), evaluate, report the outcome."""
     # deferred: keeps relprop --help fast (the evaluation imports torch)
     from relprop.evaluation.classification import Checkpoint, EvalConfig, evaluate, make_plan
+    from relprop.evaluation.distributed import Ranks  # deferred: keeps relprop --help fast
     from relprop.pipelines.outputs import prepare_out  # deferred: keeps relprop --help fast
+
+    Ranks.from_env()  # leftover torchrun variables: one line before any model loads
 
     config = EvalConfig(
         data=Path(args.data), out=Path(args.out), methods=tuple(_split(args.methods or DEFAULT_METHODS)),
         protocols=tuple(_split(args.protocol)), channels=args.channels, step=args.step,
         block=args.block, limit=args.limit, per_class=args.per_class, batch_size=args.batch_size,
         device=resolve_device(args.device), cam_layer=args.cam_layer, save_maps=args.save_maps,
-        baseline=args.baseline,
+        baseline=args.baseline, extend=args.extend,
     )
     make_plan(config.methods, config.protocols)  # a bad name fails before any model loads
     prepare_out(args.out)
@@ -162,7 +198,7 @@ def run(args: argparse.Namespace) -> int:
     if outcome.failed_methods:
         print(f"relprop evaluate: method(s) {', '.join(outcome.failed_methods)} could not "
               "run (named above); the others were evaluated", file=sys.stderr)
-    return 1 if outcome.skipped or outcome.failed_methods else 0
+    return 1 if outcome.skipped or outcome.failed_methods or outcome.failed_rows else 0
 
 
 def _run_detection(args: argparse.Namespace, device: Any) -> int:
@@ -209,12 +245,30 @@ def _launch(args: argparse.Namespace) -> int:
     argv = _without_launcher(sys.argv[1:] if args.argv is None else args.argv)
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone",
                f"--nproc-per-node={args.nproc_per_node}", "-m", "relprop", *argv]
-    code = subprocess.call(command)
-    if code not in (0, 1):  # 1: some images unreadable, reported by rank 0 as in one process
-        print(f"relprop evaluate: the sharded run failed (exit {code}; torchrun named the rank "
-              "above); finished rows are kept: rerun the same command, with any "
-              "--nproc-per-node, to resume", file=sys.stderr)
-    return code
+    handle, name = tempfile.mkstemp(prefix="relprop-outcome-")
+    os.close(handle)
+    try:
+        code = subprocess.call(command, env={**os.environ, OUTCOME_ENV: name},
+                               preexec_fn=lambda: _die_with_parent(signal.SIGTERM))
+        status = Path(name).read_text().strip()
+    finally:
+        Path(name).unlink(missing_ok=True)
+    if status.isdigit():  # rank 0 finished (or a rank said its error): its status is the job's
+        return int(status)
+    print(f"relprop evaluate: a process of the sharded run died (torchrun exit {code}; it named "
+          "the rank above); finished rows are kept: rerun the same command, with any "
+          "--nproc-per-node, to resume", file=sys.stderr)
+    return EXIT_RANK_DIED
+
+
+def _die_with_parent(sig: int) -> None:
+    """Linux: this process gets `sig` when its parent dies (PR_SET_PDEATHSIG), so killing the
+    launcher, even with kill -9, leaves no torchrun or rank running; elsewhere nothing."""
+    if not sys.platform.startswith("linux"):
+        return
+    import ctypes  # deferred: only the launcher and its ranks need prctl
+
+    ctypes.CDLL(None, use_errno=True).prctl(1, int(sig), 0, 0, 0)  # 1: PR_SET_PDEATHSIG
 
 
 def _without_launcher(argv: list[str]) -> list[str]:

@@ -48,7 +48,11 @@ palette, CMYK, 16-bit, EXIF-rotated phone photos, very large photos. Files that 
 are corrupt, or are decompression bombs (more than about 89 megapixels) are reported on one line
 each; the other images are still processed. So are images whose model input, after resizing,
 would be more than 200,704 pixels (four 224x224 inputs) or more than 8 times as long as wide (a 5000x3 strip resized
-to 112 pixels high would be 186666 pixels wide).
+to 112 pixels high would be 186666 pixels wide), anything that is not a regular file (a FIFO or a
+device named like an image is refused without being opened), float images with a NaN or infinite
+pixel, and images for which the model's output or a method's map is NaN or infinite (never
+shown as a percentage over an empty map). Output folders are named after the images with `.`,
+`..`, slashes and control characters replaced, so they always lie inside OUT.
 
 Grad-CAM and Score-CAM use layer4[-1] of a ResNet (as the paper did) and, on other networks, the
 last feature map the top logit depends on, found from one forward and backward pass (e.g.
@@ -82,6 +86,7 @@ exit status:
      could not run on the model (the others still ran), or a bad model, method, target,
      device or output folder
   2  bad usage (unknown option, missing argument)
+  3  internal error (a bug: one line; rerun with --debug for the traceback)
 """
 
 DEFAULT_METHODS = "ours,gradcam,ig"  # relprop.pipelines.explain.DEFAULT_METHODS, as one option

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 
 from relprop.cli.common import LazyChoices
+from relprop.pipelines.outputs import prepare_out_file
 
 DESCRIPTION = """\
 Fit the classifier family that LRP was first defined for (Bach et al., PLOS ONE 2015, sec. 3):
@@ -23,7 +24,12 @@ examples:
   relprop fit-bow ../shared/data/tin10/train --val ../shared/data/tin10/val --out /tmp/tin10.bow.npz
   relprop fit-bow photos/ --words 100 --mapping soft --p inf --kernel rbf --out max.bow.npz
 
-exit status: 0 fitted and saved; 1 bad data or options (one line on stderr); 2 bad usage.
+Images are bounded as in explain: --size at most 448 (448x448 = 200,704 pixels), and an image more
+than 8 times as long as wide is skipped with one line. DATA needs two or more class folders,
+each with a readable image; --out is checked before the fit, and written whole or not at all.
+
+exit status: 0 fitted and saved; 1 bad data or options (one line on stderr); 2 bad usage;
+3 internal error (rerun with --debug for the traceback).
 """
 
 
@@ -59,6 +65,7 @@ def run(args: argparse.Namespace) -> int:
     from relprop.bow.pipeline import BoWConfig, fit
     from relprop.bow.storage import save
 
+    prepare_out_file(args.out)  # before the fit: a bad --out fails at once, not after minutes
     config = BoWConfig(patch=args.patch, stride=args.stride, colour=args.colour, words=args.words,
                        mapping=args.mapping, sigma=args.sigma, p=args.p, norm=args.norm,
                        kernel=args.kernel, C=args.C, gamma=args.gamma, size=args.size, seed=args.seed)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import sys
 import threading
 import time
@@ -16,13 +17,12 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from tqdm import tqdm
 
 from relprop.data import discover, load_item, select
 from relprop.defaults import MIN_FRAME_BATCH
-from relprop.errors import ImageError, InputError, RelpropError, first_line
+from relprop.errors import DiskFullError, ImageError, InputError, RelpropError, first_line
 from relprop.evaluation import metrics
 from relprop.evaluation.compare import compare_markdown, paired_differences
 from relprop.evaluation.distributed import Group, Ranks
@@ -35,20 +35,29 @@ from relprop.evaluation.metrics import (
     localization,
 )
 from relprop.evaluation.results import (
+    DISK_FULL,
     Conservation,
+    ReadCounts,
     ResultRow,
+    RunLock,
+    RunRows,
     append_jsonl,
     check_resume,
-    mean_curves,
+    iter_rows,
+    load_rows,
+    map_is_whole,
     rank_file,
-    read_rows,
     read_run_info,
     read_union,
+    remove_temporaries,
+    save_map,
     shard_files,
     statistics_markdown,
     summarize,
     summary_markdown,
+    write_atomic,
     write_run_info,
+    writing,
 )
 from relprop.heatmaps import Channels
 from relprop.images import BoundedTransform
@@ -76,6 +85,7 @@ class EvalConfig:
     cam_layer: str | None = None
     save_maps: bool = False
     baseline: str | None = None  # summary.md: paired comparisons of every method against it
+    extend: bool = False  # a resume may change --data/--limit/--per-class: the run takes the new images
 
     def __post_init__(self) -> None:
         for option, value in (("--step", self.step), ("--block", self.block), ("--limit", self.limit),
@@ -123,6 +133,7 @@ class EvalOutcome:
     skipped: int
     failed_methods: list[str]
     primary: bool = True  # False on ranks other than 0 of a sharded run (rank 0 reports)
+    failed_rows: int = 0  # (image, method, protocol) with a NaN/Inf output, map or score
 
 
 def evaluate(config: EvalConfig, checkpoints: Sequence[Checkpoint]) -> EvalOutcome:
@@ -139,6 +150,11 @@ def evaluate(config: EvalConfig, checkpoints: Sequence[Checkpoint]) -> EvalOutco
     group = Group(ranks, device)
     try:
         return _evaluate_all(config, checkpoints, ranks, group, device)
+    except OSError as error:  # a write no helper wrapped (a figure, a folder): still one line
+        if error.errno not in DISK_FULL:
+            raise
+        raise DiskFullError(f"no space left on device writing {error.filename or config.out}; "
+                            "free space and rerun the same command to resume") from None
     finally:
         group.close()
 
@@ -146,27 +162,44 @@ def evaluate(config: EvalConfig, checkpoints: Sequence[Checkpoint]) -> EvalOutco
 def _evaluate_all(config: EvalConfig, checkpoints: Sequence[Checkpoint], ranks: Any, group: Any,
                   device: torch.device) -> EvalOutcome:
     out = Path(config.out)
-    out.mkdir(parents=True, exist_ok=True)
+    with writing(out):
+        out.mkdir(parents=True, exist_ok=True)
     plan = make_plan(config.methods, config.protocols)
     if config.baseline is not None and canonical_name(config.baseline) not in {
             canonical_name(m) for m in plan.methods}:
         raise InputError(f"--baseline {config.baseline}: not among --methods "
                          f"({', '.join(plan.methods)}); add it there or choose one of them")
-    refusal = None
-    if ranks.rank == 0:  # one writer of run.json; the others learn its verdict
+    selections = [_select(checkpoint, config, ranks.rank == 0) for checkpoint in checkpoints]
+    stamps = {path: stamp for _, found in selections for path, stamp in found.items()}
+    refusal, lock = None, None
+    if ranks.rank == 0:  # one writer of run.json, holding the folder's lock for every rank
         try:
-            check_resume(out / "run.json", _settings(config, plan, checkpoints), canonical_name)
+            lock = RunLock(out)
+            remove_temporaries(out)  # of writers killed before: none is alive, we hold the lock
+            check_resume(out / "run.json", _settings(config, plan, checkpoints), canonical_name,
+                         stamps, config.extend)
             _record_labels(out / "run.json", checkpoints[0].info)
         except RelpropError as error:
             refusal = error
-    verdict = group.gather(None if refusal is None else str(refusal))[0]
-    if refusal is not None:
-        raise refusal
-    if verdict is not None:
-        raise InputError(verdict)
-    store = _Store(out, plan.methods, ranks)
-    jobs = [_job(checkpoint, config, plan, store, len(checkpoints) > 1, ranks.rank == 0)
-            for checkpoint in checkpoints]
+    try:
+        verdict = group.gather(None if refusal is None else str(refusal))[0]
+        if refusal is not None:
+            raise refusal
+        if verdict is not None:
+            raise InputError(verdict)
+        return _evaluate_locked(config, checkpoints, ranks, group, device, plan, selections, stamps)
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def _evaluate_locked(config: EvalConfig, checkpoints: Sequence[Checkpoint], ranks: Any, group: Any,
+                     device: torch.device, plan: Plan, selections: list[tuple[Any, dict[str, str]]],
+                     stamps: dict[str, str]) -> EvalOutcome:
+    out = Path(config.out)
+    store = _Store(out, plan.methods, ranks, stamps)
+    jobs = [_job(checkpoint, config, plan, store, len(checkpoints) > 1, selection)
+            for checkpoint, selection in zip(checkpoints, selections, strict=True)]
     group.gather(None)  # every rank has read what is done before any rank writes
     progress = _Progress(out, ranks, sum(job.remaining() for job in jobs), len(plan.methods),
                          len(plan.protocols))
@@ -183,12 +216,15 @@ def _evaluate_all(config: EvalConfig, checkpoints: Sequence[Checkpoint], ranks: 
     failed_methods = [name for found in outcomes for name in found]
     if ranks.rank != 0:
         return EvalOutcome(out, 0, 0, list(dict.fromkeys(failed_methods)), primary=False)
-    store.reload()
-    summary = summarize(store.records(), plan.methods, plan.protocols)
-    _write_summary(out, summary, store.records(), plan, config.baseline)
+    run = store.load()
+    summary = summarize(run.rows, plan.methods, plan.protocols)
+    _write_summary(out, summary, run, plan, config.baseline)
+    for note in run.counts.notes():
+        print(f"relprop evaluate: {note}", file=sys.stderr)
     evaluated = {(sha, image) for sha, image, _, _ in store.done}
     skipped = len(store.skipped_keys() - evaluated)  # an image fixed since counts no more
-    return EvalOutcome(out, len(store.done), skipped, list(dict.fromkeys(failed_methods)))
+    return EvalOutcome(out, len(store.done), skipped, list(dict.fromkeys(failed_methods)),
+                       failed_rows=run.counts.failed)
 
 
 def _report_failure(ranks: Any, store: _Store, jobs: Sequence[_Work], error: BaseException) -> None:
@@ -244,46 +280,66 @@ def _record_labels(path: Path, info: ModelInfo) -> None:
 
 class _Store:
     """This process's results and skipped files (appended line by line, so a killed run loses
-    only the row in progress) and the union of every process's rows, read once at the start.
+    only the row in progress) and the keys of every process's rows, streamed once at the start.
 
     Records written under another spelling of a requested method (`ours` in an older run that is
     now resumed as `lrp-split`, or the reverse) are read under this run's spelling, so they count
-    as done and are summarized with the new ones.
+    as done and are summarized with the new ones. Rows of images that are not in the run's inputs
+    as they are now (removed, or replaced since) do not count.
     """
 
-    def __init__(self, out: Path, methods: Sequence[str] = (), ranks: Any = None) -> None:
+    def __init__(self, out: Path, methods: Sequence[str] = (), ranks: Any = None,
+                 inputs: dict[str, str] | None = None) -> None:
         self.out, self._spelling = out, {canonical_name(name): name for name in methods}
+        self.inputs = inputs
         rank, world = (ranks.rank, ranks.world) if ranks is not None else (0, 1)
         self.results_path = rank_file(out, "results", rank, world)
         self.skipped_path = rank_file(out, "skipped", rank, world)
         self.reload()
 
-    def reload(self) -> None:
-        """Read the union of all processes' files (each keeps its own cut last line repaired)."""
-        rows = read_rows(self.out, repair=self.results_path)
-        self._records = [replace(r, method=self._spelling.get(canonical_name(r.method), r.method))
-                         for r in rows]
-        self.done = {r.key for r in self._records}
-        self._skipped = read_union(self.out, "skipped",
-                                   lambda r: (r["checkpoint_sha256"], r["image"]),
-                                   repair=self.skipped_path)
+    def spelled(self, method: str) -> str:
+        return self._spelling.get(canonical_name(method), method)
 
-    def records(self) -> list[ResultRow]:
-        return self._records
+    def reload(self) -> None:
+        """Stream the keys of all processes' rows (each process cuts back its own torn last line);
+        keep only the keys (and those of failed rows, whose maps are not saved)."""
+        self.done: set[tuple[str, str, str, str]] = set()
+        self.failed: set[tuple[str, str, str]] = set()
+        for row in iter_rows(self.out, repair=self.results_path, canonical=canonical_name,
+                             inputs=self.inputs):
+            sha, image, method = (sys.intern(row.checkpoint_sha256), sys.intern(row.image),
+                                  sys.intern(self.spelled(row.method)))
+            self.done.add((sha, image, method, sys.intern(row.protocol)))
+            if row.failure:
+                self.failed.add((sha, image, method))
+        self._skipped = read_union(self.out, "skipped", _skipped_key, repair=self.skipped_path)
+        self._skipped_keys = {_skipped_key(s) for s in self._skipped}
+
+    def load(self) -> RunRows:
+        """Every process's scored rows, streamed (curves summed, not kept), in this run's spelling."""
+        return load_rows(self.out, canonical=canonical_name, inputs=self.inputs, counts=ReadCounts(),
+                         rename=self.spelled)
 
     def skipped_keys(self) -> set[tuple[str, str]]:
-        return {(s["checkpoint_sha256"], s["image"]) for s in self._skipped}
+        return set(self._skipped_keys)
 
     def add(self, row: ResultRow) -> None:
         append_jsonl(self.results_path, row.to_dict())
-        self._records.append(row)
         self.done.add(row.key)
+        if row.failure:
+            self.failed.add(row.key[:3])
 
     def skip(self, record: dict[str, str]) -> None:
-        if (record["checkpoint_sha256"], record["image"]) in self.skipped_keys():
+        key = _skipped_key(record)
+        if key in self._skipped_keys:
             return
         append_jsonl(self.skipped_path, record)
         self._skipped.append(record)
+        self._skipped_keys.add(key)
+
+
+def _skipped_key(record: dict[str, Any]) -> tuple[str, str]:
+    return str(record.get("checkpoint_sha256") or ""), str(record.get("image"))
 
 
 class _Progress:
@@ -382,6 +438,9 @@ class _Work:
     root: Path = Path()
     batches: list[list[Any]] = field(default_factory=list)  # the whole job's, in order
     current: str = ""  # the image being computed (named if the process fails)
+    broken: dict[int, str] = field(default_factory=dict)  # this batch's images with NaN/Inf logits
+    stamps: dict[str, str] = field(default_factory=dict)  # image -> size:mtime, kept in its rows
+    whole_maps: dict[Path, bool] = field(default_factory=dict)  # map files found complete
 
     def pending(self, item: Any, name: str) -> list[str]:
         """Protocols not yet scored for (image, method)."""
@@ -395,8 +454,17 @@ class _Work:
         return folder / name / f"{self.stems[item.path]}.npy"
 
     def needs(self, item: Any, name: str) -> bool:
-        return bool(self.pending(item, name)) or (self.config.save_maps and
-                                                  not self.map_file(item, name).is_file())
+        return bool(self.pending(item, name)) or self.needs_map(item, name)
+
+    def needs_map(self, item: Any, name: str) -> bool:
+        """--save-maps and no complete map file (a cut or empty one is written again); none for
+        a failed (non-finite) map."""
+        if not self.config.save_maps or (self.checkpoint.sha256, item.path, name) in self.store.failed:
+            return False
+        path = self.map_file(item, name)
+        if path not in self.whole_maps:
+            self.whole_maps[path] = map_is_whole(path)
+        return not self.whole_maps[path]
 
     def remaining(self) -> int:
         """Rows still to score in the whole job (all ranks), for the progress bar."""
@@ -413,10 +481,10 @@ class _Work:
         self.failed += [n for n in self.plan.methods if n.removesuffix("+hq") == base]
 
 
-def _job(checkpoint: Checkpoint, config: EvalConfig, plan: Plan, store: _Store,
-         several: bool, primary: bool = True) -> _Work:
-    """The checkpoint's images, selected, sorted by path and cut into fixed batches of
-    --batch-size: the same batches whatever the number of processes or how often it resumed."""
+def _select(checkpoint: Checkpoint, config: EvalConfig, primary: bool = True,
+            ) -> tuple[Any, dict[str, str]]:
+    """The checkpoint's dataset and its selected images' stamps (size:mtime in ns): what the run
+    records in run.json, so that a resume on changed images is noticed."""
     info = checkpoint.info
     dataset = discover(config.data, info.classes, info.class_names)
     if dataset.unknown and primary:
@@ -424,9 +492,25 @@ def _job(checkpoint: Checkpoint, config: EvalConfig, plan: Plan, store: _Store,
         print(f"relprop evaluate: left out {sum(dataset.unknown.values())} images of "
               f"{len(dataset.unknown)} classes the model does not have: {listed}", file=sys.stderr)
     items = sorted(select(dataset.items, config.per_class, config.limit), key=lambda it: it.path)
+    return (dataset, items), {item.path: _stamp(dataset.root / item.path) for item in items}
+
+
+def _stamp(path: Path) -> str:
+    try:
+        found = os.stat(path)
+    except OSError:
+        return "missing"
+    return f"{found.st_size}:{found.st_mtime_ns}"
+
+
+def _job(checkpoint: Checkpoint, config: EvalConfig, plan: Plan, store: _Store,
+         several: bool, selection: tuple[tuple[Any, list[Any]], dict[str, str]]) -> _Work:
+    """The checkpoint's images, selected, sorted by path and cut into fixed batches of
+    --batch-size: the same batches whatever the number of processes or how often it resumed."""
+    (dataset, items), stamps = selection
     size = config.batch_size
     return _Work(checkpoint, config, plan, store, _map_names(items), [], several, dataset.root,
-                 [items[i:i + size] for i in range(0, len(items), size)])
+                 [items[i:i + size] for i in range(0, len(items), size)], stamps=stamps)
 
 
 def _evaluate(work: _Work, ranks: Any, device: torch.device, progress: _Progress) -> list[str]:
@@ -493,7 +577,10 @@ def _evaluate_batch(work: _Work, batch: _Batch, methods: dict[str, Any], device:
     model = work.checkpoint.model
     x = batch.inputs.to(device)
     with torch.no_grad():
-        preds = model(x).argmax(dim=1)
+        logits = model(x)
+    preds = logits.argmax(dim=1)
+    work.broken = {i: "the model's output is NaN or infinite on this image"
+                   for i in range(len(batch.items)) if not bool(torch.isfinite(logits[i]).all())}
     work.current = f"{batch.items[0].path} (+{len(batch.items) - 1} in its batch)"
     for base_name in list(methods):
         names = [n for n in work.plan.methods if n.removesuffix(HQ_SUFFIX) == base_name]
@@ -520,12 +607,16 @@ def _score_batch(work: _Work, batch: _Batch, x: torch.Tensor, preds: torch.Tenso
     flat = (HeatQuantized(base, config.channels).quantize(maps)[:, 0] if name.endswith(HQ_SUFFIX)
             else base.to_2d(maps, config.channels))
     flat = flat.float().cpu()
+    broken = dict(work.broken)
+    for i in range(len(batch.items)):
+        if i not in broken and not bool(torch.isfinite(flat[i]).all()):
+            broken[i] = f"the {name} map has NaN or infinite values"
     if config.save_maps:
         for i, item in enumerate(batch.items):
-            path = work.map_file(item, name)
-            if not path.is_file():
-                path.parent.mkdir(parents=True, exist_ok=True)
-                np.save(path, flat[i].numpy().astype(np.float32))
+            if i not in broken and work.needs_map(item, name):
+                path = work.map_file(item, name)
+                save_map(path, flat[i].numpy())  # whole or not at all: then it counts as saved
+                work.whole_maps[path] = True
     boxes = None
     labels = torch.tensor([item.label for item in batch.items], device=x.device)
     for protocol in work.plan.protocols:
@@ -539,8 +630,9 @@ def _score_batch(work: _Work, batch: _Batch, x: torch.Tensor, preds: torch.Tenso
                                             block=config.block,
                                             batch_size=max(config.batch_size, MIN_FRAME_BATCH))
         for i in todo:
-            work.store.add(_record(work.checkpoint, batch.items[i], name, protocol, config.channels,
-                                   base, preds[i], result, i, boxes[i], sums))
+            row = _record(work.checkpoint, batch.items[i], name, protocol, config.channels, base,
+                          preds[i], result, i, boxes[i], sums, work.stamps.get(batch.items[i].path))
+            work.store.add(_checked(row, broken.get(i)))
             progress.update(1)
 
 
@@ -551,9 +643,29 @@ def _attribute(method: Any, x: torch.Tensor) -> tuple[torch.Tensor, dict[str, to
     return method.attribute(x), None
 
 
+def _checked(row: ResultRow, broken: str | None) -> ResultRow:
+    """The row, or, where the model's output, the map or any number in the row is NaN or
+    infinite, the same key as a failure with its reason and no numbers: never a score."""
+    if broken is None:
+        numbers = [*row.scores.values(), *row.insertion_curve, *row.deletion_curve,
+                   *(row.localization or {}).values(),
+                   *([] if row.conservation is None else row.conservation.to_dict().values())]
+        bad = [v for v in numbers if isinstance(v, float) and not math.isfinite(v)]
+        if bad:
+            broken = ("a score is NaN or infinite (the model gave NaN/Inf on a perturbed frame)"
+                      if any(not math.isfinite(row.score(k)) for k in METRICS)
+                      else "a localization or conservation value is NaN or infinite")
+    if broken is None:
+        return row
+    tqdm.write(f"relprop evaluate: {row.image} {row.method} {row.protocol}: failed: {broken}; "
+               "recorded as a failure, in no mean", file=sys.stderr)
+    return replace(row, scores={key: None for key in METRICS}, insertion_curve=[],
+                   deletion_curve=[], localization=None, conservation=None, failure=broken)
+
+
 def _record(checkpoint: Checkpoint, item: Any, method: str, protocol: str, channels: str, base: Any,
             pred: torch.Tensor, result: Any, i: int, box_scores: dict[str, Any] | None,
-            sums: dict[str, torch.Tensor] | None) -> ResultRow:
+            sums: dict[str, torch.Tensor] | None, stamp: str | None = None) -> ResultRow:
     return ResultRow(
         checkpoint=checkpoint.path,
         checkpoint_sha256=checkpoint.sha256,
@@ -568,6 +680,7 @@ def _record(checkpoint: Checkpoint, item: Any, method: str, protocol: str, chann
         deletion_curve=[float(v) for v in result.deletion_curves[i]],
         localization=box_scores,
         conservation=_conservation(sums, i),
+        input=stamp,
     )
 
 
@@ -591,16 +704,20 @@ def _map_names(items: Sequence[Any]) -> dict[str, str]:
             for it in items}
 
 
-def _write_summary(out: Path, summary: dict[str, Any], records: Sequence[ResultRow],
-                   plan: Plan, baseline: str | None = None) -> None:
-    (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
-    text = summary_markdown(summary, plan.protocols) + "\n" + statistics_markdown(summary, plan.protocols)
+def _write_summary(out: Path, summary: dict[str, Any], run: RunRows, plan: Plan,
+                   baseline: str | None = None) -> None:
+    """summary.json, summary.md and the curves, each written whole or not at all."""
+    write_atomic(out / "summary.json", json.dumps(summary, indent=2) + "\n")
+    notes = run.counts.notes()
+    text = (summary_markdown(summary, plan.protocols, notes) + "\n"
+            + statistics_markdown(summary, plan.protocols))
     if baseline is not None:
-        text += "\n" + compare_markdown(paired_differences(records, baseline), baseline)
-    (out / "summary.md").write_text(text)
-    curves = mean_curves(records)
+        text += "\n" + compare_markdown(paired_differences(run.rows, baseline), baseline)
+    write_atomic(out / "summary.md", text)
+    curves = run.curves.means()
     for protocol in plan.protocols:
         if protocol in curves:
             aucs = {m: {k: s["protocols"][protocol][k] for k in ("insertion", "deletion")}
                     for m, s in summary.items() if protocol in s["protocols"]}
-            plot_curves(curves[protocol], aucs, protocol, out / f"curves_{protocol}.png")
+            write_atomic(out / f"curves_{protocol}.png",
+                         lambda path, c=curves[protocol], a=aucs, p=protocol: plot_curves(c, a, p, path))

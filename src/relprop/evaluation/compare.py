@@ -29,7 +29,7 @@ def paired_differences(records: Sequence[ResultRow | Mapping[str, Any]], baselin
     """protocol -> method -> `paired_comparison` of (method - baseline) over the shared images."""
     if metric not in METRICS:
         raise InputError(f"--metric {metric!r}: choose from {', '.join(METRICS)}")
-    rows = as_rows(records)
+    rows = [r for r in as_rows(records) if r.problem is None]  # failed rows: in no pair
     reference = _resolve(rows, baseline, canonical_name)
     table: dict[str, dict[str, dict[str, Any]]] = {}
     for protocol in dict.fromkeys(r.protocol for r in rows):

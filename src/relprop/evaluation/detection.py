@@ -55,8 +55,8 @@ from relprop.detection.ssd import (
 )
 from relprop.errors import InputError
 from relprop.evaluation.metrics import auc, frame_masks, localization
-from relprop.evaluation.results import append_jsonl, mean_std
-from relprop.images import load_image
+from relprop.evaluation.results import append_jsonl, mean_std, write_atomic
+from relprop.images import MAX_DECODED_PIXELS, load_image
 from relprop.methods import canonical_name
 
 METHODS = ("crp", "lrp-plain", "gradcam")  # the registry's names: lrp-plain is plain LRP everywhere
@@ -102,7 +102,7 @@ def read_samples(root: str | Path, classes: Sequence[str], per_class: int | None
 
 def load_tensor(path: Path) -> Tensor:
     """An image file as a float (3, H, W) tensor in [0, 1]."""
-    return to_tensor(load_image(path))
+    return to_tensor(load_image(path, MAX_DECODED_PIXELS))  # the bound `relprop detect` has
 
 
 # ------------------------------------------------------------------ maps
@@ -449,7 +449,7 @@ def evaluate_detection(model: torch.nn.Module, classes: Sequence[str],
     folder = config.out
     if folder is not None:
         folder.mkdir(parents=True, exist_ok=True)
-        (folder / "results.jsonl").write_text("")
+        write_atomic(folder / "results.jsonl", b"")  # detection does not resume: a fresh file
     started = time.time()
     for sample in tqdm(samples, desc="evaluate detection", unit="image", disable=not config.progress,
                        file=sys.stderr):
@@ -461,6 +461,6 @@ def evaluate_detection(model: torch.nn.Module, classes: Sequence[str],
     summary = summarize(records, methods)
     summary["seconds"] = round(time.time() - started, 1)
     if folder is not None:
-        (folder / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
-        (folder / "summary.md").write_text(summary_markdown(summary, config.command))
+        write_atomic(folder / "summary.json", json.dumps(summary, indent=2) + "\n")
+        write_atomic(folder / "summary.md", summary_markdown(summary, config.command))
     return summary

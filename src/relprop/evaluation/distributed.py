@@ -24,6 +24,17 @@ from relprop.errors import InputError
 
 T = TypeVar("T")
 WAIT = timedelta(days=7)  # a rank done early waits this long for the others at the end
+JOIN_TIMEOUT_ENV = "RELPROP_DIST_JOIN_TIMEOUT"  # seconds a rank waits for the others to join
+
+
+def join_timeout() -> timedelta:
+    """How long a rank waits for all ranks to join at the start (default 120 s; torchrun starts
+    them together): leftover RANK/WORLD_SIZE variables fail fast instead of waiting 7 days."""
+    try:
+        seconds = float(os.environ.get(JOIN_TIMEOUT_ENV, "120"))
+    except ValueError:
+        raise InputError(f"{JOIN_TIMEOUT_ENV} must be a number of seconds") from None
+    return timedelta(seconds=max(seconds, 1.0))
 
 
 @dataclass(frozen=True)
@@ -46,6 +57,12 @@ class Ranks:
                              "them); unset them to run one process") from None
         if world < 1 or not 0 <= rank < world:
             raise InputError(f"RANK {rank} with WORLD_SIZE {world}: rank must be in [0, world)")
+        if world > 1:
+            missing = [k for k in ("MASTER_ADDR", "MASTER_PORT") if not os.environ.get(k)]
+            if missing:
+                raise InputError(f"RANK={rank} and WORLD_SIZE={world} are set but {' and '.join(missing)} "
+                                 "not: leftover torchrun variables? unset RANK, WORLD_SIZE and "
+                                 "LOCAL_RANK to run one process, or start the job with torchrun")
         return cls(rank, world, local)
 
     def shard(self, batches: Sequence[T]) -> list[T]:
@@ -84,9 +101,17 @@ class Group:
             raise InputError("this torch has no torch.distributed: run one process")
         if not dist.is_initialized():
             backend = "nccl" if device.type == "cuda" and not ranks.shares_gpus() else "gloo"
-            dist.init_process_group(backend, timeout=WAIT)
-        self._objects = (dist.new_group(backend="gloo", timeout=WAIT)
-                         if dist.get_backend() != "gloo" else None)
+            wait = join_timeout()
+            try:  # the rendezvous gets a short timeout; the work's own group below the long one
+                dist.init_process_group(backend, timeout=wait)
+            except (RuntimeError, ValueError) as error:  # torch's DistStoreError is a RuntimeError
+                where = f"{os.environ.get('MASTER_ADDR')}:{os.environ.get('MASTER_PORT')}"
+                raise InputError(
+                    f"rank {ranks.rank} of {ranks.world} could not join the job at {where} within "
+                    f"{wait.total_seconds():g} s ({type(error).__name__}); leftover RANK/WORLD_SIZE/"
+                    f"MASTER_* variables? unset them to run one process (or set {JOIN_TIMEOUT_ENV})"
+                ) from None
+        self._objects = dist.new_group(backend="gloo", timeout=WAIT)
 
     def gather(self, value: Any) -> list[Any]:
         """Every rank's `value`, in rank order, on every rank."""

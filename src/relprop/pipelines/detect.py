@@ -26,11 +26,12 @@ from relprop.core.splitting import SPLITS
 from relprop.detection.crp import CRP, OUTPUTS, Request, to_image
 from relprop.detection.ssd import num_classes_of
 from relprop.errors import ImageError, RelpropError, TargetError
-from relprop.images import load_image
+from relprop.images import MAX_DECODED_PIXELS, load_image
 from relprop.modelinfo import ModelInfo
 from relprop.models import class_names_of
 from relprop.pipelines.inputs import plan_jobs
-from relprop.pipelines.outputs import Manifest
+from relprop.pipelines.outputs import Manifest, writing
+from relprop.targets import as_index, show_option
 from relprop.viz import draw_detections, save_detection_panel
 
 # Relevance passes these unchanged, as it passes ReLU (SSDLite's MobileNetV3 uses Hardswish).
@@ -114,10 +115,10 @@ def detect_images(config: DetectConfig, model: Any, info: ModelInfo,
     jobs, failures = plan_jobs(config.inputs, "detect", exclude=out)
     summary = DetectSummary(out, inputs=len(jobs) + len(failures), failures=failures)
     manifest = Manifest(out, "detect")
-    with open(manifest.add(out / "detections.jsonl"), "w", encoding="utf-8") as log:
+    with writing(out), open(manifest.add(out / "detections.jsonl"), "w", encoding="utf-8") as log:
         for path, name in tqdm(jobs, unit="image", desc="detect", file=sys.stderr):
             try:
-                image = to_tensor(load_image(path))
+                image = to_tensor(load_image(path, MAX_DECODED_PIXELS))
             except ImageError as error:
                 summary.failures.append(str(error))
                 tqdm.write(f"relprop detect: error: {error}", file=sys.stderr)
@@ -127,6 +128,11 @@ def detect_images(config: DetectConfig, model: Any, info: ModelInfo,
             chosen = _chosen(det["scores"], config.score_threshold, config.max_detections)
             requests = [Request(0, d, o, target) for d in chosen for o in OUTPUTS]
             maps = crp.explain(result, requests).cpu() if requests else None
+            problem = _non_finite(result, maps)
+            if problem:  # NaN is an error, never a number (nor "no detection")
+                summary.failures.append(f"{path}: {problem}; not explained")
+                tqdm.write(f"relprop detect: error: {summary.failures[-1]}", file=sys.stderr)
+                continue
             folder = out / name
             folder.mkdir(parents=True, exist_ok=True)
             records = _write_image(folder, name, path, image, det, chosen, maps, names, target,
@@ -136,7 +142,8 @@ def detect_images(config: DetectConfig, model: Any, info: ModelInfo,
             summary.records += records
             if on_image is not None:
                 on_image(path, records)
-    manifest.finish()
+    with writing(out):
+        manifest.finish()
     return summary
 
 
@@ -144,8 +151,8 @@ def parse_class(text: str | None, info: ModelInfo, names: Sequence[str]) -> int 
     """`--target-class` as an index, a class id (e.g. a wnid) or a class name."""
     if text is None:
         return None
-    if text.strip().isdigit():
-        index = int(text)
+    index = as_index(text)
+    if index is not None:
         if not 0 <= index < len(names):
             raise TargetError(f"--target-class {index}: the detector has classes 0..{len(names) - 1}")
         return index
@@ -154,7 +161,17 @@ def parse_class(text: str | None, info: ModelInfo, names: Sequence[str]) -> int 
         lowered = [str(label).lower() for label in labels]
         if wanted in lowered and len(lowered) == len(names):
             return lowered.index(wanted)
-    raise TargetError(f"--target-class {text!r}: not a class index, id or name of this detector")
+    raise TargetError(f"--target-class {show_option(text)}: not a class index, id or name of this detector")
+
+
+def _non_finite(result: Any, maps: Any) -> str | None:
+    """What is NaN or infinite in a detection and its maps (None: nothing)."""
+    if not (bool(torch.isfinite(result.cls_logits).all())
+            and bool(torch.isfinite(result.bbox_regression).all())):
+        return "the detector's output is NaN or infinite for this image (check the weights)"
+    if maps is not None and not bool(torch.isfinite(maps).all()):
+        return "the relevance maps hold NaN or infinite values"
+    return None
 
 
 def _chosen(scores: Any, threshold: float, cap: int) -> list[int]:

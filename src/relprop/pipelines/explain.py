@@ -26,7 +26,8 @@ from relprop.methods import get_method
 from relprop.modelinfo import ModelInfo
 from relprop.models import class_names_of, preprocessing
 from relprop.pipelines.inputs import Job, plan_jobs
-from relprop.pipelines.outputs import Manifest
+from relprop.pipelines.outputs import Manifest, writing
+from relprop.targets import as_index, show_option
 from relprop.viz import PanelRow, denormalize, heat_2d, save_overlay, save_panel, save_png
 
 DEFAULT_METHODS = ("ours", "gradcam", "ig")
@@ -108,11 +109,12 @@ def explain_images(config: ExplainConfig, model: Any, info: ModelInfo,
     transform = BoundedTransform(preprocessing(info), info.preprocessing.resize)
     context = _Context(model, info, transform, explainers, class_names_of(info), target,
                        config.device, config.sign, out, Manifest(out, "explain"),
-                       summary.failed_methods)
-    overview = _explain_all(context, jobs, config.batch_size, summary, on_image)
-    if len(overview) > 1:
-        save_panel(context.manifest.add(out / "overview.png"), overview, sign=config.sign)
-    summary.removed = context.manifest.finish()
+                       summary.failed_methods, summary.failures)
+    with writing(out):
+        overview = _explain_all(context, jobs, config.batch_size, summary, on_image)
+        if len(overview) > 1:
+            save_panel(context.manifest.add(out / "overview.png"), overview, sign=config.sign)
+        summary.removed = context.manifest.finish()
     summary.capture_path = next((path for path in map(_capture_path, explainers.values()) if path), None)
     return summary
 
@@ -128,8 +130,8 @@ def parse_target(text: str | None, info: ModelInfo) -> int | None:
     if text is None:
         return None
     count = info.num_classes
-    if text.strip().lstrip("-").isdigit():
-        index = int(text)
+    index = as_index(text)
+    if index is not None:
         if not 0 <= index < count:
             raise TargetError(f"--target {index}: the model has classes 0..{count - 1}")
         return index
@@ -137,7 +139,7 @@ def parse_target(text: str | None, info: ModelInfo) -> int | None:
         labels = [str(label).lower() for label in known or []]
         if text.strip().lower() in labels:
             return labels.index(text.strip().lower())
-    raise TargetError(f"--target {text!r}: not a class index, id or name of this model")
+    raise TargetError(f"--target {show_option(text)}: not a class index, id or name of this model")
 
 
 def build_methods(names: Sequence[str], model: Any, info: ModelInfo, hq: bool,
@@ -195,6 +197,12 @@ class _Context:
     out: Path
     manifest: Manifest
     method_failures: list[str]
+    failures: list[str]  # one line per input that failed (the summary's)
+
+    def image_failed(self, line: str) -> None:
+        """Name a failed image on stderr and in the summary; the others go on."""
+        self.failures.append(line)
+        tqdm.write(f"relprop explain: error: {line}", file=sys.stderr)
 
 
 def _explain_all(context: _Context, jobs: Sequence[Job], batch_size: int, summary: ExplainSummary,
@@ -214,8 +222,7 @@ def _explain_all(context: _Context, jobs: Sequence[Job], batch_size: int, summar
                 try:
                     loaded.append((job, _load(job, context.transform)))
                 except ImageError as error:
-                    summary.failures.append(str(error))
-                    tqdm.write(f"relprop explain: error: {error}", file=sys.stderr)
+                    context.image_failed(str(error))
             for record, row in _explain_batch(context, loaded):
                 log.write(json.dumps(record.to_dict(), ensure_ascii=False) + "\n")
                 summary.records.append(record)
@@ -258,7 +265,18 @@ def _explain_group(context: _Context,
                    group: Sequence[tuple[Job, Any]]) -> Iterator[tuple[ExplainRecord, Any]]:
     x = torch.stack([tensor for _, tensor in group]).to(context.device)
     with torch.no_grad():
-        probs = torch.softmax(context.model(x).float(), dim=1).cpu()
+        logits = context.model(x).float()
+    finite = torch.isfinite(logits).all(dim=1).cpu()
+    for (job, _), ok in zip(group, finite.tolist(), strict=True):
+        if not ok:  # NaN is an error, never a number: no "goldfish (nan%)" over an empty map
+            context.image_failed(f"{job.path}: the model's output is NaN or infinite for this image "
+                                 "(check the weights); not explained")
+    if not bool(finite.all()):
+        group = [entry for entry, ok in zip(group, finite.tolist(), strict=True) if ok]
+        if not group:
+            return
+        x, logits = x[finite.to(x.device)], logits[finite.to(logits.device)]
+    probs = torch.softmax(logits, dim=1).cpu()
     maps = {}
     for name, method in list(context.explainers.items()):
         try:
@@ -269,6 +287,11 @@ def _explain_group(context: _Context,
     if not context.explainers:
         raise RelpropError("no method could run on this model (named above)")
     for i, (job, _) in enumerate(group):
+        bad = [name for name, m in maps.items() if not np.isfinite(m[i]).all()]
+        if bad:
+            context.image_failed(f"{job.path}: method {bad[0]} gave NaN or infinite relevance; "
+                                 "not explained")
+            continue
         yield _write_image_outputs(context, job, x[i].cpu().numpy(), probs[i],
                                    {name: m[i] for name, m in maps.items()})
 

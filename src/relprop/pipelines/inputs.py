@@ -3,6 +3,7 @@ output folder."""
 
 from __future__ import annotations
 
+import re
 import sys
 from collections.abc import Iterable
 from pathlib import Path
@@ -36,9 +37,24 @@ def plan_jobs(inputs: Iterable[str], command: str,
 
 
 def _output_name(path: Path, root: Path | None) -> str:
-    """`ROOT/a/b.jpg` -> `a/b`; a file named directly -> its stem."""
+    """`ROOT/a/b.jpg` -> `a/b`; a file named directly -> its stem; always a path inside OUT
+    (`safe_part` on every part)."""
     relative = path.relative_to(root) if root is not None else Path(path.name)
-    return relative.with_suffix("").as_posix()
+    parts = relative.parts[:-1] + (Path(relative.parts[-1]).stem if relative.parts else "",)
+    return "/".join(safe_part(part) for part in parts)
+
+
+_UNSAFE = re.compile(r"[\x00-\x1f\x7f/\\]")
+
+
+def safe_part(name: str) -> str:
+    """One file or folder name derived from an input, made safe to join under OUT: control
+    characters (newlines, NUL), slashes and backslashes become `_`, and `.`, `..` or an empty name
+    (the stem of `..jpg` is `..`: OUT/.. is OUT's parent) become underscores."""
+    cleaned = _UNSAFE.sub("_", name)
+    if cleaned in ("", ".", ".."):
+        return "_" * max(len(cleaned), 1)
+    return cleaned
 
 
 def _unique(name: str, taken: set[str]) -> str:

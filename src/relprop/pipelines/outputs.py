@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from relprop.errors import RelpropError
@@ -34,6 +36,37 @@ def prepare_out(text: str, option: str = "--out") -> Path:
     return out
 
 
+def prepare_out_file(text: str, option: str = "--out") -> Path:
+    """A file to write at the end of a long run (fit-bow's model): refuse a folder, or a folder
+    that cannot be written, now rather than after the work."""
+    path = Path(text)
+    if path.is_dir():
+        raise RelpropError(f"{option} {path}: is a folder; give a file name")
+    if path.exists() and not path.is_file():
+        raise RelpropError(f"{option} {path}: exists and is not a regular file")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        probe = path.parent / f".relprop-write-test-{os.getpid()}"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as error:
+        reason = error.strerror or type(error).__name__
+        raise RelpropError(f"{option} {path}: cannot write there ({reason})") from None
+    return path
+
+
+@contextmanager
+def writing(out: Path) -> Iterator[None]:
+    """Turn an OSError while writing under `out` (a full disk, a read-only mount) into one line
+    naming the file, or `out` when the error does not say (a failed write() has no file name)."""
+    try:
+        yield
+    except OSError as error:
+        where = error.filename if error.filename is not None else out
+        raise RelpropError(f"{where}: cannot write the outputs "
+                           f"({error.strerror or type(error).__name__}); the run stops here") from None
+
+
 class Manifest:
     """The files one run writes under OUT; `finish` removes the previous run's stale files."""
 
@@ -43,8 +76,12 @@ class Manifest:
         self.previous = _read(out / MANIFEST)
 
     def add(self, path: Path) -> Path:
-        """Record a file this run wrote (returns it, to wrap a save call)."""
-        self.files.add(path.relative_to(self.out).as_posix())
+        """Record a file this run wrote (returns it, to wrap a save call); a path that would leave
+        OUT is refused (names derived from inputs are made safe in `pipelines.inputs`)."""
+        relative = path.relative_to(self.out)
+        if ".." in relative.parts:
+            raise RelpropError(f"{path}: refused, it is outside {self.out}")
+        self.files.add(relative.as_posix())
         return path
 
     def finish(self) -> list[str]:

@@ -29,6 +29,7 @@ from relprop.evaluation.metrics import METRICS
 from relprop.evaluation.results import (
     BOOTSTRAP_RESAMPLES,
     BOOTSTRAP_SEED,
+    ReadCounts,
     ResultRow,
     as_rows,
     format_ci,
@@ -38,6 +39,8 @@ from relprop.evaluation.results import (
     read_rows,
     read_run_info,
     read_union,
+    run_inputs,
+    scored,
     shard_files,
 )
 from relprop.evaluation.statistics import mean_sem_ci
@@ -58,6 +61,7 @@ class EvalRun:
     records: list[ResultRow]
     info: dict[str, Any] = field(default_factory=dict)  # run.json (provenance), may be empty
     skipped: list[dict[str, Any]] = field(default_factory=list)  # skipped.jsonl, still unread
+    counts: ReadCounts = field(default_factory=ReadCounts)  # rows left out: failed, duplicates
 
 
 @dataclass
@@ -82,10 +86,14 @@ def read_run(root: str | Path) -> EvalRun:
         raise InputError(f"{root}: no such folder (give the --out folder of `relprop evaluate`)")
     if not shard_files(root, "results"):
         raise InputError(f"{root}: no results.jsonl here; is this the --out folder of `relprop evaluate`?")
-    records = _one_spelling(read_rows(root))
+    info, counts = read_run_info(root / "run.json"), ReadCounts()
+    every = read_rows(root, canonical=canonical_name, inputs=run_inputs(info), counts=counts)
+    records = _one_spelling(scored(every))
     if not records:
-        raise InputError(f"{root / 'results.jsonl'}: no results yet (did `relprop evaluate` finish any image?)")
-    return EvalRun(root, records, read_run_info(root / "run.json"), _still_skipped(root, records))
+        more = f" ({'; '.join(counts.notes())})" if counts.notes() else ""
+        raise InputError(f"{root / 'results.jsonl'}: no results yet{more} (did `relprop evaluate` "
+                         "finish any image?)")
+    return EvalRun(root, records, info, _still_skipped(root, every), counts)
 
 
 def _one_spelling(records: list[ResultRow]) -> list[ResultRow]:
@@ -98,13 +106,13 @@ def _one_spelling(records: list[ResultRow]) -> list[ResultRow]:
 def _still_skipped(root: Path, records: Sequence[ResultRow]) -> list[dict[str, Any]]:
     """The skipped images (of every process) without those a later run did evaluate."""
     evaluated = {(r.checkpoint_sha256, r.image) for r in records}
-    return [s for s in read_union(root, "skipped", _skipped_key)
+    return [{k: str(v) for k, v in s.items()} for s in read_union(root, "skipped", _skipped_key)
             if _skipped_key(s) not in evaluated]
 
 
-def _skipped_key(record: Mapping[str, Any]) -> tuple[str, Any]:
+def _skipped_key(record: Mapping[str, Any]) -> tuple[str, str]:
     """A line of skipped.jsonl: {"checkpoint_sha256", "image", "error"}, as the evaluation writes it."""
-    return record.get("checkpoint_sha256") or "", record.get("image")
+    return str(record.get("checkpoint_sha256") or ""), str(record.get("image"))
 
 
 def run_value(info: Mapping[str, Any], *path: str | int) -> Any:
@@ -335,7 +343,7 @@ def _load_map(path: Path | None) -> np.ndarray | None:
         return None
     try:
         return heat_2d(np.load(path, allow_pickle=False))
-    except (OSError, ValueError):
+    except (OSError, ValueError, EOFError, RelpropError):  # a cut, empty or foreign file: no map
         return None
 
 
@@ -452,6 +460,8 @@ def provenance_items(info: Mapping[str, Any], prefix: str = "") -> list[tuple[st
     items: list[tuple[str, str]] = []
     for key, value in info.items():
         name = f"{prefix}{key}"
+        if name == "inputs.images":  # one entry per image: the count and hash above say it
+            continue
         if isinstance(value, Mapping):
             items += provenance_items(value, f"{name}.")
         elif isinstance(value, list) and all(not isinstance(v, Mapping | list) for v in value):
@@ -551,6 +561,7 @@ def render_page(run: EvalRun, columns: Sequence[str], rows: Sequence[SummaryRow]
         "scoring them again: <code>" + _esc(save_maps_command(run)) + "</code>, then "
         "<code>relprop report " + _esc(shlex.quote(str(run.root))) + " --out "
         + _esc(shlex.quote(str(context.out))) + "</code>.</p>")
+    left_out = "".join(f'<p class="notice">{_esc(note)}.</p>' for note in run.counts.notes())
     missing_originals = "" if any(r["orig"] for r in gallery) else (
         '<p class="notice">Original images not found; pass <code>--data DIR</code> '
         "(the folder given to <code>relprop evaluate --data</code>).</p>")
@@ -563,7 +574,7 @@ def render_page(run: EvalRun, columns: Sequence[str], rows: Sequence[SummaryRow]
         "SKIPPED": skipped_section(run.skipped),
         "CURVES": curves,
         "CONSERVATION": conservation,
-        "NOTICE": notice + missing_originals,
+        "NOTICE": left_out + notice + missing_originals,
         "GALLERY_JSON": _json_for_script({"rows": gallery, "methods": methods,
                                           "pageSize": page_size}),
     }
