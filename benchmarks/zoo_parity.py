@@ -30,35 +30,34 @@ TIMM = ["resnet18", "resnet10t", "convnext_atto", "vit_tiny_patch16_224", "deit_
         "edgenext_xx_small", "mobilevit_xxs", "dla34", "cspresnet50"]
 
 WORKER = """
-import json, sys, warnings
+import sys, warnings
 sys.path.insert(0, {tree!r})
-import torch, torchvision
+sys.path.insert(1, {benchmarks!r})
+import json, torch
 from relprop import LRP
-from relprop.errors import RelpropError, first_line
+from zoo_common import build_model, verdict
 warnings.filterwarnings("ignore")
 verdicts = {{}}
 for source, name in {models!r}:
     key = f"{{source}}/{{name}}"
     torch.manual_seed(0)
     try:
-        if source == "torchvision":
-            model = torchvision.models.get_model(name, num_classes=10)
-        else:
-            import timm
-            model = timm.create_model(name, num_classes=10)
+        model = build_model(source, name).eval()
     except Exception as error:
         verdicts[key] = f"cannot build: {{type(error).__name__}}"
         continue
     x = torch.randn(1, 3, 224, 224, generator=torch.Generator().manual_seed(0))
-    try:
-        R, sums = LRP(model.eval()).attribute(x, return_layer_sums=True)
+    held = {{}}
+    def run():
+        held["R"], held["sums"] = LRP(model).attribute(x, return_layer_sums=True)
+    outcome, detail = verdict(run)
+    if outcome == "explained":
+        sums = held["sums"]
         error = float(((sums["input"] - sums["output"]).abs() / sums["output"].abs()).max())
-        torch.save(R, {out!r} + f"/{{source}}-{{name}}.pt")
+        torch.save(held["R"], {out!r} + f"/{{source}}-{{name}}.pt")
         verdicts[key] = f"explained, conservation error {{error:.1e}}"
-    except RelpropError as error:
-        verdicts[key] = f"refused: {{first_line(error)}}"
-    except Exception as error:
-        verdicts[key] = f"CRASH {{type(error).__name__}}: {{first_line(error, default='')}}"
+    else:
+        verdicts[key] = f"{{'refused' if outcome == 'refused' else 'CRASH'}}: {{detail}}"
     print(key, verdicts[key], file=sys.stderr, flush=True)
 json.dump(verdicts, open({out!r} + "/verdicts.json", "w"), indent=1)
 """
@@ -66,7 +65,8 @@ json.dump(verdicts, open({out!r} + "/verdicts.json", "w"), indent=1)
 
 def run_tree(tree: Path, models: list[tuple[str, str]], out: Path) -> dict[str, str]:
     out.mkdir(parents=True)
-    code = WORKER.format(tree=str(tree.resolve()), models=models, out=str(out))
+    code = WORKER.format(tree=str(tree.resolve()), benchmarks=str(Path(__file__).resolve().parent),
+                         models=models, out=str(out))
     subprocess.run([sys.executable, "-c", code], check=True)
     return json.loads((out / "verdicts.json").read_text())
 

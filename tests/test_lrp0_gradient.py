@@ -142,3 +142,41 @@ def test_lrp0_is_gradient_times_input_with_batchnorm_before_and_after(bn, seed):
     R, expected = _lrp0_and_gradient_times_input(model, x, bn)
     # the BatchNorm before a layer read at its output instead of its input (the fold's old bug) is O(1)
     torch.testing.assert_close(R, expected, rtol=0, atol=1e-4 * float(expected.abs().max()))
+
+
+def test_lrp0_at_dead_units_is_zero_not_nan():
+    """A bias-free conv reading an all-zero window (after a ReLU) outputs exactly 0 there: LRP-0's
+    R/z is then 0/0, where the gradient × input identity needs 0 (its relevance is 0 anyway)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(), nn.Conv2d(4, 4, 3, padding=1, bias=False),
+                          nn.ReLU(), nn.Flatten(), nn.Linear(4 * 8 * 8, 3)).eval()
+    with torch.no_grad():
+        model[0].bias.fill_(-5.0)  # most of the first layer's units are dead: zero windows downstream
+    x = torch.randn(2, 3, 8, 8)
+    assert (model[:3](x) == 0).any()  # the case: exact zeros at the bias-free conv's output
+    R, expected = _lrp0_and_gradient_times_input(model, x, "fold")
+    torch.testing.assert_close(R, expected, rtol=0, atol=1e-4 * float(expected.abs().max()))
+
+
+class DeadSum(nn.Module):
+    """Two ReLU branches added (Res2Net's `sp + spx[i]`): where both are dead the add's operands are
+    both 0, the signed split's a / (a + b) is 0/0."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b, self.head = nn.Conv2d(3, 4, 3, padding=1), nn.Conv2d(3, 4, 3, padding=1), nn.Linear(4 * 8 * 8, 3)
+
+    def forward(self, x):
+        return self.head(torch.flatten(torch.relu(self.a(x)) + torch.relu(self.b(x)), 1))
+
+
+def test_lrp0_where_both_operands_of_an_add_are_zero():
+    torch.manual_seed(0)
+    model = DeadSum().eval()
+    with torch.no_grad():
+        model.a.bias.fill_(-3.0)
+        model.b.bias.fill_(-3.0)
+    x = torch.randn(2, 3, 8, 8)
+    assert ((torch.relu(model.a(x)) + torch.relu(model.b(x))) == 0).any()  # the case
+    R, expected = _lrp0_and_gradient_times_input(model, x, "fold")
+    torch.testing.assert_close(R, expected, rtol=0, atol=1e-4 * float(expected.abs().max()))

@@ -175,7 +175,10 @@ class EpsilonRule(Rule):
         op = as_linear_op(layer)
         w, b = self._weights(op)
         z = stabilize(op.forward(a, w, b), self.epsilon)
-        return a * op.transpose(R / z, w, a.shape)
+        # ε = 0 (LRP-0): an output that is exactly 0 (a bias-free layer on a zero window) gets
+        # R/z = 0, as the gradient × input identity has it, not 0/0 = NaN
+        s, _ = safe_divide(R, z)
+        return a * op.transpose(s, w, a.shape)
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(epsilon={self.epsilon})"

@@ -20,7 +20,7 @@ import torch
 from torch import Tensor
 
 from relprop.core.aliases import named
-from relprop.core.numerics import stabilize
+from relprop.core.numerics import safe_divide, stabilize
 from relprop.errors import ConfigError
 
 
@@ -72,7 +72,9 @@ class SignedSplit(_ShareSplit):
     epsilon: float = 1e-6
 
     def share(self, a: Tensor, b: Tensor) -> Tensor:
-        return a / stabilize(a + b, self.epsilon)
+        # ε = 0 (LRP-0): where the sum is exactly 0 (two dead ReLU branches), evenly, not 0/0 = NaN
+        share, zero = safe_divide(a, stabilize(a + b, self.epsilon))
+        return share.masked_fill_(zero, 0.5)
 
 
 @dataclass(frozen=True)
