@@ -7,7 +7,7 @@ import pytest
 import torch
 from torch import nn
 
-from relprop import LRP
+from relprop import LRP, get_composite
 from relprop.core.linear_op import BatchNormStats, as_linear_op, fold_batchnorm
 
 from sharedfiles import SHARED, load_torchvision_checkpoint, shared_path
@@ -156,3 +156,40 @@ def test_epsilon_gamma_box_agrees_with_zennit_and_stays_bounded(tin10_batch):
     assert _pearson(ours, theirs).min() >= 0.99
     spread = ours.abs().sum((1, 2, 3)) / ours.sum((1, 2, 3)).abs()
     assert spread.max() < 2.0  # bounded maps (relprop 0.1: 1.3e8)
+
+
+def _calibrated(model: nn.Module) -> nn.Module:
+    """BatchNorm statistics and affine parameters away from their identity defaults; half the
+    scales negative (z+ and αβ are invariant to a positive per-channel scale, so only a negative
+    one shows whether a BatchNorm was folded)."""
+    torch.manual_seed(1)
+    for module in model.modules():
+        if isinstance(module, nn.BatchNorm2d):
+            module.running_mean.uniform_(-0.5, 0.5)
+            module.running_var.uniform_(0.5, 2.0)
+            module.weight.data.uniform_(0.5, 1.5).mul_(torch.tensor([1.0, -1.0]).repeat(3))
+            module.bias.data.uniform_(-0.3, 0.3)
+    return model.eval()
+
+
+@pytest.mark.parametrize("composite", ["epsilon-plus-flat", "alpha2beta1"])
+def test_timm_batchnorm_act_is_folded_as_a_batchnorm_and_its_activation(composite):
+    """timm's BatchNormAct2d reads its input's `ndim` before the batch norm; a shape read is no
+    value read, so bn="fold" folds it as it folds BatchNorm2d followed by the activation (the same
+    function, built from torch layers): before, the extra reader left it unfolded, silently."""
+    timm_layers = pytest.importorskip("timm.layers")
+    torch.manual_seed(0)
+    conv1, conv2, head = nn.Conv2d(3, 6, 3, padding=1), nn.Conv2d(6, 6, 3, padding=1), nn.Linear(6, 4)
+    fused = nn.Sequential(conv1, timm_layers.BatchNormAct2d(6), conv2, timm_layers.BatchNormAct2d(6),
+                          nn.AdaptiveAvgPool2d(1), nn.Flatten(), head)
+    _calibrated(fused)
+    plain = nn.Sequential(conv1, nn.BatchNorm2d(6), nn.ReLU(), conv2, nn.BatchNorm2d(6), nn.ReLU(),
+                          nn.AdaptiveAvgPool2d(1), nn.Flatten(), head).eval()
+    for bn_act, bn in ((fused[1], plain[1]), (fused[3], plain[4])):
+        bn.load_state_dict({k: v for k, v in bn_act.state_dict().items() if k in bn.state_dict()})
+    x = torch.rand(3, 3, 12, 12)
+    torch.testing.assert_close(fused(x), plain(x))
+    assert get_composite(composite).bn == "fold"
+    expected = LRP(plain, composite=get_composite(composite)).attribute(x)
+    actual = LRP(fused, composite=get_composite(composite)).attribute(x)
+    torch.testing.assert_close(actual, expected, rtol=1e-4, atol=1e-6)
