@@ -9,6 +9,7 @@ from torch import nn
 
 from relprop import LRP, get_composite
 from relprop.core.linear_op import BatchNormStats, as_linear_op, fold_batchnorm
+from relprop.errors import ConfigError
 
 from sharedfiles import SHARED, load_torchvision_checkpoint, shared_path
 
@@ -193,3 +194,17 @@ def test_timm_batchnorm_act_is_folded_as_a_batchnorm_and_its_activation(composit
     expected = LRP(plain, composite=get_composite(composite)).attribute(x)
     actual = LRP(fused, composite=get_composite(composite)).attribute(x)
     torch.testing.assert_close(actual, expected, rtol=1e-4, atol=1e-6)
+
+
+def test_a_rule_by_name_for_a_layer_relprop_traces_into_is_refused_not_ignored():
+    """A rule keyed by the name of timm's BatchNormAct2d never reached its inner F.batch_norm
+    (the map was the default's, silently); now refused in one line."""
+    timm_layers = pytest.importorskip("timm.layers")
+    torch.manual_seed(0)
+    model = _calibrated(nn.Sequential(nn.Conv2d(3, 6, 3, padding=1), timm_layers.BatchNormAct2d(6),
+                                      nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(6, 4)))
+    x = torch.rand(2, 3, 8, 8)
+    with pytest.raises(ConfigError, match=r"rule for module '1' \(BatchNormAct2d\) would never apply") as info:
+        LRP(model, rules={"1": "zplus"}).attribute(x)
+    assert "\n" not in str(info.value)
+    LRP(model, rules={nn.Conv2d: "zplus"}).attribute(x)  # rules that reach their layers still apply

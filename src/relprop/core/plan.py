@@ -26,6 +26,7 @@ from relprop.core.ops import (
     builtin_types,
 )
 from relprop.core.ops.base import Op, describe, op_failure, rule_key, unsupported
+from relprop.core.ops.linear import Linear
 from relprop.core.ops.meta import Meta
 from relprop.core.ruleset import RuleSet
 from relprop.core.trace import LeafPolicy, module_path
@@ -135,6 +136,7 @@ def build_plan(model: nn.Module, graph: fx.Graph, rules: RuleSet, policy: LeafPo
     """Claim every node, let the ops annotate, raise UnsupportedLayerError for the first node
     without a rule on a path that relevance takes, then run the canonizers."""
     plan = Plan(_claim_all(model, graph, rules, policy))
+    _raise_for_name_rules_that_never_apply(model, plan, rules)
     for step in plan.steps:
         with failing_as_refusal(step, "annotate"):
             step.op.annotate(step, plan)
@@ -152,6 +154,23 @@ def build_plan(model: nn.Module, graph: fx.Graph, rules: RuleSet, policy: LeafPo
             raise OpFailure(f"relprop's canonizer {type(canonizer).__name__} failed on this model: "
                             f"{first_line(error)}; use bn='pass' and report this") from error
     return plan
+
+
+def _raise_for_name_rules_that_never_apply(model: nn.Module, plan: Plan, rules: RuleSet) -> None:
+    """A rule by name reaches a module relprop keeps whole, or a conv/linear call inside it. A
+    subclass of a layer relprop runs itself (timm's BatchNormAct2d, LayerNorm2d: their own
+    forward) is traced into, and its inner calls take their ops' defaults: the user's rule would
+    be ignored while the map looked fine, so refuse."""
+    applied = {step.node.target for step in plan.steps if step.node.op == "call_module"}
+    applied |= {module_path(step.node) for step in plan.steps if isinstance(step.op, Linear)}
+    traced_into = {module_path(step.node) for step in plan.steps}
+    for name in rules.names:
+        if name not in applied and name in traced_into:
+            raise ConfigError(
+                f"the rule for module '{name}' ({type(model.get_submodule(name)).__name__}) would never "
+                "apply: relprop traces into that layer (a subclass with its own forward) and its inner "
+                "calls take their defaults; key the rule by the function it calls inside (e.g. "
+                "rules={torch.nn.functional.batch_norm: rule}) or drop it")
 
 
 @contextmanager
