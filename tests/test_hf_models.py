@@ -10,13 +10,12 @@ import json
 import numpy as np
 import pytest
 import torch
-import torch.nn.functional as F
 from PIL import Image
 from torch import nn
 
 from relprop import LRP
 from relprop.cli.main import main
-from relprop.errors import CheckpointError, UnsupportedLayerError
+from relprop.errors import CheckpointError
 from relprop.huggingface import processor_preprocessing
 from relprop.modelinfo import Preprocessing
 from relprop.models import load_model, preprocessing
@@ -51,25 +50,7 @@ def build(model_type: str, **extra) -> nn.Module:
     return model
 
 
-def _normalize_has_an_op() -> bool:
-    """F.normalize (Swin v2's cosine attention) comes with the ops of issue 23's other branch."""
-    head = nn.Linear(4, 3)
-    try:
-        LRP(nn.Sequential(nn.Linear(4, 4), _Normalize(), head))
-    except UnsupportedLayerError:
-        return False
-    return True
-
-
-class _Normalize(nn.Module):
-    def forward(self, x):
-        return F.normalize(x, dim=-1)
-
-
-@pytest.mark.parametrize("model_type", [
-    pytest.param(name, marks=pytest.mark.skipif(name == "swinv2" and not _normalize_has_an_op(),
-                                                reason="F.normalize has no op on this branch"))
-    for name in CONFIGS])
+@pytest.mark.parametrize("model_type", list(CONFIGS))
 def test_classifier_is_explained_on_the_capture_path(model_type):
     model = build(model_type)
     x = torch.randn(2, 3, 32, 32)
