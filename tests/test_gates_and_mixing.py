@@ -1,5 +1,7 @@
 """Gated products whose gate the graph cannot tell, and softmaxes mixed before they are read as
-attention weights (issue 23).
+attention weights (issue 23): ConViT's `(1 - σ(g))·softmax(QKᵀ) + σ(g)·softmax(pos)` renormalized,
+EfficientViM's `softmax(dt + A) * B`. Under CP they are held constant: LRP-0 equals gradient ×
+input with them detached.
 
 - A product of two unrelated input-dependent factors with no graph-readable gate (gMLP's
   `u * proj(v)`, FocalNet's `q * h(ctx)`, CoaT's `q * conv(v)`, SwiftFormer's `G * k`) takes the
@@ -103,6 +105,75 @@ def test_a_half_of_a_split_sigmoid_is_the_gate():
     torch.testing.assert_close(R.sum(1), sums["output"], rtol=1e-4, atol=1e-6)
 
 
+class MixedAttention(nn.Module):
+    """ConViT's gated positional self-attention without biases: two softmaxes mixed by an
+    input-independent gate, renormalized by their own sum, then `attn @ v`. `frozen`: the mixed
+    weights detached (the reference)."""
+
+    frozen = False
+
+    def __init__(self, dim: int = 6, tokens: int = 5) -> None:
+        super().__init__()
+        self.qk, self.v = nn.Linear(dim, 2 * dim, bias=False), nn.Linear(dim, dim, bias=False)
+        self.pos = nn.Parameter(torch.randn(tokens, tokens))
+        self.gating = nn.Parameter(torch.tensor(0.3))
+        self.head = nn.Linear(tokens * dim, 3, bias=False)
+
+    def forward(self, x):
+        q, k = self.qk(x).chunk(2, dim=-1)
+        patch = (q @ k.transpose(-2, -1)).softmax(dim=-1)
+        gate = torch.sigmoid(self.gating)
+        attn = (1.0 - gate) * patch + gate * self.pos.softmax(dim=-1)
+        attn = attn / attn.sum(dim=-1, keepdim=True)
+        if self.frozen:
+            attn = attn.detach()
+        return self.head((attn @ self.v(x)).flatten(1))
+
+
+def test_a_softmax_mixed_by_a_constant_gate_is_attention_held_constant_under_cp():
+    """Before: refused ('the softmax ... is read by function operator.mul, not as attention
+    weights'). Now CP holds the mixed weights constant: LRP-0 = gradient × input with them detached."""
+    torch.manual_seed(0)
+    model = MixedAttention().eval()
+    x = torch.randn(2, 5, 6)
+    R = _lrp0(model, x)
+    model.frozen = True
+    expected = _gradient_times_input(model, x)
+    torch.testing.assert_close(R, expected, rtol=0, atol=1e-3 * float(expected.abs().max()))
+
+
+class StateMixer(nn.Module):
+    """EfficientViM's HSM-SSD core without biases: `a = softmax(dt + A)`, `h = x @ (a * b)ᵀ`."""
+
+    frozen = False
+
+    def __init__(self, dim: int = 6, state: int = 4) -> None:
+        super().__init__()
+        self.bdt = nn.Linear(dim, 2 * state, bias=False)
+        self.A = nn.Parameter(torch.randn(state, 1))
+        self.head = nn.Linear(dim * state, 3, bias=False)
+
+    def forward(self, x):  # x: (batch, dim, tokens)
+        b, dt = self.bdt(x.transpose(-2, -1)).transpose(-2, -1).chunk(2, dim=1)
+        a = (dt + self.A).softmax(-1)
+        if self.frozen:
+            a = a.detach()
+        return self.head((x @ (a * b).transpose(-2, -1)).flatten(1))
+
+
+def test_a_softmax_gating_values_elementwise_is_held_constant_under_cp():
+    """Before: refused (the softmax read by operator.mul). Now the softmax is the product's gate:
+    with it detached the logit is bilinear in x and b, and the uniform rule at `x @ (a·b)ᵀ` gives
+    half of gradient × input (Euler)."""
+    torch.manual_seed(0)
+    model = StateMixer().eval()
+    x = torch.randn(2, 6, 5)
+    R = _lrp0(model, x)
+    model.frozen = True
+    expected = 0.5 * _gradient_times_input(model, x)
+    torch.testing.assert_close(R, expected, rtol=0, atol=1e-3 * float(expected.abs().max()))
+
+
 # ------------------------------------------------------------------------------------ real models
 
 
@@ -125,6 +196,8 @@ def _realistic(model: nn.Module, size: int) -> nn.Module:
 # name: (create_model keywords, what the plan must show: "uniform" or "gate"); ~1-2 s each
 MODELS = {
     "coat_tiny": ({"img_size": 64}, "uniform"),
+    "convit_tiny": ({"img_size": 64}, "mixing"),
+    "efficientvim_m1": ({}, "mixing"),
     "focalnet_tiny_srf": ({}, "uniform"),
     "gmlp_ti16_224": ({"img_size": 64}, "uniform"),
     "iformer_t": ({}, "gate"),
@@ -145,6 +218,8 @@ def test_gated_families_are_explained(name):
     R, sums = lrp.attribute(x, return_layer_sums=True)
     if what == "uniform":
         assert _ambiguous(lrp.engine) > 0
+    elif what == "mixing":
+        assert any(step.op.name == "softmax" for step in lrp.engine.steps)
     else:
         assert _ambiguous(lrp.engine) == 0
         assert any(step.op.name == "scale" and step.info.unrelated and step.info.gate is not None

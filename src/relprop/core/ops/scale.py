@@ -60,8 +60,8 @@ class Scale(Op):
         return ScaleInfo()
 
     def annotate(self, step, plan) -> None:
-        if len(step.inputs) != 2:  # one input-dependent operand (a constant factor, or x * x)
-            return
+        if len(step.inputs) != 2 or step.info.gate is not None:  # one input-dependent operand (a constant
+            return  # factor, or x * x), or attention weights (softmax.py set them as the gate)
         first, second = step.node.args[0], step.node.args[1]
         source = plan.computed_from_the_other(step)
         if source is not None:
