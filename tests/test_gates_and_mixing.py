@@ -142,6 +142,20 @@ def test_a_softmax_mixed_by_a_constant_gate_is_attention_held_constant_under_cp(
     torch.testing.assert_close(R, expected, rtol=0, atol=1e-3 * float(expected.abs().max()))
 
 
+class NormalizerReadElsewhere(MixedAttention):
+    """The renormalizer `attn.sum(-1)` also feeds the output: not only a held normalizer."""
+
+    def forward(self, x):
+        attn = (self.qk(x).chunk(2, dim=-1)[0] @ self.v(x).transpose(-2, -1)).softmax(dim=-1)
+        total = attn.sum(dim=-1, keepdim=True)
+        return self.head(((attn / total) @ self.v(x) + total).flatten(1))
+
+
+def test_a_normalizer_read_elsewhere_is_refused():
+    with pytest.raises(UnsupportedLayerError, match="the softmax in .* is read by"):
+        LRP(NormalizerReadElsewhere().eval())
+
+
 class StateMixer(nn.Module):
     """EfficientViM's HSM-SSD core without biases: `a = softmax(dt + A)`, `h = x @ (a * b)ᵀ`."""
 

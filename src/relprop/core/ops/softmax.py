@@ -154,8 +154,29 @@ def _renormalizations(current: fx.Node, readers: list, plan) -> tuple[set, set]:
                 and args[0] is current and isinstance(args[1], fx.Node) and args[1] is not current):
             divisions.add(reader.node)
             normalizer.update(other.node for other in readers
-                              if other.node is args[1] or plan._is_ancestor(other.node, args[1]))
+                              if (other.node is args[1] or plan._is_ancestor(other.node, args[1]))
+                              and _only_divides(other.node, args[1], plan))
     return normalizer, divisions
+
+
+def _only_divides(node: fx.Node, divisor: fx.Node, plan) -> bool:
+    """Whether every path from `node` leads to `divisor` and the divisor is read only as one
+    (a normalizer also read elsewhere would carry the weights off the attention path)."""
+    todo, seen = [node], {node}
+    while todo:
+        current = todo.pop()
+        for consumer in plan.consumers.get(current, []):
+            if current is divisor:
+                if not (consumer.target in DIVISIONS and consumer.args[1] is divisor
+                        and consumer.args[0] is not divisor):
+                    return False
+            elif consumer is not divisor and not plan._is_ancestor(consumer, divisor):
+                return False
+            if consumer not in seen:
+                seen.add(consumer)
+                if current is not divisor:
+                    todo.append(consumer)
+    return True
 
 
 def _dim(step) -> int:
