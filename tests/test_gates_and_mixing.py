@@ -28,7 +28,7 @@ from relprop.core.interpreter import RelevanceEngine
 from relprop.core.ops.attention import ConservativeAttention
 from relprop.core.rules import EpsilonRule
 from relprop.core.splitting import SignedSplit
-from relprop.errors import UnsupportedLayerError
+from relprop.errors import ConfigError, UnsupportedLayerError
 
 Z_RULE = EpsilonRule(0.0)
 
@@ -81,6 +81,11 @@ def test_a_gate_the_graph_cannot_tell_takes_the_uniform_rule_under_cp():
 def test_the_refusal_is_kept_for_who_asks_for_it():
     with pytest.raises(UnsupportedLayerError, match="cannot tell the gate from the signal"):
         LRP(SpatialGating().eval(), attention=ConservativeAttention(ambiguous="refuse")).attribute(torch.randn(2, 6))
+
+
+def test_an_unknown_choice_for_the_ambiguous_product_is_a_config_error():
+    with pytest.raises(ConfigError, match="ambiguous='refuze'.*'uniform' or 'refuse'"):
+        ConservativeAttention(ambiguous="refuze")
 
 
 class SplitSigmoidGate(nn.Module):

@@ -38,7 +38,7 @@ from relprop.core.ops.base import Context, Op, Parents, describe
 from relprop.core.ops.matmul import EPSILON, bilinear_relevance
 from relprop.core.ops.softmax import softmax_relevance
 from relprop.core.rules import Rule
-from relprop.errors import FidelityError, UnsupportedLayerError
+from relprop.errors import ConfigError, FidelityError, UnsupportedLayerError
 
 
 class AttentionStrategy(Protocol):
@@ -72,6 +72,10 @@ class ConservativeAttention(_SoftmaxTaylor):
     (`ambiguous="refuse"`)."""
 
     ambiguous: str = "uniform"
+
+    def __post_init__(self) -> None:
+        if self.ambiguous not in ("uniform", "refuse"):
+            raise ConfigError(f"ConservativeAttention(ambiguous={self.ambiguous!r}): expected 'uniform' or 'refuse'")
 
     def weights_and_values(self, product, weights, values, R, epsilon=EPSILON):
         return None, bilinear_relevance(product, weights, values, R, share_a=0.0, epsilon=epsilon)[1]
