@@ -8,7 +8,8 @@ Strategies (``attention=`` of a `Composite`, by object or name):
   Ali et al. (ICML 2022, "XAI for Transformers: better explanations through conservative
   propagation") do; `A·V` is then linear in V and the ε-rule sends all relevance to V. Nothing
   is lost: relevance is conserved up to ε. A gated product outside attention (scale.py) holds
-  its gate constant likewise (signal-take-all).
+  its gate constant likewise (signal-take-all); one whose gate the graph cannot tell takes the
+  uniform rule below (`ConservativeAttention(ambiguous="refuse")` refuses it instead).
 - `AttnLRP` (``"attnlrp"``, Achtibat et al., ICML 2024; their code: LXT): the two matmuls `QKᵀ`
   and `A·V` take the uniform rule for bilinear products (the ε-rule's decomposition, half to
   each operand), softmax takes their Taylor-derived rule `R_x = x ⊙ (R_s − s ⊙ Σ R_s)`. The
@@ -37,7 +38,7 @@ from relprop.core.ops.base import Context, Op, Parents, describe
 from relprop.core.ops.matmul import EPSILON, bilinear_relevance
 from relprop.core.ops.softmax import softmax_relevance
 from relprop.core.rules import Rule
-from relprop.errors import FidelityError, UnsupportedLayerError
+from relprop.errors import ConfigError, FidelityError, UnsupportedLayerError
 
 
 class AttentionStrategy(Protocol):
@@ -65,15 +66,27 @@ class _SoftmaxTaylor:
 
 @dataclass(frozen=True)
 class ConservativeAttention(_SoftmaxTaylor):
-    """The attention weights held constant: all relevance of `A·V` to V (conserves)."""
+    """The attention weights held constant: all relevance of `A·V` to V (conserves). A gated
+    product whose gate the graph cannot tell takes the uniform rule (`ambiguous="uniform"`, the
+    default: conserving, symmetric, no guess at which factor is the signal) or is refused
+    (`ambiguous="refuse"`)."""
+
+    ambiguous: str = "uniform"
+
+    def __post_init__(self) -> None:
+        if self.ambiguous not in ("uniform", "refuse"):
+            raise ConfigError(f"ConservativeAttention(ambiguous={self.ambiguous!r}): expected 'uniform' or 'refuse'")
 
     def weights_and_values(self, product, weights, values, R, epsilon=EPSILON):
         return None, bilinear_relevance(product, weights, values, R, share_a=0.0, epsilon=epsilon)[1]
 
     def gated_product(self, a, b, R, gate):
-        """Signal-take-all (Arras et al. 2017): the gate held constant, as the attention weights."""
+        """Signal-take-all (Arras et al. 2017): the gate held constant, as the attention weights;
+        no gate known: the uniform rule (Achtibat et al. 2024, Prop. 3.3), or (None, None)."""
         if gate is None:
-            return None, None
+            if self.ambiguous == "refuse":
+                return None, None
+            return bilinear_relevance(torch.mul, a, b, R, share_a=0.5)
         return (None, R) if gate == 0 else (R, None)
 
 

@@ -10,7 +10,7 @@ attention, MambaOut).
 - `a * b` of two factors neither computed from the other: which one is the gate is read from the
   graph (the factor that leaves a squashing activation, sigmoid/hard sigmoid/tanh, over one that
   leaves another activation, over one that leaves none; dropout, reshapes and upsampling looked
-  through, a chunk or slice not), and
+  through, a chunk or slice only for a squashing activation), and
   the composite's attention strategy decides, as it does for attention weights:
   `ConservativeAttention` (the default) holds the gate constant and gives the signal all
   relevance (signal-take-all: Arras et al., "Explaining recurrent neural network predictions in
@@ -18,7 +18,10 @@ attention, MambaOut).
   weights, Ali et al. 2022; it conserves); `AttnLRP` takes the uniform rule, half of the ε-rule's
   decomposition to each factor (Achtibat et al., ICML 2024, Prop. 3.3; what LXT does in gated
   MLPs), so relevance also flows into the gate's branch. A product whose gate the graph cannot
-  tell is refused under signal-take-all.
+  tell (both factors leave the same kind of activation, or none: FocalNet's `q * h(ctx)`, gMLP's
+  `u * proj(v)`, CoaT's `q * conv(v)`, FocalNet's `ctx * gates`, SwiftFormer's `G * k`) takes the uniform rule under CP too:
+  no choice of "the signal" is made where the graph gives none; it conserves.
+  `ConservativeAttention(ambiguous="refuse")` refuses it instead.
 """
 
 from __future__ import annotations
@@ -57,8 +60,8 @@ class Scale(Op):
         return ScaleInfo()
 
     def annotate(self, step, plan) -> None:
-        if len(step.inputs) != 2:  # one input-dependent operand (a constant factor, or x * x)
-            return
+        if len(step.inputs) != 2 or step.info.gate is not None:  # one input-dependent operand (a constant
+            return  # factor, or x * x), or attention weights (softmax.py set them as the gate)
         first, second = step.node.args[0], step.node.args[1]
         source = plan.computed_from_the_other(step)
         if source is not None:
@@ -87,7 +90,8 @@ class Scale(Op):
                 raise UnsupportedLayerError(
                     f"'{node.name}'{in_module(node)} multiplies two unrelated input-dependent tensors and relprop "
                     "cannot tell the gate from the signal (neither leaves a sigmoid or an activation the other does "
-                    "not); pass attention='attnlrp' for the uniform rule (half to each factor)")
+                    "not); use ConservativeAttention() (its default ambiguous='uniform') or attention='attnlrp' for the "
+                    "uniform rule (half to each factor)")
             return [(arg, R_arg.sum_to_size(values[arg].shape)) for arg, R_arg in ((first, R_a), (second, R_b))
                     if R_arg is not None]
         parents = self.relevance_parents(step)
@@ -99,11 +103,15 @@ class Scale(Op):
 
 def _gating_rank(plan, node: fx.Node) -> int:
     """How gate-like a factor is (see `Passthrough.gating_rank`), looking through reshapes,
-    pooling and upsampling (GhostNetV2 upsamples its sigmoid gate), dropout and casts, but not
-    through a selection (`chunk`, `split`, indexing): an activation applied before a tensor is
-    split (gMLP's GELU before its spatial gating unit) belongs to both halves, not to one factor."""
+    pooling and upsampling (GhostNetV2 upsamples its sigmoid gate), dropout and casts. Through a
+    selection (`chunk`, `split`, indexing) only a squashing activation is seen: a half read
+    directly from a split sigmoid is a gate (iFormer's `v, gate = sigmoid(·).chunk(2)`, gating
+    the attention over v); another activation before a split (gMLP's GELU before its spatial
+    gating unit) belongs to both halves, not to one factor."""
     while True:
         step = plan.step_of[node]
+        if step.node.target in SELECTIONS and step.inputs:
+            return 2 if _gating_rank(plan, step.inputs[0]) == 2 else 0
         if isinstance(step.op, Passthrough):
             rank = Passthrough.gating_rank(step)
             if rank is not None:
