@@ -5,6 +5,8 @@ depth). A rule the user gives such a layer (by name or type) is applied instead.
 Elementwise nonlinearities and normalizations take the identity rule (AttnLRP, Achtibat et al.
 2024, and its LXT code: elementwise activations; LayerNorm and GroupNorm with the divisor held
 constant, "identity on the normalization"). The same two reasons cover:
+- RMSNorm (`nn.RMSNorm`, `F.rms_norm`: DeepSeek's and Gemma's ViTs): `x / rms(x) · w` with the
+  RMS held constant, as LayerNorm's std, is a diagonal scaling: identity;
 - Tanh and Sigmoid (a head's Tanh, a sigmoid whose output is read as a value): elementwise and
   monotone, each output depends on one input only, so the identity rule is the one conserving
   choice (a sigmoid that gates a product is the product's business: see scale.py);
@@ -34,7 +36,7 @@ from relprop.core.rules import LayerNormParams, Rule
 from relprop.core.trace import module_path
 
 BATCHNORM_MODULES = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
-NORM_MODULES = (*BATCHNORM_MODULES, nn.LayerNorm, nn.GroupNorm)
+NORM_MODULES = (*BATCHNORM_MODULES, nn.LayerNorm, nn.GroupNorm, nn.RMSNorm)
 ACTIVATION_MODULES = (nn.ReLU, nn.ReLU6, nn.SiLU, nn.GELU, nn.Hardswish, nn.Hardsigmoid, nn.LeakyReLU,
                       nn.ELU, nn.Mish, nn.Tanh, nn.Sigmoid)
 # activations whose output lies in [0, 1] (or [−1, 1]): what gates a product (see scale.py)
@@ -43,7 +45,7 @@ SQUASHING_FUNCTIONS = {torch.sigmoid, F.sigmoid, F.hardsigmoid, torch.tanh, F.ta
 SQUASHING_METHODS = {"sigmoid", "sigmoid_", "tanh", "tanh_"}
 POWER_FUNCTIONS = {operator.pow, torch.pow, torch.square}
 IDENTITY_MODULES = (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.Identity)
-NORM_FUNCTIONS = {F.batch_norm, F.layer_norm, F.group_norm}
+NORM_FUNCTIONS = {F.batch_norm, F.layer_norm, F.group_norm, F.rms_norm}
 DROPOUT_FUNCTIONS = {F.dropout, F.dropout1d, F.dropout2d, F.dropout3d, torch.dropout}
 RELU_FUNCTIONS = {F.relu, torch.relu, F.relu6}
 ACTIVATION_FUNCTIONS = {*RELU_FUNCTIONS, F.silu, F.gelu, F.hardswish, F.hardsigmoid, F.leaky_relu, F.elu, F.mish,
@@ -146,7 +148,7 @@ class Passthrough(KeepsSign, Op):
 
     @staticmethod
     def normalizes(step) -> bool:
-        """BatchNorm, LayerNorm, GroupNorm (modules or functional) shift and rescale: a
+        """BatchNorm, LayerNorm, GroupNorm, RMSNorm (modules or functional) shift and rescale: a
         non-negative input can come out negative, unlike the other identity-rule nodes."""
         node = step.node
         return isinstance(step.module, NORM_MODULES) or (node.op == "call_function" and node.target in NORM_FUNCTIONS)
