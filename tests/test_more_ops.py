@@ -109,6 +109,34 @@ def test_rms_norm_is_the_identity_with_the_rms_held_constant(seed):
     torch.testing.assert_close(R, expected, rtol=0, atol=1e-4 * float(expected.abs().max()))
 
 
+class Clamped(nn.Module):
+    """Gemma 4's clamped linear layer: `torch.clamp` by buffers, then `.clamp(min=)`, bounds that bind."""
+
+    def __init__(self, reference: bool = False) -> None:
+        super().__init__()
+        self.reference = reference
+        self.embed, self.head = nn.Linear(8, 16), nn.Linear(16, 4)
+        self.register_buffer("low", torch.tensor(-0.3))
+        self.register_buffer("high", torch.tensor(0.4))
+
+    def forward(self, x):
+        h = self.embed(x)
+        if self.reference:  # the identity rule: the clamp as h times its gain, held constant
+            return self.head(h * (torch.clamp(h, self.low, self.high).clamp(min=-0.2) / h).detach())
+        return self.head(torch.clamp(h, self.low, self.high).clamp(min=-0.2))
+
+
+def test_clamp_is_the_identity_with_its_gain_held_constant():
+    torch.manual_seed(0)
+    model, reference = Clamped().eval(), Clamped(reference=True).eval()
+    reference.load_state_dict(model.state_dict())
+    x = torch.randn(4, 8)
+    assert (model.embed(x).abs() > 0.4).any()  # the bounds bind: the gradient alone would differ
+    R, _ = _lrp0_and_gradient(model, x)
+    _, expected = _lrp0_and_gradient(reference, x)
+    torch.testing.assert_close(R, expected, rtol=0, atol=1e-4 * float(expected.abs().max()))
+
+
 def _timm_total_over_p(name: str, size: int, **kwargs) -> torch.Tensor:
     timm = pytest.importorskip("timm")
     torch.manual_seed(0)
