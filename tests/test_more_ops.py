@@ -18,7 +18,7 @@ from relprop.core.splitting import SignedSplit
 class Routed(nn.Module):
     """A shift by a negative zero pad (NASNet), a constant pad of ones (EfficientViT), a 'same'
     max pool padded with −inf (timm's MaxPool2dSame), nn.Unfold (TNT), Tensor.unfold (HaloNet),
-    and max reductions by `.amax` (Hiera) and `.max(dim)[0]` (VOLO)."""
+    and max reductions by `.amax` (Hiera), `.max(dim)[0]` (VOLO) and `torch.max(..., dim=).values`."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -33,7 +33,7 @@ class Routed(nn.Module):
         tokens = self.unfold(h).transpose(1, 2)  # (B, 16, 24)
         tokens = torch.relu(self.mix(tokens)).amax(1)  # (B, 8)
         windows = h.unfold(3, 4, 4).flatten(2)  # (B, 6, 64): H x (2 windows x 4)
-        pooled = windows.max(2)[0]  # (B, 6)
+        pooled = windows.max(2)[0] + torch.max(windows.flip(2), dim=2, keepdim=True).values.squeeze(2)  # (B, 6)
         return self.head(torch.cat([tokens, pooled], 1))
 
 

@@ -47,6 +47,8 @@ COPYING_PADS = {"reflect", "replicate", "circular"}
 PAD_MODULES = (nn.ZeroPad1d, nn.ZeroPad2d, nn.ZeroPad3d, nn.ConstantPad1d, nn.ConstantPad2d, nn.ConstantPad3d,
                nn.ReflectionPad1d, nn.ReflectionPad2d, nn.ReflectionPad3d, nn.ReplicationPad1d,
                nn.ReplicationPad2d, nn.ReplicationPad3d, nn.CircularPad1d, nn.CircularPad2d, nn.CircularPad3d)
+# fields of the (values, indices) tuples of `x.max(dim)`, `x.topk(k)`, `x.sort()`, by slot
+TUPLE_FIELDS = {"values": 0, "indices": 1}
 # torchvision's Swin patch merging (pad, four strided slices, cat), by importable name
 LIBRARY_FUNCTIONS = {"torchvision.models.swin_transformer._patch_merging_pad"}
 
@@ -62,6 +64,8 @@ class Route(KeepsSign, Op):
         # would drop that relevance silently
         if node.op == "call_method" and node.target == "masked_fill":
             return _fill_value(node) in (0.0, float("-inf"))
+        if node.op == "call_function" and node.target is getattr:  # `x.max(1).values`
+            return node.args[1] in TUPLE_FIELDS
         if node.target is F.pad:  # relevance follows the elements it keeps or copies
             mode = positional(node, 2, "mode", "constant")
             value = positional(node, 3, "value")
@@ -82,7 +86,8 @@ class Route(KeepsSign, Op):
         a = values[parent]
         if isinstance(a, (tuple, list)):
             slots: list[Tensor | None] = [torch.zeros_like(t) if isinstance(t, Tensor) else None for t in a]
-            slots[step.node.args[1]] = R
+            field = step.node.args[1]
+            slots[TUPLE_FIELDS[field] if step.node.target is getattr else field] = R
             return [(parent, slots)]
         return [(parent, vjp(step.as_function_of_first_input(values), a, R))]
 
