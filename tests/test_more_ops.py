@@ -5,6 +5,8 @@ constant, and the timm models they blocked are explained with the input total ne
 
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -13,6 +15,7 @@ from torch import nn
 from relprop import LRP
 from relprop.core.rules import EpsilonRule
 from relprop.core.splitting import SignedSplit
+from relprop.errors import UnsupportedLayerError
 
 
 class Routed(nn.Module):
@@ -178,3 +181,29 @@ def test_timm_models_with_these_ops_are_explained(name, size, kwargs):
 def test_larger_timm_models_with_these_ops_are_explained(name, size, kwargs):
     ratio = _timm_total_over_p(name, size, **kwargs)
     torch.testing.assert_close(ratio, torch.ones_like(ratio), rtol=0, atol=0.05)
+
+
+class Refused(nn.Module):
+    def __init__(self, kind: str) -> None:
+        super().__init__()
+        self.kind, self.conv, self.head = kind, nn.Conv2d(3, 4, 3), nn.Linear(4, 3)
+        self.pad = nn.ConstantPad2d(1, float("inf"))
+
+    def forward(self, x):
+        h = self.conv(x)
+        if self.kind == "inf pad":
+            h = self.pad(h)
+        elif self.kind == "nan pad":
+            h = F.pad(h, (1, 1), value=float("nan"))
+        elif self.kind == "clamp by a tensor":
+            h = torch.clamp(h, max=h.mean())
+        return self.head(h.amax((2, 3)))
+
+
+@pytest.mark.parametrize("kind, names", [("inf pad", "module 'pad' (ConstantPad2d) pads with inf"),
+                                         ("nan pad", "torch.nn.functional.pad"),
+                                         ("clamp by a tensor", "clamps by input-dependent bounds")])
+def test_pads_and_clamps_it_cannot_weigh_are_refused_in_one_line(kind, names):
+    with pytest.raises(UnsupportedLayerError, match=re.escape(names)) as caught:
+        LRP(Refused(kind).eval()).attribute(torch.randn(1, 3, 8, 8))
+    assert "\n" not in str(caught.value)

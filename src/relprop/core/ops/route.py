@@ -78,7 +78,7 @@ class Route(KeepsSign, Op):
         value = getattr(module, "value", 0.0)
         if isinstance(module, PAD_MODULES) and not _padding_value(value):
             raise UnsupportedLayerError(f"module '{node.target}' ({type(module).__name__}) pads with {value}, "
-                                        "which relprop's pooling rules cannot weigh; give it a rule "
+                                        "a constant no rule can weigh (finite or −inf only); give it a rule "
                                         f"(rules={{torch.nn.{type(module).__name__}: rule}})")
 
     def relevance(self, step, values, R, context: Context) -> Parents:
