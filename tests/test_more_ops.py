@@ -207,3 +207,33 @@ def test_pads_and_clamps_it_cannot_weigh_are_refused_in_one_line(kind, names):
     with pytest.raises(UnsupportedLayerError, match=re.escape(names)) as caught:
         LRP(Refused(kind).eval()).attribute(torch.randn(1, 3, 8, 8))
     assert "\n" not in str(caught.value)
+
+
+class PaddedStem(nn.Module):
+    """The same stem three ways: the conv's own padding, `nn.ZeroPad2d` before it, `F.pad` before it."""
+
+    def __init__(self, how: str) -> None:
+        super().__init__()
+        self.how = how
+        self.conv = nn.Conv2d(3, 4, 3, padding=1 if how == "conv" else 0)
+        self.pad, self.head = nn.ZeroPad2d(1), nn.Linear(4, 3)
+
+    def forward(self, x):
+        if self.how == "module":
+            x = self.pad(x)
+        elif self.how == "function":
+            x = F.pad(x, (1, 1, 1, 1))
+        return self.head(torch.relu(self.conv(x)).mean((2, 3)))
+
+
+def test_a_zero_pad_before_the_input_layer_gives_the_padded_zeros_no_share():
+    """The input rule (W⁺ by default) on conv∘pad equals it on the conv's own padding; on the
+    padded tensor it would give the padding a share that the pad then drops."""
+    torch.manual_seed(0)
+    reference = PaddedStem("conv").eval()
+    x = torch.randn(2, 3, 8, 8)
+    expected = LRP(reference).attribute(x)
+    for how in ("module", "function"):
+        model = PaddedStem(how).eval()
+        model.load_state_dict(reference.state_dict())
+        torch.testing.assert_close(LRP(model).attribute(x), expected, rtol=1e-5, atol=1e-7)
