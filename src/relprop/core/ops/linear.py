@@ -1,13 +1,20 @@
 """Linear, ConvNd, ConvTransposeNd (modules or `F.linear`/`F.convNd` calls): the layer's rule
-on its effective linear map, with any BatchNorm the canonizer folded into it."""
+on its effective linear map, with any BatchNorm the canonizer folded into it.
+
+The layer that sees the image through an explicit zero pad (timm's `Conv2dSame`, `StdConv2dSame`)
+takes its rule on the composed map conv∘pad, a function of the unpadded image: the input rules
+that weigh inputs regardless of their values (W⁺, flat, zB's bounds) would otherwise give the
+padded zeros a share, which the pad then drops (4 % of the total on vit_tiny_r_s16_p8_224)."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from typing import Any
 
+import torch
 import torch.fx as fx
-from torch import nn
+import torch.nn.functional as F
+from torch import Tensor, nn
 
 from relprop.core.linear_op import (
     LINEAR_FUNCTIONS,
@@ -61,9 +68,15 @@ class Linear(Op):
         folded = step.info.fold_before
         source = step.inputs[0] if folded is None else context.step_of[folded].inputs[0]  # the BatchNorm's input
         op = self.effective_op(step, values, context)
+        target = step.inputs[0]
+        padded = _zero_pad_before(step, op, values, context) if folded is None else None
+        if padded is not None:
+            target, pads = padded
+            source = target
+            op = PaddedLinearOp(**{f.name: getattr(op, f.name) for f in fields(op)}, pre_pad=pads)
         if rule.wants_nonnegative and context.step_of[source].nonnegative:
-            return [(step.inputs[0], rule.relevance(op, values[source], R, nonnegative=True))]
-        return [(step.inputs[0], rule.relevance(op, values[source], R))]
+            return [(target, rule.relevance(op, values[source], R, nonnegative=True))]
+        return [(target, rule.relevance(op, values[source], R))]
 
     @staticmethod
     def effective_op(step, values, context: Context) -> LinearOp:
@@ -94,3 +107,45 @@ class Linear(Op):
         if key is not None:
             context.cache[step.node] = (key, op)
         return op
+
+
+@dataclass(frozen=True, eq=False)
+class PaddedLinearOp(LinearOp):
+    """A convolution of a zero-padded input, as a map of the unpadded input (`pre_pad`: F.pad's
+    amounts, last dimension first)."""
+
+    pre_pad: tuple[int, ...] = ()
+
+    def forward(self, x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
+        return super().forward(F.pad(x, self.pre_pad), weight, bias)
+
+    def transpose(self, s: Tensor, weight: Tensor, input_shape: torch.Size) -> Tensor:
+        shape = list(input_shape)
+        for i in range(len(self.pre_pad) // 2):
+            shape[-1 - i] += self.pre_pad[2 * i] + self.pre_pad[2 * i + 1]
+        return F.pad(super().transpose(s, weight, torch.Size(shape)), [-p for p in self.pre_pad])
+
+
+def _zero_pad_before(step, op: LinearOp, values, context: Context) -> tuple[fx.Node, tuple[int, ...]] | None:
+    """The input layer's explicit zero pad: (its input, its amounts), or None."""
+    if not step.info.is_input_layer or op.kind != "conv":
+        return None
+    pad = context.step_of[step.inputs[0]]
+    if pad.op.name != "route" or len(pad.inputs) != 1:
+        return None
+    if isinstance(pad.module, (nn.ZeroPad1d, nn.ZeroPad2d, nn.ZeroPad3d, nn.ConstantPad1d, nn.ConstantPad2d,
+                               nn.ConstantPad3d)):
+        amounts, value = pad.module.padding, pad.module.value
+    elif pad.node.op == "call_function" and pad.node.target is F.pad:
+        args, kwargs = pad.arguments(values)
+        amounts = args[1] if len(args) > 1 else kwargs["pad"]
+        mode = args[2] if len(args) > 2 else kwargs.get("mode", "constant")
+        value = args[3] if len(args) > 3 else kwargs.get("value", 0.0)
+        if mode != "constant":
+            return None
+    else:
+        return None
+    amounts = tuple(int(a) for a in amounts)
+    if (value or 0.0) != 0.0 or any(a < 0 for a in amounts) or len(amounts) > 2 * op.dims:
+        return None
+    return pad.inputs[0], amounts

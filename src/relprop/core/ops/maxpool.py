@@ -7,6 +7,13 @@ Strategies (``maxpool=`` of a `Composite`, by object or name):
 - `WinnerTakesAll` (``"wta"``): all relevance of a window to its maximum;
 - `ReferenceAverage2x2`: the reference code's stand-in, a 2×2 average whatever the pool.
 A strategy of your own: any object with `function(geometry, dims, where) -> (Tensor -> Tensor)`.
+
+Max reductions (`x.amax(dim)`, `x.max(dim)`, `torch.amax`/`torch.max` with a dim: Hiera's
+query pooling, VOLO's class-token head) are max pooling with one window over the reduced
+dimensions, and take the same strategy through its `reduction(dims, keepdim)`: winner-takes-all
+gives all relevance to the maximum (ties share it, as the gradient of amax), the proportional
+strategies the sum's z-rule (relevance in proportion to the reduced values). Both conserve.
+`torch.max(a, b)` of two tensors is an elementwise maximum, not a reduction: left unclaimed.
 """
 
 from __future__ import annotations
@@ -15,16 +22,19 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, NamedTuple, Protocol
 
+import torch
 import torch.fx as fx
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from relprop.core.aliases import named
-from relprop.core.ops.base import Context, KeepsSign, Op, Parents
+from relprop.core.ops.base import Context, KeepsSign, Op, Parents, positional
 from relprop.errors import UnsupportedLayerError
 
 MODULES = (nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d)
 FUNCTIONS = {F.max_pool1d, F.max_pool2d, F.max_pool3d}
+# max reductions over dimensions (a max pool with one window): by function and tensor method
+REDUCTIONS = {torch.amax, torch.max, "amax", "max"}
 # what F.max_poolNd dispatch to when traced (boolean-dispatched private functions)
 PRIVATE_NAMES = ("_max_pool1d", "_max_pool2d", "_max_pool3d")
 
@@ -51,6 +61,9 @@ class AverageWindows:
         avg_pool = (F.avg_pool1d, F.avg_pool2d, F.avg_pool3d)[dims - 1]
         return lambda t: avg_pool(t, geometry.kernel, geometry.stride, geometry.padding, geometry.ceil_mode, True)
 
+    def reduction(self, dims: tuple[int, ...], keepdim: bool) -> Callable[[Tensor], Tensor]:
+        return lambda t: t.sum(dims, keepdim)
+
 
 @dataclass(frozen=True)
 class WinnerTakesAll:
@@ -60,6 +73,9 @@ class WinnerTakesAll:
         max_pool = (F.max_pool1d, F.max_pool2d, F.max_pool3d)[dims - 1]
         return lambda t: max_pool(t, *geometry)
 
+    def reduction(self, dims: tuple[int, ...], keepdim: bool) -> Callable[[Tensor], Tensor]:
+        return lambda t: t.amax(dims, keepdim)
+
 
 @dataclass(frozen=True)
 class ReferenceAverage2x2:
@@ -67,6 +83,9 @@ class ReferenceAverage2x2:
 
     def function(self, geometry: Geometry, dims: int, where: str) -> Callable[[Tensor], Tensor]:
         return lambda t: F.avg_pool2d(t, 2)
+
+    def reduction(self, dims: tuple[int, ...], keepdim: bool) -> Callable[[Tensor], Tensor]:
+        return lambda t: t.sum(dims, keepdim)  # the reference code has none: its stand-in's proportion
 
 
 # name -> (strategy, its reference-numerics twin); the names are the composite's aliases
@@ -91,11 +110,17 @@ class MaxPool(KeepsSign, Op):
     functions = FUNCTIONS
 
     def claim(self, node: fx.Node) -> bool:
+        if node.op in ("call_function", "call_method") and node.target in REDUCTIONS:
+            # a reduction over a number of dims, or all; `max(a, b)` of two tensors is elementwise
+            return isinstance(node.args[0], fx.Node) and not isinstance(positional(node, 1, "dim"), fx.Node) \
+                and not isinstance(node.kwargs.get("other"), fx.Node)
         return super().claim(node) or (node.op == "call_function"
                                        and getattr(node.target, "__name__", "") in PRIVATE_NAMES)
 
     def relevance(self, step, values, R, context: Context) -> Parents:
         parent = step.inputs[0]
+        if step.node.target in REDUCTIONS:
+            return [(parent, self._reduction_relevance(step, values, R, context))]
         args, kwargs = step.arguments(values)
         if step.module is not None:
             pool = step.module
@@ -103,7 +128,37 @@ class MaxPool(KeepsSign, Op):
         else:
             geometry = _geometry(*args[1:], **kwargs)
         fn = context.strategies.maxpool.function(geometry, args[0].dim() - 2, step.node.name)
-        return [(parent, context.strategies.pooling.relevance(fn, values[parent], R))]
+        return [(parent, pooled_relevance(context, fn, values[parent], R))]
+
+
+    @staticmethod
+    def _reduction_relevance(step, values, R, context: Context) -> Tensor:
+        node, x = step.node, values[parent_of(step)]
+        dim, keepdim = positional(node, 1, "dim"), bool(positional(node, 2, "keepdim", False))
+        dims = tuple(range(x.dim())) if dim in (None, (), []) else tuple(_as_tuple(dim))
+        if isinstance(R, (list, tuple)):  # `x.max(dim)` gives (values, indices): the values' relevance
+            R = R[0]
+        strategy = context.strategies.maxpool
+        if not hasattr(strategy, "reduction"):
+            raise UnsupportedLayerError(f"the max reduction '{node.name}' needs a max-pool strategy with "
+                                        f"reduction(dims, keepdim); {type(strategy).__name__} has none")
+        return pooled_relevance(context, strategy.reduction(dims, keepdim), x, R)
+
+
+def pooled_relevance(context: Context, fn: Callable[[Tensor], Tensor], x: Tensor, R: Tensor) -> Tensor:
+    """The pooling rule over `fn`. Elements at −inf (a 'same' max pool's padding, timm's
+    MaxPool2dSame: the max's neutral element, a constant) take none: they stay −inf for a max
+    (never the winner) and count 0 for a proportional strategy (no share of the sum)."""
+    padded = torch.isneginf(x)
+    if not padded.any():
+        return context.strategies.pooling.relevance(fn, x, R)
+    finite = x.masked_fill(padded, 0.0)
+    fill = float("-inf") if torch.isfinite(fn(x)).all() else 0.0  # a max keeps −inf out; a sum would be −inf
+    return context.strategies.pooling.relevance(lambda t: fn(t.masked_fill(padded, fill)), finite, R)
+
+
+def parent_of(step) -> fx.Node:
+    return step.inputs[0]
 
 
 def _geometry(kernel_size, stride=None, padding=0, dilation=1, ceil_mode=False, return_indices=False) -> Geometry:

@@ -5,6 +5,8 @@ depth). A rule the user gives such a layer (by name or type) is applied instead.
 Elementwise nonlinearities and normalizations take the identity rule (AttnLRP, Achtibat et al.
 2024, and its LXT code: elementwise activations; LayerNorm and GroupNorm with the divisor held
 constant, "identity on the normalization"). The same two reasons cover:
+- RMSNorm (`nn.RMSNorm`, `F.rms_norm`: DeepSeek's and Gemma's ViTs): `x / rms(x) · w` with the
+  RMS held constant, as LayerNorm's std, is a diagonal scaling: identity;
 - Tanh and Sigmoid (a head's Tanh, a sigmoid whose output is read as a value): elementwise and
   monotone, each output depends on one input only, so the identity rule is the one conserving
   choice (a sigmoid that gates a product is the product's business: see scale.py);
@@ -14,7 +16,10 @@ constant, "identity on the normalization"). The same two reasons cover:
   constant, as LayerNorm's std in LXT, is a positive diagonal scaling: identity;
 - `neg` (rotary embeddings' `rotate_half`): `−x` sends relevance back unchanged (the z-rule of
   a one-input linear map);
-- `type_as`: a dtype cast."""
+- `type_as`: a dtype cast;
+- `clamp`/`clip` with input-independent bounds (Gemma 4's clamped linear layers): elementwise and
+  piecewise linear, a hard tanh; identity, as ReLU6 (input-dependent bounds are refused: they
+  would take relevance the identity rule cannot give them)."""
 
 from __future__ import annotations
 
@@ -31,10 +36,11 @@ from relprop.core.linear_op import BatchNormStats
 from relprop.core.ops.base import Context, KeepsSign, Op, Parents, positional
 from relprop.core.ops.route import first_operand
 from relprop.core.rules import LayerNormParams, Rule
-from relprop.core.trace import module_path
+from relprop.core.trace import in_module, module_path
+from relprop.errors import UnsupportedLayerError
 
 BATCHNORM_MODULES = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
-NORM_MODULES = (*BATCHNORM_MODULES, nn.LayerNorm, nn.GroupNorm)
+NORM_MODULES = (*BATCHNORM_MODULES, nn.LayerNorm, nn.GroupNorm, nn.RMSNorm)
 ACTIVATION_MODULES = (nn.ReLU, nn.ReLU6, nn.SiLU, nn.GELU, nn.Hardswish, nn.Hardsigmoid, nn.LeakyReLU,
                       nn.ELU, nn.Mish, nn.Tanh, nn.Sigmoid)
 # activations whose output lies in [0, 1] (or [−1, 1]): what gates a product (see scale.py)
@@ -43,7 +49,7 @@ SQUASHING_FUNCTIONS = {torch.sigmoid, F.sigmoid, F.hardsigmoid, torch.tanh, F.ta
 SQUASHING_METHODS = {"sigmoid", "sigmoid_", "tanh", "tanh_"}
 POWER_FUNCTIONS = {operator.pow, torch.pow, torch.square}
 IDENTITY_MODULES = (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.Identity)
-NORM_FUNCTIONS = {F.batch_norm, F.layer_norm, F.group_norm}
+NORM_FUNCTIONS = {F.batch_norm, F.layer_norm, F.group_norm, F.rms_norm}
 DROPOUT_FUNCTIONS = {F.dropout, F.dropout1d, F.dropout2d, F.dropout3d, torch.dropout}
 RELU_FUNCTIONS = {F.relu, torch.relu, F.relu6}
 ACTIVATION_FUNCTIONS = {*RELU_FUNCTIONS, F.silu, F.gelu, F.hardswish, F.hardsigmoid, F.leaky_relu, F.elu, F.mish,
@@ -52,6 +58,8 @@ ACTIVATION_METHODS = {"relu", "relu_", *SQUASHING_METHODS}
 FUNCTIONS = {*ACTIVATION_FUNCTIONS, *DROPOUT_FUNCTIONS, *NORM_FUNCTIONS, F.normalize, operator.neg, torch.neg}
 METHODS = {*ACTIVATION_METHODS, "contiguous", "clone", "detach", "float", "to", "type", "type_as", "neg"}
 POWER_METHODS = {"pow", "square"}
+CLAMP_FUNCTIONS = {torch.clamp, torch.clip, torch.clamp_min, torch.clamp_max}
+CLAMP_METHODS = {"clamp", "clip", "clamp_min", "clamp_max", "clamp_", "clip_", "clamp_min_", "clamp_max_"}
 # Library helpers that are the identity here, by importable name (no import of the library needed).
 LIBRARY_FUNCTIONS = {
     "timm.layers.attention.maybe_add_mask",  # scores + a constant mask (or None): the scores keep it all
@@ -73,6 +81,8 @@ class Passthrough(KeepsSign, Op):
     def claim(self, node: fx.Node) -> bool:
         if node.target in POWER_FUNCTIONS or (node.op == "call_method" and node.target in POWER_METHODS):
             return _constant_exponent(node)
+        if _is_clamp(node):
+            return bool(node.args) and isinstance(node.args[0], fx.Node)
         return super().claim(node)
 
     def make_info(self) -> PassInfo:
@@ -90,6 +100,9 @@ class Passthrough(KeepsSign, Op):
 
     def relevance(self, step, values, R, context: Context) -> Parents:
         parent = first_operand(step) if step.module is None else step.inputs[0]
+        if _is_clamp(step.node) and len(step.inputs) > 1:
+            raise UnsupportedLayerError(f"'{step.node.name}'{in_module(step.node)} clamps by input-dependent "
+                                        "bounds; relprop has no rule for relevance that reaches them")
         rule, layer = self._user_rule(step, values, context)
         if rule is None or step.info.folded_into is not None:
             return [(parent, R.reshape(values[parent].shape))]
@@ -122,6 +135,10 @@ class Passthrough(KeepsSign, Op):
             return True
         if node.target in {operator.neg, torch.neg, "neg"}:
             return False
+        if _is_clamp(node):  # non-negative only by a lower bound >= 0 (an upper bound < 0 flips it)
+            low = positional(node, 1, "min")
+            return node.target not in ("clamp_max", torch.clamp_max, "clamp_max_") \
+                and isinstance(low, (int, float)) and low >= 0
         if node.target in POWER_FUNCTIONS or (node.op == "call_method" and node.target in POWER_METHODS):
             exponent = 2 if node.target in (torch.square, "square") else node.args[1]
             return float(exponent) % 2 == 0 or super().output_nonnegative(step, parents)
@@ -146,10 +163,15 @@ class Passthrough(KeepsSign, Op):
 
     @staticmethod
     def normalizes(step) -> bool:
-        """BatchNorm, LayerNorm, GroupNorm (modules or functional) shift and rescale: a
+        """BatchNorm, LayerNorm, GroupNorm, RMSNorm (modules or functional) shift and rescale: a
         non-negative input can come out negative, unlike the other identity-rule nodes."""
         node = step.node
         return isinstance(step.module, NORM_MODULES) or (node.op == "call_function" and node.target in NORM_FUNCTIONS)
+
+
+def _is_clamp(node: fx.Node) -> bool:
+    return (node.op == "call_function" and node.target in CLAMP_FUNCTIONS) \
+        or (node.op == "call_method" and node.target in CLAMP_METHODS)
 
 
 def _constant_exponent(node: fx.Node) -> bool:

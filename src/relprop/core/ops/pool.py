@@ -1,5 +1,6 @@
 """Positive linear maps: average, adaptive-average, sum and mean pooling and upsampling by
-non-negative interpolation weights. Relevance goes in proportion to each input's share (the
+non-negative interpolation weights, and `F.fold`/`nn.Fold` (VOLO's outlook attention: overlapping
+patches summed back into an image, a sum of copies). Relevance goes in proportion to each input's share (the
 composite's pooling rule: the exact z-rule, or the reference code's stabilized one)."""
 
 from __future__ import annotations
@@ -24,9 +25,9 @@ from relprop.core.ops.base import (
 # Upsampling modes whose interpolation weights are non-negative: relevance goes in proportion.
 POSITIVE_INTERPOLATION = {"nearest", "nearest-exact", "linear", "bilinear", "trilinear", "area"}
 MODULES = (nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d, nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d,
-           nn.AdaptiveAvgPool3d, nn.Upsample)
+           nn.AdaptiveAvgPool3d, nn.Upsample, nn.Fold)
 FUNCTIONS = {F.avg_pool1d, F.avg_pool2d, F.avg_pool3d, F.adaptive_avg_pool1d, F.adaptive_avg_pool2d,
-             F.adaptive_avg_pool3d, torch.mean, torch.sum}
+             F.adaptive_avg_pool3d, torch.mean, torch.sum, F.fold}
 METHODS = {"mean", "sum"}
 
 

@@ -5,12 +5,22 @@ sends its relevance to that slot of the tuple's relevance, and the chunk sends a
 at once.
 
 Routes that copy elements (`expand`, `repeat`, `repeat_interleave`, reflect/replicate/circular
-padding) send each copy's relevance back to its source, where the copies' relevance adds up: the
-transpose of a copy is a sum, so the total is kept (the z-rule of a map whose weights are 0 or 1).
+padding, `nn.Unfold`/`F.unfold` and `Tensor.unfold`'s sliding windows) send each copy's relevance
+back to its source, where the copies' relevance adds up: the transpose of a copy is a sum, so the
+total is kept (the z-rule of a map whose weights are 0 or 1).
+
+Constant padding (`F.pad` in mode "constant", `nn.ZeroPadNd`, `nn.ConstantPadNd`) keeps each
+input element once and adds constants: relevance follows the kept elements, and what reaches a
+padded position stays there, as a bias's share does. A zero pad holds none under every rule that
+divides contributions (0·w contributes nothing); a non-zero value (EfficientViT's column of ones,
+the normalizer of its linear attention) is input-independent: its share is dropped like a bias's,
+and the fidelity check's totals show it. A −inf pad (timm's MaxPool2dSame, NASNet's 'same' pools)
+feeds a max pool, which gives −inf elements no relevance (maxpool.py); NaN or +inf is refused.
 `reshape_as(other)` and `expand_as(other)` read only `other`'s shape: it gets no relevance."""
 
 from __future__ import annotations
 
+import math
 import operator
 from typing import Any
 
@@ -26,19 +36,26 @@ from relprop.errors import UnsupportedLayerError
 
 FUNCTIONS = {torch.flatten, torch.reshape, torch.squeeze, torch.unsqueeze, torch.permute, torch.transpose,
              operator.getitem, torch.roll, torch.chunk, torch.split, torch.unbind, torch.tensor_split,
-             torch.repeat_interleave, torch.flip, torch.swapaxes, torch.swapdims, torch.movedim, torch.moveaxis}
+             torch.repeat_interleave, torch.flip, torch.swapaxes, torch.swapdims, torch.movedim, torch.moveaxis,
+             F.unfold}
 METHODS = {"view", "reshape", "flatten", "squeeze", "unsqueeze", "permute", "transpose", "t", "roll", "expand",
            "chunk", "split", "unbind", "tensor_split", "reshape_as", "view_as", "expand_as", "repeat",
-           "repeat_interleave", "flip", "swapaxes", "swapdims", "movedim", "moveaxis"}
+           "repeat_interleave", "flip", "swapaxes", "swapdims", "movedim", "moveaxis", "unfold"}
 # the pad modes that copy elements of the input (every output element is one input element)
 COPYING_PADS = {"reflect", "replicate", "circular"}
+# padding and sliding-window modules: each output element is one input element or a constant
+PAD_MODULES = (nn.ZeroPad1d, nn.ZeroPad2d, nn.ZeroPad3d, nn.ConstantPad1d, nn.ConstantPad2d, nn.ConstantPad3d,
+               nn.ReflectionPad1d, nn.ReflectionPad2d, nn.ReflectionPad3d, nn.ReplicationPad1d,
+               nn.ReplicationPad2d, nn.ReplicationPad3d, nn.CircularPad1d, nn.CircularPad2d, nn.CircularPad3d)
+# fields of the (values, indices) tuples of `x.max(dim)`, `x.topk(k)`, `x.sort()`, by slot
+TUPLE_FIELDS = {"values": 0, "indices": 1}
 # torchvision's Swin patch merging (pad, four strided slices, cat), by importable name
 LIBRARY_FUNCTIONS = {"torchvision.models.swin_transformer._patch_merging_pad"}
 
 
 class Route(KeepsSign, Op):
     name = "route"
-    modules = (nn.Flatten, nn.Unflatten)
+    modules = (nn.Flatten, nn.Unflatten, nn.Unfold, *PAD_MODULES)
     keeps_the_input_layer = True
     functions, methods, library_functions = FUNCTIONS, METHODS, LIBRARY_FUNCTIONS
 
@@ -47,17 +64,30 @@ class Route(KeepsSign, Op):
         # would drop that relevance silently
         if node.op == "call_method" and node.target == "masked_fill":
             return _fill_value(node) in (0.0, float("-inf"))
-        if node.target is F.pad:  # zero padding: relevance follows the elements it keeps
+        if node.op == "call_function" and node.target is getattr:  # `x.max(1).values`
+            return node.args[1] in TUPLE_FIELDS
+        if node.target is F.pad:  # relevance follows the elements it keeps or copies
             mode = positional(node, 2, "mode", "constant")
-            return mode in COPYING_PADS or (mode == "constant" and not positional(node, 3, "value"))
+            value = positional(node, 3, "value")
+            # a number (a tensor-valued one could depend on the input): finite, or −inf (a max's
+            # neutral element: the max pool gives such elements no relevance)
+            return mode in COPYING_PADS or (mode == "constant" and (value is None or _padding_value(value)))
         return super().claim(node)
+
+    def check_module(self, node: fx.Node, module: nn.Module) -> None:
+        value = getattr(module, "value", 0.0)
+        if isinstance(module, PAD_MODULES) and not _padding_value(value):
+            raise UnsupportedLayerError(f"module '{node.target}' ({type(module).__name__}) pads with {value}, "
+                                        "a constant no rule can weigh (finite or −inf only); give it a rule "
+                                        f"(rules={{torch.nn.{type(module).__name__}: rule}})")
 
     def relevance(self, step, values, R, context: Context) -> Parents:
         parent = first_operand(step)
         a = values[parent]
         if isinstance(a, (tuple, list)):
             slots: list[Tensor | None] = [torch.zeros_like(t) if isinstance(t, Tensor) else None for t in a]
-            slots[step.node.args[1]] = R
+            field = step.node.args[1]
+            slots[TUPLE_FIELDS[field] if step.node.target is getattr else field] = R
             return [(parent, slots)]
         return [(parent, vjp(step.as_function_of_first_input(values), a, R))]
 
@@ -70,6 +100,10 @@ def first_operand(step) -> fx.Node:
         raise UnsupportedLayerError(f"'{step.node.name}'{in_module(step.node)} routes a constant shaped like an "
                                     "input-dependent tensor; relprop has no rule for relevance that reaches it")
     return first
+
+
+def _padding_value(value: Any) -> bool:
+    return isinstance(value, (int, float)) and (math.isfinite(value) or value == float("-inf"))
 
 
 def _fill_value(node: fx.Node) -> Any:
