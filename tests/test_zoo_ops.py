@@ -336,22 +336,30 @@ def test_newer_families_are_explained_slow(name):
     _explain(*SLOW[name])
 
 
-class DividedByItsInput(nn.Module):
-    """`g(x) / x`: the input-dependent operand is the divisor, no signal a gate scales."""
+class Normalized(Frozen):
+    """`relu(h) / d(h)`: a divisor computed from the value it divides (`g(x) / x`'s kind) and a
+    sibling divisor read from the same tensor (EfficientViT's `out[..., :-1] / out[..., -1:]`)."""
 
     def __init__(self) -> None:
         super().__init__()
-        self.body, self.head = nn.Linear(6, 6), nn.Linear(6, 3)
+        self.body, self.head = nn.Linear(6, 7), nn.Linear(6, 3)
 
     def forward(self, x):
         h = self.body(x)
-        return self.head(torch.sigmoid(h) / h)
+        out = torch.relu(h)[:, :-1] / self.hold(torch.exp(h[:, -1:]) + 1)
+        out = out / self.hold(out.abs().sum(1, keepdim=True) + 1)
+        return self.head(out)
 
 
-def test_a_divisor_is_never_taken_for_the_signal():
-    """Before, `g(x) / x` sent all relevance to the divisor x as if it were `x · g(x)`."""
-    with pytest.raises(UnsupportedLayerError, match="divides by an input-dependent tensor"):
-        LRP(DividedByItsInput().eval()).attribute(torch.randn(2, 6))
+def test_a_divisor_is_held_constant_and_never_taken_for_the_signal():
+    """Before, `g(x) / x` sent all relevance to the divisor x as if it were `x · g(x)`, and then
+    every input-dependent divisor was refused; a divisor is a normalizer held constant: LRP-0 is
+    gradient × input of the same network with its divisors detached."""
+    torch.manual_seed(0)
+    model, x = Normalized().eval(), torch.randn(4, 6)
+    R = _lrp0(model, x)
+    model.frozen = True
+    _assert_close(R, _gradient_times_input(model, x))
 
 
 def test_a_log_softmax_is_refused_with_both_fixes():

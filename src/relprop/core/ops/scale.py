@@ -3,6 +3,10 @@ of two input-dependent factors (gated MLPs, SwiGLU, StarNet's star operation, Gh
 attention, MambaOut).
 
 - A constant factor or divisor takes no relevance: the product is linear in the other operand.
+- `a / b` with an input-dependent divisor (a normalizer: EfficientViT's linear attention
+  `out[..., :-1] / out[..., -1:]`, `x / x.norm()`, `g(x) / x`): the divisor is held constant and
+  all relevance stays with the numerator, as LayerNorm's std (LXT; Ali et al. 2022) and
+  `F.normalize`'s norm are; it conserves. It never goes to the divisor as if it were a signal.
 - `x * g(x)`, a gate computed from the value it gates (SE blocks, SiLU written out): the gate
   gets none, all relevance stays with x (Arras et al. 2017's "signal-take-all").
 - `x * x` (one input-dependent operand, twice): an elementwise square, the identity rule of an
@@ -63,12 +67,12 @@ class Scale(Op):
         if len(step.inputs) != 2 or step.info.gate is not None:  # one input-dependent operand (a constant
             return  # factor, or x * x), or attention weights (softmax.py set them as the gate)
         first, second = step.node.args[0], step.node.args[1]
+        if step.node.target in DIVISIONS:  # a / b: b a normalizer, held constant (never the signal)
+            step.info.gate = 1
+            return
         source = plan.computed_from_the_other(step)
         if source is not None:
-            if not (step.node.target in DIVISIONS and source == 1):  # g(x) / x: x, the divisor, is no signal
-                step.info.gate = 1 - source
-            return
-        if step.node.target in DIVISIONS:  # a / b: b is no gate we can read
+            step.info.gate = 1 - source
             return
         step.info.unrelated = True
         ranks = [_gating_rank(plan, arg) for arg in (first, second)]
@@ -97,7 +101,8 @@ class Scale(Op):
         parents = self.relevance_parents(step)
         if len(parents) != 1:
             raise UnsupportedLayerError(
-                f"'{node.name}'{in_module(node)} divides by an input-dependent tensor; relprop has no rule for that")
+                f"'{node.name}'{in_module(node)} combines {len(parents)} input-dependent operands in a way relprop has "
+                "no rule for")
         return [(parents[0], R.sum_to_size(values[parents[0]].shape))]
 
 
