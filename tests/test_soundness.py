@@ -321,3 +321,28 @@ def test_a_claim_that_fails_gives_one_line_naming_the_node(registered):
     with pytest.raises(OpFailure, match=r"planner op failed to claim function '.*double'") as info:
         LRP(Doubling().eval())
     assert isinstance(info.value.__cause__, AttributeError)
+
+
+class FoldedBatch(nn.Module):
+    """Rows of B·N tokens, batch-major, through a module (TNT's pixel tokens): its cut's
+    relevance has B·N rows, one sample's tokens after another."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv, self.tokens, self.head = nn.Conv2d(3, 4, 3, padding=1), nn.Linear(4, 4), nn.Linear(4, 3)
+
+    def forward(self, x):
+        h = torch.relu(self.conv(x))
+        b, c, height, width = h.shape
+        rows = self.tokens(h.permute(0, 2, 3, 1).reshape(b * height * width, c))
+        return self.head(torch.relu(rows).reshape(b, height * width, c).mean(1))
+
+
+def test_layer_sums_of_a_value_with_the_batch_folded_in_are_per_sample():
+    torch.manual_seed(0)
+    model, x = FoldedBatch().eval(), torch.rand(3, 3, 5, 5)
+    R, sums = LRP(model).attribute(x, return_layer_sums=True)
+    probability = torch.softmax(model(x), 1).max(1).values
+    assert sums["tokens"].shape == (3,)
+    torch.testing.assert_close(sums["tokens"], probability, rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(R.sum((1, 2, 3)), probability, rtol=1e-4, atol=1e-6)

@@ -25,7 +25,14 @@ from relprop.core.plan import Plan, Step, build_plan, failing_as_refusal, layer_
 from relprop.core.rules import Rule
 from relprop.core.ruleset import RuleSet
 from relprop.core.trace import LeafPolicy, eval_mode, trace
-from relprop.errors import FidelityError, InputError, RelpropError, TraceError, first_line
+from relprop.errors import (
+    FidelityError,
+    InputError,
+    RelpropError,
+    TraceError,
+    UnsupportedLayerError,
+    first_line,
+)
 
 MAX_CAPTURES = 8  # graphs kept per engine on the capture path (one per input shape)
 
@@ -185,6 +192,7 @@ class RelevanceEngine:
         sums: OrderedDict[str, Tensor] = OrderedDict()
         for node, R in _match_seed(self.steps[-1].node.args[0], seed):
             _accumulate(relevance, node, R)
+        batch = record.values[self._input_node].shape[0]
         for step in reversed(self.steps):
             R = relevance.pop(step.node, None)
             for name in keep.get(step.node, ()):
@@ -196,7 +204,7 @@ class RelevanceEngine:
             with failing_as_refusal(step, "propagate relevance through"):
                 for parent, R_in in step.op.relevance(step, record.values, R, self):
                     if layer_sums and step.group is not None and self.step_of[parent].group != step.group:
-                        total = sum(r.reshape(r.shape[0], -1).sum(1) for r in _slots(R_in) if r is not None)
+                        total = sum(_per_sample(r, batch) for r in _slots(R_in) if r is not None)
                         sums[step.group] = sums[step.group] + total if step.group in sums else total
                     _accumulate(relevance, parent, R_in)
         x = record.values[self._input_node]
@@ -296,6 +304,16 @@ def _accumulate(relevance: dict[fx.Node, Any], node: fx.Node, R: Tensor | list[T
                 held.add_(new)
     else:
         relevance[node].add_(R)
+
+
+def _per_sample(R: Tensor, batch: int) -> Tensor:
+    """Per-sample totals of a relevance tensor whose leading dimension is the batch, or the batch
+    folded with another dimension batch-major (TNT's pixel tokens, windows: B·N rows)."""
+    if R.dim() == 0 or R.shape[0] % batch:
+        raise UnsupportedLayerError(
+            f"a reported cut holds a value of shape {tuple(R.shape)} whose rows are not the batch's "
+            f"({batch}); ask for no layer sums (return_layer_sums=False) on this model")
+    return R.reshape(batch, -1).sum(1)
 
 
 def _slots(R: Tensor | list[Tensor]) -> list[Tensor]:
