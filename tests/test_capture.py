@@ -11,10 +11,10 @@ from torch import nn
 
 import relprop.core.interpreter as interpreter
 from relprop import LRP
-from relprop.core.rules import EpsilonRule
-from relprop.core.splitting import SignedSplit
 from relprop.core.trace import LeafPolicy, trace
 from relprop.errors import FidelityError, TraceError, first_line
+
+from references import explained_logit_seed, gradient_times_input, lrp0_explainer
 
 
 class ShapeDependent(nn.Module):
@@ -36,22 +36,6 @@ class ShapeDependent(nn.Module):
         return self.head(torch.flatten(F.adaptive_avg_pool2d(x, 1), 1))
 
 
-def lrp0(model: nn.Module) -> LRP:
-    """LRP-0: the z-rule everywhere, the signed split and winner-takes-all max pooling, unstabilized."""
-    z_rule = EpsilonRule(0.0)
-    return LRP(model, rules={nn.Conv2d: z_rule, nn.Linear: z_rule}, input_rule=z_rule,
-               split=SignedSplit(epsilon=0.0), maxpool="wta")
-
-
-def gradient_times_input(model: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    inputs = x.clone().requires_grad_(True)
-    logits = model(inputs)
-    explained = logits.argmax(1, keepdim=True)
-    (gradient,) = torch.autograd.grad(logits.gather(1, explained).sum(), inputs)
-    seed = torch.zeros_like(logits).scatter(1, explained, logits.gather(1, explained)).detach()
-    return gradient * x, seed
-
-
 def test_symbolic_tracing_fails_on_the_example_model():
     with pytest.raises(TraceError):
         trace(ShapeDependent(), LeafPolicy(lambda module: False))
@@ -64,12 +48,12 @@ def test_captured_model_lrp0_is_gradient_times_input_at_every_shape(seed):
     capture of its own."""
     torch.manual_seed(seed)
     model = ShapeDependent().eval()
-    explainer = lrp0(model)
+    explainer = lrp0_explainer(model, maxpool="wta")
     assert explainer.capture_path == "concrete"
     for size in (15, 16, 8):
         x = torch.randn(3, 3, size, size)
-        expected, seed_relevance = gradient_times_input(model, x)
-        R = explainer.attribute(x, target=seed_relevance)
+        expected = gradient_times_input(model, x)
+        R = explainer.attribute(x, target=explained_logit_seed(model(x)))
         torch.testing.assert_close(R, expected, rtol=0, atol=1e-4 * float(expected.abs().max()))
     assert len(explainer.engine._captures) == 3
 
@@ -132,9 +116,9 @@ def test_item_assignment_lrp0_is_gradient_times_input(seed):
     torch.manual_seed(seed)
     model = Assigning().eval()
     x = torch.randn(3, 3, 8, 8)
-    expected, seed_relevance = gradient_times_input(model, x)
-    explainer = lrp0(model)
-    R = explainer.attribute(x, target=seed_relevance)
+    expected = gradient_times_input(model, x)
+    explainer = lrp0_explainer(model, maxpool="wta")
+    R = explainer.attribute(x, target=explained_logit_seed(model(x)))
     assert explainer.capture_path == "concrete"
     torch.testing.assert_close(R, expected, rtol=0, atol=1e-4 * float(expected.abs().max()))
 

@@ -16,8 +16,6 @@ input with them detached.
 
 from __future__ import annotations
 
-from typing import Any
-
 import pytest
 import torch
 import torch.nn.functional as F
@@ -26,28 +24,9 @@ from torch import nn
 from relprop import LRP
 from relprop.core.interpreter import RelevanceEngine
 from relprop.core.ops.attention import ConservativeAttention
-from relprop.core.rules import EpsilonRule
-from relprop.core.splitting import SignedSplit
 from relprop.errors import ConfigError, UnsupportedLayerError
 
-Z_RULE = EpsilonRule(0.0)
-
-
-def _lrp0(model: nn.Module, x: torch.Tensor, **options: Any) -> torch.Tensor:
-    """LRP-0 seeded with the explained logit."""
-    logits = model(x)
-    explained = logits.argmax(1, keepdim=True)
-    seed = torch.zeros_like(logits).scatter(1, explained, logits.gather(1, explained)).detach()
-    return LRP(model, rules={nn.Linear: Z_RULE}, input_rule=Z_RULE, split=SignedSplit(epsilon=0.0),
-               **options).attribute(x, target=seed)
-
-
-def _gradient_times_input(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    inputs = x.clone().requires_grad_(True)
-    logits = model(inputs)
-    explained = logits.argmax(1, keepdim=True)
-    (gradient,) = torch.autograd.grad(logits.gather(1, explained).sum(), inputs)
-    return gradient * x
+from references import gradient_times_input, lrp0, redraw_layer_scales
 
 
 class SpatialGating(nn.Module):
@@ -73,8 +52,8 @@ def test_a_gate_the_graph_cannot_tell_takes_the_uniform_rule_under_cp():
     torch.manual_seed(0)
     model = SpatialGating().eval()
     x = torch.randn(3, 6)
-    R = _lrp0(model, x)
-    expected = 0.5 * _gradient_times_input(model, x)
+    R = lrp0(model, x)
+    expected = 0.5 * gradient_times_input(model, x)
     torch.testing.assert_close(R, expected, rtol=0, atol=1e-3 * float(expected.abs().max()))
 
 
@@ -141,9 +120,9 @@ def test_a_softmax_mixed_by_a_constant_gate_is_attention_held_constant_under_cp(
     torch.manual_seed(0)
     model = MixedAttention().eval()
     x = torch.randn(2, 5, 6)
-    R = _lrp0(model, x)
+    R = lrp0(model, x)
     model.frozen = True
-    expected = _gradient_times_input(model, x)
+    expected = gradient_times_input(model, x)
     torch.testing.assert_close(R, expected, rtol=0, atol=1e-3 * float(expected.abs().max()))
 
 
@@ -187,9 +166,9 @@ def test_a_softmax_gating_values_elementwise_is_held_constant_under_cp():
     torch.manual_seed(0)
     model = StateMixer().eval()
     x = torch.randn(2, 6, 5)
-    R = _lrp0(model, x)
+    R = lrp0(model, x)
     model.frozen = True
-    expected = 0.5 * _gradient_times_input(model, x)
+    expected = 0.5 * gradient_times_input(model, x)
     torch.testing.assert_close(R, expected, rtol=0, atol=1e-3 * float(expected.abs().max()))
 
 
@@ -198,15 +177,8 @@ def test_a_softmax_gating_values_elementwise_is_held_constant_under_cp():
 
 def _realistic(model: nn.Module, size: int) -> nn.Module:
     """Layer scales redrawn in [0.1, 1] and BatchNorm statistics calibrated on random data."""
+    redraw_layer_scales(model).train()
     with torch.no_grad():
-        for module in model.modules():
-            for name in ("gamma", "gamma_1", "gamma_2", "layer_scale", "weight"):
-                p = getattr(module, name, None)
-                if not isinstance(p, nn.Parameter) or p.dim() != 1:
-                    continue
-                if name != "weight" or (isinstance(module, (nn.LayerNorm, nn.GroupNorm)) and not p.any()):
-                    p.uniform_(0.1, 1.0)
-        model.train()
         for _ in range(3):
             model(torch.randn(4, 3, size, size))
     return model.eval()

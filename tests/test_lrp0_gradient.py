@@ -9,9 +9,9 @@ import pytest
 import torch
 from torch import nn
 
-from relprop import LRP
-from relprop.core.rules import EpsilonRule, Rule
-from relprop.core.splitting import SignedSplit
+from relprop.core.rules import Rule
+
+from references import gradient_times_input, lrp0
 
 
 class PlainResidual(nn.Module):
@@ -61,15 +61,8 @@ def test_lrp0_is_gradient_times_input(build, seed):
     torch.manual_seed(seed)
     model = build().eval()
     x = torch.randn(3, 3, 16, 16)
-    inputs = x.clone().requires_grad_(True)
-    logits = model(inputs)
-    explained = logits.argmax(1, keepdim=True)
-    (gradient,) = torch.autograd.grad(logits.gather(1, explained).sum(), inputs)
-    seed_relevance = torch.zeros_like(logits).scatter(1, explained, logits.gather(1, explained)).detach()
-    z_rule = EpsilonRule(0.0)
-    R = LRP(model, rules={nn.Conv2d: z_rule, nn.Linear: z_rule}, input_rule=z_rule, split=SignedSplit(epsilon=0.0),
-            maxpool="wta").attribute(x, target=seed_relevance)
-    expected = gradient * x
+    R = lrp0(model, x, maxpool="wta")
+    expected = gradient_times_input(model, x)
     # float32 rounding through z-rule divisions: worst 2.2e-5 of the largest value over 20 seeds;
     # a wrong rule or route is O(1) (z+ here: 0.99)
     torch.testing.assert_close(R, expected, rtol=0, atol=1e-4 * float(expected.abs().max()))
@@ -119,18 +112,9 @@ def _randomize_batchnorms(model: nn.Module) -> nn.Module:
 
 
 def _lrp0_and_gradient_times_input(model: nn.Module, x: torch.Tensor, bn: str) -> tuple[torch.Tensor, torch.Tensor]:
-    inputs = x.clone().requires_grad_(True)
-    logits = model(inputs)
-    explained = logits.argmax(1, keepdim=True)
-    (gradient,) = torch.autograd.grad(logits.gather(1, explained).sum(), inputs)
-    seed_relevance = torch.zeros_like(logits).scatter(1, explained, logits.gather(1, explained)).detach()
-    z_rule = EpsilonRule(0.0)
-    rules = {nn.Conv2d: z_rule, nn.Linear: z_rule}
-    if bn == "pass":  # relevance crosses BatchNorm by its own z-rule instead of being folded
-        rules.update({nn.BatchNorm1d: BatchNormZ(), nn.BatchNorm2d: BatchNormZ()})
-    R = LRP(model, rules=rules, input_rule=z_rule, split=SignedSplit(epsilon=0.0), maxpool="wta",
-            bn=bn).attribute(x, target=seed_relevance)
-    return R, gradient * x
+    # bn="pass": relevance crosses BatchNorm by its own z-rule instead of being folded
+    rules = {nn.BatchNorm1d: BatchNormZ(), nn.BatchNorm2d: BatchNormZ()} if bn == "pass" else {}
+    return lrp0(model, x, rules, maxpool="wta", bn=bn), gradient_times_input(model, x)
 
 
 @pytest.mark.parametrize("bn", ["pass", "fold"])

@@ -13,9 +13,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from relprop import LRP
-from relprop.core.rules import EpsilonRule
-from relprop.core.splitting import SignedSplit
 from relprop.errors import UnsupportedLayerError
+
+from references import gradient_times_input, lrp0
 
 
 class Routed(nn.Module):
@@ -41,15 +41,7 @@ class Routed(nn.Module):
 
 
 def _lrp0_and_gradient(model: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    inputs = x.clone().requires_grad_(True)
-    logits = model(inputs)
-    explained = logits.argmax(1, keepdim=True)
-    (gradient,) = torch.autograd.grad(logits.gather(1, explained).sum(), inputs)
-    seed = torch.zeros_like(logits).scatter(1, explained, logits.gather(1, explained)).detach()
-    z = EpsilonRule(0.0)
-    R = LRP(model, rules={nn.Conv2d: z, nn.Linear: z}, input_rule=z, split=SignedSplit(epsilon=0.0),
-            maxpool="wta").attribute(x, target=seed)
-    return R, gradient * x
+    return lrp0(model, x, maxpool="wta"), gradient_times_input(model, x)
 
 
 @pytest.mark.parametrize("seed", [0, 1, 2])

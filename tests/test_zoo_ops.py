@@ -22,29 +22,9 @@ from torch import nn
 from relprop import LRP
 from relprop.core.interpreter import RelevanceEngine
 from relprop.core.ops.attention import ConservativeAttention
-from relprop.core.rules import EpsilonRule
-from relprop.core.splitting import SignedSplit
 from relprop.errors import UnsupportedLayerError
 
-Z_RULE = EpsilonRule(0.0)
-
-
-def _lrp0(model: nn.Module, x: torch.Tensor, **options: Any) -> torch.Tensor:
-    """LRP-0 seeded with the explained logit."""
-    logits = model(x)
-    explained = logits.argmax(1, keepdim=True)
-    seed = torch.zeros_like(logits).scatter(1, explained, logits.gather(1, explained)).detach()
-    rules = {nn.Linear: Z_RULE, nn.Conv2d: Z_RULE}
-    return LRP(model, rules=rules, input_rule=Z_RULE, split=SignedSplit(epsilon=0.0), **options).attribute(
-        x, target=seed)
-
-
-def _gradient_times_input(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    inputs = x.clone().requires_grad_(True)
-    logits = model(inputs)
-    explained = logits.argmax(1, keepdim=True)
-    (gradient,) = torch.autograd.grad(logits.gather(1, explained).sum(), inputs)
-    return gradient * x
+from references import Z_RULE, gradient_times_input, lrp0, redraw_layer_scales
 
 
 def _assert_close(R: torch.Tensor, expected: torch.Tensor) -> None:
@@ -159,9 +139,9 @@ class Copies(Frozen):
 def _hold_and_reference(build, x, seed: int = 0, **options: Any) -> tuple[torch.Tensor, torch.Tensor]:
     torch.manual_seed(seed)
     model = build().eval()
-    R = _lrp0(model, x, **options)
+    R = lrp0(model, x, **options)
     model.frozen = True
-    return R, _gradient_times_input(model, x)
+    return R, gradient_times_input(model, x)
 
 
 @pytest.mark.parametrize("seed", [0, 1])
@@ -188,7 +168,7 @@ def test_the_uniform_rule_gives_each_factor_half():
     torch.manual_seed(0)
     model = Star(bias=False).eval()
     x = torch.randn(3, 6)
-    _assert_close(_lrp0(model, x, attention="attnlrp"), 0.5 * _gradient_times_input(model, x))
+    _assert_close(lrp0(model, x, attention="attnlrp"), 0.5 * gradient_times_input(model, x))
 
 
 def test_cosine_attention_is_the_plain_core_on_normalized_queries_and_keys():
@@ -241,18 +221,7 @@ def test_a_softmax_read_by_a_linear_layer_is_refused_naming_its_reader():
 # ------------------------------------------------------------------------------------ real models
 
 
-def _realistic(model: nn.Module) -> nn.Module:
-    """Random weights as a trained model has them where initialization zeroes a branch: layer
-    scales and zero-initialized norm weights (Swin v2's res-post-norm) redrawn in [0.1, 1]."""
-    with torch.no_grad():
-        for module in model.modules():
-            for name in ("gamma", "gamma_1", "gamma_2", "layer_scale", "weight"):
-                p = getattr(module, name, None)
-                if not isinstance(p, nn.Parameter) or p.dim() != 1:
-                    continue
-                if name != "weight" or (isinstance(module, (nn.LayerNorm, nn.GroupNorm)) and not p.any()):
-                    p.uniform_(0.1, 1.0)
-    return model.eval()
+
 
 
 def _timm(name: str, **kwargs: Any):
@@ -313,7 +282,7 @@ def _uses(engine: RelevanceEngine, what: str) -> bool:
 
 def _explain(build, size: int, what: str) -> None:
     torch.manual_seed(0)
-    model = _realistic(build())
+    model = redraw_layer_scales(build())
     x = torch.randn(2, 3, size, size, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         probability = model(x).softmax(-1).max(-1).values
@@ -357,9 +326,9 @@ def test_a_divisor_is_held_constant_and_never_taken_for_the_signal():
     gradient × input of the same network with its divisors detached."""
     torch.manual_seed(0)
     model, x = Normalized().eval(), torch.randn(4, 6)
-    R = _lrp0(model, x)
+    R = lrp0(model, x)
     model.frozen = True
-    _assert_close(R, _gradient_times_input(model, x))
+    _assert_close(R, gradient_times_input(model, x))
 
 
 def test_a_log_softmax_is_refused_with_both_fixes():

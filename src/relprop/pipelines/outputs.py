@@ -25,14 +25,7 @@ def prepare_out(text: str, option: str = "--out") -> Path:
     out = Path(text)
     if out.exists() and not out.is_dir():
         raise RelpropError(f"{option} {out}: exists and is not a folder")
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-        probe = out / f".relprop-write-test-{os.getpid()}"
-        probe.write_bytes(b"")
-        probe.unlink()
-    except OSError as error:
-        reason = error.strerror or type(error).__name__
-        raise RelpropError(f"{option} {out}: cannot write there ({reason})") from None
+    _check_writable(out, f"{option} {out}")
     return out
 
 
@@ -44,15 +37,19 @@ def prepare_out_file(text: str, option: str = "--out") -> Path:
         raise RelpropError(f"{option} {path}: is a folder; give a file name")
     if path.exists() and not path.is_file():
         raise RelpropError(f"{option} {path}: exists and is not a regular file")
+    _check_writable(path.parent, f"{option} {path}")
+    return path
+
+
+def _check_writable(folder: Path, what: str) -> None:
+    """Create `folder` and write a probe file in it, or say in one line why that fails."""
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        probe = path.parent / f".relprop-write-test-{os.getpid()}"
+        folder.mkdir(parents=True, exist_ok=True)
+        probe = folder / f".relprop-write-test-{os.getpid()}"
         probe.write_bytes(b"")
         probe.unlink()
     except OSError as error:
-        reason = error.strerror or type(error).__name__
-        raise RelpropError(f"{option} {path}: cannot write there ({reason})") from None
-    return path
+        raise RelpropError(f"{what}: cannot write there ({error.strerror or type(error).__name__})") from None
 
 
 @contextmanager
