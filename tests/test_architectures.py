@@ -9,6 +9,7 @@ import torchvision
 from torch import nn
 
 from relprop import LRP, RelevanceEngine
+from relprop.core.ops.attention import ConservativeAttention
 from relprop.errors import UnsupportedLayerError
 
 
@@ -158,7 +159,9 @@ def test_squeeze_excitation_gates_keep_relevance_with_the_signal():
     assert_conserves(sums)
 
 
-def test_product_of_unrelated_tensors_is_refused():
+def test_product_of_unrelated_tensors_takes_the_uniform_rule_or_is_refused_on_request():
+    """`a(x) * b(x)`: the graph cannot tell a gate, so the default takes the uniform rule (half to
+    each factor: docs/rules.md, gated products) and conserves; `ambiguous="refuse"` refuses."""
     class Bilinear(nn.Module):
         def __init__(self) -> None:
             super().__init__()
@@ -168,6 +171,9 @@ def test_product_of_unrelated_tensors_is_refused():
         def forward(self, x):
             return self.a(x) * self.b(x)
 
-    lrp = LRP(Bilinear())
+    torch.manual_seed(0)
+    model, x = Bilinear().eval(), torch.randn(2, 4)
+    R, sums = LRP(model).attribute(x, return_layer_sums=True)
+    assert_conserves(sums)
     with pytest.raises(UnsupportedLayerError, match="two unrelated input-dependent tensors"):
-        lrp.attribute(torch.randn(2, 4))
+        LRP(model, attention=ConservativeAttention(ambiguous="refuse")).attribute(x)
