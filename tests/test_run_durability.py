@@ -379,3 +379,25 @@ def test_a_shard_file_named_with_a_non_ascii_digit_is_not_a_rank(tmp_path):
         (tmp_path / name).write_text("")
     assert [p.name for p in results.shard_files(tmp_path, "results")] == [
         "results.jsonl", "results.rank0.jsonl", "results.rank1.jsonl"]
+
+
+def test_a_busy_folder_names_its_holder_even_in_the_instant_before_it_wrote_who_it_is(tmp_path):
+    """The holder takes the lock, then writes who it is: a second run in between waited for the
+    name (it said "holder unknown" before, and the two-writers test failed now and then)."""
+    import fcntl
+    import threading
+
+    from relprop.errors import BusyError
+
+    lock = tmp_path / results.LOCK_NAME
+    fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
+    fcntl.flock(fd, fcntl.LOCK_EX)
+    holder = {"pid": 4242, "host": "elsewhere", "started": "2026-12-06T00:00:00+00:00"}
+    writer = threading.Timer(0.3, lambda: lock.write_text(json.dumps(holder) + "\n"))
+    writer.start()
+    try:
+        with pytest.raises(BusyError, match=r"in use by another relprop evaluate \(pid 4242 on elsewhere"):
+            results.RunLock(tmp_path)
+    finally:
+        writer.join()
+        os.close(fd)

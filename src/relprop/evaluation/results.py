@@ -21,6 +21,7 @@ import platform
 import re
 import socket
 import sys
+import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
@@ -499,6 +500,11 @@ class RunLock:
             fcntl.flock(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError:
             holder = _holder(self.path)
+            for _ in range(20):  # the holder writes who it is just after it takes the lock
+                if holder != UNKNOWN_HOLDER:
+                    break
+                time.sleep(0.05)
+                holder = _holder(self.path)
             os.close(self._fd)
             self._fd = None
             raise BusyError(f"{Path(out)} is in use by another relprop evaluate ({holder}); wait "
@@ -521,12 +527,15 @@ class RunLock:
         self.release()
 
 
+UNKNOWN_HOLDER = "holder unknown"
+
+
 def _holder(path: Path) -> str:
     try:
         info = json.loads(path.read_text(encoding="utf-8") or "{}")
         return f"pid {int(info['pid'])} on {info['host']}, started {info['started']}"
     except (OSError, ValueError, KeyError, TypeError, RecursionError):
-        return "holder unknown"
+        return UNKNOWN_HOLDER
 
 
 # ---------------------------------------------------------------- several writers (ranks)
