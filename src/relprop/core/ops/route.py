@@ -10,12 +10,17 @@ back to its source, where the copies' relevance adds up: the transpose of a copy
 total is kept (the z-rule of a map whose weights are 0 or 1).
 
 Constant padding (`F.pad` in mode "constant", `nn.ZeroPadNd`, `nn.ConstantPadNd`) keeps each
-input element once and adds constants: relevance follows the kept elements, and what reaches a
-padded position stays there, as a bias's share does. A zero pad holds none under every rule that
-divides contributions (0·w contributes nothing); a non-zero value (EfficientViT's column of ones,
-the normalizer of its linear attention) is input-independent: its share is dropped like a bias's,
-and the fidelity check's totals show it. A −inf pad (timm's MaxPool2dSame, NASNet's 'same' pools)
-feeds a max pool, which gives −inf elements no relevance (maxpool.py); NaN or +inf is refused.
+input element once and adds constants: it is a concatenation with constant blocks, so relevance
+follows the kept elements and what reaches a padded position goes where the composite's constants
+policy sends a concatenated constant's (constants.py): `KeepOnInput` (the default) rescales the
+kept elements' relevance so the total is kept, `LeakToConstants` drops it, as a bias's share. It
+reaches padded positions where the layer after the pad sees no contribution there and falls back
+(z+ on the zeros of SAM's and Hiera's padded attention windows, whose padded tokens' values are
+the qkv bias alone: 12-18 % of the total at 64 px), or where the pad value is not zero
+(EfficientViT's column of ones, the normalizer of its linear attention). Where nothing reaches
+them (a zero pad under the ε- or z-rule) the relevance is the plain crop, to the bit. A −inf pad
+(timm's MaxPool2dSame, NASNet's 'same' pools) feeds a max pool, which gives −inf elements no
+relevance (maxpool.py); NaN or +inf is refused.
 `reshape_as(other)` and `expand_as(other)` read only `other`'s shape: it gets no relevance."""
 
 from __future__ import annotations
@@ -47,6 +52,9 @@ COPYING_PADS = {"reflect", "replicate", "circular"}
 PAD_MODULES = (nn.ZeroPad1d, nn.ZeroPad2d, nn.ZeroPad3d, nn.ConstantPad1d, nn.ConstantPad2d, nn.ConstantPad3d,
                nn.ReflectionPad1d, nn.ReflectionPad2d, nn.ReflectionPad3d, nn.ReplicationPad1d,
                nn.ReplicationPad2d, nn.ReplicationPad3d, nn.CircularPad1d, nn.CircularPad2d, nn.CircularPad3d)
+# the pads that add constant elements (a concatenation with constants: the constants policy applies)
+CONSTANT_PAD_MODULES = (nn.ZeroPad1d, nn.ZeroPad2d, nn.ZeroPad3d, nn.ConstantPad1d, nn.ConstantPad2d,
+                        nn.ConstantPad3d)
 # fields of the (values, indices) tuples of `x.max(dim)`, `x.topk(k)`, `x.sort()`, by slot
 TUPLE_FIELDS = {"values": 0, "indices": 1}
 # torchvision's Swin patch merging (pad, four strided slices, cat), by importable name
@@ -89,7 +97,38 @@ class Route(KeepsSign, Op):
             field = step.node.args[1]
             slots[TUPLE_FIELDS[field] if step.node.target is getattr else field] = R
             return [(parent, slots)]
-        return [(parent, vjp(step.as_function_of_first_input(values), a, R))]
+        function = step.as_function_of_first_input(values)
+        R_in = vjp(function, a, R)
+        padded = _padded_positions(step, function, a)
+        if padded is None or not bool(R.masked_select(padded).any()):
+            return [(parent, R_in)]
+        pieces = [(parent, R_in, True), (None, R.masked_fill(~padded, 0.0), False)]
+        amounts = _pad_amounts(step, values)
+        dim = min(R.dim() - 1 - i for i in range(len(amounts) // 2) if amounts[2 * i] or amounts[2 * i + 1])
+        return context.strategies.constants.at_cat(R, pieces, dim, f"'{step.node.name}'{in_module(step.node)}")
+
+
+def _is_constant_pad(step) -> bool:
+    if step.module is not None:
+        return isinstance(step.module, CONSTANT_PAD_MODULES)
+    return step.node.target is F.pad and positional(step.node, 2, "mode", "constant") == "constant"
+
+
+def _pad_amounts(step, values) -> tuple[int, ...]:
+    if step.module is not None:
+        return tuple(step.module.padding)
+    args, kwargs = step.arguments(values)
+    return tuple(args[1] if len(args) > 1 else kwargs["pad"])
+
+
+def _padded_positions(step, function, a: Tensor) -> Tensor | None:
+    """The mask of a constant pad's added elements (None for any other route): where the output
+    does not follow the input (pad(1) and pad(0) agree there, whatever the constant)."""
+    if not _is_constant_pad(step):
+        return None
+    ones, zeros = torch.ones_like(a), torch.zeros_like(a)
+    with torch.no_grad():
+        return function(ones) == function(zeros)
 
 
 def first_operand(step) -> fx.Node:
