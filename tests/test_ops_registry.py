@@ -166,6 +166,17 @@ class Square(nn.Module):
         return x * x
 
 
+class Recurrent(nn.Module):
+    """A bidirectional two-layer LSTM over tokens (Sequencer's rows and columns), averaged."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lstm, self.head = nn.LSTM(4, 3, 2, batch_first=True, bidirectional=True), nn.Linear(6, 3)
+
+    def forward(self, x):
+        return self.head(self.lstm(x)[0].mean(1))
+
+
 def _vectors(batch: int, generator: torch.Generator) -> torch.Tensor:
     return torch.randn(batch, 6, generator=generator)
 
@@ -216,6 +227,7 @@ EXAMPLES: dict[str, Example] = {
     "input": Example(lambda: nn.Sequential(nn.Linear(6, 3)), _vectors),
     "output": Example(lambda: nn.Sequential(nn.Linear(6, 3)), _vectors),
     "assign": Example(Assigned, _vectors),
+    "recurrent": Example(Recurrent, _tokens),
 }
 # The one op that carries no relevance: it stands for a refusal (tested below).
 REFUSING = {"unsupported"}

@@ -20,13 +20,14 @@ from relprop.core.ops.maxpool import MaxPool
 from relprop.core.ops.meta import Meta
 from relprop.core.ops.passthrough import Passthrough
 from relprop.core.ops.pool import Pool
+from relprop.core.ops.recurrent import Recurrent
 from relprop.core.ops.route import Route
 from relprop.core.ops.scale import Scale
 from relprop.core.ops.softmax import Softmax
 from relprop.errors import ConfigError
 
 OPS: list[Op] = [Linear(), MaxPool(), Passthrough(), Pool(), Route(), Attention(), Softmax(), Matmul(), Add(),
-                 Cat(), Scale(), AddCMul(), Meta(), Assign()]
+                 Cat(), Scale(), AddCMul(), Meta(), Assign(), Recurrent()]
 # Kinds the planner assigns itself, not by claim: user-ruled nodes (before every claim), the
 # graph's input and output, constants, and refusals.
 CUSTOM, INPUT, OUTPUT, CONSTANT, UNSUPPORTED = Custom(), GraphInput(), GraphOutput(), Constant(), Unsupported()
