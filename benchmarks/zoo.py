@@ -8,7 +8,9 @@ relprop's defaults, one child process per model; the table of docs/models.md and
 
 Models: `torchvision.models.list_models(module=torchvision.models)`; for timm, a family is a module
 of `timm.models` (`timm.list_modules()`), and its smallest model is the one with the fewest
-parameters counted on the meta device (ties: name order; timm's `test_*` models are left out).
+parameters counted on the meta device (ties: name order; timm's `test_*` models are left out, and
+so are models that ignore `num_classes`, encoders without a head, where the family has a classifier:
+gemma4_vit's `_enc` models return tokens, its `gemma4_vit_167m` is the classifier).
 That choice is cached in benchmarks/zoo_timm_families.json (`--refresh-families` redoes it).
 
 Each model: random weights (seed 0) with 10 classes, layer scales and zero-initialized gains
@@ -47,7 +49,16 @@ import torch
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from zoo_common import SOURCES, build_model, parameter_count, pearson, realistic, verdict  # noqa: E402
+from zoo_common import (  # noqa: E402
+    SOURCES,
+    build_model,
+    is_classifier,
+    meta_model,
+    parameter_count,
+    pearson,
+    realistic,
+    verdict,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "zoo_results.jsonl"
@@ -87,14 +98,20 @@ def timm_families(refresh: bool = False) -> dict[str, dict[str, Any]]:
     import timm  # deferred: optional
     families = {}
     for module in timm.list_modules():
-        counts = {}
+        counts, classifiers = {}, set()
         for name in timm.list_models(module=module):
             if name.startswith("test_"):
                 continue
             try:
-                counts[name] = parameter_count("timm", name)
+                model = meta_model("timm", name)
             except Exception as error:  # noqa: BLE001 - a model the meta device cannot build is left out, named
                 print(f"timm/{name}: not counted ({type(error).__name__})", file=sys.stderr)
+                continue
+            counts[name] = sum(p.numel() for p in model.parameters())
+            if is_classifier(model):
+                classifiers.add(name)
+        if classifiers:  # a headless encoder only where the family has nothing else
+            counts = {name: count for name, count in counts.items() if name in classifiers}
         if counts:
             name = min(sorted(counts), key=counts.get)
             families[module] = {"model": name, "parameters": counts[name], "models": len(counts)}

@@ -31,9 +31,19 @@ def build_model(source: str, name: str, **kwargs: Any) -> nn.Module:
 
 def parameter_count(source: str, name: str) -> int:
     """Parameters of the model built on the meta device (no memory, no initialization cost)."""
+    return sum(p.numel() for p in meta_model(source, name).parameters())
+
+
+def meta_model(source: str, name: str) -> nn.Module:
+    """The model built on the meta device (no memory, no initialization cost)."""
     with torch.device("meta"):
-        model = build_model(source, name)
-    return sum(p.numel() for p in model.parameters())
+        return build_model(source, name)
+
+
+def is_classifier(model: nn.Module) -> bool:
+    """Whether the model took `num_classes`: timm's encoders without a head (gemma4_vit_*_enc,
+    whose constructor filters num_classes out and sets 0) return tokens, not class scores."""
+    return getattr(model, "num_classes", NUM_CLASSES) == NUM_CLASSES
 
 
 def redraw_scales(model: nn.Module, generator: torch.Generator) -> list[str]:

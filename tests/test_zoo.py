@@ -129,6 +129,14 @@ def test_smallest_model_of_a_family_has_the_fewest_parameters():
     assert families["vgg"]["parameters"] == min(counts.values())
 
 
+def test_a_family_is_represented_by_a_classifier_where_it_has_one():
+    """gemma4_vit's smallest model is a headless encoder that drops num_classes and returns tokens;
+    the family's classifier (masked mean pool, RMSNorm, linear head) represents it."""
+    assert zoo.timm_families()["gemma4_vit"]["model"] == "gemma4_vit_167m"
+    assert zoo_common.is_classifier(zoo_common.meta_model("timm", "gemma4_vit_167m"))
+    assert not zoo_common.is_classifier(zoo_common.meta_model("timm", "gemma4_vit_167m_enc"))
+
+
 def test_docs_and_readme_are_generated_from_the_committed_results():
     records = zoo.read_results()
     assert records, "benchmarks/zoo_results.jsonl is committed"
