@@ -17,7 +17,7 @@ by default the composite's constants policy. `KeepOnInput` (the default): "sprea
 `bias_factor = 1`, the share of the bias and ε goes equally to the step's input units (x_t's and
 h_{t-1}'s; x_t's alone at the first step, where h_{t-1} is the zero initial state), so the layer
 conserves exactly. (Keeping the denominator free of the bias instead, as the add rule does, divides
-by sums near zero: relevance up to 100x the total on random weights.) `LeakToConstants`:
+by sums near zero: single relevances up to 90x the total on random weights.) `LeakToConstants`:
 "absorb", Arras et al.'s recommended `bias_factor = 0`, the biases and ε take their share, which
 is lost. With "absorb" and ε = 0 the rule equals gradient × input of the LSTM whose gates and tanh
 ratios `tanh(z)/z` are detached (tests/test_recurrent.py). The cell sum is split exactly (the
