@@ -138,6 +138,22 @@ class WithState(nn.Module):
         return self.head(self.lstm(x, state)[0].mean(1))
 
 
+def test_an_lstm_called_with_hx_none_starts_from_zeros_and_is_explained():
+    class NoneState(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.lstm, self.head = nn.LSTM(5, 4, batch_first=True), nn.Linear(4, 2)
+
+        def forward(self, x):
+            return self.head(self.lstm(x, None)[0].mean(1))
+
+    torch.manual_seed(0)
+    model = NoneState().eval()
+    x = torch.randn(2, 3, 5)
+    R, sums = LRP(model).attribute(x, return_layer_sums=True)
+    torch.testing.assert_close(R.flatten(1).sum(1), sums["output"], rtol=1e-4, atol=1e-6)
+
+
 class Projected(nn.Module):
     def __init__(self) -> None:
         super().__init__()

@@ -75,7 +75,7 @@ class Recurrent(Op):
             raise UnsupportedLayerError(
                 f"{where} projects its hidden state (proj_size={module.proj_size}), which relprop's LSTM rule does "
                 "not cover; give it a rule (rules={torch.nn.LSTM: rule}) or use proj_size=0")
-        if len(node.args) + len(node.kwargs) > 1:
+        if any(arg is not None for arg in (*node.args[1:], *node.kwargs.values())):
             raise UnsupportedLayerError(
                 f"{where} is given an initial state (hx); relprop's LSTM rule starts from zeros: call it without hx "
                 "or give it a rule (rules={torch.nn.LSTM: rule})")
