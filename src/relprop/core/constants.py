@@ -1,5 +1,6 @@
 """Where the relevance of a constant operand goes (ViT's class token and position embedding, a
-bias added by a function): strategies a `Composite` holds as ``constants=``.
+bias added by a function, the elements a constant pad adds: route.py): strategies a `Composite`
+holds as ``constants=``.
 
 - `KeepOnInput` (``"input"``): the input-dependent operand keeps it: all of it at an add; at a
   concatenation the constant's slices are absorbed by rescaling the others (the map keeps its
