@@ -226,10 +226,14 @@ def agreement(model: torch.nn.Module, x: torch.Tensor, names: list[str]) -> dict
             except PeerUnavailable as error:
                 found[name] = (f"— ({error})", "")
                 continue
+            ratio = float(total(theirs))
+            if not 1e-3 < abs(ratio) < 1e3:  # e.g. Captum on a ResNet: no split at the adds
+                found[name] = ("— (its totals are not LRP's)", f"{ratio:.3g}")
+                continue
             ours = relprop_map(SAME_RULES[name])
             r = min(float(torch.corrcoef(torch.stack([a.flatten(), b.flatten()]))[0, 1])
                     for a, b in zip(ours, theirs, strict=True))
-            found[name] = (f"{r:.6f} ({SAME_RULES[name]})", total(theirs))
+            found[name] = (f"{r:.6f} ({SAME_RULES[name]})", f"{ratio:.3g}")
     return found
 
 if __name__ == "__main__":

@@ -98,17 +98,16 @@ def _lxt(model: nn.Module) -> Peer:
             module.original_forward = module.forward
             module.forward = types.MethodType(patches.cp_multi_head_attention_forward, module)
 
-    def run(x: torch.Tensor) -> torch.Tensor:
+    def run(x: torch.Tensor) -> torch.Tensor:  # the input's gradient only, as the baseline takes it
         x = x.detach().requires_grad_(True)
         logits = patched(x)
-        logits.gather(1, logits.argmax(1, keepdim=True)).sum().backward()
-        return x * x.grad
+        return x * torch.autograd.grad(logits.gather(1, logits.argmax(1, keepdim=True)).sum(), x)[0]
 
     def relevance(x: torch.Tensor, seed: torch.Tensor) -> torch.Tensor:
         x = x.detach().requires_grad_(True)
         logits = patched(x)
-        (logits * (seed / logits).detach()).sum().backward()  # output relevance = seed
-        return (x * x.grad).detach()
+        explained = (logits * (seed / logits).detach()).sum()  # output relevance = seed
+        return (x * torch.autograd.grad(explained, x)[0]).detach()
 
     return Peer(run, relevance)
 
