@@ -2,6 +2,8 @@
 
     python benchmarks/bench_lrp.py --arch resnet50 --size 224 --batch 1 16 --repeats 5 --threads 1
     python benchmarks/bench_lrp.py --arch convnext_tiny vit_b_16 --batch 1 16 --device cuda
+    python benchmarks/bench_lrp.py --arch vit_b_16 --batch 1 --threads 1 --no-memory \
+        --methods input-gradient lrp cp-lrp lxt                  # a peer beside relprop's same rules
 
 Any torchvision classifier or timm model name (`timm/NAME` for timm's where both have one), random
 weights (seed 0). A method that relprop cannot run on a network (e.g. LRP through attention before
@@ -9,7 +11,11 @@ relprop supports it) is reported as `unsupported` with relprop's one-line reason
 
 (a) input gradient: forward + `torch.autograd.grad` of the explained logit w.r.t. the input;
 (b) full backprop: forward + `.backward()` of the explained logit with parameter gradients
-(what the paper calls "backprop"). Medians over `--repeats` rounds after one warm-up, the
+(what the paper calls "backprop"). Any registered composite name (`cp-lrp`, `epsilon-plus-flat`)
+is relprop with that composite; `lxt`, `zennit` and `captum` are the peer libraries
+(benchmarks/peers.py), each with the Pearson r of its map against relprop's with the same rules
+(the minimum over the batch's images; both seeded with the explained logit) and its total over the
+explained logit (Captum's on a ResNet: 1e26, not LRP). Medians over `--repeats` rounds after one warm-up, the
 methods taking turns within each round; each method's peak memory is measured in a fresh
 subprocess (CUDA: max_memory_allocated; CPU: peak resident set size above the resident size
 after loading the model and the input).
@@ -26,8 +32,9 @@ import time
 from collections.abc import Callable
 
 import torch
+from peers import PEERS, SAME_RULES, PeerUnavailable, peer
 
-from relprop import LRP
+from relprop import LRP, composite_names, get_composite
 from relprop.errors import RelpropError
 from relprop.models import build_arch
 
@@ -36,7 +43,11 @@ METHODS = ("lrp", "lrp-reference", "input-gradient", "backprop")
 
 def build(arch: str, device: str) -> torch.nn.Module:
     torch.manual_seed(0)
-    return build_arch(arch, 1000).eval().to(device)
+    model = build_arch(arch, 1000).eval()
+    for module in model.modules():  # torchvision's ViT starts its head at zero: every map would be 0
+        if isinstance(module, torch.nn.Linear) and not module.weight.any():
+            torch.nn.init.normal_(module.weight, std=0.02)
+    return model.to(device)
 
 
 def supported(names: list[str], model: torch.nn.Module, x: torch.Tensor
@@ -49,7 +60,7 @@ def supported(names: list[str], model: torch.nn.Module, x: torch.Tensor
             run = method_runner(name, model)
             run(x)
             ok[name] = run
-        except RelpropError as error:
+        except (RelpropError, PeerUnavailable) as error:
             reasons[name] = str(error).splitlines()[0]
     return ok, reasons
 
@@ -61,6 +72,11 @@ def method_runner(name: str, model: torch.nn.Module) -> Callable[[torch.Tensor],
     if name == "lrp-reference":
         reference = LRP(model, preset="reference")
         return lambda x: reference.attribute(x)
+    if name in PEERS:
+        return peer(name, model).run
+    if name in composite_names():
+        named = LRP(model, composite=get_composite(name))
+        return lambda x: named.attribute(x)
     if name == "input-gradient":
         def input_gradient(x: torch.Tensor) -> torch.Tensor:
             x = x.clone().requires_grad_(True)
@@ -143,7 +159,8 @@ def main() -> None:
     parser.add_argument("--batch", type=int, nargs="+", default=[1, 16])
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
+    parser.add_argument("--methods", nargs="+", default=list(METHODS),
+                        choices=[*METHODS, *PEERS, *composite_names()])
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory subprocesses")
     parser.add_argument("--memory-child", help=argparse.SUPPRESS)
@@ -161,20 +178,63 @@ def bench_arch(args: argparse.Namespace, arch: str) -> None:
     model = build(arch, args.device)
     print(f"# {arch} at {args.size} px on {args.device} ({torch.get_num_threads()} threads), "
           f"torch {torch.__version__}, medians of {args.repeats}")
-    print("| batch | method | median s | per image ms | × input gradient | × backprop | peak MiB |")
-    print("|---|---|---|---|---|---|---|")
+    print("| batch | method | median s | per image ms | × input gradient | × backprop | peak MiB "
+          "| r vs relprop, same rules | Σ map / logit |")
+    print("|---|---|---|---|---|---|---|---|---|")
     for batch in args.batch:
         x = torch.randn(batch, 3, args.size, args.size, device=args.device)
         runs, reasons = supported(args.methods, model, x)
         medians = time_methods(runs, x, args.repeats, args.device)
+        compared = agreement(model, x, list(runs))
         for name, median in medians.items():
             memory = "" if args.no_memory else f"{peak_memory(args, arch, name, batch):.0f}"
             vs_gradient = median / medians["input-gradient"] if "input-gradient" in medians else float("nan")
             vs_backprop = median / medians["backprop"] if "backprop" in medians else float("nan")
             print(f"| {batch} | {name} | {median:.3f} | {1000 * median / batch:.1f} | {vs_gradient:.2f} | "
-                  f"{vs_backprop:.2f} | {memory} |", flush=True)
+                  f"{vs_backprop:.2f} | {memory} | {compared.get(name, ('', ''))[0]} | "
+                  f"{compared.get(name, ('', ''))[1]} |", flush=True)
         for name, reason in reasons.items():
-            print(f"| {batch} | {name} | unsupported: {reason} | | | | |", flush=True)
+            print(f"| {batch} | {name} | unsupported: {reason} | | | | | | |", flush=True)
+
+
+def agreement(model: torch.nn.Module, x: torch.Tensor, names: list[str]) -> dict[str, tuple[str, str]]:
+    """For each peer: the minimum Pearson r over images of its map against relprop's with the
+    same rules, and its total over the explained logit; for relprop's named composites, their
+    total. Both seeded with the explained logit (untimed)."""
+    with torch.no_grad():
+        logits = model(x)
+    explained = logits.argmax(1, keepdim=True)
+    logit = logits.gather(1, explained)[:, 0]
+    seed = torch.zeros_like(logits).scatter(1, explained, logit[:, None])
+    maps: dict[str, torch.Tensor] = {}
+    found: dict[str, tuple[str, str]] = {}
+
+    def relprop_map(composite: str) -> torch.Tensor:
+        if composite not in maps:
+            maps[composite] = LRP(model, composite=get_composite(composite)).attribute(x, target=seed).detach()
+        return maps[composite]
+
+    def total(R: torch.Tensor) -> str:
+        return f"{statistics.median((R.flatten(1).sum(1) / logit).tolist()):.3g}"
+
+    for name in names:
+        if name in composite_names():
+            found[name] = ("", total(relprop_map(name)))
+        elif name in PEERS:
+            try:
+                theirs = peer(name, model).relevance(x, seed)
+            except PeerUnavailable as error:
+                found[name] = (f"— ({error})", "")
+                continue
+            ratio = float(total(theirs))
+            if not 1e-3 < abs(ratio) < 1e3:  # e.g. Captum on a ResNet: no split at the adds
+                found[name] = ("— (its totals are not LRP's)", f"{ratio:.3g}")
+                continue
+            ours = relprop_map(SAME_RULES[name])
+            r = min(float(torch.corrcoef(torch.stack([a.flatten(), b.flatten()]))[0, 1])
+                    for a, b in zip(ours, theirs, strict=True))
+            found[name] = (f"{r:.6f} ({SAME_RULES[name]})", f"{ratio:.3g}")
+    return found
 
 if __name__ == "__main__":
     main()

@@ -43,11 +43,13 @@ def _ratios(model, composite, x):
     return R, {key: total / sums["output"] for key, total in sums.items()}
 
 
+TRANSFORMER = ("cp-lrp", "attnlrp")  # LXT's choices; tests/test_transformers.py compares them with LXT
 EXACT = ("lrp-split", "lrp-split-sym", "lrp-split-noid", "lrp-split-sym-noid", "lrp-plain", "alpha2beta1")
 
 
 def test_the_registry_holds_the_documented_composites():
-    assert set(composite_names()) == {*EXACT, "lrp-split-ref", "epsilon-plus-flat", "epsilon-gamma-box"}
+    assert set(composite_names()) == {*EXACT, "lrp-split-ref", "epsilon-plus-flat", "epsilon-gamma-box",
+                                      *TRANSFORMER}
 
 
 @pytest.mark.parametrize("name", composite_names())
@@ -62,6 +64,16 @@ def test_every_registered_composite_conserves_or_leaks_as_documented(name, bn_re
     elif name == "lrp-split-ref":
         torch.testing.assert_close(ratio["layer1.0"], one, rtol=1e-4, atol=1e-4)
         assert ((ratio["input"] > 0.8) & (ratio["input"] < 0.999)).all()
+    elif name in TRANSFORMER:  # ε everywhere, BN folded, signed split: gradient × input (Ancona et al.)
+        from references import explained_logit_seed, gradient_times_input
+
+        with torch.no_grad():
+            seed = explained_logit_seed(bn_resnet(x))
+        logit_seeded = LRP(bn_resnet, composite=get_composite(name)).attribute(x, target=seed)
+        reference = gradient_times_input(bn_resnet, x)
+        for ours, theirs in zip(logit_seeded, reference, strict=True):
+            assert float(torch.corrcoef(torch.stack([ours.flatten(), theirs.flatten()]))[0, 1]) >= 0.9999
+        torch.testing.assert_close(logit_seeded.sum((1, 2, 3)), reference.sum((1, 2, 3)), rtol=1e-3, atol=1e-4)
     elif name == "epsilon-plus-flat":  # ε at fc: the rest conserves what reaches fc
         assert ((ratio["fc"] - 1).abs() > 1e-4).all() and ((ratio["fc"] - 1).abs() < 0.25).all()
         torch.testing.assert_close(ratio["input"], ratio["fc"], rtol=1e-4, atol=1e-4)
@@ -241,3 +253,29 @@ def test_preset_keyword_of_an_lrp_method_is_the_reference_composite(bn_resnet, x
     assert torch.equal(LRP(bn_resnet, composite=get_composite("lrp-split-ref")).attribute(x), ref)
     with pytest.raises(ValueError, match="unknown preset 'paper'"):
         get_method("lrp-split", bn_resnet, preset="paper")
+
+
+def test_transformer_composites_are_methods_listed_in_help_and_docs(capsys):
+    """`cp-lrp` and `attnlrp` by name: a method of the registry, in `relprop explain --help` and
+    `evaluate --help`, and in docs/rules.md's generated list, which matches the registry."""
+    import sys
+    from pathlib import Path
+
+    from relprop.cli.main import main
+
+    root = Path(__file__).resolve().parents[1]
+    sys.path.insert(0, str(root / "tools"))
+    try:
+        import registry_docs
+    finally:
+        sys.path.remove(str(root / "tools"))
+    for command in ("explain", "evaluate"):
+        with pytest.raises(SystemExit):
+            main([command, "--help"])
+        help_text = capsys.readouterr().out
+        assert all(name in help_text.split() or f"{name}," in help_text.split() for name in TRANSFORMER), command
+    docs = registry_docs.RULES_DOC.read_text()
+    block = registry_docs.composites_block()
+    assert registry_docs.with_block(docs, block) == docs, "run: python tools/registry_docs.py --write"
+    for name in TRANSFORMER:
+        assert name in method_names() and f"| `{name}` | `{name}` |" in block

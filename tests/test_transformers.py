@@ -209,25 +209,46 @@ LXT_SCRIPT = textwrap.dedent('''
 ''')
 
 
+# LXT's choices spelled out (docs/rules.md "Against LXT"); the registered `cp-lrp` is this on a ViT
+LXT_CHOICES = Composite(rules={nn.Linear: "epsilon", nn.Conv2d: "epsilon", nn.LayerNorm: "norm-epsilon"},
+                        input_rule="epsilon", split="signed", attention="cp", constants="leak")
+
+
 @pytest.mark.skipif(importlib.util.find_spec("lxt") is None, reason="lxt not installed (dev extra)")
 def test_agrees_with_lxt_on_a_small_vit(tmp_path):
     """LXT's own ViT patches (CP-LRP in attention, identity on GELU, LayerNorm with the std held
     constant, Gradient×Input elsewhere = ε with ε→0, signed adds, constants leak), run in a
-    subprocess because LXT patches torch classes globally. relprop with the same choices."""
+    subprocess because LXT patches torch classes globally. relprop's registered `cp-lrp` method,
+    by name, gives the same map."""
+    from relprop.methods import get_method
+
     torch.manual_seed(1)
     x = torch.randn(4, 3, 32, 32)
     torch.save(x, tmp_path / "x.pt")
     tests = str(__import__("pathlib").Path(__file__).parent)
     subprocess.run([sys.executable, "-c", LXT_SCRIPT, str(tmp_path / "x.pt"), str(tmp_path / "r.pt"), tests],
                    check=True, capture_output=True)
-    R_lxt = torch.load(tmp_path / "r.pt")
-    composite = Composite(rules={nn.Linear: "epsilon", nn.Conv2d: "epsilon", nn.LayerNorm: "norm-epsilon"},
-                          input_rule="epsilon", split="signed", attention="cp", constants="leak")
-    R = LRP(torchvision_vit(), composite=composite).attribute(x)
+    R_lxt = torch.load(tmp_path / "r.pt", weights_only=True)
+    R = get_method("cp-lrp", torchvision_vit()).attribute(x)
     for ours, theirs in zip(R, R_lxt, strict=True):
         r = torch.corrcoef(torch.stack([ours.flatten(), theirs.flatten()]))[0, 1]
-        assert float(r) >= 0.99
+        assert float(r) >= 0.9999
         torch.testing.assert_close(ours.sum(), theirs.sum(), rtol=1e-3, atol=1e-5)
+
+
+def test_registered_transformer_composites_are_lxts_choices_spelled_out():
+    """`cp-lrp` is LXT_CHOICES on a ViT (its CNN-part settings, BatchNorm folding and
+    winner-takes-all max pooling, do not apply there); `attnlrp` is the same with AttnLRP's
+    attention rules, identical to that composite spelled out."""
+    from relprop import get_composite
+
+    model, x = torchvision_vit(), torch.randn(2, 3, 32, 32)
+    cp = LRP(model, composite=get_composite("cp-lrp")).attribute(x)
+    assert torch.equal(cp, LRP(model, composite=LXT_CHOICES).attribute(x))
+    attn = LRP(model, composite=get_composite("attnlrp")).attribute(x)
+    assert torch.equal(attn, LRP(model, composite=LXT_CHOICES.replace(attention="attnlrp")).attribute(x))
+    assert not torch.allclose(attn, cp, rtol=1e-3)
+    assert get_composite("attnlrp") == get_composite("cp-lrp").replace(attention="attnlrp")
 
 
 def test_attnlrp_rules_run_on_vit():

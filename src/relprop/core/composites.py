@@ -13,8 +13,10 @@ Named composites live in a registry:
     >>> "epsilon-gamma-box" in composite_names()
     True
 
-Adding a composite: one `register_composite(name, factory)` line (a function of the input
-normalization, `(mean, std) -> Composite`), here or in your own code.
+Adding a composite: one `register_composite(name, factory, summary)` line (a function of the
+input normalization, `(mean, std) -> Composite`, and one line for the docs), here or in your own
+code. docs/rules.md's list of named composites is generated from the registry
+(`python tools/registry_docs.py --write`).
 """
 
 from __future__ import annotations
@@ -43,6 +45,7 @@ from relprop.core.splitting import SplitStrategy, split_strategy
 from relprop.errors import ConfigError, InputError
 
 _CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
+_CONV_TRANSPOSES = (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
 
 
 @dataclass(frozen=True)
@@ -174,18 +177,26 @@ def resolve_composite(composite: Composite | None, base: Composite | None = None
 Normalization = Sequence[float] | None
 Factory = Callable[[Normalization, Normalization], Composite]
 _REGISTRY: dict[str, Factory] = {}
+_SUMMARIES: dict[str, str] = {}
 
 
-def register_composite(name: str, factory: Factory) -> None:
-    """Register `factory(mean, std) -> Composite` under `name` (what `get_composite` builds)."""
+def register_composite(name: str, factory: Factory, summary: str = "") -> None:
+    """Register `factory(mean, std) -> Composite` under `name` (what `get_composite` builds);
+    `summary`, one line of markdown, is what the generated docs say of it."""
     if name in _REGISTRY:
         raise ConfigError(f"composite {name!r} is already registered")
     _REGISTRY[name] = factory
+    _SUMMARIES[name] = summary
 
 
 def composite_names() -> tuple[str, ...]:
     """Every registered composite name."""
     return tuple(_REGISTRY)
+
+
+def composite_summaries() -> dict[str, str]:
+    """Every registered composite name -> its one-line summary (the generated docs' list)."""
+    return {name: _SUMMARIES.get(name, "") for name in _REGISTRY}
 
 
 def get_composite(name: str, *, mean: Normalization = None, std: Normalization = None) -> Composite:
@@ -208,22 +219,57 @@ def _epsilon_gamma_box(mean: Normalization, std: Normalization) -> Composite:
 
 
 # the paper's method (Relevance Splitting, z+, w⁺ input, BN pass) and its ablations
-register_composite("lrp-split", lambda mean, std: Composite(mean=mean, std=std))
-register_composite("lrp-split-sym", lambda mean, std: Composite(split="symmetric", mean=mean, std=std))
-register_composite("lrp-split-noid", lambda mean, std: Composite(identity_skips=False, mean=mean, std=std))
+register_composite("lrp-split", lambda mean, std: Composite(mean=mean, std=std),
+                   "the paper's method (Otsuki et al. 2024): ratio split at every residual add, z+, w⁺ at the "
+                   "input, BatchNorm passed, CP attention; conserves")
+register_composite("lrp-split-sym", lambda mean, std: Composite(split="symmetric", mean=mean, std=std),
+                   "`lrp-split` with the symmetric split (the paper's ablation)")
+register_composite("lrp-split-noid", lambda mean, std: Composite(identity_skips=False, mean=mean, std=std),
+                   "`lrp-split` without splitting at identity skips (the paper's ablation)")
 register_composite("lrp-split-sym-noid", lambda mean, std: Composite(
-    split="symmetric", identity_skips=False, mean=mean, std=std))
+    split="symmetric", identity_skips=False, mean=mean, std=std),
+    "both ablations at once")
 # the authors' code's numerics (golden equivalence)
-register_composite("lrp-split-ref", lambda mean, std: Composite(reference=True, mean=mean, std=std))
+register_composite("lrp-split-ref", lambda mean, std: Composite(reference=True, mean=mean, std=std),
+                   "`lrp-split` with the authors' code's numerics (reproduces their numbers; leaks a few percent)")
 # plain LRP: the signed proportional split of libraries without splitting
-register_composite("lrp-plain", lambda mean, std: Composite(split="signed", mean=mean, std=std))
+register_composite("lrp-plain", lambda mean, std: Composite(split="signed", mean=mean, std=std),
+                   "`lrp-split`'s rules with the signed split of libraries without splitting")
 # the standard composites (docs/rules.md; aligned with Zennit's)
 register_composite("epsilon-plus-flat", lambda mean, std: Composite(
     rules={**dict.fromkeys(_CONVS, "zplus"), nn.Linear: "epsilon"}, input_rule="flat", split="signed",
-    maxpool="wta", bn="fold", mean=mean, std=std))
-register_composite("epsilon-gamma-box", _epsilon_gamma_box)
+    maxpool="wta", bn="fold", mean=mean, std=std),
+    "Zennit's EpsilonPlusFlat: z+ on convolutions, ε on dense layers, flat at the input, signed split, "
+    "winner-takes-all max pooling, BatchNorm folded")
+register_composite("epsilon-gamma-box", _epsilon_gamma_box,
+                   "Zennit's EpsilonGammaBox: γ on convolutions, ε on dense layers, zB at the input (needs "
+                   "mean/std), signed split, winner-takes-all max pooling, BatchNorm folded")
 register_composite("alpha2beta1", lambda mean, std: Composite(
-    rules=dict.fromkeys(_CONVS, "alpha2beta1"), bn="fold", mean=mean, std=std))
+    rules=dict.fromkeys(_CONVS, "alpha2beta1"), bn="fold", mean=mean, std=std),
+    "α=2, β=1 on convolutions, ratio split, BatchNorm folded; conserves the total with signed parts")
 
-__all__ = ["Composite", "Strategies", "get_composite", "composite_names", "register_composite",
+
+def _lxt(attention: str, mean: Normalization, std: Normalization) -> Composite:
+    """LXT's choices (Achtibat et al. 2024, the LXT library): every linear map (dense, convolution,
+    the input layer) by ε, LayerNorm with its std held constant, the signed split at adds (what ε on
+    an add amounts to), GELU and other activations as the identity, max pooling winner-takes-all and
+    BatchNorm folded (both what LXT's Gradient×Input does on CNN parts), and the relevance of
+    constants (class token, position embedding) left on them, as Gradient×Input leaves it."""
+    return Composite(rules={**dict.fromkeys((*_CONVS, *_CONV_TRANSPOSES), "epsilon"), nn.Linear: "epsilon",
+                            nn.LayerNorm: "norm-epsilon"},
+                     input_rule="epsilon", split="signed", maxpool="wta", bn="fold", attention=attention,
+                     constants="leak", mean=mean, std=std)
+
+
+# the transformer composites (LXT's choices; docs/rules.md "Transformers")
+register_composite("cp-lrp", lambda mean, std: _lxt("cp", mean, std),
+                   "LXT's CP-LRP (Ali et al. 2022, LXT's map for torchvision's ViT): attention weights held "
+                   "constant, ε on every dense layer and convolution (input layer too), LayerNorm's std held "
+                   "constant, signed split, BatchNorm folded, constants leak; leaks by ε and at biases")
+register_composite("attnlrp", lambda mean, std: _lxt("attnlrp", mean, std),
+                   "AttnLRP (Achtibat et al. 2024): `cp-lrp` with the softmax's Taylor rule and the uniform "
+                   "rule on the attention's products; does not conserve (the softmax's shift)")
+
+__all__ = ["Composite", "Strategies", "get_composite", "composite_names", "composite_summaries",
+           "register_composite",
            "resolve_composite", "COMPOSITE_FIELDS", "RuleSpec"]

@@ -19,6 +19,8 @@ LRP_VARIANTS: dict[str, str] = {
     "lrp-split-sym-noid": "lrp-split-sym-noid",
     "lrp-split-ref": "lrp-split-ref",  # the authors' code's numerics
     "lrp-plain": "lrp-plain",  # the signed split: plain LRP
+    "cp-lrp": "cp-lrp",  # LXT's choices for transformers (ε, CP attention, LayerNorm's std constant)
+    "attnlrp": "attnlrp",  # AttnLRP (Achtibat et al. 2024)
 }
 PAPER_ALIASES = {"ours": "lrp-split", "ours-sym": "lrp-split-sym", "ours-noid": "lrp-split-noid",
                  "ours-sym-noid": "lrp-split-sym-noid", "ours-ref": "lrp-split-ref"}
