@@ -113,7 +113,6 @@ def anchors_per_cell(model: nn.Module, features: Sequence[Tensor]) -> list[int]:
     return [int(c) for c in counts] if len(counts) == len(features) else [int(counts[0])] * len(features)
 
 
-@torch.no_grad()
 def dense_outputs(
     model: nn.Module, x: Tensor, backbone: nn.Module | None = None
 ) -> tuple[list[Tensor], Tensor, Tensor, dict[str, Tensor]]:
