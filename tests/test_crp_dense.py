@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 from dense_helpers import tiny_fcos, tiny_retinanet
@@ -129,3 +131,51 @@ def test_outputs_and_refusals():
         crp.attribute(random_images(1), output="cx")
     with pytest.raises(UnsupportedLayerError, match="SSD, RetinaNet or FCOS"):
         family_of(torch.nn.Conv2d(3, 3, 1))
+
+
+@pytest.mark.parametrize("arch", ["retinanet_resnet18_fpn", "fcos_resnet18_fpn"])
+def test_resnet18_fpn_builders_are_explained_with_conservation(arch):
+    from relprop.detection.builders import build_detector
+
+    torch.manual_seed(0)
+    model = build_detector(arch, 4, size=96, score_thresh=1e-3).eval()
+    images = random_images(1, sizes=((96, 96),))
+    with torch.no_grad():
+        (reference,) = model(images)
+    crp = CRP(model)
+    (ours,) = crp.detect(images).detections
+    assert len(ours["scores"]) > 0 and torch.equal(reference["boxes"], ours["boxes"])
+    plain, _ = _sums(crp.attribute(images, output="class", contrast=False))
+    assert torch.allclose(plain, torch.ones(1), atol=1e-4)
+
+
+def test_relprop_detect_writes_fcos_panels(tmp_path, capsys):
+    """`relprop detect` on an FCOS checkpoint with a --model-def builder: one panel per detection,
+    with the class, l t r b and centerness maps."""
+    import json
+
+    from PIL import Image
+
+    from relprop.cli.main import main
+
+    model = tiny_fcos(num_classes=4)
+    weights = tmp_path / "fcos.pt"
+    torch.save({"arch": "tiny_fcos", "num_classes": 4, "input_size": 64,
+                "classes": ["__background__", "a", "b", "c"], "state_dict": model.state_dict()}, weights)
+    builder = tmp_path / "fcos_def.py"
+    tests = str(Path(__file__).resolve().parent)
+    builder.write_text(f"import sys\nsys.path.insert(0, {tests!r})\nfrom dense_helpers import tiny_fcos\n\n"
+                       "def from_metadata(meta):\n    return tiny_fcos(num_classes=meta['num_classes'])\n")
+    image = tmp_path / "img.png"
+    Image.fromarray((random_images(1)[0].permute(1, 2, 0).numpy() * 255).astype("uint8")).save(image)
+    out = tmp_path / "out"
+    code = main(["detect", str(image), "--weights", str(weights), "--model-def", f"{builder}:from_metadata",
+                 "--out", str(out), "--max-detections", "2", "--score-threshold", "0.5"])
+    assert code in (0, None), capsys.readouterr().err
+    records = [json.loads(line) for line in (out / "detections.jsonl").read_text().splitlines()]
+    from torchvision.transforms.functional import to_tensor
+
+    expected = CRP(model).detect([to_tensor(Image.open(image).convert("RGB"))]).detections[0]
+    assert len(records) == min(2, int((expected["scores"] >= 0.5).sum())) == 2
+    assert [r["anchor"] for r in records] == expected["anchors"][:2].tolist()
+    assert all((out / r["panel"]).is_file() for r in records)

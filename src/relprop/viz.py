@@ -249,6 +249,11 @@ MAP_TITLES = {
     "cy": "cy: red ↓ down, blue ↑ up",
     "w": "w: red wider, blue narrower",
     "h": "h: red taller, blue shorter",
+    "l": "l: red left edge out, blue in",
+    "t": "t: red top edge up, blue down",
+    "r": "r: red right edge out, blue in",
+    "b": "b: red bottom edge down, blue up",
+    "ctr": "centerness: red higher, blue lower",
 }
 BOX_COLOUR = "#00d000"
 
