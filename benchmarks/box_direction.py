@@ -10,7 +10,9 @@ direction_check). Candidates (CRP options):
 - ``signed``: the head's signed contributions ``a_i w_ij`` (LRP-0 at the head, seeded with the
   output's value; conserving below: the map sums to the output minus its bias), z+ below;
 - ``signed-contrast``: ``signed`` minus the mean of the other three outputs' signed maps;
-- ``gradxinput``: ``signed`` with LRP-0 below (equal to gradient x input of the output, tested).
+- ``lrp0``: ``signed`` with LRP-0 below (equal to gradient x input of the output in ReLU networks,
+  tested; not where GroupNorm sits in the head, as in FCOS);
+- ``gradxinput``: gradient x input of the output by autograd (the reference, not a CRP map).
 
     python benchmarks/box_direction.py /tmp/scenes --checkpoint /tmp/fcos.pt --images 20
     python benchmarks/box_direction.py /tmp/scenes --random fcos_resnet18_fpn --images 10
@@ -34,7 +36,7 @@ from relprop.core.rules import EpsilonRule  # noqa: E402
 from relprop.core.splitting import SignedSplit  # noqa: E402
 from relprop.detection.builders import DETECTORS, build_detector, from_metadata  # noqa: E402
 from relprop.detection.crp import CRP, Request  # noqa: E402
-from relprop.evaluation.detection import direction_check  # noqa: E402
+from relprop.evaluation.detection import direction_check, offset_gradient_x_input  # noqa: E402
 
 Z_RULE = EpsilonRule(0.0)
 LRP0 = Composite(rules={nn.Conv2d: Z_RULE, nn.Linear: Z_RULE}, input_rule=Z_RULE, maxpool="wta",
@@ -44,7 +46,7 @@ CANDIDATES = {
     "split-contrast": {"box_contrast": True},
     "signed": {"box_rule": "signed"},
     "signed-contrast": {"box_rule": "signed", "box_contrast": True},
-    "gradxinput": {"box_rule": "signed", "box_composite": LRP0},
+    "lrp0": {"box_rule": "signed", "box_composite": LRP0},
 }
 
 
@@ -80,19 +82,22 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--images", type=int, default=20)
     parser.add_argument("--per-image", type=int, default=2, help="top detections explained per image")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--candidates", default=",".join(CANDIDATES), help="comma-separated")
     parser.add_argument("--out", type=Path, help="json file for the rates")
     args = parser.parse_args(argv)
+    chosen = [c for c in args.candidates.split(",") if c]
     torch.set_num_threads(1)
     from PIL import Image
     from torchvision.transforms.functional import to_tensor
 
     model, meta = load(args)
-    explainers = {name: CRP(model, **options) for name, options in CANDIDATES.items()}
+    explainers = {name: CRP(model, **CANDIDATES[name]) for name in chosen}
+    methods = [*chosen, "gradxinput"]
     first = next(iter(explainers.values()))
     names = first.family.box_outputs
     coco = json.loads((args.scenes / "val.json").read_text())
     generator = torch.Generator().manual_seed(args.seed)
-    counts = {m: {o: {"positive": 0, "negative": 0, "random": 0} for o in names} for m in CANDIDATES}
+    counts = {m: {o: {"positive": 0, "negative": 0, "random": 0} for o in names} for m in methods}
     explained, started = 0, time.time()
     for meta_image in coco["images"][: args.images]:
         image = to_tensor(Image.open(args.scenes / meta_image["file_name"]).convert("RGB"))
@@ -102,15 +107,16 @@ def main(argv: list[str] | None = None) -> int:
             for name, crp in explainers.items():
                 rows = crp.explain(out, [Request(0, d, o) for o in names]).sum(1)
                 maps[name] = dict(zip(names, rows, strict=True))
+            maps["gradxinput"] = offset_gradient_x_input(first, out, d)
             result = direction_check(first, out, d, maps, generator)
-            for m in CANDIDATES:
+            for m in methods:
                 for o in names:
                     for kind in ("positive", "negative", "random"):
                         counts[m][o][kind] += bool(result[m][o][kind])
             explained += 1
         print(f"{explained} detections, {time.time() - started:.0f}s", file=sys.stderr, flush=True)
     rows = {}
-    for m in CANDIDATES:
+    for m in methods:
         rows[m] = {}
         for o in names:
             c = counts[m][o]

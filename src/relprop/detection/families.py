@@ -116,15 +116,25 @@ def anchors_per_cell(model: nn.Module, features: Sequence[Tensor]) -> list[int]:
 def dense_outputs(
     model: nn.Module, x: Tensor, backbone: nn.Module | None = None
 ) -> tuple[list[Tensor], Tensor, Tensor, dict[str, Tensor]]:
-    """Feature maps, class logits (N, A, K), box outputs (N, A, 4) and extras (FCOS: ``ctr``
-    (N, A, 1)) of every anchor, computed by the model's own head modules."""
+    """Feature maps, class logits (N, A, K), box outputs (N, A, 4) and extras of every anchor,
+    computed by the model's own head modules. FCOS's extras: ``ctr`` (N, A, 1), the centerness
+    logits, and ``box_raw`` (N, A, 4), its distances before their ReLU (what a box map explains)."""
     if isinstance(model, SSD):
         return (*ssd.dense_outputs(model, x, backbone), {})
     out = (backbone or model.backbone)(x)
     features = list(out.values()) if isinstance(out, dict) else [out]
-    head = model.head(features)
-    extras = {"ctr": head["bbox_ctrness"]} if "bbox_ctrness" in head else {}
-    return features, head["cls_logits"], head["bbox_regression"], extras
+    if not isinstance(model, FCOS):
+        head = model.head(features)
+        return features, head["cls_logits"], head["bbox_regression"], {}
+    cls_head, box_head = model.head.classification_head, model.head.regression_head
+    logits, raw, ctr = [], [], []
+    for feature in features:  # FCOSHead's forward, keeping the distances before their ReLU
+        logits.append(ssd.flatten_level(cls_head.cls_logits(cls_head.conv(feature)), cls_head.num_classes))
+        tower = box_head.conv(feature)
+        raw.append(ssd.flatten_level(box_head.bbox_reg(tower), 4))
+        ctr.append(ssd.flatten_level(box_head.bbox_ctrness(tower), 1))
+    raw_all = torch.cat(raw, 1)
+    return features, torch.cat(logits, 1), torch.relu(raw_all), {"ctr": torch.cat(ctr, 1), "box_raw": raw_all}
 
 
 def select_detections(

@@ -220,8 +220,8 @@ def direction_check(
                 variants.append(torch.where(mask[None], mean_colour, x))
                 keys.append((method, name, kind, j))
     with torch.no_grad():
-        offsets = dense_outputs(crp.detector, torch.stack(variants), crp.backbone)[2]
-    before = out.bbox_regression[0, anchor]
+        offsets = raw_box_outputs(dense_outputs(crp.detector, torch.stack(variants), crp.backbone))
+    before = out.extras.get("box_raw", out.bbox_regression)[0, anchor]
     result: dict[str, dict[str, dict[str, bool]]] = {m: {o: {} for o in names} for m in maps}
     for row, (method, name, kind, j) in enumerate(keys):
         after, prior = float(offsets[row, anchor, j]), float(before[j])
@@ -231,6 +231,11 @@ def direction_check(
     return result
 
 
+def raw_box_outputs(dense: tuple) -> Tensor:
+    """The box outputs a box map explains: FCOS's distances before their ReLU, others as they are."""
+    return dense[3].get("box_raw", dense[2])
+
+
 def offset_gradient_x_input(crp: CRP, out: DetectorOutput, detection: int) -> dict[str, Tensor]:
     """Gradient x input (h, w) of each box offset of a detection's anchor: the reference the
     direction check compares CRP's box maps with."""
@@ -238,7 +243,7 @@ def offset_gradient_x_input(crp: CRP, out: DetectorOutput, detection: int) -> di
     x = out.x[:1].clone().requires_grad_(True)
     maps = {}
     with torch.enable_grad():
-        offsets = dense_outputs(crp.detector, x, crp.backbone)[2]
+        offsets = raw_box_outputs(dense_outputs(crp.detector, x, crp.backbone))
         for j, name in enumerate(crp.family.box_outputs):
             (grad,) = torch.autograd.grad(offsets[0, anchor, j], x, retain_graph=j < 3)
             maps[name] = (grad * x).detach().sum(1)[0]
