@@ -1,4 +1,5 @@
-"""Contrastive Relevance Propagation (CRP; Tsunakawa et al., IJCNN 2019) for torchvision's SSDs.
+"""Contrastive Relevance Propagation (CRP; Tsunakawa et al., IJCNN 2019) for torchvision's SSD,
+RetinaNet and FCOS (each family read by :mod:`relprop.detection.families`).
 
 A detection comes from one anchor n* of one head level. Its outputs are the class logits and the
 four box offsets (cx, cy, w, h) of n*, computed by two convolutions on that level's feature map:
