@@ -36,7 +36,7 @@ from torchvision.models.detection import SSD300_VGG16_Weights
 
 from relprop.bow.storage import is_bow_file, load_bow_model
 from relprop.defaults import DEFAULT_WEIGHTS, IMAGENET_MEAN, IMAGENET_STD, TORCHVISION_DETECTORS
-from relprop.detection.ssd import check_ssd
+from relprop.detection.families import family_of
 from relprop.errors import CheckpointError, RelpropError, first_line
 from relprop.huggingface import is_hf, load_hf_model
 from relprop.modelinfo import (
@@ -506,7 +506,8 @@ def load_detector(weights: str | Path | None, model_def: str | None = None, arch
                   num_classes: int | None = None, *, classes: Sequence[str] | None = None,
                   class_names: Sequence[str] | None = None,
                   offline: bool = True) -> tuple[nn.Module, ModelInfo]:
-    """An SSD detector and its `ModelInfo`; torchvision SSDs are built without downloading anything."""
+    """A detector CRP reads (SSD, RetinaNet, FCOS) and its `ModelInfo`; torchvision SSDs are built
+    without downloading anything."""
     if weights is None:
         raise RelpropError("a detector needs --weights FILE")
     if model_def is None and (arch is not None or _stored_detector_arch(weights)):
@@ -514,7 +515,7 @@ def load_detector(weights: str | Path | None, model_def: str | None = None, arch
     model, info = load_model(weights, arch=arch, num_classes=num_classes, model_def=model_def,
                              classes=classes, class_names=class_names, offline=offline)
     try:
-        check_ssd(model)
+        family_of(model)
     except RelpropError as error:
         raise RelpropError(f"{weights}: {error}") from None
     return model.eval(), info

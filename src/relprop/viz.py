@@ -249,8 +249,15 @@ MAP_TITLES = {
     "cy": "cy: red ↓ down, blue ↑ up",
     "w": "w: red wider, blue narrower",
     "h": "h: red taller, blue shorter",
+    "l": "l: red left edge out, blue in",
+    "t": "t: red top edge up, blue down",
+    "r": "r: red right edge out, blue in",
+    "b": "b: red bottom edge down, blue up",
+    "ctr": "centerness: red higher, blue lower",
 }
 BOX_COLOUR = "#00d000"
+BOX_MAP_WARNING = ("box maps: where the box head's evidence sits; removing their most negative pixels "
+                   "does not move the output the other way (direction check, docs/crp.md)")
 
 
 def _draw_box(ax, box: Sequence[float], caption: str | None = None) -> None:
@@ -292,5 +299,7 @@ def save_detection_panel(path: str | Path, rgb: np.ndarray, box: Sequence[float]
         ax.set_axis_off()
     fig.suptitle(title, fontsize=10)
     fig.tight_layout()
+    if set(heats) - {"class"}:
+        fig.text(0.5, 0.005, BOX_MAP_WARNING, ha="center", va="bottom", fontsize=7, color="#a00000")
     fig.savefig(path, dpi=100)
     return Path(path)

@@ -1,4 +1,5 @@
-"""Contrastive Relevance Propagation (CRP; Tsunakawa et al., IJCNN 2019) for torchvision's SSDs.
+"""Contrastive Relevance Propagation (CRP; Tsunakawa et al., IJCNN 2019) for torchvision's SSD,
+RetinaNet and FCOS (each family read by :mod:`relprop.detection.families`).
 
 A detection comes from one anchor n* of one head level. Its outputs are the class logits and the
 four box offsets (cx, cy, w, h) of n*, computed by two convolutions on that level's feature map:
@@ -33,22 +34,27 @@ from tqdm import tqdm
 from relprop.core.composites import Composite, resolve_composite
 from relprop.core.interpreter import RelevanceEngine
 from relprop.core.rules import get_rule
+from relprop.detection.families import (
+    family_of,
+    head_level,
+    num_classes_of,
+    run_detector,
+    traceable_backbone,
+)
 from relprop.detection.ssd import (
     BOX_OUTPUTS,
     AnchorPosition,
     DetectorOutput,
     HeadLevel,
     L2Norm,
-    check_ssd,
-    head_levels,
     locate_anchor,
-    num_classes_of,
-    run_detector,
-    traceable_backbone,
 )
 from relprop.errors import InputError, TargetError
 
 OUTPUTS = ("class", *BOX_OUTPUTS)
+"""An SSD's (and RetinaNet's) outputs; ``CRP.outputs`` are the explained detector's (FCOS: l t r b ctr)."""
+BOX_RULES = ("split", "signed")
+"""Box-output rules at the head: the seed's ``R+ - R-`` split, or the signed contributions (LRP-0)."""
 
 
 @dataclass(frozen=True)
@@ -82,11 +88,15 @@ class DetectionExplanation:
 
 
 class CRP:
-    """Contrastive Relevance Propagation for a torchvision SSD (eval mode, images in [0, 1]).
+    """Contrastive Relevance Propagation for a torchvision SSD, RetinaNet or FCOS (eval mode,
+    images in [0, 1]).
 
     ``contrast`` (default True) makes class maps contrastive; False gives plain LRP of the logit.
     ``include_background`` adds the background class to the classes contrasted against.
     ``box_contrast`` subtracts the mean map of the other three offsets from a box map.
+    ``box_rule`` is the rule at the box head ("split": ``R+ - R-``; "signed": the contributions),
+    ``box_composite`` an optional composite for the backbone below the box head (default: the
+    class maps' composite).
     ``split``/``identity_skips`` configure Relevance Splitting in residual backbones; ``rules``
     adds engine rules for custom backbone layers (``{ModuleType: "pass"}``). These and
     ``input_rule`` (default zB) are a shortcut for ``composite=`` (a `relprop.Composite` for the
@@ -101,6 +111,8 @@ class CRP:
         contrast: bool = True,
         include_background: bool = False,
         box_contrast: bool = False,
+        box_rule: str = "split",
+        box_composite: Composite | None = None,
         split: str | None = None,
         identity_skips: bool | None = None,
         input_rule: str | None = None,
@@ -109,7 +121,12 @@ class CRP:
         progress: bool = False,
         composite: Composite | None = None,
     ) -> None:
-        self.detector = check_ssd(detector)
+        self.family = family_of(detector)
+        if box_rule not in BOX_RULES:
+            raise InputError(f"box_rule {box_rule!r}: choose one of {', '.join(BOX_RULES)}")
+        self.detector = detector
+        self.outputs = self.family.outputs
+        self.box_rule = box_rule
         self.contrast = contrast
         self.include_background = include_background
         self.box_contrast = box_contrast
@@ -125,10 +142,18 @@ class CRP:
             mean=composite.mean or self.mean, std=composite.std or self.std,
         )
         self.engine = RelevanceEngine(self.backbone, composite=self.composite)
-        self.heads = {"class": head_levels(detector, "class"), "box": head_levels(detector, "box")}
+        self.box_engine = self.engine
+        self.box_composite = box_composite
+        if box_composite is not None:
+            box_composite = box_composite.replace(
+                rules={L2Norm: "pass", **box_composite.rule_map()},
+                mean=box_composite.mean or self.mean, std=box_composite.std or self.std,
+            )
+            self.box_engine = RelevanceEngine(self.backbone, composite=box_composite)
         self.num_classes = num_classes_of(detector)
         self._head_rule = get_rule("zplus")
-        self._prefix_engines: dict[tuple[str, int], RelevanceEngine] = {}
+        self._heads: dict[tuple[str, int], HeadLevel] = {}
+        self._prefix_engines: dict[tuple[int, bool], RelevanceEngine] = {}
 
     # ------------------------------------------------------------------ public API
 
@@ -159,10 +184,11 @@ class CRP:
         images: Tensor | Sequence[Tensor],
         score_threshold: float = 0.5,
         max_detections: int = 10,
-        outputs: Sequence[str] = OUTPUTS,
+        outputs: Sequence[str] | None = None,
     ) -> list[list[DetectionExplanation]]:
         """Every detection scoring at least ``score_threshold`` (at most ``max_detections`` per
-        image), explained for each of ``outputs``."""
+        image), explained for each of ``outputs`` (default: every output of the detector)."""
+        outputs = self.outputs if outputs is None else outputs
         out = self.detect(images)
         found: list[list[DetectionExplanation]] = []
         requests = []
@@ -185,10 +211,20 @@ class CRP:
             raise InputError("nothing to explain: no requests")
         for r in requests:
             self._check(out, r)
-        maps = []
-        for chunk in self._chunks(requests):
-            maps.append(self._explain_chunk(out, chunk))
-        return torch.cat(maps)
+        maps: list[Tensor | None] = [None] * len(requests)
+        groups: dict[int, list[int]] = {}
+        for k, r in enumerate(requests):  # class and box maps may go through different engines
+            groups.setdefault(id(self._engine_for(r.output)), []).append(k)
+        for indices in groups.values():
+            engine = self._engine_for(requests[indices[0]].output)
+            for chunk in self._chunks(indices):
+                rows = self._explain_chunk(out, [requests[k] for k in chunk], engine)
+                for k, row in zip(chunk, rows, strict=True):
+                    maps[k] = row
+        return torch.stack(maps)
+
+    def _engine_for(self, output: str) -> RelevanceEngine:
+        return self.engine if output == "class" else self.box_engine
 
     # ------------------------------------------------------------------ seeds
 
@@ -212,17 +248,30 @@ class CRP:
         """Relevance (M, C, H, W) at the high-level feature map of ``position``'s level.
 
         ``kind`` "class": ``vector`` (K,) or (M, K) is the seed on the anchor's logits, sent
-        through the classification layer by z+. ``kind`` "box": ``vector`` is the offset index
-        j, and the localization layer's positive and negative contributions get relevance 1 each
-        (``R+ - R-``).
+        through the classification layer by z+. ``kind`` "box" (or FCOS's "ctr"): ``vector`` is
+        the output index j; with ``box_rule="split"`` the layer's positive and negative
+        contributions get relevance 1 each (``R+ - R-``), with ``"signed"`` each input gets its
+        contribution ``a_i w_ij`` (LRP-0 seeded with the output's value: the map sums to the
+        output minus its bias, and its sign says which way each input pushes).
         """
-        head = self.heads[kind][position.level]
-        a = self._prefix_forward(kind, position.level, head, feature)
+        head = self._head(kind, position.level)
+        tower = self._prefix_engine(head, kind)
+        a = feature if tower is None else tower.forward(feature).output
         if kind == "class":
             R = self._class_layer(head.conv, position, a, vector)
         else:
-            R = box_split(head.conv, a, position, int(vector))
-        return self._prefix_backward(kind, position.level, head, feature, R)
+            columns = 1 if kind == "ctr" else 4
+            signed = self.box_rule == "signed"
+            R = box_split(head.conv, a, position, int(vector), columns=columns, signed=signed)
+        if tower is None:
+            return R
+        result = tower.backward(tower.forward(feature), R)
+        return getattr(result, "input", result)
+
+    def _head(self, kind: str, level: int) -> HeadLevel:
+        if (kind, level) not in self._heads:
+            self._heads[kind, level] = head_level(self.detector, kind, level)
+        return self._heads[kind, level]
 
     def propagate(self, x: Tensor, level_relevance: Sequence[tuple[int, Tensor]]) -> Tensor:
         """Relevance at the input of rows ``x`` (M, 3, h, w) from per-row feature-level relevance.
@@ -230,20 +279,22 @@ class CRP:
         ``level_relevance[m]`` is (level, R (C, H, W)) for row m.
         """
         record = self.engine.forward(x)
-        return self._backward(record, level_relevance)
+        return self._backward(self.engine, record, level_relevance)
 
     # ------------------------------------------------------------------ internals
 
-    def _explain_chunk(self, out: DetectorOutput, chunk: Sequence[Request]) -> Tensor:
+    def _explain_chunk(
+        self, out: DetectorOutput, chunk: Sequence[Request], engine: RelevanceEngine
+    ) -> Tensor:
         x = out.x[[r.image for r in chunk]]
-        record = self.engine.forward(x)
+        record = engine.forward(x)
         features = _feature_list(record.output)
         seeds = []
         for m, r in enumerate(chunk):
             position = self._position(out, r)
             feature = features[position.level][m : m + 1]
             seeds.append((position.level, self._feature_seed(out, r, position, feature)[0]))
-        return self._backward(record, seeds)
+        return self._backward(engine, record, seeds)
 
     def _feature_seed(
         self, out: DetectorOutput, r: Request, position: AnchorPosition, feature: Tensor
@@ -253,19 +304,23 @@ class CRP:
             return self.head_relevance(
                 "class", position, feature, self.class_seed(k_star, r.contrast)
             )
-        j = BOX_OUTPUTS.index(r.output)
+        if r.output == "ctr":
+            return self.head_relevance("ctr", position, feature, 0)
+        j = self.family.box_outputs.index(r.output)
         R = self.head_relevance("box", position, feature, j)
         if self.box_contrast:
             others = [self.head_relevance("box", position, feature, o) for o in range(4) if o != j]
             R = R - torch.stack(others).mean(0)
         return R
 
-    def _backward(self, record, level_relevance: Sequence[tuple[int, Tensor]]) -> Tensor:
+    def _backward(
+        self, engine: RelevanceEngine, record, level_relevance: Sequence[tuple[int, Tensor]]
+    ) -> Tensor:
         features = _feature_list(record.output)
         seed = [torch.zeros_like(f) for f in features]
         for m, (level, R) in enumerate(level_relevance):
             seed[level][m] = seed[level][m] + R.reshape(seed[level][m].shape)
-        result = self.engine.backward(record, _like_output(record.output, seed))
+        result = engine.backward(record, _like_output(record.output, seed))
         return getattr(result, "input", result)
 
     def _class_layer(
@@ -279,24 +334,18 @@ class CRP:
         R_out[:, p.box * K : (p.box + 1) * K, p.y, p.x] = vector
         return self._head_rule.relevance(conv, a, R_out)
 
-    def _prefix_forward(self, kind: str, level: int, head: HeadLevel, feature: Tensor) -> Tensor:
+    def _prefix_engine(self, head: HeadLevel, kind: str) -> RelevanceEngine | None:
+        """The engine of the head's tower (z+; a box tower takes ``box_composite`` when given)."""
         if head.prefix is None:
-            return feature
-        return self._prefix_engine(kind, level, head).forward(feature).output
-
-    def _prefix_backward(
-        self, kind: str, level: int, head: HeadLevel, feature: Tensor, R: Tensor
-    ) -> Tensor:
-        if head.prefix is None:
-            return R
-        engine = self._prefix_engine(kind, level, head)
-        result = engine.backward(engine.forward(feature), R)
-        return getattr(result, "input", result)
-
-    def _prefix_engine(self, kind: str, level: int, head: HeadLevel) -> RelevanceEngine:
-        key = (kind, level)
+            return None
+        box = kind != "class" and self.box_composite is not None
+        key = (id(head.prefix), box)  # RetinaNet/FCOS share one tower over all levels
         if key not in self._prefix_engines:
-            self._prefix_engines[key] = RelevanceEngine(head.prefix, input_rule="zplus")
+            if box:  # the tower's first layer sees features, not pixels: its type rule applies
+                engine = RelevanceEngine(head.prefix, composite=self.box_composite.replace(input_rule=None))
+            else:
+                engine = RelevanceEngine(head.prefix, input_rule="zplus")
+            self._prefix_engines[key] = engine
         return self._prefix_engines[key]
 
     def _position(self, out: DetectorOutput, r: Request) -> AnchorPosition:
@@ -308,8 +357,8 @@ class CRP:
         return int(out.detections[r.image]["labels"][r.detection])
 
     def _check(self, out: DetectorOutput, r: Request) -> None:
-        if r.output not in OUTPUTS:
-            raise TargetError(f"unknown output {r.output!r}; choose one of: {', '.join(OUTPUTS)}")
+        if r.output not in self.outputs:
+            raise TargetError(f"unknown output {r.output!r}; choose one of: {', '.join(self.outputs)}")
         if not 0 <= r.image < len(out.detections):
             raise TargetError(f"image {r.image} out of range (batch of {len(out.detections)})")
         count = len(out.detections[r.image]["scores"])
@@ -323,7 +372,7 @@ class CRP:
                 "(0 is the background)"
             )
 
-    def _chunks(self, requests: Sequence[Request]) -> Iterator[Sequence[Request]]:
+    def _chunks(self, requests: Sequence[int]) -> Iterator[Sequence[int]]:
         starts = range(0, len(requests), self.chunk_size)
         bar = tqdm(starts, desc="CRP", unit="chunk", disable=not self.progress or len(starts) < 2)
         for start in bar:
@@ -344,13 +393,17 @@ class CRP:
         )
 
 
-def box_split(conv: nn.Conv2d, a: Tensor, p: AnchorPosition, offset: int) -> Tensor:
+def box_split(
+    conv: nn.Conv2d, a: Tensor, p: AnchorPosition, offset: int, columns: int = 4,
+    signed: bool = False,
+) -> Tensor:
     """``R+ - R-`` at the localization layer's input for offset ``offset`` of anchor ``p``.
 
-    The contributions ``z_i = a_i w_ij`` to output j (channel ``4 * box + offset`` at cell (y, x))
-    are split by sign; each part is normalized to relevance 1 (a part that is empty gets 0).
+    The contributions ``z_i = a_i w_ij`` to output j (channel ``columns * box + offset`` at cell
+    (y, x)) are split by sign; each part is normalized to relevance 1 (a part that is empty gets
+    0). ``signed`` returns the contributions themselves (LRP-0 seeded with the output's value).
     """
-    channel = 4 * p.box + offset
+    channel = columns * p.box + offset
     grad_out = a.new_zeros(a.shape[0], conv.out_channels, *_out_size(conv, a))
     grad_out[:, channel, p.y, p.x] = 1.0
     w = torch.nn.grad.conv2d_input(
@@ -363,6 +416,8 @@ def box_split(conv: nn.Conv2d, a: Tensor, p: AnchorPosition, offset: int) -> Ten
         conv.groups,
     )
     z = a * w
+    if signed:
+        return z
     positive, negative = z.clamp(min=0), (-z).clamp(min=0)
     return _normalized(positive) - _normalized(negative)
 

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from collections import OrderedDict
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -71,7 +71,8 @@ class DetectorOutput:
     ``x`` is the batch in the detector's own input space (after its transform's normalization and
     resize); explanations live in that space. ``detections[i]`` has torchvision's keys ``boxes``
     (original image coordinates), ``scores``, ``labels`` plus ``anchors`` (global anchor index),
-    ``levels`` and ``boxes_input`` (boxes in input-space coordinates).
+    ``levels`` and ``boxes_input`` (boxes in input-space coordinates). ``bbox_regression`` holds
+    the family's four box outputs (SSD/RetinaNet offsets, FCOS distances).
     """
 
     x: Tensor
@@ -83,6 +84,7 @@ class DetectorOutput:
     anchors: list[Tensor]
     levels: list[Level]
     detections: list[dict[str, Tensor]]
+    extras: dict[str, Tensor] = field(default_factory=dict)  # FCOS: centerness logits (N, A, 1)
 
 
 def check_ssd(model: nn.Module) -> SSD:

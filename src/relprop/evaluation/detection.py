@@ -44,15 +44,8 @@ from torchvision.transforms.functional import to_tensor
 from tqdm import tqdm
 
 from relprop.detection.crp import CRP, Request
-from relprop.detection.ssd import (
-    BOX_OUTPUTS,
-    DetectorOutput,
-    dense_outputs,
-    detect_input,
-    head_levels,
-    locate_anchor,
-    scale_box,
-)
+from relprop.detection.families import dense_outputs, detect_input, head_level
+from relprop.detection.ssd import BOX_OUTPUTS, DetectorOutput, locate_anchor, scale_box
 from relprop.errors import InputError
 from relprop.evaluation.metrics import auc, frame_masks, localization
 from relprop.evaluation.results import append_jsonl, mean_std, write_atomic
@@ -120,7 +113,7 @@ def gradcam_map(crp: CRP, out: DetectorOutput, image: int, detection: int, k: in
     x = out.x[image : image + 1]
     with torch.enable_grad():
         features = list(crp.backbone(x).values())
-        head = head_levels(model, "class")[position.level]
+        head = head_level(model, "class", position.level)
         a = head.prefix(features[position.level]) if head.prefix is not None else features[position.level]
         logits = head.conv(a)
         K = crp.num_classes
@@ -164,7 +157,7 @@ def detection_scores(crp: CRP, frames: Tensor, box: Tensor, k: int, batch: int =
     scores = []
     for start in range(0, frames.shape[0], batch):
         out = detect_input(crp.detector, frames[start : start + batch], backbone=crp.backbone)
-        probabilities = out.cls_logits.softmax(-1)[..., k]
+        probabilities = class_probabilities(crp, out.cls_logits)[..., k]
         for i, det in enumerate(out.detections):
             if len(det["anchors"]) == 0:
                 scores.append(0.0)
@@ -172,6 +165,11 @@ def detection_scores(crp: CRP, frames: Tensor, box: Tensor, k: int, batch: int =
             iou = box_iou(det["boxes_input"], box.view(1, 4)).flatten()
             scores.append(float((iou * probabilities[i, det["anchors"]]).max()))
     return scores
+
+
+def class_probabilities(crp: CRP, logits: Tensor) -> Tensor:
+    """Class probabilities from logits (..., K): SSD's softmax, RetinaNet's and FCOS's sigmoid."""
+    return logits.softmax(-1) if crp.family.name == "ssd" else logits.sigmoid()
 
 
 def insertion_deletion(
@@ -205,13 +203,15 @@ def direction_check(
 ) -> dict[str, dict[str, dict[str, bool]]]:
     """Per method and offset map: does replacing its top positive / top negative pixels by the
     mean colour lower / raise the offset at the detection's anchor; ``random``: does replacing
-    random pixels lower it (the chance level of ``positive``)."""
+    random pixels lower it (the chance level of ``positive``). Offsets are the detector's box
+    outputs (SSD, RetinaNet: cx cy w h; FCOS: the distances l t r b)."""
     x = out.x[0]
     anchor = int(out.detections[0]["anchors"][detection])
     mean_colour = x.mean((1, 2), keepdim=True).expand_as(x)
     count = max(1, int(round(fraction * x.shape[1] * x.shape[2])))
     variants, keys = [], []
-    for j, name in enumerate(BOX_OUTPUTS):
+    names = crp.family.box_outputs
+    for j, name in enumerate(names):
         variants.append(torch.where(_random_mask(x.shape[1:], count, generator)[None], mean_colour, x))
         keys.append((None, name, "random", j))
         for method, box_maps in maps.items():
@@ -220,15 +220,20 @@ def direction_check(
                 variants.append(torch.where(mask[None], mean_colour, x))
                 keys.append((method, name, kind, j))
     with torch.no_grad():
-        _, _, offsets = dense_outputs(crp.detector, torch.stack(variants), crp.backbone)
-    before = out.bbox_regression[0, anchor]
-    result: dict[str, dict[str, dict[str, bool]]] = {m: {o: {} for o in BOX_OUTPUTS} for m in maps}
+        offsets = raw_box_outputs(dense_outputs(crp.detector, torch.stack(variants), crp.backbone))
+    before = out.extras.get("box_raw", out.bbox_regression)[0, anchor]
+    result: dict[str, dict[str, dict[str, bool]]] = {m: {o: {} for o in names} for m in maps}
     for row, (method, name, kind, j) in enumerate(keys):
         after, prior = float(offsets[row, anchor, j]), float(before[j])
         moved = after > prior if kind == "negative" else after < prior
         for m in [method] if method is not None else list(maps):
             result[m][name][kind] = moved
     return result
+
+
+def raw_box_outputs(dense: tuple) -> Tensor:
+    """The box outputs a box map explains: FCOS's distances before their ReLU, others as they are."""
+    return dense[3].get("box_raw", dense[2])
 
 
 def offset_gradient_x_input(crp: CRP, out: DetectorOutput, detection: int) -> dict[str, Tensor]:
@@ -238,8 +243,8 @@ def offset_gradient_x_input(crp: CRP, out: DetectorOutput, detection: int) -> di
     x = out.x[:1].clone().requires_grad_(True)
     maps = {}
     with torch.enable_grad():
-        _, _, offsets = dense_outputs(crp.detector, x, crp.backbone)
-        for j, name in enumerate(BOX_OUTPUTS):
+        offsets = raw_box_outputs(dense_outputs(crp.detector, x, crp.backbone))
+        for j, name in enumerate(crp.family.box_outputs):
             (grad,) = torch.autograd.grad(offsets[0, anchor, j], x, retain_graph=j < 3)
             maps[name] = (grad * x).detach().sum(1)[0]
     return maps
@@ -314,8 +319,9 @@ def evaluate_sample(
         entry.update(insertion_deletion(crp, out.x[0], heat, explained, k_star, step))
         entry["id"] = entry["insertion"] - entry["deletion"]
         record["methods"][name] = entry
-    box_maps = crp.explain(out, [Request(0, d, o) for o in BOX_OUTPUTS]).sum(1)
-    direction_maps = {"crp": dict(zip(BOX_OUTPUTS, box_maps, strict=True)),
+    names = crp.family.box_outputs
+    box_maps = crp.explain(out, [Request(0, d, o) for o in names]).sum(1)
+    direction_maps = {"crp": dict(zip(names, box_maps, strict=True)),
                       "gradxinput": offset_gradient_x_input(crp, out, d)}
     record["direction"] = direction_check(crp, out, d, direction_maps, generator)
     return record
@@ -344,7 +350,8 @@ def summarize(records: Sequence[dict[str, Any]], methods: Sequence[str] = METHOD
         summary["methods"][name]["n"] = len(entries)
     for method in DIRECTION_METHODS:
         summary["direction"][method] = {}
-        for offset in BOX_OUTPUTS:
+        offsets = next((list(r["direction"][method]) for r in tps if "direction" in r), list(BOX_OUTPUTS))
+        for offset in offsets:
             checks = [r["direction"][method][offset] for r in tps if "direction" in r]
             summary["direction"][method][offset] = {
                 kind: _mean([c[kind] for c in checks]) for kind in ("positive", "negative", "random")
@@ -356,8 +363,10 @@ def _mean(values: Sequence[Any]) -> float:
     return mean_std([float(v) for v in values if v is not None])[0]
 
 
-DIRECTION_WORDS = {"cx": "left", "cy": "up", "w": "narrower", "h": "shorter"}
-OPPOSITE_WORDS = {"cx": "right", "cy": "down", "w": "wider", "h": "taller"}
+DIRECTION_WORDS = {"cx": "left", "cy": "up", "w": "narrower", "h": "shorter",
+                   "l": "left edge in", "t": "top edge in", "r": "right edge in", "b": "bottom edge in"}
+OPPOSITE_WORDS = {"cx": "right", "cy": "down", "w": "wider", "h": "taller",
+                  "l": "left edge out", "t": "top edge out", "r": "right edge out", "b": "bottom edge out"}
 
 
 def summary_markdown(summary: dict[str, Any], command: str | None = None) -> str:
@@ -396,7 +405,7 @@ def summary_markdown(summary: dict[str, Any], command: str | None = None) -> str
         "|---|---|---|---|---|---|",
     ]
     direction = summary["direction"]
-    for offset in BOX_OUTPUTS:
+    for offset in direction["crp"]:
         c, g = direction["crp"][offset], direction["gradxinput"][offset]
         down, up = DIRECTION_WORDS[offset], OPPOSITE_WORDS[offset]
         lines.append(

@@ -23,8 +23,8 @@ from torchvision.transforms.functional import to_tensor
 from tqdm import tqdm
 
 from relprop.core.splitting import SPLITS
-from relprop.detection.crp import CRP, OUTPUTS, Request, to_image
-from relprop.detection.ssd import num_classes_of
+from relprop.detection.crp import CRP, Request, to_image
+from relprop.detection.families import num_classes_of
 from relprop.errors import ImageError, RelpropError, TargetError
 from relprop.images import MAX_DECODED_PIXELS, load_image
 from relprop.modelinfo import ModelInfo
@@ -126,7 +126,7 @@ def detect_images(config: DetectConfig, model: Any, info: ModelInfo,
             result = crp.detect([image.to(config.device)])
             det = result.detections[0]
             chosen = _chosen(det["scores"], config.score_threshold, config.max_detections)
-            requests = [Request(0, d, o, target) for d in chosen for o in OUTPUTS]
+            requests = [Request(0, d, o, target) for d in chosen for o in crp.outputs]
             maps = crp.explain(result, requests).cpu() if requests else None
             problem = _non_finite(result, maps)
             if problem:  # NaN is an error, never a number (nor "no detection")
@@ -136,7 +136,7 @@ def detect_images(config: DetectConfig, model: Any, info: ModelInfo,
             folder = out / name
             folder.mkdir(parents=True, exist_ok=True)
             records = _write_image(folder, name, path, image, det, chosen, maps, names, target,
-                                   config.save_maps, manifest)
+                                   config.save_maps, manifest, crp.outputs)
             for record in records:
                 log.write(json.dumps(record.to_dict(), ensure_ascii=False) + "\n")
             summary.records += records
@@ -180,7 +180,8 @@ def _chosen(scores: Any, threshold: float, cap: int) -> list[int]:
 
 def _write_image(folder: Path, name: str, path: Path, image: Any, det: dict, chosen: Sequence[int],
                  maps: Any, names: Sequence[str], target: int | None,
-                 save_maps: bool, manifest: Manifest) -> list[DetectionRecord]:
+                 save_maps: bool, manifest: Manifest,
+                 outputs: Sequence[str]) -> list[DetectionRecord]:
     """Drawings, panels and (optionally) raw maps of one image; its detections.jsonl records."""
     rgb = (image.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
     size = tuple(image.shape[-2:])
@@ -191,8 +192,8 @@ def _write_image(folder: Path, name: str, path: Path, image: Any, det: dict, cho
     draw_detections(manifest.add(folder / "detections.png"), rgb, boxes, captions)
     records = []
     for i, d in enumerate(chosen):
-        heats = {o: to_image(maps[i * len(OUTPUTS) + j], size).numpy()
-                 for j, o in enumerate(OUTPUTS)}
+        heats = {o: to_image(maps[i * len(outputs) + j], size).numpy()
+                 for j, o in enumerate(outputs)}
         explained = labels[i] if target is None else target
         title = f"{path.name} · detection {d}: {names[labels[i]]} {scores[i]:.0%}"
         if explained != labels[i]:

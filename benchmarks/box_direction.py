@@ -1,0 +1,148 @@
+"""Which box-map definition passes the direction check? Measured on a detector and the tin10 scenes.
+
+For each explained detection and each box output, the map's most positive 10 % of pixels are
+replaced by the image's mean colour (the output should go down), then its most negative 10 % (the
+output should go up); 10 % random pixels give the chance level (relprop.evaluation.detection's
+direction_check). Candidates (CRP options):
+
+- ``split``: the seed's ``R+ - R-`` at the box head, z+ below (each part normalized to 1);
+- ``split-contrast``: the same minus the mean map of the other three box outputs;
+- ``signed``: the head's signed contributions ``a_i w_ij`` (LRP-0 at the head, seeded with the
+  output's value; conserving below: the map sums to the output minus its bias), z+ below;
+- ``signed-contrast``: ``signed`` minus the mean of the other three outputs' signed maps;
+- ``lrp0``: ``signed`` with LRP-0 below (equal to gradient x input of the output in ReLU networks,
+  tested; not where GroupNorm sits in the head, as in FCOS);
+- ``gradxinput``: gradient x input of the output by autograd (the reference, not a CRP map).
+
+    python benchmarks/box_direction.py /tmp/scenes --checkpoint /tmp/fcos.pt --images 20
+    python benchmarks/box_direction.py /tmp/scenes --random fcos_resnet18_fpn --images 10
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import time
+from pathlib import Path
+
+import torch
+from torch import nn
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+from relprop import Composite  # noqa: E402
+from relprop.core.rules import EpsilonRule  # noqa: E402
+from relprop.core.splitting import SignedSplit  # noqa: E402
+from relprop.detection.builders import DETECTORS, build_detector, from_metadata  # noqa: E402
+from relprop.detection.crp import CRP, Request  # noqa: E402
+from relprop.evaluation.detection import direction_check, offset_gradient_x_input  # noqa: E402
+
+Z_RULE = EpsilonRule(0.0)
+LRP0 = Composite(rules={nn.Conv2d: Z_RULE, nn.Linear: Z_RULE}, input_rule=Z_RULE, maxpool="wta",
+                 split=SignedSplit(epsilon=0.0))
+CANDIDATES = {
+    "split": {},
+    "split-contrast": {"box_contrast": True},
+    "signed": {"box_rule": "signed"},
+    "signed-contrast": {"box_rule": "signed", "box_contrast": True},
+    "lrp0": {"box_rule": "signed", "box_composite": LRP0},
+}
+
+
+def load(args: argparse.Namespace) -> tuple[nn.Module, dict]:
+    if args.checkpoint:
+        checkpoint = torch.load(args.checkpoint, map_location="cpu", weights_only=True)
+        model = from_metadata(checkpoint)
+        model.load_state_dict(checkpoint["state_dict"])
+        meta = {k: checkpoint.get(k) for k in ("arch", "map50", "epochs", "steps", "train_seconds")}
+    else:
+        torch.manual_seed(args.seed)
+        model = build_detector(args.random, 11, args.size, score_thresh=1e-3)  # untrained: low scores
+        meta = {"arch": args.random, "weights": "random"}
+    return model.eval(), meta
+
+
+def wilson(successes: int, n: int, z: float = 1.96) -> tuple[float, float]:
+    """Wilson score interval of a proportion."""
+    if n == 0:
+        return math.nan, math.nan
+    p = successes / n
+    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+    return centre - half, centre + half
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("scenes", type=Path)
+    parser.add_argument("--checkpoint", type=Path)
+    parser.add_argument("--random", choices=DETECTORS)
+    parser.add_argument("--size", type=int, default=256)
+    parser.add_argument("--images", type=int, default=20)
+    parser.add_argument("--per-image", type=int, default=2, help="top detections explained per image")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--candidates", default=",".join(CANDIDATES), help="comma-separated")
+    parser.add_argument("--out", type=Path, help="json file for the rates")
+    args = parser.parse_args(argv)
+    chosen = [c for c in args.candidates.split(",") if c]
+    torch.set_num_threads(1)
+    from PIL import Image
+    from torchvision.transforms.functional import to_tensor
+
+    model, meta = load(args)
+    explainers = {name: CRP(model, **CANDIDATES[name]) for name in chosen}
+    methods = [*chosen, "gradxinput"]
+    first = next(iter(explainers.values()))
+    names = first.family.box_outputs
+    coco = json.loads((args.scenes / "val.json").read_text())
+    generator = torch.Generator().manual_seed(args.seed)
+    counts = {m: {o: {"positive": 0, "negative": 0, "random": 0} for o in names} for m in methods}
+    explained, started = 0, time.time()
+    for meta_image in coco["images"][: args.images]:
+        image = to_tensor(Image.open(args.scenes / meta_image["file_name"]).convert("RGB"))
+        out = first.detect([image])
+        for d in range(min(args.per_image, len(out.detections[0]["scores"]))):
+            maps = {}
+            for name, crp in explainers.items():
+                rows = crp.explain(out, [Request(0, d, o) for o in names]).sum(1)
+                maps[name] = dict(zip(names, rows, strict=True))
+            maps["gradxinput"] = offset_gradient_x_input(first, out, d)
+            result = direction_check(first, out, d, maps, generator)
+            for m in methods:
+                for o in names:
+                    for kind in ("positive", "negative", "random"):
+                        counts[m][o][kind] += bool(result[m][o][kind])
+            explained += 1
+        print(f"{explained} detections, {time.time() - started:.0f}s", file=sys.stderr, flush=True)
+    rows = {}
+    for m in methods:
+        rows[m] = {}
+        for o in names:
+            c = counts[m][o]
+            rows[m][o] = {k: c[k] / max(1, explained) for k in c}
+            rows[m][o]["positive_ci"] = wilson(c["positive"], explained)
+            rows[m][o]["negative_ci"] = wilson(c["negative"], explained)
+    report = {"detector": meta, "detections": explained, "images": args.images, "rates": rows,
+              "seconds": round(time.time() - started), "command": " ".join(sys.argv)}
+    print(markdown(report))
+    if args.out:
+        args.out.write_text(json.dumps(report, indent=2) + "\n")
+    return 0
+
+
+def markdown(report: dict) -> str:
+    """One table: per candidate and box output, top + removed -> lower, top - removed -> higher."""
+    rates = report["rates"]
+    outputs = list(next(iter(rates.values())))
+    lines = [f"{report['detector']}: {report['detections']} detections", "",
+             "| candidate | " + " | ".join(f"{o}: + / − / random" for o in outputs) + " |",
+             "|---|" + "---|" * len(outputs)]
+    for m, per in rates.items():
+        cells = [f"{per[o]['positive']:.0%} / {per[o]['negative']:.0%} / {per[o]['random']:.0%}" for o in outputs]
+        lines.append(f"| {m} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

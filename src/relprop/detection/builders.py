@@ -1,0 +1,62 @@
+"""Light single-shot detectors relprop trains and explains: RetinaNet and FCOS on a ResNet-18 FPN.
+
+torchvision ships RetinaNet and FCOS on ResNet-50 only; a ResNet-18 FPN (128 channels, P3-P7 as in
+the papers) trains in minutes on a CPU and is the same architecture family. Built from torchvision
+pieces with no downloads; BatchNorm stays ``nn.BatchNorm2d`` (frozen in training by the caller) so
+that relprop folds it like any other. ``from_metadata`` is a ``--model-def`` builder.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import torchvision
+from torch import nn
+from torchvision.models.detection.anchor_utils import AnchorGenerator
+from torchvision.models.detection.backbone_utils import BackboneWithFPN
+from torchvision.models.detection.fcos import FCOS, FCOSHead
+from torchvision.models.detection.retinanet import RetinaNet, RetinaNetHead
+from torchvision.ops.feature_pyramid_network import LastLevelP6P7
+
+from relprop.errors import ConfigError
+
+FPN_CHANNELS = 128
+LIGHT_DETECTORS = ("retinanet_resnet18_fpn", "fcos_resnet18_fpn")
+DETECTORS = ("ssd300_vgg16", *LIGHT_DETECTORS)
+
+
+def resnet18_fpn(resnet: nn.Module | None = None, channels: int = FPN_CHANNELS) -> BackboneWithFPN:
+    """ResNet-18's C3-C5 under an FPN with P6/P7 from P5 (RetinaNet's and FCOS's pyramid)."""
+    resnet = resnet or torchvision.models.resnet18(weights=None)
+    return BackboneWithFPN(resnet, {"layer2": "0", "layer3": "1", "layer4": "2"}, [128, 256, 512], channels,
+                           extra_blocks=LastLevelP6P7(channels, channels))
+
+
+def build_detector(arch: str, num_classes: int, size: int = 320, resnet: nn.Module | None = None,
+                   **options: Any) -> nn.Module:
+    """``arch`` (one of DETECTORS) for ``num_classes`` classes (0 = background) on ``size`` px inputs."""
+    if arch == "ssd300_vgg16":
+        return torchvision.models.detection.ssd300_vgg16(weights=None, weights_backbone=None,
+                                                        num_classes=num_classes, **options)
+    sizing = {"min_size": size, "max_size": size} | options
+    if arch == "retinanet_resnet18_fpn":
+        anchors = AnchorGenerator(tuple((s, int(s * 2 ** (1 / 3)), int(s * 2 ** (2 / 3)))
+                                        for s in (32, 64, 128, 256, 512)), ((0.5, 1.0, 2.0),) * 5)
+        head = RetinaNetHead(FPN_CHANNELS, anchors.num_anchors_per_location()[0], num_classes)
+        return RetinaNet(resnet18_fpn(resnet), num_classes, anchor_generator=anchors, head=head, **sizing)
+    if arch == "fcos_resnet18_fpn":
+        anchors = AnchorGenerator(((8,), (16,), (32,), (64,), (128,)), ((1.0,),) * 5)
+        head = FCOSHead(FPN_CHANNELS, 1, num_classes)
+        return FCOS(resnet18_fpn(resnet), num_classes, anchor_generator=anchors, head=head, **sizing)
+    raise ConfigError(f"unknown detector {arch!r}; choose one of {', '.join(DETECTORS)}")
+
+
+def from_metadata(metadata: Mapping[str, Any]) -> nn.Module:
+    """``--model-def`` builder: a checkpoint's ``arch``, ``num_classes`` and ``input_size``."""
+    size = metadata.get("input_size") or 320
+    size = int(size[0] if isinstance(size, (list, tuple)) else size)
+    return build_detector(str(metadata.get("arch")), int(metadata["num_classes"]), size)
+
+
+__all__ = ["DETECTORS", "LIGHT_DETECTORS", "build_detector", "from_metadata", "resnet18_fpn"]
