@@ -3,7 +3,8 @@ and the pooling rule distributes relevance over it.
 
 Strategies (``maxpool=`` of a `Composite`, by object or name):
 - `AverageWindows` (``"avg"``): the pool's own windows, summed: relevance in proportion to the
-  activations in each window (the z-rule's per-window divisor cancels, so an average serves);
+  activations in each window (the z-rule's per-window divisor cancels, so an average serves); a
+  window with a negative value (a pool of BatchNorm outputs, NASNet/PNASNet) to its maximum;
 - `WinnerTakesAll` (``"wta"``): all relevance of a window to its maximum;
 - `ReferenceAverage2x2`: the reference code's stand-in, a 2×2 average whatever the pool.
 A strategy of your own: any object with `function(geometry, dims, where) -> (Tensor -> Tensor)`.
