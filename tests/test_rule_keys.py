@@ -105,11 +105,6 @@ def test_softmax_at_the_output_says_to_remove_it():
     assert "\n" not in str(info.value)
 
 
-class Bicubic(nn.Module):
-    def forward(self, x):
-        return F.interpolate(x, scale_factor=2, mode="bicubic").flatten(1)[:, :5]
-
-
 class Sine(nn.Module):
     def __init__(self) -> None:
         super().__init__()
@@ -150,7 +145,6 @@ def _key_from_advice(message: str):
     (Sine(), "pass", torch.randn(2, 6)),
     (Erf(), "pass", torch.randn(2, 6)),
     (Softplus(), "pass", torch.randn(2, 6)),
-    (Bicubic(), "proportional", torch.rand(2, 1, 3, 3) + 0.1),
 ])
 def test_every_unsupported_layer_advice_works_when_followed(model, rule, x):
     with pytest.raises(UnsupportedLayerError) as info:

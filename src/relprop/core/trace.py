@@ -98,14 +98,24 @@ def trace(model: nn.Module, policy: LeafPolicy) -> fx.Graph:
 
 
 def make_out_of_place(graph: fx.Graph) -> None:
-    """Replace in-place ops by their out-of-place twins, in place."""
-    for node in graph.nodes:
+    """Replace in-place ops by their out-of-place twins, in place. A tensor method or function
+    called in place changes the tensor itself, so the nodes after it that read that tensor read
+    the op's result instead: timm's NaFlexEmbeds calls `x.add_(pos_embed)` and goes on with `x`
+    (out of place and unread, the position embedding was lost). `x += y` (operator.iadd) rebinds
+    the name to its result, as it must for a number, which has no in-place form."""
+    order = {node: i for i, node in enumerate(graph.nodes)}
+    for node in list(graph.nodes):
+        mutates = False
         if node.op == "call_function" and node.target in OUT_OF_PLACE:
             node.target = OUT_OF_PLACE[node.target]
         elif node.op == "call_method" and node.target in OUT_OF_PLACE_METHODS:
-            node.target = OUT_OF_PLACE_METHODS[node.target]
+            node.target, mutates = OUT_OF_PLACE_METHODS[node.target], True
         if node.kwargs.get("inplace"):
-            node.kwargs = {**node.kwargs, "inplace": False}
+            node.kwargs, mutates = {**node.kwargs, "inplace": False}, node.op == "call_function"
+        changed = node.args[0] if node.args else None
+        if mutates and isinstance(changed, fx.Node):
+            for reader in [user for user in changed.users if order[user] > order[node]]:
+                reader.replace_input_with(changed, node)
 
 
 def describe_module(failed_in: tuple[str, nn.Module] | None) -> str:

@@ -1,10 +1,12 @@
 """Linear, ConvNd, ConvTransposeNd (modules or `F.linear`/`F.convNd` calls): the layer's rule
 on its effective linear map, with any BatchNorm the canonizer folded into it.
 
-The layer that sees the image through an explicit zero pad (timm's `Conv2dSame`, `StdConv2dSame`)
-takes its rule on the composed map conv∘pad, a function of the unpadded image: the input rules
-that weigh inputs regardless of their values (W⁺, flat, zB's bounds) would otherwise give the
-padded zeros a share, which the pad then drops (4 % of the total on vit_tiny_r_s16_p8_224)."""
+A conv that reads an explicit zero pad (timm's `Conv2dSame`, `StdConv2dSame`, TF-'same' models)
+takes its rule on the composed map conv∘pad, a function of the unpadded tensor, as a conv's own
+padding is: the input rules that weigh inputs regardless of their values (W⁺, flat, zB's bounds)
+would otherwise give the padded zeros a share, which the pad then drops (4 % of the total on
+vit_tiny_r_s16_p8_224), and so would z+'s fallback inside the network, where a window of zeros
+after a ReLU sends its relevance by w⁺ (2 % on pnasnet5large's 'same' separable convs)."""
 
 from __future__ import annotations
 
@@ -127,8 +129,8 @@ class PaddedLinearOp(LinearOp):
 
 
 def _zero_pad_before(step, op: LinearOp, values, context: Context) -> tuple[fx.Node, tuple[int, ...]] | None:
-    """The input layer's explicit zero pad: (its input, its amounts), or None."""
-    if not step.info.is_input_layer or op.kind != "conv":
+    """The explicit zero pad a conv reads: (its input, its amounts), or None."""
+    if op.kind != "conv":
         return None
     pad = context.step_of[step.inputs[0]]
     if pad.op.name != "route" or len(pad.inputs) != 1:

@@ -3,7 +3,8 @@ and the pooling rule distributes relevance over it.
 
 Strategies (``maxpool=`` of a `Composite`, by object or name):
 - `AverageWindows` (``"avg"``): the pool's own windows, summed: relevance in proportion to the
-  activations in each window (the z-rule's per-window divisor cancels, so an average serves);
+  activations in each window (the z-rule's per-window divisor cancels, so an average serves); a
+  window with a negative value (a pool of BatchNorm outputs, NASNet/PNASNet) to its maximum;
 - `WinnerTakesAll` (``"wta"``): all relevance of a window to its maximum;
 - `ReferenceAverage2x2`: the reference code's stand-in, a 2×2 average whatever the pool.
 A strategy of your own: any object with `function(geometry, dims, where) -> (Tensor -> Tensor)`.
@@ -53,13 +54,29 @@ class MaxPoolStrategy(Protocol):
 
 @dataclass(frozen=True)
 class AverageWindows:
-    """Relevance in proportion to the activations in each of the pool's windows."""
+    """Relevance in proportion to the activations in each of the pool's windows that holds no
+    negative value (after a ReLU: every window); a window with a negative value gives all its
+    relevance to its maximum, as winner-takes-all. The proportional share is a z-rule over the
+    window's sum, which for signed values can be near 0 while the max is not: the shares then
+    grow without bound and cancel (|R| ×40 per pool on timm's pnasnet5large, whose pools read
+    BatchNorm outputs, and a total of −1 × p at the image). Both parts conserve per window.
+    −inf elements (a 'same' pool's padding) take no share and never win."""
 
     def function(self, geometry: Geometry, dims: int, where: str) -> Callable[[Tensor], Tensor]:
         if any(d != 1 for d in _as_tuple(geometry.dilation)):
             raise UnsupportedLayerError(f"max pooling with dilation {geometry.dilation} at '{where}': use maxpool='wta'")
         avg_pool = (F.avg_pool1d, F.avg_pool2d, F.avg_pool3d)[dims - 1]
-        return lambda t: avg_pool(t, geometry.kernel, geometry.stride, geometry.padding, geometry.ceil_mode, True)
+        max_pool = (F.max_pool1d, F.max_pool2d, F.max_pool3d)[dims - 1]
+
+        def windows(t: Tensor) -> Tensor:
+            padded = torch.isneginf(t)
+            minus = (-t.detach()).masked_fill(padded, float("-inf"))  # the padding left out of the min
+            signed = max_pool(minus, *geometry) > 0  # the window's min is negative
+            averaged = avg_pool(t.masked_fill(padded, 0.0), geometry.kernel, geometry.stride, geometry.padding,
+                                geometry.ceil_mode, True)
+            return torch.where(signed, max_pool(t, *geometry), averaged)
+
+        return windows
 
     def reduction(self, dims: tuple[int, ...], keepdim: bool) -> Callable[[Tensor], Tensor]:
         return lambda t: t.sum(dims, keepdim)

@@ -1,7 +1,15 @@
-"""Positive linear maps: average, adaptive-average, sum and mean pooling and upsampling by
-non-negative interpolation weights, and `F.fold`/`nn.Fold` (VOLO's outlook attention: overlapping
-patches summed back into an image, a sum of copies). Relevance goes in proportion to each input's share (the
-composite's pooling rule: the exact z-rule, or the reference code's stabilized one)."""
+"""Linear maps that average or resample: average, adaptive-average, sum and mean pooling,
+interpolation (`F.interpolate`, `nn.Upsample`) in every mode, and `F.fold`/`nn.Fold` (VOLO's
+outlook attention: overlapping patches summed back into an image, a sum of copies). Relevance
+goes in proportion to each input's share, the z-rule (LRP-0) of a linear layer (Bach et al. 2015;
+Montavon et al. 2019): `R_i = x_i · Σ_j w_ij R_j / y_j`, through the map's transpose by a vjp (the
+composite's pooling rule: the exact z-rule, or the reference code's ε-stabilized one).
+
+Bicubic interpolation (crossvit's image resize) has negative weights, but each output's weights
+still sum to 1, so the z-rule conserves exactly (an output at 0 spreads its relevance by those
+weights); its negative lobes overshoot, so a non-negative input can give negative outputs: it does
+not keep the sign (the next layer's z+ then weighs the negative part). A rule that needs a weight
+matrix to clamp (z+, W⁺, flat) has none to take from a resize."""
 
 from __future__ import annotations
 
@@ -15,14 +23,10 @@ from relprop.core.ops.base import (
     KeepsSign,
     Op,
     Parents,
-    describe,
-    function_key,
     positional,
-    type_key,
-    unsupported,
 )
 
-# Upsampling modes whose interpolation weights are non-negative: relevance goes in proportion.
+# Interpolation modes whose weights are non-negative (bilinear with antialias too: a triangle filter)
 POSITIVE_INTERPOLATION = {"nearest", "nearest-exact", "linear", "bilinear", "trilinear", "area"}
 MODULES = (nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d, nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d,
            nn.AdaptiveAvgPool3d, nn.Upsample, nn.Fold)
@@ -37,18 +41,17 @@ class Pool(KeepsSign, Op):
     functions, methods = FUNCTIONS, METHODS
 
     def claim(self, node: fx.Node) -> bool:
-        if node.target is F.interpolate:
-            mode = positional(node, 3, "mode", "nearest")
-            if mode not in POSITIVE_INTERPOLATION:
-                raise unsupported(f"{describe(node, None)} in mode {mode!r} (its interpolation weights can be "
-                                  "negative)", function_key(node.target))
-            return True
-        return super().claim(node)
+        return node.target is F.interpolate or super().claim(node)
 
-    def check_module(self, node: fx.Node, module: nn.Module) -> None:
-        if isinstance(module, nn.Upsample) and module.mode not in POSITIVE_INTERPOLATION:
-            raise unsupported(f"{describe(node, module)} in mode {module.mode!r} (its interpolation weights "
-                              "can be negative)", type_key(type(module)))
+    def output_nonnegative(self, step, parents: list[bool]) -> bool:
+        """A resize with negative weights (bicubic, antialiased or not) overshoots below 0."""
+        if isinstance(step.module, nn.Upsample):
+            mode = step.module.mode
+        elif step.node.target is F.interpolate:
+            mode = positional(step.node, 3, "mode", "nearest")
+        else:
+            mode = None
+        return (mode is None or mode in POSITIVE_INTERPOLATION) and super().output_nonnegative(step, parents)
 
     def relevance(self, step, values, R, context: Context) -> Parents:
         parent = step.inputs[0]
