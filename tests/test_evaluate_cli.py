@@ -160,6 +160,26 @@ def test_folders_that_are_not_the_models_classes_are_refused_with_both_lists(tmp
         "folders by the model's class ids or names, or give the model's classes with --classes FILE\n")
 
 
+def test_a_folder_without_class_folders_is_refused_and_leaves_nothing(tmp_path, capsys):
+    """Refused before any result: no run.json, and no empty --out folder either."""
+    from PIL import Image
+
+    (tmp_path / "data").mkdir()
+    Image.new("RGB", (8, 8)).save(tmp_path / "data" / "val_1.JPEG")  # no class folder, no wnid
+    out = tmp_path / "runs" / "flat"
+    code = main(["evaluate", "--weights", str(shared_path("models", "resnet18_tin10.pt")),
+                 "--data", str(tmp_path / "data"), "--methods", "gradcam", "--out", str(out)])
+    assert code == 1
+    assert capsys.readouterr().err == (
+        f"relprop evaluate: error: --data {tmp_path / 'data'}: cannot tell the class of val_1.JPEG "
+        "(put the images in class folders, or start their names with their wnid)\n")
+    assert not out.exists()
+    out.mkdir(parents=True)  # a folder that was there before stays
+    assert main(["evaluate", "--weights", str(shared_path("models", "resnet18_tin10.pt")),
+                 "--data", str(tmp_path / "data"), "--methods", "gradcam", "--out", str(out)]) == 1
+    assert out.is_dir() and list(out.iterdir()) == []
+
+
 def test_labels_come_from_the_models_classes_and_unknown_folders_are_listed(tmp_path, capsys):
     """One folder the model lacks must not shift the others' labels (the penguin stays a penguin)."""
     source = shared_path("data", "tin10", "val")
