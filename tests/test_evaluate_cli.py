@@ -224,3 +224,26 @@ def test_detection_task_is_handed_to_the_detection_evaluation(monkeypatch, tmp_p
     assert isinstance(config, relprop.evaluation.detection.DetectionEvalConfig)
     assert (config.limit, config.out, config.methods) == (3, tmp_path / "out",
                                                          relprop.evaluation.detection.METHODS)
+
+
+def test_progress_bar_shows_each_burst_whole_with_a_sane_eta(tmp_path, capsys):
+    """Rows come in bursts, a batch's at once: the bar drawn after a burst shows its end, an ETA
+    from the average rate (it once showed the first row's, 'hours' for a minute's run), and the
+    batch being computed."""
+    import re
+    import time
+    from types import SimpleNamespace
+
+    from relprop.evaluation.classification import _Progress
+
+    progress = _Progress(tmp_path, SimpleNamespace(rank=0, world=1), rows=200, methods=1, protocols=2)
+    assert "?" in capsys.readouterr().err.split("\r")[-1]  # no ETA before the first image
+    time.sleep(1.0)  # the first batch computes
+    for _ in range(100):  # then writes its rows at once: 50 of the 100 maps
+        progress.update(1)
+    progress.note("images 51-100 of 100: ours")
+    shown = capsys.readouterr().err.split("\r")[-1]
+    progress.close()
+    assert " 50/100 " in shown and "images 51-100 of 100: ours" in shown
+    minutes, seconds = map(int, re.search(r"<(\d+):(\d+)", shown).groups())
+    assert 60 * minutes + seconds <= 5  # as long again as the first half took (about 1 s)
