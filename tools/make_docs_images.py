@@ -1,0 +1,113 @@
+"""Regenerate the README's screenshots by running the README's own commands, then headless Chromium.
+
+    python tools/make_docs_images.py                 # needs ../shared and Chromium (.ci/run installs it)
+    python tools/make_docs_images.py --skip-evaluate # the explain pictures only (the report needs
+                                                     # the evaluate run: minutes on a CPU)
+
+The commands are read from README.md (the blocks that write runs/first, runs/photos, runs/tin10 and
+runs/tin10-report), so a picture always shows what the documented command makes; they run in a
+scratch folder beside a `shared` link, as from the repository root. Chromium is found as
+`RELPROP_CHROMIUM`, `chromium`, `chromium-browser` or `google-chrome`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import shlex
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+IMG = ROOT / "docs" / "img"
+# picture -> (the --out of the README command that makes it, the file it is in that folder)
+PICTURES = {
+    "first-five-tin10.png": ("runs/first", "overview.png"),
+    "first-five-overlay.png": ("runs/first", "val_6457/ours.png"),
+    "first-five-any-photo.png": ("runs/photos", "overview.png"),
+}
+REPORT = "runs/tin10-report"
+SCREENSHOTS = {"first-five-report.png": "", "first-five-report-gallery.png": "#gallery"}
+
+
+def readme_commands() -> list[str]:
+    """Every `relprop ...` command of the README's console and bash blocks, continuations joined."""
+    text = (ROOT / "README.md").read_text(encoding="utf-8")
+    commands = []
+    for body in re.findall(r"^```(?:console|bash)\n(.*?)^```", text, re.S | re.M):
+        joined = re.sub(r"\\\n\s*", " ", body)
+        for line in joined.splitlines():
+            line = line.removeprefix("$ ").split("#")[0].strip()
+            if line.startswith("relprop "):
+                commands.append(line)
+    return commands
+
+
+def command_for(out: str, commands: list[str]) -> list[str]:
+    """The README command whose --out is `out` (or, for the report, whose output it is)."""
+    for command in commands:
+        argv = shlex.split(command)
+        if "--out" in argv and argv[argv.index("--out") + 1] == out:
+            return argv
+    raise SystemExit(f"README.md has no relprop command with --out {out}")
+
+
+def run(argv: list[str], cwd: Path) -> None:
+    print("$", shlex.join(argv), flush=True)
+    env = {**os.environ, "PYTHONPATH": str(ROOT / "src")}
+    subprocess.run([sys.executable, "-m", "relprop", *argv[1:]], cwd=cwd, env=env, check=True)
+
+
+def chromium() -> str:
+    for name in (os.environ.get("RELPROP_CHROMIUM"), "chromium", "chromium-browser", "google-chrome",
+                 "google-chrome-stable"):
+        if name and shutil.which(name):
+            return str(shutil.which(name))
+    raise SystemExit("no Chromium: install it (Debian: apt-get install chromium) or set RELPROP_CHROMIUM")
+
+
+def screenshot(binary: str, page: Path, fragment: str, target: Path, profile: Path) -> None:
+    """The page as a 1280 x 900 browser window shows it, after its scripts ran."""
+    subprocess.run([binary, "--headless", "--no-sandbox", "--disable-gpu", "--hide-scrollbars",
+                    "--no-first-run", "--disable-extensions", f"--user-data-dir={profile}",
+                    "--window-size=1280,900", "--virtual-time-budget=5000",
+                    f"--screenshot={target}", page.resolve().as_uri() + fragment],
+                   check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--shared", type=Path, default=ROOT.parent / "shared",
+                        help="the example data folder (default: ../shared)")
+    parser.add_argument("--skip-evaluate", action="store_true", help="the explain pictures only")
+    args = parser.parse_args()
+    if not args.shared.is_dir():
+        raise SystemExit(f"{args.shared}: no example data folder")
+    binary = None if args.skip_evaluate else chromium()
+    commands = readme_commands()
+    with tempfile.TemporaryDirectory(prefix="relprop-docs-") as scratch:
+        top = Path(scratch)
+        (top / "shared").symlink_to(args.shared.resolve())
+        work = top / "repo"
+        work.mkdir()
+        for out in dict.fromkeys(out for out, _ in PICTURES.values()):
+            run(command_for(out, commands), work)
+        for name, (out, file) in PICTURES.items():
+            shutil.copyfile(work / out / file, IMG / name)
+            print(f"wrote docs/img/{name}")
+        if binary is None:
+            return
+        report = command_for(REPORT, commands)
+        run(command_for(report[2], commands), work)  # `relprop report RUN --out ...`: RUN's evaluate
+        run(report, work)
+        for name, fragment in SCREENSHOTS.items():
+            screenshot(binary, work / REPORT / "index.html", fragment, IMG / name, top / "profile")
+            print(f"wrote docs/img/{name}")
+
+
+if __name__ == "__main__":
+    main()
