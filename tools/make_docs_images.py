@@ -56,6 +56,15 @@ def command_for(out: str, commands: list[str]) -> list[str]:
     raise SystemExit(f"README.md has no relprop command with --out {out}")
 
 
+def save_small(source: Path, target: Path) -> None:
+    """The picture with a 256-colour palette: a quarter of the bytes, no visible change."""
+    from PIL import Image
+
+    with Image.open(source) as image:
+        image.convert("RGB").quantize(colors=256, method=Image.Quantize.MEDIANCUT).save(
+            target, optimize=True)
+
+
 def run(argv: list[str], cwd: Path) -> None:
     print("$", shlex.join(argv), flush=True)
     env = {**os.environ, "PYTHONPATH": str(ROOT / "src")}
@@ -97,7 +106,7 @@ def main() -> None:
         for out in dict.fromkeys(out for out, _ in PICTURES.values()):
             run(command_for(out, commands), work)
         for name, (out, file) in PICTURES.items():
-            shutil.copyfile(work / out / file, IMG / name)
+            save_small(work / out / file, IMG / name)
             print(f"wrote docs/img/{name}")
         if binary is None:
             return
@@ -105,7 +114,8 @@ def main() -> None:
         run(command_for(report[2], commands), work)  # `relprop report RUN --out ...`: RUN's evaluate
         run(report, work)
         for name, fragment in SCREENSHOTS.items():
-            screenshot(binary, work / REPORT / "index.html", fragment, IMG / name, top / "profile")
+            screenshot(binary, work / REPORT / "index.html", fragment, top / name, top / "profile")
+            save_small(top / name, IMG / name)
             print(f"wrote docs/img/{name}")
 
 
