@@ -31,7 +31,7 @@ PICTURES = {
     "first-five-any-photo.png": ("runs/photos", "overview.png"),
 }
 REPORT = "runs/tin10-report"
-SCREENSHOTS = {"first-five-report.png": "", "first-five-report-gallery.png": "#gallery"}
+SCREENSHOTS = {"first-five-report.png": "", "first-five-report-gallery.png": "Gallery"}
 
 
 def readme_commands() -> list[str]:
@@ -79,13 +79,26 @@ def chromium() -> str:
     raise SystemExit("no Chromium: install it (Debian: apt-get install chromium) or set RELPROP_CHROMIUM")
 
 
-def screenshot(binary: str, page: Path, fragment: str, target: Path, profile: Path) -> None:
-    """The page as a 1280 x 900 browser window shows it, after its scripts ran."""
-    subprocess.run([binary, "--headless", "--no-sandbox", "--disable-gpu", "--hide-scrollbars",
-                    "--no-first-run", "--disable-extensions", f"--user-data-dir={profile}",
-                    "--window-size=1280,900", "--virtual-time-budget=5000",
-                    f"--screenshot={target}", page.resolve().as_uri() + fragment],
-                   check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+def screenshot(binary: str, page: Path, heading: str, target: Path, profile: Path) -> None:
+    """The page as a 1280 x 900 window shows it once its scripts ran and its pictures loaded,
+    scrolled to the h2 that starts with `heading` (none: the top). Drives Chromium over the
+    DevTools pipe with the report test's `Browser` (tests/test_report.py), not a second one."""
+    sys.path.insert(0, str(ROOT / "tests"))
+    from test_report import Browser
+
+    browser = Browser(binary, profile)
+    try:
+        browser.open(page.resolve().as_uri())
+        browser.send("Emulation.setDeviceMetricsOverride", width=1280, height=900,
+                     deviceScaleFactor=1, mobile=False)
+        if heading:
+            browser.js("[...document.querySelectorAll('h2')].find(h => h.textContent.startsWith("
+                       f"{heading!r})).scrollIntoView()")
+        browser.js("Promise.all([...document.images].map(i => i.complete ? 0 : "
+                   "new Promise(r => { i.onload = r; i.onerror = r; })))")
+        browser.screenshot(target)
+    finally:
+        browser.close()
 
 
 def main() -> None:
@@ -93,28 +106,33 @@ def main() -> None:
     parser.add_argument("--shared", type=Path, default=ROOT.parent / "shared",
                         help="the example data folder (default: ../shared)")
     parser.add_argument("--skip-evaluate", action="store_true", help="the explain pictures only")
+    parser.add_argument("--report-only", action="store_true", help="the report pictures only")
+    parser.add_argument("--work", type=Path, help="run in this folder and keep it (a rerun resumes "
+                        "the evaluation); default: a temporary folder")
     args = parser.parse_args()
     if not args.shared.is_dir():
         raise SystemExit(f"{args.shared}: no example data folder")
     binary = None if args.skip_evaluate else chromium()
     commands = readme_commands()
     with tempfile.TemporaryDirectory(prefix="relprop-docs-") as scratch:
-        top = Path(scratch)
-        (top / "shared").symlink_to(args.shared.resolve())
+        top = args.work or Path(scratch)
         work = top / "repo"
-        work.mkdir()
-        for out in dict.fromkeys(out for out, _ in PICTURES.values()):
-            run(command_for(out, commands), work)
-        for name, (out, file) in PICTURES.items():
-            save_small(work / out / file, IMG / name)
-            print(f"wrote docs/img/{name}")
+        work.mkdir(parents=True, exist_ok=True)
+        if not (top / "shared").exists():
+            (top / "shared").symlink_to(args.shared.resolve())
+        if not args.report_only:
+            for out in dict.fromkeys(out for out, _ in PICTURES.values()):
+                run(command_for(out, commands), work)
+            for name, (out, file) in PICTURES.items():
+                save_small(work / out / file, IMG / name)
+                print(f"wrote docs/img/{name}")
         if binary is None:
             return
         report = command_for(REPORT, commands)
         run(command_for(report[2], commands), work)  # `relprop report RUN --out ...`: RUN's evaluate
         run(report, work)
-        for name, fragment in SCREENSHOTS.items():
-            screenshot(binary, work / REPORT / "index.html", fragment, top / name, top / "profile")
+        for name, heading in SCREENSHOTS.items():
+            screenshot(binary, work / REPORT / "index.html", heading, top / name, top / name.replace(".png", "-profile"))
             save_small(top / name, IMG / name)
             print(f"wrote docs/img/{name}")
 
