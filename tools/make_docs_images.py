@@ -94,8 +94,9 @@ def screenshot(binary: str, page: Path, heading: str, target: Path, profile: Pat
         if heading:
             browser.js("[...document.querySelectorAll('h2')].find(h => h.textContent.startsWith("
                        f"{heading!r})).scrollIntoView()")
-        browser.js("Promise.all([...document.images].map(i => i.complete ? 0 : "
-                   "new Promise(r => { i.onload = r; i.onerror = r; })))")
+        browser.js("Promise.race([new Promise(r => setTimeout(r, 5000)), "  # lazy ones never load
+                   "Promise.all([...document.images].map(i => i.complete ? 0 : "
+                   "new Promise(r => { i.onload = r; i.onerror = r; })))])")
         browser.screenshot(target)
     finally:
         browser.close()

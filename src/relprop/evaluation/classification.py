@@ -355,8 +355,8 @@ class _Progress:
             return
         # smoothing=0: the rate is maps done / time since the start, read when the bar is drawn.
         # Rows come in bursts (a batch's scores at once): a moving average over bursts, or a bar
-        # drawn at the first row of a burst, showed hours of ETA for a minutes-long run. The bar
-        # is drawn when the work moves on (`note`), after a burst.
+        # drawn at the first row of a burst only, showed hours of ETA for a minutes-long run:
+        # `note` redraws it when the work moves on, after each burst.
         self.bar = tqdm(total=math.ceil(rows / protocols), desc="evaluate", unit="map",
                         dynamic_ncols=True, smoothing=0, miniters=1)
         if ranks.world > 1:
@@ -376,9 +376,7 @@ class _Progress:
         maps = self.rows // self.protocols if self.rows < self.total_rows else self.bar.total
         self._postfix()
         if maps > self.bar.n:
-            self.bar.n = maps  # drawn by the next note (or, sharded, now): never mid-burst
-            if self._stop is not None:
-                self.bar.refresh()
+            self.bar.update(maps - self.bar.n)
 
     def note(self, text: str) -> None:
         """What rank 0 computes now, after the images per second; redraws the bar, so that the
