@@ -160,6 +160,26 @@ def test_folders_that_are_not_the_models_classes_are_refused_with_both_lists(tmp
         "folders by the model's class ids or names, or give the model's classes with --classes FILE\n")
 
 
+def test_a_folder_without_class_folders_is_refused_and_leaves_nothing(tmp_path, capsys):
+    """Refused before any result: no run.json, and no empty --out folder either."""
+    from PIL import Image
+
+    (tmp_path / "data").mkdir()
+    Image.new("RGB", (8, 8)).save(tmp_path / "data" / "val_1.JPEG")  # no class folder, no wnid
+    out = tmp_path / "runs" / "flat"
+    code = main(["evaluate", "--weights", str(shared_path("models", "resnet18_tin10.pt")),
+                 "--data", str(tmp_path / "data"), "--methods", "gradcam", "--out", str(out)])
+    assert code == 1
+    assert capsys.readouterr().err == (
+        f"relprop evaluate: error: --data {tmp_path / 'data'}: cannot tell the class of val_1.JPEG "
+        "(put the images in class folders, or start their names with their wnid)\n")
+    assert not out.exists()
+    out.mkdir(parents=True)  # a folder that was there before stays
+    assert main(["evaluate", "--weights", str(shared_path("models", "resnet18_tin10.pt")),
+                 "--data", str(tmp_path / "data"), "--methods", "gradcam", "--out", str(out)]) == 1
+    assert out.is_dir() and list(out.iterdir()) == []
+
+
 def test_labels_come_from_the_models_classes_and_unknown_folders_are_listed(tmp_path, capsys):
     """One folder the model lacks must not shift the others' labels (the penguin stays a penguin)."""
     source = shared_path("data", "tin10", "val")
@@ -204,3 +224,26 @@ def test_detection_task_is_handed_to_the_detection_evaluation(monkeypatch, tmp_p
     assert isinstance(config, relprop.evaluation.detection.DetectionEvalConfig)
     assert (config.limit, config.out, config.methods) == (3, tmp_path / "out",
                                                          relprop.evaluation.detection.METHODS)
+
+
+def test_progress_bar_shows_each_burst_whole_with_a_sane_eta(tmp_path, capsys):
+    """Rows come in bursts, a batch's at once: the bar drawn after a burst shows its end, an ETA
+    from the average rate (it once showed the first row's, 'hours' for a minute's run), and the
+    batch being computed."""
+    import re
+    import time
+    from types import SimpleNamespace
+
+    from relprop.evaluation.classification import _Progress
+
+    progress = _Progress(tmp_path, SimpleNamespace(rank=0, world=1), rows=200, methods=1, protocols=2)
+    assert "?" in capsys.readouterr().err.split("\r")[-1]  # no ETA before the first image
+    time.sleep(1.0)  # the first batch computes
+    for _ in range(100):  # then writes its rows at once: 50 of the 100 maps
+        progress.update(1)
+    progress.note("images 51-100 of 100: ours")
+    shown = capsys.readouterr().err.split("\r")[-1]
+    progress.close()
+    assert " 50/100 " in shown and "images 51-100 of 100: ours" in shown
+    minutes, seconds = map(int, re.search(r"<(\d+):(\d+)", shown).groups())
+    assert 60 * minutes + seconds <= 5  # as long again as the first half took (about 1 s)

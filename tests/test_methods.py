@@ -273,3 +273,22 @@ def test_requested_methods_keep_the_spelling_and_the_order_once_each():
         requested_methods(["gradcam", "nope"])
     with pytest.raises(InputError, match="no method given"):
         requested_methods([" ", ""])
+
+
+def test_every_method_object_is_callable_as_its_attribute():
+    """`get_method(name, model)(x)` is `.attribute(x)`: the README calls methods like functions."""
+    import torchvision
+
+    from relprop.methods import method_names
+
+    torch.manual_seed(0)
+    model = torchvision.models.resnet18(num_classes=4).eval()
+    x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    for name in method_names():
+        if name not in BOW_METHODS:  # built on BoW models only: tests/test_bow.py
+            assert callable(get_method(name, model)), name
+    for name in ("lrp-split", "gradcam", "gradxinput", "lrp-contrastive"):  # one per family, cheap
+        method = get_method(name, model)
+        expected = method.attribute(x, target=[1, 3])
+        assert torch.equal(method(x, target=[1, 3]), expected), name
+        assert torch.equal(method(x, [1, 3]), expected), name

@@ -214,7 +214,7 @@ LXT_CHOICES = Composite(rules={nn.Linear: "epsilon", nn.Conv2d: "epsilon", nn.La
                         input_rule="epsilon", split="signed", attention="cp", constants="leak")
 
 
-@pytest.mark.skipif(importlib.util.find_spec("lxt") is None, reason="lxt not installed (dev extra)")
+@pytest.mark.skipif(importlib.util.find_spec("lxt") is None, reason="lxt not installed: pip install --no-deps 'lxt>=2.1' (as .ci/run does)")
 def test_agrees_with_lxt_on_a_small_vit(tmp_path):
     """LXT's own ViT patches (CP-LRP in attention, identity on GELU, LayerNorm with the std held
     constant, Gradient×Input elsewhere = ε with ε→0, signed adds, constants leak), run in a
@@ -271,7 +271,7 @@ def test_issue_transformers_conserve_with_the_defaults(name):
     assert_conserves(model.eval(), torch.randn(1, 3, 64, 64))
 
 
-@pytest.mark.skipif(importlib.util.find_spec("lxt") is None, reason="lxt not installed (dev extra)")
+@pytest.mark.skipif(importlib.util.find_spec("lxt") is None, reason="lxt not installed: pip install --no-deps 'lxt>=2.1' (as .ci/run does)")
 @pytest.mark.parametrize("with_bias", [False, True])
 def test_attnlrp_attention_matches_lxt_explicit_rules(with_bias):
     """AttnLRP inside attention against LXT's explicit relevance functions (softmax's Taylor rule,

@@ -121,3 +121,23 @@ def test_panel_has_a_column_per_method_and_a_row_per_image(tmp_path: Path) -> No
     two = Image.open(save_panel(tmp_path / "two.png", [row, wide])).size
     assert two[0] > one[0] * 1.2  # the union of methods: ours, gradcam, ig
     assert two[1] > one[1] * 1.3
+
+
+def test_a_map_that_draws_nothing_says_so_on_the_figure(tmp_path: Path, monkeypatch) -> None:
+    """An all-zero map (Grad-CAM of a class with no positive evidence, e.g. `--target koala` on a
+    penguin) would show as the plain photo: the panel cell and the overlay say so in words."""
+    from matplotlib.axes import Axes
+
+    from relprop.viz import empty_note
+
+    written: list[str] = []
+    original = Axes.text
+    monkeypatch.setattr(Axes, "text", lambda ax, x, y, s, *a, **k: written.append(s) or original(ax, x, y, s, *a, **k))
+    image = np.full((16, 16, 3), 128, np.uint8)
+    zero, negative, some = np.zeros((16, 16)), -np.ones((16, 16)), np.eye(16)
+    save_panel(tmp_path / "p.png", [PanelRow(image, "a", {"gradcam": zero, "ours": some})])
+    assert written == ["map is zero everywhere"]
+    save_overlay(tmp_path / "o.png", image, negative, sign="positive")
+    assert written[1:] == ["no positive relevance"]
+    save_overlay(tmp_path / "o.png", image, negative)
+    assert len(written) == 2 and empty_note(some) is None and empty_note(negative) is None

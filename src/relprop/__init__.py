@@ -23,11 +23,15 @@ _EXPORTS = {
     "Rule": "relprop.core.rules",
     "get_rule": "relprop.core.rules",
     "heat_quantize": "relprop.core.quantize",
+    "load_model": "relprop.models",
+    "save_checkpoint": "relprop.checkpoints",
 }
 __all__ = ["LRP", "Composite", "get_composite", "composite_names", "RelevanceEngine", "Rule", "get_rule",
-           "get_method", "method_names", "CRP", "heat_quantize", "__version__"]
+           "get_method", "method_names", "CRP", "heat_quantize", "load_model", "save_checkpoint",
+           "__version__"]
 
 if TYPE_CHECKING:
+    from relprop.checkpoints import save_checkpoint
     from relprop.core.composites import Composite, composite_names, get_composite
     from relprop.core.interpreter import RelevanceEngine
     from relprop.core.lrp import LRP
@@ -35,6 +39,7 @@ if TYPE_CHECKING:
     from relprop.core.rules import Rule, get_rule
     from relprop.detection.crp import CRP
     from relprop.methods import get_method, method_names
+    from relprop.models import load_model
 
 
 def __getattr__(name: str) -> Any:

@@ -4,7 +4,7 @@
 `relprop.models.load_model` returns `(model, ModelInfo)`. Everything that needs to know the
 model's classes, its preprocessing or where its weights came from reads these attributes; no
 package passes the model's metadata as a dict. The one dict form is `ModelInfo.to_dict()`: the
-keys of a relprop checkpoint (../shared/README.md) plus where the weights came from. It is what a
+keys of a relprop checkpoint (docs/checkpoints.md) plus where the weights came from. It is what a
 `--model-def FILE.py:FUNCTION` builder receives, so such files need no relprop import.
 """
 

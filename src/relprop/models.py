@@ -1,7 +1,8 @@
 """Load a classifier and its preprocessing from a weights file or a torchvision weights name.
 
 Three sources: relprop checkpoints (a dict with `arch`, `num_classes`, `classes`, `input_size`,
-`resize`, `crop`, `mean`, `std` and `state_dict`, as in ../shared/README.md); plain state dicts,
+`resize`, `crop`, `mean`, `std` and `state_dict`: docs/checkpoints.md, written by
+`relprop.save_checkpoint`); plain state dicts,
 whose architecture and preprocessing come from the caller (the CLI's `--arch`, `--num-classes`,
 `--resize`, `--crop`, `--mean`, `--std`); and torchvision weights names
 (`ResNet50_Weights.IMAGENET1K_V2`, or `--arch resnet101` with `DEFAULT`), resolved through
@@ -35,6 +36,7 @@ from torchvision.models import get_model_weights, get_weight
 from torchvision.models.detection import SSD300_VGG16_Weights
 
 from relprop.bow.storage import is_bow_file, load_bow_model
+from relprop.checkpoints import CHECKPOINT_KEYS
 from relprop.defaults import DEFAULT_WEIGHTS, IMAGENET_MEAN, IMAGENET_STD, TORCHVISION_DETECTORS
 from relprop.detection.families import family_of
 from relprop.errors import CheckpointError, RelpropError, first_line
@@ -49,8 +51,7 @@ from relprop.modelinfo import (
     plain_size,
 )
 
-_STORED_KEYS = ("arch", "num_classes", "classes", "class_names", "input_size", "resize", "crop",
-                "mean", "std", "interpolation")
+_STORED_KEYS = tuple(k for k in CHECKPOINT_KEYS if k != "state_dict")
 __all__ = ["PREPROCESSING_KEYS", "ModelInfo", "Preprocessing", "WeightsSource", "load_model",
            "load_detector", "preprocessing", "describe_preprocessing", "class_names_of"]
 

@@ -101,6 +101,25 @@ def blend(image: np.ndarray, heat: np.ndarray, scale: HeatScale) -> np.ndarray:
     return np.clip(np.rint(out * 255.0), 0, 255).astype(np.uint8)
 
 
+def empty_note(relevance: np.ndarray, sign: Sign = "all") -> str | None:
+    """What to write on a map that would draw nothing, so that it is not read as a photo with
+    faint relevance: e.g. Grad-CAM of a class with no positive evidence at its layer is all zero."""
+    heat = heat_2d(relevance)
+    if not heat.any():
+        return "map is zero everywhere"
+    if sign == "positive" and not (heat > 0).any():
+        return "no positive relevance"
+    return None
+
+
+def _note_empty(ax, relevance: np.ndarray, sign: Sign, fontsize: float) -> None:
+    note = empty_note(relevance, sign)
+    if note is not None:
+        ax.text(0.5, 0.5, note, transform=ax.transAxes, ha="center", va="center", fontsize=fontsize,
+                color="#222222", wrap=True,
+                bbox={"boxstyle": "round", "facecolor": "white", "alpha": 0.85, "edgecolor": "#888888"})
+
+
 def render_map(image: np.ndarray, relevance: np.ndarray, sign: Sign = "all") -> np.ndarray:
     """The overlay as an RGB uint8 array (no figure): for thumbnails and galleries."""
     heat = apply_sign(heat_2d(relevance), sign)
@@ -149,6 +168,7 @@ def save_overlay(path: str | Path, image: np.ndarray, relevance: np.ndarray, *,
     ax = fig.add_subplot()
     ax.imshow(blend(image, heat, scale), interpolation="nearest")
     ax.set_axis_off()
+    _note_empty(ax, relevance, sign, fontsize=9)
     if title:
         ax.set_title(title, fontsize=9)
     _colorbar(fig, ax, scale)
@@ -180,6 +200,7 @@ def save_panel(path: str | Path, rows: Sequence[PanelRow], *, sign: Sign = "all"
         for c, name in enumerate(methods, start=1):
             if name in row.maps:
                 axes[r, c].imshow(render_map(row.image, row.maps[name], sign), interpolation="nearest")
+                _note_empty(axes[r, c], row.maps[name], sign, fontsize=6.5)
             if r == 0:
                 axes[r, c].set_title(name, fontsize=9, fontweight="bold")
         for ax in axes[r]:

@@ -183,10 +183,15 @@ def _run_classification(args: argparse.Namespace) -> int:
         baseline=args.baseline, extend=args.extend,
     )
     make_plan(config.methods, config.protocols)  # a bad name fails before any model loads
+    created = not Path(args.out).exists()
     prepare_out(args.out)
-    checkpoints = [Checkpoint.of(*load_model_from_args(args, "evaluate", weights=path), given=path)
-                   for path in args.weights or [None]]
-    outcome = evaluate(config, checkpoints)
+    try:
+        checkpoints = [Checkpoint.of(*load_model_from_args(args, "evaluate", weights=path), given=path)
+                       for path in args.weights or [None]]
+        outcome = evaluate(config, checkpoints)
+    except RelpropError:
+        _remove_if_empty(Path(args.out), created)
+        raise
     if not outcome.primary:  # rank 0 of a sharded run reports for the job
         return 0
     out = outcome.out
@@ -199,6 +204,12 @@ def _run_classification(args: argparse.Namespace) -> int:
         print(f"relprop evaluate: method(s) {', '.join(outcome.failed_methods)} could not "
               "run (named above); the others were evaluated", file=sys.stderr)
     return 1 if outcome.skipped or outcome.failed_methods or outcome.failed_rows else 0
+
+
+def _remove_if_empty(out: Path, created: bool) -> None:
+    """A run refused before it wrote anything (bad --data, bad weights) leaves no --out behind."""
+    if created and out.is_dir() and not any(out.iterdir()):
+        out.rmdir()
 
 
 def _run_detection(args: argparse.Namespace, device: Any) -> int:

@@ -16,7 +16,7 @@ Named composites live in a registry:
 Adding a composite: one `register_composite(name, factory, summary)` line (a function of the
 input normalization, `(mean, std) -> Composite`, and one line for the docs), here or in your own
 code. docs/rules.md's list of named composites is generated from the registry
-(`python tools/registry_docs.py --write`).
+(`python tools/make_docs.py`).
 """
 
 from __future__ import annotations

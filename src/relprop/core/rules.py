@@ -400,3 +400,8 @@ def get_rule(rule: str | Rule, mean: list[float] | None = None, std: list[float]
     except KeyError:
         names = ", ".join(sorted([*RULES, "zb"]))
         raise ConfigError(f"unknown rule {rule!r}; choose one of: {names}") from None
+
+
+def rule_names() -> tuple[str, ...]:
+    """Every rule name `get_rule` takes (what the docs list): the registry's, and 'zb'."""
+    return (*RULES, "zb")

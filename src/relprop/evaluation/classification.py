@@ -353,8 +353,12 @@ class _Progress:
         self.total_rows, self.started, self._note = rows, time.monotonic(), ""
         if ranks.rank != 0:
             return
+        # smoothing=0: the rate is maps done / time since the start, read when the bar is drawn.
+        # Rows come in bursts (a batch's scores at once): a moving average over bursts, or a bar
+        # drawn at the first row of a burst only, showed hours of ETA for a minutes-long run:
+        # `note` redraws it when the work moves on, after each burst.
         self.bar = tqdm(total=math.ceil(rows / protocols), desc="evaluate", unit="map",
-                        dynamic_ncols=True, smoothing=0.1, miniters=1)
+                        dynamic_ncols=True, smoothing=0, miniters=1)
         if ranks.world > 1:
             self._offsets = {p: p.stat().st_size for p in shard_files(out, "results")}
             self._stop = threading.Event()
@@ -375,9 +379,12 @@ class _Progress:
             self.bar.update(maps - self.bar.n)
 
     def note(self, text: str) -> None:
-        """What rank 0 computes now, after the images per second."""
+        """What rank 0 computes now, after the images per second; redraws the bar, so that the
+        count and ETA shown are those at the end of the last burst of rows."""
         self._note = text
         self._postfix()
+        if self.bar is not None:
+            self.bar.refresh()
 
     def _postfix(self) -> None:
         if self.bar is None:
@@ -438,6 +445,8 @@ class _Work:
     root: Path = Path()
     batches: list[list[Any]] = field(default_factory=list)  # the whole job's, in order
     current: str = ""  # the image being computed (named if the process fails)
+    span: str = ""  # the batch being computed, for the progress bar: "images 33-64 of 250"
+    order: dict[str, int] = field(default_factory=dict)  # image -> its place in the sorted images
     broken: dict[int, str] = field(default_factory=dict)  # this batch's images with NaN/Inf logits
     stamps: dict[str, str] = field(default_factory=dict)  # image -> size:mtime, kept in its rows
     whole_maps: dict[Path, bool] = field(default_factory=dict)  # map files found complete
@@ -510,7 +519,8 @@ def _job(checkpoint: Checkpoint, config: EvalConfig, plan: Plan, store: _Store,
     (dataset, items), stamps = selection
     size = config.batch_size
     return _Work(checkpoint, config, plan, store, _map_names(items), [], several, dataset.root,
-                 [items[i:i + size] for i in range(0, len(items), size)], stamps=stamps)
+                 [items[i:i + size] for i in range(0, len(items), size)], stamps=stamps,
+                 order={item.path: i for i, item in enumerate(items)})
 
 
 def _evaluate(work: _Work, ranks: Any, device: torch.device, progress: _Progress) -> list[str]:
@@ -582,11 +592,14 @@ def _evaluate_batch(work: _Work, batch: _Batch, methods: dict[str, Any], device:
     work.broken = {i: "the model's output is NaN or infinite on this image"
                    for i in range(len(batch.items)) if not bool(torch.isfinite(logits[i]).all())}
     work.current = f"{batch.items[0].path} (+{len(batch.items) - 1} in its batch)"
+    places = sorted(work.order.get(item.path, 0) + 1 for item in batch.items)
+    work.span = (f"image {places[0]}" if len(places) == 1 else f"images {places[0]}-{places[-1]}") + \
+        f" of {len(work.order)}"
     for base_name in list(methods):
         names = [n for n in work.plan.methods if n.removesuffix(HQ_SUFFIX) == base_name]
         if not any(work.needs(item, n) for item in batch.items for n in names):
             continue
-        progress.note(f"{batch.items[0].path} {base_name}")
+        progress.note(f"{work.span}: {base_name}")
         try:
             maps, sums = _attribute(methods[base_name], x)
         except Exception as error:  # e.g. a CAM layer that does not fit: drop the method
@@ -624,6 +637,7 @@ def _score_batch(work: _Work, batch: _Batch, x: torch.Tensor, preds: torch.Tenso
         if not todo:
             continue
         boxes = boxes or localization(flat, batch.boxes)
+        progress.note(f"{work.span}: {name} {protocol}")
         # read from the module when called, so that it can be swapped (a test interrupts a run by it)
         result = metrics.insertion_deletion(work.checkpoint.model, x, flat, labels, protocol,
                                             mean=info.mean, std=info.std, step=config.step,

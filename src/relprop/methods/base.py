@@ -39,6 +39,10 @@ class Method:
     def attribute(self, inputs: Tensor, target: Tensor | int | Sequence[int] | None = None) -> Tensor:
         raise NotImplementedError
 
+    def __call__(self, inputs: Tensor, *args: Any, **kwargs: Any) -> Tensor:
+        """`method(x)` is `method.attribute(x)`: a method object looks like a function, so it is one."""
+        return self.attribute(inputs, *args, **kwargs)
+
     def to_2d(self, maps: Tensor, channels: Channels = "sum") -> Tensor:
         """(N,H,W) map as ranked by the metrics: LRP heatmaps are channel sums by definition."""
         return to_2d(maps, "sum" if self.is_lrp else channels)
