@@ -37,11 +37,20 @@ from relprop.errors import (
 MAX_CAPTURES = 8  # graphs kept per engine on the capture path (one per input shape)
 
 
+class Values(dict):
+    """Every node's output (node -> value) and `parts`: what ops kept from the forward pass for
+    their relevance (`Op.record`), node -> parts."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.parts: dict[fx.Node, Any] = {}
+
+
 @dataclass
 class Record:
     """What the forward pass kept: every node's value; `output` as the model returns it."""
 
-    values: dict[fx.Node, Any]
+    values: Values
     output: Any
 
 
@@ -151,7 +160,7 @@ class RelevanceEngine:
         """Run the model in eval semantics and fp32, keeping every node's output."""
         x = x.float()
         self.prepare(x)
-        values: dict[fx.Node, Any] = {}
+        values = Values()
         output = None
         for step in self.steps:
             if step.node.op == "output":
@@ -159,13 +168,15 @@ class RelevanceEngine:
             elif step.op is INPUT:
                 values[step.node] = x
             else:
-                values[step.node] = self._run(step, values, x)
+                values[step.node], parts = self._run(step, values, x)
+                if parts is not None:
+                    values.parts[step.node] = parts
         return Record(values, output)
 
-    def _run(self, step: Step, values: dict[fx.Node, Any], x: Tensor) -> Any:
+    def _run(self, step: Step, values: dict[fx.Node, Any], x: Tensor) -> tuple[Any, Any]:
         args, kwargs = step.arguments(values)
         try:
-            return step.op.forward(step, args, kwargs, self.module)
+            return step.op.record(step, args, kwargs, self.module)
         except RelpropError:
             raise
         except RuntimeError as error:  # shape and dtype mismatches: say where, in one line
@@ -343,4 +354,4 @@ def _match_seed(structure: Any, seed: Any) -> list[tuple[fx.Node, Tensor]]:
     return []
 
 
-__all__ = ["RelevanceEngine", "Record", "Backward"]
+__all__ = ["RelevanceEngine", "Record", "Backward", "Values"]

@@ -6,7 +6,8 @@ An op answers four questions, each a method with a default:
   `claim(node)` takes function and method calls, `claim_module` other modules. A claim may raise
   `UnsupportedLayerError` to refuse a node with its reason, which is raised only if relevance
   ever reaches that node;
-- `forward(step, args, kwargs, model)`: the node's output in fp32 and eval semantics;
+- `forward(step, args, kwargs, model)`: the node's output in fp32 and eval semantics (`record`:
+  the same, with what its relevance will need from the forward pass);
 - `relevance(step, values, R, context)`: the relevance of the node's inputs;
 - the graph facts the planner collects: `annotate` (operand roles and the like, in `info`),
   `output_nonnegative`, `relevance_parents`.
@@ -92,6 +93,12 @@ class Op:
             obj, *rest = args
             return getattr(obj, node.target)(*rest, **kwargs)
         raise TraceError(f"{self.name} cannot run a {node.op} node")
+
+    def record(self, step: Step, args: tuple, kwargs: dict, model: nn.Module) -> tuple[Any, Any]:
+        """The node's output and what `relevance` will want from this forward pass (None:
+        nothing), which it finds in `values.parts[step.node]`: an op that would otherwise
+        recompute parts of its forward for the relevance keeps them here. By default: `forward`."""
+        return self.forward(step, args, kwargs, model), None
 
     def relevance(self, step: Step, values: dict[fx.Node, Any], R: Relevance, context: Context) -> Parents:
         raise NotImplementedError

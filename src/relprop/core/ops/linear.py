@@ -76,6 +76,8 @@ class Linear(Op):
             op = PaddedLinearOp(**{f.name: getattr(op, f.name) for f in fields(op)}, pre_pad=pads)
         if rule.wants_nonnegative and context.step_of[source].nonnegative:
             return [(target, rule.relevance(op, values[source], R, nonnegative=True))]
+        if padded is None and _records_its_map(step):
+            return [(target, rule.relevance_from_output(op, values[source], R, values[step.node]))]
         return [(target, rule.relevance(op, values[source], R))]
 
     @staticmethod
@@ -107,6 +109,12 @@ class Linear(Op):
         if key is not None:
             context.cache[step.node] = (key, op)
         return op
+
+
+def _records_its_map(step) -> bool:
+    """Whether the recorded output of this step is `op.forward(a, W, b)` of its effective op,
+    bit for bit: a module computed by `module_forward`, no BatchNorm folded into it."""
+    return step.module is not None and step.info.fold_before is None and step.info.fold_after is None
 
 
 @dataclass(frozen=True, eq=False)
