@@ -103,6 +103,18 @@ class Op:
     def relevance(self, step: Step, values: dict[fx.Node, Any], R: Relevance, context: Context) -> Parents:
         raise NotImplementedError
 
+    # Whether `relevance` reads the numbers of no values but its arguments' (shapes it may read of
+    # any node; an op that reads its own output says so in `backward_reads`). Ops that say so let
+    # the engine release every other value during the forward pass (memory the backward walk does
+    # not need); the default keeps all.
+    reads_its_arguments: ClassVar[bool] = False
+
+    def backward_reads(self, step: Step, context: Context) -> list[fx.Node] | None:
+        """The nodes whose values (numbers, not only shapes) `relevance` reads; None: any node's."""
+        if not self.reads_its_arguments:
+            return None
+        return [*step.node.all_input_nodes]
+
     def annotate(self, step: Step, plan: Plan) -> None:
         """Record graph facts in `step.info` once every node is claimed."""
 

@@ -27,6 +27,7 @@ from relprop.core.linear_op import (
 )
 from relprop.core.ops.base import Context, Op, Parents
 from relprop.core.ops.passthrough import batchnorm_stats
+from relprop.core.rules import Rule
 
 
 @dataclass
@@ -38,6 +39,7 @@ class LinearInfo:
 
 class Linear(Op):
     name = "linear"
+    reads_its_arguments = True
     modules = LINEAR_TYPES
     functions = LINEAR_FUNCTIONS.keys()
 
@@ -48,6 +50,19 @@ class Linear(Op):
         if step.module is not None:
             return module_forward(step.module, args, kwargs)
         return super().forward(step, args, kwargs, model)
+
+    def backward_reads(self, step, context: Context) -> list[fx.Node]:
+        """Its arguments, and theirs (the values before a BatchNorm folded in before it or an
+        explicit zero pad), a BatchNorm call's arguments folded after it, and its own output
+        where the rule takes the denominator from it (`Rule.relevance_from_output`)."""
+        info: LinearInfo = step.info
+        reads = [*step.node.all_input_nodes]
+        for node in (info.fold_before, info.fold_after, step.inputs[0] if info.is_input_layer else None):
+            if node is not None:
+                reads += node.all_input_nodes
+        if type(context.rule_for(step)).relevance_from_output is not Rule.relevance_from_output:
+            reads.append(step.node)
+        return reads
 
     def sees_the_input(self, step) -> bool:
         return step.info.is_input_layer
