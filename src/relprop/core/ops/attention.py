@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Protocol
 
 import torch
@@ -290,6 +290,12 @@ def _linear_op(layer: nn.Linear | None, weight: Tensor | None = None, bias: Tens
     return LinearOp(weight.detach().float(), None if bias is None else bias.detach().float())
 
 
+def _fresh(op: LinearOp) -> LinearOp:
+    """A copy of a kept projection for one rule call: what the rule caches on it (w⁺) goes with
+    the call, instead of living as long as the record keeps the attention's parts."""
+    return replace(op)
+
+
 def split_heads(x: Tensor, heads: int) -> Tensor:
     """(…, tokens, heads·d) → (…, heads, tokens, d)."""
     *lead, tokens, width = x.shape
@@ -344,11 +350,11 @@ class MultiheadParts:
         """Relevance of (query, key, value) in the caller's layout; `rule` for the projections."""
         R = R if self.batch_first else R.transpose(0, 1)
         self.output()
-        R_context = rule.relevance_from_output(self.out_op, self.context, R, self.out)
+        R_context = rule.relevance_from_output(_fresh(self.out_op), self.context, R, self.out)
         R_heads = self.core.relevance(*self.heads, split_heads(R_context, self.heads[0].shape[-3]), strategy)
         out = []
         for op, x, R_h, y in zip(self.in_ops, self.inputs, R_heads, self.projected, strict=True):
-            R_x = rule.relevance_from_output(op, x, merge_heads(R_h), y) if bool(R_h.any()) else torch.zeros_like(x)
+            R_x = rule.relevance_from_output(_fresh(op), x, merge_heads(R_h), y) if bool(R_h.any()) else torch.zeros_like(x)
             out.append(R_x if self.batch_first else R_x.transpose(0, 1))
         return out[0], out[1], out[2]
 
@@ -466,8 +472,8 @@ class WindowParts:
 
     def relevance(self, x: Tensor, R: Tensor, rule: Rule, strategy: AttentionStrategy) -> Tensor:
         R_projected = vjp(self.unpartition, self.projected, R)
-        R_context = rule.relevance_from_output(self.proj_op, self.context, R_projected, self.projected)
+        R_context = rule.relevance_from_output(_fresh(self.proj_op), self.context, R_projected, self.projected)
         R_q, R_k, R_v = self.core.relevance(*self.heads, split_heads(R_context, self.heads_count), strategy)
         R_qkv = torch.stack([R_q, R_k, R_v]).permute(1, 3, 0, 2, 4).reshape(*self.windows.shape[:2], -1)
-        R_windows = rule.relevance_from_output(self.qkv_op, self.windows, R_qkv, self.qkv)
+        R_windows = rule.relevance_from_output(_fresh(self.qkv_op), self.windows, R_qkv, self.qkv)
         return vjp(self.partition, x, R_windows)
