@@ -162,3 +162,29 @@ def test_an_op_that_does_not_say_what_it_reads_keeps_every_value():
         torch.testing.assert_close(sums["input"], sums["output"])
     finally:
         OPS.remove(op)
+
+
+@pytest.mark.parametrize("shape,affine", [((8,), True), ((4, 6), True), ((6,), False)])
+def test_norm_epsilon_transpose_written_out_equals_autograd_bit_for_bit(shape, affine):
+    """LayerNorm with its std held constant: the transpose of the normalization written out
+    gives autograd's vjp of it, the rule's previous implementation."""
+    from relprop.core.numerics import vjp
+    from relprop.core.rules import NormEpsilonRule
+
+    torch.manual_seed(0)
+    norm = nn.LayerNorm(shape, elementwise_affine=affine)
+    if affine:
+        nn.init.normal_(norm.weight)
+        nn.init.normal_(norm.bias)
+    a = torch.randn(2, 5, *shape)
+    R = torch.randn_like(a)
+    dims = tuple(range(-len(shape), 0))
+    std = (a.var(dims, unbiased=False, keepdim=True) + norm.eps).sqrt()
+    weight = norm.weight.detach() if affine else 1.0
+    bias = norm.bias.detach() if affine else 0.0
+
+    def normalize(t):
+        return (t - t.mean(dims, keepdim=True)) / std * weight
+
+    expected = a * vjp(normalize, a, R / stabilize(normalize(a) + bias, 1e-6))
+    assert torch.equal(NormEpsilonRule().relevance(norm, a, R), expected)

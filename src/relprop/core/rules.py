@@ -9,6 +9,7 @@ no autograd graph is built for the expensive layers.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from typing import ClassVar, NamedTuple
 
@@ -387,7 +388,12 @@ class NormEpsilonRule(Rule):
             return (t - t.mean(dims, keepdim=True)) / std * weight
 
         z = normalize(a) + bias
-        return a * vjp(normalize, a, R / stabilize(z, self.epsilon))
+        s = R / stabilize(z, self.epsilon)
+        # the transpose of `normalize` written out (what autograd computes for it, without the graph):
+        # scale by w/std, then centre (the centring is symmetric)
+        u = s * weight / std
+        count = math.prod(a.shape[d] for d in dims)
+        return a * (u + (-u).sum(dims, keepdim=True) / count)
 
 
 RULES: dict[str, Callable[[], Rule]] = {
