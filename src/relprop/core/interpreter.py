@@ -37,11 +37,20 @@ from relprop.errors import (
 MAX_CAPTURES = 8  # graphs kept per engine on the capture path (one per input shape)
 
 
+class Values(dict):
+    """Every node's output (node -> value) and `parts`: what ops kept from the forward pass for
+    their relevance (`Op.record`), node -> parts."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.parts: dict[fx.Node, Any] = {}
+
+
 @dataclass
 class Record:
     """What the forward pass kept: every node's value; `output` as the model returns it."""
 
-    values: dict[fx.Node, Any]
+    values: Values
     output: Any
 
 
@@ -147,25 +156,72 @@ class RelevanceEngine:
     # ---------------------------------------------------------------- forward
 
     @torch.no_grad()
-    def forward(self, x: Tensor) -> Record:
-        """Run the model in eval semantics and fp32, keeping every node's output."""
+    def forward(self, x: Tensor, keep: str = "backward") -> Record:
+        """Run the model in eval semantics and fp32, keeping the node outputs the backward walk
+        reads (`keep="backward"`; the others become shape-only stand-ins once the forward pass
+        is done with them), only those the fidelity audit compares (`"constants"`), or all."""
         x = x.float()
         self.prepare(x)
-        values: dict[fx.Node, Any] = {}
+        release = self._release_schedule(keep)
+        values = Values()
         output = None
-        for step in self.steps:
+        for index, step in enumerate(self.steps):
             if step.node.op == "output":
                 output = load(step.node.args[0], values)
             elif step.op is INPUT:
                 values[step.node] = x
             else:
-                values[step.node] = self._run(step, values, x)
+                values[step.node], parts = self._run(step, values, x)
+                if parts is not None:
+                    values.parts[step.node] = parts
+            for node in release.get(index, ()):
+                values[node] = _stand_in(values[node])
         return Record(values, output)
 
-    def _run(self, step: Step, values: dict[fx.Node, Any], x: Tensor) -> Any:
+    def _release_schedule(self, keep: str) -> dict[int, list[fx.Node]]:
+        """Step index -> the values no later step of the forward pass needs and the walk (or
+        the audit) never reads: released after that step. Nothing where an op does not say
+        what it reads (`Op.backward_reads`)."""
+        key = ("release", keep, id(self.plan))
+        cached = self.cache.get(key)
+        if cached is not None and cached[0] is self.plan:
+            return cached[1]
+        schedule: dict[int, list[fx.Node]] = {}
+        needed = self._needed(keep)
+        if needed is not None:
+            last: dict[fx.Node, int] = {}
+            for index, step in enumerate(self.steps):
+                if step.node.op != "output":
+                    last.setdefault(step.node, index)
+                for node in step.node.all_input_nodes:
+                    last[node] = index
+            for node, index in last.items():
+                if node not in needed:
+                    schedule.setdefault(index, []).append(node)
+        self.cache[key] = (self.plan, schedule)
+        return schedule
+
+    def _needed(self, keep: str) -> set[fx.Node] | None:
+        """The nodes whose values are kept whole (None: all of them)."""
+        if keep == "all":
+            return None
+        needed = {self._input_node, *self.steps[-1].node.all_input_nodes}  # the input, the outputs
+        needed.update(step.node for step in self.plan.held_constant())  # what verify audits
+        if keep == "constants":
+            return needed
+        for step in self.steps:
+            if not step.op.carries_relevance:
+                continue
+            reads = step.op.backward_reads(step, self)
+            if reads is None:
+                return None
+            needed.update(reads)
+        return needed
+
+    def _run(self, step: Step, values: dict[fx.Node, Any], x: Tensor) -> tuple[Any, Any]:
         args, kwargs = step.arguments(values)
         try:
-            return step.op.forward(step, args, kwargs, self.module)
+            return step.op.record(step, args, kwargs, self.module)
         except RelpropError:
             raise
         except RuntimeError as error:  # shape and dtype mismatches: say where, in one line
@@ -190,13 +246,14 @@ class RelevanceEngine:
         kept: dict[str, Tensor] = {}
         relevance: dict[fx.Node, Any] = {}
         sums: OrderedDict[str, Tensor] = OrderedDict()
+        x = record.values[self._input_node]
         for node, R in _match_seed(self.steps[-1].node.args[0], seed):
             _accumulate(relevance, node, R)
         batch = record.values[self._input_node].shape[0]
         for step in reversed(self.steps):
             R = relevance.pop(step.node, None)
             for name in keep.get(step.node, ()):
-                kept[name] = R.clone() if R is not None else torch.zeros_like(record.values[step.node])
+                kept[name] = R.clone() if R is not None else _zeros_like(record.values[step.node], x)
             if R is None or not step.op.carries_relevance:
                 if step.op is INPUT and R is not None:
                     relevance[step.node] = R
@@ -207,7 +264,6 @@ class RelevanceEngine:
                         total = sum(_per_sample(r, batch) for r in _slots(R_in) if r is not None)
                         sums[step.group] = sums[step.group] + total if step.group in sums else total
                     _accumulate(relevance, parent, R_in)
-        x = record.values[self._input_node]
         return Backward(relevance.get(self._input_node, torch.zeros_like(x)), sums,
                         {name: kept[name] for name in (layers or {})})
 
@@ -255,11 +311,11 @@ class RelevanceEngine:
         generator = torch.Generator(device=x.device).manual_seed(0)
         scale = float(x.float().std()) if x.numel() > 1 else 1.0
         other = torch.randn(x.shape, generator=generator, device=x.device) * (scale if scale > 0 else 1.0)
-        values = self.forward(other + x.float().mean()).values
+        values = self.forward(other + x.float().mean(), keep="constants").values
         changed = [step for step in self.plan.held_constant()
                    if not same_value(record.values[step.node], values[step.node])]
         if changed:  # rare: tell input dependence from values that differ on every run (torch.empty)
-            again = self.forward(x).values
+            again = self.forward(x, keep="constants").values
             changed = [step for step in changed if same_value(record.values[step.node], again[step.node])]
         if changed:
             node, module = changed[0].node, changed[0].module
@@ -273,6 +329,7 @@ class RelevanceEngine:
     def _first_divergence(self, x: Tensor, dtype: torch.dtype, record: Record, tolerance: float) -> str:
         """Re-run the model with hooks on every leaf module and name the first that disagrees."""
         outputs: dict[int, list[Any]] = {}
+        record = self.forward(x, keep="all")  # every leaf's output, none released
         leaves = [step for step in self.steps if step.node.op == "call_module"]
         modules = {id(step.module): step.module for step in leaves}
         handles = [m.register_forward_hook(lambda mod, args, out: outputs.setdefault(id(mod), []).append(out))
@@ -290,6 +347,17 @@ class RelevanceEngine:
             if index < len(seen) and largest_gap(record.values[step.node], seen[index], tolerance) is not None:
                 return f"first at module '{step.node.target}' ({type(step.module).__name__})"
         return "every leaf module agrees; the difference arises between them"
+
+
+def _stand_in(value: Any) -> Any:
+    """A released tensor's shape-only stand-in (on the meta device: its shape, dtype and
+    size, and an error, not a number, if anything reads its values)."""
+    return torch.empty(value.shape, dtype=value.dtype, device="meta") if isinstance(value, Tensor) else value
+
+
+def _zeros_like(value: Tensor, like: Tensor) -> Tensor:
+    """Zeros of a value's shape on the input's device (the value may be a stand-in)."""
+    return torch.zeros(value.shape, dtype=value.dtype, device=like.device)
 
 
 def _accumulate(relevance: dict[fx.Node, Any], node: fx.Node, R: Tensor | list[Tensor | None]) -> None:
@@ -343,4 +411,4 @@ def _match_seed(structure: Any, seed: Any) -> list[tuple[fx.Node, Tensor]]:
     return []
 
 
-__all__ = ["RelevanceEngine", "Record", "Backward"]
+__all__ = ["RelevanceEngine", "Record", "Backward", "Values"]

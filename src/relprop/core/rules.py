@@ -9,6 +9,7 @@ no autograd graph is built for the expensive layers.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from typing import ClassVar, NamedTuple
 
@@ -34,6 +35,11 @@ class Rule:
 
     def relevance(self, layer: nn.Module, a: Tensor, R: Tensor) -> Tensor:
         raise NotImplementedError
+
+    def relevance_from_output(self, layer: nn.Module | LinearOp, a: Tensor, R: Tensor, output: Tensor) -> Tensor:
+        """`relevance`, given the layer's output `W a + b` exactly as the layer computes it (the
+        forward pass recorded it): a rule whose denominator is that output need not recompute it."""
+        return self.relevance(layer, a, R)
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}()"
@@ -174,11 +180,25 @@ class EpsilonRule(Rule):
     def relevance(self, layer: nn.Module, a: Tensor, R: Tensor) -> Tensor:
         op = as_linear_op(layer)
         w, b = self._weights(op)
-        z = stabilize(op.forward(a, w, b), self.epsilon)
-        # ε = 0 (LRP-0): an output that is exactly 0 (a bias-free layer on a zero window) gets
-        # R/z = 0, as the gradient × input identity has it, not 0/0 = NaN
-        s, _ = safe_divide(R, z)
-        return a * op.transpose(s, w, a.shape)
+        return self._propagate(op, a, R, op.forward(a, w, b), w)
+
+    def relevance_from_output(self, layer: nn.Module | LinearOp, a: Tensor, R: Tensor, output: Tensor) -> Tensor:
+        """The recorded output is the denominator: one matrix product (the transpose) per layer
+        instead of two, the same numbers. A subclass that changes the weights or the rule
+        recomputes as it says."""
+        if type(self).relevance is not EpsilonRule.relevance or type(self)._weights is not EpsilonRule._weights:
+            return self.relevance(layer, a, R)
+        op = as_linear_op(layer)
+        return self._propagate(op, a, R, output.reshape_as(R), op.weight)
+
+    def _propagate(self, op: LinearOp, a: Tensor, R: Tensor, z: Tensor, w: Tensor) -> Tensor:
+        z = stabilize(z, self.epsilon)
+        if self.epsilon > TINY and z.shape == R.shape:  # |z| >= ε: no zero denominators, no masks;
+            s = torch.div(R, z, out=z)  # z is ours (stabilize made it) to overwrite
+        else:  # ε = 0 (LRP-0): an output that is exactly 0 (a bias-free layer on a zero window) gets
+            # R/z = 0, as the gradient × input identity has it, not 0/0 = NaN
+            s, _ = safe_divide(R, z)
+        return op.transpose(s, w, a.shape).mul_(a)
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(epsilon={self.epsilon})"
@@ -368,7 +388,12 @@ class NormEpsilonRule(Rule):
             return (t - t.mean(dims, keepdim=True)) / std * weight
 
         z = normalize(a) + bias
-        return a * vjp(normalize, a, R / stabilize(z, self.epsilon))
+        s = R / stabilize(z, self.epsilon)
+        # the transpose of `normalize` written out (what autograd computes for it, without the graph):
+        # scale by w/std, then centre (the centring is symmetric)
+        u = s * weight / std
+        count = math.prod(a.shape[d] for d in dims)
+        return a * (u + (-u).sum(dims, keepdim=True) / count)
 
 
 RULES: dict[str, Callable[[], Rule]] = {

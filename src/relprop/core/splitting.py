@@ -20,7 +20,7 @@ import torch
 from torch import Tensor
 
 from relprop.core.aliases import named
-from relprop.core.numerics import safe_divide, stabilize
+from relprop.core.numerics import TINY, safe_divide, stabilize
 from relprop.errors import ConfigError
 
 
@@ -72,8 +72,11 @@ class SignedSplit(_ShareSplit):
     epsilon: float = 1e-6
 
     def share(self, a: Tensor, b: Tensor) -> Tensor:
+        z = stabilize(a + b, self.epsilon)
+        if self.epsilon > TINY and z.shape == a.shape:  # |z| >= ε: no zeros to mask, and z is ours
+            return torch.div(a, z, out=z)
         # ε = 0 (LRP-0): where the sum is exactly 0 (two dead ReLU branches), evenly, not 0/0 = NaN
-        share, zero = safe_divide(a, stabilize(a + b, self.epsilon))
+        share, zero = safe_divide(a, z)
         return share.masked_fill_(zero, 0.5)
 
 

@@ -28,6 +28,7 @@ class AddInfo:
 
 class Add(KeepsSign, Op):
     name = "add"
+    reads_its_arguments = True
     functions, methods = FUNCTIONS, METHODS
 
     def make_info(self) -> AddInfo:

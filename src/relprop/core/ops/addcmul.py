@@ -21,6 +21,7 @@ from relprop.errors import UnsupportedLayerError
 
 class AddCMul(Op):
     name = "addcmul"
+    reads_its_arguments = True
     functions, methods = frozenset({torch.addcmul}), frozenset({"addcmul"})
 
     def relevance(self, step, values, R, context: Context) -> Parents:

@@ -23,6 +23,7 @@ def assign(x: Tensor, index: Any, value: Any) -> Tensor:
 
 class Assign(KeepsSign, Op):
     name = "assign"
+    reads_its_arguments = True
     functions = {assign}
 
     def relevance(self, step, values, R, context: Context) -> Parents:

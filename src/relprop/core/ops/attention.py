@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Protocol
 
 import torch
@@ -125,6 +125,7 @@ def _swin_attention_types() -> tuple[type[nn.Module], ...]:
 
 class Attention(Op):
     name = "attention"
+    reads_its_arguments = True
     modules = (nn.MultiheadAttention, *_swin_attention_types())
 
     functions = frozenset({F.scaled_dot_product_attention})
@@ -144,6 +145,24 @@ class Attention(Op):
             return attention_module_forward(step.module, args, kwargs)
         return super().forward(step, args, kwargs, model)
 
+    def backward_reads(self, step, context: Context) -> list[fx.Node]:
+        """Its arguments and its own output."""
+        return [step.node, *step.node.all_input_nodes]
+
+    def record(self, step, args: tuple, kwargs: dict, model: nn.Module) -> tuple[Any, Any]:
+        """An attention module's output computed by its decomposition, whose parts (projections,
+        heads, context) the relevance then uses as they are: nothing is recomputed, and the
+        decomposition is what the fidelity check compares with the model's own output. Calls
+        asking for the attention weights run the module itself (checked in `relevance`)."""
+        if isinstance(step.module, nn.MultiheadAttention) and kwargs.get("need_weights") is False:
+            parts = MultiheadParts.of(step.module, *args, **kwargs)
+            return (parts.output(), None), parts
+        if step.module is not None and not isinstance(step.module, nn.MultiheadAttention) and len(args) == 1 \
+                and not kwargs:
+            parts = WindowParts.of(step.module, args[0])
+            return parts.output(), parts
+        return self.forward(step, args, kwargs, model), None
+
     def relevance(self, step, values, R, context: Context) -> Parents:
         node, strategy = step.node, context.strategies.attention
         args, kwargs = step.arguments(values)
@@ -152,13 +171,18 @@ class Attention(Op):
             return _to_query_key_value(step, core.relevance(q, k, v, R, strategy))
         R = R[0] if isinstance(R, list) else R
         rule = _projection_rule(context)
+        kept = getattr(values, "parts", {}).get(node)
         if isinstance(step.module, nn.MultiheadAttention):
-            parts = MultiheadParts.of(step.module, *args, **kwargs)
-            _check_recomputed(parts.output(), values[node][0], node)
+            parts = kept
+            if parts is None:  # the module ran itself: its decomposition must agree with it
+                parts = MultiheadParts.of(step.module, *args, **kwargs)
+                _check_recomputed(parts.output(), values[node][0], node)
             return _to_query_key_value(step, parts.relevance(R, rule, strategy))
         x = values[node.args[0]]
-        window_parts = WindowParts.of(step.module, x)
-        _check_recomputed(window_parts.output(), values[node], node)
+        window_parts = kept
+        if window_parts is None:
+            window_parts = WindowParts.of(step.module, x)
+            _check_recomputed(window_parts.output(), values[node], node)
         return [(node.args[0], window_parts.relevance(x, R, rule, strategy))]
 
 
@@ -266,6 +290,12 @@ def _linear_op(layer: nn.Linear | None, weight: Tensor | None = None, bias: Tens
     return LinearOp(weight.detach().float(), None if bias is None else bias.detach().float())
 
 
+def _fresh(op: LinearOp) -> LinearOp:
+    """A copy of a kept projection for one rule call: what the rule caches on it (w⁺) goes with
+    the call, instead of living as long as the record keeps the attention's parts."""
+    return replace(op)
+
+
 def split_heads(x: Tensor, heads: int) -> Tensor:
     """(…, tokens, heads·d) → (…, heads, tokens, d)."""
     *lead, tokens, width = x.shape
@@ -290,6 +320,8 @@ class MultiheadParts:
     out_op: LinearOp
     context: Tensor  # the heads merged, (batch, tokens, embed), before out_proj
     batch_first: bool
+    projected: tuple[Tensor, Tensor, Tensor]  # the in-projections' outputs, before the heads split
+    out: Tensor | None = None  # out_proj's output, batch-first (set by `output`)
 
     @classmethod
     def of(cls, module: nn.MultiheadAttention, query: Tensor, key: Tensor, value: Tensor,
@@ -302,25 +334,27 @@ class MultiheadParts:
         weight, bias = module.in_proj_weight, module.in_proj_bias
         in_ops = tuple(_linear_op(None, weight[i * E:(i + 1) * E], None if bias is None else bias[i * E:(i + 1) * E])
                        for i in range(3))
-        q, k, v = (split_heads(op.forward(x, op.weight, op.bias), heads)
-                   for op, x in zip(in_ops, inputs, strict=True))
+        projected = tuple(op.forward(x, op.weight, op.bias) for op, x in zip(in_ops, inputs, strict=True))
+        q, k, v = (split_heads(p, heads) for p in projected)
         mask = _multihead_mask(attn_mask, key_padding_mask, is_causal, q, k)
         core = AttentionCore(float((E // heads) ** -0.5), mask)
         context = merge_heads(core.forward(q, k, v))
-        return cls(inputs, (q, k, v), core, in_ops, _linear_op(module.out_proj), context, not flip)
+        return cls(inputs, (q, k, v), core, in_ops, _linear_op(module.out_proj), context, not flip, projected)
 
     def output(self) -> Tensor:
-        y = self.out_op.forward(self.context, self.out_op.weight, self.out_op.bias)
-        return y if self.batch_first else y.transpose(0, 1)
+        if self.out is None:
+            self.out = self.out_op.forward(self.context, self.out_op.weight, self.out_op.bias)
+        return self.out if self.batch_first else self.out.transpose(0, 1)
 
     def relevance(self, R: Tensor, rule: Rule, strategy: AttentionStrategy) -> tuple[Tensor, Tensor, Tensor]:
         """Relevance of (query, key, value) in the caller's layout; `rule` for the projections."""
         R = R if self.batch_first else R.transpose(0, 1)
-        R_context = rule.relevance(self.out_op, self.context, R)
+        self.output()
+        R_context = rule.relevance_from_output(_fresh(self.out_op), self.context, R, self.out)
         R_heads = self.core.relevance(*self.heads, split_heads(R_context, self.heads[0].shape[-3]), strategy)
         out = []
-        for op, x, R_h in zip(self.in_ops, self.inputs, R_heads, strict=True):
-            R_x = rule.relevance(op, x, merge_heads(R_h)) if bool(R_h.any()) else torch.zeros_like(x)
+        for op, x, R_h, y in zip(self.in_ops, self.inputs, R_heads, self.projected, strict=True):
+            R_x = rule.relevance_from_output(_fresh(op), x, merge_heads(R_h), y) if bool(R_h.any()) else torch.zeros_like(x)
             out.append(R_x if self.batch_first else R_x.transpose(0, 1))
         return out[0], out[1], out[2]
 
@@ -365,6 +399,7 @@ class WindowParts:
     heads: tuple[Tensor, Tensor, Tensor]
     context: Tensor  # before proj
     projected: Tensor  # after proj, before the windows are put back
+    qkv: Tensor | None = None  # the qkv projection's output
 
     @classmethod
     def of(cls, module: nn.Module, x: Tensor) -> WindowParts:
@@ -382,7 +417,7 @@ class WindowParts:
         parts = cls(x.shape, window, shift, (pad_H, pad_W), heads, qkv_op,
                     _linear_op(module.proj), None, None, None, None, None)  # type: ignore[arg-type]
         parts.windows = parts.partition(x)
-        qkv = parts.qkv_op.forward(parts.windows, parts.qkv_op.weight, parts.qkv_op.bias)
+        qkv = parts.qkv = parts.qkv_op.forward(parts.windows, parts.qkv_op.weight, parts.qkv_op.bias)
         tokens = parts.windows.shape[1]
         q, k, v = qkv.reshape(-1, tokens, 3, heads, C // heads).permute(2, 0, 3, 1, 4)
         bias = module.get_relative_position_bias().detach().float()  # (1, heads, tokens, tokens)
@@ -437,8 +472,8 @@ class WindowParts:
 
     def relevance(self, x: Tensor, R: Tensor, rule: Rule, strategy: AttentionStrategy) -> Tensor:
         R_projected = vjp(self.unpartition, self.projected, R)
-        R_context = rule.relevance(self.proj_op, self.context, R_projected)
+        R_context = rule.relevance_from_output(_fresh(self.proj_op), self.context, R_projected, self.projected)
         R_q, R_k, R_v = self.core.relevance(*self.heads, split_heads(R_context, self.heads_count), strategy)
         R_qkv = torch.stack([R_q, R_k, R_v]).permute(1, 3, 0, 2, 4).reshape(*self.windows.shape[:2], -1)
-        R_windows = rule.relevance(self.qkv_op, self.windows, R_qkv)
+        R_windows = rule.relevance_from_output(_fresh(self.qkv_op), self.windows, R_qkv, self.qkv)
         return vjp(self.partition, x, R_windows)

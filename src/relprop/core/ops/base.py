@@ -6,7 +6,8 @@ An op answers four questions, each a method with a default:
   `claim(node)` takes function and method calls, `claim_module` other modules. A claim may raise
   `UnsupportedLayerError` to refuse a node with its reason, which is raised only if relevance
   ever reaches that node;
-- `forward(step, args, kwargs, model)`: the node's output in fp32 and eval semantics;
+- `forward(step, args, kwargs, model)`: the node's output in fp32 and eval semantics (`record`:
+  the same, with what its relevance will need from the forward pass);
 - `relevance(step, values, R, context)`: the relevance of the node's inputs;
 - the graph facts the planner collects: `annotate` (operand roles and the like, in `info`),
   `output_nonnegative`, `relevance_parents`.
@@ -93,8 +94,26 @@ class Op:
             return getattr(obj, node.target)(*rest, **kwargs)
         raise TraceError(f"{self.name} cannot run a {node.op} node")
 
+    def record(self, step: Step, args: tuple, kwargs: dict, model: nn.Module) -> tuple[Any, Any]:
+        """The node's output and what `relevance` will want from this forward pass (None:
+        nothing), which it finds in `values.parts[step.node]`: an op that would otherwise
+        recompute parts of its forward for the relevance keeps them here. By default: `forward`."""
+        return self.forward(step, args, kwargs, model), None
+
     def relevance(self, step: Step, values: dict[fx.Node, Any], R: Relevance, context: Context) -> Parents:
         raise NotImplementedError
+
+    # Whether `relevance` reads the numbers of no values but its arguments' (shapes it may read of
+    # any node; an op that reads its own output says so in `backward_reads`). Ops that say so let
+    # the engine release every other value during the forward pass (memory the backward walk does
+    # not need); the default keeps all.
+    reads_its_arguments: ClassVar[bool] = False
+
+    def backward_reads(self, step: Step, context: Context) -> list[fx.Node] | None:
+        """The nodes whose values (numbers, not only shapes) `relevance` reads; None: any node's."""
+        if not self.reads_its_arguments:
+            return None
+        return [*step.node.all_input_nodes]
 
     def annotate(self, step: Step, plan: Plan) -> None:
         """Record graph facts in `step.info` once every node is claimed."""

@@ -15,6 +15,7 @@ STACK = {torch.stack}
 
 class Cat(KeepsSign, Op):
     name = "cat"
+    reads_its_arguments = True
     functions = frozenset({torch.cat, torch.concat, *STACK})
 
     def relevance(self, step, values, R, context: Context) -> Parents:

@@ -15,6 +15,7 @@ from relprop.errors import UnsupportedLayerError, first_line
 
 class Custom(Op):
     name = "custom"
+    reads_its_arguments = True
 
     @staticmethod
     def covers(node: fx.Node, module: nn.Module | None, rules: RuleSet, policy: LeafPolicy) -> bool:

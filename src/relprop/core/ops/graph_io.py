@@ -53,6 +53,7 @@ class Unsupported(Op):
     """A node no op can take; its error is raised if relevance ever reaches it."""
 
     name = "unsupported"
+    reads_its_arguments = True
 
     def relevance(self, step, values, R, context: Context) -> Parents:
         raise step.info

@@ -29,6 +29,7 @@ from relprop.core.linear_op import (
 )
 from relprop.core.ops.base import Context, Op, Parents
 from relprop.core.ops.passthrough import batchnorm_stats
+from relprop.core.rules import Rule
 
 
 @dataclass
@@ -40,6 +41,7 @@ class LinearInfo:
 
 class Linear(Op):
     name = "linear"
+    reads_its_arguments = True
     modules = LINEAR_TYPES
     functions = LINEAR_FUNCTIONS.keys()
 
@@ -50,6 +52,21 @@ class Linear(Op):
         if step.module is not None:
             return module_forward(step.module, args, kwargs)
         return super().forward(step, args, kwargs, model)
+
+    def backward_reads(self, step, context: Context) -> list[fx.Node]:
+        """Its arguments, and theirs (the values before a BatchNorm folded in before it or an
+        explicit zero pad), a BatchNorm call's arguments folded after it, and its own output
+        where the rule takes the denominator from it (`Rule.relevance_from_output`)."""
+        info: LinearInfo = step.info
+        reads = [*step.node.all_input_nodes]
+        for node in (info.fold_before, info.fold_after, step.inputs[0] if info.is_input_layer else None):
+            if node is not None:
+                reads += node.all_input_nodes
+        if step.inputs and context.step_of[step.inputs[0]].op.name == "route":  # a zero pad read through
+            reads += step.inputs[0].all_input_nodes
+        if type(context.rule_for(step)).relevance_from_output is not Rule.relevance_from_output:
+            reads.append(step.node)
+        return reads
 
     def sees_the_input(self, step) -> bool:
         return step.info.is_input_layer
@@ -78,6 +95,8 @@ class Linear(Op):
             op = PaddedLinearOp(**{f.name: getattr(op, f.name) for f in fields(op)}, pre_pad=pads)
         if rule.wants_nonnegative and context.step_of[source].nonnegative:
             return [(target, rule.relevance(op, values[source], R, nonnegative=True))]
+        if padded is None and _records_its_map(step):
+            return [(target, rule.relevance_from_output(op, values[source], R, values[step.node]))]
         return [(target, rule.relevance(op, values[source], R))]
 
     @staticmethod
@@ -109,6 +128,12 @@ class Linear(Op):
         if key is not None:
             context.cache[step.node] = (key, op)
         return op
+
+
+def _records_its_map(step) -> bool:
+    """Whether the recorded output of this step is `op.forward(a, W, b)` of its effective op,
+    bit for bit: a module computed by `module_forward`, no BatchNorm folded into it."""
+    return step.module is not None and step.info.fold_before is None and step.info.fold_after is None
 
 
 @dataclass(frozen=True, eq=False)

@@ -31,6 +31,7 @@ class MatmulInfo:
 
 class Matmul(Op):
     name = "matmul"
+    reads_its_arguments = True
     functions, methods = FUNCTIONS, METHODS
 
     def claim(self, node: fx.Node) -> bool:

@@ -23,12 +23,17 @@ METADATA_ATTRIBUTES = {"shape", "ndim", "dtype", "device", "is_cuda", "layout", 
 
 class Meta(Op):
     name = "meta"
+    reads_its_arguments = True
     functions, methods, library_functions = FUNCTIONS, METHODS, LIBRARY_FUNCTIONS
 
     def claim(self, node: fx.Node) -> bool:
         if node.target is getattr:
             return positional(node, 1, "name") in METADATA_ATTRIBUTES
         return super().claim(node)
+
+    def backward_reads(self, step, context: Context) -> list[fx.Node]:
+        """Nothing's numbers: its own value is only type-checked (and kept: held constant)."""
+        return []
 
     def relevance(self, step, values, R, context: Context) -> Parents:
         if isinstance(values[step.node], Tensor):

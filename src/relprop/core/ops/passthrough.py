@@ -74,6 +74,7 @@ class PassInfo:
 
 class Passthrough(KeepsSign, Op):
     name = "passthrough"
+    reads_its_arguments = True
     modules = (*NORM_MODULES, *ACTIVATION_MODULES, *IDENTITY_MODULES)
     keeps_the_input_layer = True
     functions, methods, library_functions = FUNCTIONS, METHODS, LIBRARY_FUNCTIONS
@@ -108,19 +109,29 @@ class Passthrough(KeepsSign, Op):
             return [(parent, R.reshape(values[parent].shape))]
         return [(parent, rule.relevance(layer, values[parent], R))]
 
-    def _user_rule(self, step, values, context: Context) -> tuple[Rule | None, Any]:
+    def backward_reads(self, step, context: Context) -> list[fx.Node]:
+        """Relevance that passes unchanged reads only its input's shape; a user rule, the values."""
+        if step.info.folded_into is None and self._rule_of(step, context) is not None:
+            return super().backward_reads(step, context)
+        return []
+
+    @staticmethod
+    def _rule_of(step, context: Context) -> Rule | None:
         """A rule by module name or type; for `F.layer_norm`, a rule for nn.LayerNorm or for the
         module type the call sits in (timm's LayerNorm, a subclass with its own forward)."""
         node = step.node
         if step.module is not None:
-            rule = context.rules.by_name(node) or context.rules.by_kind(step, context.model)
-            return rule, step.module
+            return context.rules.by_name(node) or context.rules.by_kind(step, context.model)
         if node.op != "call_function" or node.target is not F.layer_norm:
-            return None, None
+            return None
         path = module_path(node)
-        rule = context.rules.by_type(nn.LayerNorm, *([type(context.model.get_submodule(path))] if path else []))
-        if rule is None:
-            return None, None
+        return context.rules.by_type(nn.LayerNorm, *([type(context.model.get_submodule(path))] if path else []))
+
+    def _user_rule(self, step, values, context: Context) -> tuple[Rule | None, Any]:
+        """The user's rule for this step (`_rule_of`) and the layer it takes."""
+        rule = self._rule_of(step, context)
+        if rule is None or step.module is not None:
+            return rule, step.module
         args, kwargs = step.arguments(values)
         bound = dict(zip(("input", "normalized_shape", "weight", "bias", "eps"), args, strict=False)) | kwargs
         return rule, LayerNormParams(tuple(bound["normalized_shape"]), bound.get("weight"), bound.get("bias"),

@@ -37,6 +37,7 @@ METHODS = {"mean", "sum"}
 
 class Pool(KeepsSign, Op):
     name = "pool"
+    reads_its_arguments = True
     modules = MODULES
     functions, methods = FUNCTIONS, METHODS
 

@@ -63,6 +63,7 @@ LIBRARY_FUNCTIONS = {"torchvision.models.swin_transformer._patch_merging_pad"}
 
 class Route(KeepsSign, Op):
     name = "route"
+    reads_its_arguments = True
     modules = (nn.Flatten, nn.Unflatten, nn.Unfold, *PAD_MODULES)
     keeps_the_input_layer = True
     functions, methods, library_functions = FUNCTIONS, METHODS, LIBRARY_FUNCTIONS
@@ -89,6 +90,12 @@ class Route(KeepsSign, Op):
                                         "a constant no rule can weigh (finite or −inf only); give it a rule "
                                         f"(rules={{torch.nn.{type(module).__name__}: rule}})")
 
+    def backward_reads(self, step, context: Context) -> list[fx.Node]:
+        """Not the routed tensor's numbers (the transpose of a routing does not depend on them),
+        only the other arguments (indices, masks)."""
+        routed = step.node.args[0] if step.node.args else None
+        return [node for node in step.node.all_input_nodes if node is not routed]
+
     def relevance(self, step, values, R, context: Context) -> Parents:
         parent = first_operand(step)
         a = values[parent]
@@ -97,6 +104,9 @@ class Route(KeepsSign, Op):
             field = step.node.args[1]
             slots[TUPLE_FIELDS[field] if step.node.target is getattr else field] = R
             return [(parent, slots)]
+        if a.device.type == "meta":  # released after the forward pass: its shape is all the transpose needs
+            device = next(r for r in R if r is not None).device if isinstance(R, list) else R.device
+            a = torch.zeros(a.shape, dtype=a.dtype, device=device)
         function = step.as_function_of_first_input(values)
         R_in = vjp(function, a, R)
         padded = _padded_positions(step, function, a)

@@ -58,6 +58,7 @@ class ScaleInfo:
 
 class Scale(Op):
     name = "scale"
+    reads_its_arguments = True
     functions, methods = FUNCTIONS, METHODS
 
     def make_info(self) -> ScaleInfo:
@@ -83,6 +84,10 @@ class Scale(Op):
         if step.info.gate is not None:
             return [step.node.args[1 - step.info.gate]]
         return step.inputs
+
+    def backward_reads(self, step, context: Context) -> list[fx.Node]:
+        """A product of two input-dependent factors reads both; a scaling, only shapes."""
+        return [*step.node.all_input_nodes] if step.info.unrelated else []
 
     def relevance(self, step, values, R, context: Context) -> Parents:
         node, info = step.node, step.info

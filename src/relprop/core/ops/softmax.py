@@ -37,6 +37,7 @@ SOFTMAX_MODULES = (nn.Softmax, nn.LogSoftmax, nn.Softmax2d)
 
 class Softmax(Op):
     name = "softmax"
+    reads_its_arguments = True
 
     def claim(self, node: fx.Node) -> bool:
         if node.target in ATTENTION_SOFTMAX:
@@ -65,6 +66,10 @@ class Softmax(Op):
                 product.info.gate, product.info.unrelated = index, True
             else:
                 product.info.attention_weights = index
+
+    def backward_reads(self, step, context: Context) -> list[fx.Node]:
+        """Its arguments and its own output."""
+        return [step.node, *step.node.all_input_nodes]
 
     def relevance(self, step, values, R, context: Context) -> Parents:
         parent = step.inputs[0]

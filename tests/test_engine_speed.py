@@ -1,0 +1,190 @@
+"""The engine's fast paths give the numbers of the slow ones: ε's denominator from the recorded
+output, attention parts kept from the forward pass, values released during the forward pass,
+the one-temporary stabilizer. Speed itself is measured in benchmarks/, never asserted here."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torchvision
+from test_transformers import small_swin, timm_vit, torchvision_vit
+from torch import nn
+
+from relprop import LRP, Composite
+from relprop.core.linear_op import module_forward
+from relprop.core.numerics import stabilize
+from relprop.core.ops import OPS, register_op
+from relprop.core.ops.base import Op
+from relprop.core.rules import EpsilonRule, GammaRule
+
+LXT_CHOICES = Composite(rules={nn.Linear: "epsilon", nn.Conv2d: "epsilon", nn.LayerNorm: "norm-epsilon"},
+                        input_rule="epsilon", split="signed", attention="cp", constants="leak")
+
+
+def small_resnet() -> nn.Module:
+    torch.manual_seed(0)
+    return torchvision.models.resnet18(num_classes=10).eval()
+
+
+def small_convnext() -> nn.Module:
+    torch.manual_seed(0)
+    from torchvision.models.convnext import CNBlockConfig, ConvNeXt
+    return ConvNeXt([CNBlockConfig(16, 32, 1), CNBlockConfig(32, None, 1)], num_classes=10).eval()
+
+
+def test_stabilizer_equals_z_plus_epsilon_times_sign_bit_for_bit():
+    z = torch.randn(1000, dtype=torch.float64)
+    z[:10] = 0.0
+    for dtype in (torch.float32, torch.float64):
+        t = z.to(dtype)
+        sign = torch.where(t >= 0, torch.ones_like(t), -torch.ones_like(t))
+        assert torch.equal(stabilize(t, 1e-6), t + 1e-6 * sign)
+
+
+@pytest.mark.parametrize("layer", [nn.Linear(7, 5), nn.Conv2d(3, 4, 3, padding=1, stride=2)])
+@pytest.mark.parametrize("epsilon", [1e-6, 0.0])
+def test_epsilon_from_the_recorded_output_equals_recomputing_it(layer, epsilon):
+    torch.manual_seed(0)
+    a = torch.randn(2, 7) if isinstance(layer, nn.Linear) else torch.randn(2, 3, 8, 8)
+    with torch.no_grad():
+        output = module_forward(layer, (a,), {})  # what the engine records for the layer
+    R = torch.randn_like(output)
+    rule = EpsilonRule(epsilon)
+    assert torch.equal(rule.relevance_from_output(layer, a, R, output), rule.relevance(layer, a, R))
+
+
+def test_a_subclass_that_changes_the_rule_recomputes():
+    """γ overrides `relevance`: given a wrong output it must not use it."""
+    layer, a = nn.Linear(4, 3), torch.randn(2, 4)
+    R = torch.randn(2, 3)
+    rule = GammaRule()
+    assert torch.equal(rule.relevance_from_output(layer, a, R, torch.full((2, 3), 1e9)), rule.relevance(layer, a, R))
+
+
+MODELS = {
+    "resnet18": (small_resnet, {}, (2, 3, 32, 32)),
+    "convnext": (small_convnext, {}, (2, 3, 32, 32)),
+    "timm-vit": (timm_vit, {}, (2, 3, 32, 32)),
+    "timm-vit-lxt": (timm_vit, {"composite": LXT_CHOICES}, (2, 3, 32, 32)),
+    "torchvision-vit-lxt": (torchvision_vit, {"composite": LXT_CHOICES}, (2, 3, 32, 32)),
+    "swin-lxt": (small_swin, {"composite": LXT_CHOICES}, (1, 3, 40, 40)),
+}
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_released_values_change_no_relevance(name):
+    """The forward pass releases what the walk never reads: the same relevance, bit for bit, at
+    the input and at every reported cut, as with every value kept; and it does release some."""
+    build, options, shape = MODELS[name]
+    explainer = LRP(build(), **options)
+    torch.manual_seed(1)
+    x = torch.randn(*shape)
+    explainer.attribute(x)  # verified once
+    engine = explainer.engine
+    full, lean = engine.forward(x, keep="all"), engine.forward(x)
+    released = [node for node, value in lean.values.items()
+                if isinstance(value, torch.Tensor) and value.device.type == "meta"]
+    assert released, "nothing was released"
+    seed = torch.zeros_like(full.output)
+    seed[:, 3] = full.output[:, 3]
+    ours, theirs = engine.backward(lean, seed, layer_sums=True), engine.backward(full, seed, layer_sums=True)
+    assert torch.equal(ours.input, theirs.input)
+    assert ours.layer_sums.keys() == theirs.layer_sums.keys()
+    for key in ours.layer_sums:
+        assert torch.equal(ours.layer_sums[key], theirs.layer_sums[key])
+
+
+@pytest.mark.parametrize("build", [torchvision_vit, small_swin])
+def test_attention_parts_kept_from_the_forward_give_the_recomputed_relevance(build):
+    """Attention modules record their output by their decomposition and keep its parts; without
+    them the relevance recomputes the parts from the module's own output (checked against it)."""
+    explainer = LRP(build(), composite=LXT_CHOICES)
+    x = torch.randn(1, 3, 40, 40) if build is small_swin else torch.randn(1, 3, 32, 32)
+    explainer.attribute(x)
+    engine = explainer.engine
+    record = engine.forward(x, keep="all")
+    assert record.values.parts, "no attention parts were kept"
+    seed = torch.zeros_like(record.output)
+    seed[:, 2] = record.output[:, 2]
+    kept = engine.backward(record, seed).input
+    record.values.parts.clear()
+    recomputed = engine.backward(record, seed).input
+    torch.testing.assert_close(kept, recomputed, rtol=1e-5, atol=1e-7)
+
+
+def test_a_released_value_is_no_number():
+    """A stand-in read for its values fails loudly instead of giving numbers."""
+    explainer = LRP(small_resnet())
+    x = torch.randn(1, 3, 32, 32)
+    explainer.attribute(x)
+    values = explainer.engine.forward(x).values
+    stand_in = next(v for v in values.values() if isinstance(v, torch.Tensor) and v.device.type == "meta")
+    with pytest.raises((RuntimeError, NotImplementedError)):
+        float(stand_in.sum())
+
+
+class _Doubling(Op):
+    """An op that does not say what it reads (as an op written before `backward_reads`)."""
+
+    name = "test-doubling"
+
+    def claim(self, node) -> bool:
+        return node.op == "call_function" and node.target is _double
+
+    def relevance(self, step, values, R, context):
+        return [(step.inputs[0], R.reshape(values[step.inputs[0]].shape))]
+
+
+def _double(x: torch.Tensor) -> torch.Tensor:
+    return 2 * x
+
+
+torch.fx.wrap("_double")
+
+
+class _WithDoubling(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv, self.fc = nn.Conv2d(3, 4, 3), nn.Linear(4, 2)
+
+    def forward(self, x):
+        return self.fc(_double(torch.relu(self.conv(x))).mean((2, 3)))
+
+
+def test_an_op_that_does_not_say_what_it_reads_keeps_every_value():
+    op = register_op(_Doubling())
+    try:
+        explainer = LRP(_WithDoubling().eval())
+        x = torch.rand(1, 3, 8, 8)
+        R, sums = explainer.attribute(x, return_layer_sums=True)
+        values = explainer.engine.forward(x).values
+        assert not any(isinstance(v, torch.Tensor) and v.device.type == "meta" for v in values.values())
+        torch.testing.assert_close(sums["input"], sums["output"])
+    finally:
+        OPS.remove(op)
+
+
+@pytest.mark.parametrize("shape,affine", [((8,), True), ((4, 6), True), ((6,), False)])
+def test_norm_epsilon_transpose_written_out_equals_autograd_bit_for_bit(shape, affine):
+    """LayerNorm with its std held constant: the transpose of the normalization written out
+    gives autograd's vjp of it, the rule's previous implementation."""
+    from relprop.core.numerics import vjp
+    from relprop.core.rules import NormEpsilonRule
+
+    torch.manual_seed(0)
+    norm = nn.LayerNorm(shape, elementwise_affine=affine)
+    if affine:
+        nn.init.normal_(norm.weight)
+        nn.init.normal_(norm.bias)
+    a = torch.randn(2, 5, *shape)
+    R = torch.randn_like(a)
+    dims = tuple(range(-len(shape), 0))
+    std = (a.var(dims, unbiased=False, keepdim=True) + norm.eps).sqrt()
+    weight = norm.weight.detach() if affine else 1.0
+    bias = norm.bias.detach() if affine else 0.0
+
+    def normalize(t):
+        return (t - t.mean(dims, keepdim=True)) / std * weight
+
+    expected = a * vjp(normalize, a, R / stabilize(normalize(a) + bias, 1e-6))
+    assert torch.equal(NormEpsilonRule().relevance(norm, a, R), expected)
