@@ -113,7 +113,7 @@ def detection_dataset(folder: Path, model: SSD, count: int = 2) -> list[str]:
     returns the class list (background first) the folder names come from."""
     from torchvision.transforms.functional import to_pil_image
 
-    from relprop.detection.ssd import run_detector
+    from relprop.detection.families import run_detector
 
     images = random_images(count, sizes=((64, 64),))
     out = run_detector(model, images)

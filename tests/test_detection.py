@@ -9,12 +9,12 @@ import torch
 from ssd_helpers import detection_dataset, random_images, shared_detector, tin10_images, tiny_ssd
 from torch import nn
 
+from relprop.detection.families import run_detector
 from relprop.detection.ssd import (
     AnchorPosition,
     anchor_index,
     check_ssd,
     locate_anchor,
-    run_detector,
 )
 from relprop.errors import InputError, TargetError, UnsupportedLayerError
 

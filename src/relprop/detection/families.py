@@ -191,7 +191,10 @@ def select_detections(
 def run_detector(
     model: nn.Module, images: Tensor | Sequence[Tensor], backbone: nn.Module | None = None
 ) -> DetectorOutput:
-    """Run ``model`` in pieces on images in [0, 1]; detections equal ``model(images)`` plus anchors."""
+    """Run ``model`` in pieces on images in [0, 1]; detections equal ``model(images)`` plus anchors.
+
+    ``backbone`` may replace ``model.backbone`` by an equivalent module (see :func:`traceable_backbone`).
+    """
     family_of(model)
     if model.training:
         raise InputError("the detector is in training mode; call model.eval() first")

@@ -283,25 +283,6 @@ def select_detections(
 
 
 @torch.no_grad()
-def run_detector(
-    model: SSD, images: Tensor | Sequence[Tensor], backbone: nn.Module | None = None
-) -> DetectorOutput:
-    """Run ``model`` in pieces on images in [0, 1]; detections equal ``model(images)`` plus anchors.
-
-    ``backbone`` may replace ``model.backbone`` by an equivalent module (see :func:`traceable_backbone`).
-    """
-    check_ssd(model)
-    if model.training:
-        raise InputError("the detector is in training mode; call model.eval() first")
-    device = next(model.parameters()).device
-    image_list = as_image_list(images, device)
-    original_sizes = [(int(im.shape[-2]), int(im.shape[-1])) for im in image_list]
-    batch, _ = model.transform(image_list)
-    image_sizes = [(int(h), int(w)) for h, w in batch.image_sizes]
-    return detect_input(model, batch.tensors, image_sizes, original_sizes, backbone)
-
-
-@torch.no_grad()
 def detect_input(
     model: SSD,
     x: Tensor,
