@@ -31,7 +31,6 @@ from relprop.detection.ssd import (
     HeadLevel,
     as_image_list,
     level_layout,
-    locate_anchor,
 )
 from relprop.errors import InputError, UnsupportedLayerError
 
@@ -217,26 +216,15 @@ def detect_input(
     """Detections for a batch already in the detector's input space (e.g. perturbed inputs)."""
     if isinstance(model, SSD):
         return ssd.detect_input(model, x, image_sizes, original_sizes, backbone)
-    size = (int(x.shape[-2]), int(x.shape[-1]))
-    image_sizes = list(image_sizes or [size] * x.shape[0])
-    original_sizes = list(original_sizes or image_sizes)
+    image_sizes, original_sizes = ssd.batch_sizes(x, image_sizes, original_sizes)
     features, cls_logits, box_outputs, extras = dense_outputs(model, x, backbone)
     per_cell = anchors_per_cell(model, features)
     levels = level_layout(features, per_cell)
     anchors = model.anchor_generator(ImageList(x, image_sizes), features)
     counts = [level.count for level in levels]
     detections = select_detections(model, cls_logits, box_outputs, extras, anchors, counts, image_sizes)
-    for det in detections:
-        det["boxes_input"] = det["boxes"].clone()
-        det["levels"] = torch.as_tensor(
-            [locate_anchor(levels, int(n)).level for n in det["anchors"]], dtype=torch.int64
-        )
-    detections = model.transform.postprocess(detections, image_sizes, original_sizes)
-    return DetectorOutput(
-        x=x, image_sizes=image_sizes, original_sizes=original_sizes, features=features,
-        cls_logits=cls_logits, bbox_regression=box_outputs, anchors=anchors, levels=levels,
-        detections=detections, extras=extras,
-    )
+    return ssd.assemble_output(model, x, image_sizes, original_sizes, features, cls_logits, box_outputs,
+                               anchors, levels, detections, extras)
 
 
 __all__ = ["FCOS_BOX_OUTPUTS", "Family", "family_of", "traceable_backbone", "head_level",

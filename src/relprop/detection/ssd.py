@@ -294,13 +294,31 @@ def detect_input(
 
     ``image_sizes`` default to the batch's size, ``original_sizes`` to ``image_sizes``.
     """
-    size = (int(x.shape[-2]), int(x.shape[-1]))
-    image_sizes = list(image_sizes or [size] * x.shape[0])
-    original_sizes = list(original_sizes or image_sizes)
+    image_sizes, original_sizes = batch_sizes(x, image_sizes, original_sizes)
     features, cls_logits, bbox_regression = dense_outputs(model, x, backbone)
     levels = level_layout(features, model.anchor_generator.num_anchors_per_location())
     anchors = model.anchor_generator(ImageList(x, image_sizes), features)
     detections = select_detections(model, cls_logits, bbox_regression, anchors, image_sizes)
+    return assemble_output(model, x, image_sizes, original_sizes, features, cls_logits, bbox_regression,
+                           anchors, levels, detections)
+
+
+def batch_sizes(
+    x: Tensor, image_sizes: Sequence[tuple[int, int]] | None, original_sizes: Sequence[tuple[int, int]] | None
+) -> tuple[list[tuple[int, int]], list[tuple[int, int]]]:
+    """``image_sizes`` default to the batch's size, ``original_sizes`` to ``image_sizes``."""
+    size = (int(x.shape[-2]), int(x.shape[-1]))
+    image_sizes = list(image_sizes or [size] * x.shape[0])
+    return image_sizes, list(original_sizes or image_sizes)
+
+
+def assemble_output(
+    model: nn.Module, x: Tensor, image_sizes: list[tuple[int, int]], original_sizes: list[tuple[int, int]],
+    features: list[Tensor], cls_logits: Tensor, box_outputs: Tensor, anchors: list[Tensor], levels: list,
+    detections: list[dict[str, Tensor]], extras: dict[str, Tensor] | None = None,
+) -> DetectorOutput:
+    """Each detection's level and input-space box kept, its box mapped back as the model's own
+    post-processing does: what every family's ``detect_input`` returns."""
     for det in detections:
         det["boxes_input"] = det["boxes"].clone()
         det["levels"] = torch.as_tensor(
@@ -308,15 +326,9 @@ def detect_input(
         )
     detections = model.transform.postprocess(detections, image_sizes, original_sizes)
     return DetectorOutput(
-        x=x,
-        image_sizes=image_sizes,
-        original_sizes=original_sizes,
-        features=features,
-        cls_logits=cls_logits,
-        bbox_regression=bbox_regression,
-        anchors=anchors,
-        levels=levels,
-        detections=detections,
+        x=x, image_sizes=image_sizes, original_sizes=original_sizes, features=features,
+        cls_logits=cls_logits, bbox_regression=box_outputs, anchors=anchors, levels=levels,
+        detections=detections, extras=extras or {},
     )
 
 
