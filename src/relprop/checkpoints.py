@@ -13,14 +13,13 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torchvision
 from torch import nn
 
 from relprop.errors import CheckpointError
-from relprop.modelinfo import ModelInfo, Preprocessing, as_preprocessing
-
-# The keys relprop writes and reads, in the order docs/checkpoints.md lists them.
-CHECKPOINT_KEYS = ("arch", "num_classes", "classes", "class_names", "input_size", "resize", "crop",
-                   "mean", "std", "interpolation", "state_dict")
+from relprop.evaluation.results import write_atomic
+from relprop.modelinfo import CHECKPOINT_KEYS, ModelInfo, Preprocessing, as_preprocessing
+from relprop.models import build_arch
 
 
 def save_checkpoint(model: nn.Module, path: str | Path, *, classes: Sequence[str],
@@ -35,8 +34,6 @@ def save_checkpoint(model: nn.Module, path: str | Path, *, classes: Sequence[str
     record or the one torchvision architecture whose parameters have these shapes. `extra` keys
     (e.g. `val_acc=0.8`) are stored as they are; the loader ignores them.
     """
-    from relprop.evaluation.results import write_atomic
-
     state = {k: (v.detach().float() if v.is_floating_point() else v.detach()).cpu().clone()
              for k, v in model.state_dict().items()}
     arch = arch or _arch_of(model, state)
@@ -73,8 +70,6 @@ def _arch_of(model: nn.Module, state: Mapping[str, torch.Tensor]) -> str:
     cfg = getattr(model, "pretrained_cfg", None) or getattr(model, "default_cfg", None)
     if isinstance(cfg, Mapping) and cfg.get("architecture"):
         return f"timm/{cfg['architecture']}"
-    import torchvision
-
     wanted, kind = _shapes(state), type(model)
     matches = []
     for name in torchvision.models.list_models(module=torchvision.models):
@@ -99,8 +94,6 @@ def _outputs(state: Mapping[str, torch.Tensor]) -> int:
 
 def _check_builds(arch: str, state: Mapping[str, torch.Tensor], num_classes: int) -> None:
     """Refuse to write what `load_model` would refuse: `arch` must take exactly these weights."""
-    from relprop.models import build_arch
-
     with torch.device("meta"):
         model = build_arch(arch, num_classes, source="save_checkpoint")
     expected = _shapes(model.state_dict())

@@ -23,6 +23,10 @@ from relprop.defaults import IMAGENET_MEAN, IMAGENET_STD
 from relprop.errors import CheckpointError
 
 PREPROCESSING_KEYS = ("resize", "crop", "mean", "std")
+# The keys of a relprop checkpoint, in the order docs/checkpoints.md lists them: here, below both
+# the loader (models.py) and the writer (checkpoints.py).
+CHECKPOINT_KEYS = ("arch", "num_classes", "classes", "class_names", "input_size", "resize", "crop",
+                   "mean", "std", "interpolation", "state_dict")
 # torchvision's InterpolationMode values (tests/test_edge_inputs.py checks the list against it):
 # spelled out so that this module stays torch-free.
 INTERPOLATIONS = ("nearest", "nearest-exact", "bilinear", "bicubic", "box", "hamming", "lanczos")

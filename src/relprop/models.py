@@ -36,12 +36,12 @@ from torchvision.models import get_model_weights, get_weight
 from torchvision.models.detection import SSD300_VGG16_Weights
 
 from relprop.bow.storage import is_bow_file, load_bow_model
-from relprop.checkpoints import CHECKPOINT_KEYS
 from relprop.defaults import DEFAULT_WEIGHTS, IMAGENET_MEAN, IMAGENET_STD, TORCHVISION_DETECTORS
 from relprop.detection.families import family_of
 from relprop.errors import CheckpointError, RelpropError, first_line
 from relprop.huggingface import is_hf, load_hf_model
 from relprop.modelinfo import (
+    CHECKPOINT_KEYS,
     PREPROCESSING_KEYS,
     ModelInfo,
     Preprocessing,
