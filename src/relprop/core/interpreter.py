@@ -182,10 +182,9 @@ class RelevanceEngine:
         """Step index -> the values no later step of the forward pass needs and the walk (or
         the audit) never reads: released after that step. Nothing where an op does not say
         what it reads (`Op.backward_reads`)."""
-        key = ("release", keep, id(self.plan))
-        cached = self.cache.get(key)
-        if cached is not None and cached[0] is self.plan:
-            return cached[1]
+        cached = self.plan.release_schedules.get(keep)
+        if cached is not None:
+            return cached
         schedule: dict[int, list[fx.Node]] = {}
         needed = self._needed(keep)
         if needed is not None:
@@ -198,7 +197,7 @@ class RelevanceEngine:
             for node, index in last.items():
                 if node not in needed:
                     schedule.setdefault(index, []).append(node)
-        self.cache[key] = (self.plan, schedule)
+        self.plan.release_schedules[keep] = schedule
         return schedule
 
     def _needed(self, keep: str) -> set[fx.Node] | None:
@@ -297,7 +296,7 @@ class RelevanceEngine:
             return
         raise FidelityError(
             f"the model's own output differs from what relprop computes for it (max |Δ| = {gap:.3g}, "
-            f"{self._first_divergence(x, dtype, record, tolerance)}), so its relevance would explain "
+            f"{self._first_divergence(x, dtype, tolerance)}), so its relevance would explain "
             "another function; give that module a rule (rules={ItsType: rule}) or explain a model "
             "without hooks or per-instance forwards there"
         )
@@ -326,7 +325,7 @@ class RelevanceEngine:
                 "as an argument instead of module state"
             )
 
-    def _first_divergence(self, x: Tensor, dtype: torch.dtype, record: Record, tolerance: float) -> str:
+    def _first_divergence(self, x: Tensor, dtype: torch.dtype, tolerance: float) -> str:
         """Re-run the model with hooks on every leaf module and name the first that disagrees."""
         outputs: dict[int, list[Any]] = {}
         record = self.forward(x, keep="all")  # every leaf's output, none released

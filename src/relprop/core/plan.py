@@ -85,6 +85,8 @@ class Plan:
             for parent in step.inputs:
                 self.consumers.setdefault(parent, []).append(step.node)
         self._order = {step.node: index for index, step in enumerate(steps)}
+        # the engine's release schedules by `keep` (interpreter.py): they go with the plan
+        self.release_schedules: dict[str, dict[int, list[fx.Node]]] = {}
 
     def held_constant(self) -> list[Step]:
         """The steps whose values the walk holds fixed as independent of the input: every node the

@@ -423,7 +423,7 @@ def get_rule(rule: str | Rule, mean: list[float] | None = None, std: list[float]
     try:
         return RULES[rule]()
     except KeyError:
-        names = ", ".join(sorted([*RULES, "zb"]))
+        names = ", ".join(sorted(rule_names()))
         raise ConfigError(f"unknown rule {rule!r}; choose one of: {names}") from None
 
 

@@ -29,6 +29,7 @@ from relprop.core.linear_op import (
 )
 from relprop.core.ops.base import Context, Op, Parents
 from relprop.core.ops.passthrough import batchnorm_stats
+from relprop.core.ops.route import constant_pad
 from relprop.core.rules import Rule
 
 
@@ -64,7 +65,8 @@ class Linear(Op):
                 reads += node.all_input_nodes
         if step.inputs and context.step_of[step.inputs[0]].op.name == "route":  # a zero pad read through
             reads += step.inputs[0].all_input_nodes
-        if type(context.rule_for(step)).relevance_from_output is not Rule.relevance_from_output:
+        rule = type(context.rule_for(step))
+        if _records_its_map(step) and rule.relevance_from_output is not Rule.relevance_from_output:
             reads.append(step.node)
         return reads
 
@@ -160,19 +162,10 @@ def _zero_pad_before(step, op: LinearOp, values, context: Context) -> tuple[fx.N
     pad = context.step_of[step.inputs[0]]
     if pad.op.name != "route" or len(pad.inputs) != 1:
         return None
-    if isinstance(pad.module, (nn.ZeroPad1d, nn.ZeroPad2d, nn.ZeroPad3d, nn.ConstantPad1d, nn.ConstantPad2d,
-                               nn.ConstantPad3d)):
-        amounts, value = pad.module.padding, pad.module.value
-    elif pad.node.op == "call_function" and pad.node.target is F.pad:
-        args, kwargs = pad.arguments(values)
-        amounts = args[1] if len(args) > 1 else kwargs["pad"]
-        mode = args[2] if len(args) > 2 else kwargs.get("mode", "constant")
-        value = args[3] if len(args) > 3 else kwargs.get("value", 0.0)
-        if mode != "constant":
-            return None
-    else:
+    found = constant_pad(pad, values)
+    if found is None:
         return None
-    amounts = tuple(int(a) for a in amounts)
+    amounts, value = found
     if (value or 0.0) != 0.0 or any(a < 0 for a in amounts) or len(amounts) > 2 * op.dims:
         return None
     return pad.inputs[0], amounts

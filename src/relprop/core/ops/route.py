@@ -109,33 +109,35 @@ class Route(KeepsSign, Op):
             a = torch.zeros(a.shape, dtype=a.dtype, device=device)
         function = step.as_function_of_first_input(values)
         R_in = vjp(function, a, R)
-        padded = _padded_positions(step, function, a)
+        pad = constant_pad(step, values)
+        padded = None if pad is None else _padded_positions(function, a)
         if padded is None or not bool(R.masked_select(padded).any()):
             return [(parent, R_in)]
         pieces = [(parent, R_in, True), (None, R.masked_fill(~padded, 0.0), False)]
-        amounts = _pad_amounts(step, values)
+        amounts = pad[0]
         dim = min(R.dim() - 1 - i for i in range(len(amounts) // 2) if amounts[2 * i] or amounts[2 * i + 1])
         return context.strategies.constants.at_cat(R, pieces, dim, f"'{step.node.name}'{in_module(step.node)}")
 
 
-def _is_constant_pad(step) -> bool:
+def constant_pad(step, values) -> tuple[tuple[int, ...], float] | None:
+    """(amounts, value) of a constant pad (`nn.ZeroPadNd`, `nn.ConstantPadNd`, `F.pad` in mode
+    "constant"), or None for any other route. linear.py reads a zero pad through with it."""
     if step.module is not None:
-        return isinstance(step.module, CONSTANT_PAD_MODULES)
-    return step.node.target is F.pad and positional(step.node, 2, "mode", "constant") == "constant"
-
-
-def _pad_amounts(step, values) -> tuple[int, ...]:
-    if step.module is not None:
-        return tuple(step.module.padding)
-    args, kwargs = step.arguments(values)
-    return tuple(args[1] if len(args) > 1 else kwargs["pad"])
-
-
-def _padded_positions(step, function, a: Tensor) -> Tensor | None:
-    """The mask of a constant pad's added elements (None for any other route): where the output
-    does not follow the input (pad(1) and pad(0) agree there, whatever the constant)."""
-    if not _is_constant_pad(step):
+        if not isinstance(step.module, CONSTANT_PAD_MODULES):
+            return None
+        return tuple(int(a) for a in step.module.padding), step.module.value
+    if step.node.op != "call_function" or step.node.target is not F.pad:
         return None
+    args, kwargs = step.arguments(values)
+    if (args[2] if len(args) > 2 else kwargs.get("mode", "constant")) != "constant":
+        return None
+    amounts = args[1] if len(args) > 1 else kwargs["pad"]
+    return tuple(int(a) for a in amounts), args[3] if len(args) > 3 else kwargs.get("value", 0.0)
+
+
+def _padded_positions(function, a: Tensor) -> Tensor:
+    """The mask of a constant pad's added elements: where the output does not follow the input
+    (pad(1) and pad(0) agree there, whatever the constant)."""
     ones, zeros = torch.ones_like(a), torch.zeros_like(a)
     with torch.no_grad():
         return function(ones) == function(zeros)
