@@ -52,6 +52,7 @@ from relprop.evaluation.results import (
     remove_temporaries,
     save_map,
     shard_files,
+    skipped_key,
     statistics_markdown,
     summarize,
     summary_markdown,
@@ -312,8 +313,8 @@ class _Store:
             self.done.add((sha, image, method, sys.intern(row.protocol)))
             if row.failure:
                 self.failed.add((sha, image, method))
-        self._skipped = read_union(self.out, "skipped", _skipped_key, repair=self.skipped_path)
-        self._skipped_keys = {_skipped_key(s) for s in self._skipped}
+        self._skipped = read_union(self.out, "skipped", skipped_key, repair=self.skipped_path)
+        self._skipped_keys = {skipped_key(s) for s in self._skipped}
 
     def load(self) -> RunRows:
         """Every process's scored rows, streamed (curves summed, not kept), in this run's spelling."""
@@ -330,16 +331,12 @@ class _Store:
             self.failed.add(row.key[:3])
 
     def skip(self, record: dict[str, str]) -> None:
-        key = _skipped_key(record)
+        key = skipped_key(record)
         if key in self._skipped_keys:
             return
         append_jsonl(self.skipped_path, record)
         self._skipped.append(record)
         self._skipped_keys.add(key)
-
-
-def _skipped_key(record: dict[str, Any]) -> tuple[str, str]:
-    return str(record.get("checkpoint_sha256") or ""), str(record.get("image"))
 
 
 class _Progress:

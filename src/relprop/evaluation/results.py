@@ -557,6 +557,12 @@ def shard_files(out: Path, stem: str) -> list[Path]:
     return ([single] if single.is_file() else []) + ranked
 
 
+def skipped_key(record: Mapping[str, Any]) -> tuple[str, str]:
+    """A line of skipped.jsonl ({"checkpoint_sha256", "image", "error"}) counts once per
+    checkpoint and image: what the evaluation and the report both key it by."""
+    return str(record.get("checkpoint_sha256") or ""), str(record.get("image"))
+
+
 def read_union(out: Path, stem: str, key: Callable[[dict[str, Any]], Any], *,
                repair: Path | None = None) -> list[dict[str, Any]]:
     """The records (JSON objects) of every shard file of `stem` (first of each `key` kept), a cut

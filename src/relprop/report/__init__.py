@@ -42,6 +42,7 @@ from relprop.evaluation.results import (
     run_inputs,
     scored,
     shard_files,
+    skipped_key,
     write_atomic,
 )
 from relprop.evaluation.statistics import mean_sem_ci
@@ -107,13 +108,8 @@ def _one_spelling(records: list[ResultRow]) -> list[ResultRow]:
 def _still_skipped(root: Path, records: Sequence[ResultRow]) -> list[dict[str, Any]]:
     """The skipped images (of every process) without those a later run did evaluate."""
     evaluated = {(r.checkpoint_sha256, r.image) for r in records}
-    return [{k: str(v) for k, v in s.items()} for s in read_union(root, "skipped", _skipped_key)
-            if _skipped_key(s) not in evaluated]
-
-
-def _skipped_key(record: Mapping[str, Any]) -> tuple[str, str]:
-    """A line of skipped.jsonl: {"checkpoint_sha256", "image", "error"}, as the evaluation writes it."""
-    return str(record.get("checkpoint_sha256") or ""), str(record.get("image"))
+    return [{k: str(v) for k, v in s.items()} for s in read_union(root, "skipped", skipped_key)
+            if skipped_key(s) not in evaluated]
 
 
 def run_value(info: Mapping[str, Any], *path: str | int) -> Any:
