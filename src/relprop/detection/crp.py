@@ -256,16 +256,17 @@ class CRP:
         """
         head = self._head(kind, position.level)
         tower = self._prefix_engine(head, kind)
-        a = feature if tower is None else tower.forward(feature).output
+        record = None if tower is None else tower.forward(feature)
+        a = feature if record is None else record.output
         if kind == "class":
             R = self._class_layer(head.conv, position, a, vector)
         else:
             columns = 1 if kind == "ctr" else 4
             signed = self.box_rule == "signed"
             R = box_split(head.conv, a, position, int(vector), columns=columns, signed=signed)
-        if tower is None:
+        if record is None:
             return R
-        result = tower.backward(tower.forward(feature), R)
+        result = tower.backward(record, R)
         return getattr(result, "input", result)
 
     def _head(self, kind: str, level: int) -> HeadLevel:
