@@ -9,6 +9,7 @@ one where higher is better and one where lower is better, and their difference (
 
 from __future__ import annotations
 
+import textwrap
 from dataclasses import dataclass, field
 
 TIES = ("reference", "random")
@@ -40,8 +41,9 @@ PROTOCOL_SPECS: dict[str, ProtocolSpec] = {
         "paper",
         "Otsuki et al.: pixels ranked by the 2-D map, --step 500 pixels per frame (K = ceil(H*W/500) "
         "frames), removed pixels black, softmax probability of the ground-truth class, trapezoid AUC",
-        "maps whose top pixels alone keep the true class; black removal favours maps that avoid "
-        "dark regions, and with ties a whole tied level enters at once (Heat Quantization's 8 levels)"),
+        "maps whose top pixels alone keep the true class; a removed region is a black shape the "
+        "model can read, and in `reference` ties a whole tied level enters at once (Heat "
+        "Quantization's 8 levels)"),
     "rise": ProtocolSpec(
         "rise",
         "RISE (Petsiuk 2018): insertion from a blurred copy, deletion to zeros of the normalized "
@@ -66,9 +68,13 @@ def seeded(protocol: str, ties: str) -> bool:
     return ties == "random" or (spec is not None and spec.noisy)
 
 
-def help_lines(indent: str = "  ") -> str:
-    """The protocols and tie modes for --help."""
-    width = max(len(name) for name in (*PROTOCOLS, *TIES)) + 2
-    lines = [f"{indent}{name:<{width}}{spec.help}" for name, spec in PROTOCOL_SPECS.items()]
-    lines += [f"{indent}--ties {name}: {text}" for name, text in TIES_HELP.items()]
-    return "\n".join(lines)
+def help_lines(indent: str = "  ", width: int = 100) -> str:
+    """The protocols and tie modes for --help, wrapped to `width`."""
+    entries = [*((name, spec.help) for name, spec in PROTOCOL_SPECS.items()),
+               *((f"--ties {name}", text) for name, text in TIES_HELP.items())]
+    rows = []
+    for name, text in entries:
+        first = f"{indent}{name:<18}"
+        rows.append(textwrap.fill(text, width, initial_indent=first,
+                                  subsequent_indent=" " * len(first)))
+    return "\n".join(rows)
