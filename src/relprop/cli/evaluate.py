@@ -42,7 +42,8 @@ does not have are left out and listed, and data with none of its classes is refu
 
 Writes under OUT:
 
-  results.jsonl   one JSON line per (checkpoint, image, method, protocol), appended as it goes:
+  results.jsonl   one JSON line per (checkpoint, image, method, protocol; its "ties" and
+                  "seed" recorded, a resume with others refused), appended as it goes:
                   a killed run resumes where it stopped (same command, same OUT); sharded runs
                   write results.rank<r>.jsonl, one per process, and everything reads the union,
                   each key once; a row whose model output, map or score is NaN/Inf is recorded
