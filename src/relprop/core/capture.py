@@ -194,7 +194,10 @@ class _ConcreteTracer(LeafTracer):
         if kwargs.get("inplace"):
             kwargs = {**kwargs, "inplace": False}
         if kind == "call_module":
-            return self.root.get_submodule(target)(*args, **kwargs)
+            module = self.root.get_submodule(target)
+            if getattr(module, "inplace", False) is True and args and isinstance(args[0], torch.Tensor):
+                args = (args[0].clone(), *args[1:])  # keep the traced value of its input intact
+            return module(*args, **kwargs)
         if kind == "call_method":
             obj, *rest = args
             return getattr(obj, OUT_OF_PLACE_METHODS.get(target, target))(*rest, **kwargs)

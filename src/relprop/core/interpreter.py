@@ -219,6 +219,11 @@ class RelevanceEngine:
 
     def _run(self, step: Step, values: dict[fx.Node, Any], x: Tensor) -> tuple[Any, Any]:
         args, kwargs = step.arguments(values)
+        if step.node.op == "call_module" and getattr(step.module, "inplace", False) is True and args \
+                and isinstance(args[0], Tensor):
+            # nn.ReLU(inplace=True), nn.Hardswish(inplace=True)... would overwrite the value
+            # recorded for their input (an ε step reads its output as its denominator)
+            args = (args[0].clone(), *args[1:])
         try:
             return step.op.record(step, args, kwargs, self.module)
         except RelpropError:
