@@ -18,6 +18,7 @@ from torchvision.models.detection.backbone_utils import BackboneWithFPN
 from torchvision.models.detection.fcos import FCOS, FCOSHead
 from torchvision.models.detection.retinanet import RetinaNet, RetinaNetHead
 from torchvision.ops.feature_pyramid_network import LastLevelP6P7
+from torchvision.ops.misc import FrozenBatchNorm2d
 
 from relprop.errors import ConfigError
 
@@ -50,6 +51,23 @@ def build_detector(arch: str, num_classes: int, size: int = 320, resnet: nn.Modu
         head = FCOSHead(FPN_CHANNELS, 1, num_classes)
         return FCOS(resnet18_fpn(resnet), num_classes, anchor_generator=anchors, head=head, **sizing)
     raise ConfigError(f"unknown detector {arch!r}; choose one of {', '.join(DETECTORS)}")
+
+
+def frozen_batchnorm(module: nn.Module) -> nn.Module:
+    """``module`` with every BatchNorm2d replaced, in place, by torchvision's FrozenBatchNorm2d with
+    the same statistics and affine parameters (what torchvision builds for pretrained detectors;
+    their checkpoints have no ``num_batches_tracked``)."""
+    for name, child in module.named_children():
+        if isinstance(child, nn.BatchNorm2d):
+            frozen = FrozenBatchNorm2d(child.num_features, eps=child.eps)
+            frozen.weight.copy_(child.weight.detach())
+            frozen.bias.copy_(child.bias.detach())
+            frozen.running_mean.copy_(child.running_mean)
+            frozen.running_var.copy_(child.running_var)
+            setattr(module, name, frozen)
+        else:
+            frozen_batchnorm(child)
+    return module
 
 
 def from_metadata(metadata: Mapping[str, Any]) -> nn.Module:
