@@ -126,8 +126,10 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
                              "(default: layer4[-1] of a ResNet, else the last feature map the top "
                              "logit depends on; ViT tokens laid on their grid)")
     parser.add_argument("--task", choices=("classification", "detection"), default="classification",
-                        help="detection: evaluate an SSD detector's explanations "
-                             "(relprop.evaluation.detection; one --weights, with --model-def)")
+                        help="detection: evaluate a detector's explanations (one --weights): --data a "
+                             "folder of class sub-folders with boxes.txt (relprop.evaluation.detection), "
+                             "or a COCO json of scenes, two objects explained per scene, resumable "
+                             "(relprop.evaluation.scenes)")
     parser.add_argument("--save-maps", action="store_true", help="write OUT/maps/<method>/<stem>.npy")
     parser.add_argument("--extend", action="store_true",
                         help="resume on other images (--data, --limit, --per-class or the files "
@@ -251,11 +253,11 @@ def _run_detection(args: argparse.Namespace, device: Any) -> int:
 def _run_scenes(args: argparse.Namespace, device: Any, weights: str, command: str) -> int:
     """`--task detection --data SCENES.json`: the two-object scene evaluation (resumable)."""
     # deferred: keeps relprop --help fast (the evaluation imports torch)
+    from relprop.evaluation.detection import check_methods
     from relprop.evaluation.scenes import (
         SCENE_METHODS,
         STEP,
         SceneEvalConfig,
-        check_scene_methods,
         evaluate_scenes,
     )
     from relprop.models import class_names_of, load_detector  # deferred: keeps relprop --help fast
@@ -263,7 +265,7 @@ def _run_scenes(args: argparse.Namespace, device: Any, weights: str, command: st
 
     config = SceneEvalConfig(
         data=Path(args.data), out=prepare_out(args.out), limit=args.limit, step=args.step or STEP,
-        methods=check_scene_methods(_split(args.methods)) if args.methods else SCENE_METHODS, command=command,
+        methods=check_methods(_split(args.methods)) if args.methods else SCENE_METHODS, command=command,
     )
     classes, names = read_classes(args.classes)
     model, info = load_detector(weights, args.model_def, args.arch, args.num_classes,

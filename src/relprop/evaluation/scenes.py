@@ -40,16 +40,21 @@ from torchvision.ops import box_iou
 from tqdm import tqdm
 
 from relprop.detection.crp import CRP, Request
-from relprop.detection.families import dense_outputs
 from relprop.detection.ssd import DetectorOutput, scale_box
 from relprop.errors import InputError, RelpropError
-from relprop.evaluation.detection import gradcam_map, insertion_deletion, load_tensor
+from relprop.evaluation.detection import (
+    METHODS,
+    check_methods,
+    class_gradient_x_input,
+    gradcam_map,
+    insertion_deletion,
+    load_tensor,
+)
 from relprop.evaluation.metrics import localization
 from relprop.evaluation.results import append_jsonl, read_jsonl, write_atomic
 from relprop.evaluation.statistics import mean_sem_ci, paired_comparison
-from relprop.methods import canonical_name
 
-SCENE_METHODS = ("crp", "lrp-plain", "gradcam", "gradxinput")
+SCENE_METHODS = METHODS
 SCENE_METRICS = ("own", "other", "own_minus_other", "pointing", "insertion", "deletion", "id")
 STEP = 4096  # pixels per frame: 16 frames at 256 x 256 (each frame is a detector forward)
 IOU = 0.5
@@ -141,16 +146,6 @@ def explained_pair(out: DetectorOutput, scene: Scene, iou: float = IOU) -> list[
         if len(chosen) == 2:
             return chosen
     return []
-
-
-def class_gradient_x_input(crp: CRP, out: DetectorOutput, detection: int, k: int) -> Tensor:
-    """Gradient x input (h, w) of class logit ``k`` at a detection's anchor."""
-    anchor = int(out.detections[0]["anchors"][detection])
-    x = out.x[:1].clone().requires_grad_(True)
-    with torch.enable_grad():
-        logits = dense_outputs(crp.detector, x, crp.backbone)[1]
-        (grad,) = torch.autograd.grad(logits[0, anchor, k], x)
-    return (grad * x).detach().sum(1)[0]
 
 
 def scene_maps(crp: CRP, out: DetectorOutput, pair: Sequence[tuple[int, SceneObject]],
@@ -284,22 +279,12 @@ def scenes_markdown(summary: Mapping[str, Any], command: str | None = None, refe
 # ------------------------------------------------------------------ driver
 
 
-def check_scene_methods(names: Sequence[str]) -> tuple[str, ...]:
-    """The registry's names of the requested scene methods; an unknown one is one line."""
-    resolved = tuple(dict.fromkeys(canonical_name(n) for n in names))
-    unknown = [n for n in names if canonical_name(n) not in SCENE_METHODS]
-    if unknown or not resolved:
-        raise InputError(f"unknown detection method {', '.join(map(repr, unknown)) or '(none given)'}; "
-                         f"--task detection on scenes knows: {', '.join(SCENE_METHODS)}")
-    return resolved
-
-
 def evaluate_scenes(model: torch.nn.Module, classes: Sequence[str], config: SceneEvalConfig,
                     class_names: Sequence[str] = (), crp_options: Mapping[str, Any] | None = None,
                     warn: Callable[[str], None] | None = None) -> dict[str, Any]:
     """Evaluate every method on the scenes; append to OUT/results.jsonl (resuming: scenes already
     there are kept, not redone), write summary.json and summary.md, return the summary."""
-    methods = check_scene_methods(config.methods)
+    methods = check_methods(config.methods)
     scenes = read_scenes(config.data, classes, class_names)[: config.limit or None]
     crp = CRP(model.eval(), **dict(crp_options or {}))
     warn = warn or (lambda line: tqdm.write(line, file=sys.stderr))  # its own line under the bar
@@ -348,6 +333,6 @@ def _done(results: Path | None, methods: Sequence[str]) -> dict[str, dict[str, A
     return rows
 
 
-__all__ = ["SCENE_METHODS", "Scene", "SceneEvalConfig", "SceneObject", "check_scene_methods",
+__all__ = ["SCENE_METHODS", "Scene", "SceneEvalConfig", "SceneObject",
            "evaluate_scene", "evaluate_scenes", "explained_pair", "read_scenes", "scene_values",
            "scenes_markdown", "summarize_scenes"]
