@@ -173,3 +173,7 @@ def test_a_category_the_detector_lacks_is_one_line(tmp_path):
     (tmp_path / "t.json").write_text("{}")
     with pytest.raises(InputError, match="not a COCO detection json"):
         S.read_scenes(tmp_path / "t.json", CLASSES)
+    (tmp_path / "u.json").write_text(json.dumps({"images": [], "categories": [{"id": 1, "name": "ant"}],
+                                                 "annotations": [{"id": 7, "category_id": 1, "bbox": [1, 2]}]}))
+    with pytest.raises(InputError, match="malformed COCO entry"):
+        S.read_scenes(tmp_path / "u.json", CLASSES, NAMES)

@@ -98,6 +98,19 @@ def read_scenes(path: str | Path, classes: Sequence[str], class_names: Sequence[
     except (OSError, ValueError, KeyError, TypeError) as error:
         raise InputError(f"{path}: not a COCO detection json with images, annotations and "
                          f"categories ({type(error).__name__})") from None
+    try:
+        scenes = _scenes(path, images, annotations, categories, classes, class_names)
+    except RelpropError:
+        raise
+    except (KeyError, TypeError, ValueError) as error:  # a malformed entry: named, on one line
+        raise InputError(f"{path}: malformed COCO entry ({type(error).__name__}: {error})") from None
+    if not scenes:
+        raise InputError(f"{path}: no images")
+    return scenes
+
+
+def _scenes(path: Path, images: list, annotations: list, categories: list, classes: Sequence[str],
+            class_names: Sequence[str]) -> list[Scene]:
     index = {int(c["id"]): _class_index(c, classes, class_names, path) for c in categories}
     objects: dict[int, list[SceneObject]] = {}
     for ann in annotations:
@@ -107,11 +120,7 @@ def read_scenes(path: str | Path, classes: Sequence[str], class_names: Sequence[
                              "which is not among the categories")
         objects.setdefault(int(ann["image_id"]), []).append(
             SceneObject(index[int(ann["category_id"])], (x, y, x + w, y + h)))
-    scenes = [Scene(path.parent / meta["file_name"], tuple(objects.get(int(meta["id"]), ())))
-              for meta in images]
-    if not scenes:
-        raise InputError(f"{path}: no images")
-    return scenes
+    return [Scene(path.parent / meta["file_name"], tuple(objects.get(int(meta["id"]), ()))) for meta in images]
 
 
 def _class_index(category: Mapping[str, Any], classes: Sequence[str], names: Sequence[str], path: Path) -> int:
