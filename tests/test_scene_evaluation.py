@@ -119,8 +119,16 @@ def test_statistics_resample_scenes_and_pair_methods():
                                                       {"own": a, "other": b, "pointing": 1.0,
                                                        "insertion": 0.4, "deletion": 0.2}]}}
                for a, b in ((0.9, 0.05), (0.7, 0.2), (0.8, 0.1), (0.6, 0.3))] + [{"pair": False}]
+    empty = {"own": math.nan, "other": math.nan, "pointing": 1.0, "insertion": 1.0, "deletion": 0.0}
+    records.append({"pair": True, "methods": {"crp": records[0]["methods"]["crp"],
+                                              "gradcam": [records[0]["methods"]["gradcam"][0], empty]}})
     summary = S.summarize_scenes(records, ("crp", "gradcam"))
-    assert summary["scenes"] == 5 and summary["pairs"] == 4
+    assert summary["scenes"] == 6 and summary["pairs"] == 5
+    gradcam = summary["methods"]["gradcam"]  # an empty map (no positive mass) scores nothing:
+    assert gradcam["empty_maps"] == 1 and gradcam["id"]["n"] == 4  # its all-ties order is no ranking
+    assert gradcam["id"]["mean"] == pytest.approx(0.2) and gradcam["pointing"]["n"] == 4
+    records.pop()
+    summary = S.summarize_scenes(records, ("crp", "gradcam"))
     crp = summary["methods"]["crp"]
     assert crp["own"]["mean"] == pytest.approx(0.75) and crp["id"]["mean"] == pytest.approx(0.4)
     assert crp["own_vs_other"] == paired_comparison([0.9, 0.7, 0.8, 0.6], [0.05, 0.2, 0.1, 0.3])
@@ -128,7 +136,7 @@ def test_statistics_resample_scenes_and_pair_methods():
     assert versus["mean_diff"] == pytest.approx(0 - (0.85 + 0.5 + 0.7 + 0.3) / 4)  # gradcam: 0 per scene
     assert S.scene_values(records, "gradcam", "pointing") == [0.5] * 4
     table = S.scenes_markdown(summary)
-    assert "| crp | 0.750 [" in table and "| gradcam |" in table
+    assert "| crp | 4 (0) | 0.750 [" in table and "| gradcam | 4 (0) |" in table
 
 
 def test_cli_resumes_and_names_each_bad_input_on_one_line(detector, scene_folder, tmp_path, capsys, monkeypatch):

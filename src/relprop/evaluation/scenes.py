@@ -224,6 +224,10 @@ def scene_values(records: Sequence[dict[str, Any]], method: str, metric: str) ->
 
 
 def _metric(entry: Mapping[str, Any], metric: str) -> float:
+    """A map with no positive mass (Grad-CAM's ReLU can leave none) scores nothing: its pixel
+    order is all ties, which would insert or delete the whole image in the first frame."""
+    if not math.isfinite(float(entry["own"])):
+        return math.nan
     if metric == "own_minus_other":
         return float(entry["own"]) - float(entry["other"])
     if metric == "id":
@@ -240,8 +244,12 @@ def summarize_scenes(records: Sequence[dict[str, Any]], methods: Sequence[str] =
     for method in methods:
         stats = {}
         for metric in SCENE_METRICS:
-            mean, sem, low, high = mean_sem_ci(scene_values(records, method, metric))
-            stats[metric] = {"mean": mean, "sem": sem, "lo": low, "hi": high}
+            values = scene_values(records, method, metric)
+            mean, sem, low, high = mean_sem_ci(values)
+            stats[metric] = {"mean": mean, "sem": sem, "lo": low, "hi": high,
+                             "n": sum(math.isfinite(v) for v in values)}
+        stats["empty_maps"] = sum(not math.isfinite(float(e["own"])) for r in records if r.get("pair")
+                                  for e in r.get("methods", {}).get(method, []))
         stats["own_vs_other"] = paired_comparison(scene_values(records, method, "own"),
                                                   scene_values(records, method, "other"))
         summary["methods"][method] = stats
@@ -267,20 +275,23 @@ def scenes_markdown(summary: Mapping[str, Any], command: str | None = None, refe
     lines = ["```", command, "```", ""] if command else []
     lines += [
         f"{summary['scenes']} scenes, {summary['pairs']} with two true positives of different classes "
-        "(each explained for its own class); mean over scenes [95 % bootstrap CI]:",
+        "(each explained for its own class); mean over scenes [95 % bootstrap CI]; n: scenes where "
+        "both maps have positive mass (a map with none, an empty map, scores nothing):",
         "",
-        "| method | energy in own box ↑ | energy in other box ↓ | own − other (paired) ↑ | pointing game ↑ "
+        "| method | n (empty maps) | energy in own box ↑ | energy in other box ↓ | own − other (paired) ↑ | pointing game ↑ "
         "| det. insertion ↑ | det. deletion ↓ | ins − del ↑ |",
-        "|---|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for method, s in summary["methods"].items():
-        lines.append(f"| {method} | {_ci(s['own'])} | {_ci(s['other'])} | {_diff(s['own_vs_other'])} "
+        lines.append(f"| {method} | {s['own_minus_other']['n']} ({s['empty_maps']}) | {_ci(s['own'])} | {_ci(s['other'])} "
+                     f"| {_diff(s['own_vs_other'])} "
                      f"| {_ci(s['pointing'])} | {_ci(s['insertion'])} | {_ci(s['deletion'])} | {_ci(s['id'])} |")
     if summary["versus"]:
         lines += ["", f"Each method minus {reference}, paired over scenes [95 % CI] (Wilcoxon p):", "",
                   "| method | own − other | pointing game | ins − del |", "|---|---|---|---|"]
         for method, v in summary["versus"].items():
-            cells = [f"{_diff(v[m])} (p {v[m]['wilcoxon_p']:.2g})" for m in ("own_minus_other", "pointing", "id")]
+            cells = [f"{_diff(v[m])} (p {v[m]['wilcoxon_p']:.2g}, n {v[m]['n']})"
+                     for m in ("own_minus_other", "pointing", "id")]
             lines.append(f"| {method} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
