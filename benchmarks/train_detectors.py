@@ -1,7 +1,7 @@
 """Train a detector on the tin10 scenes (benchmarks/make_scenes.py) and record its mAP@0.5.
 
-Detectors: ``ssd300_vgg16`` (torchvision's, 300 px), ``retinanet_resnet18_fpn`` and
-``fcos_resnet18_fpn`` (relprop.detection.builders). No weights are downloaded; ``--backbone`` may
+Detectors: any of relprop.detection.architectures, e.g. ``ssd300_vgg16`` (torchvision's, 300 px),
+``retinanet_resnet18_fpn`` and ``fcos_resnet18_fpn`` (relprop's light ones). No weights are downloaded; ``--backbone`` may
 start the ResNet-18 from a tin10 classifier checkpoint (../shared/models/resnet18_tin10.pt: the
 same classes, so the backbone already knows them). BatchNorm is frozen (eval mode) when the backbone
 is pretrained. Training stops after ``--epochs`` or ``--minutes``, whichever comes first; mAP@0.5
@@ -164,7 +164,7 @@ def main(argv: list[str] | None = None) -> int:
     names = ["background", *(c["name"] for c in train.categories)]
     args.out.parent.mkdir(parents=True, exist_ok=True)
     torch.save({"arch": args.arch, "num_classes": num_classes, "classes": classes, "class_names": names,
-                "input_size": 300 if args.arch == "ssd300_vgg16" else args.size,
+                "input_size": int(model.transform.min_size[0]),  # SSDs keep their own (300, 320)
                 "state_dict": {k: v.cpu() for k, v in model.state_dict().items()},
                 "map50": scores["map50"], "map": scores["map"], "epochs": epoch, "steps": step,
                 "train_seconds": round(seconds), "device": str(device),

@@ -169,4 +169,4 @@ def test_evaluate_detection_task_refuses_an_unknown_method(tmp_path, tiny_checkp
                  "--methods", "crp,lrp,gradcam"]) == 1
     err = capsys.readouterr().err.strip().splitlines()
     assert err == ["relprop evaluate: error: unknown detection method 'lrp'; --task detection "
-                   "knows: crp, lrp-plain, gradcam"]
+                   "knows: crp, lrp-plain, gradcam, gradxinput"]

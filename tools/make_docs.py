@@ -80,6 +80,17 @@ def protocols_block() -> str:
     return "\n".join(lines)
 
 
+def detectors_block() -> str:
+    """The detector architectures `relprop detect --arch` builds (relprop.detection.architectures)."""
+    from relprop.detection.architectures import ARCHITECTURES
+
+    lines = ["| `--arch` | family | what it is | pretrained (`--weights DEFAULT`) |", "|---|---|---|---|"]
+    for a in ARCHITECTURES.values():
+        weights = "torchvision's COCO_V1 (91 classes)" if a.torchvision else "none: train it (`benchmarks/train_detectors.py`)"
+        lines.append(f"| `{a.name}` | {a.family} | {a.summary} | {weights} |")
+    return "\n".join(lines)
+
+
 def versions_block() -> str:
     """The versions this environment runs, and the day: written after a whole test run passed."""
     found = []
@@ -99,6 +110,7 @@ BLOCKS: dict[str, Callable[[], str]] = {
     "composites": composites_block,
     "composite-table": composite_table_block,
     "protocols": protocols_block,
+    "detectors": detectors_block,
     "versions": versions_block,
 }
 

@@ -8,7 +8,6 @@ DEFAULT_WEIGHTS = "ResNet50_Weights.IMAGENET1K_V2"
 # What `relprop evaluate` uses without --weights: the paper's ImageNet model (torchvision's
 # `resnet50(pretrained=True)`, as in the authors' code), preprocessed Resize 256 -> CenterCrop 224.
 PAPER_WEIGHTS = "ResNet50_Weights.IMAGENET1K_V1"
-TORCHVISION_DETECTORS = ("ssd300_vgg16", "ssdlite320_mobilenet_v3_large")  # built with no downloads
 MIN_FRAME_BATCH = 64  # evaluate: metric frames per forward, at least
 # ImageNet normalization (torchvision's): what a model whose file names none is preprocessed with.
 IMAGENET_MEAN = (0.485, 0.456, 0.406)

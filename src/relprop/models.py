@@ -36,7 +36,9 @@ from torchvision.models import get_model_weights, get_weight
 from torchvision.models.detection import SSD300_VGG16_Weights
 
 from relprop.bow.storage import is_bow_file, load_bow_model
-from relprop.defaults import DEFAULT_WEIGHTS, IMAGENET_MEAN, IMAGENET_STD, TORCHVISION_DETECTORS
+from relprop.defaults import DEFAULT_WEIGHTS, IMAGENET_MEAN, IMAGENET_STD
+from relprop.detection.architectures import ARCHITECTURES
+from relprop.detection.builders import build_detector
 from relprop.detection.families import family_of
 from relprop.errors import CheckpointError, RelpropError, first_line
 from relprop.huggingface import is_hf, load_hf_model
@@ -513,12 +515,24 @@ def load_detector(weights: str | Path | None, model_def: str | None = None, arch
                   num_classes: int | None = None, *, classes: Sequence[str] | None = None,
                   class_names: Sequence[str] | None = None,
                   offline: bool = True) -> tuple[nn.Module, ModelInfo]:
-    """A detector CRP reads (SSD, RetinaNet, FCOS) and its `ModelInfo`; torchvision SSDs are built
-    without downloading anything."""
+    """A detector CRP reads (SSD, RetinaNet, FCOS) and its `ModelInfo`. `weights` is a file, or
+    torchvision's weights of a detector of `relprop.detection.architectures` (`DEFAULT`/`COCO_V1`
+    with `arch`, or `FCOS_ResNet50_FPN_Weights.COCO_V1`), read from the torch hub cache. A named
+    architecture is built without downloading anything, its BatchNorm frozen where the file's is."""
     if weights is None:
         raise RelpropError("a detector needs --weights FILE")
-    if model_def is None and (arch is not None or _stored_detector_arch(weights)):
-        model_def = f"{Path(__file__).resolve()}:torchvision_detector"
+    named = None if Path(str(weights)).exists() else detector_weights(str(weights), arch)
+    if named is not None:
+        categories = list(named.weights.meta["categories"])
+        if num_classes not in (None, len(categories)):
+            raise CheckpointError(f"--num-classes {num_classes}: {named.name} has {len(categories)} classes "
+                                  "(background included); drop --num-classes or give your own checkpoint")
+        weights, arch, num_classes = fetch(named, offline), named.arch, len(categories)
+        class_names = class_names or categories
+    if model_def is None:
+        stored, frozen = _stored_detector(weights, arch)
+        if arch is not None or stored is not None:
+            model_def = f"{Path(__file__).resolve()}:torchvision_detector{'_frozen' if frozen else ''}"
     model, info = load_model(weights, arch=arch, num_classes=num_classes, model_def=model_def,
                              classes=classes, class_names=class_names, offline=offline)
     try:
@@ -528,25 +542,77 @@ def load_detector(weights: str | Path | None, model_def: str | None = None, arch
     return model.eval(), info
 
 
-def _stored_detector_arch(weights: str | Path) -> bool:
-    """Does the checkpoint name a torchvision detector as its arch (then relprop builds it)."""
+def detector_weights(text: str, arch: str | None = None) -> TorchvisionWeights | None:
+    """torchvision's weights of a detector: `RetinaNet_ResNet50_FPN_Weights.COCO_V1`, or `COCO_V1` /
+    `DEFAULT` with `arch`; None if `text` names no weights (then it is a file name)."""
+    if "." in text and re.fullmatch(r"[A-Za-z0-9_]+_Weights\.[A-Za-z0-9_]+", text):
+        try:
+            weights = get_weight(text)
+        except (ValueError, KeyError, AttributeError):
+            raise CheckpointError(f"--weights {text}: torchvision has no such weights "
+                                  "(e.g. FCOS_ResNet50_FPN_Weights.COCO_V1)") from None
+        owner = next((name for name in _pretrained_detectors() if get_model_weights(name) is type(weights)), None)
+        if owner is None:
+            raise CheckpointError(f"--weights {text}: not the weights of a detector relprop explains "
+                                  f"({', '.join(_pretrained_detectors())})")
+        if arch is not None and arch != owner:
+            raise CheckpointError(f"--weights {text} are {owner}'s weights, not --arch {arch}'s")
+        return TorchvisionWeights(owner, weights)
+    if arch is None or not re.fullmatch(r"[A-Z0-9_]+", text):
+        return None
+    if arch not in _pretrained_detectors():
+        raise CheckpointError(f"--arch {arch}: torchvision has no pretrained weights for it; give a "
+                              "checkpoint file (--weights FILE)")
+    enum = get_model_weights(arch)
+    if text not in enum.__members__:
+        raise CheckpointError(f"--weights {text}: {arch} has the weights {', '.join(enum.__members__)} "
+                              "(or give a weights file)")
+    return TorchvisionWeights(arch, enum[text])
+
+
+def _pretrained_detectors() -> tuple[str, ...]:
+    return tuple(name for name, a in ARCHITECTURES.items() if a.torchvision)
+
+
+def _stored_detector(weights: str | Path, arch: str | None) -> tuple[str | None, bool]:
+    """The detector architecture a file names (None: none of relprop's), and whether its BatchNorm
+    is frozen (running statistics without `num_batches_tracked`, as torchvision's pretrained files)."""
     if not Path(weights).is_file():  # a FIFO would block open(); load_model names what it is
-        return False
+        return None, False
     try:
         content = torch.load(weights, map_location="cpu", weights_only=True, mmap=True)
     except Exception:  # load_model reports unreadable files on one line
-        return False
-    return isinstance(content, dict) and content.get("arch") in TORCHVISION_DETECTORS
+        return None, False
+    if not isinstance(content, Mapping):
+        return None, False
+    stored = content.get("arch") if isinstance(content.get("arch"), str) else None
+    if arch is not None and stored is not None and stored != arch:
+        raise CheckpointError(f"{weights}: a {stored} checkpoint, not --arch {arch} (drop --arch: the "
+                              "checkpoint names its architecture)")
+    state = content.get("state_dict", content)
+    keys = [k for k in state if isinstance(k, str)] if isinstance(state, Mapping) else []
+    frozen = any(k.endswith("running_var") for k in keys) and not any(k.endswith("num_batches_tracked") for k in keys)
+    return (stored if stored in ARCHITECTURES else None), frozen
 
 
-def torchvision_detector(metadata: Mapping[str, Any]) -> nn.Module:
-    """`--model-def` builder of torchvision's SSDs with no weight downloads (it gets
-    `ModelInfo.to_dict()`, as every --model-def builder does)."""
+def torchvision_detector(metadata: Mapping[str, Any], frozen: bool = False) -> nn.Module:
+    """`--model-def` builder of the detectors of `relprop.detection.architectures`, with no weight
+    downloads (it gets `ModelInfo.to_dict()`, as every --model-def builder does)."""
     info = ModelInfo.from_dict(metadata)
-    if info.arch not in TORCHVISION_DETECTORS:
-        raise RelpropError(f"--arch {info.arch!r}: choose one of {', '.join(TORCHVISION_DETECTORS)}")
-    return torchvision.models.get_model(info.arch, weights=None, weights_backbone=None,
-                                        num_classes=info.num_classes)
+    if info.arch not in ARCHITECTURES:
+        raise RelpropError(f"--arch {info.arch!r}: choose one of {', '.join(ARCHITECTURES)}")
+    stored = "resize" not in info.assumed  # else input_size is relprop's classifier default, not the file's
+    return build_detector(info.arch, info.num_classes, _input_side(info.input_size) if stored else None,
+                          frozen=frozen)
+
+
+def torchvision_detector_frozen(metadata: Mapping[str, Any]) -> nn.Module:
+    """`torchvision_detector` with FrozenBatchNorm2d (torchvision's pretrained detectors' files)."""
+    return torchvision_detector(metadata, frozen=True)
+
+
+def _input_side(size: Any) -> int | None:
+    return None if not size else int(size[0] if isinstance(size, (list, tuple)) else size)
 
 
 def class_names_of(info: ModelInfo, count: int | None = None, *,
@@ -559,7 +625,7 @@ def class_names_of(info: ModelInfo, count: int | None = None, *,
     for names in (info.class_names, info.classes):
         if names and len(names) == count and not all(str(n) == str(i) for i, n in enumerate(names)):
             return [str(name) for name in names]
-    if detector and info.arch in TORCHVISION_DETECTORS and count == 91:
+    if detector and info.arch in ARCHITECTURES and count == 91:
         return list(SSD300_VGG16_Weights.COCO_V1.meta["categories"])
     if detector:
         return ["background"] + [f"class {k}" for k in range(1, count)]

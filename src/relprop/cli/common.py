@@ -107,7 +107,7 @@ def add_model_options(parser: Any, *, default_weights: str | None = None, severa
                             "hf/<folder or hub id>: a Hugging Face image classifier with its weights "
                             "and image processor (pip install 'relprop[hf]')"
                        if arch_choices is None else
-                            f"torchvision detector of a plain state dict: {', '.join(arch_choices)}")
+                            f"detector to build (for a plain state dict or DEFAULT/COCO_V1 weights): {', '.join(arch_choices)}")
     group.add_argument("--num-classes", type=int, metavar="N",
                        help="classes of a plain state dict (default: read from the weights)")
     group.add_argument("--model-def", metavar="FILE.py:FUNCTION",

@@ -1,4 +1,4 @@
-"""`relprop detect`: run an SSD detector and explain each detection's class and box with CRP."""
+"""`relprop detect`: run a detector (SSD, RetinaNet, FCOS) and explain each detection's class and box with CRP."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from relprop.cli.common import add_model_options, read_classes
-from relprop.defaults import TORCHVISION_DETECTORS
+from relprop.detection.architectures import DETECTOR_ARCHS, architecture_lines
 from relprop.devices import resolve_device
 from relprop.pipelines.outputs import prepare_out
 
@@ -16,15 +16,17 @@ if TYPE_CHECKING:
     from relprop.pipelines.detect import DetectionRecord
 
 DESCRIPTION = """\
-Detect objects with a torchvision SSD (SSD300-VGG16, or any torchvision SSD built with
---model-def, such as the ResNet-18 SSD in ../shared/models) and explain every detection scoring
+Detect objects with a torchvision SSD, RetinaNet or FCOS (one of the architectures below by
+--arch, or any such detector built with --model-def, such as the ResNet-18 SSD in ../shared/models)
+and explain every detection scoring
 at least --score-threshold (at most --max-detections per image, best first) by Contrastive
 Relevance Propagation (CRP; Tsunakawa et al., IJCNN 2019). For each image it prints one line per
 detection and writes, under OUT/<image name>/:
 
   detections.png     the image with every explained detection drawn (class, score)
-  det<i>.png         detection i: the image with its box, then its class map and its four box maps
-                     (cx, cy, w, h) over the image, in one panel
+  det<i>.png         detection i: the image with its box, then its class map and its box maps
+                     over the image, in one panel (SSD, RetinaNet: cx, cy, w, h; FCOS: the
+                     distances l, t, r, b and the centerness ctr)
   det<i>_<map>.npy   with --save-maps: each map as float32 (H, W) on the original image
 
 and OUT/detections.jsonl: one JSON line per explained detection (image, detection index, class,
@@ -53,10 +55,18 @@ examples:
       --num-classes 91 --score-threshold 0.4 --max-detections 3 --out street
   relprop detect img.jpg --weights det.pt --model-def det.py:from_metadata \\
       --target-class lemon --out what-if      # explain "lemon" for every detected box
+  relprop detect street.jpg --arch fcos_resnet50_fpn --weights DEFAULT --out street
+      # torchvision's COCO weights, from the torch hub cache (downloaded once unless --offline)
+  relprop detect scene.png --weights fcos_scenes.pt --out scene
+      # a checkpoint of benchmarks/train_detectors.py names its --arch itself
+
+architectures (--arch; with --weights DEFAULT, COCO_V1 or a file):
+@@DETECTOR_ARCHS@@
 
 supported detectors:
-  torchvision SSD whose backbone relprop can trace (Conv2d, BatchNorm, ReLU, max/avg pool,
-  residual adds, SSD300's L2Norm), SSDLite-MobileNetV3 included (Hardswish passes relevance
+  torchvision SSD, RetinaNet and FCOS whose backbone relprop can trace (Conv2d, BatchNorm and
+  FrozenBatchNorm2d, ReLU, max/avg pool, residual adds, SSD300's L2Norm, the FPN's upsample +
+  add with Relevance Splitting), SSDLite-MobileNetV3 included (Hardswish passes relevance
   through like ReLU; squeeze-excitation gates leave all relevance with the gated features).
 
 exit status:
@@ -72,9 +82,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     """Register `relprop detect`."""
     parser = subparsers.add_parser(
         "detect",
-        help="detect objects with an SSD and explain each detection's class and box (CRP)",
+        help="detect objects with an SSD, RetinaNet or FCOS and explain each detection's class and box (CRP)",
         description=DESCRIPTION,
-        epilog=EPILOG,
+        epilog=EPILOG.replace("@@DETECTOR_ARCHS@@", architecture_lines()),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("inputs", nargs="+", metavar="IMAGE_OR_DIR",
@@ -101,7 +111,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     parser.add_argument("--device", default="auto", metavar="DEV",
                         help="cpu, cuda, cuda:1, ... (default: auto, a GPU when there is one)")
     # No --resize/--crop/--mean/--std: a torchvision SSD resizes and normalizes inside the model.
-    add_model_options(parser, preprocessing=False, arch_choices=TORCHVISION_DETECTORS)
+    add_model_options(parser, preprocessing=False, arch_choices=DETECTOR_ARCHS)
     parser.set_defaults(run=run)
     return parser
 

@@ -132,8 +132,10 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
                              "(default: layer4[-1] of a ResNet, else the last feature map the top "
                              "logit depends on; ViT tokens laid on their grid)")
     parser.add_argument("--task", choices=("classification", "detection"), default="classification",
-                        help="detection: evaluate an SSD detector's explanations "
-                             "(relprop.evaluation.detection; one --weights, with --model-def)")
+                        help="detection: evaluate a detector's explanations (one --weights): --data a "
+                             "folder of class sub-folders with boxes.txt (relprop.evaluation.detection), "
+                             "or a COCO json of scenes, two objects explained per scene, resumable "
+                             "(relprop.evaluation.scenes)")
     parser.add_argument("--save-maps", action="store_true", help="write OUT/maps/<method>/<stem>.npy")
     parser.add_argument("--extend", action="store_true",
                         help="resume on other images (--data, --limit, --per-class or the files "
@@ -239,6 +241,8 @@ def _run_detection(args: argparse.Namespace, device: Any) -> int:
         if value is not None and value < 1:
             raise InputError(f"{option} {value}: must be at least 1")
     command = "relprop " + " ".join(sys.argv[1:])
+    if Path(args.data).suffix == ".json":  # a COCO json of multi-object scenes
+        return _run_scenes(args, device, weights[0], command)
     config = DetectionEvalConfig(
         data=Path(args.data), out=prepare_out(args.out), per_class=args.per_class, limit=args.limit,
         methods=check_methods(_split(args.methods)) if args.methods else METHODS,
@@ -250,6 +254,34 @@ def _run_detection(args: argparse.Namespace, device: Any) -> int:
     summary = evaluate_detection(model.to(device), info.classes, config)
     print(summary_markdown(summary, command))
     return 0
+
+
+def _run_scenes(args: argparse.Namespace, device: Any, weights: str, command: str) -> int:
+    """`--task detection --data SCENES.json`: the two-object scene evaluation (resumable)."""
+    # deferred: keeps relprop --help fast (the evaluation imports torch)
+    from relprop.evaluation.detection import check_methods
+    from relprop.evaluation.scenes import (
+        SCENE_METHODS,
+        STEP,
+        SceneEvalConfig,
+        evaluate_scenes,
+    )
+    from relprop.models import class_names_of, load_detector  # deferred: keeps relprop --help fast
+    from relprop.pipelines.outputs import prepare_out  # deferred: keeps relprop --help fast
+
+    config = SceneEvalConfig(
+        data=Path(args.data), out=prepare_out(args.out), limit=args.limit, step=args.step or STEP,
+        methods=check_methods(_split(args.methods)) if args.methods else SCENE_METHODS, command=command,
+    )
+    classes, names = read_classes(args.classes)
+    model, info = load_detector(weights, args.model_def, args.arch, args.num_classes,
+                                classes=classes, class_names=names, offline=args.offline)
+    summary = evaluate_scenes(model.to(device), info.classes, config,
+                              class_names=class_names_of(info, detector=True))
+    print(f"relprop evaluate: {summary['pairs']} of {summary['scenes']} scenes with two explained objects; "
+          f"summary in {config.out / 'summary.md'}"
+          + (f"; {summary['skipped']} unreadable, in skipped.jsonl" if summary["skipped"] else ""), file=sys.stderr)
+    return 1 if summary["skipped"] else 0
 
 
 def _launch(args: argparse.Namespace) -> int:

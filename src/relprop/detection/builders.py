@@ -1,9 +1,11 @@
-"""Light single-shot detectors relprop trains and explains: RetinaNet and FCOS on a ResNet-18 FPN.
+"""The detectors of :mod:`relprop.detection.architectures`, built with no downloads: torchvision's
+(SSD300, SSDlite, RetinaNet, FCOS) and relprop's light RetinaNet and FCOS on a ResNet-18 FPN.
 
 torchvision ships RetinaNet and FCOS on ResNet-50 only; a ResNet-18 FPN (128 channels, P3-P7 as in
-the papers) trains in minutes on a CPU and is the same architecture family. Built from torchvision
-pieces with no downloads; BatchNorm stays ``nn.BatchNorm2d`` (frozen in training by the caller) so
-that relprop folds it like any other. ``from_metadata`` is a ``--model-def`` builder.
+the papers) trains in minutes on a CPU and is the same architecture family. Pretrained torchvision
+detectors keep their backbone's BatchNorm as ``FrozenBatchNorm2d`` (no ``num_batches_tracked`` in
+their files): ``frozen=True`` builds that, and relprop folds it like any BatchNorm.
+``from_metadata`` / ``from_metadata_frozen`` are ``--model-def`` builders.
 """
 
 from __future__ import annotations
@@ -18,12 +20,14 @@ from torchvision.models.detection.backbone_utils import BackboneWithFPN
 from torchvision.models.detection.fcos import FCOS, FCOSHead
 from torchvision.models.detection.retinanet import RetinaNet, RetinaNetHead
 from torchvision.ops.feature_pyramid_network import LastLevelP6P7
+from torchvision.ops.misc import FrozenBatchNorm2d
 
+from relprop.detection.architectures import ARCHITECTURES, DETECTOR_ARCHS
 from relprop.errors import ConfigError
 
 FPN_CHANNELS = 128
-LIGHT_DETECTORS = ("retinanet_resnet18_fpn", "fcos_resnet18_fpn")
-DETECTORS = ("ssd300_vgg16", *LIGHT_DETECTORS)
+LIGHT_DETECTORS = tuple(name for name, a in ARCHITECTURES.items() if not a.torchvision)
+DETECTORS = DETECTOR_ARCHS
 
 
 def resnet18_fpn(resnet: nn.Module | None = None, channels: int = FPN_CHANNELS) -> BackboneWithFPN:
@@ -33,30 +37,63 @@ def resnet18_fpn(resnet: nn.Module | None = None, channels: int = FPN_CHANNELS) 
                            extra_blocks=LastLevelP6P7(channels, channels))
 
 
-def build_detector(arch: str, num_classes: int, size: int = 320, resnet: nn.Module | None = None,
-                   **options: Any) -> nn.Module:
-    """``arch`` (one of DETECTORS) for ``num_classes`` classes (0 = background) on ``size`` px inputs."""
-    if arch == "ssd300_vgg16":
-        return torchvision.models.detection.ssd300_vgg16(weights=None, weights_backbone=None,
-                                                        num_classes=num_classes, **options)
+def build_detector(arch: str, num_classes: int, size: int | None = None, resnet: nn.Module | None = None,
+                   frozen: bool = False, **options: Any) -> nn.Module:
+    """``arch`` (one of DETECTORS) for ``num_classes`` classes (0 = background) on ``size`` px inputs
+    (None: the architecture's own; relprop's light detectors 320); ``frozen``: its BatchNorms
+    as FrozenBatchNorm2d."""
+    if arch not in ARCHITECTURES:
+        raise ConfigError(f"unknown detector {arch!r}; choose one of {', '.join(DETECTORS)}")
+    if ARCHITECTURES[arch].torchvision:
+        sizing = {"min_size": size, "max_size": size} if size and not arch.startswith("ssd") else {}
+        model = torchvision.models.get_model(arch, weights=None, weights_backbone=None,
+                                             num_classes=num_classes, **(sizing | options))
+    else:
+        model = _light_detector(arch, num_classes, size or 320, resnet, **options)
+    return frozen_batchnorm(model) if frozen else model
+
+
+def _light_detector(arch: str, num_classes: int, size: int, resnet: nn.Module | None, **options: Any) -> nn.Module:
     sizing = {"min_size": size, "max_size": size} | options
     if arch == "retinanet_resnet18_fpn":
         anchors = AnchorGenerator(tuple((s, int(s * 2 ** (1 / 3)), int(s * 2 ** (2 / 3)))
                                         for s in (32, 64, 128, 256, 512)), ((0.5, 1.0, 2.0),) * 5)
         head = RetinaNetHead(FPN_CHANNELS, anchors.num_anchors_per_location()[0], num_classes)
         return RetinaNet(resnet18_fpn(resnet), num_classes, anchor_generator=anchors, head=head, **sizing)
-    if arch == "fcos_resnet18_fpn":
-        anchors = AnchorGenerator(((8,), (16,), (32,), (64,), (128,)), ((1.0,),) * 5)
-        head = FCOSHead(FPN_CHANNELS, 1, num_classes)
-        return FCOS(resnet18_fpn(resnet), num_classes, anchor_generator=anchors, head=head, **sizing)
-    raise ConfigError(f"unknown detector {arch!r}; choose one of {', '.join(DETECTORS)}")
+    anchors = AnchorGenerator(((8,), (16,), (32,), (64,), (128,)), ((1.0,),) * 5)
+    head = FCOSHead(FPN_CHANNELS, 1, num_classes)
+    return FCOS(resnet18_fpn(resnet), num_classes, anchor_generator=anchors, head=head, **sizing)
 
 
-def from_metadata(metadata: Mapping[str, Any]) -> nn.Module:
+def frozen_batchnorm(module: nn.Module) -> nn.Module:
+    """``module`` with every BatchNorm2d replaced, in place, by torchvision's FrozenBatchNorm2d with
+    the same statistics and affine parameters (what torchvision builds for pretrained detectors;
+    their checkpoints have no ``num_batches_tracked``)."""
+    for name, child in module.named_children():
+        if isinstance(child, nn.BatchNorm2d):
+            frozen = FrozenBatchNorm2d(child.num_features, eps=child.eps)
+            frozen.weight.copy_(child.weight.detach())
+            frozen.bias.copy_(child.bias.detach())
+            frozen.running_mean.copy_(child.running_mean)
+            frozen.running_var.copy_(child.running_var)
+            setattr(module, name, frozen)
+        else:
+            frozen_batchnorm(child)
+    return module
+
+
+def from_metadata(metadata: Mapping[str, Any], frozen: bool = False) -> nn.Module:
     """``--model-def`` builder: a checkpoint's ``arch``, ``num_classes`` and ``input_size``."""
-    size = metadata.get("input_size") or 320
-    size = int(size[0] if isinstance(size, (list, tuple)) else size)
-    return build_detector(str(metadata.get("arch")), int(metadata["num_classes"]), size)
+    size = metadata.get("input_size")
+    size = int(size[0] if isinstance(size, (list, tuple)) else size) if size else None
+    return build_detector(str(metadata.get("arch")), int(metadata["num_classes"]), size, frozen=frozen)
 
 
-__all__ = ["DETECTORS", "LIGHT_DETECTORS", "build_detector", "from_metadata", "resnet18_fpn"]
+def from_metadata_frozen(metadata: Mapping[str, Any]) -> nn.Module:
+    """``from_metadata`` with FrozenBatchNorm2d, for files saved from such a model (torchvision's
+    pretrained detectors and what is fine-tuned from them)."""
+    return from_metadata(metadata, frozen=True)
+
+
+__all__ = ["DETECTORS", "LIGHT_DETECTORS", "build_detector", "frozen_batchnorm", "from_metadata",
+           "from_metadata_frozen", "resnet18_fpn"]

@@ -19,8 +19,9 @@ detection (right class, IoU >= 0.5 with the ground truth) is explained by each m
   offset as a reference, 10 % random pixels as the chance level.
 
 Methods: ``crp`` (contrastive class map), ``lrp-plain`` (plain LRP of the class logit, same rules, no
-contrast) and ``gradcam`` (Grad-CAM of the class logit of the detection's anchor, at the finest
-feature map at or below the anchor's level with a grid of at least 7x7, ReLU, bilinear upsampling).
+contrast), ``gradcam`` (Grad-CAM of the class logit of the detection's anchor, at the finest
+feature map at or below the anchor's level with a grid of at least 7x7, ReLU, bilinear upsampling)
+and ``gradxinput`` (gradient x input of that logit).
 Everything is computed in the detector's input space.
 """
 
@@ -52,7 +53,7 @@ from relprop.evaluation.results import append_jsonl, mean_std, write_atomic
 from relprop.images import MAX_DECODED_PIXELS, load_image
 from relprop.methods import canonical_name
 
-METHODS = ("crp", "lrp-plain", "gradcam")  # the registry's names: lrp-plain is plain LRP everywhere
+METHODS = ("crp", "lrp-plain", "gradcam", "gradxinput")  # the registry's names: lrp-plain is plain LRP everywhere
 DIRECTION_METHODS = ("crp", "gradxinput")
 STEP = 500
 TOP_FRACTION = 0.1
@@ -126,6 +127,16 @@ def gradcam_map(crp: CRP, out: DetectorOutput, image: int, detection: int, k: in
     return cam[0, 0]
 
 
+def class_gradient_x_input(crp: CRP, out: DetectorOutput, detection: int, k: int) -> Tensor:
+    """Gradient x input (h, w) of class logit ``k`` at a detection's anchor (image 0)."""
+    anchor = int(out.detections[0]["anchors"][detection])
+    x = out.x[:1].clone().requires_grad_(True)
+    with torch.enable_grad():
+        logits = dense_outputs(crp.detector, x, crp.backbone)[1]
+        (grad,) = torch.autograd.grad(logits[0, anchor, k], x)
+    return (grad * x).detach().sum(1)[0]
+
+
 def method_maps(
     crp: CRP, out: DetectorOutput, detection: int, classes: Sequence[int]
 ) -> dict[str, list[Tensor]]:
@@ -138,6 +149,7 @@ def method_maps(
         "crp": list(lrp_maps[:n]),
         "lrp-plain": list(lrp_maps[n:]),
         "gradcam": [gradcam_map(crp, out, 0, detection, k) for k in classes],
+        "gradxinput": [class_gradient_x_input(crp, out, detection, k) for k in classes],
     }
 
 

@@ -31,6 +31,7 @@ import torch
 import torch.fx as fx
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torchvision.ops.misc import FrozenBatchNorm2d
 
 from relprop.core.linear_op import BatchNormStats
 from relprop.core.ops.base import Context, KeepsSign, Op, Parents, positional
@@ -39,7 +40,8 @@ from relprop.core.rules import LayerNormParams, Rule
 from relprop.core.trace import in_module, module_path
 from relprop.errors import UnsupportedLayerError
 
-BATCHNORM_MODULES = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
+# torchvision's FrozenBatchNorm2d (pretrained detectors' backbones) computes an eval-mode BatchNorm
+BATCHNORM_MODULES = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, FrozenBatchNorm2d)
 NORM_MODULES = (*BATCHNORM_MODULES, nn.LayerNorm, nn.GroupNorm, nn.RMSNorm)
 ACTIVATION_MODULES = (nn.ReLU, nn.ReLU6, nn.SiLU, nn.GELU, nn.Hardswish, nn.Hardsigmoid, nn.LeakyReLU,
                       nn.ELU, nn.Mish, nn.Tanh, nn.Sigmoid)
