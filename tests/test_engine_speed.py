@@ -35,10 +35,15 @@ def small_convnext() -> nn.Module:
 def test_stabilizer_equals_z_plus_epsilon_times_sign_bit_for_bit():
     z = torch.randn(1000, dtype=torch.float64)
     z[:10] = 0.0
+    z[10:20] = -0.0  # −0 >= 0: it moves to +ε, as a zero does
+    z[20:25] = torch.tensor([1e-7, -1e-7, 1e-300, -1e-300, 5e-7])
     for dtype in (torch.float32, torch.float64):
         t = z.to(dtype)
         sign = torch.where(t >= 0, torch.ones_like(t), -torch.ones_like(t))
-        assert torch.equal(stabilize(t, 1e-6), t + 1e-6 * sign)
+        for epsilon in (1e-6, 0.25, 0.0):
+            expected = t + epsilon * sign
+            assert torch.equal(stabilize(t, epsilon), expected)
+            assert torch.equal(stabilize(t, epsilon).signbit(), expected.signbit())
 
 
 @pytest.mark.parametrize("layer", [nn.Linear(7, 5), nn.Conv2d(3, 4, 3, padding=1, stride=2)])

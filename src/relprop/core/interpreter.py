@@ -220,7 +220,7 @@ class RelevanceEngine:
     def _run(self, step: Step, values: dict[fx.Node, Any], x: Tensor) -> tuple[Any, Any]:
         args, kwargs = step.arguments(values)
         try:
-            return step.op.record(step, args, kwargs, self.module)
+            return step.op.record(step, args, kwargs, self)
         except RelpropError:
             raise
         except RuntimeError as error:  # shape and dtype mismatches: say where, in one line

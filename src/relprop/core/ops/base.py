@@ -94,11 +94,12 @@ class Op:
             return getattr(obj, node.target)(*rest, **kwargs)
         raise TraceError(f"{self.name} cannot run a {node.op} node")
 
-    def record(self, step: Step, args: tuple, kwargs: dict, model: nn.Module) -> tuple[Any, Any]:
+    def record(self, step: Step, args: tuple, kwargs: dict, context: Context) -> tuple[Any, Any]:
         """The node's output and what `relevance` will want from this forward pass (None:
         nothing), which it finds in `values.parts[step.node]`: an op that would otherwise
-        recompute parts of its forward for the relevance keeps them here. By default: `forward`."""
-        return self.forward(step, args, kwargs, model), None
+        recompute parts of its forward for the relevance keeps them here, and only what the
+        composite's rules (in `context`) will read. By default: `forward`."""
+        return self.forward(step, args, kwargs, context.model), None
 
     def relevance(self, step: Step, values: dict[fx.Node, Any], R: Relevance, context: Context) -> Parents:
         raise NotImplementedError
