@@ -38,7 +38,7 @@ from relprop import LRP, composite_names, get_composite
 from relprop.errors import RelpropError
 from relprop.models import build_arch
 
-METHODS = ("lrp", "lrp-reference", "input-gradient", "backprop")
+METHODS = ("lrp", "lrp-cached", "lrp-reference", "input-gradient", "backprop")
 
 
 def build(arch: str, device: str) -> torch.nn.Module:
@@ -69,6 +69,10 @@ def method_runner(name: str, model: torch.nn.Module) -> Callable[[torch.Tensor],
     if name == "lrp":
         lrp = LRP(model)
         return lambda x: lrp.attribute(x)
+    if name == "lrp-cached":  # the default, keeping every layer's w⁺ between calls (ZPlusRule(cache_weights=True))
+        cached = LRP(model)
+        cached.engine.strategies.default_rule.cache_weights = True
+        return lambda x: cached.attribute(x)
     if name == "lrp-reference":
         reference = LRP(model, preset="reference")
         return lambda x: reference.attribute(x)
@@ -98,17 +102,18 @@ def synchronize(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def time_methods(runs: dict[str, Callable], x: torch.Tensor, repeats: int, device: str) -> dict[str, float]:
+def time_methods(runs: dict[str, Callable], x: torch.Tensor, repeats: int, device: str,
+                 clock: Callable[[], float] = time.perf_counter) -> dict[str, float]:
     """Median seconds per method; the methods take turns in every round, so a load that comes
     and goes on a shared machine hits them all alike and the ratios stay meaningful."""
     times: dict[str, list[float]] = {name: [] for name in runs}
     for _ in range(repeats):
         for name, run in runs.items():
             synchronize(device)
-            start = time.perf_counter()
+            start = clock()
             run(x)
             synchronize(device)
-            times[name].append(time.perf_counter() - start)
+            times[name].append(clock() - start)
     return {name: statistics.median(values) for name, values in times.items()}
 
 
@@ -163,8 +168,13 @@ def main() -> None:
                         choices=[*METHODS, *PEERS, *composite_names()])
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory subprocesses")
+    parser.add_argument("--clock", choices=("wall", "cpu"), default="wall",
+                        help="wall: elapsed time; cpu: this thread's CPU time (with --threads 1 on the "
+                             "CPU, what a loaded machine's other processes do not add to)")
     parser.add_argument("--memory-child", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.clock == "cpu" and (args.threads != 1 or args.device != "cpu"):
+        parser.error("--clock cpu counts this thread's time: it needs --threads 1 on the CPU")
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.memory_child:
@@ -177,14 +187,15 @@ def main() -> None:
 def bench_arch(args: argparse.Namespace, arch: str) -> None:
     model = build(arch, args.device)
     print(f"# {arch} at {args.size} px on {args.device} ({torch.get_num_threads()} threads), "
-          f"torch {torch.__version__}, medians of {args.repeats}")
+          f"torch {torch.__version__}, medians of {args.repeats}, {args.clock} clock")
     print("| batch | method | median s | per image ms | × input gradient | × backprop | peak MiB "
           "| r vs relprop, same rules | Σ map / logit |")
     print("|---|---|---|---|---|---|---|---|---|")
     for batch in args.batch:
         x = torch.randn(batch, 3, args.size, args.size, device=args.device)
         runs, reasons = supported(args.methods, model, x)
-        medians = time_methods(runs, x, args.repeats, args.device)
+        clock = time.thread_time if args.clock == "cpu" else time.perf_counter
+        medians = time_methods(runs, x, args.repeats, args.device, clock)
         compared = agreement(model, x, list(runs))
         for name, median in medians.items():
             memory = "" if args.no_memory else f"{peak_memory(args, arch, name, batch):.0f}"
