@@ -16,6 +16,7 @@ from relprop.core.numerics import stabilize
 from relprop.core.ops import OPS, register_op
 from relprop.core.ops.base import Op
 from relprop.core.rules import EpsilonRule, GammaRule
+from relprop.errors import UnsupportedLayerError
 
 LXT_CHOICES = Composite(rules={nn.Linear: "epsilon", nn.Conv2d: "epsilon", nn.LayerNorm: "norm-epsilon"},
                         input_rule="epsilon", split="signed", attention="cp", constants="leak")
@@ -212,3 +213,42 @@ def test_positive_weights_are_not_kept_between_calls_unless_asked():
 
     assert kept(lean) == 0
     assert kept(cached) > 0
+
+
+def test_each_lstm_layer_runs_once_per_explanation(monkeypatch):
+    """The walk reruns an LSTM to get its gates: once per layer and direction (every layer below
+    the top ran twice: once for the next layer's input, again for its own relevance)."""
+    from relprop.core.ops import recurrent
+
+    class Tagger(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lstm = nn.LSTM(5, 6, num_layers=3, bidirectional=True, batch_first=True)
+            self.fc = nn.Linear(12, 3)
+
+        def forward(self, x):
+            return self.fc(self.lstm(x)[0][:, -1])
+
+    torch.manual_seed(0)
+    explainer, x = LRP(Tagger().eval()), torch.randn(2, 7, 5)
+    runs: list[tuple[int, int]] = []
+    original = recurrent._run
+
+    def counted(lstm, layer, direction, inputs):
+        runs.append((layer, direction))
+        return original(lstm, layer, direction, inputs)
+
+    monkeypatch.setattr(recurrent, "_run", counted)
+    R, sums = explainer.attribute(x, target=1, return_layer_sums=True)
+    assert sorted(runs) == [(layer, d) for layer in range(3) for d in range(2)]
+    torch.testing.assert_close(sums["input"], sums["output"], rtol=1e-4, atol=1e-6)
+
+
+def test_the_held_constant_steps_are_found_once_per_plan():
+    """verify and every release schedule read them: a walk of the graph each time before."""
+    explainer = LRP(small_resnet())
+    explainer.attribute(torch.randn(1, 3, 32, 32))
+    plan = explainer.engine.plan
+    assert plan.held_constant() is plan.held_constant()
+    plan.refuse(plan.steps[-2], UnsupportedLayerError("refused"))  # a refusal may change them: found again
+    assert plan._held_constant is None

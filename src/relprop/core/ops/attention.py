@@ -128,7 +128,7 @@ def _swin_attention_types() -> tuple[type[nn.Module], ...]:
 
 class Attention(Op):
     name = "attention"
-    reads_its_arguments = True
+    reads_its_arguments = reads_its_output = True
     modules = (nn.MultiheadAttention, *_swin_attention_types())
 
     functions = frozenset({F.scaled_dot_product_attention})
@@ -147,10 +147,6 @@ class Attention(Op):
         if step.module is not None:
             return attention_module_forward(step.module, args, kwargs)
         return super().forward(step, args, kwargs, model)
-
-    def backward_reads(self, step, context: Context) -> list[fx.Node]:
-        """Its arguments and its own output."""
-        return [step.node, *step.node.all_input_nodes]
 
     def record(self, step, args: tuple, kwargs: dict, context: Context) -> tuple[Any, Any]:
         """An attention module's output computed by its decomposition, whose parts (projections,

@@ -109,12 +109,14 @@ class Op:
     # the engine release every other value during the forward pass (memory the backward walk does
     # not need); the default keeps all.
     reads_its_arguments: ClassVar[bool] = False
+    reads_its_output: ClassVar[bool] = False  # with reads_its_arguments: its own output's numbers too
 
     def backward_reads(self, step: Step, context: Context) -> list[fx.Node] | None:
-        """The nodes whose values (numbers, not only shapes) `relevance` reads; None: any node's."""
+        """The nodes whose values (numbers, not only shapes) `relevance` reads; None: any node's.
+        An op that overrides this says it all here (its flags are not read)."""
         if not self.reads_its_arguments:
             return None
-        return [*step.node.all_input_nodes]
+        return [step.node, *step.node.all_input_nodes] if self.reads_its_output else [*step.node.all_input_nodes]
 
     def annotate(self, step: Step, plan: Plan) -> None:
         """Record graph facts in `step.info` once every node is claimed."""

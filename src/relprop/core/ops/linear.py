@@ -42,7 +42,6 @@ class LinearInfo:
 
 class Linear(Op):
     name = "linear"
-    reads_its_arguments = True
     modules = LINEAR_TYPES
     functions = LINEAR_FUNCTIONS.keys()
 
