@@ -4,6 +4,8 @@
     python benchmarks/bench_lrp.py --arch convnext_tiny vit_b_16 --batch 1 16 --device cuda
     python benchmarks/bench_lrp.py --arch vit_b_16 --batch 1 --threads 1 --no-memory \
         --methods input-gradient lrp cp-lrp lxt                  # a peer beside relprop's same rules
+    python benchmarks/bench_lrp.py --arch resnet50 vit_b_16 --batch 1 4 --threads 1 --memory-only \
+        --methods input-gradient lrp lrp-cached cp-lrp           # peak memory alone
 
 Any torchvision classifier or timm model name (`timm/NAME` for timm's where both have one), random
 weights (seed 0). A method that relprop cannot run on a network (e.g. LRP through attention before
@@ -69,9 +71,9 @@ def method_runner(name: str, model: torch.nn.Module) -> Callable[[torch.Tensor],
     if name == "lrp":
         lrp = LRP(model)
         return lambda x: lrp.attribute(x)
-    if name == "lrp-cached":  # the default, keeping every layer's w⁺ between calls (ZPlusRule(cache_weights=True))
-        cached = LRP(model)
-        cached.engine.strategies.default_rule.cache_weights = True
+    if name == "lrp-cached":  # the default, keeping weight copies between calls: w⁺ (ZPlusRule(cache_weights=True))
+        cached = LRP(model)      # and folded BatchNorms (engine.cache_weights)
+        cached.engine.strategies.default_rule.cache_weights = cached.engine.cache_weights = True
         return lambda x: cached.attribute(x)
     if name == "lrp-reference":
         reference = LRP(model, preset="reference")
@@ -168,6 +170,8 @@ def main() -> None:
                         choices=[*METHODS, *PEERS, *composite_names()])
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory subprocesses")
+    parser.add_argument("--memory-only", action="store_true",
+                        help="only the peak memory of each method (one fresh process each), and × the input gradient's")
     parser.add_argument("--clock", choices=("wall", "cpu"), default="wall",
                         help="wall: elapsed time; cpu: this thread's CPU time (with --threads 1 on the "
                              "CPU, what a loaded machine's other processes do not add to)")
@@ -181,7 +185,22 @@ def main() -> None:
         peak_memory_child(args, args.arch[0], args.memory_child, args.batch[0])
         return
     for arch in args.arch:
-        bench_arch(args, arch)
+        (bench_memory if args.memory_only else bench_arch)(args, arch)
+
+
+def bench_memory(args: argparse.Namespace, arch: str) -> None:
+    """Peak memory of one call per method, each in a fresh process (the first call: the fidelity
+    check included), against the input gradient's at the same batch."""
+    print(f"# {arch} at {args.size} px on {args.device} ({args.threads or 'default'} threads), "
+          f"torch {torch.__version__}: peak MiB of one call in a fresh process")
+    print("| batch | method | peak MiB | × input gradient |")
+    print("|---|---|---|---|")
+    for batch in args.batch:
+        peaks = {name: peak_memory(args, arch, name, batch) for name in args.methods}
+        gradient = peaks.get("input-gradient")
+        for name, peak in peaks.items():
+            ratio = f"{peak / gradient:.2f}" if gradient else ""
+            print(f"| {batch} | {name} | {peak:.0f} | {ratio} |", flush=True)
 
 
 def bench_arch(args: argparse.Namespace, arch: str) -> None:

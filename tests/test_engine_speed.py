@@ -252,3 +252,20 @@ def test_the_held_constant_steps_are_found_once_per_plan():
     assert plan.held_constant() is plan.held_constant()
     plan.refuse(plan.steps[-2], UnsupportedLayerError("refused"))  # a refusal may change them: found again
     assert plan._held_constant is None
+
+
+def test_folded_weights_are_not_kept_between_calls_unless_asked():
+    """A BatchNorm folded into a conv is a copy of its weights (ResNet-50: 97 MiB held for the
+    explainer's life): folded per call unless `engine.cache_weights`; the same map bit for bit."""
+    from relprop import get_composite
+    model, x = small_resnet(), torch.randn(2, 3, 32, 32)
+    lean, cached = (LRP(model, composite=get_composite("cp-lrp")) for _ in range(2))
+    cached.engine.cache_weights = True
+    assert torch.equal(lean.attribute(x), cached.attribute(x))
+    def folded(explainer: LRP) -> list[bool]:
+        """For each conv with a BatchNorm folded in: whether its folded map is cached."""
+        return [step.node in explainer.engine.cache for step in explainer.engine.steps
+                if step.op.name == "linear" and step.info.fold_after is not None]
+
+    assert folded(lean) and not any(folded(lean))
+    assert folded(cached) and all(folded(cached))

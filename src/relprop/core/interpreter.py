@@ -103,7 +103,10 @@ class RelevanceEngine:
         self.bn = self.strategies.bn
         policy = LeafPolicy(lambda m: builtin_op(m) is not None, builtin_types(), tuple(self.rules.types),
                             frozenset(self.rules.names))
-        self.cache: dict[Any, Any] = {}  # per-op caches (folded linear maps), keyed by node
+        self.cache: dict[Any, Any] = {}  # per-op caches (linear maps), keyed by node
+        # keep weight copies between calls (BatchNorm folded into a layer's weights): faster by a
+        # product over the weights per call, for a copy of them held as long as the engine
+        self.cache_weights = False
         self._policy = policy
         self._captures: dict[tuple, tuple[fx.Graph, Plan, fx.Node]] = {}  # per input shape
         self._fx_error: TraceError | None = None
