@@ -269,3 +269,13 @@ def test_folded_weights_are_not_kept_between_calls_unless_asked():
 
     assert folded(lean) and not any(folded(lean))
     assert folded(cached) and all(folded(cached))
+
+
+def test_the_audit_forward_keeps_no_attention_parts():
+    """The dependency audit's second forward pass compares held-constant values only: attention
+    parts kept there (every block's weights and values) only raised the first call's peak."""
+    explainer = LRP(torchvision_vit(), composite=LXT_CHOICES)
+    x = torch.randn(1, 3, 32, 32)
+    explainer.attribute(x)
+    assert explainer.engine.forward(x).values.parts
+    assert not explainer.engine.forward(x, keep="constants").values.parts

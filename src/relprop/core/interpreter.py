@@ -175,7 +175,7 @@ class RelevanceEngine:
                 values[step.node] = x
             else:
                 values[step.node], parts = self._run(step, values, x)
-                if parts is not None:
+                if parts is not None and keep != "constants":  # the audit's pass walks nothing back
                     values.parts[step.node] = parts
             for node in release.get(index, ()):
                 values[node] = _stand_in(values[node])
