@@ -4,6 +4,8 @@
     python benchmarks/bench_lrp.py --arch convnext_tiny vit_b_16 --batch 1 16 --device cuda
     python benchmarks/bench_lrp.py --arch vit_b_16 --batch 1 --threads 1 --no-memory \
         --methods input-gradient lrp cp-lrp lxt                  # a peer beside relprop's same rules
+    python benchmarks/bench_lrp.py --arch resnet50 vit_b_16 --batch 1 4 --threads 1 --memory-only \
+        --methods input-gradient lrp lrp-cached cp-lrp           # peak memory alone
 
 Any torchvision classifier or timm model name (`timm/NAME` for timm's where both have one), random
 weights (seed 0). A method that relprop cannot run on a network (e.g. LRP through attention before
@@ -38,7 +40,7 @@ from relprop import LRP, composite_names, get_composite
 from relprop.errors import RelpropError
 from relprop.models import build_arch
 
-METHODS = ("lrp", "lrp-reference", "input-gradient", "backprop")
+METHODS = ("lrp", "lrp-cached", "lrp-reference", "input-gradient", "backprop")
 
 
 def build(arch: str, device: str) -> torch.nn.Module:
@@ -69,6 +71,10 @@ def method_runner(name: str, model: torch.nn.Module) -> Callable[[torch.Tensor],
     if name == "lrp":
         lrp = LRP(model)
         return lambda x: lrp.attribute(x)
+    if name == "lrp-cached":  # the default, keeping weight copies between calls: w⁺ (ZPlusRule(cache_weights=True))
+        cached = LRP(model)      # and folded BatchNorms (engine.cache_weights)
+        cached.engine.strategies.default_rule.cache_weights = cached.engine.cache_weights = True
+        return lambda x: cached.attribute(x)
     if name == "lrp-reference":
         reference = LRP(model, preset="reference")
         return lambda x: reference.attribute(x)
@@ -98,17 +104,18 @@ def synchronize(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def time_methods(runs: dict[str, Callable], x: torch.Tensor, repeats: int, device: str) -> dict[str, float]:
+def time_methods(runs: dict[str, Callable], x: torch.Tensor, repeats: int, device: str,
+                 clock: Callable[[], float] = time.perf_counter) -> dict[str, float]:
     """Median seconds per method; the methods take turns in every round, so a load that comes
     and goes on a shared machine hits them all alike and the ratios stay meaningful."""
     times: dict[str, list[float]] = {name: [] for name in runs}
     for _ in range(repeats):
         for name, run in runs.items():
             synchronize(device)
-            start = time.perf_counter()
+            start = clock()
             run(x)
             synchronize(device)
-            times[name].append(time.perf_counter() - start)
+            times[name].append(clock() - start)
     return {name: statistics.median(values) for name, values in times.items()}
 
 
@@ -163,28 +170,51 @@ def main() -> None:
                         choices=[*METHODS, *PEERS, *composite_names()])
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory subprocesses")
+    parser.add_argument("--memory-only", action="store_true",
+                        help="only the peak memory of each method (one fresh process each), and × the input gradient's")
+    parser.add_argument("--clock", choices=("wall", "cpu"), default="wall",
+                        help="wall: elapsed time; cpu: this thread's CPU time (with --threads 1 on the "
+                             "CPU, what a loaded machine's other processes do not add to)")
     parser.add_argument("--memory-child", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.clock == "cpu" and (args.threads != 1 or args.device != "cpu"):
+        parser.error("--clock cpu counts this thread's time: it needs --threads 1 on the CPU")
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.memory_child:
         peak_memory_child(args, args.arch[0], args.memory_child, args.batch[0])
         return
     for arch in args.arch:
-        bench_arch(args, arch)
+        (bench_memory if args.memory_only else bench_arch)(args, arch)
+
+
+def bench_memory(args: argparse.Namespace, arch: str) -> None:
+    """Peak memory of one call per method, each in a fresh process (the first call: the fidelity
+    check included), against the input gradient's at the same batch."""
+    print(f"# {arch} at {args.size} px on {args.device} ({args.threads or 'default'} threads), "
+          f"torch {torch.__version__}: peak MiB of one call in a fresh process")
+    print("| batch | method | peak MiB | × input gradient |")
+    print("|---|---|---|---|")
+    for batch in args.batch:
+        peaks = {name: peak_memory(args, arch, name, batch) for name in args.methods}
+        gradient = peaks.get("input-gradient")
+        for name, peak in peaks.items():
+            ratio = f"{peak / gradient:.2f}" if gradient else ""
+            print(f"| {batch} | {name} | {peak:.0f} | {ratio} |", flush=True)
 
 
 def bench_arch(args: argparse.Namespace, arch: str) -> None:
     model = build(arch, args.device)
     print(f"# {arch} at {args.size} px on {args.device} ({torch.get_num_threads()} threads), "
-          f"torch {torch.__version__}, medians of {args.repeats}")
+          f"torch {torch.__version__}, medians of {args.repeats}, {args.clock} clock")
     print("| batch | method | median s | per image ms | × input gradient | × backprop | peak MiB "
           "| r vs relprop, same rules | Σ map / logit |")
     print("|---|---|---|---|---|---|---|---|---|")
     for batch in args.batch:
         x = torch.randn(batch, 3, args.size, args.size, device=args.device)
         runs, reasons = supported(args.methods, model, x)
-        medians = time_methods(runs, x, args.repeats, args.device)
+        clock = time.thread_time if args.clock == "cpu" else time.perf_counter
+        medians = time_methods(runs, x, args.repeats, args.device, clock)
         compared = agreement(model, x, list(runs))
         for name, median in medians.items():
             memory = "" if args.no_memory else f"{peak_memory(args, arch, name, batch):.0f}"

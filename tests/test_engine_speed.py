@@ -16,6 +16,7 @@ from relprop.core.numerics import stabilize
 from relprop.core.ops import OPS, register_op
 from relprop.core.ops.base import Op
 from relprop.core.rules import EpsilonRule, GammaRule
+from relprop.errors import UnsupportedLayerError
 
 LXT_CHOICES = Composite(rules={nn.Linear: "epsilon", nn.Conv2d: "epsilon", nn.LayerNorm: "norm-epsilon"},
                         input_rule="epsilon", split="signed", attention="cp", constants="leak")
@@ -35,10 +36,15 @@ def small_convnext() -> nn.Module:
 def test_stabilizer_equals_z_plus_epsilon_times_sign_bit_for_bit():
     z = torch.randn(1000, dtype=torch.float64)
     z[:10] = 0.0
+    z[10:20] = -0.0  # −0 >= 0: it moves to +ε, as a zero does
+    z[20:25] = torch.tensor([1e-7, -1e-7, 1e-300, -1e-300, 5e-7])
     for dtype in (torch.float32, torch.float64):
         t = z.to(dtype)
         sign = torch.where(t >= 0, torch.ones_like(t), -torch.ones_like(t))
-        assert torch.equal(stabilize(t, 1e-6), t + 1e-6 * sign)
+        for epsilon in (1e-6, 0.25, 0.0):
+            expected = t + epsilon * sign
+            assert torch.equal(stabilize(t, epsilon), expected)
+            assert torch.equal(stabilize(t, epsilon).signbit(), expected.signbit())
 
 
 @pytest.mark.parametrize("layer", [nn.Linear(7, 5), nn.Conv2d(3, 4, 3, padding=1, stride=2)])
@@ -188,3 +194,88 @@ def test_norm_epsilon_transpose_written_out_equals_autograd_bit_for_bit(shape, a
 
     expected = a * vjp(normalize, a, R / stabilize(normalize(a) + bias, 1e-6))
     assert torch.equal(NormEpsilonRule().relevance(norm, a, R), expected)
+
+
+def test_positive_weights_are_not_kept_between_calls_unless_asked():
+    """w⁺ of every layer held for the explainer's lifetime was over half the input gradient's peak
+    memory at batch 1 (ResNet-50: 97 MiB); it is clamped per call unless `cache_weights=True`,
+    and both give the same map bit for bit."""
+    model, x = small_resnet(), torch.randn(2, 3, 32, 32)
+    lean, cached = LRP(model), LRP(model)
+    cached.engine.strategies.default_rule.cache_weights = True
+    R_lean, R_cached = lean.attribute(x), cached.attribute(x)
+    assert torch.equal(R_lean, R_cached)
+
+    def kept(explainer: LRP) -> int:
+        rule = explainer.engine.strategies.default_rule
+        ops = [entry[1] for entry in explainer.engine.cache.values() if isinstance(entry, tuple)]
+        return len(rule._positive_weights) + sum("positive_weight" in vars(op) for op in ops)
+
+    assert kept(lean) == 0
+    assert kept(cached) > 0
+
+
+def test_each_lstm_layer_runs_once_per_explanation(monkeypatch):
+    """The walk reruns an LSTM to get its gates: once per layer and direction (every layer below
+    the top ran twice: once for the next layer's input, again for its own relevance)."""
+    from relprop.core.ops import recurrent
+
+    class Tagger(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lstm = nn.LSTM(5, 6, num_layers=3, bidirectional=True, batch_first=True)
+            self.fc = nn.Linear(12, 3)
+
+        def forward(self, x):
+            return self.fc(self.lstm(x)[0][:, -1])
+
+    torch.manual_seed(0)
+    explainer, x = LRP(Tagger().eval()), torch.randn(2, 7, 5)
+    runs: list[tuple[int, int]] = []
+    original = recurrent._run
+
+    def counted(lstm, layer, direction, inputs):
+        runs.append((layer, direction))
+        return original(lstm, layer, direction, inputs)
+
+    monkeypatch.setattr(recurrent, "_run", counted)
+    R, sums = explainer.attribute(x, target=1, return_layer_sums=True)
+    assert sorted(runs) == [(layer, d) for layer in range(3) for d in range(2)]
+    torch.testing.assert_close(sums["input"], sums["output"], rtol=1e-4, atol=1e-6)
+
+
+def test_the_held_constant_steps_are_found_once_per_plan():
+    """verify and every release schedule read them: a walk of the graph each time before."""
+    explainer = LRP(small_resnet())
+    explainer.attribute(torch.randn(1, 3, 32, 32))
+    plan = explainer.engine.plan
+    assert plan.held_constant() is plan.held_constant()
+    plan.refuse(plan.steps[-2], UnsupportedLayerError("refused"))  # a refusal may change them: found again
+    assert plan._held_constant is None
+
+
+def test_folded_weights_are_not_kept_between_calls_unless_asked():
+    """A BatchNorm folded into a conv is a copy of its weights (ResNet-50: 97 MiB held for the
+    explainer's life): folded per call unless `engine.cache_weights`; the same map bit for bit."""
+    from relprop import get_composite
+    model, x = small_resnet(), torch.randn(2, 3, 32, 32)
+    lean, cached = (LRP(model, composite=get_composite("cp-lrp")) for _ in range(2))
+    cached.engine.cache_weights = True
+    assert torch.equal(lean.attribute(x), cached.attribute(x))
+    def folded(explainer: LRP) -> list[bool]:
+        """For each conv with a BatchNorm folded in: whether its folded map is cached."""
+        return [step.node in explainer.engine.cache for step in explainer.engine.steps
+                if step.op.name == "linear" and step.info.fold_after is not None]
+
+    assert folded(lean) and not any(folded(lean))
+    assert folded(cached) and all(folded(cached))
+
+
+def test_the_audit_forward_keeps_no_attention_parts():
+    """The dependency audit's second forward pass compares held-constant values only: attention
+    parts kept there (every block's weights and values) only raised the first call's peak."""
+    explainer = LRP(torchvision_vit(), composite=LXT_CHOICES)
+    x = torch.randn(1, 3, 32, 32)
+    explainer.attribute(x)
+    assert explainer.engine.forward(x).values.parts
+    assert not explainer.engine.forward(x, keep="constants").values.parts

@@ -103,7 +103,10 @@ class RelevanceEngine:
         self.bn = self.strategies.bn
         policy = LeafPolicy(lambda m: builtin_op(m) is not None, builtin_types(), tuple(self.rules.types),
                             frozenset(self.rules.names))
-        self.cache: dict[Any, Any] = {}  # per-op caches (folded linear maps), keyed by node
+        self.cache: dict[Any, Any] = {}  # per-op caches (linear maps), keyed by node
+        # keep weight copies between calls (BatchNorm folded into a layer's weights): faster by a
+        # product over the weights per call, for a copy of them held as long as the engine
+        self.cache_weights = False
         self._policy = policy
         self._captures: dict[tuple, tuple[fx.Graph, Plan, fx.Node]] = {}  # per input shape
         self._fx_error: TraceError | None = None
@@ -172,7 +175,7 @@ class RelevanceEngine:
                 values[step.node] = x
             else:
                 values[step.node], parts = self._run(step, values, x)
-                if parts is not None:
+                if parts is not None and keep != "constants":  # the audit's pass walks nothing back
                     values.parts[step.node] = parts
             for node in release.get(index, ()):
                 values[node] = _stand_in(values[node])
@@ -225,7 +228,7 @@ class RelevanceEngine:
             # recorded for their input (an ε step reads its output as its denominator)
             args = (args[0].clone(), *args[1:])
         try:
-            return step.op.record(step, args, kwargs, self.module)
+            return step.op.record(step, args, kwargs, self)
         except RelpropError:
             raise
         except RuntimeError as error:  # shape and dtype mismatches: say where, in one line

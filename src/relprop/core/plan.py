@@ -87,6 +87,7 @@ class Plan:
         self._order = {step.node: index for index, step in enumerate(steps)}
         # the engine's release schedules by `keep` (interpreter.py): they go with the plan
         self.release_schedules: dict[str, dict[int, list[fx.Node]]] = {}
+        self._held_constant: list[Step] | None = None  # computed once (verify and every schedule read it)
 
     def held_constant(self) -> list[Step]:
         """The steps whose values the walk holds fixed as independent of the input: every node the
@@ -94,6 +95,11 @@ class Plan:
         modules applied to constant tables) and the shape reads where relevance stops. A wrong
         one (an op taken for a shape) would cut its branch while the totals still conserve:
         `RelevanceEngine.verify` checks that none changes when the input does."""
+        if self._held_constant is None:
+            self._held_constant = self._find_held_constant()
+        return self._held_constant
+
+    def _find_held_constant(self) -> list[Step]:
         reached, todo = set(), [step.node for step in self.steps if step.is_input]
         while todo:
             for child in self.consumers.get(todo.pop(), []):
@@ -106,6 +112,7 @@ class Plan:
     def refuse(self, step: Step, error: UnsupportedLayerError) -> None:
         """Turn a claimed step into a refusal (raised if relevance reaches it)."""
         step.op, step.info = UNSUPPORTED, error
+        self._held_constant = None  # a refused step may have been a shape read
 
     def computed_from_the_other(self, step: Step) -> int | None:
         """For a binary op on two input-dependent nodes: the index of the operand the other

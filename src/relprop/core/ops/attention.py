@@ -24,7 +24,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, replace
-from typing import Any, Protocol
+from typing import Any, ClassVar, Protocol
 
 import torch
 import torch.fx as fx
@@ -43,8 +43,10 @@ from relprop.errors import ConfigError, FidelityError, UnsupportedLayerError
 
 class AttentionStrategy(Protocol):
     def weights_and_values(self, product: Callable[[Tensor, Tensor], Tensor], weights: Tensor, values: Tensor,
-                           R: Tensor, epsilon: float = EPSILON) -> tuple[Tensor | None, Tensor]:
-        """Relevance of `A` (None: it gets none) and of `V` in `A·V`."""
+                           R: Tensor, epsilon: float = EPSILON, output: Tensor | None = None
+                           ) -> tuple[Tensor | None, Tensor]:
+        """Relevance of `A` (None: it gets none) and of `V` in `A·V` (`output`: `A·V` as the
+        forward pass computed it, where it is at hand)."""
         ...
 
     def scores(self, scores: Tensor, weights: Tensor, R_weights: Tensor, dim: int) -> Tensor:
@@ -72,13 +74,14 @@ class ConservativeAttention(_SoftmaxTaylor):
     (`ambiguous="refuse"`)."""
 
     ambiguous: str = "uniform"
+    holds_weights_constant: ClassVar[bool] = True  # the relevance reads neither q nor k
 
     def __post_init__(self) -> None:
         if self.ambiguous not in ("uniform", "refuse"):
             raise ConfigError(f"ConservativeAttention(ambiguous={self.ambiguous!r}): expected 'uniform' or 'refuse'")
 
-    def weights_and_values(self, product, weights, values, R, epsilon=EPSILON):
-        return None, bilinear_relevance(product, weights, values, R, share_a=0.0, epsilon=epsilon)[1]
+    def weights_and_values(self, product, weights, values, R, epsilon=EPSILON, output=None):
+        return None, bilinear_relevance(product, weights, values, R, share_a=0.0, epsilon=epsilon, output=output)[1]
 
     def gated_product(self, a, b, R, gate):
         """Signal-take-all (Arras et al. 2017): the gate held constant, as the attention weights;
@@ -94,7 +97,7 @@ class ConservativeAttention(_SoftmaxTaylor):
 class AttnLRP(_SoftmaxTaylor):
     """AttnLRP's uniform bilinear rule at `A·V` and its softmax rule for the scores."""
 
-    def weights_and_values(self, product, weights, values, R, epsilon=EPSILON):
+    def weights_and_values(self, product, weights, values, R, epsilon=EPSILON, output=None):
         return bilinear_relevance(product, weights, values, R, share_a=0.5, epsilon=epsilon)
 
     def gated_product(self, a, b, R, gate):
@@ -125,7 +128,7 @@ def _swin_attention_types() -> tuple[type[nn.Module], ...]:
 
 class Attention(Op):
     name = "attention"
-    reads_its_arguments = True
+    reads_its_arguments = reads_its_output = True
     modules = (nn.MultiheadAttention, *_swin_attention_types())
 
     functions = frozenset({F.scaled_dot_product_attention})
@@ -145,30 +148,28 @@ class Attention(Op):
             return attention_module_forward(step.module, args, kwargs)
         return super().forward(step, args, kwargs, model)
 
-    def backward_reads(self, step, context: Context) -> list[fx.Node]:
-        """Its arguments and its own output."""
-        return [step.node, *step.node.all_input_nodes]
-
-    def record(self, step, args: tuple, kwargs: dict, model: nn.Module) -> tuple[Any, Any]:
+    def record(self, step, args: tuple, kwargs: dict, context: Context) -> tuple[Any, Any]:
         """An attention module's output computed by its decomposition, whose parts (projections,
-        heads, context) the relevance then uses as they are: nothing is recomputed, and the
-        decomposition is what the fidelity check compares with the model's own output. Calls
-        asking for the attention weights run the module itself (checked in `relevance`)."""
+        heads, weights, context) the relevance then uses as they are: nothing is recomputed, and
+        the decomposition is what the fidelity check compares with the model's own output. Only
+        the parts the composite reads are kept (CP reads neither q nor k; a rule that does not
+        take its denominator from the output reads no projection's output). Calls asking for the
+        attention weights run the module itself (checked in `relevance`)."""
         if isinstance(step.module, nn.MultiheadAttention) and kwargs.get("need_weights") is False:
             parts = MultiheadParts.of(step.module, *args, **kwargs)
-            return (parts.output(), None), parts
+            return (parts.output(), None), parts.trim(*_reads(context))
         if step.module is not None and not isinstance(step.module, nn.MultiheadAttention) and len(args) == 1 \
                 and not kwargs:
             parts = WindowParts.of(step.module, args[0])
-            return parts.output(), parts
-        return self.forward(step, args, kwargs, model), None
+            return parts.output(), parts.trim(*_reads(context))
+        return self.forward(step, args, kwargs, context.model), None
 
     def relevance(self, step, values, R, context: Context) -> Parents:
         node, strategy = step.node, context.strategies.attention
         args, kwargs = step.arguments(values)
         if step.module is None:  # F.scaled_dot_product_attention
             q, k, v, core = sdpa_core(*args, **kwargs)
-            return _to_query_key_value(step, core.relevance(q, k, v, R, strategy))
+            return _to_query_key_value(step, core.relevance_of_parts(q, k, v, R, attention_strategy(strategy)))
         R = R[0] if isinstance(R, list) else R
         rule = _projection_rule(context)
         kept = getattr(values, "parts", {}).get(node)
@@ -186,6 +187,20 @@ class Attention(Op):
         return [(node.args[0], window_parts.relevance(x, R, rule, strategy))]
 
 
+def _reads(context: Context) -> tuple[bool, bool]:
+    """(whether the attention strategy reads q and k, whether the projections' rule reads their
+    outputs): what an attention's kept parts must hold."""
+    strategy = attention_strategy(context.strategies.attention)
+    rule = type(_projection_rule(context))
+    return (not getattr(strategy, "holds_weights_constant", False),
+            rule.relevance_from_output is not Rule.relevance_from_output)
+
+
+def _from_output(rule: Rule, op: LinearOp, x: Tensor, R: Tensor, y: Tensor | None) -> Tensor:
+    """A projection's relevance, its denominator from its recorded output `y` where kept."""
+    return rule.relevance(op, x, R) if y is None else rule.relevance_from_output(op, x, R, y)
+
+
 def _projection_rule(context: Context) -> Rule:
     """The rule of the projections inside an attention module: the user's rule for nn.Linear
     if any, else the default."""
@@ -195,9 +210,9 @@ def _projection_rule(context: Context) -> Rule:
 
 def _to_query_key_value(step, parts) -> Parents:
     """An attention call's relevance for its query, key and value arguments, for those that
-    depend on the input and received any."""
+    depend on the input and received any (None: none)."""
     return [(arg, R_arg) for arg, R_arg in zip(step.node.args[:3], parts, strict=True)
-            if isinstance(arg, fx.Node) and arg in step.inputs and bool(R_arg.any())]
+            if isinstance(arg, fx.Node) and arg in step.inputs and R_arg is not None and bool(R_arg.any())]
 
 
 def _check_recomputed(ours: Tensor, recorded: Tensor, node: fx.Node) -> None:
@@ -243,17 +258,31 @@ class AttentionCore:
         return scores + self.bias
 
     def forward(self, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
-        return torch.softmax(self.biased(self.logits(q, k)), -1) @ v
+        return self.weights(q, k) @ v
+
+    def weights(self, q: Tensor, k: Tensor) -> Tensor:
+        return torch.softmax(self.biased(self.logits(q, k)), -1)
 
     def relevance(self, q: Tensor, k: Tensor, v: Tensor, R: Tensor, strategy: str | AttentionStrategy
                   ) -> tuple[Tensor, Tensor, Tensor]:
         """Relevance of (q, k, v) for the output relevance R (`strategy` by object or name)."""
-        strategy = attention_strategy(strategy)
-        scores = self.biased(self.logits(q, k))
-        weights = torch.softmax(scores, -1)
-        R_weights, R_v = strategy.weights_and_values(torch.matmul, weights, v, R, self.epsilon)
+        R_q, R_k, R_v = self.relevance_of_parts(q, k, v, R, attention_strategy(strategy))
+        return (torch.zeros_like(q) if R_q is None else R_q, torch.zeros_like(k) if R_k is None else R_k, R_v)
+
+    def relevance_of_parts(self, q: Tensor, k: Tensor, v: Tensor, R: Tensor, strategy: AttentionStrategy,
+                           weights: Tensor | None = None, output: Tensor | None = None
+                           ) -> tuple[Tensor | None, Tensor | None, Tensor]:
+        """`relevance`, given what the forward pass kept (the weights, `A·V`): nothing is
+        recomputed that the strategy does not read; q and k get None when they get nothing (CP)."""
+        scores = None
+        if weights is None:
+            scores = self.biased(self.logits(q, k))
+            weights = torch.softmax(scores, -1)
+        R_weights, R_v = strategy.weights_and_values(torch.matmul, weights, v, R, self.epsilon, output=output)
         if R_weights is None:
-            return torch.zeros_like(q), torch.zeros_like(k), R_v
+            return None, None, R_v
+        if scores is None:
+            scores = self.biased(self.logits(q, k))
         R_scores = strategy.scores(scores, weights, R_weights, -1)
         R_q, R_k = bilinear_relevance(self._bilinear_logits(q, k), q, k, R_scores, epsilon=self.epsilon)
         return R_q, R_k, R_v
@@ -314,13 +343,14 @@ class MultiheadParts:
     recomputed from the module's parameters; batch-first inside."""
 
     inputs: tuple[Tensor, Tensor, Tensor]  # query, key, value, batch-first
-    heads: tuple[Tensor, Tensor, Tensor]  # q, k, v: (batch, heads, tokens, d)
+    heads: tuple[Tensor | None, Tensor | None, Tensor]  # q, k, v: (batch, heads, tokens, d)
     core: AttentionCore
     in_ops: tuple[LinearOp, LinearOp, LinearOp]
     out_op: LinearOp
     context: Tensor  # the heads merged, (batch, tokens, embed), before out_proj
     batch_first: bool
-    projected: tuple[Tensor, Tensor, Tensor]  # the in-projections' outputs, before the heads split
+    projected: tuple[Tensor | None, ...]  # the in-projections' outputs, before the heads split
+    weights: Tensor | None = None  # the attention weights (batch, heads, tokens, tokens)
     out: Tensor | None = None  # out_proj's output, batch-first (set by `output`)
 
     @classmethod
@@ -338,23 +368,41 @@ class MultiheadParts:
         q, k, v = (split_heads(p, heads) for p in projected)
         mask = _multihead_mask(attn_mask, key_padding_mask, is_causal, q, k)
         core = AttentionCore(float((E // heads) ** -0.5), mask)
-        context = merge_heads(core.forward(q, k, v))
-        return cls(inputs, (q, k, v), core, in_ops, _linear_op(module.out_proj), context, not flip, projected)
+        weights = core.weights(q, k)
+        context = merge_heads(weights @ v)
+        return cls(inputs, (q, k, v), core, in_ops, _linear_op(module.out_proj), context, not flip, projected,
+                   weights)
+
+    def trim(self, reads_query_key: bool, reads_outputs: bool) -> MultiheadParts:
+        """Drop what the relevance will not read (the record keeps the rest until the walk)."""
+        if not reads_query_key:
+            self.heads, self.projected = (None, None, self.heads[2]), (None, None, self.projected[2])
+        if not reads_outputs:
+            self.projected = (None, None, None)
+        return self
 
     def output(self) -> Tensor:
         if self.out is None:
             self.out = self.out_op.forward(self.context, self.out_op.weight, self.out_op.bias)
         return self.out if self.batch_first else self.out.transpose(0, 1)
 
-    def relevance(self, R: Tensor, rule: Rule, strategy: AttentionStrategy) -> tuple[Tensor, Tensor, Tensor]:
-        """Relevance of (query, key, value) in the caller's layout; `rule` for the projections."""
+    def relevance(self, R: Tensor, rule: Rule, strategy: AttentionStrategy
+                  ) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
+        """Relevance of (query, key, value) in the caller's layout (None: none); `rule` for the
+        projections."""
         R = R if self.batch_first else R.transpose(0, 1)
         self.output()
         R_context = rule.relevance_from_output(_fresh(self.out_op), self.context, R, self.out)
-        R_heads = self.core.relevance(*self.heads, split_heads(R_context, self.heads[0].shape[-3]), strategy)
-        out = []
+        heads = self.heads[2].shape[-3]
+        R_heads = self.core.relevance_of_parts(*self.heads, split_heads(R_context, heads),
+                                               attention_strategy(strategy), self.weights,
+                                               split_heads(self.context, heads))
+        out: list[Tensor | None] = []
         for op, x, R_h, y in zip(self.in_ops, self.inputs, R_heads, self.projected, strict=True):
-            R_x = rule.relevance_from_output(_fresh(op), x, merge_heads(R_h), y) if bool(R_h.any()) else torch.zeros_like(x)
+            if R_h is None or not bool(R_h.any()):
+                out.append(None)
+                continue
+            R_x = _from_output(rule, _fresh(op), x, merge_heads(R_h), y)
             out.append(R_x if self.batch_first else R_x.transpose(0, 1))
         return out[0], out[1], out[2]
 
@@ -396,10 +444,12 @@ class WindowParts:
     proj_op: LinearOp
     core: AttentionCore
     windows: Tensor  # (batch·windows, tokens, C): the qkv projection's input
-    heads: tuple[Tensor, Tensor, Tensor]
+    heads: tuple[Tensor | None, Tensor | None, Tensor]
     context: Tensor  # before proj
     projected: Tensor  # after proj, before the windows are put back
-    qkv: Tensor | None = None  # the qkv projection's output
+    qkv: Tensor | None = None  # the qkv projection's output (CP: its values' third only)
+    weights: Tensor | None = None  # the attention weights
+    values_only: bool = False  # CP: q and k get no relevance, the qkv rule sees the values' third
 
     @classmethod
     def of(cls, module: nn.Module, x: Tensor) -> WindowParts:
@@ -430,7 +480,8 @@ class WindowParts:
             scale = torch.clamp(logit_scale.detach().float(), max=math.log(100.0)).exp()
             parts.core = AttentionCore(scale, bias, cosine=True)
         parts.heads = (q, k, v)
-        parts.context = merge_heads(parts.core.forward(q, k, v))
+        parts.weights = parts.core.weights(q, k)
+        parts.context = merge_heads(parts.weights @ v)
         parts.projected = parts.proj_op.forward(parts.context, parts.proj_op.weight, parts.proj_op.bias)
         return parts
 
@@ -470,10 +521,30 @@ class WindowParts:
     def output(self) -> Tensor:
         return self.unpartition(self.projected)
 
+    def trim(self, reads_query_key: bool, reads_outputs: bool) -> WindowParts:
+        """Drop what the relevance will not read. Under CP only the values' third of the qkv
+        projection carries relevance: its rule then runs on that third alone (a third of the
+        products), and only that third of the qkv output is kept."""
+        if not reads_query_key:  # the values' third, copied: no view that holds q and k alive
+            self.values_only = True
+            self.qkv = self.qkv[..., 2 * self.windows.shape[-1]:].clone()
+            self.heads = (None, None, split_heads(self.qkv, self.heads_count))
+        elif not reads_outputs:
+            self.qkv = None
+        return self
+
     def relevance(self, x: Tensor, R: Tensor, rule: Rule, strategy: AttentionStrategy) -> Tensor:
         R_projected = vjp(self.unpartition, self.projected, R)
         R_context = rule.relevance_from_output(_fresh(self.proj_op), self.context, R_projected, self.projected)
-        R_q, R_k, R_v = self.core.relevance(*self.heads, split_heads(R_context, self.heads_count), strategy)
+        R_q, R_k, R_v = self.core.relevance_of_parts(*self.heads, split_heads(R_context, self.heads_count),
+                                                     attention_strategy(strategy), self.weights,
+                                                     split_heads(self.context, self.heads_count))
+        if R_q is None:  # CP: the values' third of the projection alone
+            C = self.windows.shape[-1]
+            weight, bias = self.qkv_op.weight[2 * C:], None if self.qkv_op.bias is None else self.qkv_op.bias[2 * C:]
+            y = self.qkv if self.values_only else None if self.qkv is None else self.qkv[..., 2 * C:]
+            R_windows = _from_output(rule, LinearOp(weight, bias), self.windows, merge_heads(R_v), y)
+            return vjp(self.partition, x, R_windows)
         R_qkv = torch.stack([R_q, R_k, R_v]).permute(1, 3, 0, 2, 4).reshape(*self.windows.shape[:2], -1)
-        R_windows = rule.relevance_from_output(_fresh(self.qkv_op), self.windows, R_qkv, self.qkv)
+        R_windows = _from_output(rule, _fresh(self.qkv_op), self.windows, R_qkv, self.qkv)
         return vjp(self.partition, x, R_windows)

@@ -94,11 +94,12 @@ class Op:
             return getattr(obj, node.target)(*rest, **kwargs)
         raise TraceError(f"{self.name} cannot run a {node.op} node")
 
-    def record(self, step: Step, args: tuple, kwargs: dict, model: nn.Module) -> tuple[Any, Any]:
+    def record(self, step: Step, args: tuple, kwargs: dict, context: Context) -> tuple[Any, Any]:
         """The node's output and what `relevance` will want from this forward pass (None:
         nothing), which it finds in `values.parts[step.node]`: an op that would otherwise
-        recompute parts of its forward for the relevance keeps them here. By default: `forward`."""
-        return self.forward(step, args, kwargs, model), None
+        recompute parts of its forward for the relevance keeps them here, and only what the
+        composite's rules (in `context`) will read. By default: `forward`."""
+        return self.forward(step, args, kwargs, context.model), None
 
     def relevance(self, step: Step, values: dict[fx.Node, Any], R: Relevance, context: Context) -> Parents:
         raise NotImplementedError
@@ -108,12 +109,14 @@ class Op:
     # the engine release every other value during the forward pass (memory the backward walk does
     # not need); the default keeps all.
     reads_its_arguments: ClassVar[bool] = False
+    reads_its_output: ClassVar[bool] = False  # with reads_its_arguments: its own output's numbers too
 
     def backward_reads(self, step: Step, context: Context) -> list[fx.Node] | None:
-        """The nodes whose values (numbers, not only shapes) `relevance` reads; None: any node's."""
+        """The nodes whose values (numbers, not only shapes) `relevance` reads; None: any node's.
+        An op that overrides this says it all here (its flags are not read)."""
         if not self.reads_its_arguments:
             return None
-        return [*step.node.all_input_nodes]
+        return [step.node, *step.node.all_input_nodes] if self.reads_its_output else [*step.node.all_input_nodes]
 
     def annotate(self, step: Step, plan: Plan) -> None:
         """Record graph facts in `step.info` once every node is claimed."""

@@ -42,7 +42,6 @@ class LinearInfo:
 
 class Linear(Op):
     name = "linear"
-    reads_its_arguments = True
     modules = LINEAR_TYPES
     functions = LINEAR_FUNCTIONS.keys()
 
@@ -104,12 +103,15 @@ class Linear(Op):
     @staticmethod
     def effective_op(step, values, context: Context) -> LinearOp:
         """The step's linear map with its adjacent BatchNorms folded in; cached per parameter
-        version for modules (w⁺ and folding are then computed once, not per image)."""
+        version for modules. A folded map is a copy of the weights: cached only where the engine
+        is asked to (`cache_weights`; a copy of every conv for the explainer's life, 97 MiB on
+        ResNet-50), else folded per call (a product over the weights)."""
         info: LinearInfo = step.info
         bns = [context.step_of[n] for n in (info.fold_before, info.fold_after) if n is not None]
         # Cacheable: everything comes from modules' tensors (a functional call's weight is computed
         # in the forward pass) and nothing from the input's shape (folding before a padded conv).
         cacheable = step.module is not None and info.fold_before is None and all(bn.module is not None for bn in bns)
+        cacheable = cacheable and (not bns or getattr(context, "cache_weights", False))
         key = None
         if cacheable:
             sources = [step.module, *(bn.module for bn in bns)]

@@ -72,10 +72,17 @@ class Matmul(Op):
 
 
 def bilinear_relevance(fn: Callable[[Tensor, Tensor], Tensor], a: Tensor, b: Tensor, R: Tensor,
-                       share_a: float = 0.5, epsilon: float = EPSILON) -> tuple[Tensor, Tensor]:
+                       share_a: float = 0.5, epsilon: float = EPSILON, output: Tensor | None = None
+                       ) -> tuple[Tensor, Tensor]:
     """ε-LRP of a bilinear map z = fn(a, b): each contribution a_i b_j of z goes to its two
     factors, `share_a` of it to a and the rest to b (AttnLRP's uniform rule: 0.5). With
-    `share_a=0` the map is linear in b (a held constant: the ε-rule on b)."""
+    `share_a=0` the map is linear in b (a held constant: the ε-rule on b). `output`: `fn(a, b)`
+    as the forward pass computed it; with it, `a @ b` held at `a` is transposed directly (one
+    product instead of two and no autograd graph: CP attention's A·V)."""
+    if output is not None and share_a == 0 and fn is torch.matmul and a.dim() == b.dim() >= 2 \
+            and a.shape[:-2] == b.shape[:-2]:
+        s = R / stabilize(output.reshape(R.shape), epsilon)
+        return torch.zeros_like(a), (a.transpose(-2, -1) @ s).mul_(b)
     with torch.enable_grad():
         a_ = a.detach().requires_grad_(share_a > 0)
         b_ = b.detach().requires_grad_(share_a < 1)

@@ -23,7 +23,6 @@ METADATA_ATTRIBUTES = {"shape", "ndim", "dtype", "device", "is_cuda", "layout", 
 
 class Meta(Op):
     name = "meta"
-    reads_its_arguments = True
     functions, methods, library_functions = FUNCTIONS, METHODS, LIBRARY_FUNCTIONS
 
     def claim(self, node: fx.Node) -> bool:

@@ -114,8 +114,14 @@ def lstm_relevance(lstm: nn.LSTM, a: Tensor, R: Tensor | list[Any], epsilon: flo
     H, directions = lstm.hidden_size, 2 if lstm.bidirectional else 1
     R_h_n, R_c_n = (None if r is None else (r.unsqueeze(1) if unbatched else r) for r in (R_h_n, R_c_n))
     inputs = [x]  # each layer's input sequence (L, N, D)
-    for layer in range(lstm.num_layers - 1):
-        inputs.append(torch.cat([_run(lstm, layer, d, inputs[-1])[0] for d in range(directions)], -1))
+    runs: dict[tuple[int, int], list[dict[str, Tensor]]] = {}  # each layer-direction run once, its steps kept
+    for layer in range(lstm.num_layers):
+        outputs = []
+        for d in range(directions):
+            output, runs[layer, d] = _run(lstm, layer, d, inputs[-1])
+            outputs.append(output)
+        if layer < lstm.num_layers - 1:
+            inputs.append(torch.cat(outputs, -1))
     R_seq = R_out.float() if R_out is not None else x.new_zeros(L, N, directions * H)
     for layer in reversed(range(lstm.num_layers)):
         R_in = torch.zeros_like(inputs[layer])
@@ -123,8 +129,8 @@ def lstm_relevance(lstm: nn.LSTM, a: Tensor, R: Tensor | list[Any], epsilon: flo
             k = layer * directions + d
             carry_h = R_h_n[k].float() if R_h_n is not None else None
             carry_c = R_c_n[k].float() if R_c_n is not None else None
-            R_in = R_in + _direction(lstm, layer, d, inputs[layer], R_seq[..., d * H:(d + 1) * H], carry_h, carry_c,
-                                     epsilon, biases)
+            R_in = R_in + _direction(lstm, layer, d, inputs[layer], runs[layer, d], R_seq[..., d * H:(d + 1) * H],
+                                     carry_h, carry_c, epsilon, biases)
         R_seq = R_in
     R_x = R_seq
     return R_x.squeeze(1) if unbatched else (R_x.transpose(0, 1) if lstm.batch_first else R_x)
@@ -169,13 +175,13 @@ def _run(lstm: nn.LSTM, layer: int, direction: int, x: Tensor) -> tuple[Tensor, 
     return torch.stack(outputs), steps
 
 
-def _direction(lstm: nn.LSTM, layer: int, direction: int, x: Tensor, R_h: Tensor, carry_h: Tensor | None,
-               carry_c: Tensor | None, epsilon: float, biases: str) -> Tensor:
-    """The relevance of one layer-direction's input sequence, given its outputs' relevance."""
+def _direction(lstm: nn.LSTM, layer: int, direction: int, x: Tensor, steps: list[dict[str, Tensor]], R_h: Tensor,
+               carry_h: Tensor | None, carry_c: Tensor | None, epsilon: float, biases: str) -> Tensor:
+    """The relevance of one layer-direction's input sequence, given its outputs' relevance and
+    its forward run's steps (`_run`)."""
     w_ih, w_hh, _ = _weights(lstm, layer, direction)
     H = lstm.hidden_size
     w_x, w_h = w_ih[2 * H:3 * H], w_hh[2 * H:3 * H]  # the rows of the cell candidate g
-    _, steps = _run(lstm, layer, direction, x)
     R_x = torch.zeros_like(x)
     R_carry_h = carry_h if carry_h is not None else torch.zeros_like(R_h[0])
     R_carry_c = carry_c if carry_c is not None else torch.zeros_like(R_h[0])
@@ -184,13 +190,13 @@ def _direction(lstm: nn.LSTM, layer: int, direction: int, x: Tensor, R_h: Tensor
         R_c = R_carry_c + R_carry_h + R_h[s["t"]]  # h = o ⊙ tanh(c): the gate o takes none, tanh passes
         R_carry_c = s["f"] * s["c"] * (R_c / stabilize(s["c_new"], epsilon))  # the gates f, i take none
         R_g = R_c - R_carry_c  # the candidate i ⊙ g: the rest, so the cell sum conserves exactly
-        z = s["z_x"] + s["z_h"] + s["b"]
-        share = R_g / stabilize(z, epsilon)  # tanh passes R_g to g's pre-activation
+        z = stabilize(s["z_x"] + s["z_h"] + s["b"], epsilon)
+        share = R_g / z  # tanh passes R_g to g's pre-activation
         R_x[s["t"]] = x[s["t"]] * (share @ w_x)
         R_carry_h = s["h"] * (share @ w_h)
         if biases == "spread":  # the bias's and ε's share, equally to the step's input units
             units = w_x.shape[1] + (0 if s["t"] == first else H)
-            spread = (share * (stabilize(z, epsilon) - s["z_x"] - s["z_h"])).sum(-1, keepdim=True) / units
+            spread = (share * (z - s["z_x"] - s["z_h"])).sum(-1, keepdim=True) / units
             R_x[s["t"]] += spread
             if s["t"] != first:
                 R_carry_h = R_carry_h + spread

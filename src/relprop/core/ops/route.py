@@ -63,7 +63,6 @@ LIBRARY_FUNCTIONS = {"torchvision.models.swin_transformer._patch_merging_pad"}
 
 class Route(KeepsSign, Op):
     name = "route"
-    reads_its_arguments = True
     modules = (nn.Flatten, nn.Unflatten, nn.Unfold, *PAD_MODULES)
     keeps_the_input_layer = True
     functions, methods, library_functions = FUNCTIONS, METHODS, LIBRARY_FUNCTIONS

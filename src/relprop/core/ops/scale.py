@@ -58,7 +58,6 @@ class ScaleInfo:
 
 class Scale(Op):
     name = "scale"
-    reads_its_arguments = True
     functions, methods = FUNCTIONS, METHODS
 
     def make_info(self) -> ScaleInfo:

@@ -37,7 +37,7 @@ SOFTMAX_MODULES = (nn.Softmax, nn.LogSoftmax, nn.Softmax2d)
 
 class Softmax(Op):
     name = "softmax"
-    reads_its_arguments = True
+    reads_its_arguments = reads_its_output = True
 
     def claim(self, node: fx.Node) -> bool:
         if node.target in ATTENTION_SOFTMAX:
@@ -66,10 +66,6 @@ class Softmax(Op):
                 product.info.gate, product.info.unrelated = index, True
             else:
                 product.info.attention_weights = index
-
-    def backward_reads(self, step, context: Context) -> list[fx.Node]:
-        """Its arguments and its own output."""
-        return [step.node, *step.node.all_input_nodes]
 
     def relevance(self, step, values, R, context: Context) -> Parents:
         parent = step.inputs[0]
