@@ -67,6 +67,17 @@ def composite_table_block() -> str:
     return "\n".join(lines)
 
 
+def faithful_families_block() -> str:
+    """What `lrp-faithful` runs on each model family (relprop.methods.faithful.FAMILIES)."""
+    from relprop.methods.faithful import FAMILIES
+
+    lines = ["| family | recognized by | `lrp-faithful` runs |", "|---|---|---|"]
+    for family in FAMILIES.values():
+        marks = _code((*family.classes, *family.modules))
+        lines.append(f"| {family.name} | {marks} | {family.summary} |")
+    return "\n".join(lines)
+
+
 def versions_block() -> str:
     """The versions this environment runs, and the day: written after a whole test run passed."""
     found = []
@@ -85,6 +96,7 @@ BLOCKS: dict[str, Callable[[], str]] = {
     "rules": rules_block,
     "composites": composites_block,
     "composite-table": composite_table_block,
+    "faithful-families": faithful_families_block,
     "versions": versions_block,
 }
 
