@@ -317,6 +317,30 @@ def split_table(records: list[dict], protocols: list[str]) -> str:
     return "\n".join(lines)
 
 
+def summarize(outs: list[Path]) -> str:
+    """One table over several `--halves` runs: per model and protocol, the chosen LRP against the
+    protocol's best baseline on half B (both chosen on half A)."""
+    from relprop.evaluation.results import read_jsonl
+    from relprop.evaluation.statistics import mean_sem_ci
+
+    lines = ["| model | protocol | chosen LRP (on A) | ID on B | best baseline (on A) | ID on B | "
+             "diff on B [95 % CI] | Wilcoxon p | n |", "|---|---|---|---|---|---|---|---|---|"]
+    for out in outs:
+        choice = json.loads((out / "choice.json").read_text())
+        records = read_jsonl(out / "B" / "results.jsonl")
+        for protocol, baseline in choice["best_baseline"].items():
+            table = scores_by_method(records, protocol)
+            mine, theirs = table.get(choice["chosen"], {}), table.get(baseline, {})
+            if not mine or not theirs:
+                continue
+            c = paired(mine, theirs)
+            diff, p = fmt_pair(c)
+            lines.append(f"| {Path(choice['weights']).stem} | {protocol} | {choice['chosen']} | "
+                         f"{mean_sem_ci(list(mine.values()))[0]:.3f} | {baseline} | "
+                         f"{mean_sem_ci(list(theirs.values()))[0]:.3f} | {diff} | {p} | {c['n']} |")
+    return "\n".join(lines)
+
+
 def run_halves(args: argparse.Namespace) -> None:
     """Search on half A, confirm on half B (module docstring)."""
     from relprop.evaluation.classification import Checkpoint, EvalConfig, evaluate
@@ -400,7 +424,12 @@ def main(argv: list[str] | None = None) -> None:
     halves.add_argument("--baselines", nargs="*", default=None, help=f"default: {' '.join(BASELINES)}")
     halves.add_argument("--step", type=int, default=None, help="pixels per frame (default: the protocol's)")
     halves.add_argument("--batch-size", type=int, default=32)
+    halves.add_argument("--summarize", type=Path, nargs="+", default=None,
+                        help="print one table over these finished --halves OUT folders, then stop")
     args = parser.parse_args(argv)
+    if args.summarize:
+        print(summarize(args.summarize))
+        return
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.halves:
