@@ -148,10 +148,10 @@ BASELINES = ["gradcam", "scorecam", "ig", "gradient", "gradxinput", "gbp", "lrp-
 
 
 def family_candidates(family: str) -> dict[str, object]:
-    """key -> Candidate for a family: at most 8, one change at a time around the family default.
+    """key -> Candidate for a family: at most 10, one change at a time around the family default.
 
     CNNs (resnet, convnext, mobilenet): γ lower / ε upper stages with w⁺ or zB input, ratio vs
-    signed split, HQ 8 / 4 / none, and the paper's z+ composite. ViT: CP vs AttnLRP attention ×
+    signed split, HQ 8 / 4 / none, the paper's z+ composite, and ε everywhere (ratio / signed). ViT: CP vs AttnLRP attention ×
     ratio vs signed split at the pre-norm adds × HQ 8 / none."""
     from relprop.methods.faithful import Candidate as C
 
@@ -169,6 +169,10 @@ def family_candidates(family: str) -> dict[str, object]:
         "epsilon-gamma-box-hq": C(base="epsilon-gamma-box", hq_levels=8),
         "zplus-hq": C(base="lrp-split", hq_levels=8),  # the paper's method (ours+hq)
         "zplus": C(base="lrp-split"),  # ours
+        # ε everywhere (cp-lrp's rules on a CNN: ε-LRP, ≈ gradient × input on ReLU nets), signed
+        # maps without HQ, with the ratio split or the signed one
+        "eps-ratio": C(base="cp-lrp", base_split="ratio"),
+        "eps-signed": C(base="cp-lrp"),
     }
 
 
@@ -320,14 +324,13 @@ def split_table(records: list[dict], protocols: list[str]) -> str:
 def summarize(outs: list[Path]) -> str:
     """One table over several `--halves` runs: per model and protocol, the chosen LRP against the
     protocol's best baseline on half B (both chosen on half A)."""
-    from relprop.evaluation.results import read_jsonl
     from relprop.evaluation.statistics import mean_sem_ci
 
     lines = ["| model | protocol | chosen LRP (on A) | ID on B | best baseline (on A) | ID on B | "
              "diff on B [95 % CI] | Wilcoxon p | n |", "|---|---|---|---|---|---|---|---|---|"]
     for out in outs:
         choice = json.loads((out / "choice.json").read_text())
-        records = read_jsonl(out / "B" / "results.jsonl")
+        records = read_half(out / "B")
         for protocol, baseline in choice["best_baseline"].items():
             table = scores_by_method(records, protocol)
             mine, theirs = table.get(choice["chosen"], {}), table.get(baseline, {})
@@ -341,11 +344,31 @@ def summarize(outs: list[Path]) -> str:
     return "\n".join(lines)
 
 
+def groups(methods: list[str]) -> list[list[str]]:
+    """Methods grouped with their +hq twins (one `evaluate` computes the base map once for both)."""
+    found: dict[str, list[str]] = {}
+    for method in methods:
+        found.setdefault(method.removesuffix("+hq"), []).append(method)
+    return list(found.values())
+
+
+def read_half(folder: Path) -> list[dict]:
+    """Every results.jsonl under a half's folder (one per evaluate run)."""
+    from relprop.evaluation.results import read_jsonl
+
+    return [r for path in sorted(folder.rglob("results.jsonl")) for r in read_jsonl(path)]
+
+
+def complete(records: list[dict], methods: list[str], images: list[str], protocols: list[str]) -> bool:
+    """Whether every (image, method, protocol) has a row (scored or failed) already."""
+    done = {(r.get("image"), r.get("method"), r.get("protocol")) for r in records}
+    return all((i, m, p) in done for i in images for m in methods for p in protocols)
+
+
 def run_halves(args: argparse.Namespace) -> None:
     """Search on half A, confirm on half B (module docstring)."""
     from relprop.evaluation.classification import Checkpoint, EvalConfig, evaluate
     from relprop.evaluation.metrics import PROTOCOLS
-    from relprop.evaluation.results import read_jsonl
     from relprop.methods.faithful import family_of
     from relprop.models import load_model
 
@@ -365,15 +388,20 @@ def run_halves(args: argparse.Namespace) -> None:
     checkpoint = [Checkpoint.of(model, info, str(args.weights))]
 
     def run(half: str, methods: list[str]) -> list[dict]:
-        out = args.out / half
-        config = EvalConfig(data=link_half(args.data, halves[half], args.out / "halves" / half), out=out,
-                            methods=tuple(dict.fromkeys(methods)), protocols=tuple(protocols),
-                            step=args.step, batch_size=args.batch_size, device=torch.device(args.device))
-        outcome = evaluate(config, checkpoint)
-        if outcome.failed_methods:
-            print(f"faithful_search: half {half}: could not run {', '.join(outcome.failed_methods)}",
-                  file=sys.stderr)
-        return read_jsonl(out / "results.jsonl")
+        """Each method with its +hq twin as its own `evaluate` run (OUT/half/<method>/), so that a
+        changed candidate or baseline list reuses every method already scored on the half."""
+        data = link_half(args.data, halves[half], args.out / "halves" / half)
+        for group in groups(list(dict.fromkeys(methods))):
+            if complete(read_half(args.out / half), group, halves[half], protocols):
+                continue
+            config = EvalConfig(data=data, out=args.out / half / group[0].removesuffix("+hq"),
+                                methods=tuple(group), protocols=tuple(protocols), step=args.step,
+                                batch_size=args.batch_size, device=torch.device(args.device))
+            outcome = evaluate(config, checkpoint)
+            if outcome.failed_methods:
+                print(f"faithful_search: half {half}: could not run {', '.join(outcome.failed_methods)}",
+                      file=sys.stderr)
+        return read_half(args.out / half)
 
     records_a = run("A", candidates + baselines)
     best, chosen, margins = choose(records_a, candidates, baselines, protocols)

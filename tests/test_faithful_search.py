@@ -32,7 +32,7 @@ def test_halves_are_disjoint_per_class_seeded_and_cover_the_data(tmp_path):
 
 
 def rows(scores: dict[tuple[str, str], list[float]]) -> list[dict]:
-    return [{"image": f"n1/{i}.JPEG", "method": method, "protocol": protocol, "id": value,
+    return [{"image": f"n1/{'abc'[i]}.JPEG", "method": method, "protocol": protocol, "id": value,
              "insertion": value, "deletion": 0.0}
             for (method, protocol), values in scores.items() for i, value in enumerate(values)]
 
@@ -55,7 +55,16 @@ def test_choice_is_the_best_worst_protocol_margin_over_each_protocols_best_basel
 
 def test_family_candidates_stay_small_and_pair_the_vit_splits():
     for family in ("resnet", "convnext", "mobilenet", "vit"):
-        assert len(faithful_search.family_candidates(family)) <= 8
+        assert len(faithful_search.family_candidates(family)) <= 10
     vit = faithful_search.family_candidates("vit")
     assert {c.base_split for c in vit.values()} == {"ratio", "signed"}
     assert {c.base for c in vit.values()} == {"cp-lrp", "attnlrp"}
+
+
+def test_a_half_reruns_only_the_groups_it_lacks():
+    images, protocols = ["n1/a.JPEG", "n1/b.JPEG"], ["paper", "rise"]
+    records = rows({("ig", "paper"): [0.1, 0.2], ("ig", "rise"): [0.3, 0.4], ("ig+hq", "paper"): [0.1]})
+    assert faithful_search.groups(["ig", "cand-a", "ig+hq", "gradcam+hq"]) == [["ig", "ig+hq"], ["cand-a"],
+                                                                               ["gradcam+hq"]]
+    assert faithful_search.complete(records, ["ig"], images, protocols)
+    assert not faithful_search.complete(records, ["ig", "ig+hq"], images, protocols)
