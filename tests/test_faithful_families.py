@@ -81,10 +81,11 @@ def test_lrp_faithful_on_a_cnn_family_is_gamma_lower_epsilon_upper_then_hq():
     assert torch.equal(maps[:, 0], heat_quantize(R.sum(1), levels=8))
 
 
-def test_lrp_faithful_on_a_vit_is_cp_lrp_with_the_ratio_split_then_hq():
+def test_lrp_faithful_on_a_vit_is_attnlrp_with_the_signed_split_then_hq():
     model = build("vit")
     x = torch.randn(2, 3, 32, 32)
-    composite = dataclasses.replace(get_composite("cp-lrp"), split="ratio")
+    composite = get_composite("attnlrp")
+    assert composite.split == "signed" and composite.attention == "attnlrp"
     R = LRP(model, composite=composite).attribute(x)
     maps = get_method("lrp-faithful", model).attribute(x)
     assert torch.equal(maps[:, 0], heat_quantize(R.sum(1), levels=8))
