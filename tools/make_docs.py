@@ -78,6 +78,19 @@ def faithful_families_block() -> str:
     return "\n".join(lines)
 
 
+def protocols_block() -> str:
+    """The faithfulness protocols and tie modes of `relprop evaluate`, from their registry."""
+    from relprop.evaluation.protocols import PROTOCOL_SPECS, TIES_HELP
+
+    lines = ["| `--protocol` | what it does | what it rewards | scores (↑, ↓, ↑) |", "|---|---|---|---|"]
+    for name, spec in PROTOCOL_SPECS.items():
+        titles = ", ".join(spec.titles[k] for k in ("insertion", "deletion", "id"))
+        lines.append(f"| `{name}` | {spec.help} | {spec.rewards} | {titles} |")
+    lines += ["", "| `--ties` | tied map values |", "|---|---|"]
+    lines += [f"| `{name}` | {text} |" for name, text in TIES_HELP.items()]
+    return "\n".join(lines)
+
+
 def versions_block() -> str:
     """The versions this environment runs, and the day: written after a whole test run passed."""
     found = []
@@ -97,6 +110,7 @@ BLOCKS: dict[str, Callable[[], str]] = {
     "composites": composites_block,
     "composite-table": composite_table_block,
     "faithful-families": faithful_families_block,
+    "protocols": protocols_block,
     "versions": versions_block,
 }
 

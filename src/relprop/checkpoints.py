@@ -19,7 +19,7 @@ from torch import nn
 from relprop.errors import CheckpointError
 from relprop.evaluation.results import write_atomic
 from relprop.modelinfo import CHECKPOINT_KEYS, ModelInfo, Preprocessing, as_preprocessing
-from relprop.models import build_arch
+from relprop.models import build_arch, classes_from_state, classifiers, state_mismatches
 
 
 def save_checkpoint(model: nn.Module, path: str | Path, *, classes: Sequence[str],
@@ -72,7 +72,7 @@ def _arch_of(model: nn.Module, state: Mapping[str, torch.Tensor]) -> str:
         return f"timm/{cfg['architecture']}"
     wanted, kind = _shapes(state), type(model)
     matches = []
-    for name in torchvision.models.list_models(module=torchvision.models):
+    for name in classifiers():
         builder = torchvision.models.get_model_builder(name)
         if builder.__annotations__.get("return") not in (kind.__name__, kind):
             continue
@@ -88,21 +88,16 @@ def _arch_of(model: nn.Module, state: Mapping[str, torch.Tensor]) -> str:
 
 
 def _outputs(state: Mapping[str, torch.Tensor]) -> int:
-    matrices = [v for v in state.values() if v.ndim == 2]
-    return int(matrices[-1].shape[0]) if matrices else 1000
+    return classes_from_state(state) or 1000
 
 
 def _check_builds(arch: str, state: Mapping[str, torch.Tensor], num_classes: int) -> None:
     """Refuse to write what `load_model` would refuse: `arch` must take exactly these weights."""
     with torch.device("meta"):
         model = build_arch(arch, num_classes, source="save_checkpoint")
-    expected = _shapes(model.state_dict())
-    given = _shapes(state)
-    if expected != given:
-        missing = sorted(set(expected) - set(given))
-        unexpected = sorted(set(given) - set(expected))
-        wrong = sorted(k for k in set(expected) & set(given) if expected[k] != given[k])
+    missing, unexpected, wrong = state_mismatches(model.state_dict(), state)
+    if missing or unexpected or wrong:
         detail = (f"missing {missing[0]}" if missing else f"unexpected {unexpected[0]}" if unexpected
-                  else f"{wrong[0]} is {list(given[wrong[0]])}, {arch} has {list(expected[wrong[0]])}")
+                  else wrong[0])
         raise CheckpointError(f"save_checkpoint: {arch} with {num_classes} classes does not take this "
                               f"model's weights ({detail}); check arch= and classes=")

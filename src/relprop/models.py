@@ -202,7 +202,7 @@ def _as_fp32(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return {k: v.float() if v.is_floating_point() else v for k, v in state_dict.items()}
 
 
-def _classes_from_state(state_dict: Mapping[str, torch.Tensor]) -> int | None:
+def classes_from_state(state_dict: Mapping[str, torch.Tensor]) -> int | None:
     """Number of outputs of the last 2-D weight (e.g. `fc.weight`), for plain state dicts."""
     matrices = [v for v in state_dict.values() if v.ndim == 2]
     return int(matrices[-1].shape[0]) if matrices else None
@@ -223,7 +223,7 @@ def _info(path: Path, stored: dict[str, Any], given: dict[str, Any],
         raise CheckpointError(f"{path}: a plain state dict needs --arch (e.g. resnet50) or --model-def")
     count = found.get("num_classes")
     if count is None:
-        count = _classes_from_state(state_dict)
+        count = classes_from_state(state_dict)
         if count is None:
             raise CheckpointError(f"{path}: cannot tell the number of classes; pass --num-classes")
     if "resize" in found:
@@ -271,7 +271,7 @@ def build_arch(arch: str, num_classes: int, source: str = "--arch", **kwargs: An
     Pretrained timm weights are never fetched (`pretrained=False`): the weights come from the file.
     `kwargs` (a checkpoint's `model_kwargs`) go to the builder: a ViT's img_size, patch_size, depth.
     """
-    if not arch.startswith(TIMM_PREFIX) and arch in _classifiers():
+    if not arch.startswith(TIMM_PREFIX) and arch in classifiers():
         try:
             return torchvision.models.get_model(arch, num_classes=num_classes, **kwargs)
         except TypeError as error:
@@ -345,15 +345,20 @@ def _where(error: BaseException, source: Path) -> str:
     return f"{source}: {reason}"
 
 
+def state_mismatches(expected: Mapping[str, torch.Tensor], given: Mapping[str, torch.Tensor]
+                     ) -> tuple[list[str], list[str], list[str]]:
+    """Missing keys, unexpected keys and `key (given shape) vs model (expected shape)`: the one
+    comparison that loading and saving a checkpoint both refuse on."""
+    missing = [k for k in expected if k not in given]
+    unexpected = [k for k in given if k not in expected]
+    mismatched = [f"{k} {tuple(given[k].shape)} vs model {tuple(v.shape)}"
+                  for k, v in expected.items() if k in given and given[k].shape != v.shape]
+    return missing, unexpected, mismatched
+
+
 def _load_state(path: Path, model: nn.Module, state_dict: Mapping[str, torch.Tensor], arch: str) -> None:
     """Strict load, with the first mismatches named on one line instead of PyTorch's long report."""
-    expected = model.state_dict()
-    missing = [k for k in expected if k not in state_dict]
-    unexpected = [k for k in state_dict if k not in expected]
-    mismatched = [
-        f"{k} {tuple(state_dict[k].shape)} vs model {tuple(v.shape)}"
-        for k, v in expected.items() if k in state_dict and state_dict[k].shape != v.shape
-    ]
+    missing, unexpected, mismatched = state_mismatches(model.state_dict(), state_dict)
     problems = [
         f"{label} {len(keys)} (e.g. {', '.join(keys[:3])})"
         for label, keys in (("missing keys", missing), ("unexpected keys", unexpected),
@@ -426,7 +431,7 @@ def torchvision_weights(text: str, arch: str | None = None) -> TorchvisionWeight
         if arch is not None and arch != owner:
             raise CheckpointError(f"--weights {text} are {owner}'s weights, not --arch {arch}'s")
         return TorchvisionWeights(owner, weights)
-    if arch is None or not re.fullmatch(r"[A-Z0-9_]+", text) or arch not in _classifiers():
+    if arch is None or not re.fullmatch(r"[A-Z0-9_]+", text) or arch not in classifiers():
         return None
     enum = get_model_weights(arch)
     if text not in enum.__members__:
@@ -501,13 +506,14 @@ def _source(weights: str | Path | None, arch: str | None,
 
 
 @cache
-def _classifiers() -> tuple[str, ...]:
+def classifiers() -> tuple[str, ...]:
+    """Every torchvision classification builder's name."""
     return tuple(torchvision.models.list_models(module=torchvision.models))
 
 
 def _classifier_of(enum: type) -> str | None:
     """The torchvision classification model whose weights enum is `enum`."""
-    return next((name for name in _classifiers() if get_model_weights(name) is enum), None)
+    return next((name for name in classifiers() if get_model_weights(name) is enum), None)
 
 
 def _single(size: Sequence[int]) -> int | list[int]:

@@ -25,10 +25,11 @@ from relprop.cli.common import (
 from relprop.defaults import MIN_FRAME_BATCH, PAPER_WEIGHTS
 from relprop.devices import resolve_device
 from relprop.errors import InputError, RelpropError
+from relprop.evaluation.protocols import DEFAULT_SEED, DEFAULT_TIES, PROTOCOLS, TIES, help_lines
 
 DESCRIPTION = """\
 Compare explanation methods on a labelled image folder by Insertion, Deletion and ID score
-(Insertion - Deletion), in the paper's protocol or RISE's, plus localization where the data has
+(Insertion - Deletion), in the paper's protocol, RISE's or ROAD's, plus localization where the data has
 boxes and conservation for relprop's LRP methods. Without --weights it evaluates the paper's
 ImageNet model (torchvision's ResNet50_Weights.IMAGENET1K_V1, Resize 256 -> CenterCrop 224).
 
@@ -41,7 +42,8 @@ does not have are left out and listed, and data with none of its classes is refu
 
 Writes under OUT:
 
-  results.jsonl   one JSON line per (checkpoint, image, method, protocol), appended as it goes:
+  results.jsonl   one JSON line per (checkpoint, image, method, protocol; its "ties" and
+                  "seed" recorded, a resume with others refused), appended as it goes:
                   a killed run resumes where it stopped (same command, same OUT); sharded runs
                   write results.rank<r>.jsonl, one per process, and everything reads the union,
                   each key once; a row whose model output, map or score is NaN/Inf is recorded
@@ -58,13 +60,9 @@ Writes under OUT:
   maps/<method>/<image stem>.npy   with --save-maps: each 2-D map exactly as ranked
 """
 
-EPILOG = """\
-protocols (never compare numbers across them):
-  paper  pixels ranked by the 2-D map, --step 500 pixels per frame (K = ceil(H*W/500) frames,
-         the first with 500 pixels plus ties changed, ties included), removed pixels black,
-         softmax probability of the ground-truth class, trapezoid AUC
-  rise   RISE (Petsiuk 2018): insertion from a blurred copy, deletion to zeros of the
-         normalized space, one image width of pixels per frame, the predicted class
+EPILOG_TEMPLATE = """\
+protocols (never compare numbers across them; rows and summaries record the tie mode and seed):
+@@PROTOCOLS@@
 
 methods:
 @@METHODS@@
@@ -92,6 +90,8 @@ command to resume; 130 interrupted. Every file is written whole or appended line
 the same command resumes without losing or doubling a row.
 """
 
+EPILOG = EPILOG_TEMPLATE.replace("@@PROTOCOLS@@", help_lines())  # from the registry, no torch
+
 OUTCOME_ENV = "RELPROP_LAUNCH_OUTCOME"  # set by --launcher: the file rank 0 writes its status to
 
 DEFAULT_METHODS = "ours,gradcam,scorecam,ig,gbp,lrp-captum"
@@ -107,7 +107,13 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     parser.add_argument("--methods", help=f"comma list, see below (default {DEFAULT_METHODS}; "
                                           "--task detection: all of its methods)")
     parser.add_argument("--out", required=True, metavar="OUT", help="output folder (resumable)")
-    parser.add_argument("--protocol", default="paper", help="paper, rise or paper,rise (default paper)")
+    parser.add_argument("--protocol", default="paper",
+                        help=f"comma list of {', '.join(PROTOCOLS)} (default paper)")
+    parser.add_argument("--ties", choices=TIES, default=DEFAULT_TIES,
+                        help=f"how tied map values are ordered (default {DEFAULT_TIES}; see below)")
+    parser.add_argument("--seed", type=int, default=DEFAULT_SEED, metavar="N",
+                        help=f"seed of --ties random and of ROAD's noise, drawn per image "
+                             f"(default {DEFAULT_SEED}); recorded in every row")
     parser.add_argument("--channels", choices=("sum", "channel0"), default="sum",
                         help="3-channel baseline maps to 2-D: signed sum (default) or channel 0 only "
                              "(the reference code's quirk); relprop's LRP maps are always summed")
@@ -180,7 +186,7 @@ def _run_classification(args: argparse.Namespace) -> int:
         protocols=tuple(_split(args.protocol)), channels=args.channels, step=args.step,
         block=args.block, limit=args.limit, per_class=args.per_class, batch_size=args.batch_size,
         device=resolve_device(args.device), cam_layer=args.cam_layer, save_maps=args.save_maps,
-        baseline=args.baseline, extend=args.extend,
+        baseline=args.baseline, extend=args.extend, ties=args.ties, seed=args.seed,
     )
     make_plan(config.methods, config.protocols)  # a bad name fails before any model loads
     created = not Path(args.out).exists()

@@ -34,6 +34,7 @@ from relprop.evaluation.metrics import (
     RISE_BLUR_SIZE,
     localization,
 )
+from relprop.evaluation.protocols import DEFAULT_SEED, DEFAULT_TIES, TIES
 from relprop.evaluation.results import (
     DISK_FULL,
     Conservation,
@@ -50,6 +51,7 @@ from relprop.evaluation.results import (
     read_run_info,
     read_union,
     remove_temporaries,
+    row_variant,
     save_map,
     shard_files,
     skipped_key,
@@ -60,6 +62,7 @@ from relprop.evaluation.results import (
     write_run_info,
     writing,
 )
+from relprop.evaluation.road import NEIGHBOURS, ROAD_NOISE, ROAD_PERCENTAGES
 from relprop.heatmaps import Channels
 from relprop.images import BoundedTransform
 from relprop.methods import HQ_SUFFIX, HeatQuantized, canonical_name, get_method, requested_methods
@@ -87,8 +90,14 @@ class EvalConfig:
     save_maps: bool = False
     baseline: str | None = None  # summary.md: paired comparisons of every method against it
     extend: bool = False  # a resume may change --data/--limit/--per-class: the run takes the new images
+    ties: str = DEFAULT_TIES  # how tied pixels are ordered (protocols.TIES)
+    seed: int = DEFAULT_SEED  # random ties and ROAD's noise, drawn per (seed, image path)
 
     def __post_init__(self) -> None:
+        if self.ties not in TIES:
+            raise InputError(f"--ties {self.ties}: choose from {', '.join(TIES)}")
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:
+            raise InputError(f"--seed {self.seed}: must be an integer >= 0")
         for option, value in (("--step", self.step), ("--block", self.block), ("--limit", self.limit),
                               ("--per-class", self.per_class), ("--batch-size", self.batch_size)):
             if value is not None and value < 1:
@@ -222,7 +231,7 @@ def _evaluate_locked(config: EvalConfig, checkpoints: Sequence[Checkpoint], rank
     _write_summary(out, summary, run, plan, config.baseline)
     for note in run.counts.notes():
         print(f"relprop evaluate: {note}", file=sys.stderr)
-    evaluated = {(sha, image) for sha, image, _, _ in store.done}
+    evaluated = {(sha, image) for sha, image, *_ in store.done}
     skipped = len(store.skipped_keys() - evaluated)  # an image fixed since counts no more
     return EvalOutcome(out, len(store.done), skipped, list(dict.fromkeys(failed_methods)),
                        failed_rows=run.counts.failed)
@@ -266,6 +275,10 @@ def _settings(config: EvalConfig, plan: Plan, checkpoints: Sequence[Checkpoint])
         "step": {"paper": config.step or PAPER_STEP, "rise": config.step or "image width"},
         "block": config.block,
         "rise_blur": {"size": RISE_BLUR_SIZE, "sigma": RISE_BLUR_SIGMA},
+        "ties": config.ties,
+        "seed": config.seed,
+        **({"road": {"percentages": list(ROAD_PERCENTAGES), "noise": ROAD_NOISE,
+                     "neighbours": [list(n) for n in NEIGHBOURS]}} if "road" in plan.protocols else {}),
         "limit": config.limit,
         "per_class": config.per_class,
         "cam_layer": config.cam_layer,
@@ -304,13 +317,13 @@ class _Store:
     def reload(self) -> None:
         """Stream the keys of all processes' rows (each process cuts back its own torn last line);
         keep only the keys (and those of failed rows, whose maps are not saved)."""
-        self.done: set[tuple[str, str, str, str]] = set()
+        self.done: set[tuple[str, str, str, str, str]] = set()
         self.failed: set[tuple[str, str, str]] = set()
         for row in iter_rows(self.out, repair=self.results_path, canonical=canonical_name,
                              inputs=self.inputs):
             sha, image, method = (sys.intern(row.checkpoint_sha256), sys.intern(row.image),
                                   sys.intern(self.spelled(row.method)))
-            self.done.add((sha, image, method, sys.intern(row.protocol)))
+            self.done.add((sha, image, method, sys.intern(row.protocol), sys.intern(row.variant)))
             if row.failure:
                 self.failed.add((sha, image, method))
         self._skipped = read_union(self.out, "skipped", skipped_key, repair=self.skipped_path)
@@ -450,8 +463,10 @@ class _Work:
 
     def pending(self, item: Any, name: str) -> list[str]:
         """Protocols not yet scored for (image, method)."""
+        ties, seed = self.config.ties, self.config.seed
         return [p for p in self.plan.protocols
-                if (self.checkpoint.sha256, item.path, name, p) not in self.store.done]
+                if (self.checkpoint.sha256, item.path, name, p, row_variant(p, ties, seed))
+                not in self.store.done]
 
     def map_file(self, item: Any, name: str) -> Path:
         folder = Path(self.config.out) / "maps"
@@ -639,10 +654,13 @@ def _score_batch(work: _Work, batch: _Batch, x: torch.Tensor, preds: torch.Tenso
         result = metrics.insertion_deletion(work.checkpoint.model, x, flat, labels, protocol,
                                             mean=info.mean, std=info.std, step=config.step,
                                             block=config.block,
-                                            batch_size=max(config.batch_size, MIN_FRAME_BATCH))
+                                            batch_size=max(config.batch_size, MIN_FRAME_BATCH),
+                                            ties=config.ties, seed=config.seed,
+                                            ids=[item.path for item in batch.items])
         for i in todo:
             row = _record(work.checkpoint, batch.items[i], name, protocol, config.channels, base,
                           preds[i], result, i, boxes[i], sums, work.stamps.get(batch.items[i].path))
+            row = replace(row, ties=config.ties, seed=config.seed)
             work.store.add(_checked(row, broken.get(i)))
             progress.update(1)
 

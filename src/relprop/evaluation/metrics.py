@@ -13,12 +13,20 @@ Two protocols, never to be compared with each other:
   image width) per frame, frames 0..ceil(H*W/step) from the start image to the finished one;
   insertion starts from a blurred copy (11x11 Gaussian, sigma 5, on the normalized tensor) and
   deletion replaces pixels by zeros of the normalized space; the **predicted** class is scored.
+- `road` (Rong et al. 2022): 0, 10, ..., 90 % of the pixels removed by noisy linear imputation
+  (`road.py`), the least relevant first (LeRF, in the `insertion` slot: higher is better) or the
+  most relevant first (MoRF, in the `deletion` slot: lower is better); the **predicted** class.
 
-Both score every frame of every image in large batches. AUC is the trapezoid rule on [0, 1].
+Ties (`ties`): `reference` keeps each protocol's reference behaviour bit for bit; `random` orders
+tied pixels by a permutation seeded by (`seed`, the image's id), so that a map with large ties
+(Heat Quantization) gains nothing from the order its ties happen to fall in. The names live in
+`protocols.py`. All score every frame of every image in large batches. AUC is the trapezoid rule
+on [0, 1].
 """
 
 from __future__ import annotations
 
+import hashlib
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -30,9 +38,11 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from relprop.errors import InputError
+from relprop.evaluation.protocols import DEFAULT_SEED, DEFAULT_TIES, PROTOCOLS, TIES
+from relprop.evaluation.road import ROAD_NOISE, ROAD_PERCENTAGES, noisy_linear_imputation
 
-Protocol = Literal["paper", "rise"]
-PROTOCOLS = ("paper", "rise")
+Protocol = Literal["paper", "rise", "road"]
+Ties = Literal["reference", "random"]
 PAPER_STEP = 500
 RISE_BLUR_SIZE, RISE_BLUR_SIGMA = 11, 5.0
 
@@ -53,10 +63,13 @@ def paper_thresholds(flat: np.ndarray, step: int) -> np.ndarray:
     """The paper protocol's frame thresholds of (n, N) maps: frame i (K = ceil(N / step) frames)
     holds every pixel >= the value ranked min(step * (i + 1), N - 1) in descending order (NaN last),
     ties included, so the last frame holds every pixel."""
-    count = math.ceil(flat.shape[1] / step)
-    positions = np.minimum(step * (np.arange(count) + 1), flat.shape[1] - 1)
     ordered = -np.sort(-flat, axis=1)  # descending, NaN last (numpy's argsort of -map)
-    return ordered[:, positions]
+    return ordered[:, paper_positions(flat.shape[1], step)]
+
+
+def paper_positions(size: int, step: int) -> np.ndarray:
+    """The rank (0 = most relevant) of the last pixel each paper-protocol frame holds."""
+    return np.minimum(step * (np.arange(math.ceil(size / step)) + 1), size - 1)
 
 
 def frame_masks(heat: Tensor, step: int = PAPER_STEP) -> Tensor:
@@ -64,6 +77,45 @@ def frame_masks(heat: Tensor, step: int = PAPER_STEP) -> Tensor:
     flat = heat.detach().float().flatten()
     thresholds = torch.from_numpy(paper_thresholds(flat.cpu().numpy()[None], step)[0]).to(flat.device)
     return (flat[None, :] >= thresholds[:, None]).view(-1, *heat.shape)
+
+
+def image_rng(seed: int, image: str, *purpose: object) -> np.random.Generator:
+    """A generator of (seed, image id, purpose): the same draws whatever batch the image is in,
+    whichever process scores it and however often the run resumed."""
+    words = hashlib.sha256("\0".join(map(str, (image, *purpose))).encode()).digest()
+    return np.random.default_rng(np.random.SeedSequence([seed, *np.frombuffer(words, np.uint32)]))
+
+
+def tie_keys(seed: int, image: str, size: int) -> np.ndarray:
+    """The random tie-breaking order of one image's `size` pixels (or patches): a permutation;
+    among tied pixels, the smaller key comes first."""
+    return image_rng(seed, image, "ties").permutation(size)
+
+
+def descending_order(flat: np.ndarray, ties: str = DEFAULT_TIES, seed: int = DEFAULT_SEED,
+                     ids: Sequence[str] | None = None) -> np.ndarray:
+    """(n, N) pixel indices of (n, N) maps, most relevant first, NaN last: ties in raster order
+    (`reference`, a stable sort) or in the order of `tie_keys` (`random`)."""
+    if ties == "reference":
+        return np.argsort(-flat, axis=1, kind="stable")
+    ids = _ids(ids, flat.shape[0])
+    keys = np.stack([tie_keys(seed, ident, flat.shape[1]) for ident in ids])
+    return np.lexsort((keys, -flat), axis=1)  # sorts by -flat, then by key
+
+
+def _ranks(order: np.ndarray) -> np.ndarray:
+    """The inverse permutations: the rank of every pixel."""
+    ranks = np.empty_like(order)
+    np.put_along_axis(ranks, order, np.arange(order.shape[1])[None].repeat(order.shape[0], 0), axis=1)
+    return ranks
+
+
+def _ids(ids: Sequence[str] | None, n: int) -> list[str]:
+    if ids is None:
+        return [str(i) for i in range(n)]
+    if len(ids) != n:
+        raise InputError(f"{len(ids)} image ids for {n} maps")
+    return [str(i) for i in ids]
 
 
 @dataclass
@@ -92,25 +144,37 @@ def insertion_deletion(
     step: int | None = None,
     block: int = 1,
     batch_size: int = 64,
+    ties: Ties = "reference",
+    seed: int = DEFAULT_SEED,
+    ids: Sequence[str] | None = None,
 ) -> InsDelResult:
     """Insertion and deletion of `maps` (N,H,W) on normalized `inputs` (N,3,H,W).
 
-    `paper` scores `labels` (the ground truth); `rise` scores the model's prediction on `inputs`.
-    `step` defaults to 500 pixels (`paper`) or one image width (`rise`).
+    `paper` scores `labels` (the ground truth); `rise` and `road` score the model's prediction on
+    `inputs` (`road`: LeRF as insertion, MoRF as deletion). `step` defaults to 500 pixels (`paper`)
+    or one image width (`rise`); `road` removes `ROAD_PERCENTAGES`. `ties`: see the module; random
+    ties and ROAD's noise are drawn per (`seed`, `ids[i]`) (default ids: the positions), so an
+    image scores the same in any batch.
     """
     if maps.ndim != 3 or maps.shape[0] != inputs.shape[0] or maps.shape[1:] != inputs.shape[2:]:
         raise InputError(f"maps {tuple(maps.shape)} must be (N,H,W) for inputs {tuple(inputs.shape)}")
     if step is not None and step < 1:
         raise InputError(f"step must be >= 1, got {step}")
+    if ties not in TIES:
+        raise InputError(f"ties must be one of {', '.join(TIES)}, got {ties!r}")
+    if isinstance(seed, bool) or not isinstance(seed, int | np.integer) or seed < 0:
+        raise InputError(f"seed must be an integer >= 0, got {seed!r}")
+    order = _Order(ties, int(seed), _ids(ids, maps.shape[0]))
     device = next(model.parameters()).device
     inputs = inputs.detach().to(device)
     if protocol == "paper":
         if labels is None:
             raise InputError("the paper protocol scores the ground-truth class: pass labels")
-        frames: _Frames = _PaperFrames(inputs, maps, mean, std, step or PAPER_STEP, block)
+        frames: _Frames = _PaperFrames(inputs, maps, mean, std, step or PAPER_STEP, block, order)
         classes = torch.as_tensor(labels, device=device).long().reshape(-1)
-    elif protocol == "rise":
-        frames = _RiseFrames(inputs, maps, step or inputs.shape[-1])
+    elif protocol in ("rise", "road"):
+        frames = (_RiseFrames(inputs, maps, step or inputs.shape[-1], order) if protocol == "rise"
+                  else RoadFrames(inputs, maps, order))
         with torch.no_grad():
             classes = model(inputs).argmax(dim=1)
     else:
@@ -157,6 +221,18 @@ METRICS: dict[str, Metric] = {
 LOCALIZATION = ("pointing", "energy", "centre_pointing", "centre_energy")
 
 
+@dataclass(frozen=True)
+class _Order:
+    """How pixels are ranked: the tie mode, its seed and the images' ids."""
+
+    ties: str
+    seed: int
+    ids: list[str]
+
+    def descending(self, flat: np.ndarray) -> np.ndarray:
+        return descending_order(flat, self.ties, self.seed, self.ids)
+
+
 class _Frames:
     """The frames of one protocol, made on demand so memory stays bounded at any image size."""
 
@@ -168,7 +244,7 @@ class _Frames:
 
 class _PaperFrames(_Frames):
     def __init__(self, inputs: Tensor, maps: Tensor, mean: Sequence[float], std: Sequence[float],
-                 step: int, block: int) -> None:
+                 step: int, block: int, order: _Order | None = None) -> None:
         n, _, height, width = inputs.shape
         if block < 1 or height % block or width % block:
             raise InputError(f"block {block} must divide the input size {height}x{width}")
@@ -186,12 +262,23 @@ class _PaperFrames(_Frames):
             patches = F.max_pool2d(patches[:, None], block)[:, 0]
         self.patches = patches.to(inputs.device)
         flat = patches.reshape(n, -1).numpy()
-        thresholds = paper_thresholds(flat, step)
-        self.count = thresholds.shape[1]
-        self.thresholds = torch.from_numpy(thresholds).to(inputs.device)
+        self.ranks = None
+        if order is None or order.ties == "reference":  # the authors' thresholds, ties included
+            thresholds = paper_thresholds(flat, step)
+            self.count = thresholds.shape[1]
+            self.thresholds = torch.from_numpy(thresholds).to(inputs.device)
+        else:  # frame i holds exactly the pixels ranked <= its position in the tie-broken order
+            positions = paper_positions(flat.shape[1], step)
+            self.count = positions.shape[0]
+            self.positions = torch.from_numpy(positions).to(inputs.device)
+            self.ranks = torch.from_numpy(_ranks(order.descending(flat))).view(patches.shape).to(
+                inputs.device)
 
     def make(self, image: int, kind: str, index: Tensor) -> Tensor:
-        keep = self.patches[image][None] >= self.thresholds[image][index].view(-1, 1, 1)
+        if self.ranks is None:
+            keep = self.patches[image][None] >= self.thresholds[image][index].view(-1, 1, 1)
+        else:
+            keep = self.ranks[image][None] <= self.positions[index].view(-1, 1, 1)
         if self.block > 1:
             keep = keep.repeat_interleave(self.block, 1).repeat_interleave(self.block, 2)
         if kind == "deletion":
@@ -201,14 +288,12 @@ class _PaperFrames(_Frames):
 
 
 class _RiseFrames(_Frames):
-    def __init__(self, inputs: Tensor, maps: Tensor, step: int) -> None:
+    def __init__(self, inputs: Tensor, maps: Tensor, step: int, order: _Order | None = None) -> None:
         n, _, height, width = inputs.shape
         self.inputs = inputs.float()
         self.blurred = rise_blur(self.inputs)
         flat = maps.detach().float().cpu().reshape(n, -1).numpy()
-        order = np.argsort(-flat, axis=1, kind="stable")
-        ranks = np.empty_like(order)
-        np.put_along_axis(ranks, order, np.arange(flat.shape[1])[None].repeat(n, 0), axis=1)
+        ranks = _ranks((order or _Order("reference", 0, [])).descending(flat))
         self.ranks = torch.from_numpy(ranks).view(n, height, width).to(inputs.device)
         self.step = step
         self.count = math.ceil(height * width / step) + 1
@@ -219,6 +304,40 @@ class _RiseFrames(_Frames):
         if kind == "insertion":
             return torch.where(changed, x, self.blurred[image][None])
         return torch.where(changed, torch.zeros_like(x), x)
+
+
+class RoadFrames(_Frames):
+    """ROAD's frames: `percentages` of the pixels removed by noisy linear imputation of the
+    normalized input, the most relevant first (`deletion`: MoRF) or the least (`insertion`: LeRF).
+    Frame j of image i removes int(H*W * p_j / 100) pixels (Quantus's count); its noise is drawn
+    from (seed, image id, kind, p_j)."""
+
+    def __init__(self, inputs: Tensor, maps: Tensor, order: _Order,
+                 percentages: Sequence[int] = ROAD_PERCENTAGES, noise: float = ROAD_NOISE) -> None:
+        if not all(0 <= p < 100 for p in percentages):
+            raise InputError(f"ROAD removes 0 to 99 % of the pixels, got {list(percentages)}")
+        n = inputs.shape[0]
+        self.device, self.order, self.noise = inputs.device, order, noise
+        self.images = inputs.detach().double().cpu().numpy()
+        self.pixel_order = order.descending(maps.detach().float().cpu().reshape(n, -1).numpy())
+        self.percentages = list(percentages)
+        self.count = len(self.percentages)
+
+    def removed(self, image: int, kind: str, percentage: int) -> np.ndarray:
+        """The pixels frame `percentage` of `kind` removes (flat indices)."""
+        size = self.pixel_order.shape[1]
+        count = size * percentage // 100
+        ranked = self.pixel_order[image]
+        return ranked[:count] if kind == "deletion" else ranked[size - count:]
+
+    def make(self, image: int, kind: str, index: Tensor) -> Tensor:
+        frames = []
+        for j in index.tolist():
+            p = self.percentages[j]
+            rng = image_rng(self.order.seed, self.order.ids[image], "road", kind, p)
+            frames.append(noisy_linear_imputation(self.images[image], self.removed(image, kind, p),
+                                                  self.noise, rng))
+        return torch.from_numpy(np.stack(frames)).to(self.device, torch.float32)
 
 
 def rise_kernel(size: int = RISE_BLUR_SIZE, sigma: float = RISE_BLUR_SIGMA) -> Tensor:

@@ -36,6 +36,7 @@ import torchvision
 from relprop import __version__
 from relprop.errors import BusyError, DiskFullError, InputError, RelpropError, first_line
 from relprop.evaluation.metrics import LOCALIZATION, METRICS
+from relprop.evaluation.protocols import DEFAULT_SEED, DEFAULT_TIES, PROTOCOL_SPECS, seeded
 from relprop.evaluation.statistics import mean_sem_ci
 
 UNORDERED_SETTINGS = ("methods", "protocols")  # listing them in another order changes no number
@@ -91,7 +92,14 @@ class Conservation:
 
 _ROW_FIELDS = ("checkpoint", "checkpoint_sha256", "image", "label", "pred", "method", "protocol",
                "channels", "insertion_curve", "deletion_curve", "localization", "conservation",
-               "failure", "input")
+               "failure", "input", "ties", "seed")
+
+
+def row_variant(protocol: str, ties: str, seed: int | None) -> str:
+    """What besides (checkpoint, image, method, protocol) changes a row's scores: the tie mode,
+    and the seed where it matters (random ties, ROAD's noise). Part of every row's key, so that
+    rows of another mode or seed are never taken for done, nor averaged together."""
+    return f"{ties}, seed {seed}" if seeded(protocol, ties) else ties
 
 
 @dataclass(frozen=True, slots=True)
@@ -104,7 +112,8 @@ class ResultRow:
     `failure` says why a row has no scores (a NaN/Inf model output, map or score): such a row is
     done (a resume does not redo it) but enters no mean and no n. `input` is the image file's
     stamp (size and modification time) when it was scored: a row of a file replaced since counts
-    no more.
+    no more. `ties` and `seed` say how tied pixels were ordered (and ROAD's noise drawn); rows
+    written before they were recorded read as `reference` ties, with no seed.
     """
 
     image: str
@@ -122,11 +131,17 @@ class ResultRow:
     conservation: Conservation | None = None
     failure: str | None = None
     input: str | None = None
+    ties: str = DEFAULT_TIES
+    seed: int | None = None
 
     @property
-    def key(self) -> tuple[str, str, str, str]:
+    def variant(self) -> str:
+        return row_variant(self.protocol, self.ties, self.seed)
+
+    @property
+    def key(self) -> tuple[str, str, str, str, str]:
         """What identifies a row: a resumed run computes only the keys not yet in the files."""
-        return self.checkpoint_sha256, self.image, self.method, self.protocol
+        return self.checkpoint_sha256, self.image, self.method, self.protocol, self.variant
 
     def score(self, metric: str) -> float:
         """The metric's value, NaN where the row has none."""
@@ -151,6 +166,7 @@ class ResultRow:
             "insertion_curve": list(self.insertion_curve),
             "deletion_curve": list(self.deletion_curve), "localization": self.localization,
             "conservation": None if self.conservation is None else self.conservation.to_dict(),
+            "ties": self.ties, "seed": self.seed,
         }
         if self.failure is not None:
             data["failure"] = self.failure
@@ -187,6 +203,7 @@ class ResultRow:
             localization=localization,
             conservation=None if not conservation else Conservation.from_dict(conservation),
             failure=_text(data.get("failure"), "failure"), input=_text(data.get("input"), "input"),
+            ties=_text(data.get("ties"), "ties") or DEFAULT_TIES, seed=_integer(data.get("seed"), "seed"),
         )
 
 
@@ -273,7 +290,8 @@ def iter_rows(out: Path, *, repair: Path | None = None, canonical: Callable[[str
                 continue
             method = canonical(row.method) if canonical is not None else row.method
             digest = hashlib.blake2b(json.dumps([row.checkpoint_sha256, row.image, method,
-                                                 row.protocol]).encode(), digest_size=16).digest()
+                                                 row.protocol, row.variant]).encode(),
+                                     digest_size=16).digest()
             if digest in seen:
                 counts.duplicates += 1
                 continue
@@ -316,7 +334,7 @@ def load_rows(out: Path, *, rename: Callable[[str], str] | None = None, **option
             row, insertion_curve=_NO_CURVE, deletion_curve=_NO_CURVE,
             checkpoint=sys.intern(row.checkpoint), checkpoint_sha256=sys.intern(row.checkpoint_sha256),
             method=sys.intern(row.method), protocol=sys.intern(row.protocol),
-            channels=sys.intern(row.channels)))
+            channels=sys.intern(row.channels), ties=sys.intern(row.ties)))
     return RunRows(rows, curves, counts)
 
 
@@ -632,6 +650,8 @@ def inputs_record(images: Mapping[str, str]) -> dict[str, Any]:
 
 
 EXTENDABLE = ("data", "limit", "per_class")  # what --extend may change: which images are run
+# what a run.json written before these settings existed meant (so that such a run resumes)
+SETTING_DEFAULTS = {"ties": DEFAULT_TIES, "seed": DEFAULT_SEED}
 
 
 def check_resume(path: Path, settings: dict[str, Any], canonical: Callable[[str], str],
@@ -646,7 +666,7 @@ def check_resume(path: Path, settings: dict[str, Any], canonical: Callable[[str]
                               **provenance()})
         return
     run_info = read_run_info(path)
-    previous = run_info.get("settings", {})
+    previous = {**SETTING_DEFAULTS, **run_info.get("settings", {})}
     changed = [k for k in settings
                if _comparable(k, previous.get(k), canonical) != _comparable(k, settings[k], canonical)
                and not (extend and k in EXTENDABLE)]
@@ -726,9 +746,14 @@ def summarize(records: Iterable[ResultRow | Mapping[str, Any]], methods: Sequenc
     """
     groups: dict[tuple[str, str], list[ResultRow]] = {}
     failed: dict[tuple[str, str], int] = {}
+    variants: dict[tuple[str, str], ResultRow] = {}
     for row in records:
         row = row if isinstance(row, ResultRow) else ResultRow.from_dict(row)
         key = (row.method, row.protocol)
+        first = variants.setdefault(key, row)
+        if first.variant != row.variant:
+            raise InputError(f"the results of {row.method} in protocol {row.protocol} mix tie modes "
+                             f"or seeds ({first.variant}; {row.variant}): summarize each apart")
         if row.problem is not None:
             failed[key] = failed.get(key, 0) + 1
         else:
@@ -740,11 +765,30 @@ def summarize(records: Iterable[ResultRow | Mapping[str, Any]], methods: Sequenc
             key = (method, protocol)
             if key in groups or key in failed:
                 rows = sorted(groups.get(key, []), key=lambda r: (r.checkpoint_sha256, r.image))
-                per_protocol[protocol] = {**_aggregate(rows), "failed": failed.get(key, 0)}
+                per_protocol[protocol] = {**_aggregate(rows), "failed": failed.get(key, 0),
+                                          **_ties(variants[key])}
         if per_protocol:
             first = per_protocol[next(iter(per_protocol))]
             summary[method] = {**first, "protocol": next(iter(per_protocol)), "protocols": per_protocol}
     return summary
+
+
+def _ties(row: ResultRow) -> dict[str, Any]:
+    """The tie mode of a group's rows and its seed (None where the seed changes no score)."""
+    return {"ties": row.ties, "seed": row.seed if seeded(row.protocol, row.ties) else None}
+
+
+def ties_text(stats: Mapping[str, Any]) -> str:
+    """`ties random, seed 0` for a summary's heading (`reference` ties before they were recorded)."""
+    ties, seed = stats.get("ties") or DEFAULT_TIES, stats.get("seed")
+    return f"ties {ties}" + (f", seed {seed}" if seed is not None else "")
+
+
+def titles(protocol: str) -> dict[str, str]:
+    """The metrics' titles in this protocol's tables (ROAD's curves are LeRF and MoRF)."""
+    spec = PROTOCOL_SPECS.get(protocol)
+    return {key: (spec.titles.get(key) if spec else None) or metric.title
+            for key, metric in METRICS.items()}
 
 
 def _aggregate(rows: Sequence[ResultRow]) -> dict[str, Any]:
@@ -802,15 +846,16 @@ def summary_markdown(summary: dict[str, Any], protocols: Sequence[str],
     """The paper's table layout (Insertion up, Deletion down, ID up), one table per protocol;
     `notes` (rows left out, see `ReadCounts.notes`) first."""
     lines = [f"*{note}.*" for note in notes] + ([""] if notes else [])
-    header = " | ".join(f"{m.title} {m.arrow}" for m in METRICS.values())
     for protocol in protocols:
         rows = {m: s["protocols"][protocol] for m, s in summary.items() if protocol in s["protocols"]}
         if not rows:
             continue
+        named = titles(protocol)
+        header = " | ".join(f"{named[k]} {m.arrow}" for k, m in METRICS.items())
         first = next(iter(rows.values()))
         over = (f"mean ± std over {first['checkpoints']} checkpoints (per-checkpoint means)"
                 if first["checkpoints"] > 1 else "mean ± std over images")
-        lines += [f"## Protocol `{protocol}` ({over})", "",
+        lines += [f"## Protocol `{protocol}`, {ties_text(first)} ({over})", "",
                   f"| Method | {header} | n | Pointing ↑ | Energy ↑ | In/Out |",
                   "|---|" + "---|" * len(METRICS) + "---|---|---|---|"]
         for method, s in rows.items():
@@ -849,9 +894,10 @@ def statistics_markdown(summary: dict[str, Any], protocols: Sequence[str]) -> st
         over = ("over checkpoints (SE of the per-checkpoint means; no bootstrap over so few)"
                 if several else f"over images; 95 % percentile bootstrap CI of the mean, "
                                 f"{BOOTSTRAP_RESAMPLES} resamples, seed {BOOTSTRAP_SEED}")
-        lines += [f"## Protocol `{protocol}`: uncertainty ({over})", "",
-                  "| Method | n | " + " | ".join(f"{m.title} {m.arrow} mean | SE | 95 % CI"
-                                               for m in METRICS.values()) + " |",
+        named, first = titles(protocol), next(iter(rows.values()))
+        lines += [f"## Protocol `{protocol}`, {ties_text(first)}: uncertainty ({over})", "",
+                  "| Method | n | " + " | ".join(f"{named[k]} {m.arrow} mean | SE | 95 % CI"
+                                               for k, m in METRICS.items()) + " |",
                   "|---|---|" + "---|---|---|" * len(METRICS)]
         for method, s in rows.items():
             cells = [f"{_fmt(s[k])} | {_fmt(s.get(k + '_sem'))} | "
