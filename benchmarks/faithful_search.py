@@ -388,14 +388,20 @@ def run_halves(args: argparse.Namespace) -> None:
     checkpoint = [Checkpoint.of(model, info, str(args.weights))]
 
     def run(half: str, methods: list[str]) -> list[dict]:
-        """Each method with its +hq twin as its own `evaluate` run (OUT/half/<method>/), so that a
-        changed candidate or baseline list reuses every method already scored on the half."""
+        """Each method with its +hq twin as its own `evaluate` run (OUT/half/<method>/; a protocol
+        added later in OUT/half/<method>/<protocol>/), so that a changed candidate, baseline or
+        protocol list reuses everything already scored on the half."""
         data = link_half(args.data, halves[half], args.out / "halves" / half)
         for group in groups(list(dict.fromkeys(methods))):
-            if complete(read_half(args.out / half), group, halves[half], protocols):
+            done = read_half(args.out / half)
+            missing = [p for p in protocols if not complete(done, group, halves[half], [p])]
+            if not missing:
                 continue
-            config = EvalConfig(data=data, out=args.out / half / group[0].removesuffix("+hq"),
-                                methods=tuple(group), protocols=tuple(protocols), step=args.step,
+            out = args.out / half / group[0].removesuffix("+hq")
+            if missing != protocols:  # a protocol added later: its own run inside the group's folder
+                out = out / "-".join(missing)
+            config = EvalConfig(data=data, out=out,
+                                methods=tuple(group), protocols=tuple(missing), step=args.step,
                                 batch_size=args.batch_size, device=torch.device(args.device))
             outcome = evaluate(config, checkpoint)
             if outcome.failed_methods:
