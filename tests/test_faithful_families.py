@@ -94,14 +94,14 @@ def test_stage_rules_still_serve_gamma_epsilon_candidates_on_timm_cnns():
     assert torch.equal(maps[:, 0], heat_quantize(R.sum(1), levels=8))
 
 
-def test_lrp_faithful_on_a_vit_is_attnlrp_with_the_signed_split_then_hq():
+def test_lrp_faithful_on_a_vit_is_cp_lrp_with_its_signed_split():
     model = build("vit")
     x = torch.randn(2, 3, 32, 32)
-    composite = get_composite("attnlrp")
-    assert composite.split == "signed" and composite.attention == "attnlrp"
+    composite = get_composite("cp-lrp")
+    assert composite.split == "signed" and composite.attention == "cp"
     R = LRP(model, composite=composite).attribute(x)
     maps = get_method("lrp-faithful", model).attribute(x)
-    assert torch.equal(maps[:, 0], heat_quantize(R.sum(1), levels=8))
+    torch.testing.assert_close(maps, R, rtol=0, atol=0)
 
 
 def test_base_split_changes_the_split_of_a_base_composite_only():
