@@ -398,8 +398,8 @@ def run_halves(args: argparse.Namespace) -> None:
             if not missing:
                 continue
             out = args.out / half / group[0].removesuffix("+hq")
-            if missing != protocols:  # a protocol added later: its own run inside the group's folder
-                out = out / "-".join(missing)
+            if missing != protocols or out.exists():  # a protocol added later (or a method that could
+                out = out / "-".join(missing)             # not run): its own run inside the group's folder
             config = EvalConfig(data=data, out=out,
                                 methods=tuple(group), protocols=tuple(missing), step=args.step,
                                 batch_size=args.batch_size, device=torch.device(args.device))
