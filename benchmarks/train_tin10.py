@@ -57,6 +57,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="timm model name (or timm/NAME, or a torchvision name with --library "
                              "torchvision)")
     parser.add_argument("--library", choices=("timm", "torchvision"), default="timm")
+    parser.add_argument("--model-kwargs", type=json.loads, default={},
+                        help='JSON keyword arguments for timm.create_model, stored in the checkpoint '
+                             'as `model_kwargs` (e.g. \'{"img_size": 64, "patch_size": 8}\' for a ViT)')
     parser.add_argument("--size", type=int, default=112, help="input side in px (images are 64 px)")
     parser.add_argument("--epochs", type=int, default=60)
     parser.add_argument("--batch", type=int, default=128)
@@ -184,7 +187,7 @@ def build_model(args: argparse.Namespace, num_classes: int) -> tuple[nn.Module, 
     import timm
 
     return timm.create_model(name, pretrained=False, num_classes=num_classes,
-                             drop_path_rate=args.drop_path), f"timm/{name}"
+                             drop_path_rate=args.drop_path, **args.model_kwargs), f"timm/{name}"
 
 
 def lr_at(step: int, total: int, warmup: int, base: float) -> float:
@@ -234,6 +237,10 @@ def main(argv: list[str] | None = None) -> None:
     meta = {"num_classes": len(wnids), "classes": wnids, "class_names": names,
             "input_size": args.size, "resize": args.size, "crop": None,
             "mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD)}
+    if args.model_kwargs:  # relprop.load_model passes them to timm.create_model
+        if args.library != "timm":
+            raise SystemExit("train_tin10: --model-kwargs is for timm architectures")
+        meta["model_kwargs"] = dict(args.model_kwargs)
     train_x, train_y = load_split(image_files(args.data / "train", wnids, args.limit, args.seed),
                                   to_uint8, args.threads, "decode train")
     val_x, val_y = load_split(image_files(args.data / "val", wnids, args.limit, args.seed),

@@ -67,6 +67,17 @@ def composite_table_block() -> str:
     return "\n".join(lines)
 
 
+def faithful_families_block() -> str:
+    """What `lrp-faithful` runs on each model family (relprop.methods.faithful.FAMILIES)."""
+    from relprop.methods.faithful import FAMILIES
+
+    lines = ["| family | recognized by | `lrp-faithful` runs |", "|---|---|---|"]
+    for family in FAMILIES.values():
+        marks = _code((*family.classes, *family.modules))
+        lines.append(f"| {family.name} | {marks} | {family.summary} |")
+    return "\n".join(lines)
+
+
 def protocols_block() -> str:
     """The faithfulness protocols and tie modes of `relprop evaluate`, from their registry."""
     from relprop.evaluation.protocols import PROTOCOL_SPECS, TIES_HELP
@@ -109,6 +120,7 @@ BLOCKS: dict[str, Callable[[], str]] = {
     "rules": rules_block,
     "composites": composites_block,
     "composite-table": composite_table_block,
+    "faithful-families": faithful_families_block,
     "protocols": protocols_block,
     "detectors": detectors_block,
     "versions": versions_block,

@@ -110,6 +110,8 @@ def load_model(
              "class_names": list(class_names) if class_names else None}
     source = WeightsSource(str(path), named.name if named else None, named.url if named else None)
     info = _info(path, stored, given, state_dict, model_def, source)
+    if isinstance(content, Mapping) and content.get("model_kwargs") is not None:
+        info = replace(info, extra={**info.extra, "model_kwargs": _model_kwargs(path, content["model_kwargs"])})
     model = _build(path, info, model_def)
     _load_state(path, model, state_dict, info.arch)
     return model.float().eval(), info
@@ -246,24 +248,36 @@ def _info(path: Path, stored: dict[str, Any], given: dict[str, Any],
         raise CheckpointError(f"{path}: {error}") from None
 
 
+def _model_kwargs(path: Path, value: Any) -> dict[str, Any]:
+    """A checkpoint's `model_kwargs` (architecture keywords a timm model was built with, e.g. a
+    ViT's img_size and patch_size: benchmarks/train_tin10.py --model-kwargs)."""
+    if not isinstance(value, Mapping) or not all(isinstance(k, str) for k in value):
+        raise CheckpointError(f"{path}: model_kwargs must be a dict of keyword arguments, got {type(value).__name__}")
+    return dict(value)
+
+
 def _build(path: Path, info: ModelInfo, model_def: str | None) -> nn.Module:
     if model_def is not None:
         return _from_model_def(model_def, info)
-    return build_arch(info.arch, info.num_classes, source=str(path))
+    return build_arch(info.arch, info.num_classes, source=str(path), **info.extra.get("model_kwargs", {}))
 
 
 TIMM_PREFIX = "timm/"
 
 
-def build_arch(arch: str, num_classes: int, source: str = "--arch") -> nn.Module:
+def build_arch(arch: str, num_classes: int, source: str = "--arch", **kwargs: Any) -> nn.Module:
     """A randomly initialised classifier named `arch`: torchvision's, else timm's.
 
     `timm/NAME` always means timm's NAME (`timm/efficientnet_b0`: both libraries have an
     `efficientnet_b0`, and they differ); a bare name torchvision does not know is looked up in timm.
     Pretrained timm weights are never fetched (`pretrained=False`): the weights come from the file.
+    `kwargs` (a checkpoint's `model_kwargs`) go to the builder: a ViT's img_size, patch_size, depth.
     """
     if not arch.startswith(TIMM_PREFIX) and arch in classifiers():
-        return torchvision.models.get_model(arch, num_classes=num_classes)
+        try:
+            return torchvision.models.get_model(arch, num_classes=num_classes, **kwargs)
+        except TypeError as error:
+            raise CheckpointError(f"{source}: cannot build {arch!r} with {kwargs} ({error})") from None
     name = arch.removeprefix(TIMM_PREFIX)
     try:
         import timm  # deferred: optional and slow to import; only timm: architectures need it
@@ -274,7 +288,7 @@ def build_arch(arch: str, num_classes: int, source: str = "--arch") -> nn.Module
         raise CheckpointError(f"{source}: unknown architecture {arch!r} (neither a torchvision "
                               "classifier nor a timm model; e.g. resnet50, convnext_atto)")
     try:
-        return timm.create_model(name, pretrained=False, num_classes=num_classes)
+        return timm.create_model(name, pretrained=False, num_classes=num_classes, **kwargs)
     except (ValueError, KeyError, TypeError, RuntimeError) as error:
         raise CheckpointError(f"{source}: cannot build timm architecture {name!r} ({error})") from None
 

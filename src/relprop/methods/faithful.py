@@ -9,16 +9,21 @@ Quantization (any number of levels, bins per image or fixed in units of the map'
 its authors compute it (`ours-ref+hq`).
 
 Stage rules need to know which convolution sits in which stage, so a candidate is built with the
-model: the stages are torchvision's `layer1`..`layerN` (lower half: γ, upper half: ε); a model
+model: the stages are the numbered blocks of the model (torchvision's `layer1`..`layerN`, timm's
+`stages.N` or `blocks.N`, torchvision's `features.N`; lower half: γ, upper half: ε); a model
 without them is refused for such candidates.
 
-`lrp-faithful` was chosen by principle (the literature's γ/ε composite, with the paper's w⁺
+`lrp-faithful` is a family default: `FAMILIES` (one place) maps each model family (ResNet,
+ConvNeXt, MobileNet/EfficientNet, ViT) to the candidate chosen for it, and `family_of(model)` picks
+it. The ResNet's was chosen by principle (the literature's γ/ε composite, with the paper's w⁺
 input, Relevance Splitting and 8-level HQ) and confirmed on all 250 tin10 val images in both
-protocols (docs/results.md, "Beyond the paper").
+protocols (docs/results.md, "Beyond the paper"); the others by `benchmarks/faithful_search.py`
+on one half of tin10 val, confirmed on the other (docs/results.md, "lrp-faithful per family").
 """
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -33,7 +38,9 @@ from relprop.errors import InputError
 from relprop.methods.base import Method, MethodOptions
 from relprop.methods.registry import register
 
-_STAGE = re.compile(r"^layer(\d+)\.")
+# numbered stages, by the first pattern that matches a conv/linear of the model
+_STAGES = (re.compile(r"^layer(\d+)\."), re.compile(r"^stages\.(\d+)\."), re.compile(r"^blocks\.(\d+)\."),
+           re.compile(r"^features\.(\d+)\."), re.compile(r"^encoder\.layers\.encoder_layer_(\d+)\."))
 BINS = ("image", "total")
 
 
@@ -41,7 +48,8 @@ BINS = ("image", "total")
 class Candidate:
     """One LRP configuration: a composite (by name, or stage rules) and what follows the map.
 
-    base: a registered composite used as is (then lower/upper/input_rule/... are ignored).
+    base: a registered composite used as is (then lower/upper/input_rule/... are ignored), except
+    for `base_split`: the split at adds to use instead of the base's (the transformer question).
     lower, upper: rule of every conv/linear in the lower / upper half of the stages (None: z+).
     head: rule of the classifier (the last nn.Linear); None: z+.
     hq_levels: Heat Quantization levels (None: no HQ). hq_bins: "image" (linspace(min, max) of each
@@ -50,6 +58,7 @@ class Candidate:
     """
 
     base: str | None = None
+    base_split: str | None = None
     lower: str | None = None
     upper: str | None = None
     head: str | None = None
@@ -72,22 +81,24 @@ class Candidate:
 
 def stage_rules(model: nn.Module, lower: str | None, upper: str | None,
                 head: str | None) -> dict[str, str]:
-    """Rules by qualified name: convs and linears of stages layer1..layerN (lower half: `lower`,
-    upper half: `upper`), and `head` at the last nn.Linear."""
+    """Rules by qualified name: convs and linears of the numbered stages (lower half: `lower`,
+    upper half: `upper`), and `head` at the last nn.Linear. The model's first conv/linear (the
+    input layer) is left to the input rule."""
     layers = [(name, m) for name, m in model.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
-    stages = {int(match.group(1)) for name, _ in layers if (match := _STAGE.match(name))}
-    if (lower or upper) and not stages:
-        raise InputError("lrp-faithful: stage rules need a torchvision-style ResNet (modules layer1..layerN); "
+    pattern = next((p for p in _STAGES if any(p.match(name) for name, _ in layers)), None)
+    if (lower or upper) and pattern is None:
+        raise InputError(f"lrp-faithful: stage rules need numbered stages ({type(model).__name__} has none of "
+                         "torchvision's layer1..layerN, timm's stages.N / blocks.N, features.N); "
                          "use a registered composite for this model")
-    ordered = sorted(stages)
+    stage_of = {name: int(match.group(1)) for name, _ in layers[1:]
+                if pattern is not None and (match := pattern.match(name))}
+    ordered = sorted(set(stage_of.values()))
     lower_stages = set(ordered[: (len(ordered) + 1) // 2])
     rules: dict[str, str] = {}
-    for name, _ in layers:
-        match = _STAGE.match(name)
-        if match:
-            rule = lower if int(match.group(1)) in lower_stages else upper
-            if rule:
-                rules[name] = rule
+    for name, stage in stage_of.items():
+        rule = lower if stage in lower_stages else upper
+        if rule:
+            rules[name] = rule
     linears = [name for name, m in layers if isinstance(m, nn.Linear)]
     if head and linears:
         rules[linears[-1]] = head
@@ -98,7 +109,9 @@ def candidate_composite(candidate: Candidate, model: nn.Module, mean: Sequence[f
                         std: Sequence[float] | None) -> Composite:
     """The composite of a candidate for this model."""
     if candidate.base is not None:
-        return get_composite(candidate.base, mean=mean, std=std)
+        composite = get_composite(candidate.base, mean=mean, std=std)
+        return composite if candidate.base_split is None else dataclasses.replace(
+            composite, split=candidate.base_split)
     rules = stage_rules(model, candidate.lower, candidate.upper, candidate.head)
     if candidate.input_rule == "zb" and (mean is None or std is None):
         raise InputError("lrp-faithful: the zB input rule needs the input normalization (mean=..., std=...)")
@@ -163,8 +176,80 @@ FAITHFUL = Candidate(lower="gamma", upper="epsilon", head="epsilon", input_rule=
                      bn="fold", hq_levels=8)
 
 
+@dataclass(frozen=True)
+class Family:
+    """A model family and the candidate `lrp-faithful` uses on it.
+
+    classes: class names any of the model's classes (its MRO) may have (timm's and torchvision's);
+    modules: a qualified module name that also marks the family (torchvision's ResNet `layer1`).
+    """
+
+    name: str
+    candidate: Candidate
+    summary: str
+    classes: tuple[str, ...] = ()
+    modules: tuple[str, ...] = ()
+
+    def matches(self, model: nn.Module) -> bool:
+        if any(cls.__name__ in self.classes for cls in type(model).__mro__):
+            return True
+        names = dict(model.named_modules()) if self.modules else {}
+        return any(name in names for name in self.modules)
+
+
+FAMILIES: dict[str, Family] = {}
+
+
+def register_family(family: Family) -> None:
+    """Add a family (checked in registration order; the first that matches a model wins)."""
+    if family.name in FAMILIES:
+        raise InputError(f"lrp-faithful: family {family.name!r} is registered already")
+    FAMILIES[family.name] = family
+
+
+def family_of(model: nn.Module) -> Family:
+    """The first registered family that matches `model`, else one line saying how to add one."""
+    for family in FAMILIES.values():
+        if family.matches(model):
+            return family
+    raise InputError(f"lrp-faithful: no family for {type(model).__name__} (known: {', '.join(FAMILIES)}); "
+                     "register one with relprop.methods.faithful.register_family(Family(...)), or use "
+                     "a registered composite (--methods lrp-split, cp-lrp, ...)")
+
+
+register_family(Family(
+    "resnet", FAITHFUL, "γ in layer1–2, ε in layer3–4 and fc, w⁺ input, ratio split, BatchNorm folded, HQ 8",
+    classes=("ResNet",), modules=("layer1",)))
+# ConvNeXt and MobileNet/EfficientNet: chosen on half A of tin10 val on the trained models (docs/results.md,
+# "lrp-faithful per family"): ε everywhere with the signed split and no HQ has the best worst-protocol
+# margin over the best baselines; the γ/ε + HQ composite of ResNet loses RISE's protocol there by 0.2-0.35
+register_family(Family(
+    "convnext", Candidate(base="cp-lrp"),
+    "`cp-lrp`'s rules: ε on every convolution and dense layer (input layer too), LayerNorm's std held "
+    "constant, signed split, no HQ (3-channel maps)",
+    classes=("ConvNeXt",)))
+register_family(Family(
+    "mobilenet", Candidate(base="cp-lrp"),
+    "MobileNet/EfficientNet: `cp-lrp`'s rules: ε on every convolution and dense layer (input layer too), "
+    "BatchNorm folded, signed split, no HQ (3-channel maps)",
+    classes=("MobileNetV3", "MobileNetV2", "EfficientNet")))
+# chosen on half A of tin10 val on the trained ViT in the paper, RISE and ROAD protocols (docs/results.md,
+# "lrp-faithful per family"): CP-LRP with its signed split and no HQ has the best worst-protocol margin;
+# the signed split beats the ratio split at the pre-norm adds in RISE's and ROAD's protocols
+register_family(Family(
+    "vit", Candidate(base="cp-lrp"),
+    "ViT/DeiT: `cp-lrp` (attention weights held constant, ε, LayerNorm's std held constant) with its "
+    "signed split at the pre-norm adds, no HQ (3-channel maps)",
+    classes=("VisionTransformer",)))
+
+
+def family_summaries() -> dict[str, str]:
+    """family -> what `lrp-faithful` does on it (docs/rules.md is generated from this)."""
+    return {name: family.summary for name, family in FAMILIES.items()}
+
+
 def _build(model: nn.Module, name: str, options: MethodOptions) -> CandidateMethod:
-    return CandidateMethod(model, name, FAITHFUL, options.mean, options.std, **options.lrp)
+    return CandidateMethod(model, name, family_of(model).candidate, options.mean, options.std, **options.lrp)
 
 
 register("lrp-faithful", _build, takes_lrp_options=True)
