@@ -113,9 +113,7 @@ def test_base_split_changes_the_split_of_a_base_composite_only():
     assert not torch.allclose(signed, ratio)
 
 
-# MobileNetV3 is left out: with zero biases its sums double at conv_head (1×1 conv after global
-# pooling) under cp-lrp's rules, not yet explained (docs/results.md, "lrp-faithful per family")
-@pytest.mark.parametrize("name", ["convnext"])
+@pytest.mark.parametrize("name", ["convnext", "mobilenet"])
 def test_family_candidates_conserve_without_biases(name):
     """ε (1e-6) on every layer and the signed split conserve when no bias absorbs relevance: every
     cut carries the model's probability (inputs ×10: ε's share, ε/z, shrinks with the activations;
