@@ -232,3 +232,22 @@ def test_read_samples_rejects_unknown_classes(tmp_path):
         read_samples(tmp_path, ["__background__", "cat"])
     samples = read_samples(tmp_path, ["__background__", "zebra"])
     assert samples[0].label == 1 and samples[0].box == (0.0, 0.0, 4.0, 4.0)
+
+
+def test_an_empty_map_scores_no_insertion_or_deletion():
+    """A map with no positive mass (Grad-CAM's ReLU can leave none) orders pixels by ties only: the
+    first frame would insert or delete the whole image. It enters no mean, and is counted."""
+    from relprop.evaluation.detection import summarize
+
+    def entry(energy, insertion, deletion):
+        return {"energy": energy, "pointing": False, "insertion": insertion, "deletion": deletion,
+                "id": insertion - deletion, "contrast_r": 0.0}
+
+    records = [{"true_positive": True, "top1": 1, "label": 1, "box_area_share": 0.2, "centre_hit": True,
+                "methods": {"gradcam": entry(0.5, 0.6, 0.2)}},
+               {"true_positive": True, "top1": 1, "label": 1, "box_area_share": 0.2, "centre_hit": True,
+                "methods": {"gradcam": entry(math.nan, math.nan, math.nan)}}]
+    m = summarize(records, methods=["gradcam"])["methods"]["gradcam"]
+    assert m["n"] == 2 and m["empty_maps"] == 1
+    assert m["insertion"] == pytest.approx(0.6) and m["id"] == pytest.approx(0.4)
+    assert m["energy"] == pytest.approx(0.5)

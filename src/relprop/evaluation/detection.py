@@ -328,8 +328,12 @@ def evaluate_sample(
         (box,) = localization(heat[None], [gt_input], pointing="first")
         entry = {"energy": math.nan if box["energy"] is None else box["energy"],
                  "pointing": bool(box["pointing"]), "contrast_r": correlation(heat, other)}
-        entry.update(insertion_deletion(crp, out.x[0], heat, explained, k_star, step))
-        entry["id"] = entry["insertion"] - entry["deletion"]
+        if box["energy"] is None:  # no positive mass: an all-ties order, scored as nothing
+            entry.update(insertion=math.nan, deletion=math.nan, id=math.nan,
+                         insertion_curve=[], deletion_curve=[])
+        else:
+            entry.update(insertion_deletion(crp, out.x[0], heat, explained, k_star, step))
+            entry["id"] = entry["insertion"] - entry["deletion"]
         record["methods"][name] = entry
     names = crp.family.box_outputs
     box_maps = crp.explain(out, [Request(0, d, o) for o in names]).sum(1)
@@ -360,6 +364,7 @@ def summarize(records: Sequence[dict[str, Any]], methods: Sequence[str] = METHOD
             for key in ("energy", "pointing", "insertion", "deletion", "id", "contrast_r")
         }
         summary["methods"][name]["n"] = len(entries)
+        summary["methods"][name]["empty_maps"] = sum(_missing(e["energy"]) for e in entries)
     for method in DIRECTION_METHODS:
         summary["direction"][method] = {}
         offsets = next((list(r["direction"][method]) for r in tps if "direction" in r), list(BOX_OUTPUTS))
@@ -371,8 +376,14 @@ def summarize(records: Sequence[dict[str, Any]], methods: Sequence[str] = METHOD
     return summary
 
 
+def _missing(value: Any) -> bool:
+    return value is None or math.isnan(float(value))
+
+
 def _mean(values: Sequence[Any]) -> float:
-    return mean_std([float(v) for v in values if v is not None])[0]
+    """Over the values that exist: an empty map (no positive mass) has no energy, insertion or
+    deletion, as in the scene evaluation (`scenes._metric`)."""
+    return mean_std([float(v) for v in values if not _missing(v)])[0]
 
 
 DIRECTION_WORDS = {"cx": "left", "cy": "up", "w": "narrower", "h": "shorter",
@@ -391,13 +402,13 @@ def summary_markdown(summary: dict[str, Any], command: str | None = None) -> str
         f"(right class, IoU ≥ 0.5); top-scoring detection of the right class: "
         f"{summary['top1_correct_class']:.1%}.",
         "",
-        "| method | n | energy in box ↑ | pointing game ↑ | det. insertion ↑ | det. deletion ↓ "
+        "| method | n (empty maps) | energy in box ↑ | pointing game ↑ | det. insertion ↑ | det. deletion ↓ "
         "| ins − del ↑ | corr(top, runner-up) ↓ |",
         "|---|---|---|---|---|---|---|---|",
     ]
     for name, m in summary["methods"].items():
         lines.append(
-            f"| {name} | {m['n']} | {m['energy']:.3f} | {m['pointing']:.3f} | {m['insertion']:.3f} "
+            f"| {name} | {m['n']} ({m['empty_maps']}) | {m['energy']:.3f} | {m['pointing']:.3f} | {m['insertion']:.3f} "
             f"| {m['deletion']:.3f} | {m['id']:.3f} | {m['contrast_r']:.3f} |"
         )
     base = summary["baselines"]
