@@ -45,6 +45,8 @@ import numpy as np
 import torch
 from class_sensitivity import tin10_images
 
+from relprop.evaluation.protocols import DEFAULT_SEED, DEFAULT_TIES, TIES
+
 SHARED = Path(__file__).resolve().parents[1].parent / "shared"
 REFERENCE = "ours-ref+hq"
 # registered methods compared as they are (the paper's method and its ablations)
@@ -326,8 +328,8 @@ def summarize(outs: list[Path]) -> str:
     protocol's best baseline on half B (both chosen on half A)."""
     from relprop.evaluation.statistics import mean_sem_ci
 
-    lines = ["| model | protocol | chosen LRP (on A) | ID on B | best baseline (on A) | ID on B | "
-             "diff on B [95 % CI] | Wilcoxon p | n |", "|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| model | protocol | ties | chosen LRP (on A) | ID on B | best baseline (on A) | ID on B | "
+             "diff on B [95 % CI] | Wilcoxon p | n |", "|---|---|---|---|---|---|---|---|---|---|"]
     for out in outs:
         choice = json.loads((out / "choice.json").read_text())
         records = read_half(out / "B")
@@ -338,7 +340,8 @@ def summarize(outs: list[Path]) -> str:
                 continue
             c = paired(mine, theirs)
             diff, p = fmt_pair(c)
-            lines.append(f"| {Path(choice['weights']).stem} | {protocol} | {choice['chosen']} | "
+            lines.append(f"| {Path(choice['weights']).stem} | {protocol} | {choice.get('ties', DEFAULT_TIES)} | "
+                         f"{choice['chosen']} | "
                          f"{mean_sem_ci(list(mine.values()))[0]:.3f} | {baseline} | "
                          f"{mean_sem_ci(list(theirs.values()))[0]:.3f} | {diff} | {p} | {c['n']} |")
     return "\n".join(lines)
@@ -402,7 +405,8 @@ def run_halves(args: argparse.Namespace) -> None:
                 out = out / "-".join(missing)             # not run): its own run inside the group's folder
             config = EvalConfig(data=data, out=out,
                                 methods=tuple(group), protocols=tuple(missing), step=args.step,
-                                batch_size=args.batch_size, device=torch.device(args.device))
+                                batch_size=args.batch_size, device=torch.device(args.device),
+                                ties=args.ties, seed=args.seed)
             outcome = evaluate(config, checkpoint)
             if outcome.failed_methods:
                 print(f"faithful_search: half {half}: could not run {', '.join(outcome.failed_methods)}",
@@ -417,10 +421,12 @@ def run_halves(args: argparse.Namespace) -> None:
     records_b = run("B", confirm)
     choice = {"weights": str(args.weights), "family": family, "split_seed": args.split_seed,
               "best_baseline": best, "chosen": chosen, "candidate": describe(found[chosen.removeprefix("cand-")]),
-              "margins_on_A": margins, "n_A": len(halves["A"]), "n_B": len(halves["B"]), "step": args.step}
+              "margins_on_A": margins, "n_A": len(halves["A"]), "n_B": len(halves["B"]), "step": args.step,
+              "ties": args.ties, "seed": args.seed}
     (args.out / "choice.json").write_text(json.dumps(choice, indent=1))
     parts = [f"# faithful search: {args.weights} (family {family}), split seed {args.split_seed}, "
-             f"{len(halves['A'])} + {len(halves['B'])} images, step {args.step or 'default'}",
+             f"{len(halves['A'])} + {len(halves['B'])} images, step {args.step or 'default'}, "
+             f"ties {args.ties} (seed {args.seed})",
              "## Half A: every candidate and baseline", half_table(records_a, candidates + baselines, best, protocols),
              f"Chosen on A (largest worst-protocol margin over the best baselines): `{chosen}` = "
              f"{describe(found[chosen.removeprefix('cand-')])}",
@@ -446,7 +452,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--threads", type=int, default=0)
     parser.add_argument("--calibrate", type=int, default=20, help="tin10 train images for HQ 'total' bins")
     parser.add_argument("--only", nargs="*", default=None, help="candidate keys to run (default: all)")
-    halves = parser.add_argument_group("--halves: search on half A of tin10 val, confirm on half B (issue #21)")
+    halves = parser.add_argument_group("--halves: search on half A of tin10 val, confirm on half B")
     halves.add_argument("--halves", action="store_true", help="the two-halves search (module docstring)")
     halves.add_argument("--weights", type=Path, default=SHARED / "models" / "resnet18_tin10.pt")
     halves.add_argument("--data", type=Path, default=SHARED / "data" / "tin10" / "val")
@@ -458,6 +464,9 @@ def main(argv: list[str] | None = None) -> None:
     halves.add_argument("--baselines", nargs="*", default=None, help=f"default: {' '.join(BASELINES)}")
     halves.add_argument("--step", type=int, default=None, help="pixels per frame (default: the protocol's)")
     halves.add_argument("--batch-size", type=int, default=32)
+    halves.add_argument("--ties", choices=TIES, default=DEFAULT_TIES,
+                        help="tie handling of every protocol (a run records it; use one --out per mode)")
+    halves.add_argument("--seed", type=int, default=DEFAULT_SEED, help="seed of random ties and ROAD's noise")
     halves.add_argument("--summarize", type=Path, nargs="+", default=None,
                         help="print one table over these finished --halves OUT folders, then stop")
     args = parser.parse_args(argv)
