@@ -279,3 +279,45 @@ def test_the_audit_forward_keeps_no_attention_parts():
     explainer.attribute(x)
     assert explainer.engine.forward(x).values.parts
     assert not explainer.engine.forward(x, keep="constants").values.parts
+
+
+class _RowCountingEpsilon(EpsilonRule):
+    """The ε-rule, noting how many output rows of each dense map it runs on."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.rows: list[int] = []
+
+    def _propagate(self, op, a, R, z, w):
+        self.rows.append(w.shape[0])
+        return super()._propagate(op, a, R, z, w)
+
+
+def test_timm_attention_keeps_its_weights_and_the_qkv_rule_runs_on_the_values_third():
+    """timm's blocks call `F.scaled_dot_product_attention` on q, k, v unbound from one qkv
+    projection. Under CP the call keeps the weights, V and `A·V` (not q or k), and the qkv
+    projection's rule runs on the values' third alone (q and k receive nothing), with the
+    relevance it gives when everything is recomputed from the recorded values."""
+    rule = _RowCountingEpsilon()
+    composite = Composite(rules={nn.Linear: rule, nn.Conv2d: "epsilon", nn.LayerNorm: "norm-epsilon"},
+                          input_rule="epsilon", split="signed", attention="cp", constants="leak")
+    model = timm_vit()
+    explainer = LRP(model, composite=composite)
+    x = torch.randn(1, 3, 32, 32)
+    explainer.attribute(x)
+    engine = explainer.engine
+    record = engine.forward(x, keep="all")
+    parts = list(record.values.parts.values())
+    assert len(parts) == len(model.blocks)
+    for held in parts:
+        assert not any(t.shape[-1] == 48 for t in vars(held).values() if isinstance(t, torch.Tensor)
+                       and t.dim() == 3), "a merged-heads tensor kept"
+        assert held.weights.shape == (1, 3, 17, 17) and held.values.shape == (1, 3, 17, 16)
+    seed = torch.zeros_like(record.output)
+    seed[:, 2] = record.output[:, 2]
+    rule.rows.clear()
+    kept = engine.backward(record, seed).input
+    assert sorted(rule.rows) == sorted([10] + [48, 48, 48, 192] * len(model.blocks))  # head; qkv's third, proj, fc2, fc1
+    record.values.parts.clear()
+    recomputed = engine.backward(record, seed).input
+    assert torch.equal(kept, recomputed)

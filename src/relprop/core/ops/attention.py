@@ -162,12 +162,25 @@ class Attention(Op):
                 and not kwargs:
             parts = WindowParts.of(step.module, args[0])
             return parts.output(), parts.trim(*_reads(context))
-        return self.forward(step, args, kwargs, context.model), None
+        output = self.forward(step, args, kwargs, context.model)
+        if step.module is None and not _reads(context)[0]:
+            return output, HeldWeights.of(*args, **kwargs)
+        return output, None
+
+    def backward_reads(self, step, context: Context) -> list[fx.Node] | None:
+        """A `F.scaled_dot_product_attention` call under CP reads only what it keeps (the
+        weights, V, `A·V`): neither q nor k, nor its output."""
+        if step.module is None and not _reads(context)[0]:
+            return []
+        return super().backward_reads(step, context)
 
     def relevance(self, step, values, R, context: Context) -> Parents:
         node, strategy = step.node, context.strategies.attention
         args, kwargs = step.arguments(values)
         if step.module is None:  # F.scaled_dot_product_attention
+            held = getattr(values, "parts", {}).get(node)
+            if held is not None:
+                return _to_query_key_value(step, (None, None, held.relevance(R, attention_strategy(strategy))))
             q, k, v, core = sdpa_core(*args, **kwargs)
             return _to_query_key_value(step, core.relevance_of_parts(q, k, v, R, attention_strategy(strategy)))
         R = R[0] if isinstance(R, list) else R
@@ -301,6 +314,33 @@ def sdpa_core(query: Tensor, key: Tensor, value: Tensor, attn_mask: Tensor | Non
         bias = torch.ones(L, S, dtype=torch.bool, device=query.device).tril()
     scale = query.shape[-1] ** -0.5 if scale is None else scale
     return query, key, value, AttentionCore(scale, bias)
+
+
+@dataclass
+class HeldWeights:
+    """What CP reads of a `F.scaled_dot_product_attention` call, kept from the recording
+    forward: the weights `softmax(s·QKᵀ + bias)`, V and `A·V` (the ε denominator), computed
+    once as `AttentionCore` does (the fused call's own output differs from it in the last bits,
+    so it cannot be the denominator); q and k are not kept."""
+
+    weights: Tensor
+    values: Tensor
+    context: Tensor
+    epsilon: float = EPSILON
+
+    @classmethod
+    def of(cls, *args: Any, **kwargs: Any) -> HeldWeights:
+        q, k, v, core = sdpa_core(*args, **kwargs)
+        weights = core.weights(q, k)
+        return cls(weights, v, weights @ v, core.epsilon)
+
+    def relevance(self, R: Tensor, strategy: AttentionStrategy) -> Tensor:
+        """The relevance of V, the weights held constant."""
+        R_weights, R_v = strategy.weights_and_values(torch.matmul, self.weights, self.values, R, self.epsilon,
+                                                     output=self.context)
+        if R_weights is not None:
+            raise ConfigError(f"{type(strategy).__name__} reads the attention logits: the held weights cannot serve it")
+        return R_v
 
 
 def attention_module_forward(module: nn.Module, args: tuple, kwargs: dict) -> Any:

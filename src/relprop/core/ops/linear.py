@@ -38,6 +38,7 @@ class LinearInfo:
     is_input_layer: bool = False  # consumes the image (possibly through reshapes or pass-throughs)
     fold_after: fx.Node | None = None  # the BatchNorm right after it, folded into its rule
     fold_before: fx.Node | None = None  # the BatchNorm right before it, folded likewise
+    feeds_attention: bool = False  # its output reaches an attention call through routing alone (fused qkv)
 
 
 class Linear(Op):
@@ -80,6 +81,7 @@ class Linear(Op):
         while plan.step_of[current].op.keeps_the_input_layer and plan.step_of[current].inputs:
             current = plan.step_of[current].inputs[0]
         step.info.is_input_layer = plan.step_of[current].is_input
+        step.info.feeds_attention = _feeds_attention(step.node, plan.step_of)
 
     def relevance(self, step, values, R, context: Context) -> Parents:
         """With a BatchNorm folded in before the layer, the op reads the BatchNorm's input, and
@@ -94,10 +96,14 @@ class Linear(Op):
             target, pads = padded
             source = target
             op = PaddedLinearOp(**{f.name: getattr(op, f.name) for f in fields(op)}, pre_pad=pads)
+        live = _live_outputs(op, R) if step.info.feeds_attention else None
+        if live is not None:  # the outputs that carry relevance: the rule runs on their rows alone
+            op, R = _narrowed(op, live), R[..., live]
         if rule.wants_nonnegative and context.step_of[source].nonnegative:
             return [(target, rule.relevance(op, values[source], R, nonnegative=True))]
         if padded is None and _records_its_map(step):
-            return [(target, rule.relevance_from_output(op, values[source], R, values[step.node]))]
+            output = values[step.node] if live is None else values[step.node][..., live]
+            return [(target, rule.relevance_from_output(op, values[source], R, output))]
         return [(target, rule.relevance(op, values[source], R))]
 
     @staticmethod
@@ -132,6 +138,44 @@ class Linear(Op):
         if key is not None:
             context.cache[step.node] = (key, op)
         return op
+
+
+def _feeds_attention(node: fx.Node, step_of: dict) -> bool:
+    """Whether a layer's output reaches an attention call through element routing and
+    pass-throughs alone (timm's fused qkv projection, unbound into q, k and v)."""
+    frontier, seen = [node], {node}
+    while frontier:
+        for user in frontier.pop().users:
+            name = step_of[user].op.name if user in step_of else None
+            if name == "attention":
+                return True
+            if name in ("route", "passthrough") and user not in seen:
+                seen.add(user)
+                frontier.append(user)
+    return False
+
+
+def _live_outputs(op: LinearOp, R: Tensor) -> slice | None:
+    """The one contiguous range of a dense layer's outputs outside which R is exactly zero,
+    where there is such a range short of all of them (None otherwise): a fused qkv projection
+    under CP, whose query and key thirds receive nothing. Every linear rule sends each output's
+    relevance through that output's row of W alone, so the rows outside give exact zeros. Only
+    asked of layers that feed attention: elsewhere (a class seed at the head) a narrower GEMM
+    rounds differently in the last bit and saves nothing."""
+    if op.kind != "linear" or op.bias is not None and op.bias.dim() != 1 or R.dim() < 1:
+        return None
+    live = R.reshape(-1, R.shape[-1]).any(0).nonzero()
+    if len(live) == 0:
+        return None
+    first, last = int(live[0]), int(live[-1]) + 1
+    if first == 0 and last == R.shape[-1]:
+        return None
+    return slice(first, last)
+
+
+def _narrowed(op: LinearOp, rows: slice) -> LinearOp:
+    """The linear map restricted to some of its outputs."""
+    return LinearOp(op.weight[rows], None if op.bias is None else op.bias[rows])
 
 
 def _records_its_map(step) -> bool:
