@@ -225,7 +225,9 @@ class RelevanceEngine:
         if step.node.op == "call_module" and getattr(step.module, "inplace", False) is True and args \
                 and isinstance(args[0], Tensor):
             # nn.ReLU(inplace=True), nn.Hardswish(inplace=True)... would overwrite the value
-            # recorded for their input (an ε step reads its output as its denominator)
+            # recorded for their input (an ε step reads its output as its denominator). Always a
+            # copy: the input may be released here yet alias a kept value (nn.Identity returns
+            # its input; MobileNetV3's norm_head sits between conv_head and Hardswish)
             args = (args[0].clone(), *args[1:])
         try:
             return step.op.record(step, args, kwargs, self)
