@@ -37,6 +37,7 @@ from relprop.core.trace import (
     describe_module,
     eval_mode,
     make_out_of_place,
+    unshared_input,
 )
 from relprop.errors import TraceError, first_line
 
@@ -195,9 +196,7 @@ class _ConcreteTracer(LeafTracer):
             kwargs = {**kwargs, "inplace": False}
         if kind == "call_module":
             module = self.root.get_submodule(target)
-            if getattr(module, "inplace", False) is True and args and isinstance(args[0], torch.Tensor):
-                args = (args[0].clone(), *args[1:])  # keep the traced value of its input intact
-            return module(*args, **kwargs)
+            return module(*unshared_input(module, args), **kwargs)
         if kind == "call_method":
             obj, *rest = args
             return getattr(obj, OUT_OF_PLACE_METHODS.get(target, target))(*rest, **kwargs)

@@ -24,7 +24,7 @@ from relprop.core.ops.base import describe, op_failure, rule_key
 from relprop.core.plan import Plan, Step, build_plan, failing_as_refusal, layer_output, load
 from relprop.core.rules import Rule
 from relprop.core.ruleset import RuleSet
-from relprop.core.trace import LeafPolicy, eval_mode, trace
+from relprop.core.trace import LeafPolicy, eval_mode, trace, unshared_input
 from relprop.errors import (
     FidelityError,
     InputError,
@@ -222,13 +222,8 @@ class RelevanceEngine:
 
     def _run(self, step: Step, values: dict[fx.Node, Any], x: Tensor) -> tuple[Any, Any]:
         args, kwargs = step.arguments(values)
-        if step.node.op == "call_module" and getattr(step.module, "inplace", False) is True and args \
-                and isinstance(args[0], Tensor):
-            # nn.ReLU(inplace=True), nn.Hardswish(inplace=True)... would overwrite the value
-            # recorded for their input (an ε step reads its output as its denominator). Always a
-            # copy: the input may be released here yet alias a kept value (nn.Identity returns
-            # its input; MobileNetV3's norm_head sits between conv_head and Hardswish)
-            args = (args[0].clone(), *args[1:])
+        if step.node.op == "call_module":
+            args = unshared_input(step.module, args)
         try:
             return step.op.record(step, args, kwargs, self)
         except RelpropError:

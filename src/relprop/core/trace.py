@@ -8,6 +8,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 
+import torch
 import torch.fx as fx
 from torch import nn
 
@@ -95,6 +96,16 @@ def trace(model: nn.Module, policy: LeafPolicy) -> fx.Graph:
         ) from error
     make_out_of_place(graph)
     return graph
+
+
+def unshared_input(module: nn.Module, args: tuple) -> tuple:
+    """`args`, with the first one copied when `module` computes in place (nn.ReLU(inplace=True),
+    nn.Hardswish(inplace=True)...): it would overwrite the value recorded for its input, which
+    an ε step reads as its denominator. Always a copy: a value released after this call can
+    still alias a kept one (nn.Identity returns its input; MobileNetV3's norm_head)."""
+    if getattr(module, "inplace", False) is True and args and isinstance(args[0], torch.Tensor):
+        return (args[0].clone(), *args[1:])
+    return args
 
 
 def make_out_of_place(graph: fx.Graph) -> None:
