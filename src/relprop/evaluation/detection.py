@@ -198,6 +198,17 @@ def insertion_deletion(
             "insertion_curve": ins_curve, "deletion_curve": del_curve}
 
 
+def map_insertion_deletion(
+    crp: CRP, x: Tensor, heat: Tensor, box: Tensor, k: int, energy: float | None, step: int = STEP
+) -> dict[str, Any]:
+    """`insertion_deletion`, except for a map with no positive mass (`energy` None, as
+    `localization` gives it): its pixel order is all ties, which would insert or delete the whole
+    image in the first frame, so it scores nothing (NaN, left out of every mean)."""
+    if energy is None:
+        return {"insertion": math.nan, "deletion": math.nan, "insertion_curve": [], "deletion_curve": []}
+    return insertion_deletion(crp, x, heat, box, k, step)
+
+
 def black_input(crp: CRP, x: Tensor) -> Tensor:
     """Pixel value 0 in the detector's normalized input space, shaped like ``x`` (3, h, w)."""
     mean = torch.tensor(crp.mean, dtype=x.dtype, device=x.device).view(3, 1, 1)
@@ -328,12 +339,8 @@ def evaluate_sample(
         (box,) = localization(heat[None], [gt_input], pointing="first")
         entry = {"energy": math.nan if box["energy"] is None else box["energy"],
                  "pointing": bool(box["pointing"]), "contrast_r": correlation(heat, other)}
-        if box["energy"] is None:  # no positive mass: an all-ties order, scored as nothing
-            entry.update(insertion=math.nan, deletion=math.nan, id=math.nan,
-                         insertion_curve=[], deletion_curve=[])
-        else:
-            entry.update(insertion_deletion(crp, out.x[0], heat, explained, k_star, step))
-            entry["id"] = entry["insertion"] - entry["deletion"]
+        entry.update(map_insertion_deletion(crp, out.x[0], heat, explained, k_star, box["energy"], step))
+        entry["id"] = entry["insertion"] - entry["deletion"]
         record["methods"][name] = entry
     names = crp.family.box_outputs
     box_maps = crp.explain(out, [Request(0, d, o) for o in names]).sum(1)

@@ -47,8 +47,8 @@ from relprop.evaluation.detection import (
     check_methods,
     class_gradient_x_input,
     gradcam_map,
-    insertion_deletion,
     load_tensor,
+    map_insertion_deletion,
 )
 from relprop.evaluation.metrics import localization
 from relprop.evaluation.results import append_jsonl, read_jsonl, write_atomic
@@ -197,7 +197,7 @@ def evaluate_scene(crp: CRP, scene: Scene, image: Tensor, methods: Sequence[str]
                 raise InputError(f"{scene.path}: the {method} map is NaN or infinite")
             own, other = localization(torch.stack([heat, heat]), [boxes[i], boxes[1 - i]], pointing="first")
             (d, _), k = pair[i], record["detections"][i]["label"]
-            curves = insertion_deletion(crp, out.x[0], heat, det["boxes_input"][d], k, step)
+            curves = map_insertion_deletion(crp, out.x[0], heat, det["boxes_input"][d], k, own["energy"], step)
             entries.append({"own": _number(own["energy"]), "other": _number(other["energy"]),
                             "pointing": own["pointing"], "insertion": curves["insertion"],
                             "deletion": curves["deletion"]})
