@@ -11,7 +11,10 @@ direction_check). Candidates (CRP options):
   output's value; conserving below: the map sums to the output minus its bias), z+ below;
 - ``signed-contrast``: ``signed`` minus the mean of the other three outputs' signed maps;
 - ``lrp0``: ``signed`` with LRP-0 below (equal to gradient x input of the output in ReLU networks,
-  tested; not where GroupNorm sits in the head, as in FCOS);
+  tested; not where GroupNorm sits in the head, as in FCOS: GroupNorm takes the identity rule);
+- ``lrp0-norm``: ``lrp0`` with GroupNorm and LayerNorm taken as the linear maps they are with
+  their std held constant (``norm-epsilon`` at ε = 0): gradient x input of the output with every
+  norm's std detached (tested);
 - ``gradxinput``: gradient x input of the output by autograd (the reference, not a CRP map).
 
     python benchmarks/box_direction.py /tmp/scenes --checkpoint /tmp/fcos.pt --images 20
@@ -32,22 +35,33 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 from relprop import Composite  # noqa: E402
-from relprop.core.rules import EpsilonRule  # noqa: E402
+from relprop.core.rules import EpsilonRule, NormEpsilonRule  # noqa: E402
 from relprop.core.splitting import SignedSplit  # noqa: E402
 from relprop.detection.builders import DETECTORS, build_detector, from_metadata  # noqa: E402
 from relprop.detection.crp import CRP, Request  # noqa: E402
-from relprop.evaluation.detection import direction_check, offset_gradient_x_input  # noqa: E402
+from relprop.detection.families import dense_outputs, head_level  # noqa: E402
+from relprop.detection.ssd import locate_anchor  # noqa: E402
+from relprop.evaluation.detection import (  # noqa: E402
+    direction_check,
+    offset_gradient_x_input,
+    raw_box_outputs,
+)
 
 Z_RULE = EpsilonRule(0.0)
 LRP0 = Composite(rules={nn.Conv2d: Z_RULE, nn.Linear: Z_RULE}, input_rule=Z_RULE, maxpool="wta",
                  split=SignedSplit(epsilon=0.0))
+LRP0_NORM = LRP0.replace(rules={**LRP0.rule_map(), nn.GroupNorm: NormEpsilonRule(0.0),
+                                nn.LayerNorm: NormEpsilonRule(0.0)})
 CANDIDATES = {
     "split": {},
     "split-contrast": {"box_contrast": True},
     "signed": {"box_rule": "signed"},
     "signed-contrast": {"box_rule": "signed", "box_contrast": True},
     "lrp0": {"box_rule": "signed", "box_composite": LRP0},
+    "lrp0-norm": {"box_rule": "signed", "box_composite": LRP0_NORM},
 }
+# candidates whose map is meant to sum to the output minus the head's bias (the rest normalize)
+SIGNED = ("signed", "lrp0", "lrp0-norm", "gradxinput")
 
 
 def load(args: argparse.Namespace) -> tuple[nn.Module, dict]:
@@ -98,6 +112,9 @@ def main(argv: list[str] | None = None) -> int:
     coco = json.loads((args.scenes / "val.json").read_text())
     generator = torch.Generator().manual_seed(args.seed)
     counts = {m: {o: {"positive": 0, "negative": 0, "random": 0} for o in names} for m in methods}
+    # map sum / (output - head bias) per signed method, at the input and at the pyramid level
+    ratios: dict[str, list[float]] = {f"{m}{at}": [] for m in methods if m in SIGNED
+                                      for at in ("", "@pyramid") if m in explainers or not at}
     explained, started = 0, time.time()
     for meta_image in coco["images"][: args.images]:
         image = to_tensor(Image.open(args.scenes / meta_image["file_name"]).convert("RGB"))
@@ -108,6 +125,12 @@ def main(argv: list[str] | None = None) -> int:
                 rows = crp.explain(out, [Request(0, d, o) for o in names]).sum(1)
                 maps[name] = dict(zip(names, rows, strict=True))
             maps["gradxinput"] = offset_gradient_x_input(first, out, d)
+            targets = explained_parts(first, out, d)
+            for m in (m for m in methods if m in SIGNED):
+                ratios[m] += [float(maps[m][o].sum()) / t for o, t in zip(names, targets, strict=True)]
+                if m in explainers:
+                    pyramid = pyramid_sums(explainers[m], out, d)
+                    ratios[f"{m}@pyramid"] += [r / t for r, t in zip(pyramid, targets, strict=True)]
             result = direction_check(first, out, d, maps, generator)
             for m in methods:
                 for o in names:
@@ -123,12 +146,35 @@ def main(argv: list[str] | None = None) -> int:
             rows[m][o] = {k: c[k] / max(1, explained) for k in c}
             rows[m][o]["positive_ci"] = wilson(c["positive"], explained)
             rows[m][o]["negative_ci"] = wilson(c["negative"], explained)
+    shares = {m: {"mean": sum(abs(1 - r) for r in v) / max(1, len(v)),
+                  "median_ratio": sorted(v)[len(v) // 2] if v else math.nan} for m, v in ratios.items()}
     report = {"detector": meta, "detections": explained, "images": args.images, "rates": rows,
+              "unexplained_share": shares,
               "seconds": round(time.time() - started), "command": " ".join(sys.argv)}
     print(markdown(report))
     if args.out:
         args.out.write_text(json.dumps(report, indent=2) + "\n")
     return 0
+
+
+def explained_parts(crp: CRP, out, detection: int) -> list[float]:
+    """Each box output of a detection minus its head bias: what a conserving signed map sums to
+    (the box layer's inputs' contributions); what the map misses is the biases' share below."""
+    anchor = int(out.detections[0]["anchors"][detection])
+    with torch.no_grad():
+        raw = raw_box_outputs(dense_outputs(crp.detector, out.x[:1], crp.backbone))[0, anchor]
+    position = locate_anchor(out.levels, anchor)
+    conv = head_level(crp.detector, "box", position.level).conv
+    bias = conv.bias if conv.bias is not None else torch.zeros(conv.out_channels)
+    return [float(raw[j] - bias[4 * position.box + j].detach()) for j in range(4)]
+
+
+def pyramid_sums(crp: CRP, out, detection: int) -> list[float]:
+    """Each box output's relevance summed at the pyramid feature it reads (below the head tower)."""
+    position = locate_anchor(out.levels, int(out.detections[0]["anchors"][detection]))
+    with torch.no_grad():
+        feature = list(crp.engine.forward(out.x[:1]).output.values())[position.level]
+        return [float(crp.head_relevance("box", position, feature, j).sum()) for j in range(4)]
 
 
 def markdown(report: dict) -> str:
@@ -141,6 +187,9 @@ def markdown(report: dict) -> str:
     for m, per in rates.items():
         cells = [f"{per[o]['positive']:.0%} / {per[o]['negative']:.0%} / {per[o]['random']:.0%}" for o in outputs]
         lines.append(f"| {m} | " + " | ".join(cells) + " |")
+    for m, share in report.get("unexplained_share", {}).items():
+        lines.append(f"\n{m}: mean |1 - map sum / (output - head bias)| = {share['mean']:.3f} "
+                     f"(median of the ratio {share['median_ratio']:.3f})")
     return "\n".join(lines)
 
 

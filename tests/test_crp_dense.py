@@ -14,7 +14,7 @@ from torchvision.ops import boxes as box_ops
 from relprop import Composite
 from relprop.core.splitting import SignedSplit
 from relprop.detection.crp import CRP
-from relprop.detection.families import family_of, head_level
+from relprop.detection.families import dense_outputs, family_of, head_level
 from relprop.detection.ssd import locate_anchor
 from relprop.errors import TargetError, UnsupportedLayerError
 
@@ -122,6 +122,49 @@ def test_signed_rule_with_lrp0_below_is_gradient_x_input():
     R = crp.attribute(images, detection=2, output="h")
     expected = (grad * x).detach()
     assert torch.allclose(R, expected, atol=1e-4 * float(expected.abs().max()))
+
+
+def _detached_group_norm(norm: torch.nn.GroupNorm):
+    """GroupNorm's forward with its std held constant by autograd: (x − mean) / std.detach() · w + b."""
+
+    def forward(h):
+        groups = h.reshape(h.shape[0], norm.num_groups, -1)
+        std = (groups.var(-1, unbiased=False, keepdim=True) + norm.eps).sqrt().detach()
+        centred = ((groups - groups.mean(-1, keepdim=True)) / std).reshape(h.shape)
+        return centred * norm.weight.view(1, -1, 1, 1) + norm.bias.view(1, -1, 1, 1)
+
+    return forward
+
+
+def test_signed_rule_with_lrp0_and_norm_epsilon_below_is_gradient_x_input_with_std_detached():
+    """FCOS's head has GroupNorm: LRP-0 below the signed head with GroupNorm as the linear map it is
+    with its std held constant (`norm-epsilon` at ε = 0) is gradient x input of the offset in the
+    same detector with every GroupNorm's std detached. The identity rule there (plain LRP-0) is not."""
+    import copy
+
+    from relprop.core.rules import NormEpsilonRule
+    from relprop.evaluation.detection import raw_box_outputs
+
+    detector = tiny_fcos()
+    norms = {torch.nn.GroupNorm: NormEpsilonRule(0.0)}
+    crp = CRP(detector, box_rule="signed", box_composite=_lrp0().replace(rules={**LRP0_RULES, **norms}))
+    images = random_images(1)
+    out = crp.detect(images)
+    reference = copy.deepcopy(detector)
+    for module in reference.modules():
+        if isinstance(module, torch.nn.GroupNorm):
+            module.forward = _detached_group_norm(module)
+    for d in range(3):
+        n = int(out.detections[0]["anchors"][d])
+        x = out.x.clone().requires_grad_(True)
+        offsets = raw_box_outputs(dense_outputs(reference, x))
+        for j, name in enumerate(crp.family.box_outputs):
+            (grad,) = torch.autograd.grad(offsets[0, n, j], x, retain_graph=True)
+            expected = (grad * x).detach()
+            R = crp.attribute(images, detection=d, output=name)
+            assert torch.allclose(R, expected, atol=1e-4 * float(expected.abs().max())), (d, name)
+    plain = CRP(detector, box_rule="signed", box_composite=_lrp0()).attribute(images, detection=2, output="b")
+    assert not torch.allclose(plain, expected, atol=1e-2 * float(expected.abs().max()))
 
 
 def test_outputs_and_refusals():

@@ -164,3 +164,52 @@ def test_lrp0_where_both_operands_of_an_add_are_zero():
     assert ((torch.relu(model.a(x)) + torch.relu(model.b(x))) == 0).any()  # the case
     R, expected = _lrp0_and_gradient_times_input(model, x, "fold")
     torch.testing.assert_close(R, expected, rtol=0, atol=1e-4 * float(expected.abs().max()))
+
+
+class GroupNormNet(nn.Module):
+    """conv → GroupNorm → ReLU → conv → linear; `functional` spells the norm as `F.group_norm` with
+    the module's parameters (what a timm or custom block does); `detached` holds its std constant
+    by autograd, `(x − mean) / std.detach() · w + b`: the reference, written without relprop."""
+
+    def __init__(self, functional: bool = False, detached: bool = False) -> None:
+        super().__init__()
+        self.stem, self.norm = nn.Conv2d(3, 8, 3, padding=1), nn.GroupNorm(4, 8)
+        self.conv, self.head = nn.Conv2d(8, 6, 3, padding=1), nn.Linear(6 * 4 * 4, 5)
+        self.functional, self.detached = functional, detached
+
+    def normalize(self, h: torch.Tensor) -> torch.Tensor:
+        norm = self.norm
+        if self.functional:
+            return nn.functional.group_norm(h, norm.num_groups, norm.weight, norm.bias, norm.eps)
+        if not self.detached:
+            return norm(h)
+        groups = h.reshape(h.shape[0], norm.num_groups, -1)
+        std = (groups.var(-1, unbiased=False, keepdim=True) + norm.eps).sqrt().detach()
+        centred = ((groups - groups.mean(-1, keepdim=True)) / std).reshape(h.shape)
+        return centred * norm.weight.view(1, -1, 1, 1) + norm.bias.view(1, -1, 1, 1)
+
+    def forward(self, x):
+        h = torch.relu(self.normalize(self.stem(x)))
+        return self.head(torch.flatten(self.conv(h), 1))
+
+
+@pytest.mark.parametrize("functional", [False, True])
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_lrp0_with_norm_epsilon_on_groupnorm_is_gradient_times_input_with_std_detached(functional, seed):
+    """GroupNorm taken as the linear map it is with its std held constant (`norm-epsilon` at ε = 0):
+    LRP-0 through it is gradient x input of the net whose GroupNorm std is detached (the identity
+    rule there, relprop's default, is not)."""
+    from relprop.core.rules import NormEpsilonRule
+
+    torch.manual_seed(seed)
+    model = GroupNormNet(functional).eval()
+    with torch.no_grad():
+        model.norm.weight.copy_(torch.randn(8))
+        model.norm.bias.uniform_(-0.5, 0.5)
+    reference = GroupNormNet(detached=True).eval()
+    reference.load_state_dict(model.state_dict())
+    x = torch.randn(3, 3, 4, 4)
+    R = lrp0(model, x, {nn.GroupNorm: NormEpsilonRule(0.0)})
+    expected = gradient_times_input(reference, x)
+    torch.testing.assert_close(R, expected, rtol=1e-5, atol=1e-5 * float(expected.abs().max()))
+    assert not torch.allclose(lrp0(model, x), expected, atol=1e-2 * float(expected.abs().max()))

@@ -10,7 +10,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from relprop.core.rules import AlphaBetaRule, EpsilonRule, GammaRule, ZBRule, get_rule
+from relprop.core.rules import (
+    AlphaBetaRule,
+    EpsilonRule,
+    GammaRule,
+    GroupNormParams,
+    NormEpsilonRule,
+    ZBRule,
+    get_rule,
+)
 
 
 def linear(weight, bias=None) -> nn.Linear:
@@ -59,6 +67,24 @@ def test_zb_by_hand():
     rule = ZBRule(low=0.0, high=1.0)
     R = rule.relevance(linear([[1.0, -1.0]]), torch.tensor([[0.5, 0.5]]), torch.tensor([[2.0]]))
     torch.testing.assert_close(R, torch.tensor([[1.0, 1.0]]))
+
+
+def test_norm_epsilon_on_groupnorm_by_hand():
+    """4 channels, 2 groups, 1x1: a = (1, 3 | 2, −2), means (2 | 0), stds (1 | 2) (eps 0), w = (1, 2,
+    1, −1), b = (0, 1, 0, 0.5): z = (−1, 3, 1, 1.5). With R = z, s = R/z = 1, u = w/std = (1, 2 | ½,
+    −½), centred (−½, ½ | ½, −½), R_in = a·that = (−½, 3/2, 1, 1): each group's z minus its bias
+    (1 | 2); the biases keep 1.5. The functional call's arguments give the same."""
+    norm = nn.GroupNorm(2, 4, eps=0.0)
+    with torch.no_grad():
+        norm.weight.copy_(torch.tensor([1.0, 2.0, 1.0, -1.0]))
+        norm.bias.copy_(torch.tensor([0.0, 1.0, 0.0, 0.5]))
+    a = torch.tensor([1.0, 3.0, 2.0, -2.0]).view(1, 4, 1, 1)
+    z = norm(a)
+    assert torch.allclose(z.flatten(), torch.tensor([-1.0, 3.0, 1.0, 1.5]))
+    expected = torch.tensor([-0.5, 1.5, 1.0, 1.0]).view(1, 4, 1, 1)
+    torch.testing.assert_close(NormEpsilonRule(0.0).relevance(norm, a, z), expected)
+    params = GroupNormParams(2, norm.weight, norm.bias, 0.0)
+    torch.testing.assert_close(NormEpsilonRule(0.0).relevance(params, a, z), expected)
 
 
 def test_flat_w2_wplus_by_hand():

@@ -377,23 +377,51 @@ class LayerNormParams(NamedTuple):
     eps: float
 
 
+class GroupNormParams(NamedTuple):
+    """The arguments of an `F.group_norm` call, for rules that need them."""
+
+    num_groups: int
+    weight: Tensor | None
+    bias: Tensor | None
+    eps: float
+
+
 class NormEpsilonRule(Rule):
-    """LayerNorm with its standard deviation held constant: then a linear map (centring, scale,
-    shift), taken by the ε-rule; the shift (β) absorbs its share. This is what LXT's AttnLRP
-    code computes for LayerNorm; relprop's default is the identity ("pass")."""
+    """LayerNorm or GroupNorm with its standard deviation held constant: then a linear map
+    (centring, scale, shift), taken by the ε-rule; the shift (β) absorbs its share. This is what
+    LXT's AttnLRP code computes for LayerNorm; relprop's default is the identity ("pass"). With
+    ε = 0 it is LRP-0 of that linear map: gradient x input of the norm with its std detached."""
 
     name = "norm-epsilon"
 
     def __init__(self, epsilon: float = 1e-6) -> None:
         self.epsilon = epsilon
 
-    def relevance(self, layer: nn.Module | LayerNormParams, a: Tensor, R: Tensor) -> Tensor:
+    def relevance(self, layer: nn.Module | LayerNormParams | GroupNormParams, a: Tensor, R: Tensor) -> Tensor:
+        if isinstance(layer, (nn.GroupNorm, GroupNormParams)):
+            # groups of consecutive channels (with everything after them) are LayerNorm's last axis;
+            # the affine parameters are per channel, over the same view
+            groups = a.reshape(a.shape[0], layer.num_groups, -1)
+            per_channel = (1, a.shape[1], *(1,) * (a.dim() - 2))
+
+            def per_group(p: Tensor) -> Tensor:
+                return p.detach().float().reshape(per_channel).expand(a.shape).reshape(groups.shape)
+
+            weight = 1.0 if layer.weight is None else per_group(layer.weight)
+            bias = 0.0 if layer.bias is None else per_group(layer.bias)
+            return self._normalized(groups, (-1,), layer.eps, weight, bias, R.reshape(groups.shape)).reshape(a.shape)
         if not isinstance(layer, (nn.LayerNorm, LayerNormParams)):
-            raise UnsupportedLayerError(f"the norm-epsilon rule takes nn.LayerNorm, not {type(layer).__name__}")
+            raise UnsupportedLayerError("the norm-epsilon rule takes nn.LayerNorm or nn.GroupNorm, "
+                                        f"not {type(layer).__name__}")
         dims = tuple(range(-len(layer.normalized_shape), 0))
-        std = (a.var(dims, unbiased=False, keepdim=True) + layer.eps).sqrt()
         weight = 1.0 if layer.weight is None else layer.weight.detach().float()
         bias = 0.0 if layer.bias is None else layer.bias.detach().float()
+        return self._normalized(a, dims, layer.eps, weight, bias, R)
+
+    def _normalized(self, a: Tensor, dims: tuple[int, ...], eps: float, weight: Tensor | float,
+                    bias: Tensor | float, R: Tensor) -> Tensor:
+        """The ε-rule of `(a - mean) / std · weight + bias` over `dims`, std held constant."""
+        std = (a.var(dims, unbiased=False, keepdim=True) + eps).sqrt()
 
         def normalize(t: Tensor) -> Tensor:
             return (t - t.mean(dims, keepdim=True)) / std * weight

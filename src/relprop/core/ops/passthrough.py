@@ -36,7 +36,7 @@ from torchvision.ops.misc import FrozenBatchNorm2d
 from relprop.core.linear_op import BatchNormStats
 from relprop.core.ops.base import Context, KeepsSign, Op, Parents, positional
 from relprop.core.ops.route import first_operand
-from relprop.core.rules import LayerNormParams, Rule
+from relprop.core.rules import GroupNormParams, LayerNormParams, Rule
 from relprop.core.trace import in_module, module_path
 from relprop.errors import UnsupportedLayerError
 
@@ -62,6 +62,12 @@ METHODS = {*ACTIVATION_METHODS, "contiguous", "clone", "detach", "float", "to", 
 POWER_METHODS = {"pow", "square"}
 CLAMP_FUNCTIONS = {torch.clamp, torch.clip, torch.clamp_min, torch.clamp_max}
 CLAMP_METHODS = {"clamp", "clip", "clamp_min", "clamp_max", "clamp_", "clip_", "clamp_min_", "clamp_max_"}
+# normalization calls a rule can take: the module type whose rule they follow, the rule's view of
+# the call's arguments, and the call's parameter names after the input
+NORM_CALLS = {
+    F.layer_norm: (nn.LayerNorm, LayerNormParams, ("normalized_shape", "weight", "bias", "eps")),
+    F.group_norm: (nn.GroupNorm, GroupNormParams, ("num_groups", "weight", "bias", "eps")),
+}
 # Library helpers that are the identity here, by importable name (no import of the library needed).
 LIBRARY_FUNCTIONS = {
     "timm.layers.attention.maybe_add_mask",  # scores + a constant mask (or None): the scores keep it all
@@ -119,25 +125,30 @@ class Passthrough(KeepsSign, Op):
 
     @staticmethod
     def _rule_of(step, context: Context) -> Rule | None:
-        """A rule by module name or type; for `F.layer_norm`, a rule for nn.LayerNorm or for the
-        module type the call sits in (timm's LayerNorm, a subclass with its own forward)."""
+        """A rule by module name or type; for `F.layer_norm` (`F.group_norm`), a rule for
+        nn.LayerNorm (nn.GroupNorm) or for the module type the call sits in (timm's LayerNorm, a
+        subclass with its own forward)."""
         node = step.node
         if step.module is not None:
             return context.rules.by_name(node) or context.rules.by_kind(step, context.model)
-        if node.op != "call_function" or node.target is not F.layer_norm:
+        if node.op != "call_function" or node.target not in NORM_CALLS:
             return None
         path = module_path(node)
-        return context.rules.by_type(nn.LayerNorm, *([type(context.model.get_submodule(path))] if path else []))
+        return context.rules.by_type(NORM_CALLS[node.target][0],
+                                     *([type(context.model.get_submodule(path))] if path else []))
 
     def _user_rule(self, step, values, context: Context) -> tuple[Rule | None, Any]:
-        """The user's rule for this step (`_rule_of`) and the layer it takes."""
+        """The user's rule for this step (`_rule_of`) and the layer it takes: the module, or the
+        call's arguments (`LayerNormParams`, `GroupNormParams`)."""
         rule = self._rule_of(step, context)
         if rule is None or step.module is not None:
             return rule, step.module
         args, kwargs = step.arguments(values)
-        bound = dict(zip(("input", "normalized_shape", "weight", "bias", "eps"), args, strict=False)) | kwargs
-        return rule, LayerNormParams(tuple(bound["normalized_shape"]), bound.get("weight"), bound.get("bias"),
-                                     float(bound.get("eps", 1e-5)))
+        _, params, names = NORM_CALLS[step.node.target]
+        bound = dict(zip(("input", *names), args, strict=False)) | kwargs
+        shape = bound[names[0]]
+        return rule, params(tuple(shape) if params is LayerNormParams else int(shape), bound.get("weight"),
+                            bound.get("bias"), float(bound.get("eps", 1e-5)))
 
     def output_nonnegative(self, step, parents: list[bool]) -> bool:
         node = step.node
