@@ -35,7 +35,7 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 from relprop import Composite  # noqa: E402
-from relprop.core.rules import EpsilonRule, NormEpsilonRule  # noqa: E402
+from relprop.core.rules import EpsilonRule  # noqa: E402
 from relprop.core.splitting import SignedSplit  # noqa: E402
 from relprop.detection.builders import DETECTORS, build_detector, from_metadata  # noqa: E402
 from relprop.detection.crp import CRP, Request  # noqa: E402
@@ -50,15 +50,13 @@ from relprop.evaluation.detection import (  # noqa: E402
 Z_RULE = EpsilonRule(0.0)
 LRP0 = Composite(rules={nn.Conv2d: Z_RULE, nn.Linear: Z_RULE}, input_rule=Z_RULE, maxpool="wta",
                  split=SignedSplit(epsilon=0.0))
-LRP0_NORM = LRP0.replace(rules={**LRP0.rule_map(), nn.GroupNorm: NormEpsilonRule(0.0),
-                                nn.LayerNorm: NormEpsilonRule(0.0)})
 CANDIDATES = {
     "split": {},
     "split-contrast": {"box_contrast": True},
     "signed": {"box_rule": "signed"},
     "signed-contrast": {"box_rule": "signed", "box_contrast": True},
     "lrp0": {"box_rule": "signed", "box_composite": LRP0},
-    "lrp0-norm": {"box_rule": "signed", "box_composite": LRP0_NORM},
+    "lrp0-norm": {"box_rule": "lrp0"},  # relprop detect --box-rule lrp0
 }
 # candidates whose map is meant to sum to the output minus the head's bias (the rest normalize)
 SIGNED = ("signed", "lrp0", "lrp0-norm", "gradxinput")

@@ -16,7 +16,7 @@ from relprop.core.splitting import SignedSplit
 from relprop.detection.crp import CRP
 from relprop.detection.families import dense_outputs, family_of, head_level
 from relprop.detection.ssd import locate_anchor
-from relprop.errors import TargetError, UnsupportedLayerError
+from relprop.errors import InputError, TargetError, UnsupportedLayerError
 
 from references import LRP0_RULES, Z_RULE
 
@@ -147,7 +147,8 @@ def test_signed_rule_with_lrp0_and_norm_epsilon_below_is_gradient_x_input_with_s
 
     detector = tiny_fcos()
     norms = {torch.nn.GroupNorm: NormEpsilonRule(0.0)}
-    crp = CRP(detector, box_rule="signed", box_composite=_lrp0().replace(rules={**LRP0_RULES, **norms}))
+    spelled_out = CRP(detector, box_rule="signed", box_composite=_lrp0().replace(rules={**LRP0_RULES, **norms}))
+    crp = CRP(detector, box_rule="lrp0")  # the registered definition (BOX_RULES) is that composite
     images = random_images(1)
     out = crp.detect(images)
     reference = copy.deepcopy(detector)
@@ -163,8 +164,28 @@ def test_signed_rule_with_lrp0_and_norm_epsilon_below_is_gradient_x_input_with_s
             expected = (grad * x).detach()
             R = crp.attribute(images, detection=d, output=name)
             assert torch.allclose(R, expected, atol=1e-4 * float(expected.abs().max())), (d, name)
+            assert torch.equal(R, spelled_out.attribute(images, detection=d, output=name))
     plain = CRP(detector, box_rule="signed", box_composite=_lrp0()).attribute(images, detection=2, output="b")
     assert not torch.allclose(plain, expected, atol=1e-2 * float(expected.abs().max()))
+
+
+def test_box_rules_by_name_and_their_refusals():
+    """Each registered box rule runs and says what its maps can be read as; `lrp0` sets the box
+    composite itself, so one given beside it is refused, as is an unknown name."""
+    from relprop.detection.box_rules import BOX_RULES
+
+    detector, images = tiny_retinanet(), random_images(1)
+    caveats = {}
+    for name in BOX_RULES:
+        crp = CRP(detector, box_rule=name)
+        R = crp.attribute(images, detection=0, output="w")
+        assert torch.isfinite(R).all() and R.abs().sum() > 0
+        caveats[name] = crp.box_caveat
+    assert "push the output up/down" in caveats["lrp0"] and "does not move" in caveats["split"]
+    with pytest.raises(InputError, match="sets the box composite itself"):
+        CRP(detector, box_rule="lrp0", box_composite=_lrp0())
+    with pytest.raises(InputError, match="choose one of split, signed, lrp0"):
+        CRP(detector, box_rule="gradient")
 
 
 def test_outputs_and_refusals():

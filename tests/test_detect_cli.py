@@ -76,6 +76,34 @@ def test_detect_writes_panels_for_capped_detections(tmp_path, tiny_checkpoint, c
     assert "#0" in capsys.readouterr().out
 
 
+def test_detect_box_rule_reaches_the_maps_and_the_panel_caption(tmp_path, tiny_checkpoint, monkeypatch, capsys):
+    """--box-rule lrp0 gives other box maps than the default and prints its own caveat under them
+    (the default's says the blue side does not push the other way); class maps are unchanged (up to
+    float rounding: the box requests no longer share their chunks)."""
+    import relprop.pipelines.detect as pipeline
+    from relprop.detection.box_rules import BOX_RULES
+
+    weights, model_def = tiny_checkpoint
+    images = _images(tmp_path, 1)
+    captions = []
+    panel = pipeline.save_detection_panel
+    monkeypatch.setattr(pipeline, "save_detection_panel",
+                        lambda *args, **kwargs: captions.append(args[-1]) or panel(*args, **kwargs))
+    maps = {}
+    for rule in ("split", "lrp0"):
+        out = tmp_path / rule
+        assert main(["detect", *map(str, images), "--weights", str(weights), "--model-def", model_def,
+                     "--score-threshold", "0", "--max-detections", "1", "--save-maps", "--box-rule", rule,
+                     "--out", str(out)]) == 0
+        maps[rule] = {name: np.load(out / "img0" / f"det0_{name}.npy") for name in OUTPUTS}
+    assert captions == [BOX_RULES["split"].caveat, BOX_RULES["lrp0"].caveat]
+    assert np.allclose(maps["split"]["class"], maps["lrp0"]["class"], atol=1e-6 * np.abs(maps["split"]["class"]).max())
+    assert not np.allclose(maps["split"]["cx"], maps["lrp0"]["cx"])
+    with pytest.raises(SystemExit):
+        main(["detect", str(images[0]), "--weights", str(weights), "--box-rule", "gradient"])
+    assert "invalid choice: 'gradient'" in capsys.readouterr().err
+
+
 def test_detect_what_if_and_bad_inputs(tmp_path, tiny_checkpoint, capsys):
     weights, model_def = tiny_checkpoint
     good = _images(tmp_path, 1)[0]

@@ -277,8 +277,6 @@ MAP_TITLES = {
     "ctr": "centerness: red higher, blue lower",
 }
 BOX_COLOUR = "#00d000"
-BOX_MAP_WARNING = ("box maps: where the box head's evidence sits; removing their most negative pixels "
-                   "does not move the output the other way (direction check, docs/crp.md)")
 
 
 def _draw_box(ax, box: Sequence[float], caption: str | None = None) -> None:
@@ -305,8 +303,10 @@ def draw_detections(path: str | Path, rgb: np.ndarray, boxes: Sequence[Sequence[
 
 
 def save_detection_panel(path: str | Path, rgb: np.ndarray, box: Sequence[float],
-                         heats: dict[str, np.ndarray], title: str, class_name: str) -> Path:
-    """One detection: the image with its box, then each map (class, cx, cy, w, h) over the image."""
+                         heats: dict[str, np.ndarray], title: str, class_name: str,
+                         box_caveat: str | None = None) -> Path:
+    """One detection: the image with its box, then each map (class, cx, cy, w, h) over the image;
+    `box_caveat` (the box rule's, `relprop.detection.crp.BOX_RULES`) is printed under box maps."""
     fig = _figure(2.6 * (len(heats) + 1), 3.0)
     axes = fig.subplots(1, len(heats) + 1)
     axes[0].imshow(rgb)
@@ -320,7 +320,7 @@ def save_detection_panel(path: str | Path, rgb: np.ndarray, box: Sequence[float]
         ax.set_axis_off()
     fig.suptitle(title, fontsize=10)
     fig.tight_layout()
-    if set(heats) - {"class"}:
-        fig.text(0.5, 0.005, BOX_MAP_WARNING, ha="center", va="bottom", fontsize=7, color="#a00000")
+    if box_caveat and set(heats) - {"class"}:
+        fig.text(0.5, 0.005, box_caveat, ha="center", va="bottom", fontsize=7, color="#a00000")
     fig.savefig(path, dpi=100)
     return Path(path)

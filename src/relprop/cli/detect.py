@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING
 
 from relprop.cli.common import add_model_options, read_classes
 from relprop.detection.architectures import DETECTOR_ARCHS, architecture_lines
+from relprop.detection.box_rules import BOX_RULES
 from relprop.devices import resolve_device
 from relprop.pipelines.outputs import prepare_out
 
@@ -34,12 +35,19 @@ score, box in original pixels, anchor index and head level, panel file), and OUT
 (the files this run wrote). A re-run into the same OUT removes the files of the previous run it
 did not write again (see `relprop explain --help`); OUT inside an input folder is not searched.
 
-What the maps say (red = positive relevance, blue = negative; each map sums to zero):
+What the maps say (red = positive relevance, blue = negative):
   class   red: evidence for the detected class; blue: evidence for the other classes
-          (contrastive; with --no-contrast plain LRP of the class logit, which sums to one)
+          (contrastive, sums to zero; with --no-contrast plain LRP of the class logit, which
+          sums to one)
   cx, cy  red: what pushes the box centre right (cx) / down (cy) from its default box;
           blue: what pushes it left / up
   w, h    red: what makes the box wider / taller; blue: narrower / shorter
+  (FCOS: l, t, r, b the distances from the anchor point to the box's edges, ctr the centerness)
+Box maps read that way only with --box-rule lrp0, whose maps pass the direction check (removing
+the most positive pixels moves the output down, the most negative up) but do not conserve: biases
+absorb their sum. The default (split, the seed's R+ - R-) and signed conserve, and their blue
+side does not push the other way: read it as where the box head's evidence sits. Each panel says
+which under its box maps (docs/crp.md).
 
 Maps are computed in the detector's own input space (after its resize and normalization) and
 resized onto the original image for display; so an image of more than 4096x4096 pixels
@@ -102,6 +110,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
                         help="contrast the class against the background class too")
     parser.add_argument("--box-contrast", action="store_true",
                         help="subtract the mean of the other three offsets' maps from each box map")
+    parser.add_argument("--box-rule", choices=tuple(BOX_RULES), default="split",
+                        help="what a box map is (default: split, the seed's): "
+                             + "; ".join(f"{name}: {rule.summary}" for name, rule in BOX_RULES.items()))
     parser.add_argument("--split", choices=("ratio", "symmetric", "signed"), default="ratio",
                         help="relevance split at residual adds (default: ratio, the paper's)")
     parser.add_argument("--save-maps", action="store_true",
@@ -128,7 +139,7 @@ def run(args: argparse.Namespace) -> int:
         inputs=tuple(args.inputs), out=Path(args.out), score_threshold=args.score_threshold,
         max_detections=args.max_detections, target=args.target_class,
         contrast=not args.no_contrast, include_background=args.include_background,
-        box_contrast=args.box_contrast, split=args.split, save_maps=args.save_maps,
+        box_contrast=args.box_contrast, split=args.split, box_rule=args.box_rule, save_maps=args.save_maps,
         device=resolve_device(args.device),
     )
     prepare_out(args.out)  # before the model loads: a bad --out fails at once

@@ -34,6 +34,7 @@ from tqdm import tqdm
 from relprop.core.composites import Composite, resolve_composite
 from relprop.core.interpreter import RelevanceEngine
 from relprop.core.rules import get_rule
+from relprop.detection.box_rules import BOX_RULES
 from relprop.detection.families import (
     family_of,
     head_level,
@@ -53,8 +54,7 @@ from relprop.errors import InputError, TargetError
 
 OUTPUTS = ("class", *BOX_OUTPUTS)
 """An SSD's (and RetinaNet's) outputs; ``CRP.outputs`` are the explained detector's (FCOS: l t r b ctr)."""
-BOX_RULES = ("split", "signed")
-"""Box-output rules at the head: the seed's ``R+ - R-`` split, or the signed contributions (LRP-0)."""
+
 
 
 @dataclass(frozen=True)
@@ -94,9 +94,11 @@ class CRP:
     ``contrast`` (default True) makes class maps contrastive; False gives plain LRP of the logit.
     ``include_background`` adds the background class to the classes contrasted against.
     ``box_contrast`` subtracts the mean map of the other three offsets from a box map.
-    ``box_rule`` is the rule at the box head ("split": ``R+ - R-``; "signed": the contributions),
-    ``box_composite`` an optional composite for the backbone below the box head (default: the
-    class maps' composite).
+    ``box_rule`` names the box maps' definition (`BOX_RULES`: "split", the seed's ``R+ - R-``;
+    "signed", the head's contributions; "lrp0", signed with LRP-0 below, the one whose negative
+    side passes the direction check, at the price of conservation), ``box_composite`` an optional
+    composite for the backbone below the box head with "split" or "signed" (default: the class
+    maps' composite).
     ``split``/``identity_skips`` configure Relevance Splitting in residual backbones; ``rules``
     adds engine rules for custom backbone layers (``{ModuleType: "pass"}``). These and
     ``input_rule`` (default zB) are a shortcut for ``composite=`` (a `relprop.Composite` for the
@@ -124,9 +126,19 @@ class CRP:
         self.family = family_of(detector)
         if box_rule not in BOX_RULES:
             raise InputError(f"box_rule {box_rule!r}: choose one of {', '.join(BOX_RULES)}")
+        definition = BOX_RULES[box_rule]
+        if definition.composite is not None:
+            if box_composite is not None:
+                raise InputError(f"box_rule {box_rule!r} sets the box composite itself; give your box_composite "
+                                 f"with box_rule 'signed' or 'split'")
+            box_composite = definition.composite()
+            if rules:  # the user's rules for custom layers hold below the box head too
+                box_composite = box_composite.replace(rules={**box_composite.rule_map(), **rules})
         self.detector = detector
         self.outputs = self.family.outputs
         self.box_rule = box_rule
+        self.box_caveat = definition.caveat
+        self._box_head = definition.head
         self.contrast = contrast
         self.include_background = include_background
         self.box_contrast = box_contrast
@@ -262,7 +274,7 @@ class CRP:
             R = self._class_layer(head.conv, position, a, vector)
         else:
             columns = 1 if kind == "ctr" else 4
-            signed = self.box_rule == "signed"
+            signed = self._box_head == "signed"
             R = box_split(head.conv, a, position, int(vector), columns=columns, signed=signed)
         if record is None:
             return R

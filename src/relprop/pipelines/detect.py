@@ -23,7 +23,7 @@ from torchvision.transforms.functional import to_tensor
 from tqdm import tqdm
 
 from relprop.core.splitting import SPLITS
-from relprop.detection.crp import CRP, Request, to_image
+from relprop.detection.crp import BOX_RULES, CRP, Request, to_image
 from relprop.detection.families import num_classes_of
 from relprop.errors import ImageError, RelpropError, TargetError
 from relprop.images import MAX_DECODED_PIXELS, load_image
@@ -51,6 +51,7 @@ class DetectConfig:
     include_background: bool = False
     box_contrast: bool = False
     split: str = "ratio"
+    box_rule: str = "split"
     save_maps: bool = False
     device: Any = "cpu"
 
@@ -61,6 +62,8 @@ class DetectConfig:
             raise RelpropError(f"--score-threshold {self.score_threshold}: must be in [0, 1]")
         if self.split not in SPLITS:
             raise RelpropError(f"--split {self.split!r}: choose one of {', '.join(SPLITS)}")
+        if self.box_rule not in BOX_RULES:
+            raise RelpropError(f"--box-rule {self.box_rule!r}: choose one of {', '.join(BOX_RULES)}")
 
 
 @dataclass(frozen=True)
@@ -110,7 +113,7 @@ def detect_images(config: DetectConfig, model: Any, info: ModelInfo,
     names = class_names_of(info, num_classes_of(model), detector=True)
     target = parse_class(config.target, info, names)
     crp = CRP(model, contrast=config.contrast, include_background=config.include_background,
-              box_contrast=config.box_contrast, split=config.split,
+              box_contrast=config.box_contrast, split=config.split, box_rule=config.box_rule,
               rules=ACTIVATIONS_PASSED_THROUGH)
     jobs, failures = plan_jobs(config.inputs, "detect", exclude=out)
     summary = DetectSummary(out, inputs=len(jobs) + len(failures), failures=failures)
@@ -136,7 +139,7 @@ def detect_images(config: DetectConfig, model: Any, info: ModelInfo,
             folder = out / name
             folder.mkdir(parents=True, exist_ok=True)
             records = _write_image(folder, name, path, image, det, chosen, maps, names, target,
-                                   config.save_maps, manifest, crp.outputs)
+                                   config.save_maps, manifest, crp.outputs, crp.box_caveat)
             for record in records:
                 log.write(json.dumps(record.to_dict(), ensure_ascii=False) + "\n")
             summary.records += records
@@ -181,7 +184,7 @@ def _chosen(scores: Any, threshold: float, cap: int) -> list[int]:
 def _write_image(folder: Path, name: str, path: Path, image: Any, det: dict, chosen: Sequence[int],
                  maps: Any, names: Sequence[str], target: int | None,
                  save_maps: bool, manifest: Manifest,
-                 outputs: Sequence[str]) -> list[DetectionRecord]:
+                 outputs: Sequence[str], box_caveat: str) -> list[DetectionRecord]:
     """Drawings, panels and (optionally) raw maps of one image; its detections.jsonl records."""
     rgb = (image.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
     size = tuple(image.shape[-2:])
@@ -199,7 +202,7 @@ def _write_image(folder: Path, name: str, path: Path, image: Any, det: dict, cho
         if explained != labels[i]:
             title += f" · explaining {names[explained]}"
         panel = folder / f"det{d}.png"
-        save_detection_panel(manifest.add(panel), rgb, boxes[i], heats, title, names[explained])
+        save_detection_panel(manifest.add(panel), rgb, boxes[i], heats, title, names[explained], box_caveat)
         if save_maps:
             for o, heat in heats.items():
                 np.save(manifest.add(folder / f"det{d}_{o}.npy"), heat.astype(np.float32))
