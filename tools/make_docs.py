@@ -102,6 +102,15 @@ def detectors_block() -> str:
     return "\n".join(lines)
 
 
+def box_rules_block() -> str:
+    """What a box map is, by `--box-rule` name (relprop.detection.box_rules), with its panel line."""
+    from relprop.detection.box_rules import BOX_RULES
+
+    lines = ["| `--box-rule` / `box_rule=` | what it is | what its panels say under the box maps |", "|---|---|---|"]
+    lines += [f"| `{name}` | {rule.summary} | {rule.caveat} |" for name, rule in BOX_RULES.items()]
+    return "\n".join(lines)
+
+
 def versions_block() -> str:
     """The versions this environment runs, and the day: written after a whole test run passed."""
     found = []
@@ -123,6 +132,7 @@ BLOCKS: dict[str, Callable[[], str]] = {
     "faithful-families": faithful_families_block,
     "protocols": protocols_block,
     "detectors": detectors_block,
+    "box-rules": box_rules_block,
     "versions": versions_block,
 }
 
