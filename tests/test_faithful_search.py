@@ -53,6 +53,23 @@ def test_choice_is_the_best_worst_protocol_margin_over_each_protocols_best_basel
     assert margins["cand-b"] == pytest.approx({"paper": 0.05, "rise": 0.02})
 
 
+def test_choice_counts_the_protocols_a_candidate_is_not_below_before_the_worst_margin():
+    """c is below the best baseline in all three protocols (worst margin -0.2); d ties it in two
+    (its paired CI reaches 0) and loses the third by 0.25: the goal counts protocols, so d."""
+    base = {("gradcam", p): [0.5, 0.5, 0.5] for p in ("paper", "rise", "road")}
+    records = rows({
+        **base,
+        ("cand-c", "paper"): [0.3, 0.3, 0.3], ("cand-c", "rise"): [0.35, 0.35, 0.35],
+        ("cand-c", "road"): [0.4, 0.4, 0.4],
+        ("cand-d", "paper"): [0.6, 0.4, 0.5], ("cand-d", "rise"): [0.25, 0.25, 0.25],
+        ("cand-d", "road"): [0.45, 0.55, 0.5],
+    })
+    _, chosen, margins = faithful_search.choose(records, ["cand-c", "cand-d"], ["gradcam"],
+                                                ["paper", "rise", "road"])
+    assert min(margins["cand-c"].values()) > min(margins["cand-d"].values())  # the old rule's pick: c
+    assert chosen == "cand-d"
+
+
 def test_family_candidates_stay_small_and_pair_the_vit_splits():
     for family in ("resnet", "convnext", "mobilenet", "vit"):
         assert len(faithful_search.family_candidates(family)) <= 10
