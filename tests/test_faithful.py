@@ -38,7 +38,9 @@ def test_image_bins_are_the_papers_heat_quantization():
     assert torch.equal(quantize(heat, 8), heat_quantize(heat, levels=8))
 
 
-def test_lrp_faithful_is_its_composite_then_hq():
+def test_lrp_faithful_on_a_resnet_is_its_composite_and_plus_hq_the_former_default():
+    """No HQ in the ResNet's lrp-faithful (its paper-protocol lead came from HQ's ties); the
+    former default is `lrp-faithful+hq`: the composite's channel sum in 8 levels."""
     torch.manual_seed(0)
     model = torchvision.models.resnet18(num_classes=3).eval()
     x = torch.randn(1, 3, 32, 32)
@@ -46,8 +48,10 @@ def test_lrp_faithful_is_its_composite_then_hq():
     maps = get_method("lrp-faithful", model, mean=mean, std=std).attribute(x)
     rules = stage_rules(model, FAITHFUL.lower, FAITHFUL.upper, FAITHFUL.head)
     R = LRP(model, rules=rules, input_rule="wplus", split="ratio", bn="fold").attribute(x)
-    assert maps.shape == (1, 1, 32, 32)
-    assert torch.equal(maps[:, 0], heat_quantize(R.sum(1), levels=8))
+    assert FAITHFUL.hq_levels is None
+    assert maps.shape == (1, 3, 32, 32) and torch.equal(maps, R)
+    quantized = get_method("lrp-faithful+hq", model, mean=mean, std=std).attribute(x)
+    assert torch.equal(quantized[:, 0], heat_quantize(R.sum(1), levels=8))
 
 
 def test_positive_candidate_clips_before_quantizing():

@@ -94,11 +94,11 @@ def test_stage_rules_still_serve_gamma_epsilon_candidates_on_timm_cnns():
     assert torch.equal(maps[:, 0], heat_quantize(R.sum(1), levels=8))
 
 
-def test_lrp_faithful_on_a_vit_is_cp_lrp_with_its_signed_split():
+def test_lrp_faithful_on_a_vit_is_attnlrp_with_its_signed_split():
     model = build("vit")
     x = torch.randn(2, 3, 32, 32)
-    composite = get_composite("cp-lrp")
-    assert composite.split == "signed" and composite.attention == "cp"
+    composite = get_composite("attnlrp")
+    assert composite.split == "signed" and composite.attention == "attnlrp"
     R = LRP(model, composite=composite).attribute(x)
     maps = get_method("lrp-faithful", model).attribute(x)
     torch.testing.assert_close(maps, R, rtol=0, atol=0)
