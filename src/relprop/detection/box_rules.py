@@ -44,17 +44,17 @@ def lrp0_norm_composite() -> Composite:
                      input_rule=z_rule, maxpool="wta", split=SignedSplit(epsilon=0.0))
 
 
+NOT_DIRECTIONAL = ("box maps: where the box head's evidence sits; removing their most negative pixels does not "
+                   "move the output the other way (direction check, docs/crp.md)")
 BOX_RULES: dict[str, BoxRule] = {
     "split": BoxRule(
         "split", "the seed's R+ - R- at the box head, the class maps' z+ composite below; conserving "
         "(each part sums to 1); its negative side fails the direction check",
-        "box maps: where the box head's evidence sits; removing their most negative pixels does not move "
-        "the output the other way (direction check, docs/crp.md)"),
+        NOT_DIRECTIONAL),
     "signed": BoxRule(
         "signed", "each input's signed contribution at the box head, z+ below; conserving (sums to the "
         "output minus the head's bias); its negative side fails the direction check",
-        "box maps: where the box head's evidence sits; removing their most negative pixels does not move "
-        "the output the other way (direction check, docs/crp.md)"),
+        NOT_DIRECTIONAL),
     "lrp0": BoxRule(
         "signed", "signed box head with LRP-0 below (norms' std held constant): passes the direction "
         "check on both sides; not conserving: the backbone's biases absorb most of the sum",

@@ -56,7 +56,6 @@ OUTPUTS = ("class", *BOX_OUTPUTS)
 """An SSD's (and RetinaNet's) outputs; ``CRP.outputs`` are the explained detector's (FCOS: l t r b ctr)."""
 
 
-
 @dataclass(frozen=True)
 class Request:
     """One map to compute: output ``output`` of detection ``detection`` of batch image ``image``.

@@ -23,7 +23,8 @@ from torchvision.transforms.functional import to_tensor
 from tqdm import tqdm
 
 from relprop.core.splitting import SPLITS
-from relprop.detection.crp import BOX_RULES, CRP, Request, to_image
+from relprop.detection.box_rules import BOX_RULES
+from relprop.detection.crp import CRP, Request, to_image
 from relprop.detection.families import num_classes_of
 from relprop.errors import ImageError, RelpropError, TargetError
 from relprop.images import MAX_DECODED_PIXELS, load_image
