@@ -35,9 +35,9 @@ def lrp0_norm_composite() -> Composite:
     their std held constant: gradient x input of that forward (tests/test_crp_dense.py)."""
     from torch import nn  # deferred: `relprop detect --help` lists the rules without torch
 
-    from relprop.core.composites import Composite  # deferred: the engine imports torch
-    from relprop.core.rules import EpsilonRule, NormEpsilonRule  # deferred: the engine imports torch
-    from relprop.core.splitting import SignedSplit  # deferred: the engine imports torch
+    from relprop.core.composites import Composite  # deferred: torch
+    from relprop.core.rules import EpsilonRule, NormEpsilonRule  # deferred: torch
+    from relprop.core.splitting import SignedSplit  # deferred: torch
 
     z_rule, norm = EpsilonRule(0.0), NormEpsilonRule(0.0)
     return Composite(rules={nn.Conv2d: z_rule, nn.Linear: z_rule, nn.GroupNorm: norm, nn.LayerNorm: norm},
