@@ -27,8 +27,8 @@ from torchvision.transforms.functional import to_tensor
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 from relprop.detection.builders import from_metadata  # noqa: E402
 from relprop.detection.crp import CRP, Request  # noqa: E402
-from relprop.detection.families import dense_outputs  # noqa: E402
 from relprop.detection.ssd import scale_box  # noqa: E402
+from relprop.evaluation.detection import class_gradient_x_input  # noqa: E402
 from relprop.evaluation.statistics import mean_sem_ci, paired_comparison  # noqa: E402
 
 METHODS = ("crp", "lrp-plain", "gradxinput")
@@ -48,14 +48,6 @@ def box_share(heat: torch.Tensor, box: torch.Tensor) -> float:
 def in_box(heat: torch.Tensor, box: torch.Tensor) -> bool:
     y, x = divmod(int(heat.flatten().argmax()), heat.shape[1])
     return bool(box[0] <= x < box[2] and box[1] <= y < box[3])
-
-
-def class_gradient_x_input(crp: CRP, x: torch.Tensor, anchor: int, k: int) -> torch.Tensor:
-    x = x.clone().requires_grad_(True)
-    with torch.enable_grad():
-        logits = dense_outputs(crp.detector, x, crp.backbone)[1]
-        (grad,) = torch.autograd.grad(logits[0, anchor, k], x)
-    return (grad * x).detach().sum(1)[0]
 
 
 def pairs(out, truth: list[dict], size) -> list[tuple[int, torch.Tensor]]:
@@ -108,9 +100,9 @@ def main(argv: list[str] | None = None) -> int:
         maps = crp.explain(out, requests).sum(1)
         for i, (d, own) in enumerate(chosen):
             other = chosen[1 - i][1]
-            anchor, k = int(out.detections[0]["anchors"][d]), int(out.detections[0]["labels"][d])
+            k = int(out.detections[0]["labels"][d])
             heats = {"crp": maps[2 * i], "lrp-plain": maps[2 * i + 1],
-                     "gradxinput": class_gradient_x_input(crp, out.x, anchor, k)}
+                     "gradxinput": class_gradient_x_input(crp, out, [(d, k)])[0]}
             for m, heat in heats.items():
                 rows[m]["own"].append(box_share(heat, own))
                 rows[m]["other"].append(box_share(heat, other))

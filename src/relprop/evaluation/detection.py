@@ -31,7 +31,7 @@ import json
 import math
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -127,14 +127,29 @@ def gradcam_map(crp: CRP, out: DetectorOutput, image: int, detection: int, k: in
     return cam[0, 0]
 
 
-def class_gradient_x_input(crp: CRP, out: DetectorOutput, detection: int, k: int) -> Tensor:
-    """Gradient x input (h, w) of class logit ``k`` at a detection's anchor (image 0)."""
-    anchor = int(out.detections[0]["anchors"][detection])
+def anchor_gradient_x_input(crp: CRP, out: DetectorOutput, outputs: Callable[[tuple], Tensor],
+                            targets: Sequence[tuple[int, int]]) -> list[Tensor]:
+    """Gradient x input (h, w) of image 0's dense output ``outputs(dense)[0, anchor of detection,
+    column]`` for each ``(detection, column)`` of ``targets``: one forward, one backward each."""
+    anchors = out.detections[0]["anchors"]
     x = out.x[:1].clone().requires_grad_(True)
+    maps = []
     with torch.enable_grad():
-        logits = dense_outputs(crp.detector, x, crp.backbone)[1]
-        (grad,) = torch.autograd.grad(logits[0, anchor, k], x)
-    return (grad * x).detach().sum(1)[0]
+        values = outputs(dense_outputs(crp.detector, x, crp.backbone))[0]
+        for n, (detection, column) in enumerate(targets):
+            (grad,) = torch.autograd.grad(values[int(anchors[detection]), column], x,
+                                          retain_graph=n < len(targets) - 1)
+            maps.append((grad * x).detach().sum(1)[0])
+    return maps
+
+
+def class_gradient_x_input(crp: CRP, out: DetectorOutput, targets: Sequence[tuple[int, int]]) -> list[Tensor]:
+    """Gradient x input (h, w) of class logit k at each (detection, k)'s anchor (image 0)."""
+    return anchor_gradient_x_input(crp, out, _class_logits, targets)
+
+
+def _class_logits(dense: tuple) -> Tensor:
+    return dense[1]
 
 
 def method_maps(
@@ -149,7 +164,7 @@ def method_maps(
         "crp": list(lrp_maps[:n]),
         "lrp-plain": list(lrp_maps[n:]),
         "gradcam": [gradcam_map(crp, out, 0, detection, k) for k in classes],
-        "gradxinput": [class_gradient_x_input(crp, out, detection, k) for k in classes],
+        "gradxinput": class_gradient_x_input(crp, out, [(detection, k) for k in classes]),
     }
 
 
@@ -262,15 +277,9 @@ def raw_box_outputs(dense: tuple) -> Tensor:
 def offset_gradient_x_input(crp: CRP, out: DetectorOutput, detection: int) -> dict[str, Tensor]:
     """Gradient x input (h, w) of each box offset of a detection's anchor: the reference the
     direction check compares CRP's box maps with."""
-    anchor = int(out.detections[0]["anchors"][detection])
-    x = out.x[:1].clone().requires_grad_(True)
-    maps = {}
-    with torch.enable_grad():
-        offsets = raw_box_outputs(dense_outputs(crp.detector, x, crp.backbone))
-        for j, name in enumerate(crp.family.box_outputs):
-            (grad,) = torch.autograd.grad(offsets[0, anchor, j], x, retain_graph=j < 3)
-            maps[name] = (grad * x).detach().sum(1)[0]
-    return maps
+    names = crp.family.box_outputs
+    maps = anchor_gradient_x_input(crp, out, raw_box_outputs, [(detection, j) for j in range(len(names))])
+    return dict(zip(names, maps, strict=True))
 
 
 def _top(heat: Tensor, count: int) -> Tensor:

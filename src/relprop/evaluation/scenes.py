@@ -172,8 +172,7 @@ def scene_maps(crp: CRP, out: DetectorOutput, pair: Sequence[tuple[int, SceneObj
     if "gradcam" in methods:
         maps["gradcam"] = [gradcam_map(crp, out, 0, d, k) for (d, _), k in zip(pair, labels, strict=True)]
     if "gradxinput" in methods:
-        maps["gradxinput"] = [class_gradient_x_input(crp, out, d, k)
-                              for (d, _), k in zip(pair, labels, strict=True)]
+        maps["gradxinput"] = class_gradient_x_input(crp, out, [(d, k) for (d, _), k in zip(pair, labels, strict=True)])
     return {m: maps[m] for m in methods}
 
 
