@@ -658,9 +658,8 @@ def _score_batch(work: _Work, batch: _Batch, x: torch.Tensor, preds: torch.Tenso
                                             ties=config.ties, seed=config.seed,
                                             ids=[item.path for item in batch.items])
         for i in todo:
-            row = _record(work.checkpoint, batch.items[i], name, protocol, config.channels, base,
+            row = _record(work.checkpoint, batch.items[i], name, protocol, config, base,
                           preds[i], result, i, boxes[i], sums, work.stamps.get(batch.items[i].path))
-            row = replace(row, ties=config.ties, seed=config.seed)
             work.store.add(_checked(row, broken.get(i)))
             progress.update(1)
 
@@ -692,7 +691,7 @@ def _checked(row: ResultRow, broken: str | None) -> ResultRow:
                    deletion_curve=[], localization=None, conservation=None, failure=broken)
 
 
-def _record(checkpoint: Checkpoint, item: Any, method: str, protocol: str, channels: str, base: Any,
+def _record(checkpoint: Checkpoint, item: Any, method: str, protocol: str, config: EvalConfig, base: Any,
             pred: torch.Tensor, result: Any, i: int, box_scores: dict[str, Any] | None,
             sums: dict[str, torch.Tensor] | None, stamp: str | None = None) -> ResultRow:
     return ResultRow(
@@ -703,13 +702,15 @@ def _record(checkpoint: Checkpoint, item: Any, method: str, protocol: str, chann
         pred=int(pred),
         method=method,
         protocol=protocol,
-        channels="sum" if base.is_lrp else channels,
+        channels="sum" if base.is_lrp else config.channels,
         scores={key: metric.score(result, i) for key, metric in METRICS.items()},
         insertion_curve=[float(v) for v in result.insertion_curves[i]],
         deletion_curve=[float(v) for v in result.deletion_curves[i]],
         localization=box_scores,
         conservation=_conservation(sums, i),
         input=stamp,
+        ties=config.ties,
+        seed=config.seed,
     )
 
 
