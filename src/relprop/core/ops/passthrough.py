@@ -63,10 +63,10 @@ POWER_METHODS = {"pow", "square"}
 CLAMP_FUNCTIONS = {torch.clamp, torch.clip, torch.clamp_min, torch.clamp_max}
 CLAMP_METHODS = {"clamp", "clip", "clamp_min", "clamp_max", "clamp_", "clip_", "clamp_min_", "clamp_max_"}
 # normalization calls a rule can take: the module type whose rule they follow, the rule's view of
-# the call's arguments, and the call's parameter names after the input
+# the call's arguments, the call's parameter names after the input, and how its first one is read
 NORM_CALLS = {
-    F.layer_norm: (nn.LayerNorm, LayerNormParams, ("normalized_shape", "weight", "bias", "eps")),
-    F.group_norm: (nn.GroupNorm, GroupNormParams, ("num_groups", "weight", "bias", "eps")),
+    F.layer_norm: (nn.LayerNorm, LayerNormParams, ("normalized_shape", "weight", "bias", "eps"), tuple),
+    F.group_norm: (nn.GroupNorm, GroupNormParams, ("num_groups", "weight", "bias", "eps"), int),
 }
 # Library helpers that are the identity here, by importable name (no import of the library needed).
 LIBRARY_FUNCTIONS = {
@@ -144,11 +144,10 @@ class Passthrough(KeepsSign, Op):
         if rule is None or step.module is not None:
             return rule, step.module
         args, kwargs = step.arguments(values)
-        _, params, names = NORM_CALLS[step.node.target]
+        _, params, names, read = NORM_CALLS[step.node.target]
         bound = dict(zip(("input", *names), args, strict=False)) | kwargs
-        shape = bound[names[0]]
-        return rule, params(tuple(shape) if params is LayerNormParams else int(shape), bound.get("weight"),
-                            bound.get("bias"), float(bound.get("eps", 1e-5)))
+        return rule, params(read(bound[names[0]]), bound.get("weight"), bound.get("bias"),
+                            float(bound.get("eps", 1e-5)))
 
     def output_nonnegative(self, step, parents: list[bool]) -> bool:
         node = step.node
