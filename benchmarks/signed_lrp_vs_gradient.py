@@ -22,7 +22,6 @@ This script measures both halves of that argument on trained models:
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
@@ -31,9 +30,10 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 from class_sensitivity import tin10_images  # noqa: E402
+from faithful_search import paired, read_half, scores_by_method  # noqa: E402
 
 from relprop import load_model  # noqa: E402
-from relprop.evaluation.statistics import paired_comparison  # noqa: E402
+from relprop.evaluation.protocols import PROTOCOLS  # noqa: E402
 from relprop.methods import get_method  # noqa: E402
 
 SIGNED_LRP = "cp-lrp"
@@ -62,32 +62,23 @@ def map_correlations(weights: Path, per_class: int) -> dict[str, list[float]]:
     return r
 
 
-def read_scores(run: Path) -> dict[tuple[str, str], dict[str, float]]:
-    """(method, protocol) -> {image: ID} over every half of a finished search."""
-    scores: dict[tuple[str, str], dict[str, float]] = {}
-    for results in sorted(run.glob("[AB]/*/results.jsonl")) + sorted(run.glob("[AB]/results.jsonl")):
-        half = results.parts[-3] if results.parent.name not in ("A", "B") else results.parent.name
-        for line in results.read_text().splitlines():
-            row = json.loads(line)
-            if row.get("id") is None:
-                continue
-            method = "signed-lrp" if row["method"] in SIGNED_LRP_KEYS else row["method"]
-            scores.setdefault((method, row["protocol"]), {})[f"{half}:{row['image']}"] = row["id"]
-    return scores
-
-
 def paired_rows(run: Path) -> list[str]:
-    scores = read_scores(run)
+    """The signed LRP and IG against gradient x input in each protocol, both halves pooled."""
+    halves = {half: read_half(run / half) for half in ("A", "B") if (run / half).is_dir()}
     rows = []
-    for protocol in sorted({p for _, p in scores}):
-        base = scores.get(("gradxinput", protocol), {})
+    for protocol in PROTOCOLS:
+        scores: dict[str, dict[str, float]] = {}
+        for half, records in halves.items():
+            for method, table in scores_by_method(records, protocol).items():
+                name = "signed-lrp" if method in SIGNED_LRP_KEYS else method
+                scores.setdefault(name, {}).update({f"{half}:{image}": v for image, v in table.items()})
+        base = scores.get("gradxinput", {})
         for method in ("signed-lrp", "ig"):
-            other = scores.get((method, protocol), {})
-            common = sorted(set(base) & set(other))
-            if not common:
+            other = scores.get(method, {})
+            if not set(base) & set(other):
                 continue
-            c = paired_comparison([other[k] for k in common], [base[k] for k in common])
-            rows.append(f"| {run.name} | {protocol} | {method} − gradxinput | {len(common)} | "
+            c = paired(other, base)
+            rows.append(f"| {run.name} | {protocol} | {method} − gradxinput | {c['n']} | "
                         f"{c['mean_diff']:+.4f} [{c['lo']:+.4f}, {c['hi']:+.4f}] |")
     return rows
 
