@@ -8,8 +8,9 @@ family's candidates (`FAMILY_CANDIDATES`, keyed by `relprop.methods.faithful.fam
 baselines run on half A in every protocol of `relprop.evaluation.metrics.PROTOCOLS`; the best
 baseline of each protocol and the candidate that is not below those baselines (paired CI reaching
 0) in the most protocols, ties broken by the largest worst-case margin (min over protocols of
-mean(candidate) - mean(best baseline)), are chosen on A (`choose`); half B confirms: paired difference [95 % bootstrap CI] and Wilcoxon p of the chosen
-candidate against each protocol's best baseline. On a ViT the ratio-vs-signed split pairs are
+mean(candidate) - mean(best baseline)), are chosen on A (`choose`); half B confirms: paired
+difference [95 % bootstrap CI] and Wilcoxon p of the chosen candidate against each protocol's best
+baseline. On a ViT the ratio-vs-signed split pairs are
 compared on both halves. OUT/faithful_search.md has every table.
 
     nice python benchmarks/faithful_search.py --halves --weights M.pt --out bench_out/fs_M \
