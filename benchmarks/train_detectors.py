@@ -1,7 +1,7 @@
 """Train a detector on the tin10 scenes (benchmarks/make_scenes.py) and record its mAP@0.5.
 
 Detectors: any of relprop.detection.architectures, e.g. ``ssd300_vgg16`` (torchvision's, 300 px),
-``retinanet_resnet18_fpn`` and ``fcos_resnet18_fpn`` (relprop's light ones). No weights are downloaded; ``--backbone`` may
+``ssd_resnet18``, ``retinanet_resnet18_fpn`` and ``fcos_resnet18_fpn`` (relprop's light ones). No weights are downloaded; ``--backbone`` may
 start the ResNet-18 from a tin10 classifier checkpoint (../shared/models/resnet18_tin10.pt: the
 same classes, so the backbone already knows them). BatchNorm is frozen (eval mode) when the backbone
 is pretrained. Training stops after ``--epochs`` or ``--minutes``, whichever comes first; mAP@0.5
@@ -110,7 +110,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("scenes", type=Path)
     parser.add_argument("--arch", choices=DETECTORS, required=True)
     parser.add_argument("--backbone", type=Path, help="tin10 resnet18 checkpoint for the ResNet-18")
-    parser.add_argument("--size", type=int, default=256, help="input size (FPN detectors)")
+    parser.add_argument("--size", type=int, default=256, help="input size (relprop's light detectors and torchvision's FPN ones)")
     parser.add_argument("--epochs", type=int, default=50)
     parser.add_argument("--minutes", type=float, default=12.0, help="training time budget")
     parser.add_argument("--batch", type=int, default=4)
@@ -136,7 +136,7 @@ def main(argv: list[str] | None = None) -> int:
     while epoch < args.epochs and time.time() - started < budget:
         model.train()
         if resnet is not None:
-            freeze_batchnorm(model.backbone.body)
+            freeze_batchnorm(model.backbone)
         for images, targets in loader:
             images = [im.to(device) for im in images]
             targets = [{k: v.to(device) for k, v in t.items()} for t in targets]
@@ -151,7 +151,7 @@ def main(argv: list[str] | None = None) -> int:
             optimizer.step()
             step += 1
             if step % 25 == 0:
-                print(f"epoch {epoch} step {step} loss {float(loss):.3f} "
+                print(f"epoch {epoch} step {step} loss {loss.item():.3f} "
                       f"{time.time() - started:.0f}s", flush=True)
             if time.time() - started > budget:
                 break

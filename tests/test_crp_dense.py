@@ -198,8 +198,8 @@ def test_outputs_and_refusals():
         family_of(torch.nn.Conv2d(3, 3, 1))
 
 
-@pytest.mark.parametrize("arch", ["retinanet_resnet18_fpn", "fcos_resnet18_fpn"])
-def test_resnet18_fpn_builders_are_explained_with_conservation(arch):
+@pytest.mark.parametrize("arch", ["ssd_resnet18", "retinanet_resnet18_fpn", "fcos_resnet18_fpn"])
+def test_resnet18_builders_are_explained_with_conservation(arch):
     from relprop.detection.builders import build_detector
 
     torch.manual_seed(0)

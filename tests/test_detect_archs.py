@@ -37,7 +37,7 @@ def test_help_lists_every_registered_architecture(capsys):
         assert f"  {name}" in text and arch.summary.split(",")[0] in text
     assert set(DETECTOR_ARCHS) >= {"ssd300_vgg16", "ssdlite320_mobilenet_v3_large", "retinanet_resnet50_fpn",
                                    "retinanet_resnet50_fpn_v2", "fcos_resnet50_fpn", "retinanet_resnet18_fpn",
-                                   "fcos_resnet18_fpn"}
+                                   "fcos_resnet18_fpn", "ssd_resnet18"}
 
 
 @pytest.mark.parametrize("arch", [a for a in DETECTOR_ARCHS if a != "ssd300_vgg16"])  # SSD300: test_crp.py

@@ -30,7 +30,7 @@ def _non_trivial_statistics(model: nn.Module, seed: int = 0) -> None:
             m.bias.data.copy_(torch.randn(n, generator=generator) * 0.1)
 
 
-@pytest.mark.parametrize("arch", ["retinanet_resnet18_fpn", "fcos_resnet18_fpn"])
+@pytest.mark.parametrize("arch", ["ssd_resnet18", "retinanet_resnet18_fpn", "fcos_resnet18_fpn"])
 def test_frozen_batchnorm_gives_the_batchnorm_maps_and_conserves(arch):
     torch.manual_seed(0)
     model = build_detector(arch, 4, size=96, score_thresh=1e-3).eval()

@@ -24,6 +24,8 @@ ARCHITECTURES = {a.name: a for a in (
     Architecture("retinanet_resnet50_fpn", "retinanet", "RetinaNet, ResNet-50 FPN"),
     Architecture("retinanet_resnet50_fpn_v2", "retinanet", "RetinaNet v2, ResNet-50 FPN, GroupNorm head"),
     Architecture("fcos_resnet50_fpn", "fcos", "FCOS, ResNet-50 FPN (anchor-free, centerness)"),
+    Architecture("ssd_resnet18", "ssd",
+                 "SSD, ResNet-18 C3-C5 and two extra levels (relprop's; trains on a CPU)", torchvision=False),
     Architecture("retinanet_resnet18_fpn", "retinanet",
                  "RetinaNet, ResNet-18 FPN, 128 channels (relprop's; trains on a CPU)", torchvision=False),
     Architecture("fcos_resnet18_fpn", "fcos",

@@ -1,5 +1,5 @@
 """The detectors of :mod:`relprop.detection.architectures`, built with no downloads: torchvision's
-(SSD300, SSDlite, RetinaNet, FCOS) and relprop's light RetinaNet and FCOS on a ResNet-18 FPN.
+(SSD300, SSDlite, RetinaNet, FCOS) and relprop's light SSD, RetinaNet and FCOS on a ResNet-18.
 
 torchvision ships RetinaNet and FCOS on ResNet-50 only; a ResNet-18 FPN (128 channels, P3-P7 as in
 the papers) trains in minutes on a CPU and is the same architecture family. Pretrained torchvision
@@ -10,15 +10,17 @@ their files): ``frozen=True`` builds that, and relprop folds it like any BatchNo
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from collections.abc import Mapping
 from typing import Any
 
 import torchvision
-from torch import nn
-from torchvision.models.detection.anchor_utils import AnchorGenerator
+from torch import Tensor, nn
+from torchvision.models.detection.anchor_utils import AnchorGenerator, DefaultBoxGenerator
 from torchvision.models.detection.backbone_utils import BackboneWithFPN
 from torchvision.models.detection.fcos import FCOS, FCOSHead
 from torchvision.models.detection.retinanet import RetinaNet, RetinaNetHead
+from torchvision.models.detection.ssd import SSD, SSDHead
 from torchvision.ops.feature_pyramid_network import LastLevelP6P7
 from torchvision.ops.misc import FrozenBatchNorm2d
 
@@ -35,6 +37,33 @@ def resnet18_fpn(resnet: nn.Module | None = None, channels: int = FPN_CHANNELS) 
     resnet = resnet or torchvision.models.resnet18(weights=None)
     return BackboneWithFPN(resnet, {"layer2": "0", "layer3": "1", "layer4": "2"}, [128, 256, 512], channels,
                            extra_blocks=LastLevelP6P7(channels, channels))
+
+
+class ResNet18SSDBackbone(nn.Module):
+    """ResNet-18's C3-C5 (strides 8-32) and two extra stride-2 levels: an SSD pyramid whose trunk
+    can start from a tin10 classifier (the architecture of ../shared's SSD, at scene sizes)."""
+
+    channels = (128, 256, 512, 256, 256)
+
+    def __init__(self, resnet: nn.Module | None = None) -> None:
+        super().__init__()
+        resnet = resnet or torchvision.models.resnet18(weights=None)
+        self.body = nn.Sequential(OrderedDict(
+            (name, getattr(resnet, name)) for name in ("conv1", "bn1", "relu", "maxpool", "layer1", "layer2")))
+        self.layer3, self.layer4 = resnet.layer3, resnet.layer4
+        self.extra1, self.extra2 = _extra_level(512, 256), _extra_level(256, 256)
+
+    def forward(self, x: Tensor) -> OrderedDict[str, Tensor]:
+        c3 = self.body(x)
+        c4 = self.layer3(c3)
+        c5 = self.layer4(c4)
+        e1 = self.extra1(c5)
+        return OrderedDict(zip("01234", (c3, c4, c5, e1, self.extra2(e1)), strict=True))
+
+
+def _extra_level(inputs: int, outputs: int) -> nn.Sequential:
+    return nn.Sequential(nn.Conv2d(inputs, outputs // 2, 1), nn.ReLU(inplace=True),
+                         nn.Conv2d(outputs // 2, outputs, 3, stride=2, padding=1), nn.ReLU(inplace=True))
 
 
 def build_detector(arch: str, num_classes: int, size: int | None = None, resnet: nn.Module | None = None,
@@ -54,6 +83,12 @@ def build_detector(arch: str, num_classes: int, size: int | None = None, resnet:
 
 
 def _light_detector(arch: str, num_classes: int, size: int, resnet: nn.Module | None, **options: Any) -> nn.Module:
+    if arch == "ssd_resnet18":
+        anchors = DefaultBoxGenerator([[2], [2, 3], [2, 3], [2], [2]], min_ratio=0.1, max_ratio=0.9)
+        head = SSDHead(list(ResNet18SSDBackbone.channels), anchors.num_anchors_per_location(), num_classes)
+        settings = {"image_mean": [0.485, 0.456, 0.406], "image_std": [0.229, 0.224, 0.225],
+                    "score_thresh": 0.01, "nms_thresh": 0.45, "detections_per_img": 100} | options
+        return SSD(ResNet18SSDBackbone(resnet), anchors, (size, size), num_classes, head=head, **settings)
     sizing = {"min_size": size, "max_size": size} | options
     if arch == "retinanet_resnet18_fpn":
         anchors = AnchorGenerator(tuple((s, int(s * 2 ** (1 / 3)), int(s * 2 ** (2 / 3)))
@@ -95,5 +130,5 @@ def from_metadata_frozen(metadata: Mapping[str, Any]) -> nn.Module:
     return from_metadata(metadata, frozen=True)
 
 
-__all__ = ["DETECTORS", "LIGHT_DETECTORS", "build_detector", "frozen_batchnorm", "from_metadata",
+__all__ = ["DETECTORS", "LIGHT_DETECTORS", "ResNet18SSDBackbone", "build_detector", "frozen_batchnorm", "from_metadata",
            "from_metadata_frozen", "resnet18_fpn"]
