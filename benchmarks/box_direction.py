@@ -176,20 +176,27 @@ def pyramid_sums(crp: CRP, out, detection: int) -> list[float]:
 
 
 def markdown(report: dict) -> str:
-    """One table: per candidate and box output, top + removed -> lower, top - removed -> higher."""
+    """The docs' table: per candidate, its + and − rows with 95 % Wilson intervals, then the
+    share of random-pixel removals that lowered the output (chance for +; 1 − it for −)."""
     rates = report["rates"]
     outputs = list(next(iter(rates.values())))
     lines = [f"{report['detector']}: {report['detections']} detections", "",
-             "| candidate | " + " | ".join(f"{o}: + / − / random" for o in outputs) + " |",
-             "|---|" + "---|" * len(outputs)]
+             "| candidate | " + " | ".join(outputs) + " |", "|---|" + "---|" * len(outputs)]
     for m, per in rates.items():
-        cells = [f"{per[o]['positive']:.0%} / {per[o]['negative']:.0%} / {per[o]['random']:.0%}" for o in outputs]
-        lines.append(f"| {m} | " + " | ".join(cells) + " |")
+        for side in ("positive", "negative"):
+            cells = [_rate_cell(per[o][side], per[o][f"{side}_ci"]) for o in outputs]
+            lines.append(f"| {m} {'+' if side == 'positive' else '−'} | " + " | ".join(cells) + " |")
+    first = next(iter(rates.values()))
+    lines.append("| random 10 % removed: lower | " + " | ".join(f"{first[o]['random'] * 100:.0f} %" for o in outputs) + " |")
     for m, share in report.get("unexplained_share", {}).items():
         lines.append(f"\n{m}: mean |1 - map sum / (output - head bias)| = {share['mean']:.3f} "
                      f"(median of the ratio {share['median_ratio']:.3f})")
     return "\n".join(lines)
 
+
+def _rate_cell(rate: float, interval: tuple[float, float]) -> str:
+    low, high = interval
+    return f"{rate:.0%} [{low * 100:.0f}, {high * 100:.0f}]".replace("%", " %")
 
 if __name__ == "__main__":
     sys.exit(main())
