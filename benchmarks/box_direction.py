@@ -179,15 +179,15 @@ def markdown(report: dict) -> str:
     """The docs' table: per candidate, its + and − rows with 95 % Wilson intervals, then the
     share of random-pixel removals that lowered the output (chance for +; 1 − it for −)."""
     rates = report["rates"]
-    outputs = list(next(iter(rates.values())))
+    first = next(iter(rates.values()))
+    outputs = list(first)
     lines = [f"{report['detector']}: {report['detections']} detections", "",
              "| candidate | " + " | ".join(outputs) + " |", "|---|" + "---|" * len(outputs)]
     for m, per in rates.items():
-        for side in ("positive", "negative"):
+        for side, sign in (("positive", "+"), ("negative", "−")):
             cells = [_rate_cell(per[o][side], per[o][f"{side}_ci"]) for o in outputs]
-            lines.append(f"| {m} {'+' if side == 'positive' else '−'} | " + " | ".join(cells) + " |")
-    first = next(iter(rates.values()))
-    lines.append("| random 10 % removed: lower | " + " | ".join(f"{first[o]['random'] * 100:.0f} %" for o in outputs) + " |")
+            lines.append(f"| {m} {sign} | " + " | ".join(cells) + " |")
+    lines.append("| random 10 % removed: lower | " + " | ".join(_percent(first[o]["random"]) for o in outputs) + " |")
     for m, share in report.get("unexplained_share", {}).items():
         lines.append(f"\n{m}: mean |1 - map sum / (output - head bias)| = {share['mean']:.3f} "
                      f"(median of the ratio {share['median_ratio']:.3f})")
@@ -196,7 +196,12 @@ def markdown(report: dict) -> str:
 
 def _rate_cell(rate: float, interval: tuple[float, float]) -> str:
     low, high = interval
-    return f"{rate:.0%} [{low * 100:.0f}, {high * 100:.0f}]".replace("%", " %")
+    return f"{_percent(rate)} [{low * 100:.0f}, {high * 100:.0f}]"
+
+
+def _percent(share: float) -> str:
+    return f"{share * 100:.0f} %"
+
 
 if __name__ == "__main__":
     sys.exit(main())

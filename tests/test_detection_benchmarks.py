@@ -17,7 +17,6 @@ def test_wilson_interval_matches_the_textbook_value():
     assert all(v != v for v in box_direction.wilson(0, 0))  # NaN without trials
 
 
-
 def test_the_direction_table_has_a_row_per_side_and_the_random_baseline():
     rates = {"split": {o: {"positive": 0.8, "negative": 0.25, "random": 0.5,
                            "positive_ci": box_direction.wilson(8, 10), "negative_ci": (0.1, 0.5)}

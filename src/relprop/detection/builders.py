@@ -24,6 +24,7 @@ from torchvision.models.detection.ssd import SSD, SSDHead
 from torchvision.ops.feature_pyramid_network import LastLevelP6P7
 from torchvision.ops.misc import FrozenBatchNorm2d
 
+from relprop.defaults import IMAGENET_MEAN, IMAGENET_STD
 from relprop.detection.architectures import ARCHITECTURES, DETECTOR_ARCHS
 from relprop.errors import ConfigError
 
@@ -86,7 +87,7 @@ def _light_detector(arch: str, num_classes: int, size: int, resnet: nn.Module | 
     if arch == "ssd_resnet18":
         anchors = DefaultBoxGenerator([[2], [2, 3], [2, 3], [2], [2]], min_ratio=0.1, max_ratio=0.9)
         head = SSDHead(list(ResNet18SSDBackbone.channels), anchors.num_anchors_per_location(), num_classes)
-        settings = {"image_mean": [0.485, 0.456, 0.406], "image_std": [0.229, 0.224, 0.225],
+        settings = {"image_mean": list(IMAGENET_MEAN), "image_std": list(IMAGENET_STD),
                     "score_thresh": 0.01, "nms_thresh": 0.45, "detections_per_img": 100} | options
         return SSD(ResNet18SSDBackbone(resnet), anchors, (size, size), num_classes, head=head, **settings)
     sizing = {"min_size": size, "max_size": size} | options
