@@ -41,6 +41,7 @@ from relprop.detection.builders import DETECTORS, build_detector, from_metadata 
 from relprop.detection.crp import CRP, Request  # noqa: E402
 from relprop.detection.families import dense_outputs, head_level  # noqa: E402
 from relprop.detection.ssd import locate_anchor  # noqa: E402
+from relprop.detection.yolo import dfl_seed  # noqa: E402
 from relprop.evaluation.detection import (  # noqa: E402
     direction_check,
     offset_gradient_x_input,
@@ -157,14 +158,20 @@ def main(argv: list[str] | None = None) -> int:
 
 def explained_parts(crp: CRP, out, detection: int) -> list[float]:
     """Each box output of a detection minus its head bias: what a conserving signed map sums to
-    (the box layer's inputs' contributions); what the map misses is the biases' share below."""
+    (the box layer's inputs' contributions); what the map misses is the biases' share below.
+    YOLO's DFL distance enters through its bins' gradient ``g``: ``sum_b g_b (z_b - bias_b)``."""
     anchor = int(out.detections[0]["anchors"][detection])
     with torch.no_grad():
-        raw = raw_box_outputs(dense_outputs(crp.detector, out.x[:1], crp.backbone))[0, anchor]
+        dense = dense_outputs(crp.detector, out.x[:1], crp.backbone)
     position = locate_anchor(out.levels, anchor)
     conv = head_level(crp.detector, "box", position.level).conv
-    bias = conv.bias if conv.bias is not None else torch.zeros(conv.out_channels)
-    return [float(raw[j] - bias[4 * position.box + j].detach()) for j in range(4)]
+    bias = (conv.bias if conv.bias is not None else torch.zeros(conv.out_channels)).detach()
+    if "box_logits" in dense[3]:
+        logits = dense[3]["box_logits"][0, anchor]
+        seeds = [dfl_seed(logits[None], j) for j in range(4)]
+        return [float((g[0] * (logits[c] - bias[c])).sum()) for c, g in seeds]
+    raw = raw_box_outputs(dense)[0, anchor]
+    return [float(raw[j] - bias[4 * position.box + j]) for j in range(4)]
 
 
 def pyramid_sums(crp: CRP, out, detection: int) -> list[float]:

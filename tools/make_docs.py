@@ -97,7 +97,7 @@ def detectors_block() -> str:
 
     lines = ["| `--arch` | family | what it is | pretrained (`--weights DEFAULT`) |", "|---|---|---|---|"]
     for a in ARCHITECTURES.values():
-        weights = "torchvision's COCO_V1 (91 classes)" if a.torchvision else "none: train it (`benchmarks/train_detectors.py`)"
+        weights = "torchvision's COCO_V1 (91 classes)" if a.torchvision else f"none: train it (`{a.trainer}`)"
         lines.append(f"| `{a.name}` | {a.family} | {a.summary} | {weights} |")
     return "\n".join(lines)
 

@@ -16,6 +16,7 @@ class Architecture:
     family: str
     summary: str
     torchvision: bool = True
+    trainer: str = "benchmarks/train_detectors.py"  # the script that trains it on the tin10 scenes
 
 
 ARCHITECTURES = {a.name: a for a in (
@@ -30,6 +31,10 @@ ARCHITECTURES = {a.name: a for a in (
                  "RetinaNet, ResNet-18 FPN, 128 channels (relprop's; trains on a CPU)", torchvision=False),
     Architecture("fcos_resnet18_fpn", "fcos",
                  "FCOS, ResNet-18 FPN, 128 channels (relprop's; trains on a CPU)", torchvision=False),
+    Architecture("yolov8n", "yolo", "YOLOv8-n, Ultralytics (the yolo extra, AGPL-3.0; DFL box head)", torchvision=False,
+                 trainer="benchmarks/train_yolo.py"),
+    Architecture("yolov8s", "yolo", "YOLOv8-s, Ultralytics (the yolo extra, AGPL-3.0; DFL box head)", torchvision=False,
+                 trainer="benchmarks/train_yolo.py"),
 )}
 DETECTOR_ARCHS = tuple(ARCHITECTURES)
 

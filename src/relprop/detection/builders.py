@@ -1,5 +1,6 @@
 """The detectors of :mod:`relprop.detection.architectures`, built with no downloads: torchvision's
-(SSD300, SSDlite, RetinaNet, FCOS) and relprop's light SSD, RetinaNet and FCOS on a ResNet-18.
+(SSD300, SSDlite, RetinaNet, FCOS), relprop's light SSD, RetinaNet and FCOS on a ResNet-18, and
+Ultralytics' YOLOv8 (the optional ``yolo`` extra) wrapped by :mod:`relprop.detection.yolo`.
 
 torchvision ships RetinaNet and FCOS on ResNet-50 only; a ResNet-18 FPN (128 channels, P3-P7 as in
 the papers) trains in minutes on a CPU and is the same architecture family. Pretrained torchvision
@@ -26,6 +27,7 @@ from torchvision.ops.misc import FrozenBatchNorm2d
 
 from relprop.defaults import IMAGENET_MEAN, IMAGENET_STD
 from relprop.detection.architectures import ARCHITECTURES, DETECTOR_ARCHS
+from relprop.detection.yolo import build_yolo
 from relprop.errors import ConfigError
 
 FPN_CHANNELS = 128
@@ -84,6 +86,8 @@ def build_detector(arch: str, num_classes: int, size: int | None = None, resnet:
 
 
 def _light_detector(arch: str, num_classes: int, size: int, resnet: nn.Module | None, **options: Any) -> nn.Module:
+    if ARCHITECTURES[arch].family == "yolo":
+        return build_yolo(arch, num_classes, size)
     if arch == "ssd_resnet18":
         anchors = DefaultBoxGenerator([[2], [2, 3], [2, 3], [2], [2]], min_ratio=0.1, max_ratio=0.9)
         head = SSDHead(list(ResNet18SSDBackbone.channels), anchors.num_anchors_per_location(), num_classes)

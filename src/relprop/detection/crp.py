@@ -36,6 +36,7 @@ from relprop.core.interpreter import RelevanceEngine
 from relprop.core.rules import get_rule
 from relprop.detection.box_rules import BOX_RULES
 from relprop.detection.families import (
+    YOLO_FAMILY,
     family_of,
     head_level,
     num_classes_of,
@@ -50,6 +51,7 @@ from relprop.detection.ssd import (
     L2Norm,
     locate_anchor,
 )
+from relprop.detection.yolo import dfl_seed
 from relprop.errors import InputError, TargetError
 
 OUTPUTS = ("class", *BOX_OUTPUTS)
@@ -274,11 +276,18 @@ class CRP:
         else:
             columns = 1 if kind == "ctr" else 4
             signed = self._box_head == "signed"
-            R = box_split(head.conv, a, position, int(vector), columns=columns, signed=signed)
+            seed = self._dfl_seed(head.conv, a, position, int(vector)) if self.family is YOLO_FAMILY else None
+            R = box_split(head.conv, a, position, int(vector), columns=columns, signed=signed, seed=seed)
         if record is None:
             return R
         result = tower.backward(record, R)
         return getattr(result, "input", result)
+
+    def _dfl_seed(self, conv: nn.Conv2d, a: Tensor, p: AnchorPosition, side: int) -> tuple[slice, Tensor]:
+        """YOLO's box seed: the gradient of side ``side``'s DFL distance on its 16 bin logits."""
+        with torch.no_grad():
+            logits = conv(a)[:, :, p.y, p.x]
+        return dfl_seed(logits, side, conv.out_channels // 4)
 
     def _head(self, kind: str, level: int) -> HeadLevel:
         if (kind, level) not in self._heads:
@@ -407,17 +416,22 @@ class CRP:
 
 def box_split(
     conv: nn.Conv2d, a: Tensor, p: AnchorPosition, offset: int, columns: int = 4,
-    signed: bool = False,
+    signed: bool = False, seed: tuple[slice, Tensor] | None = None,
 ) -> Tensor:
     """``R+ - R-`` at the localization layer's input for offset ``offset`` of anchor ``p``.
 
     The contributions ``z_i = a_i w_ij`` to output j (channel ``columns * box + offset`` at cell
     (y, x)) are split by sign; each part is normalized to relevance 1 (a part that is empty gets
     0). ``signed`` returns the contributions themselves (LRP-0 seeded with the output's value).
+    ``seed`` (channels, weights (M, n)) replaces the one channel by a weighted set of channels
+    (YOLO's DFL bins: :func:`relprop.detection.yolo.dfl_seed`).
     """
-    channel = columns * p.box + offset
     grad_out = a.new_zeros(a.shape[0], conv.out_channels, *_out_size(conv, a))
-    grad_out[:, channel, p.y, p.x] = 1.0
+    if seed is None:
+        grad_out[:, columns * p.box + offset, p.y, p.x] = 1.0
+    else:
+        channels, weights = seed
+        grad_out[:, channels, p.y, p.x] = weights.to(grad_out)
     w = torch.nn.grad.conv2d_input(
         a.shape,
         conv.weight.float(),

@@ -1,4 +1,5 @@
-"""Detector families CRP explains: torchvision's SSD, RetinaNet and FCOS, read piece by piece.
+"""Detector families CRP explains: torchvision's SSD, RetinaNet and FCOS, and Ultralytics' YOLO
+(through :class:`relprop.detection.yolo.YOLODetector`), read piece by piece.
 
 Each family answers the same questions for :class:`relprop.detection.crp.CRP`: which backbone
 module to trace (the FPN included: its upsample + add is explained by the engine, with Relevance
@@ -7,8 +8,8 @@ tower before it as a prefix), what the box outputs mean, and how the model's own
 picks its detections, re-run here with each detection's anchor index carried along so that the
 detections equal ``model(images)`` exactly.
 
-All three heads flatten a level's (N, A*C, H, W) output the same way (``((y*W)+x)*A + a``, channel
-``a*C + c``), so :func:`relprop.detection.ssd.locate_anchor` serves them all.
+All heads flatten a level's (N, A*C, H, W) output the same way (``((y*W)+x)*A + a``, channel
+``a*C + c``; YOLO has A = 1), so :func:`relprop.detection.ssd.locate_anchor` serves them all.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from torchvision.models.detection.retinanet import RetinaNet
 from torchvision.models.detection.ssd import SSD
 from torchvision.ops import boxes as box_ops
 
-from relprop.detection import ssd
+from relprop.detection import ssd, yolo
 from relprop.detection.ssd import (
     BOX_OUTPUTS,
     DetectorOutput,
@@ -32,6 +33,7 @@ from relprop.detection.ssd import (
     as_image_list,
     level_layout,
 )
+from relprop.detection.yolo import YOLO_BOX_OUTPUTS, YOLODetector
 from relprop.errors import InputError, UnsupportedLayerError
 
 FCOS_BOX_OUTPUTS = ("l", "t", "r", "b")
@@ -55,7 +57,8 @@ class Family:
 SSD_FAMILY = Family("ssd", BOX_OUTPUTS)
 RETINANET_FAMILY = Family("retinanet", BOX_OUTPUTS)
 FCOS_FAMILY = Family("fcos", FCOS_BOX_OUTPUTS, ("ctr",))
-SUPPORTED = "torchvision SSD, RetinaNet or FCOS (torchvision.models.detection)"
+YOLO_FAMILY = Family("yolo", YOLO_BOX_OUTPUTS)
+SUPPORTED = "torchvision SSD, RetinaNet or FCOS (torchvision.models.detection), or relprop's YOLODetector"
 
 
 def family_of(model: nn.Module) -> Family:
@@ -69,6 +72,8 @@ def family_of(model: nn.Module) -> Family:
     if isinstance(model, RetinaNet):
         _check_heads(model, ("cls_logits",), ("bbox_reg",))
         return RETINANET_FAMILY
+    if isinstance(model, YOLODetector):
+        return YOLO_FAMILY
     raise UnsupportedLayerError(f"CRP needs a {SUPPORTED}, got {type(model).__name__}")
 
 
@@ -92,9 +97,13 @@ def head_level(model: nn.Module, output: str, level: int) -> HeadLevel:
     """The head branch producing ``output`` ("class", "box" or "ctr") at ``level``: prefix + conv.
 
     RetinaNet and FCOS share one head over all levels; the prefix is the branch's conv tower.
+    YOLO has one branch per level (``cv3`` classes, ``cv2`` box bins): its convs, then a Conv2d.
     """
     if isinstance(model, SSD):
         return ssd.head_levels(model, "class" if output == "class" else "box")[level]
+    if isinstance(model, YOLODetector):
+        branch = (model.head.cv3 if output == "class" else model.head.cv2)[level]
+        return HeadLevel(branch[:-1], branch[-1])
     head = model.head.classification_head if output == "class" else model.head.regression_head
     conv = {"class": "cls_logits", "box": "bbox_reg", "ctr": "bbox_ctrness"}[output]
     return HeadLevel(head.conv, getattr(head, conv))
@@ -104,6 +113,8 @@ def num_classes_of(model: nn.Module) -> int:
     """Number of classes of the detector's head (SSD: background included)."""
     if isinstance(model, SSD):
         return ssd.num_classes_of(model)
+    if isinstance(model, YOLODetector):
+        return model.num_classes
     return int(model.head.classification_head.num_classes)
 
 
@@ -120,6 +131,8 @@ def dense_outputs(
     logits, and ``box_raw`` (N, A, 4), its distances before their ReLU (what a box map explains)."""
     if isinstance(model, SSD):
         return (*ssd.dense_outputs(model, x, backbone), {})
+    if isinstance(model, YOLODetector):
+        return yolo.dense_outputs(model, x, backbone)
     out = (backbone or model.backbone)(x)
     features = list(out.values()) if isinstance(out, dict) else [out]
     if not isinstance(model, FCOS):
@@ -217,6 +230,8 @@ def detect_input(
     if isinstance(model, SSD):
         return ssd.detect_input(model, x, image_sizes, original_sizes, backbone)
     image_sizes, original_sizes = ssd.batch_sizes(x, image_sizes, original_sizes)
+    if isinstance(model, YOLODetector):
+        return _detect_yolo(model, x, image_sizes, original_sizes, backbone)
     features, cls_logits, box_outputs, extras = dense_outputs(model, x, backbone)
     per_cell = anchors_per_cell(model, features)
     levels = level_layout(features, per_cell)
@@ -227,5 +242,19 @@ def detect_input(
                                anchors, levels, detections, extras)
 
 
-__all__ = ["FCOS_BOX_OUTPUTS", "Family", "family_of", "traceable_backbone", "head_level",
+def _detect_yolo(model: YOLODetector, x: Tensor, image_sizes: list[tuple[int, int]],
+                 original_sizes: list[tuple[int, int]], backbone: nn.Module | None) -> DetectorOutput:
+    """YOLO's detections from the head's own output and NMS; its logits and bins read from the
+    same head call (no second pass), the distances by its own DFL."""
+    features = list((backbone or model.backbone)(x).values())
+    decoded, raw = model.head(list(features))
+    detections = model.select(decoded)
+    bins = raw["boxes"]
+    distances = model.head.dfl(bins).transpose(1, 2)
+    levels = level_layout(features, [1] * len(features))
+    return ssd.assemble_output(model, x, image_sizes, original_sizes, features, raw["scores"].transpose(1, 2),
+                               distances, [], levels, detections, {"box_logits": bins.transpose(1, 2)})
+
+
+__all__ = ["FCOS_BOX_OUTPUTS", "YOLO_FAMILY", "Family", "family_of", "traceable_backbone", "head_level",
            "num_classes_of", "dense_outputs", "select_detections", "run_detector", "detect_input"]
