@@ -18,6 +18,7 @@ from ultralytics.utils.nms import non_max_suppression  # noqa: E402
 from ultralytics.utils.ops import scale_boxes  # noqa: E402
 from ultralytics.utils.tal import dist2bbox, make_anchors  # noqa: E402
 
+from relprop.detection.box_rules import BOX_RULES  # noqa: E402
 from relprop.detection.builders import build_detector  # noqa: E402
 from relprop.detection.crp import CRP  # noqa: E402
 from relprop.detection.families import family_of, head_level  # noqa: E402
@@ -124,10 +125,13 @@ def test_box_maps_split_sums_to_zero_and_signed_to_the_linearised_output(yolo):
         assert float(total[0]) == pytest.approx(expected, rel=1e-3, abs=1e-6)
 
 
-def test_yolo_is_its_own_family_with_distance_outputs(yolo):
+def test_yolo_is_its_own_family_with_distance_outputs_and_its_own_lrp0_caveat(yolo):
     assert family_of(yolo).name == "yolo"
     assert CRP(yolo).outputs == ("class", "l", "t", "r", "b")
     assert CRP(yolo).num_classes == 5
+    assert CRP(yolo).box_caveat == BOX_RULES["split"].caveat  # the default's warning holds as measured
+    caveat = CRP(yolo, box_rule="lrp0").box_caveat  # measured: its negative side fails on r and b
+    assert caveat != BOX_RULES["lrp0"].caveat and "YOLO" in caveat and "does not reliably" in caveat
 
 
 def test_relprop_detect_writes_yolo_panels_from_a_checkpoint(tmp_path, yolo, capsys):
@@ -141,13 +145,55 @@ def test_relprop_detect_writes_yolo_panels_from_a_checkpoint(tmp_path, yolo, cap
                 "classes": ["__background__", "a", "b", "c", "d"], "state_dict": yolo.state_dict()}, weights)
     image = tmp_path / "img.png"
     Image.fromarray((random_images(1)[0].permute(1, 2, 0).numpy() * 255).astype("uint8")).save(image)
+    broken = tmp_path / "broken.jpg"  # Ultralytics' PIL.Image.open patch must not turn it into a crash
+    broken.write_bytes(b"not an image")
     out = tmp_path / "out"
-    code = main(["detect", str(image), "--weights", str(weights), "--out", str(out), "--max-detections", "2",
-                 "--score-threshold", "0.0"])
-    assert code in (0, None), capsys.readouterr().err
+    code = main(["detect", str(image), str(broken), "--weights", str(weights), "--out", str(out),
+                 "--max-detections", "2", "--score-threshold", "0.0"])
+    err = capsys.readouterr().err
+    assert code == 1 and "broken.jpg: not an image" in err and "1 of 2 inputs failed" in err, err
     records = [json.loads(line) for line in (out / "detections.jsonl").read_text().splitlines()]
     loaded = build_detector("yolov8n", 5, SIZE)
     loaded.load_state_dict(yolo.state_dict())
     expected = CRP(loaded.eval()).detect([to_tensor(Image.open(image).convert("RGB"))]).detections[0]
     assert len(records) == 2 and [r["anchor"] for r in records] == expected["anchors"][:2].tolist()
     assert all((out / r["panel"]).is_file() for r in records)
+
+
+def test_images_load_with_pillows_own_open_after_ultralytics_patched_it(tmp_path):
+    import PIL.Image
+
+    from relprop.errors import ImageError
+    from relprop.images import load_image
+
+    assert PIL.Image.open.__module__ == "ultralytics.utils.patches"  # what importing Ultralytics does
+    broken = tmp_path / "broken.png"
+    broken.write_bytes(b"not an image")
+    with pytest.raises(ImageError, match="broken.png: not an image"):
+        load_image(broken)
+
+
+def test_building_a_yolo_leaves_omp_num_threads_as_it_was():
+    """Ultralytics sets OMP_NUM_THREADS=1 at import (every child process would run on one thread)."""
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "OMP_NUM_THREADS"}
+    code = ("import os\nfrom relprop.detection.builders import build_detector\n"
+            "build_detector('yolov8n', 3, 64)\nprint(os.environ.get('OMP_NUM_THREADS'))")
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip().splitlines()[-1] == "None"
+
+
+def test_an_end_to_end_head_is_refused_in_one_line():
+    """YOLO26's head has no DFL (reg_max 1) and a one-to-one branch for NMS-free inference: its boxes
+    are not bins' expectations, so relprop refuses it rather than explain it wrongly."""
+    from ultralytics.nn.tasks import DetectionModel
+
+    from relprop.detection.yolo import YOLODetector
+    from relprop.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="end-to-end or DFL-free Detect"):
+        YOLODetector(DetectionModel("yolo26n.yaml", nc=3, verbose=False))

@@ -102,12 +102,18 @@ def detectors_block() -> str:
     return "\n".join(lines)
 
 
+def _caveats(rule) -> str:
+    """The rule's panel line, then each family's own where one was measured otherwise."""
+    own = "".join(f"<br>{family}: {line}" for family, line in rule.family_caveats.items())
+    return rule.caveat + own
+
+
 def box_rules_block() -> str:
     """What a box map is, by `--box-rule` name (relprop.detection.box_rules), with its panel line."""
     from relprop.detection.box_rules import BOX_RULES
 
     lines = ["| `--box-rule` / `box_rule=` | what it is | what its panels say under the box maps |", "|---|---|---|"]
-    lines += [f"| `{name}` | {rule.summary} | {rule.caveat} |" for name, rule in BOX_RULES.items()]
+    lines += [f"| `{name}` | {rule.summary} | {_caveats(rule)} |" for name, rule in BOX_RULES.items()]
     return "\n".join(lines)
 
 

@@ -17,17 +17,17 @@ if TYPE_CHECKING:
     from relprop.pipelines.detect import DetectionRecord
 
 DESCRIPTION = """\
-Detect objects with a torchvision SSD, RetinaNet or FCOS (one of the architectures below by
---arch, or any such detector built with --model-def, such as the ResNet-18 SSD in ../shared/models)
-and explain every detection scoring
-at least --score-threshold (at most --max-detections per image, best first) by Contrastive
-Relevance Propagation (CRP; Tsunakawa et al., IJCNN 2019). For each image it prints one line per
-detection and writes, under OUT/<image name>/:
+Detect objects with a torchvision SSD, RetinaNet or FCOS, or an Ultralytics YOLOv8 (one of the
+architectures below by --arch, or any such detector built with --model-def, such as the ResNet-18
+SSD in ../shared/models) and explain every detection scoring at least --score-threshold (at
+most --max-detections per image, best first) by Contrastive Relevance Propagation (CRP;
+Tsunakawa et al., IJCNN 2019). For each image it prints one line per detection and writes,
+under OUT/<image name>/:
 
   detections.png     the image with every explained detection drawn (class, score)
   det<i>.png         detection i: the image with its box, then its class map and its box maps
                      over the image, in one panel (SSD, RetinaNet: cx, cy, w, h; FCOS: the
-                     distances l, t, r, b and the centerness ctr)
+                     distances l, t, r, b and the centerness ctr; YOLO: l, t, r, b)
   det<i>_<map>.npy   with --save-maps: each map as float32 (H, W) on the original image
 
 and OUT/detections.jsonl: one JSON line per explained detection (image, detection index, class,
@@ -90,7 +90,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     """Register `relprop detect`."""
     parser = subparsers.add_parser(
         "detect",
-        help="detect objects with an SSD, RetinaNet or FCOS and explain each detection's class and box (CRP)",
+        help="detect objects with an SSD, RetinaNet, FCOS or YOLOv8 and explain each detection's class and box (CRP)",
         description=DESCRIPTION,
         epilog=EPILOG.replace("@@DETECTOR_ARCHS@@", architecture_lines()),
         formatter_class=argparse.RawDescriptionHelpFormatter,

@@ -3,15 +3,16 @@
 The direction check (`relprop.evaluation.detection.direction_check`, `benchmarks/box_direction.py`)
 asks whether removing a box map's most positive pixels moves its output down and its most negative
 pixels moves it up. The seed's split and the signed head with z+ below conserve but fail its
-negative side; LRP-0 below a signed head (the norms' std held constant) passes both sides on FCOS
-and RetinaNet and does not conserve (docs/crp.md, docs/results.md). Each definition carries the
-line a panel prints under its box maps, so a reader is told what the colours can be read as.
+negative side; LRP-0 below a signed head (the norms' std held constant) passes both sides on the
+SSD, FCOS and RetinaNet, on YOLO's DFL head its positive side only, and does not conserve
+(docs/crp.md, docs/results.md). Each definition carries the line a panel prints under its box
+maps (per family where one measured otherwise), so a reader is told what the colours can be read as.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
@@ -28,6 +29,11 @@ class BoxRule:
     summary: str
     caveat: str
     composite: Callable[[], Composite] | None = None
+    family_caveats: Mapping[str, str] = field(default_factory=dict)  # where a family measured otherwise
+
+    def caveat_for(self, family: str) -> str:
+        """The panel line for a detector family: its own where its direction check differed."""
+        return self.family_caveats.get(family, self.caveat)
 
 
 def lrp0_norm_composite() -> Composite:
@@ -57,9 +63,12 @@ BOX_RULES: dict[str, BoxRule] = {
         NOT_DIRECTIONAL),
     "lrp0": BoxRule(
         "signed", "signed box head with LRP-0 below (norms' std held constant): passes the direction "
-        "check on both sides; not conserving: the backbone's biases absorb most of the sum",
+        "check on both sides (SSD, RetinaNet, FCOS; YOLO: its positive side); not conserving: the "
+        "backbone's biases absorb most of the sum",
         "box maps: red/blue push the output up/down (direction check passes); their sum is not the output: "
         "biases absorb it (docs/crp.md)",
-        lrp0_norm_composite),
+        lrp0_norm_composite,
+        {"yolo": "box maps: red pushes the output up (direction check passes); blue does not reliably push r and b "
+                 "down on YOLO's DFL head, nor does gradient x input; biases absorb the sum (docs/crp.md)"}),
 }
 """The box-output definitions by name (``CRP(box_rule=...)``, ``relprop detect --box-rule``)."""

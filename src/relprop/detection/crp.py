@@ -89,8 +89,8 @@ class DetectionExplanation:
 
 
 class CRP:
-    """Contrastive Relevance Propagation for a torchvision SSD, RetinaNet or FCOS (eval mode,
-    images in [0, 1]).
+    """Contrastive Relevance Propagation for a torchvision SSD, RetinaNet or FCOS, or a
+    :class:`relprop.detection.yolo.YOLODetector` (eval mode, images in [0, 1]).
 
     ``contrast`` (default True) makes class maps contrastive; False gives plain LRP of the logit.
     ``include_background`` adds the background class to the classes contrasted against.
@@ -138,7 +138,7 @@ class CRP:
         self.detector = detector
         self.outputs = self.family.outputs
         self.box_rule = box_rule
-        self.box_caveat = definition.caveat
+        self.box_caveat = definition.caveat_for(self.family.name)
         self._box_head = definition.head
         self.contrast = contrast
         self.include_background = include_background

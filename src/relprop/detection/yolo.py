@@ -118,8 +118,8 @@ class YOLODetector(nn.Module):
         super().__init__()
         head = model.model[-1]
         if not hasattr(head, "cv2") or getattr(head, "reg_max", 1) <= 1 or getattr(head, "end2end", False):
-            raise ConfigError(f"relprop reads YOLO heads with a DFL box branch (v8/v11 Detect); got "
-                              f"{type(head).__name__}")
+            raise ConfigError(f"relprop reads YOLO heads with a DFL box branch and NMS (YOLOv8's Detect); "
+                              f"got an end-to-end or DFL-free {type(head).__name__}")
         self.model = model
         self.transform = LetterboxTransform(size)
         self.score_thresh, self.nms_thresh, self.detections_per_img = score_thresh, nms_thresh, detections_per_img
@@ -136,11 +136,6 @@ class YOLODetector(nn.Module):
     @property
     def num_classes(self) -> int:
         return int(self.head.nc)
-
-    def decoded(self, features: Sequence[Tensor]) -> Tensor:
-        """The head's own decoded output (N, 4 + K, anchors): boxes (cx, cy, w, h) and sigmoid scores."""
-        out = self.head(list(features))
-        return out[0] if isinstance(out, tuple) else out
 
     def select(self, decoded: Tensor) -> list[dict[str, Tensor]]:
         """Ultralytics' ``non_max_suppression`` with the kept anchors (input-space boxes)."""
@@ -195,10 +190,14 @@ def build_yolo(arch: str, num_classes: int, size: int | None = None) -> YOLODete
     """A randomly initialised Ultralytics ``arch`` (its model YAML, e.g. ``yolov8n``) for
     ``num_classes`` classes (id 0 = background, never labelled), nothing downloaded."""
     os.environ.setdefault("YOLO_OFFLINE", "1")
+    threads = os.environ.get("OMP_NUM_THREADS")  # Ultralytics sets it to 1 at import, for child processes too
     try:
         from ultralytics.nn.tasks import DetectionModel  # deferred: the yolo extra
     except ImportError:
         raise ConfigError(f"--arch {arch} needs Ultralytics: pip install 'relprop[yolo]' (AGPL-3.0)") from None
+    finally:
+        if threads is None:
+            os.environ.pop("OMP_NUM_THREADS", None)
     log = logging.getLogger("ultralytics")
     level = log.level
     log.setLevel(logging.WARNING)  # its "Overriding model.yaml nc=80" line is not news to our user
