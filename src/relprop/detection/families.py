@@ -231,7 +231,7 @@ def detect_input(
         return ssd.detect_input(model, x, image_sizes, original_sizes, backbone)
     image_sizes, original_sizes = ssd.batch_sizes(x, image_sizes, original_sizes)
     if isinstance(model, YOLODetector):
-        return _detect_yolo(model, x, image_sizes, original_sizes, backbone)
+        return yolo.detect_input(model, x, image_sizes, original_sizes, backbone)
     features, cls_logits, box_outputs, extras = dense_outputs(model, x, backbone)
     per_cell = anchors_per_cell(model, features)
     levels = level_layout(features, per_cell)
@@ -240,20 +240,6 @@ def detect_input(
     detections = select_detections(model, cls_logits, box_outputs, extras, anchors, counts, image_sizes)
     return ssd.assemble_output(model, x, image_sizes, original_sizes, features, cls_logits, box_outputs,
                                anchors, levels, detections, extras)
-
-
-def _detect_yolo(model: YOLODetector, x: Tensor, image_sizes: list[tuple[int, int]],
-                 original_sizes: list[tuple[int, int]], backbone: nn.Module | None) -> DetectorOutput:
-    """YOLO's detections from the head's own output and NMS; its logits and bins read from the
-    same head call (no second pass), the distances by its own DFL."""
-    features = list((backbone or model.backbone)(x).values())
-    decoded, raw = model.head(list(features))
-    detections = model.select(decoded)
-    bins = raw["boxes"]
-    distances = model.head.dfl(bins).transpose(1, 2)
-    levels = level_layout(features, [1] * len(features))
-    return ssd.assemble_output(model, x, image_sizes, original_sizes, features, raw["scores"].transpose(1, 2),
-                               distances, [], levels, detections, {"box_logits": bins.transpose(1, 2)})
 
 
 __all__ = ["FCOS_BOX_OUTPUTS", "YOLO_FAMILY", "Family", "family_of", "traceable_backbone", "head_level",

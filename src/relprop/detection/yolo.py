@@ -33,6 +33,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torchvision.models.detection.image_list import ImageList
 
+from relprop.detection.ssd import DetectorOutput, assemble_output, level_layout
 from relprop.errors import ConfigError, InputError
 
 LETTERBOX_FILL = 114 / 255
@@ -171,6 +172,20 @@ def dense_outputs(model: YOLODetector, x: Tensor, backbone: nn.Module | None = N
     return features, logits.transpose(1, 2), distances.transpose(1, 2), {"box_logits": bins.transpose(1, 2)}
 
 
+def detect_input(model: YOLODetector, x: Tensor, image_sizes: list[tuple[int, int]],
+                 original_sizes: list[tuple[int, int]], backbone: nn.Module | None = None) -> DetectorOutput:
+    """YOLO's detections from the head's own output and NMS; its logits and bins read from the
+    same head call (no second pass), the distances by its own DFL."""
+    features = list((backbone or model.backbone)(x).values())
+    decoded, raw = model.head(list(features))
+    detections = model.select(decoded)
+    bins = raw["boxes"]
+    distances = model.head.dfl(bins).transpose(1, 2)
+    levels = level_layout(features, [1] * len(features))
+    return assemble_output(model, x, image_sizes, original_sizes, features, raw["scores"].transpose(1, 2),
+                           distances, [], levels, detections, {"box_logits": bins.transpose(1, 2)})
+
+
 def dfl_seed(logits: Tensor, side: int, reg_max: int = 16) -> tuple[slice, Tensor]:
     """The channels of side ``side`` and its seed on them: the gradient of the distance
     ``d = sum_b softmax(z)_b * b`` with respect to the bin logits, ``p_b (b - d)``.
@@ -209,4 +224,4 @@ def build_yolo(arch: str, num_classes: int, size: int | None = None) -> YOLODete
 
 
 __all__ = ["LETTERBOX_FILL", "YOLO_BOX_OUTPUTS", "LetterboxTransform", "YOLOFeatures", "YOLODetector",
-           "build_yolo", "dense_outputs", "dfl_seed"]
+           "build_yolo", "dense_outputs", "detect_input", "dfl_seed"]
