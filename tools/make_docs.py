@@ -23,7 +23,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 VERSIONED = ("torch", "torchvision", "numpy", "captum", "timm", "transformers", "zennit", "lxt",
-             "quantus")
+             "quantus", "ultralytics")
 
 
 def _code(names) -> str:

@@ -68,7 +68,7 @@ BOX_RULES: dict[str, BoxRule] = {
         "box maps: red/blue push the output up/down (direction check passes); their sum is not the output: "
         "biases absorb it (docs/crp.md)",
         lrp0_norm_composite,
-        {"yolo": "box maps: red pushes the output up (direction check passes); blue does not reliably push r and b "
-                 "down on YOLO's DFL head, nor does gradient x input; biases absorb the sum (docs/crp.md)"}),
+        {"yolo": "box maps: red pushes the output up (direction check passes); blue does not reliably push it down "
+                 "on YOLO's DFL head (b, r fail), nor does gradient x input; biases absorb the sum (docs/crp.md)"}),
 }
 """The box-output definitions by name (``CRP(box_rule=...)``, ``relprop detect --box-rule``)."""
