@@ -41,17 +41,17 @@ MAX_ASPECT_RATIO = 8.0
 MAX_DECODED_PIXELS = 4096 * 4096
 
 
-_PILLOW_OPEN = Image.open
-
-
-def _pillow_open(path: Path) -> Image.Image:
+def _pillows_own_open() -> Callable[..., Image.Image]:
     """Pillow's own ``Image.open``, even where another library replaced it: Ultralytics does at
     import, and on a file Pillow cannot identify its replacement looks for (and online may
     install) pi-heif, so a corrupt file became an internal error instead of one line."""
-    if getattr(_PILLOW_OPEN, "__module__", None) == "PIL.Image":
-        return _PILLOW_OPEN(path)
-    patches = sys.modules.get("ultralytics.utils.patches")  # replaced before relprop was imported
-    return getattr(patches, "_image_open", Image.open)(path)
+    opener = Image.open
+    if getattr(opener, "__module__", None) != "PIL.Image":  # replaced before relprop was imported
+        opener = getattr(sys.modules.get("ultralytics.utils.patches"), "_image_open", opener)
+    return opener
+
+
+_PILLOW_OPEN = _pillows_own_open()
 
 
 def load_image(path: str | Path, max_pixels: int | None = None) -> Image.Image:
@@ -69,7 +69,7 @@ def load_image(path: str | Path, max_pixels: int | None = None) -> Image.Image:
         with warnings.catch_warnings():
             # Pillow only warns between 1x and 2x its limit; refuse the whole range.
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with _pillow_open(path) as img:
+            with _PILLOW_OPEN(path) as img:
                 width, height = img.size
                 if max_pixels is not None and width * height > max_pixels:
                     raise ImageError(f"{path}: {width}x{height} = {width * height:,} pixels, above "

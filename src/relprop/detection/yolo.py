@@ -165,25 +165,26 @@ def dense_outputs(model: YOLODetector, x: Tensor, backbone: nn.Module | None = N
     """Features, class logits (N, A, K), the DFL distances l t r b (N, A, 4, in strides) and, in
     ``extras["box_logits"]`` (N, A, 64), the bin logits they come from; by the head's own modules."""
     features = list((backbone or model.backbone)(x).values())
-    head, n = model.head, x.shape[0]
-    logits = torch.cat([head.cv3[i](f).view(n, head.nc, -1) for i, f in enumerate(features)], -1)
-    bins = torch.cat([head.cv2[i](f).view(n, 4 * head.reg_max, -1) for i, f in enumerate(features)], -1)
-    distances = head.dfl(bins)
-    return features, logits.transpose(1, 2), distances.transpose(1, 2), {"box_logits": bins.transpose(1, 2)}
+    return (features, *_head_outputs(model, features)[1:])
 
 
 def detect_input(model: YOLODetector, x: Tensor, image_sizes: list[tuple[int, int]],
                  original_sizes: list[tuple[int, int]], backbone: nn.Module | None = None) -> DetectorOutput:
-    """YOLO's detections from the head's own output and NMS; its logits and bins read from the
-    same head call (no second pass), the distances by its own DFL."""
+    """YOLO's detections from the head's own output and NMS, with the logits and bins of the same call."""
     features = list((backbone or model.backbone)(x).values())
-    decoded, raw = model.head(list(features))
-    detections = model.select(decoded)
-    bins = raw["boxes"]
-    distances = model.head.dfl(bins).transpose(1, 2)
+    decoded, logits, distances, extras = _head_outputs(model, features)
     levels = level_layout(features, [1] * len(features))
-    return assemble_output(model, x, image_sizes, original_sizes, features, raw["scores"].transpose(1, 2),
-                           distances, [], levels, detections, {"box_logits": bins.transpose(1, 2)})
+    return assemble_output(model, x, image_sizes, original_sizes, features, logits, distances, [], levels,
+                           model.select(decoded), extras)
+
+
+def _head_outputs(model: YOLODetector, features: list[Tensor]) -> tuple[Tensor, Tensor, Tensor, dict[str, Tensor]]:
+    """One call of the ``Detect`` head: its decoded output (N, 4 + K, A), class logits (N, A, K),
+    distances by its own DFL (N, A, 4) and the bin logits (N, A, 64)."""
+    decoded, raw = model.head(list(features))
+    bins = raw["boxes"]
+    return (decoded, raw["scores"].transpose(1, 2), model.head.dfl(bins).transpose(1, 2),
+            {"box_logits": bins.transpose(1, 2)})
 
 
 def dfl_seed(logits: Tensor, side: int, reg_max: int = 16) -> tuple[slice, Tensor]:
