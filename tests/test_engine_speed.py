@@ -196,6 +196,68 @@ def test_norm_epsilon_transpose_written_out_equals_autograd_bit_for_bit(shape, a
     assert torch.equal(NormEpsilonRule().relevance(norm, a, R), expected)
 
 
+@pytest.mark.parametrize("shape,affine", [((8,), True), ((4, 6), True), ((6,), False)])
+@pytest.mark.parametrize("epsilon", [1e-6, 0.0])
+def test_norm_epsilon_from_the_forward_statistics_equals_recomputing_them(shape, affine, epsilon):
+    """The walk takes LayerNorm's output and rstd from `torch.native_layer_norm` (the kernel
+    `F.layer_norm` runs: the same output bit for bit) instead of recomputing the variance."""
+    from relprop.core.rules import NormEpsilonRule
+
+    torch.manual_seed(0)
+    norm = nn.LayerNorm(shape, elementwise_affine=affine)
+    if affine:
+        nn.init.normal_(norm.weight)
+        nn.init.normal_(norm.bias)
+    a = torch.randn(2, 5, *shape)
+    R = torch.randn_like(a)
+    with torch.no_grad():
+        output, _, rstd = torch.native_layer_norm(a, shape, norm.weight, norm.bias, norm.eps)
+        assert torch.equal(output, norm(a))
+        rule = NormEpsilonRule(epsilon)
+        expected = rule.relevance(norm, a, R)
+        # float rounding of the variance and the output, amplified where the output is near 0
+        torch.testing.assert_close(rule.relevance_from_stats(norm, a, R, output, rstd), expected,
+                                   rtol=1e-4, atol=1e-5 * float(expected.abs().max()))
+
+
+def test_a_norm_rule_that_changes_the_rule_ignores_the_statistics():
+    from relprop.core.rules import NormEpsilonRule
+
+    class Halved(NormEpsilonRule):
+        def relevance(self, layer, a, R):
+            return super().relevance(layer, a, R) / 2
+
+    norm, a = nn.LayerNorm(6), torch.randn(3, 6)
+    R = torch.randn(3, 6)
+    wrong = torch.full((3, 6), 1e9)
+    assert torch.equal(Halved().relevance_from_stats(norm, a, R, wrong, wrong[:, :1]), Halved().relevance(norm, a, R))
+
+
+@pytest.mark.parametrize("build,shape", [(small_convnext, (2, 3, 32, 32)), (torchvision_vit, (2, 3, 32, 32)),
+                                         (timm_vit, (2, 3, 32, 32)), (small_swin, (1, 3, 40, 40))])
+def test_layer_norm_statistics_kept_from_the_forward_give_the_recomputed_relevance(build, shape):
+    """Every LayerNorm under norm-ε (modules, and `F.layer_norm` inside torchvision's
+    LayerNorm2d and timm's LayerNorm) keeps its rstd; dropping the kept parts makes the walk
+    recompute them: the same relevance to float rounding, and the same layer sums."""
+    explainer = LRP(build(), composite=LXT_CHOICES)
+    torch.manual_seed(1)
+    x = torch.randn(*shape)
+    explainer.attribute(x)
+    engine = explainer.engine
+    record = engine.forward(x, keep="all")
+    norms = [s.node for s in engine.steps
+             if isinstance(s.module, nn.LayerNorm) or s.node.target is torch.nn.functional.layer_norm]
+    assert norms and all(isinstance(record.values.parts.get(node), torch.Tensor) for node in norms)
+    seed = torch.zeros_like(record.output)
+    seed[:, 2] = record.output[:, 2]
+    kept = engine.backward(record, seed, layer_sums=True)
+    record.values.parts.clear()
+    recomputed = engine.backward(record, seed, layer_sums=True)
+    torch.testing.assert_close(kept.input, recomputed.input, rtol=1e-4, atol=1e-5 * float(kept.input.abs().max()))
+    for key in kept.layer_sums:
+        torch.testing.assert_close(kept.layer_sums[key], recomputed.layer_sums[key], rtol=1e-5, atol=1e-6)
+
+
 def test_positive_weights_are_not_kept_between_calls_unless_asked():
     """w⁺ of every layer held for the explainer's lifetime was over half the input gradient's peak
     memory at batch 1 (ResNet-50: 97 MiB); it is clamped per call unless `cache_weights=True`,
@@ -307,7 +369,7 @@ def test_timm_attention_keeps_its_weights_and_the_qkv_rule_runs_on_the_values_th
     explainer.attribute(x)
     engine = explainer.engine
     record = engine.forward(x, keep="all")
-    parts = list(record.values.parts.values())
+    parts = [held for held in record.values.parts.values() if not isinstance(held, torch.Tensor)]  # not rstd
     assert len(parts) == len(model.blocks)
     for held in parts:
         assert not any(t.shape[-1] == 48 for t in vars(held).values() if isinstance(t, torch.Tensor)
@@ -318,6 +380,7 @@ def test_timm_attention_keeps_its_weights_and_the_qkv_rule_runs_on_the_values_th
     rule.rows.clear()
     kept = engine.backward(record, seed).input
     assert sorted(rule.rows) == sorted([10] + [48, 48, 48, 192] * len(model.blocks))  # head; qkv's third, proj, fc2, fc1
-    record.values.parts.clear()
+    for node in [node for node, held in record.values.parts.items() if not isinstance(held, torch.Tensor)]:
+        del record.values.parts[node]  # the attention's parts (LayerNorms keep their rstd)
     recomputed = engine.backward(record, seed).input
     assert torch.equal(kept, recomputed)

@@ -13,13 +13,24 @@ from torch.utils._pytree import tree_flatten
 TINY = 1e-30
 
 
+# the integer type of a float type's bits, for copying a sign bit by integer ops
+_BITS = {torch.float32: torch.int32, torch.float64: torch.int64}
+
+
 def stabilize(z: Tensor, epsilon: float) -> Tensor:
     """z + ε·sign(z), with sign(0) = +1 (a zero denominator moves away from zero, never onto it).
     Computed as ε with z's sign copied, plus z: one temporary, and 5-9x faster on the CPU than a
     select of ±ε (`torch.where` was 15 % of ViT-B/16's ε walk). `z + 0.0` turns −0 into +0, so
-    −0 moves to +ε as `z >= 0` has it: the same numbers as the select, bit for bit."""
-    shift = torch.copysign(z.new_tensor(epsilon), z + 0.0)
-    return shift.add_(z)
+    −0 moves to +ε as `z >= 0` has it: the same numbers as the select, bit for bit. For fp32 and
+    fp64 the sign is copied onto ε's bits by integer AND/OR (`torch.copysign` is not vectorized
+    on the CPU: these take a third less time, the same bits)."""
+    bits = _BITS.get(z.dtype)
+    if bits is None:
+        return torch.copysign(z.new_tensor(epsilon), z + 0.0).add_(z)
+    shift = torch.add(z, 0.0).view(bits)  # ours: its sign bits become the shift's
+    epsilon_bits = int(torch.tensor(epsilon, dtype=z.dtype).view(bits))
+    shift.bitwise_and_(torch.iinfo(bits).min).bitwise_or_(epsilon_bits)
+    return shift.view(z.dtype).add_(z)
 
 
 def safe_divide(numerator: Tensor, denominator: Tensor) -> tuple[Tensor, Tensor]:

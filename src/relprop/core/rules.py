@@ -41,6 +41,11 @@ class Rule:
         forward pass recorded it): a rule whose denominator is that output need not recompute it."""
         return self.relevance(layer, a, R)
 
+    def relevance_from_stats(self, layer: nn.Module, a: Tensor, R: Tensor, output: Tensor, rstd: Tensor) -> Tensor:
+        """`relevance` of a LayerNorm, given its output and `rstd` from the forward pass (a rule
+        that overrides this makes the engine keep them)."""
+        return self.relevance(layer, a, R)
+
     def __repr__(self) -> str:
         return f"{type(self).__name__}()"
 
@@ -417,6 +422,25 @@ class NormEpsilonRule(Rule):
         weight = 1.0 if layer.weight is None else layer.weight.detach().float()
         bias = 0.0 if layer.bias is None else layer.bias.detach().float()
         return self._normalized(a, dims, layer.eps, weight, bias, R)
+
+    def relevance_from_stats(self, layer: nn.Module | LayerNormParams, a: Tensor, R: Tensor, output: Tensor,
+                             rstd: Tensor) -> Tensor:
+        """`relevance` of a LayerNorm given what its forward pass computed: its output (the ε
+        denominator) and `rstd = 1/std` (`torch.native_layer_norm`'s), so the walk recomputes
+        neither the variance (slow on the CPU: as costly as the layer's own forward kernel many
+        times over) nor the normalization. The same map to float rounding (the variance is taken
+        by the forward's kernel). A subclass that changes the rule recomputes as it says."""
+        if type(self).relevance is not NormEpsilonRule.relevance \
+                or type(self)._normalized is not NormEpsilonRule._normalized:
+            return self.relevance(layer, a, R)
+        dims = tuple(range(-len(layer.normalized_shape), 0))
+        z = stabilize(output.reshape(a.shape), self.epsilon)
+        u = torch.div(R.reshape(a.shape), z, out=z)  # z is ours (stabilize made it) to overwrite
+        if layer.weight is not None:
+            u.mul_(layer.weight.detach().float())
+        u.mul_(rstd)
+        # the transpose of the centring (symmetric), then the input's share
+        return u.sub_(u.mean(dims, keepdim=True)).mul_(a)
 
     def _normalized(self, a: Tensor, dims: tuple[int, ...], eps: float, weight: Tensor | float,
                     bias: Tensor | float, R: Tensor) -> Tensor:

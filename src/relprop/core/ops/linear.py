@@ -61,13 +61,14 @@ class Linear(Op):
         info: LinearInfo = step.info
         reads = [*step.node.all_input_nodes]
         for node in (info.fold_before, info.fold_after, step.inputs[0] if info.is_input_layer else None):
-            if node is not None:
-                reads += node.all_input_nodes
+            if node is not None:  # (a BatchNorm after it reads this layer's output for its shape only)
+                reads += [n for n in node.all_input_nodes if n is not step.node]
         if step.inputs and context.step_of[step.inputs[0]].op.name == "route":  # a zero pad read through
             reads += step.inputs[0].all_input_nodes
         rule = type(context.rule_for(step))
-        if _records_its_map(step) and rule.relevance_from_output is not Rule.relevance_from_output:
-            reads.append(step.node)
+        recorded = _recorded_map(step)
+        if recorded is not None and rule.relevance_from_output is not Rule.relevance_from_output:
+            reads.append(recorded)
         return reads
 
     def sees_the_input(self, step) -> bool:
@@ -101,8 +102,9 @@ class Linear(Op):
             op, R = _narrowed(op, live), R[..., live]
         if rule.wants_nonnegative and context.step_of[source].nonnegative:
             return [(target, rule.relevance(op, values[source], R, nonnegative=True))]
-        if padded is None and _records_its_map(step):
-            output = values[step.node] if live is None else values[step.node][..., live]
+        recorded = _recorded_map(step) if padded is None else None
+        if recorded is not None:
+            output = values[recorded] if live is None else values[recorded][..., live]
             return [(target, rule.relevance_from_output(op, values[source], R, output))]
         return [(target, rule.relevance(op, values[source], R))]
 
@@ -178,10 +180,17 @@ def _narrowed(op: LinearOp, rows: slice) -> LinearOp:
     return LinearOp(op.weight[rows], None if op.bias is None else op.bias[rows])
 
 
-def _records_its_map(step) -> bool:
-    """Whether the recorded output of this step is `op.forward(a, W, b)` of its effective op,
-    bit for bit: a module computed by `module_forward`, no BatchNorm folded into it."""
-    return step.module is not None and step.info.fold_before is None and step.info.fold_after is None
+def _recorded_map(step) -> fx.Node | None:
+    """The node whose recorded value is this step's effective map `op.forward(a, W, b)`: its
+    own output, bit for bit, for a module computed by `module_forward`; the output of a BatchNorm
+    folded in after it (`BN(conv(a))`, the folded map `W'a + b'` to float rounding: the ε rule's
+    denominator need not be recomputed by a second product). None where nothing recorded is."""
+    info: LinearInfo = step.info
+    if info.fold_before is not None:
+        return None
+    if info.fold_after is not None:
+        return info.fold_after
+    return step.node if step.module is not None else None
 
 
 @dataclass(frozen=True, eq=False)

@@ -107,6 +107,15 @@ class Passthrough(KeepsSign, Op):
             return F.relu(args[0]) if isinstance(module, nn.ReLU) else F.relu6(args[0])
         return super().forward(step, args, kwargs, model)
 
+    def record(self, step, args: tuple, kwargs: dict, context: Context) -> tuple[Any, Any]:
+        """A LayerNorm whose rule reads its statistics (norm-ε) runs as `torch.native_layer_norm`,
+        the kernel `F.layer_norm` calls (the same output bit for bit), and keeps its `rstd`."""
+        norm = self._norm_with_stats(step, args, kwargs, context)
+        if norm is None:
+            return super().record(step, args, kwargs, context)
+        output, _, rstd = torch.native_layer_norm(args[0], norm.normalized_shape, norm.weight, norm.bias, norm.eps)
+        return output, rstd
+
     def relevance(self, step, values, R, context: Context) -> Parents:
         parent = first_operand(step) if step.module is None else step.inputs[0]
         if _is_clamp(step.node) and len(step.inputs) > 1:
@@ -115,13 +124,34 @@ class Passthrough(KeepsSign, Op):
         rule, layer = self._user_rule(step, values, context)
         if rule is None or step.info.folded_into is not None:
             return [(parent, R.reshape(values[parent].shape))]
+        rstd = getattr(values, "parts", {}).get(step.node)
+        if rstd is not None:
+            return [(parent, rule.relevance_from_stats(layer, values[parent], R, values[step.node], rstd))]
         return [(parent, rule.relevance(layer, values[parent], R))]
 
     def backward_reads(self, step, context: Context) -> list[fx.Node]:
-        """Relevance that passes unchanged reads only its input's shape; a user rule, the values."""
+        """Relevance that passes unchanged reads only its input's shape; a user rule, the values
+        (and a LayerNorm's rule that reads its statistics, its output)."""
         if step.info.folded_into is None and self._rule_of(step, context) is not None:
-            return super().backward_reads(step, context)
+            reads = super().backward_reads(step, context)
+            keeps_stats = _is_layer_norm(step) and _reads_norm_stats(self._rule_of(step, context))
+            return [*reads, step.node] if keeps_stats else reads
         return []
+
+    def _norm_with_stats(self, step, args: tuple, kwargs: dict, context: Context) -> LayerNormParams | None:
+        """The LayerNorm's arguments where its rule reads the forward's statistics and the
+        kernel takes them as they are (fp32 input and parameters); None elsewhere."""
+        node, module = step.node, step.module
+        if not _is_layer_norm(step) or step.info.folded_into is not None:
+            return None
+        if not _reads_norm_stats(self._rule_of(step, context)):
+            return None
+        norm = LayerNormParams(tuple(module.normalized_shape), module.weight, module.bias, module.eps) \
+            if module is not None else _norm_params(node, args, kwargs)
+        tensors = [t for t in (args[0], norm.weight, norm.bias) if t is not None]
+        if not all(isinstance(t, Tensor) and t.dtype == torch.float32 for t in tensors):
+            return None
+        return norm
 
     @staticmethod
     def _rule_of(step, context: Context) -> Rule | None:
@@ -144,10 +174,7 @@ class Passthrough(KeepsSign, Op):
         if rule is None or step.module is not None:
             return rule, step.module
         args, kwargs = step.arguments(values)
-        _, params, names, read = NORM_CALLS[step.node.target]
-        bound = dict(zip(("input", *names), args, strict=False)) | kwargs
-        return rule, params(read(bound[names[0]]), bound.get("weight"), bound.get("bias"),
-                            float(bound.get("eps", 1e-5)))
+        return rule, _norm_params(step.node, args, kwargs)
 
     def output_nonnegative(self, step, parents: list[bool]) -> bool:
         node = step.node
@@ -190,6 +217,23 @@ class Passthrough(KeepsSign, Op):
         non-negative input can come out negative, unlike the other identity-rule nodes."""
         node = step.node
         return isinstance(step.module, NORM_MODULES) or (node.op == "call_function" and node.target in NORM_FUNCTIONS)
+
+
+def _norm_params(node: fx.Node, args: tuple, kwargs: dict) -> LayerNormParams | GroupNormParams:
+    """A normalization call's arguments as its rule takes them (`NORM_CALLS`)."""
+    _, params, names, read = NORM_CALLS[node.target]
+    bound = dict(zip(("input", *names), args, strict=False)) | kwargs
+    return params(read(bound[names[0]]), bound.get("weight"), bound.get("bias"), float(bound.get("eps", 1e-5)))
+
+
+def _is_layer_norm(step) -> bool:
+    node = step.node
+    return isinstance(step.module, nn.LayerNorm) or (node.op == "call_function" and node.target is F.layer_norm)
+
+
+def _reads_norm_stats(rule: Rule | None) -> bool:
+    """Whether a rule takes a LayerNorm's forward statistics (`relevance_from_stats` of its own)."""
+    return rule is not None and type(rule).relevance_from_stats is not Rule.relevance_from_stats
 
 
 def _is_clamp(node: fx.Node) -> bool:
