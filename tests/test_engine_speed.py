@@ -258,6 +258,71 @@ def test_layer_norm_statistics_kept_from_the_forward_give_the_recomputed_relevan
         torch.testing.assert_close(kept.layer_sums[key], recomputed.layer_sums[key], rtol=1e-5, atol=1e-6)
 
 
+class _RecomputingEpsilon(EpsilonRule):
+    """ε with its own (unchanged) weights: the rule then recomputes z by a forward product."""
+
+    def _weights(self, op):
+        return op.weight, op.bias
+
+
+def _conv_bn_net() -> nn.Module:
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8), nn.ReLU(),
+                        nn.Conv2d(8, 8, 3, stride=2, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
+                        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 4))
+    for module in net.modules():
+        if isinstance(module, nn.BatchNorm2d):  # statistics as after training, scales of both signs
+            nn.init.normal_(module.running_mean, std=0.5)
+            nn.init.uniform_(module.running_var, 0.5, 2.0)
+            nn.init.normal_(module.weight)
+            nn.init.normal_(module.bias, std=0.2)
+    return net.eval()
+
+
+def test_epsilon_under_a_folded_batchnorm_takes_the_recorded_batchnorm_output(monkeypatch):
+    """ε at a conv with a BatchNorm folded in divides by the recorded BatchNorm output (the
+    folded map to float rounding) instead of recomputing it: no forward product in the walk,
+    and the map of the recomputing rule to float rounding."""
+    from relprop.core.linear_op import LinearOp
+
+    torch.manual_seed(1)
+    x = torch.randn(2, 3, 16, 16)
+    maps, forward_calls = {}, {}
+    for name, rule in (("recorded", EpsilonRule()), ("recomputed", _RecomputingEpsilon())):
+        explainer = LRP(_conv_bn_net(), composite=Composite(rules={nn.Conv2d: rule, nn.Linear: rule}, input_rule=rule,
+                                                             bn="fold"))
+        explainer.attribute(x)
+        record = explainer.engine.forward(x)
+        seed = torch.zeros_like(record.output)
+        seed[:, 1] = record.output[:, 1]
+        calls = []
+        original = LinearOp.forward
+        monkeypatch.setattr(LinearOp, "forward", lambda self, *args: calls.append(1) or original(self, *args))
+        maps[name] = explainer.engine.backward(record, seed, layer_sums=True)
+        monkeypatch.setattr(LinearOp, "forward", original)
+        forward_calls[name] = len(calls)
+    assert forward_calls == {"recorded": 0, "recomputed": 3}  # two folded convs and the head
+    ours, theirs = maps["recorded"], maps["recomputed"]
+    # float rounding, amplified where a denominator is near 0 (one pixel in 1536 at 1.5e-5 of the largest)
+    torch.testing.assert_close(ours.input, theirs.input, rtol=1e-3, atol=1e-4 * float(theirs.input.abs().max()))
+    assert float(torch.corrcoef(torch.stack([ours.input.flatten(), theirs.input.flatten()]))[0, 1]) > 0.999999
+    for key in ours.layer_sums:
+        torch.testing.assert_close(ours.layer_sums[key], theirs.layer_sums[key], rtol=1e-4, atol=1e-6)
+
+
+def test_a_conv_output_under_a_folded_batchnorm_is_released():
+    """The folded BatchNorm reads the conv's output for its shape only: the recording forward
+    releases it (the default composite reads neither it nor the BatchNorm's output)."""
+    explainer = LRP(small_resnet(), composite=Composite(bn="fold"))
+    torch.manual_seed(1)
+    x = torch.randn(1, 3, 32, 32)
+    explainer.attribute(x)
+    values = explainer.engine.forward(x).values
+    folded = [step.node for step in explainer.engine.steps
+              if getattr(step.info, "fold_after", None) is not None]
+    assert folded and all(values[node].device.type == "meta" for node in folded)
+
+
 def test_positive_weights_are_not_kept_between_calls_unless_asked():
     """w⁺ of every layer held for the explainer's lifetime was over half the input gradient's peak
     memory at batch 1 (ResNet-50: 97 MiB); it is clamped per call unless `cache_weights=True`,

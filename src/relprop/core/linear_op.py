@@ -56,7 +56,12 @@ class LinearOp:
         else:
             y = _CONV_T[self.dims](x, weight, None, self.stride, self.padding, self.output_padding,
                                    self.groups, self.dilation)
-        return y if bias is None else y + self._broadcast_bias(bias, y)
+        if bias is None:
+            return y
+        bias = self._broadcast_bias(bias, y)
+        if bias.dtype == y.dtype and torch.broadcast_shapes(bias.shape, y.shape) == y.shape:
+            return y.add_(bias)  # y is ours: in place, the same sum without a fresh (page-faulted) tensor
+        return y + bias
 
     def _broadcast_bias(self, bias: Tensor, y: Tensor) -> Tensor:
         if bias.dim() == 1 and self.kind != "linear":
