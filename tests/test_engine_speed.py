@@ -288,6 +288,12 @@ def test_epsilon_under_a_folded_batchnorm_takes_the_recorded_batchnorm_output(mo
     torch.manual_seed(1)
     x = torch.randn(2, 3, 16, 16)
     maps, forward_calls = {}, {}
+    original, calls = LinearOp.forward, []
+
+    def counted(self, *args):
+        calls.append(1)
+        return original(self, *args)
+
     for name, rule in (("recorded", EpsilonRule()), ("recomputed", _RecomputingEpsilon())):
         explainer = LRP(_conv_bn_net(), composite=Composite(rules={nn.Conv2d: rule, nn.Linear: rule}, input_rule=rule,
                                                              bn="fold"))
@@ -295,9 +301,8 @@ def test_epsilon_under_a_folded_batchnorm_takes_the_recorded_batchnorm_output(mo
         record = explainer.engine.forward(x)
         seed = torch.zeros_like(record.output)
         seed[:, 1] = record.output[:, 1]
-        calls = []
-        original = LinearOp.forward
-        monkeypatch.setattr(LinearOp, "forward", lambda self, *args: calls.append(1) or original(self, *args))
+        calls.clear()
+        monkeypatch.setattr(LinearOp, "forward", counted)
         maps[name] = explainer.engine.backward(record, seed, layer_sums=True)
         monkeypatch.setattr(LinearOp, "forward", original)
         forward_calls[name] = len(calls)
