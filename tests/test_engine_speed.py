@@ -328,6 +328,49 @@ def test_a_conv_output_under_a_folded_batchnorm_is_released():
     assert folded and all(values[node].device.type == "meta" for node in folded)
 
 
+def test_the_stabilizer_writes_where_it_is_told_the_same_bits():
+    z = torch.randn(4, 7)
+    z[0, :3] = torch.tensor([0.0, -0.0, 1e-40])
+    out = torch.empty(28).view(4, 7)
+    assert torch.equal(stabilize(z, 1e-6, out=out), stabilize(z, 1e-6)) and out.data_ptr() != z.data_ptr()
+    assert torch.equal(out.signbit(), stabilize(z, 1e-6).signbit())
+
+
+@pytest.mark.parametrize("build,shape", [(small_convnext, (2, 3, 32, 32)), (torchvision_vit, (2, 3, 32, 32)),
+                                         (_conv_bn_net, (2, 3, 16, 16))])
+def test_the_walks_scratch_space_changes_no_relevance(build, shape, monkeypatch):
+    """ε layers stabilize into one buffer reused across the walk: the relevance and every layer
+    sum are those of fresh temporaries, bit for bit (a value escaping into the scratch would be
+    overwritten by a later layer), and there is no scratch outside a walk."""
+    from relprop.core import numerics, rules
+
+    explainer = LRP(build(), composite=LXT_CHOICES)
+    torch.manual_seed(1)
+    x = torch.randn(*shape)
+    explainer.attribute(x)
+    record = explainer.engine.forward(x)
+    seed = torch.zeros_like(record.output)
+    seed[:, 2] = record.output[:, 2]
+    used = []
+    original = numerics.scratch_like
+
+    def watched(z):
+        buffer = original(z)
+        used.append(buffer is not None)
+        return buffer
+
+    monkeypatch.setattr(rules, "scratch_like", watched)
+    reused = explainer.engine.backward(record, seed, layer_sums=True)
+    assert any(used)
+    monkeypatch.setattr(rules, "scratch_like", lambda z: None)
+    fresh = explainer.engine.backward(record, seed, layer_sums=True)
+    assert torch.equal(reused.input, fresh.input)
+    assert reused.layer_sums.keys() == fresh.layer_sums.keys()
+    for key in fresh.layer_sums:
+        assert torch.equal(reused.layer_sums[key], fresh.layer_sums[key])
+    assert numerics.scratch_like(torch.ones(3)) is None
+
+
 def test_positive_weights_are_not_kept_between_calls_unless_asked():
     """w⁺ of every layer held for the explainer's lifetime was over half the input gradient's peak
     memory at batch 1 (ResNet-50: 97 MiB); it is clamped per call unless `cache_weights=True`,

@@ -18,7 +18,7 @@ from torch import Tensor, nn
 
 from relprop.core.capture import trace_on
 from relprop.core.composites import Composite, RuleSpec, resolve_composite
-from relprop.core.numerics import largest_gap, same_value
+from relprop.core.numerics import largest_gap, same_value, walk_scratch
 from relprop.core.ops import INPUT, builtin_op, builtin_types
 from relprop.core.ops.base import describe, op_failure, rule_key
 from relprop.core.plan import Plan, Step, build_plan, failing_as_refusal, layer_output, load
@@ -244,6 +244,10 @@ class RelevanceEngine:
         """Propagate `seed` (same structure as `record.output`; None = no relevance) to the input;
         with `layer_sums`, also total the relevance that crosses each reported cut; `layers`
         (name -> node, see `layer_nodes`) keeps the relevance of those nodes' outputs."""
+        with walk_scratch():
+            return self._walk(record, seed, layer_sums, layers)
+
+    def _walk(self, record: Record, seed: Any, layer_sums: bool, layers: Mapping[str, fx.Node] | None) -> Backward:
         keep: dict[fx.Node, list[str]] = {}
         for name, node in (layers or {}).items():
             keep.setdefault(node, []).append(name)

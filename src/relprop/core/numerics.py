@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
 from typing import Any
 
 import torch
@@ -17,17 +19,57 @@ TINY = 1e-30
 _BITS = {torch.float32: torch.int32, torch.float64: torch.int64}
 
 
-def stabilize(z: Tensor, epsilon: float) -> Tensor:
+class Scratch:
+    """One reusable buffer for a walk's short-lived full-size temporaries, grown to the largest
+    asked for (a walk goes from the deep, small layers to the large early ones, so it grows a
+    few times and is then reused): a fresh tensor of a few MB costs the CPU its page faults on
+    every layer (1.5 ms for ViT-B/16's 197×3072, against 0.16 ms for a pass over it in place).
+    Only for values that die inside the call that asked (see `scratch_like`)."""
+
+    def __init__(self) -> None:
+        self.buffer: Tensor | None = None
+
+    def like(self, z: Tensor) -> Tensor:
+        buffer = self.buffer
+        if buffer is None or buffer.numel() < z.numel() or buffer.dtype != z.dtype or buffer.device != z.device:
+            buffer = self.buffer = torch.empty(z.numel(), dtype=z.dtype, device=z.device)
+        return buffer[:z.numel()].view(z.shape)
+
+
+_SCRATCH: ContextVar[Scratch | None] = ContextVar("relprop_scratch", default=None)
+
+
+@contextmanager
+def walk_scratch() -> Iterator[None]:
+    """A `Scratch` for the walk run inside (per thread and task; freed when the walk ends)."""
+    token = _SCRATCH.set(Scratch())
+    try:
+        yield
+    finally:
+        _SCRATCH.reset(token)
+
+
+def scratch_like(z: Tensor) -> Tensor | None:
+    """The walk's scratch space shaped as a contiguous `z` (None outside a walk, or for a
+    non-contiguous z, whose layout a fresh tensor keeps). Whatever is written there is
+    overwritten by the next call: the caller must be done with it before returning."""
+    scratch = _SCRATCH.get()
+    if scratch is None or not z.is_contiguous():
+        return None
+    return scratch.like(z)
+
+
+def stabilize(z: Tensor, epsilon: float, out: Tensor | None = None) -> Tensor:
     """z + ε·sign(z), with sign(0) = +1 (a zero denominator moves away from zero, never onto it).
     Computed as ε with z's sign copied, plus z: one temporary, and 5-9x faster on the CPU than a
     select of ±ε (`torch.where` was 15 % of ViT-B/16's ε walk). `z + 0.0` turns −0 into +0, so
     −0 moves to +ε as `z >= 0` has it: the same numbers as the select, bit for bit. For fp32 and
     fp64 the sign is copied onto ε's bits by integer AND/OR (`torch.copysign` is not vectorized
-    on the CPU: these take a third less time, the same bits)."""
+    on the CPU: these take a third less time, the same bits). `out`: where to write it."""
     bits = _BITS.get(z.dtype)
     if bits is None:
         return torch.copysign(z.new_tensor(epsilon), z + 0.0).add_(z)
-    shift = torch.add(z, 0.0).view(bits)  # ours: its sign bits become the shift's
+    shift = torch.add(z, 0.0, out=out).view(bits)  # ours: its sign bits become the shift's
     epsilon_bits = int(torch.tensor(epsilon, dtype=z.dtype).view(bits))
     shift.bitwise_and_(torch.iinfo(bits).min).bitwise_or_(epsilon_bits)
     return shift.view(z.dtype).add_(z)

@@ -17,7 +17,7 @@ import torch
 from torch import Tensor, nn
 
 from relprop.core.linear_op import LinearOp, as_linear_op
-from relprop.core.numerics import TINY, safe_divide, stabilize, total, vjp
+from relprop.core.numerics import TINY, safe_divide, scratch_like, stabilize, total, vjp
 from relprop.errors import ConfigError, UnsupportedLayerError
 
 
@@ -208,7 +208,8 @@ class EpsilonRule(Rule):
         return self._propagate(op, a, R, output.reshape_as(R), op.weight)
 
     def _propagate(self, op: LinearOp, a: Tensor, R: Tensor, z: Tensor, w: Tensor) -> Tensor:
-        z = stabilize(z, self.epsilon)
+        # s lives until the transposed product has read it: the walk's scratch can hold it
+        z = stabilize(z, self.epsilon, out=scratch_like(z) if z.shape == R.shape else None)
         if self.epsilon > TINY and z.shape == R.shape:  # |z| >= ε: no zero denominators, no masks;
             s = torch.div(R, z, out=z)  # z is ours (stabilize made it) to overwrite
         else:  # ε = 0 (LRP-0): an output that is exactly 0 (a bias-free layer on a zero window) gets
