@@ -170,6 +170,17 @@ def test_an_op_that_does_not_say_what_it_reads_keeps_every_value():
         OPS.remove(op)
 
 
+def _random_layer_norm(shape: tuple[int, ...], affine: bool) -> tuple[nn.LayerNorm, torch.Tensor, torch.Tensor]:
+    """A LayerNorm with random affine parameters, an input batch and a relevance for its output."""
+    torch.manual_seed(0)
+    norm = nn.LayerNorm(shape, elementwise_affine=affine)
+    if affine:
+        nn.init.normal_(norm.weight)
+        nn.init.normal_(norm.bias)
+    a = torch.randn(2, 5, *shape)
+    return norm, a, torch.randn_like(a)
+
+
 @pytest.mark.parametrize("shape,affine", [((8,), True), ((4, 6), True), ((6,), False)])
 def test_norm_epsilon_transpose_written_out_equals_autograd_bit_for_bit(shape, affine):
     """LayerNorm with its std held constant: the transpose of the normalization written out
@@ -177,13 +188,7 @@ def test_norm_epsilon_transpose_written_out_equals_autograd_bit_for_bit(shape, a
     from relprop.core.numerics import vjp
     from relprop.core.rules import NormEpsilonRule
 
-    torch.manual_seed(0)
-    norm = nn.LayerNorm(shape, elementwise_affine=affine)
-    if affine:
-        nn.init.normal_(norm.weight)
-        nn.init.normal_(norm.bias)
-    a = torch.randn(2, 5, *shape)
-    R = torch.randn_like(a)
+    norm, a, R = _random_layer_norm(shape, affine)
     dims = tuple(range(-len(shape), 0))
     std = (a.var(dims, unbiased=False, keepdim=True) + norm.eps).sqrt()
     weight = norm.weight.detach() if affine else 1.0
@@ -203,13 +208,7 @@ def test_norm_epsilon_from_the_forward_statistics_equals_recomputing_them(shape,
     `F.layer_norm` runs: the same output bit for bit) instead of recomputing the variance."""
     from relprop.core.rules import NormEpsilonRule
 
-    torch.manual_seed(0)
-    norm = nn.LayerNorm(shape, elementwise_affine=affine)
-    if affine:
-        nn.init.normal_(norm.weight)
-        nn.init.normal_(norm.bias)
-    a = torch.randn(2, 5, *shape)
-    R = torch.randn_like(a)
+    norm, a, R = _random_layer_norm(shape, affine)
     with torch.no_grad():
         output, _, rstd = torch.native_layer_norm(a, shape, norm.weight, norm.bias, norm.eps)
         assert torch.equal(output, norm(a))

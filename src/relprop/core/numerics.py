@@ -70,7 +70,7 @@ def stabilize(z: Tensor, epsilon: float, out: Tensor | None = None) -> Tensor:
     if bits is None:
         return torch.copysign(z.new_tensor(epsilon), z + 0.0).add_(z)
     shift = torch.add(z, 0.0, out=out).view(bits)  # ours: its sign bits become the shift's
-    epsilon_bits = int(torch.tensor(epsilon, dtype=z.dtype).view(bits))
+    epsilon_bits = int(torch.tensor(abs(epsilon), dtype=z.dtype).view(bits))  # copysign takes |ε|
     shift.bitwise_and_(torch.iinfo(bits).min).bitwise_or_(epsilon_bits)
     return shift.view(z.dtype).add_(z)
 
