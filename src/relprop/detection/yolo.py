@@ -181,7 +181,7 @@ def detect_input(model: YOLODetector, x: Tensor, image_sizes: list[tuple[int, in
 def _head_outputs(model: YOLODetector, features: list[Tensor]) -> tuple[Tensor, Tensor, Tensor, dict[str, Tensor]]:
     """One call of the ``Detect`` head: its decoded output (N, 4 + K, A), class logits (N, A, K),
     distances by its own DFL (N, A, 4) and the bin logits (N, A, 64)."""
-    decoded, raw = model.head(list(features))
+    decoded, raw = model.head(features)
     bins = raw["boxes"]
     return (decoded, raw["scores"].transpose(1, 2), model.head.dfl(bins).transpose(1, 2),
             {"box_logits": bins.transpose(1, 2)})

@@ -132,19 +132,17 @@ class Passthrough(KeepsSign, Op):
     def backward_reads(self, step, context: Context) -> list[fx.Node]:
         """Relevance that passes unchanged reads only its input's shape; a user rule, the values
         (and a LayerNorm's rule that reads its statistics, its output)."""
-        if step.info.folded_into is None and self._rule_of(step, context) is not None:
+        rule = self._rule_of(step, context)
+        if step.info.folded_into is None and rule is not None:
             reads = super().backward_reads(step, context)
-            keeps_stats = _is_layer_norm(step) and _reads_norm_stats(self._rule_of(step, context))
-            return [*reads, step.node] if keeps_stats else reads
+            return [*reads, step.node] if _keeps_norm_stats(step, rule) else reads
         return []
 
     def _norm_with_stats(self, step, args: tuple, kwargs: dict, context: Context) -> LayerNormParams | None:
         """The LayerNorm's arguments where its rule reads the forward's statistics and the
         kernel takes them as they are (fp32 input and parameters); None elsewhere."""
         node, module = step.node, step.module
-        if not _is_layer_norm(step) or step.info.folded_into is not None:
-            return None
-        if not _reads_norm_stats(self._rule_of(step, context)):
+        if step.info.folded_into is not None or not _keeps_norm_stats(step, self._rule_of(step, context)):
             return None
         norm = LayerNormParams(tuple(module.normalized_shape), module.weight, module.bias, module.eps) \
             if module is not None else _norm_params(node, args, kwargs)
@@ -226,14 +224,12 @@ def _norm_params(node: fx.Node, args: tuple, kwargs: dict) -> LayerNormParams | 
     return params(read(bound[names[0]]), bound.get("weight"), bound.get("bias"), float(bound.get("eps", 1e-5)))
 
 
-def _is_layer_norm(step) -> bool:
+def _keeps_norm_stats(step, rule: Rule | None) -> bool:
+    """Whether this step is a LayerNorm (module or `F.layer_norm` call) whose rule takes its
+    forward statistics (`relevance_from_stats` of its own): then the forward keeps them."""
     node = step.node
-    return isinstance(step.module, nn.LayerNorm) or (node.op == "call_function" and node.target is F.layer_norm)
-
-
-def _reads_norm_stats(rule: Rule | None) -> bool:
-    """Whether a rule takes a LayerNorm's forward statistics (`relevance_from_stats` of its own)."""
-    return rule is not None and type(rule).relevance_from_stats is not Rule.relevance_from_stats
+    layer_norm = isinstance(step.module, nn.LayerNorm) or (node.op == "call_function" and node.target is F.layer_norm)
+    return layer_norm and rule is not None and type(rule).relevance_from_stats is not Rule.relevance_from_stats
 
 
 def _is_clamp(node: fx.Node) -> bool:
