@@ -7,6 +7,7 @@ import pytest
 import timm
 import torch
 from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import relprop
 
@@ -54,3 +55,34 @@ def test_mobilenetv3_head_conserves_under_cp_lrp():
     top = float(sums["act2"])  # ε's small losses over signed sums stay under 1 %; the bug was 2×
     assert float(sums["conv_head"]) == pytest.approx(top, rel=5e-3)
     assert float(sums["input"]) == pytest.approx(top, rel=5e-3)
+
+
+class _CloneCounter(TorchDispatchMode):
+    def __init__(self) -> None:
+        super().__init__()
+        self.clones = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.clones += func is torch.ops.aten.clone.default
+        return func(*args, **(kwargs or {}))
+
+
+def test_an_in_place_relu_is_computed_out_of_place_without_a_copy():
+    """The engine runs ReLU as `F.relu` (out of place): copying its input first, as for an
+    in-place module it calls, would be a wasted pass over every activation. The recorded input
+    keeps its negative values, and the map equals the out-of-place model's."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(inplace=True), nn.Conv2d(8, 4, 3),
+                          nn.AdaptiveAvgPool2d(1), nn.Flatten()).eval()
+    x = torch.randn(1, 3, 9, 9)
+    explainer = relprop.LRP(model, composite=relprop.get_composite("cp-lrp"))
+    explainer.attribute(x, target=1)
+    counter = _CloneCounter()
+    with counter:
+        values = explainer.engine.forward(x, keep="all").values
+    assert counter.clones == 0
+    conv = next(step.node for step in explainer.engine.steps if step.node.target == "0")
+    assert float(values[conv].min()) < 0
+    model[1].inplace = False
+    reference = relprop.LRP(model, composite=relprop.get_composite("cp-lrp")).attribute(x, target=1)
+    torch.testing.assert_close(explainer.attribute(x, target=1), reference, rtol=0, atol=0)

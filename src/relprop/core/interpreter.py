@@ -24,7 +24,7 @@ from relprop.core.ops.base import describe, op_failure, rule_key
 from relprop.core.plan import Plan, Step, build_plan, failing_as_refusal, layer_output, load
 from relprop.core.rules import Rule
 from relprop.core.ruleset import RuleSet
-from relprop.core.trace import LeafPolicy, eval_mode, trace, unshared_input
+from relprop.core.trace import LeafPolicy, eval_mode, trace
 from relprop.errors import (
     FidelityError,
     InputError,
@@ -222,8 +222,6 @@ class RelevanceEngine:
 
     def _run(self, step: Step, values: dict[fx.Node, Any], x: Tensor) -> tuple[Any, Any]:
         args, kwargs = step.arguments(values)
-        if step.node.op == "call_module":
-            args = unshared_input(step.module, args)
         try:
             return step.op.record(step, args, kwargs, self)
         except RelpropError:

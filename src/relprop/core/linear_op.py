@@ -189,9 +189,10 @@ class BatchNormStats(NamedTuple):
 
 
 def fold_batchnorm(op: LinearOp, bn: BatchNormStats, before: bool = False,
-                   input_shape: torch.Size | None = None) -> LinearOp:
+                   input_shape: torch.Size | None = None, out: Tensor | None = None) -> LinearOp:
     """The effective layer of `BN(op(x))` (or of `op(BN(x))` with `before=True`), as the LRP
-    literature canonizes it: `W' = W·s`, `b' = (b − μ)·s + β` with `s = γ/√(σ²+ε)`."""
+    literature canonizes it: `W' = W·s`, `b' = (b − μ)·s + β` with `s = γ/√(σ²+ε)`. `out`:
+    where to write W' of a fold after the layer (a buffer of the weight's shape)."""
     scale, shift = bn.scale_shift()
     if before:
         return _fold_before(op, scale, shift, input_shape)
@@ -201,7 +202,9 @@ def fold_batchnorm(op: LinearOp, bn: BatchNormStats, before: bool = False,
     shape = [1] * op.weight.dim()
     shape[channel_axis] = -1
     bias = shift if op.bias is None else op.bias * scale + shift
-    return op.with_params(op.weight * scale.reshape(shape), bias)
+    if out is not None and out.dtype != torch.result_type(op.weight, scale):
+        out = None  # W' takes the promoted type, as a fresh product would
+    return op.with_params(torch.mul(op.weight, scale.reshape(shape), out=out), bias)
 
 
 def _fold_before(op: LinearOp, scale: Tensor, shift: Tensor, input_shape: torch.Size | None) -> LinearOp:

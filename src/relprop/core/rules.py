@@ -17,7 +17,15 @@ import torch
 from torch import Tensor, nn
 
 from relprop.core.linear_op import LinearOp, as_linear_op
-from relprop.core.numerics import TINY, safe_divide, scratch_like, stabilize, total, vjp
+from relprop.core.numerics import (
+    POSITIVE_WEIGHT,
+    TINY,
+    safe_divide,
+    scratch_like,
+    stabilize,
+    total,
+    vjp,
+)
 from relprop.errors import ConfigError, UnsupportedLayerError
 
 
@@ -124,8 +132,8 @@ class ZPlusRule(Rule):
     def _positive_weight(self, layer: nn.Module | LinearOp, op: LinearOp) -> Tensor:
         """w⁺: clamped per call, or with `cache_weights` once per op, or per module and weight
         version (re-used for every image)."""
-        if not self.cache_weights:
-            return op.weight.clamp(min=0)
+        if not self.cache_weights:  # w⁺ dies with the call: into the walk's scratch, if any
+            return torch.clamp(op.weight, min=0, out=scratch_like(op.weight, POSITIVE_WEIGHT))
         if isinstance(layer, LinearOp):
             return layer.positive_weight
         key = (layer.weight._version, layer.weight.data_ptr(), op.weight.dtype, op.weight.device)
@@ -347,7 +355,10 @@ def proportional(fn: Callable[[Tensor], Tensor], a: Tensor, R: Tensor, epsilon: 
     inputs sum to zero spread their relevance uniformly over their window."""
     if epsilon:
         return a * vjp(fn, a, R / (fn(a) + epsilon))
-    s, zero = safe_divide(R, fn(a))
+    z = fn(a)
+    if bool(z.amin() > TINY):  # the usual case: no output to fall back from (safe_divide's masks skipped)
+        return a * vjp(fn, a, R / z)
+    s, zero = safe_divide(R, z)
     R_in = a * vjp(fn, a, s)
     leftover = R.masked_fill(~zero, 0.0)
     if bool(leftover.any()):

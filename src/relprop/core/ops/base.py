@@ -24,7 +24,7 @@ import torch.fx as fx
 from torch import Tensor, nn
 
 from relprop.core.rules import PassRule, Rule
-from relprop.core.trace import in_module
+from relprop.core.trace import in_module, unshared_input
 from relprop.errors import OpFailure, TraceError, UnsupportedLayerError, first_line
 
 if TYPE_CHECKING:  # types only: the planner imports the ops, not the other way round
@@ -86,7 +86,7 @@ class Op:
     def forward(self, step: Step, args: tuple, kwargs: dict, model: nn.Module) -> Any:
         node = step.node
         if node.op == "call_module":
-            return step.module(*args, **kwargs)
+            return step.module(*unshared_input(step.module, args), **kwargs)
         if node.op == "call_function":
             return node.target(*args, **kwargs)
         if node.op == "call_method":

@@ -9,7 +9,7 @@ from torch import Tensor, nn
 
 from relprop.core.ops.base import Context, Op, Parents
 from relprop.core.ops.passthrough import DROPOUT_FUNCTIONS
-from relprop.core.trace import eval_mode
+from relprop.core.trace import eval_mode, unshared_input
 
 
 class GraphInput(Op):
@@ -42,7 +42,7 @@ class Constant(Op):
             return args[0]
         if node.op == "call_module":
             with eval_mode(step.module):
-                return step.module(*args, **kwargs)
+                return step.module(*unshared_input(step.module, args), **kwargs)
         return super().forward(step, args, kwargs, model)
 
     def relevance(self, step, values, R, context: Context) -> Parents:

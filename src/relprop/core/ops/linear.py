@@ -27,6 +27,7 @@ from relprop.core.linear_op import (
     functional_linear_op,
     module_forward,
 )
+from relprop.core.numerics import FOLDED_WEIGHT, scratch_like
 from relprop.core.ops.base import Context, Op, Parents
 from relprop.core.ops.passthrough import batchnorm_stats
 from relprop.core.ops.route import constant_pad
@@ -135,8 +136,9 @@ class Linear(Op):
         if info.fold_before is not None:
             bn = context.step_of[info.fold_before]
             op = fold_batchnorm(op, batchnorm_stats(bn, values), before=True, input_shape=values[bn.node].shape)
-        if info.fold_after is not None:
-            op = fold_batchnorm(op, batchnorm_stats(context.step_of[info.fold_after], values))
+        if info.fold_after is not None:  # W' dies with the call unless cached: then in the walk's scratch
+            out = scratch_like(op.weight, FOLDED_WEIGHT) if key is None else None
+            op = fold_batchnorm(op, batchnorm_stats(context.step_of[info.fold_after], values), out=out)
         if key is not None:
             context.cache[step.node] = (key, op)
         return op
