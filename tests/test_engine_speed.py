@@ -578,3 +578,47 @@ def test_average_windows_of_a_nonnegative_input_are_the_general_formula():
     ours = LRP(model, composite=Composite(maxpool="avg")).attribute(x, target=1)
     theirs = LRP(model, composite=Composite(maxpool=_GeneralWindows())).attribute(x, target=1)
     torch.testing.assert_close(ours, theirs, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("batch,channels,size", [(1, (64, 256), 56), (2, (256, 64), 14), (3, (8, 16), 20)])
+def test_a_pointwise_conv_transposes_as_one_matrix_product(batch, channels, size):
+    """A 1×1 conv (stride 1, no padding) from 14×14 positions up transposes as `Wᵀ s` per
+    position: conv_transpose2d's numbers to float rounding, its shape and layout."""
+    from relprop.core.linear_op import as_linear_op
+
+    torch.manual_seed(0)
+    conv = nn.Conv2d(*channels, 1)
+    s = torch.randn(batch, channels[1], size, size)
+    shape = torch.Size((batch, channels[0], size, size))
+    ours = as_linear_op(conv).transpose(s, conv.weight.detach(), shape)
+    assert ours.shape == shape and ours.is_contiguous()
+    torch.testing.assert_close(ours, torch.nn.functional.conv_transpose2d(s, conv.weight.detach()),
+                               rtol=1e-5, atol=1e-6)
+
+
+def test_pointwise_transposes_change_a_resnet_map_by_rounding_only(monkeypatch):
+    """ResNet-50's bottlenecks (1×1 convs at 56×56 and 28×28 here), default composite: the map
+    with the matrix-product transposes is the conv path's to float rounding."""
+    from relprop.core import linear_op
+
+    torch.manual_seed(0)
+    model = torchvision.models.resnet50(num_classes=10).eval()
+    x = torch.randn(1, 3, 112, 112)
+    calls = []
+    original = linear_op._pointwise_transpose
+
+    def counted(*args):
+        calls.append(1)
+        return original(*args)
+
+    monkeypatch.setattr(linear_op, "_pointwise_transpose", counted)
+    ours, our_sums = LRP(model).attribute(x, target=3, return_layer_sums=True)
+    pointwise = len(calls)
+    assert pointwise >= 10
+    monkeypatch.setattr(linear_op, "_POINTWISE_MIN_POSITIONS", float("inf"))
+    theirs, their_sums = LRP(model).attribute(x, target=3, return_layer_sums=True)
+    assert len(calls) == pointwise  # the second explainer took the conv path
+    scale = float(theirs.abs().max())
+    torch.testing.assert_close(ours / scale, theirs / scale, rtol=0, atol=1e-5)
+    assert float(ours.sum()) == pytest.approx(float(theirs.sum()), rel=1e-5)
+    assert our_sums.keys() == their_sums.keys()

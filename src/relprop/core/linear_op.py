@@ -72,9 +72,16 @@ class LinearOp:
         if self.kind == "linear":
             return s @ weight
         if self.kind == "conv":
+            if self._pointwise(weight) and s.shape[2:].numel() >= _POINTWISE_MIN_POSITIONS:
+                return _pointwise_transpose(s, weight, input_shape)
             return _CONV_T[self.dims](s, weight, None, self.stride, self.padding,
                                       self._dropped(s.shape, input_shape), self.groups, self.dilation)
         return _CONV[self.dims](s, weight, None, self.stride, self.padding, self.dilation, self.groups)
+
+    def _pointwise(self, weight: Tensor) -> bool:
+        """A 1×1 conv, stride 1, no padding, one group: a matrix product at every position."""
+        return self.groups == 1 and all(k == 1 for k in weight.shape[2:]) and all(v == 1 for v in self.stride) \
+            and not any(self.padding) and all(v == 1 for v in self.dilation)
 
     def _dropped(self, output_shape: torch.Size, input_shape: torch.Size) -> tuple[int, ...]:
         """The rows/columns a strided convolution dropped, which its transpose must restore."""
@@ -91,6 +98,19 @@ class LinearOp:
     @cached_property
     def positive_weight(self) -> Tensor:
         return self.weight.clamp(min=0)
+
+
+# From this many positions (14×14) a 1×1 conv's transpose runs as one batched matrix product:
+# 25 % faster than `conv_transpose2d`'s col2im path at batch 1 on ResNet-50's 1×1 layers, 32 %
+# at batch 16, the same bits at batch 1 and 2 (float rounding apart at 16, where the conv takes
+# another kernel); below it (7×7 maps at batch 16) the conv path is faster.
+_POINTWISE_MIN_POSITIONS = 196
+
+
+def _pointwise_transpose(s: Tensor, weight: Tensor, input_shape: torch.Size) -> Tensor:
+    """`conv_transpose(s, W)` of a pointwise conv: `Wᵀ s` at every position, one batched GEMM."""
+    batch, channels = s.shape[:2]
+    return torch.matmul(weight.reshape(channels, -1).t(), s.reshape(batch, channels, -1)).view(input_shape)
 
 
 def as_linear_op(layer: nn.Module | LinearOp) -> LinearOp:
