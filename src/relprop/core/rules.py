@@ -80,6 +80,8 @@ def _weight_proportional(op: LinearOp, R: Tensor, shape: torch.Size, weight: Ten
     """Distribute R in proportion to `weight` alone (as if every input were 1); uniform where
     an output has no such weight at all, so nothing is lost."""
     z = op.forward(torch.ones(shape, dtype=R.dtype, device=R.device), weight)
+    if bool(z.amin() > TINY) and z.shape == R.shape:  # the usual case: no fallback, so no masks
+        return op.transpose(torch.div(R, z, out=z), weight, shape)
     s, zero = safe_divide(R, z)
     R_in = op.transpose(s, weight, shape)
     leftover = R.masked_fill(~zero, 0.0)
