@@ -86,3 +86,57 @@ def test_an_in_place_relu_is_computed_out_of_place_without_a_copy():
     model[1].inplace = False
     reference = relprop.LRP(model, composite=relprop.get_composite("cp-lrp")).attribute(x, target=1)
     torch.testing.assert_close(explainer.attribute(x, target=1), reference, rtol=0, atol=0)
+
+
+class _Aliases(nn.Module):
+    """A BatchNorm output read again after an alias of it (nn.Identity) meets a ReLU, and a
+    ReLU after a residual add: only memory no later step reads may be handed to a ReLU."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.conv, self.bn, self.alias = nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.Identity()
+        self.mid, self.mid_bn = nn.Conv2d(8, 8, 3, padding=1), nn.BatchNorm2d(8)
+        self.head = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 4))
+        with torch.no_grad():
+            for bn in (self.bn, self.mid_bn):
+                bn.running_mean.normal_(0, 0.5)
+                bn.running_var.uniform_(0.5, 2.0)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        a = self.bn(self.conv(x))
+        b = torch.relu(self.alias(a))  # the alias dies here; `a` does not
+        c = torch.relu(self.mid_bn(self.mid(b)))  # the BatchNorm output dies here: handed over
+        return self.head(torch.relu(c + a))  # the sum dies here: handed over
+
+
+@pytest.mark.parametrize("method", ["lrp-split", "cp-lrp"])
+def test_a_relu_takes_over_only_memory_nothing_else_reads(method, monkeypatch):
+    """The recording forward computes a ReLU in place where its input is a fresh value (a
+    BatchNorm's or an add's output) that no later step and not the walk reads; the map and
+    layer sums are those of out-of-place ReLUs, bit for bit, and the alias is left alone."""
+    from relprop.core.interpreter import RelevanceEngine
+    from relprop.core.ops.passthrough import Passthrough
+
+    model, x = _Aliases().eval(), torch.randn(2, 3, 12, 12)
+    handed = []
+    original = Passthrough.record_in_place
+
+    def counted(self, step, args, kwargs):
+        output = original(self, step, args, kwargs)
+        if output is not None:
+            handed.append(step.node.name)
+        return output
+
+    monkeypatch.setattr(Passthrough, "record_in_place", counted)
+    explainer = relprop.LRP(model, composite=relprop.get_composite(method))
+    ours, our_sums = explainer.attribute(x, target=1, return_layer_sums=True)
+    handed.clear()
+    explainer.engine.forward(x)  # the forward the walk reads (the first call also ran the audit's)
+    assert "relu" not in handed  # after the alias of a value read again later
+    assert "relu_2" in handed and ("relu_1" in handed) == (method == "lrp-split")  # ε reads BN outputs
+    monkeypatch.setattr(RelevanceEngine, "_hands_over", lambda self, step, dying: False)
+    theirs, their_sums = relprop.LRP(model, composite=relprop.get_composite(method)).attribute(
+        x, target=1, return_layer_sums=True)
+    assert torch.equal(ours, theirs)
+    assert our_sums.keys() == their_sums.keys() and all(torch.equal(our_sums[k], their_sums[k]) for k in our_sums)

@@ -8,7 +8,7 @@ interpreter itself knows no node kind."""
 from __future__ import annotations
 
 from collections import OrderedDict
-from collections.abc import Iterable, Mapping
+from collections.abc import Collection, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -174,7 +174,7 @@ class RelevanceEngine:
             elif step.op is INPUT:
                 values[step.node] = x
             else:
-                values[step.node], parts = self._run(step, values, x)
+                values[step.node], parts = self._run(step, values, x, release.get(index, ()))
                 if parts is not None and keep != "constants":  # the audit's pass walks nothing back
                     values.parts[step.node] = parts
             for node in release.get(index, ()):
@@ -220,9 +220,17 @@ class RelevanceEngine:
             needed.update(reads)
         return needed
 
-    def _run(self, step: Step, values: dict[fx.Node, Any], x: Tensor) -> tuple[Any, Any]:
+    def _run(self, step: Step, values: dict[fx.Node, Any], x: Tensor, dying: Collection[fx.Node] = ()
+             ) -> tuple[Any, Any]:
+        """The step's output and parts; computed in place where its first argument dies with
+        this step (released after it: read by no later step, nor by the walk) and is memory of
+        its own."""
         args, kwargs = step.arguments(values)
         try:
+            if self._hands_over(step, dying):
+                output = step.op.record_in_place(step, args, kwargs)
+                if output is not None:
+                    return output, None
             return step.op.record(step, args, kwargs, self)
         except RelpropError:
             raise
@@ -233,6 +241,12 @@ class RelevanceEngine:
             ) from error
         except Exception as error:  # any other failure: one line naming the node and op
             raise op_failure(step.node, step.module, step.op.name, "compute", error) from error
+
+    def _hands_over(self, step: Step, dying: Collection[fx.Node]) -> bool:
+        node = step.node
+        first = node.args[0] if node.args else None
+        return isinstance(first, fx.Node) and first in dying and first.op != "placeholder" \
+            and self.step_of[first].op.output_is_fresh(self.step_of[first])
 
     # ---------------------------------------------------------------- backward
 

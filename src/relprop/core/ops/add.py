@@ -37,6 +37,11 @@ class Add(KeepsSign, Op):
     def annotate(self, step, plan) -> None:
         step.info.skip = plan.computed_from_the_other(step)
 
+    def output_is_fresh(self, step) -> bool:
+        """`a + b`, `a - b`: a new tensor (tracing makes in-place adds out of place; one left in
+        place returns its operand, which is not fresh)."""
+        return step.node.target not in (operator.iadd, "add_")
+
     def output_nonnegative(self, step, parents: list[bool]) -> bool:
         plain = step.node.target not in SUBTRACTIONS and step.node.kwargs.get("alpha", 1) == 1
         return plain and len(step.inputs) == 2 and super().output_nonnegative(step, parents)

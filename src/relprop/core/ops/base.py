@@ -101,6 +101,19 @@ class Op:
         composite's rules (in `context`) will read. By default: `forward`."""
         return self.forward(step, args, kwargs, context.model), None
 
+    def record_in_place(self, step: Step, args: tuple, kwargs: dict) -> Any | None:
+        """The node's output computed into the memory of its first argument, which the engine
+        hands over only when that value is fresh (`output_is_fresh`), read by no later step and
+        not by the walk; None where the op cannot (the default). Writing into memory that is
+        already there is what saves time: a kept output written to fresh memory costs its pages'
+        first touch (an elementwise kernel runs about 3× slower into it on the CPU)."""
+        return None
+
+    def output_is_fresh(self, step: Step) -> bool:
+        """Whether the step's output is memory of its own (not a view or an alias of a value
+        some other node holds), so that a consumer may write into it once nothing else reads it."""
+        return False
+
     def relevance(self, step: Step, values: dict[fx.Node, Any], R: Relevance, context: Context) -> Parents:
         raise NotImplementedError
 

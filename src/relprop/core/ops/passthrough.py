@@ -107,6 +107,19 @@ class Passthrough(KeepsSign, Op):
             return F.relu(args[0]) if isinstance(module, nn.ReLU) else F.relu6(args[0])
         return super().forward(step, args, kwargs, model)
 
+    def output_is_fresh(self, step) -> bool:
+        return isinstance(step.module, BATCHNORM_MODULES)  # `_batch_norm`'s result; others may alias
+
+    def record_in_place(self, step, args: tuple, kwargs: dict) -> Any | None:
+        """ReLU (module or call) into its input's memory: what the model itself does with
+        `nn.ReLU(inplace=True)`, where the engine otherwise writes a fresh tensor per ReLU."""
+        node = step.node
+        relu = isinstance(step.module, nn.ReLU) or (node.op == "call_function" and node.target in (F.relu, torch.relu)
+                                                    ) or (node.op == "call_method" and node.target == "relu")
+        if not relu or not isinstance(args[0], Tensor) or len(args) > 1 or any(k != "inplace" for k in kwargs):
+            return None
+        return torch.relu_(args[0])
+
     def record(self, step, args: tuple, kwargs: dict, context: Context) -> tuple[Any, Any]:
         """A LayerNorm whose rule reads its statistics (norm-ε) runs as `torch.native_layer_norm`,
         the kernel `F.layer_norm` calls (the same output bit for bit), and keeps its `rstd`."""
