@@ -9,7 +9,8 @@ Thread time, one thread, random weights, 224 px. Each switch turns one fast path
 are the same either way (bit for bit, or float rounding for `pointwise`; tests/test_engine_speed.py):
 - scratch: the walk's scratch slots (ε's denominators, w⁺, folded weights) become fresh tensors;
 - pointwise: 1×1 convs transpose by `conv_transpose2d` instead of one batched matrix product;
-- winners: winner-takes-all max pools re-run the pool (autograd) instead of using the forward's argmax.
+- winners: winner-takes-all max pools re-run the pool (autograd) instead of using the forward's argmax;
+- relu-in-place: the recording forward writes every ReLU to a fresh tensor instead of into a dying input.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from bench_lrp import build
 
 from relprop import LRP, get_composite
 from relprop.core import linear_op, rules
+from relprop.core.interpreter import RelevanceEngine
 from relprop.core.ops import linear, maxpool
 
 
@@ -49,6 +51,7 @@ SWITCHES: dict[str, Callable[[], object]] = {
     "scratch": no_scratch,
     "pointwise": lambda: patched(linear_op, "_POINTWISE_MIN_POSITIONS", float("inf")),
     "winners": lambda: patched(maxpool, "_keeps_winners", lambda step, context: False),
+    "relu-in-place": lambda: patched(RelevanceEngine, "_hands_over", lambda self, step, dying: False),
 }
 
 
