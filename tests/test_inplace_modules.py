@@ -107,7 +107,10 @@ class _Aliases(nn.Module):
         a = self.bn(self.conv(x))
         b = torch.relu(self.alias(a))  # the alias dies here; `a` does not
         c = torch.relu(self.mid_bn(self.mid(b)))  # the BatchNorm output dies here: handed over
-        return self.head(torch.relu(c + a))  # the sum dies here: handed over
+        d = self.mid_bn(self.mid(c))
+        view = d.flatten(2)  # a view of `d` that lives on after `d` dies at its ReLU
+        e = torch.relu(d)
+        return self.head(torch.relu(c + a + e)) + view.mean((1, 2))[:, None]  # the sum dies: handed over
 
 
 @pytest.mark.parametrize("method", ["lrp-split", "cp-lrp"])
@@ -133,8 +136,8 @@ def test_a_relu_takes_over_only_memory_nothing_else_reads(method, monkeypatch):
     ours, our_sums = explainer.attribute(x, target=1, return_layer_sums=True)
     handed.clear()
     explainer.engine.forward(x)  # the forward the walk reads (the first call also ran the audit's)
-    assert "relu" not in handed  # after the alias of a value read again later
-    assert "relu_2" in handed and ("relu_1" in handed) == (method == "lrp-split")  # ε reads BN outputs
+    assert "relu" not in handed and "relu_2" not in handed  # an alias of `a`; `d` with a view of it
+    assert "relu_3" in handed and ("relu_1" in handed) == (method == "lrp-split")  # ε reads BN outputs
     monkeypatch.setattr(RelevanceEngine, "_hands_over", lambda self, step, dying: False)
     theirs, their_sums = relprop.LRP(model, composite=relprop.get_composite(method)).attribute(
         x, target=1, return_layer_sums=True)

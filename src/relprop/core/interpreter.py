@@ -243,10 +243,12 @@ class RelevanceEngine:
             raise op_failure(step.node, step.module, step.op.name, "compute", error) from error
 
     def _hands_over(self, step: Step, dying: Collection[fx.Node]) -> bool:
+        """Whether the step may compute into its first argument: fresh memory that dies with it
+        and that this step alone reads (no view of it taken by another node lives on)."""
         node = step.node
         first = node.args[0] if node.args else None
-        return isinstance(first, fx.Node) and first in dying and first.op != "placeholder" \
-            and self.step_of[first].op.output_is_fresh(self.step_of[first])
+        return isinstance(first, fx.Node) and first in dying and len(first.users) == 1 \
+            and first.op != "placeholder" and self.step_of[first].op.output_is_fresh(self.step_of[first])
 
     # ---------------------------------------------------------------- backward
 
