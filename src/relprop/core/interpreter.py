@@ -220,8 +220,7 @@ class RelevanceEngine:
             needed.update(reads)
         return needed
 
-    def _run(self, step: Step, values: dict[fx.Node, Any], x: Tensor, dying: Collection[fx.Node] = ()
-             ) -> tuple[Any, Any]:
+    def _run(self, step: Step, values: dict[fx.Node, Any], x: Tensor, dying: Collection[fx.Node]) -> tuple[Any, Any]:
         """The step's output and parts; computed in place where its first argument dies with
         this step (released after it: read by no later step, nor by the walk) and is memory of
         its own."""

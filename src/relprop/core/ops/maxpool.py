@@ -126,7 +126,6 @@ def maxpool_strategy(maxpool: str | MaxPoolStrategy, reference: bool = False) ->
 
 class MaxPool(KeepsSign, Op):
     name = "maxpool"
-    reads_its_arguments = True
     modules = MODULES
 
     functions = FUNCTIONS
