@@ -6,9 +6,12 @@ benchmark drift by up to 30 % on a shared CPU; this sees changes of a few percen
     python benchmarks/bench_switches.py --arch resnet50 --composite lrp-split --switch pointwise winners
 
 Thread time, one thread, random weights, 224 px. Each switch turns one fast path off; the maps
-are the same either way (bit for bit, or float rounding for `pointwise`; tests/test_engine_speed.py):
+are the same either way (bit for bit, or float rounding for `pointwise` and `patchwise`;
+tests/test_engine_speed.py):
 - scratch: the walk's scratch slots (ε's denominators, w⁺, folded weights) become fresh tensors;
 - pointwise: 1×1 convs transpose by `conv_transpose2d` instead of one batched matrix product;
+- patchwise: patch embeddings (windows that tile the input) likewise, instead of one GEMM and a reshuffle;
+- routes: reshapes, permutes and axis swaps send relevance back by autograd's vjp instead of directly;
 - winners: winner-takes-all max pools re-run the pool (autograd) instead of using the forward's argmax;
 - relu-in-place: the recording forward writes every ReLU to a fresh tensor instead of into a dying input.
 """
@@ -27,7 +30,7 @@ from bench_lrp import build
 from relprop import LRP, get_composite
 from relprop.core import linear_op, rules
 from relprop.core.interpreter import RelevanceEngine
-from relprop.core.ops import linear, maxpool
+from relprop.core.ops import linear, maxpool, route
 
 
 @contextmanager
@@ -50,6 +53,8 @@ def no_scratch() -> Iterator[None]:
 SWITCHES: dict[str, Callable[[], object]] = {
     "scratch": no_scratch,
     "pointwise": lambda: patched(linear_op, "_POINTWISE_MIN_POSITIONS", float("inf")),
+    "patchwise": lambda: patched(linear_op, "_PATCHWISE_MIN_AREA", float("inf")),
+    "routes": lambda: patched(route, "_moved_back", lambda *args: None),
     "winners": lambda: patched(maxpool, "_keeps_winners", lambda step, context: False),
     "relu-in-place": lambda: patched(RelevanceEngine, "_hands_over", lambda self, step, dying: False),
 }

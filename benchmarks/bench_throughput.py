@@ -5,11 +5,14 @@ insertion/deletion protocols, and the projected wall time of large evaluations.
     python benchmarks/bench_throughput.py --device cuda --images 64 --out bench_gpu.md
     python benchmarks/bench_throughput.py --device cuda --images 32 --arch resnet50 --size 224 \\
         --out bench_gpu_r50.md        # the paper's ImageNet model and size (random weights)
+    python benchmarks/bench_throughput.py --device cuda --images 64 --arch resnet50 --size 224 --synthetic \\
+        --methods lrp-split,gradcam,scorecam,ig,gbp,lrp-captum    # no ../shared needed (a device machine)
 
 Default model: ../shared/models/resnet18_tin10.pt on the first `--images` images of
 ../shared/data/tin10/val at 112 px (its preprocessing). With `--arch` other than resnet18 or
 another `--size`, a torchvision model with random weights (speed does not depend on the weights)
-on the same images resized to `--size`. Each method explains the images in batches of
+on the same images resized to `--size`. `--synthetic`: that model with ImageNet's 1,000 classes on
+random images and labels, nothing read from ../shared (for a machine without it). Each method explains the images in batches of
 `--batch-size` as `relprop evaluate` does; each protocol scores ready-made maps (Grad-CAM's) with
 `max(batch, 64)` frames per forward. Times are medians of `--repeats` runs after one warm-up.
 
@@ -47,19 +50,41 @@ def parse() -> argparse.Namespace:
     parser.add_argument("--repeats", type=int, default=3, help="timed runs, median reported")
     parser.add_argument("--arch", default="resnet18")
     parser.add_argument("--size", type=int, default=112)
+    parser.add_argument("--synthetic", action="store_true",
+                        help="random images and labels, a random-weight --arch with 1,000 classes")
     parser.add_argument("--methods", help="comma list (default: every registered image method)")
     parser.add_argument("--threads", type=int, default=0, help="CPU threads (0: torch's default)")
     parser.add_argument("--out", type=Path, help="write the markdown table here (also printed)")
     return parser.parse_args()
 
 
-def load(args: argparse.Namespace) -> tuple[torch.nn.Module, dict, torch.Tensor, torch.Tensor, str]:
-    """The model, its ModelInfo, the preprocessed images and their labels, and a description."""
+IMAGENET_MEAN, IMAGENET_STD = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]
+
+
+def synthetic(args: argparse.Namespace) -> tuple[torch.nn.Module, tuple, torch.Tensor, torch.Tensor, str]:
+    """A random-weight ImageNet classifier on random images (throughput does not depend on either)."""
+    import torchvision
+
+    torch.manual_seed(0)
+    model = torchvision.models.get_model(args.arch, num_classes=1000).eval()
+    mean, std = torch.tensor(IMAGENET_MEAN).view(3, 1, 1), torch.tensor(IMAGENET_STD).view(3, 1, 1)
+    inputs = (torch.rand(args.images, 3, args.size, args.size) - mean) / std
+    labels = torch.randint(0, 1000, (args.images,))
+    source = f"{args.arch} (random weights, 1000 classes, random images)"
+    return model.to(args.device), (IMAGENET_MEAN, IMAGENET_STD), inputs.to(args.device), labels.to(args.device), source
+
+
+def load(args: argparse.Namespace) -> tuple[torch.nn.Module, tuple, torch.Tensor, torch.Tensor, str]:
+    """The model, its normalization (mean, std), the preprocessed images and their labels, and a
+    description."""
     import torchvision
 
     from relprop.data import discover, load_item
     from relprop.images import BoundedTransform
     from relprop.models import load_model, preprocessing
+
+    if args.synthetic:
+        return synthetic(args)
 
     model, info = load_model(SHARED / "models" / "resnet18_tin10.pt")
     source = "resnet18_tin10.pt"
@@ -73,7 +98,7 @@ def load(args: argparse.Namespace) -> tuple[torch.nn.Module, dict, torch.Tensor,
     transform = BoundedTransform(preprocessing(info), info.preprocessing.resize)
     inputs = torch.stack([load_item(dataset.root, it, transform, info)[0] for it in items[:args.images]])
     labels = torch.tensor([it.label for it in items[:args.images]])
-    return model.to(args.device), info, inputs.to(args.device), labels.to(args.device), source
+    return model.to(args.device), (info.mean, info.std), inputs.to(args.device), labels.to(args.device), source
 
 
 def timed(run, repeats: int, device: str) -> float:
@@ -103,7 +128,7 @@ def main() -> int:
     args = parse()
     if args.threads:
         torch.set_num_threads(args.threads)
-    model, info, x, labels, source = load(args)
+    model, (mean, std), x, labels, source = load(args)
     n = len(x)
     names = (args.methods.split(",") if args.methods else
              [m for m in method_names() if m not in NOT_FOR_IMAGES])
@@ -112,7 +137,7 @@ def main() -> int:
     maps = None
     for name in names:
         try:
-            method = get_method(name, model, batch_size=args.batch_size, mean=info.mean, std=info.std)
+            method = get_method(name, model, batch_size=args.batch_size, mean=mean, std=std)
             seconds = timed(lambda m=method: attribute_all(m, x, args.batch_size), args.repeats, args.device)
         except Exception as error:  # a method this model cannot run: say so, go on
             rows.append(f"| {name} | – | – | {type(error).__name__}: {str(error).splitlines()[0][:80]} |")
@@ -120,10 +145,10 @@ def main() -> int:
         per_image[name] = seconds / n
         rows.append(f"| {name} | {n / seconds:.2f} | {1000 * seconds / n:.1f} | measured |")
         print(rows[-1], file=sys.stderr)
-    maps = get_method("gradcam", model, mean=info.mean, std=info.std).attribute(x)[:, 0].cpu()
+    maps = get_method("gradcam", model, mean=mean, std=std).attribute(x)[:, 0].cpu()
     for protocol in PROTOCOLS:
         seconds = timed(lambda p=protocol: insertion_deletion(
-            model, x, maps, labels, p, mean=info.mean, std=info.std,
+            model, x, maps, labels, p, mean=mean, std=std,
             batch_size=max(args.batch_size, MIN_FRAME_BATCH)), args.repeats, args.device)
         per_image[f"protocol:{protocol}"] = seconds / n
         rows.append(f"| protocol `{protocol}` (insertion + deletion) | {n / seconds:.2f} | "
@@ -139,7 +164,8 @@ def main() -> int:
 def report(args: argparse.Namespace, source: str, n: int, rows: list[str], per_image: dict[str, float]) -> str:
     device = (torch.cuda.get_device_name() if args.device.startswith("cuda") else
               f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)")
-    lines = [f"Model {source} at {args.size} px on {device}; {n} tin10 val images, batch "
+    images = "random images" if args.synthetic else "tin10 val images"
+    lines = [f"Model {source} at {args.size} px on {device}; {n} {images}, batch "
              f"{args.batch_size}, median of {args.repeats}; torch {torch.__version__}.", "",
              "| Method / protocol | images/s | ms/image | |", "|---|---|---|---|", *rows, ""]
     paper = [m for m in PAPER_METHODS if m in per_image]

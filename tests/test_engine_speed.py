@@ -622,3 +622,105 @@ def test_pointwise_transposes_change_a_resnet_map_by_rounding_only(monkeypatch):
     torch.testing.assert_close(ours / scale, theirs / scale, rtol=0, atol=1e-5)
     assert float(ours.sum()) == pytest.approx(float(theirs.sum()), rel=1e-5)
     assert our_sums.keys() == their_sums.keys()
+
+
+@pytest.mark.parametrize("dims,batch,channels,kernel,positions", [
+    (2, 1, (3, 64), 16, 3), (2, 2, (3, 24), 4, 5), (3, 2, (4, 8), 4, 2), (1, 3, (5, 6), 16, 4)])
+def test_a_patch_embedding_transposes_as_one_matrix_product(dims, batch, channels, kernel, positions):
+    """A conv whose windows tile its input (stride = kernel, no padding), windows of 16 pixels
+    and more: its transpose is one GEMM and a reshuffle, conv_transpose's numbers to float
+    rounding, its shape and layout."""
+    from relprop.core import linear_op
+
+    torch.manual_seed(0)
+    conv = getattr(nn, f"Conv{dims}d")(*channels, kernel, stride=kernel)
+    s = torch.randn(batch, channels[1], *(positions,) * dims)
+    shape = torch.Size((batch, channels[0], *(positions * kernel,) * dims))
+    op = linear_op.as_linear_op(conv)
+    assert op._patchwise(conv.weight, s.shape, shape)
+    ours = op.transpose(s, conv.weight.detach(), shape)
+    theirs = getattr(torch.nn.functional, f"conv_transpose{dims}d")(s, conv.weight.detach(), stride=kernel)
+    assert ours.shape == shape and ours.is_contiguous()
+    torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-5)
+
+
+def test_a_conv_that_does_not_tile_its_input_keeps_the_conv_path():
+    """Windows that overlap, leave rows out (an input not a multiple of the stride) or are
+    small (2×2 downsamplings) transpose by conv_transpose as before."""
+    from relprop.core.linear_op import as_linear_op
+
+    for conv, size in ((nn.Conv2d(3, 8, 4, stride=4), 18), (nn.Conv2d(3, 8, 4, stride=2), 16),
+                       (nn.Conv2d(3, 8, 2, stride=2), 16), (nn.Conv2d(3, 8, 4, stride=4, padding=1), 16)):
+        output = conv(torch.zeros(1, 3, size, size)).shape
+        assert not as_linear_op(conv)._patchwise(conv.weight, output, torch.Size((1, 3, size, size)))
+
+
+def test_patchwise_transposes_change_a_vit_map_by_rounding_only(monkeypatch):
+    """torchvision's ViT (its 16×16 patch embedding is the input layer), LXT's choices: the
+    map with the matrix-product transpose is the conv path's to float rounding."""
+    from relprop.core import linear_op
+
+    model, x = torchvision_vit(), torch.randn(2, 3, 32, 32)
+    calls = []
+    original = linear_op._patchwise_transpose
+
+    def counted(*args):
+        calls.append(1)
+        return original(*args)
+
+    monkeypatch.setattr(linear_op, "_patchwise_transpose", counted)
+    ours, our_sums = LRP(model, composite=LXT_CHOICES).attribute(x, target=3, return_layer_sums=True)
+    assert len(calls) == 1
+    monkeypatch.setattr(linear_op, "_PATCHWISE_MIN_AREA", float("inf"))
+    theirs, their_sums = LRP(model, composite=LXT_CHOICES).attribute(x, target=3, return_layer_sums=True)
+    assert len(calls) == 1  # the second explainer took the conv path
+    scale = float(theirs.abs().max())
+    torch.testing.assert_close(ours / scale, theirs / scale, rtol=0, atol=1e-5)
+    assert float(ours.sum()) == pytest.approx(float(theirs.sum()), rel=1e-5)
+    assert our_sums.keys() == their_sums.keys()
+
+
+class _Reshuffles(nn.Module):
+    """Every form of reshape, permute and axis swap the direct transposes take, and slices,
+    which they leave to autograd."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv, self.linear, self.head = nn.Conv2d(3, 4, 3), nn.Linear(4, 5), nn.Linear(400, 3)
+        self.unflatten, self.flatten = nn.Unflatten(1, (2, 2)), nn.Flatten()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = torch.permute(self.conv(x).permute(0, 2, 3, 1), (0, 3, 1, 2)).permute([0, 2, 3, 1])
+        y = self.linear(y.relu())[..., :4]
+        y = torch.transpose(y.reshape(y.shape[0], 10, 10, 4), 1, 3).flatten(2).swapaxes(1, 2)
+        y = self.unflatten(y[:, :, :4].unsqueeze(1).squeeze(1).transpose(1, 2))
+        return self.head(self.flatten(torch.flatten(y.view(y.shape[0], -1), 1)))
+
+
+@pytest.mark.parametrize("build,shape,composite", [
+    (lambda: _Reshuffles().eval(), (2, 3, 12, 12), None), (small_convnext, (2, 3, 32, 32), LXT_CHOICES),
+    (small_swin, (1, 3, 40, 40), LXT_CHOICES), (timm_vit, (2, 3, 32, 32), None)])
+def test_reshapes_and_permutes_move_relevance_back_as_autograd_does(build, shape, composite, monkeypatch):
+    """A reshape's, a permute's and an axis swap's transpose applied directly (no graph, no
+    released input materialized): the map and every layer sum are autograd's, bit for bit."""
+    from relprop.core.ops import route
+
+    torch.manual_seed(1)
+    model, x = build(), torch.randn(*shape)
+    kwargs = {} if composite is None else {"composite": composite}
+    moved = []
+    original = route._moved_back
+
+    def counted(*args):
+        result = original(*args)
+        moved.append(result is not None)
+        return result
+
+    monkeypatch.setattr(route, "_moved_back", counted)
+    ours, our_sums = LRP(model, **kwargs).attribute(x, target=1, return_layer_sums=True)
+    assert sum(moved) >= 3 and not (shape == (2, 3, 12, 12) and all(moved))  # _Reshuffles' slices: autograd
+    monkeypatch.setattr(route, "_moved_back", lambda *args: None)
+    theirs, their_sums = LRP(model, **kwargs).attribute(x, target=1, return_layer_sums=True)
+    assert torch.equal(ours, theirs)
+    assert our_sums.keys() == their_sums.keys()
+    assert all(torch.equal(our_sums[name], their_sums[name]) for name in our_sums)
