@@ -596,32 +596,41 @@ def test_a_pointwise_conv_transposes_as_one_matrix_product(batch, channels, size
                                rtol=1e-5, atol=1e-6)
 
 
-def test_pointwise_transposes_change_a_resnet_map_by_rounding_only(monkeypatch):
-    """ResNet-50's bottlenecks (1×1 convs at 56×56 and 28×28 here), default composite: the map
-    with the matrix-product transposes is the conv path's to float rounding."""
+def _matrix_product_against_conv_path(monkeypatch, model: nn.Module, x: torch.Tensor, transpose: str,
+                                      threshold: str, **kwargs) -> int:
+    """The map with a matrix-product transpose (`linear_op.<transpose>`) against the conv path
+    (its `<threshold>` set out of reach): equal to float rounding, the same total and layers.
+    Returns how often the fast path ran."""
     from relprop.core import linear_op
 
-    torch.manual_seed(0)
-    model = torchvision.models.resnet50(num_classes=10).eval()
-    x = torch.randn(1, 3, 112, 112)
     calls = []
-    original = linear_op._pointwise_transpose
+    original = getattr(linear_op, transpose)
 
     def counted(*args):
         calls.append(1)
         return original(*args)
 
-    monkeypatch.setattr(linear_op, "_pointwise_transpose", counted)
-    ours, our_sums = LRP(model).attribute(x, target=3, return_layer_sums=True)
-    pointwise = len(calls)
-    assert pointwise >= 10
-    monkeypatch.setattr(linear_op, "_POINTWISE_MIN_POSITIONS", float("inf"))
-    theirs, their_sums = LRP(model).attribute(x, target=3, return_layer_sums=True)
-    assert len(calls) == pointwise  # the second explainer took the conv path
+    monkeypatch.setattr(linear_op, transpose, counted)
+    ours, our_sums = LRP(model, **kwargs).attribute(x, target=3, return_layer_sums=True)
+    fast = len(calls)
+    monkeypatch.setattr(linear_op, threshold, float("inf"))
+    theirs, their_sums = LRP(model, **kwargs).attribute(x, target=3, return_layer_sums=True)
+    assert len(calls) == fast  # the second explainer took the conv path
     scale = float(theirs.abs().max())
     torch.testing.assert_close(ours / scale, theirs / scale, rtol=0, atol=1e-5)
     assert float(ours.sum()) == pytest.approx(float(theirs.sum()), rel=1e-5)
     assert our_sums.keys() == their_sums.keys()
+    return fast
+
+
+def test_pointwise_transposes_change_a_resnet_map_by_rounding_only(monkeypatch):
+    """ResNet-50's bottlenecks (1×1 convs at 56×56 and 28×28 here), default composite: the map
+    with the matrix-product transposes is the conv path's to float rounding."""
+    torch.manual_seed(0)
+    model = torchvision.models.resnet50(num_classes=10).eval()
+    x = torch.randn(1, 3, 112, 112)
+    assert _matrix_product_against_conv_path(monkeypatch, model, x, "_pointwise_transpose",
+                                             "_POINTWISE_MIN_POSITIONS") >= 10
 
 
 @pytest.mark.parametrize("dims,batch,channels,kernel,positions", [
@@ -656,28 +665,11 @@ def test_a_conv_that_does_not_tile_its_input_keeps_the_conv_path():
 
 
 def test_patchwise_transposes_change_a_vit_map_by_rounding_only(monkeypatch):
-    """torchvision's ViT (its 16×16 patch embedding is the input layer), LXT's choices: the
-    map with the matrix-product transpose is the conv path's to float rounding."""
-    from relprop.core import linear_op
-
+    """torchvision's ViT (its 8×8 patch embedding is the input layer), LXT's choices: the map
+    with the matrix-product transpose is the conv path's to float rounding."""
     model, x = torchvision_vit(), torch.randn(2, 3, 32, 32)
-    calls = []
-    original = linear_op._patchwise_transpose
-
-    def counted(*args):
-        calls.append(1)
-        return original(*args)
-
-    monkeypatch.setattr(linear_op, "_patchwise_transpose", counted)
-    ours, our_sums = LRP(model, composite=LXT_CHOICES).attribute(x, target=3, return_layer_sums=True)
-    assert len(calls) == 1
-    monkeypatch.setattr(linear_op, "_PATCHWISE_MIN_AREA", float("inf"))
-    theirs, their_sums = LRP(model, composite=LXT_CHOICES).attribute(x, target=3, return_layer_sums=True)
-    assert len(calls) == 1  # the second explainer took the conv path
-    scale = float(theirs.abs().max())
-    torch.testing.assert_close(ours / scale, theirs / scale, rtol=0, atol=1e-5)
-    assert float(ours.sum()) == pytest.approx(float(theirs.sum()), rel=1e-5)
-    assert our_sums.keys() == their_sums.keys()
+    assert _matrix_product_against_conv_path(monkeypatch, model, x, "_patchwise_transpose", "_PATCHWISE_MIN_AREA",
+                                             composite=LXT_CHOICES) == 1
 
 
 class _Reshuffles(nn.Module):

@@ -134,7 +134,7 @@ _SWAPS = {torch.transpose, torch.swapaxes, torch.swapdims, "transpose", "swapaxe
 def _moved_back(step, shape: torch.Size, R: Any, values) -> Tensor | None:
     """The transpose of a reshape, a permute or a swap of two axes applied to R directly (None
     for other routes)."""
-    if not isinstance(R, Tensor):
+    if not isinstance(R, Tensor) or R.numel() != shape.numel():  # (`view(dtype)` is no reshape)
         return None
     kind = type(step.module) if step.module is not None else step.node.target
     if kind in _RESHAPES:
