@@ -11,10 +11,10 @@ insertion/deletion protocols, and the projected wall time of large evaluations.
 Default model: ../shared/models/resnet18_tin10.pt on the first `--images` images of
 ../shared/data/tin10/val at 112 px (its preprocessing). With `--arch` other than resnet18 or
 another `--size`, a torchvision model with random weights (speed does not depend on the weights)
-on the same images resized to `--size`. `--synthetic`: that model with ImageNet's 1,000 classes on
-random images and labels, nothing read from ../shared (for a machine without it). Each method explains the images in batches of
-`--batch-size` as `relprop evaluate` does; each protocol scores ready-made maps (Grad-CAM's) with
-`max(batch, 64)` frames per forward. Times are medians of `--repeats` runs after one warm-up.
+on the same images resized to `--size`. `--synthetic`: that model with ImageNet's 1,000 classes
+on random images and labels, nothing read from ../shared (for a machine without it). Each method
+explains the images in batches of `--batch-size` as `relprop evaluate` does; each protocol scores
+ready-made maps (Grad-CAM's) with `max(batch, 64)` frames per forward. Times are medians of `--repeats` runs after one warm-up.
 
 The projections are arithmetic on the measured per-image times (labelled "projected"): the
 paper's ImageNet protocol is 1,000 images x its 6 methods (ours, gradcam, scorecam, ig, gbp,
