@@ -8,7 +8,8 @@ benchmark drift by up to 30 % on a shared CPU; this sees changes of a few percen
 Thread time, one thread, random weights, 224 px. Each switch turns one fast path off; the maps
 are the same either way (bit for bit, or float rounding for `pointwise` and `patchwise`;
 tests/test_engine_speed.py):
-- scratch: the walk's scratch slots (ε's denominators, w⁺, folded weights) become fresh tensors;
+- scratch: the walk's scratch slots (ε's denominators, w⁺, w⁻, folded weights) become fresh tensors;
+- negative-weight: w⁻ alone (z+ on signed inputs, αβ) is clamped into fresh memory;
 - pointwise: 1×1 convs transpose by `conv_transpose2d` instead of one batched matrix product;
 - patchwise: patch embeddings (windows that tile the input) likewise, instead of one GEMM and a reshuffle;
 - routes: reshapes, permutes and axis swaps send relevance back by autograd's vjp instead of directly;
@@ -22,7 +23,7 @@ import argparse
 import statistics
 import time
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 
 import torch
 from bench_lrp import build
@@ -30,6 +31,7 @@ from bench_lrp import build
 from relprop import LRP, get_composite
 from relprop.core import linear_op, rules
 from relprop.core.interpreter import RelevanceEngine
+from relprop.core.numerics import DENOMINATOR, NEGATIVE_WEIGHT
 from relprop.core.ops import linear, maxpool, route
 
 
@@ -50,8 +52,14 @@ def no_scratch() -> Iterator[None]:
         yield
 
 
+def fresh_negative_weights() -> AbstractContextManager[None]:
+    original = rules.scratch_like
+    return patched(rules, "scratch_like", lambda z, slot=DENOMINATOR: None if slot == NEGATIVE_WEIGHT else original(z, slot))
+
+
 SWITCHES: dict[str, Callable[[], object]] = {
     "scratch": no_scratch,
+    "negative-weight": fresh_negative_weights,
     "pointwise": lambda: patched(linear_op, "_POINTWISE_MIN_POSITIONS", float("inf")),
     "patchwise": lambda: patched(linear_op, "_PATCHWISE_MIN_AREA", float("inf")),
     "routes": lambda: patched(route, "_moved_back", lambda *args: None),

@@ -12,7 +12,13 @@ from torch import nn
 
 from relprop import LRP, Composite
 from relprop.core.linear_op import module_forward
-from relprop.core.numerics import DENOMINATOR, FOLDED_WEIGHT, POSITIVE_WEIGHT, stabilize
+from relprop.core.numerics import (
+    DENOMINATOR,
+    FOLDED_WEIGHT,
+    NEGATIVE_WEIGHT,
+    POSITIVE_WEIGHT,
+    stabilize,
+)
 from relprop.core.ops import OPS, register_op
 from relprop.core.ops.base import Op
 from relprop.core.ops.maxpool import AverageWindows, WinnerTakesAll
@@ -342,9 +348,12 @@ def test_the_stabilizer_writes_where_it_is_told_the_same_bits():
     (_conv_bn_net, (2, 3, 16, 16), LXT_CHOICES, {DENOMINATOR, FOLDED_WEIGHT}),  # ε under folded BatchNorms
     (small_resnet, (2, 3, 32, 32), Composite(), {POSITIVE_WEIGHT}),  # z+ (the default)
     (small_resnet, (2, 3, 32, 32), Composite(bn="fold", input_rule="flat"), {POSITIVE_WEIGHT, FOLDED_WEIGHT}),
+    (small_convnext, (2, 3, 32, 32), Composite(), {POSITIVE_WEIGHT, NEGATIVE_WEIGHT}),  # z+ on signed inputs
+    (small_resnet, (2, 3, 32, 32), Composite(rules={nn.Conv2d: "alpha2beta1"}, bn="fold"),
+     {POSITIVE_WEIGHT, NEGATIVE_WEIGHT, FOLDED_WEIGHT}),  # αβ: both signs of a folded weight
 ])
 def test_the_walks_scratch_space_changes_no_relevance(build, shape, composite, slots, monkeypatch):
-    """ε's denominators, z+'s w⁺ and the per-call folded weights go into buffers reused across
+    """ε's denominators, w⁺ and w⁻ (z+, αβ) and the per-call folded weights go into buffers reused across
     the walk: the relevance and every layer sum are those of fresh temporaries, bit for bit (a
     value escaping into the scratch would be overwritten by a later layer), and there is no
     scratch outside a walk."""

@@ -40,6 +40,7 @@ class Scratch:
 # reads a folded weight's w⁺ while the folded weight is alive), values of one slot never.
 DENOMINATOR = "denominator"  # ε's stabilized denominator, then R / z, until the transposed product
 POSITIVE_WEIGHT = "positive weight"  # z+'s w⁺ of the layer at hand (unless cached between calls)
+NEGATIVE_WEIGHT = "negative weight"  # w⁻ of the layer at hand (z+ on a signed input, αβ)
 FOLDED_WEIGHT = "folded weight"  # a layer's weight with its BatchNorm folded in (unless cached)
 
 _SCRATCH: ContextVar[dict[str, Scratch] | None] = ContextVar("relprop_scratch", default=None)
@@ -95,11 +96,13 @@ def safe_divide(numerator: Tensor, denominator: Tensor) -> tuple[Tensor, Tensor]
 
 
 def total(tensors: Iterable[Tensor]) -> Tensor:
-    """Sum of tensors without the extra copy `sum()` makes by starting from 0."""
+    """Sum of tensors made for it (fresh products: the caller's to overwrite), into the first
+    one: no copy from 0 as `sum()` makes, and no fresh (page-faulted) tensor per term."""
     iterator = iter(tensors)
     result = next(iterator)
     for tensor in iterator:
-        result = result + tensor
+        result = result.add_(tensor) if tensor.shape == result.shape and tensor.dtype == result.dtype \
+            else result + tensor
     return result
 
 

@@ -18,6 +18,7 @@ from torch import Tensor, nn
 
 from relprop.core.linear_op import LinearOp, as_linear_op
 from relprop.core.numerics import (
+    NEGATIVE_WEIGHT,
     POSITIVE_WEIGHT,
     TINY,
     safe_divide,
@@ -153,7 +154,8 @@ class ZPlusRule(Rule):
         if nonnegative or bool(a.min() >= 0):  # the usual case: skip the negative part
             terms = [(a, w_pos)]
         else:
-            terms = [(a.clamp(min=0), w_pos), (a.clamp(max=0), w.clamp(max=0))]
+            w_neg = torch.clamp(w, max=0, out=scratch_like(w, NEGATIVE_WEIGHT))  # dies with the call
+            terms = [(a.clamp(min=0), w_pos), (a.clamp(max=0), w_neg)]
         return _distribute(op, terms, R, a.shape, w_pos)
 
     def __repr__(self) -> str:
@@ -276,8 +278,9 @@ class AlphaBetaRule(Rule):
         self.name = f"alpha{alpha:g}beta{beta:g}"
 
     def _part(self, op: LinearOp, a: Tensor, R: Tensor, positive: bool) -> Tensor:
-        w = op.weight
-        w_pos, w_neg = w.clamp(min=0), w.clamp(max=0)
+        w = op.weight  # w⁺ and w⁻ die with the call: into the walk's scratch, if any
+        w_pos = torch.clamp(w, min=0, out=scratch_like(w, POSITIVE_WEIGHT))
+        w_neg = torch.clamp(w, max=0, out=scratch_like(w, NEGATIVE_WEIGHT))
         a_pos, a_neg = a.clamp(min=0), a.clamp(max=0)
         terms = [(a_pos, w_pos), (a_neg, w_neg)] if positive else [(a_pos, w_neg), (a_neg, w_pos)]
         z = total(op.forward(x, wt) for x, wt in terms)
