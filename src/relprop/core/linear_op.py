@@ -81,17 +81,19 @@ class LinearOp:
                                       self._dropped(s.shape, input_shape), self.groups, self.dilation)
         return _CONV[self.dims](s, weight, None, self.stride, self.padding, self.dilation, self.groups)
 
+    def _plain_windows(self) -> bool:
+        """One group, no padding, no dilation: each output reads one window of every channel."""
+        return self.groups == 1 and not any(self.padding) and all(v == 1 for v in self.dilation)
+
     def _pointwise(self, weight: Tensor) -> bool:
         """A 1×1 conv, stride 1, no padding, one group: a matrix product at every position."""
-        return self.groups == 1 and all(k == 1 for k in weight.shape[2:]) and all(v == 1 for v in self.stride) \
-            and not any(self.padding) and all(v == 1 for v in self.dilation)
+        return self._plain_windows() and all(k == 1 for k in weight.shape[2:]) and all(v == 1 for v in self.stride)
 
     def _patchwise(self, weight: Tensor, output_shape: torch.Size, input_shape: torch.Size) -> bool:
         """A patch embedding: windows that tile the input (stride = kernel, no padding, one
         group), each of at least `_PATCHWISE_MIN_AREA` pixels."""
         kernel = tuple(weight.shape[2:])
-        return self.groups == 1 and math.prod(kernel) >= _PATCHWISE_MIN_AREA and self.stride == kernel \
-            and not any(self.padding) and all(v == 1 for v in self.dilation) \
+        return self._plain_windows() and math.prod(kernel) >= _PATCHWISE_MIN_AREA and self.stride == kernel \
             and tuple(input_shape[2:]) == tuple(o * k for o, k in zip(output_shape[2:], kernel, strict=True))
 
     def _dropped(self, output_shape: torch.Size, input_shape: torch.Size) -> tuple[int, ...]:

@@ -277,21 +277,24 @@ class AlphaBetaRule(Rule):
         self.alpha, self.beta = alpha, beta
         self.name = f"alpha{alpha:g}beta{beta:g}"
 
-    def _part(self, op: LinearOp, a: Tensor, R: Tensor, positive: bool) -> Tensor:
-        w = op.weight  # w⁺ and w⁻ die with the call: into the walk's scratch, if any
-        w_pos = torch.clamp(w, min=0, out=scratch_like(w, POSITIVE_WEIGHT))
-        w_neg = torch.clamp(w, max=0, out=scratch_like(w, NEGATIVE_WEIGHT))
-        a_pos, a_neg = a.clamp(min=0), a.clamp(max=0)
+    def _part(self, op: LinearOp, a: tuple[Tensor, Tensor], w: tuple[Tensor, Tensor], R: Tensor,
+              positive: bool) -> Tensor:
+        """The positive (or negative) contributions' share of R, from (a⁺, a⁻) and (w⁺, w⁻)."""
+        (a_pos, a_neg), (w_pos, w_neg) = a, w
         terms = [(a_pos, w_pos), (a_neg, w_neg)] if positive else [(a_pos, w_neg), (a_neg, w_pos)]
         z = total(op.forward(x, wt) for x, wt in terms)
         s, _ = safe_divide(R, z)
-        return total(x * op.transpose(s, wt, a.shape) for x, wt in terms)
+        return total(x * op.transpose(s, wt, a_pos.shape) for x, wt in terms)
 
     def relevance(self, layer: nn.Module, a: Tensor, R: Tensor) -> Tensor:
         op = as_linear_op(layer)
-        R_in = self.alpha * self._part(op, a, R, positive=True)
+        w = op.weight  # w⁺ and w⁻ die with the call: into the walk's scratch, if any (both parts read them)
+        signed_weights = (torch.clamp(w, min=0, out=scratch_like(w, POSITIVE_WEIGHT)),
+                          torch.clamp(w, max=0, out=scratch_like(w, NEGATIVE_WEIGHT)))
+        signed_inputs = (a.clamp(min=0), a.clamp(max=0))
+        R_in = self.alpha * self._part(op, signed_inputs, signed_weights, R, positive=True)
         if self.beta:
-            R_in = R_in - self.beta * self._part(op, a, R, positive=False)
+            R_in = R_in - self.beta * self._part(op, signed_inputs, signed_weights, R, positive=False)
         return R_in
 
     def __repr__(self) -> str:
